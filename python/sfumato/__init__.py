@@ -1,0 +1,67 @@
+"""sfumato: local image generation on the stable-diffusion.cpp engine.
+
+Three tiers, each usable alone:
+
+- the SDK (this module): :func:`load_model`, :func:`diffusion`, :func:`upscale`,
+  :func:`unload_model`, in the shape of the QVAC SDK;
+- model objects of the binding, :class:`sfumato.engine.DiffusionContext` and
+  :class:`sfumato.engine.UpscalerContext`, run in-process and synchronously;
+- the raw cffi binding, :func:`sfumato.engine.load_engine` (``ffi`` and ``lib``).
+"""
+
+from sfumato.api import (
+    LoadProgress,
+    diffusion,
+    load_model,
+    load_model_async,
+    loaded_models,
+    unload_model,
+    unload_model_async,
+    upscale,
+)
+from sfumato.engine.context import ProgressTick
+from sfumato.engine.devices import Device, list_devices
+from sfumato.errors import (
+    ClosedError,
+    EngineABIError,
+    EngineError,
+    EngineNotFoundError,
+    InvalidModelError,
+    InvalidParameterError,
+    ModelNotFoundError,
+    NoUpscalerError,
+    SfumatoError,
+    UnknownModelIdError,
+    UnsupportedModelError,
+)
+from sfumato.params import (
+    CACHE_PRESETS,
+    SAMPLING_METHODS,
+    SCHEDULER_NAMES,
+    DiffusionParams,
+    ModelConfig,
+    UpscalerConfig,
+)
+from sfumato.registry import (
+    REALESRGAN_X4PLUS,
+    REALESRGAN_X4PLUS_ANIME_6B,
+    REGISTRY,
+    SD_V2_1_1B_Q4_0,
+    SD_V2_1_1B_Q8_0,
+    RegistryModel,
+)
+from sfumato.results import DiffusionResult, DiffusionStats, Pending, ProgressStream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CACHE_PRESETS", "REALESRGAN_X4PLUS", "REALESRGAN_X4PLUS_ANIME_6B", "REGISTRY",
+    "SAMPLING_METHODS", "SCHEDULER_NAMES", "SD_V2_1_1B_Q4_0", "SD_V2_1_1B_Q8_0",
+    "ClosedError", "Device", "DiffusionParams", "DiffusionResult", "DiffusionStats",
+    "EngineABIError", "EngineError", "EngineNotFoundError", "InvalidModelError",
+    "InvalidParameterError", "LoadProgress", "ModelConfig", "ModelNotFoundError",
+    "NoUpscalerError", "Pending", "ProgressStream", "ProgressTick", "RegistryModel",
+    "SfumatoError", "UnknownModelIdError", "UnsupportedModelError", "UpscalerConfig",
+    "diffusion", "list_devices", "load_model", "load_model_async", "loaded_models",
+    "unload_model", "unload_model_async", "upscale",
+]  # fmt: skip

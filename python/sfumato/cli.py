@@ -1,0 +1,238 @@
+"""The ``sfumato`` command: ``generate``, ``upscale``, ``info``, ``models``.
+
+Flags carry the SDK's field names (``--cfg-scale`` is ``cfg_scale``) and take
+their defaults from :class:`sfumato.params.DiffusionParams`, so the CLI, the SDK
+and the HTTP schemas agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from sfumato.errors import SfumatoError
+from sfumato.params import (
+    CACHE_PRESETS,
+    PREDICTIONS,
+    SAMPLING_METHODS,
+    SCHEDULER_NAMES,
+    WEIGHT_TYPE_NAMES,
+    DiffusionParams,
+)
+
+DEFAULT_MODEL = "SD_V2_1_1B_Q8_0"
+DEFAULT_UPSCALER = "REALESRGAN_X4PLUS"
+DEFAULT_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
+
+_D = DiffusionParams(prompt=DEFAULT_PROMPT)
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model_config")
+    group.add_argument("--device", default="auto", help="auto, cpu, gpu or an engine device name (default: auto)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    group.add_argument("--flash-attn", action="store_true", help="flash attention (slower on CPU)")
+    group.add_argument("--weight-type", choices=WEIGHT_TYPE_NAMES, default=None, help="convert weights at load")
+    group.add_argument("--prediction", choices=list(PREDICTIONS), default="auto")
+    group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
+    group.add_argument("--tile-size", type=int, default=128, help="ESRGAN tile size (default: 128)")
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("diffusion")
+    g.add_argument("--prompt", "-p", default=_D.prompt)
+    g.add_argument("--negative-prompt", default=_D.negative_prompt)
+    g.add_argument("--width", "-W", type=int, default=_D.width, help="default: 512, or the init image's width")
+    g.add_argument("--height", "-H", type=int, default=_D.height, help="default: 512, or the init image's height")
+    g.add_argument("--steps", type=int, default=_D.steps)
+    g.add_argument("--cfg-scale", type=float, default=_D.cfg_scale)
+    g.add_argument("--guidance", type=float, default=_D.guidance)
+    g.add_argument("--sampling-method", choices=SAMPLING_METHODS, default=_D.sampling_method)
+    g.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=_D.scheduler)
+    g.add_argument("--seed", type=int, default=_D.seed, help="-1 picks one (reported in the stats)")
+    g.add_argument("--batch-count", type=int, default=_D.batch_count)
+    g.add_argument("--vae-tiling", action="store_true", default=_D.vae_tiling)
+    g.add_argument("--cache-preset", choices=list(CACHE_PRESETS), default=_D.cache_preset)
+    g.add_argument("--init-image", default=_D.init_image, help="an image file: img2img")
+    g.add_argument("--strength", type=float, default=_D.strength)
+    g.add_argument(
+        "--upscale", type=int, nargs="?", const=1, default=None, metavar="REPEATS",
+        help="run the paired ESRGAN (--upscaler) REPEATS times (default 1 when given)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sfumato`` command."""
+    parser = argparse.ArgumentParser(prog="sfumato", description="Local image generation on stable-diffusion.cpp")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show the engine's log")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt (or an init image)")
+    gen.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL, help=f"file, folder or registry constant (default: {DEFAULT_MODEL})"
+    )
+    gen.add_argument("--upscaler", default=None, help="an ESRGAN to pair with the model, for --upscale")
+    gen.add_argument("--output", "-o", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
+    gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _model_flags(gen)
+    _generation_flags(gen)
+
+    up = sub.add_parser("upscale", help="upscale an image with an ESRGAN")
+    up.add_argument("image", type=Path)
+    up.add_argument(
+        "--model", "-m", default=DEFAULT_UPSCALER, help=f"ESRGAN file or constant (default: {DEFAULT_UPSCALER})"
+    )
+    up.add_argument("--repeats", type=int, default=1)
+    up.add_argument("--output", "-o", type=Path, default=None, help="output PNG (default: IMAGE-upscaled.png)")
+    up.add_argument("--quiet", "-q", action="store_true")
+    _model_flags(up)
+
+    info = sub.add_parser("info", help="engine version, library path, system info and devices")
+    info.add_argument("--json", action="store_true")
+    sub.add_parser("models", help="list the registry constants and whether they are cached")
+    return parser
+
+
+def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "mode": mode, "device": args.device, "threads": args.threads, "flash_attn": args.flash_attn,
+        "weight_type": args.weight_type, "prediction": args.prediction,
+    }  # fmt: skip
+    if mode == "upscale":
+        config["upscaler"] = {"tile_size": args.tile_size}
+    else:
+        config["vae_model_src"] = args.vae_model_src
+        if args.upscaler:
+            config["upscaler"] = {"model_src": args.upscaler, "tile_size": args.tile_size}
+    return config
+
+
+class _ProgressBar:
+    """A tqdm bar per phase of a job."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._phase = ""
+
+    def update(self, tick: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if tick.phase != self._phase:
+            self.close()
+            self._phase = tick.phase
+            self._bar = tqdm(total=tick.total_steps, desc=tick.phase, unit="step", file=sys.stderr)
+        self._bar.n = tick.step
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _run_job(result: Any, quiet: bool) -> tuple[list[bytes], Any]:
+    bar = _ProgressBar(not quiet)
+    for tick in result.progress_stream:
+        bar.update(tick)
+    bar.close()
+    return result.outputs.result(), result.stats.result()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import sfumato
+
+    model_id = sfumato.load_model(args.model, model_config=_model_config(args, "diffusion"))
+    try:
+        params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
+        result = sfumato.diffusion(model_id, **params)
+        outputs, stats = _run_job(result, args.quiet)
+    finally:
+        sfumato.unload_model(model_id)
+    args.output.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(outputs):
+        path = args.output / f"sfumato_{stats.seed}_{i}.png"
+        path.write_bytes(png)
+        print(path)
+    print(json.dumps(asdict(stats), indent=2))
+    return 0
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    import sfumato
+
+    model_id = sfumato.load_model(args.model, model_config=_model_config(args, "upscale"))
+    try:
+        outputs, stats = _run_job(sfumato.upscale(model_id, image=args.image, repeats=args.repeats), args.quiet)
+    finally:
+        sfumato.unload_model(model_id)
+    target = args.output or args.image.with_name(f"{args.image.stem}-upscaled.png")
+    target.write_bytes(outputs[0])
+    print(target)
+    print(json.dumps(asdict(stats), indent=2))
+    return 0
+
+
+def engine_info() -> dict[str, Any]:
+    """What ``sfumato info`` reports, as a dict."""
+    from sfumato.engine.devices import list_devices
+    from sfumato.engine.library import ENGINE_VERSION_REQUIRED, load_engine
+
+    engine = load_engine()
+    return {
+        "engine_version": engine.version,
+        "engine_version_required": ENGINE_VERSION_REQUIRED,
+        "library": str(engine.path),
+        "physical_cores": engine.physical_cores,
+        "system_info": " ".join(engine.system_info.split()),
+        "devices": [asdict(d) for d in list_devices(engine)],
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = engine_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"engine version: {info['engine_version']} (sfumato requires {info['engine_version_required']})")
+    print(f"library:        {info['library']}")
+    print(f"physical cores: {info['physical_cores']}")
+    print(f"system info:    {info['system_info']}")
+    print("devices:")
+    for d in info["devices"]:
+        print(f"  {d['name']:<10} {d['type']:<6} {d['description']} ({d['memory_total'] / 2**30:.1f} GiB)")
+    return 0
+
+
+def _models(_args: argparse.Namespace) -> int:
+    from sfumato.registry import REGISTRY, cached_path
+
+    for name, model in REGISTRY.items():
+        path = cached_path(model)
+        state = f"cached at {path}" if path.is_file() else f"not cached ({model.source_url})"
+        print(f"{name:<28} {model.family:<7} {state}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sfumato`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
+    handlers = {"generate": _generate, "upscale": _upscale, "info": _info, "models": _models}
+    try:
+        return handlers[args.command](args)
+    except SfumatoError as exc:
+        print(f"sfumato: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Model-family detection from file headers.
+
+Only headers are read: the GGUF tensor table (via ``gguf``), the safetensors
+JSON header, the pickle of a PyTorch zip checkpoint (scanned for strings, never
+unpickled), or the files of a diffusers folder. Anything that is not a model,
+is truncated, or is of a family sfumato does not run yet is refused here, so no
+engine call is ever made with it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sfumato.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
+
+FAMILY_SD1 = "sd1"
+FAMILY_SD2 = "sd2"
+FAMILY_ESRGAN = "esrgan"
+SUPPORTED_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_ESRGAN)
+
+GGUF_MAGIC = b"GGUF"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class TensorTable:
+    """Tensor names and shapes (numpy order) read from a file's header."""
+
+    format: str
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether any tensor name starts with ``prefix``."""
+        return any(name.startswith(prefix) for name in self.shapes)
+
+    def find(self, *names: str) -> tuple[int, ...] | None:
+        """The shape of the first of ``names`` present, or ``None``."""
+        for name in names:
+            if name in self.shapes:
+                return self.shapes[name]
+        return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What detection found out about a model source.
+
+    Attributes
+    ----------
+    path:
+        The file or folder.
+    family:
+        One of :data:`SUPPORTED_FAMILIES`.
+    format:
+        ``"gguf"``, ``"safetensors"``, ``"torch"`` or ``"diffusers"``.
+    variant:
+        ``"inpaint"`` for 9-channel UNets, else ``None``.
+    has_vae:
+        Whether the file carries its own VAE.
+    """
+
+    path: Path
+    family: str
+    format: str
+    variant: str | None = None
+    has_vae: bool = True
+
+
+def _invalid(path: Path, why: str) -> InvalidModelError:
+    return InvalidModelError(f"{path}: {why}")
+
+
+def read_gguf(path: Path) -> TensorTable:
+    """Read the tensor table of a GGUF file and check that its data is all there."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
+        raise _invalid(path, f"not a readable GGUF file ({exc})") from None
+    table = TensorTable("gguf")
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+            raise _invalid(path, f"truncated: tensor {tensor.name!r} extends past the end of the file")
+        table.shapes[tensor.name] = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    return table
+
+
+def read_safetensors(path: Path) -> TensorTable:
+    """Read the JSON header of a safetensors file and check that its data is all there."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _invalid(path, "too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 256 * 1024 * 1024):
+            raise _invalid(path, "not a safetensors file (header length out of range)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _invalid(path, f"not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise _invalid(path, "not a safetensors file (header is not an object)")
+    table = TensorTable("safetensors")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            table.shapes[name] = tuple(int(n) for n in entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise _invalid(path, f"not a safetensors file (bad entry for {name!r})") from None
+    if 8 + length + end > size:
+        raise _invalid(path, "truncated: tensor data extends past the end of the file")
+    return table
+
+
+def read_torch_zip(path: Path) -> TensorTable:
+    """List the tensor names of a PyTorch zip checkpoint by scanning its pickle's
+    strings (nothing is unpickled, so no code in the file runs)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not pickles:
+                raise _invalid(path, "a zip file without data.pkl is not a PyTorch checkpoint")
+            data = archive.read(pickles[0])
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        raise _invalid(path, f"not a readable PyTorch checkpoint, or truncated ({exc})") from None
+    if bad is not None:
+        raise _invalid(path, f"truncated or corrupt: archive member {bad!r} fails its CRC check")
+    table = TensorTable("torch")
+    try:
+        for opcode, arg, _pos in pickletools.genops(data):
+            if "UNICODE" in opcode.name and isinstance(arg, str) and "." in arg:
+                table.shapes.setdefault(arg, ())
+    except (ValueError, EOFError) as exc:
+        raise _invalid(path, f"corrupt checkpoint pickle ({exc})") from None
+    return table
+
+
+def read_tensor_table(path: Path) -> TensorTable:
+    """Read the tensor table of a single model file, by its magic bytes."""
+    if not path.exists():
+        raise ModelNotFoundError(f"no model file at {path}")
+    if path.is_dir():
+        raise _invalid(path, "is a folder, not a model file")
+    with path.open("rb") as f:
+        magic = f.read(8)
+    if magic[:4] == GGUF_MAGIC:
+        return read_gguf(path)
+    if magic[:4] == ZIP_MAGIC:
+        return read_torch_zip(path)
+    if len(magic) == 8 and magic[:1] != b"\x00" and struct.unpack("<Q", magic)[0] < path.stat().st_size:
+        return read_safetensors(path)
+    raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
+
+
+def _classify(path: Path, table: TensorTable) -> ModelInfo:
+    has = table.has_prefix
+    if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
+        return ModelInfo(path, FAMILY_ESRGAN, table.format)
+    if has("model.diffusion_model.joint_blocks."):
+        raise UnsupportedModelError(f"{path}: an SD3 / SD3.5 model; this version of sfumato does not run SD3 yet")
+    if has("model.diffusion_model.double_stream_modulation_img."):
+        raise UnsupportedModelError(f"{path}: a FLUX.2 model; this version of sfumato does not run FLUX.2 yet")
+    if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
+        raise UnsupportedModelError(f"{path}: a FLUX.1 model; this version of sfumato does not run FLUX.1 yet")
+    if has("conditioner.embedders.1.") or has("cond_stage_model.1.") or has("model.diffusion_model.label_emb."):
+        raise UnsupportedModelError(f"{path}: an SDXL model; this version of sfumato does not run SDXL yet")
+    if has("model.diffusion_model.input_blocks."):
+        token = table.find(
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            "cond_stage_model.model.token_embedding.weight",
+        )
+        if token is None:
+            raise _invalid(path, "an SD UNet without its text encoder (cond_stage_model.*); use an all-in-one file")
+        width = token[-1] if table.format != "torch" else 0
+        family = {768: FAMILY_SD1, 1024: FAMILY_SD2}.get(width)
+        if family is None:
+            raise UnsupportedModelError(f"{path}: an SD UNet with a {width}-wide text encoder is not SD 1.x or 2.x")
+        conv_in = table.find("model.diffusion_model.input_blocks.0.0.weight")
+        variant = "inpaint" if conv_in is not None and len(conv_in) > 1 and conv_in[1] == 9 else None
+        return ModelInfo(path, family, table.format, variant, has_vae=has("first_stage_model."))
+    raise UnsupportedModelError(f"{path}: no model family sfumato supports matches this tensor layout")
+
+
+def _detect_diffusers(path: Path) -> ModelInfo:
+    needed = {
+        "unet": path / "unet" / "diffusion_pytorch_model.safetensors",
+        "vae": path / "vae" / "diffusion_pytorch_model.safetensors",
+        "text_encoder": path / "text_encoder" / "model.safetensors",
+    }
+    missing = [role for role, file in needed.items() if not file.is_file()]
+    if missing:
+        raise _invalid(path, f"a diffusers folder needs {', '.join(str(needed[m]) for m in missing)}")
+    if (path / "text_encoder_2").exists():
+        raise UnsupportedModelError(f"{path}: an SDXL diffusers folder; this version of sfumato does not run SDXL yet")
+    unet = read_safetensors(needed["unet"])
+    read_safetensors(needed["vae"])
+    text = read_safetensors(needed["text_encoder"])
+    token = text.find("text_model.embeddings.token_embedding.weight")
+    if token is None:
+        if text.find("embeddings.token_embedding.weight") is not None:
+            raise _invalid(
+                path,
+                "text_encoder/model.safetensors names its tensors without the 'text_model.' prefix "
+                "(as transformers 5 saves CLIPTextModel); the engine needs the prefix: re-save the "
+                "text encoder with 'text_model.' prepended to every tensor name",
+            )
+        raise _invalid(path, "text_encoder/model.safetensors is not a CLIP text encoder")
+    family = {768: FAMILY_SD1, 1024: FAMILY_SD2}.get(token[-1])
+    if family is None:
+        raise UnsupportedModelError(f"{path}: a {token[-1]}-wide text encoder is not SD 1.x or 2.x")
+    conv_in = unet.find("conv_in.weight")
+    variant = "inpaint" if conv_in is not None and conv_in[1] == 9 else None
+    return ModelInfo(path, family, "diffusers", variant)
+
+
+def detect(path: Path) -> ModelInfo:
+    """Detect the family of a model file or diffusers folder from its headers.
+
+    Raises
+    ------
+    ModelNotFoundError
+        When nothing exists at ``path``.
+    InvalidModelError
+        When it is not a model or is truncated.
+    UnsupportedModelError
+        When it is a model of a family this version does not run.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"no model file or folder at {path}")
+    if path.is_dir():
+        return _detect_diffusers(path)
+    return _classify(path, read_tensor_table(path))

@@ -1,0 +1,263 @@
+"""Request fields of the SDK, their defaults, and their validation.
+
+This module is the one place where sfumato's defaults are written down; the
+SDK functions, the CLI flags and the HTTP schemas take them from here. Every
+check raises :class:`~sfumato.errors.InvalidParameterError` naming the field and
+what it allows; nothing is clamped or silently corrected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sfumato.engine.library import SAMPLE_METHODS, SCHEDULERS
+from sfumato.errors import InvalidParameterError
+from sfumato.images import ImageInput
+
+SAMPLING_METHODS: tuple[str, ...] = SAMPLE_METHODS
+"""Every sampler name the engine knows: the 14 of the QVAC reference plus ``er_sde``."""
+
+SCHEDULER_NAMES: tuple[str, ...] = SCHEDULERS
+"""Every scheduler name the engine knows (the 11 of the QVAC reference)."""
+
+CACHE_PRESETS: dict[str, float] = {"slow": 0.60, "medium": 0.40, "fast": 0.25, "ultra": 0.15}
+"""``cache_preset`` name -> the engine's easycache reuse threshold. Faster presets
+reuse more steps and so change the image more."""
+
+PREDICTIONS: dict[str, str | None] = {
+    "auto": None, "eps": "eps", "v": "v", "edm_v": "edm_v",
+    "flow": "sd3_flow", "flux_flow": "flux_flow", "flux2_flow": "flux2_flow",
+}  # fmt: skip
+"""``model_config.prediction`` -> the engine's prediction name (``None``: detect)."""
+
+WEIGHT_TYPE_NAMES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k")
+
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 16
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_REPEATS = 4
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    """The fields of a ``diffusion()`` request, with their defaults.
+
+    ``width`` / ``height`` default to 512, or to the size of ``init_image``.
+    ``sampling_method`` / ``scheduler`` default to the engine's choice for the
+    loaded family (``euler_a`` + ``discrete`` for SD 1.x / 2.x). ``seed=-1``
+    picks a random seed, reported in the stats.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    cfg_scale: float = 7.0
+    guidance: float = 3.5
+    sampling_method: str | None = None
+    scheduler: str | None = None
+    seed: int = -1
+    batch_count: int = 1
+    vae_tiling: bool = False
+    cache_preset: str | None = None
+    init_image: ImageInput | None = None
+    strength: float = 0.75
+    upscale: bool | Mapping[str, Any] | None = None
+
+
+DEFAULT_SIZE = 512
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``."""
+    if not _is_int(value):
+        raise InvalidParameterError(name, f"must be an integer, got {value!r}")
+    assert isinstance(value, int)
+    if not low <= value <= high:
+        raise InvalidParameterError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def check_number(name: str, value: object, low: float, high: float) -> float:
+    """``value`` as a finite float in ``[low, high]``."""
+    if not _is_number(value):
+        raise InvalidParameterError(name, f"must be a finite number, got {value!r}")
+    assert isinstance(value, (int, float))
+    if not low <= value <= high:
+        raise InvalidParameterError(name, f"must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` as a bool (only ``True`` or ``False``)."""
+    if not isinstance(value, bool):
+        raise InvalidParameterError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...] | Mapping[str, Any]) -> str:
+    """``value`` as one of ``choices``."""
+    allowed = list(choices)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidParameterError(name, f"must be one of {allowed}, got {value!r}")
+    return value
+
+
+def check_side(name: str, value: object, multiple: int) -> int:
+    """An image side: an integer multiple of ``multiple`` in ``[multiple, MAX_SIDE]``."""
+    side = check_int(name, value, multiple, MAX_SIDE)
+    if side % multiple:
+        raise InvalidParameterError(name, f"must be a multiple of {multiple}, got {side}")
+    return side
+
+
+def check_upscale_repeats(name: str, value: object) -> int:
+    """``upscale`` (``True``, ``{}`` or ``{"repeats": N}``) as a repeat count; 0 = off."""
+    if value is None or value is False:
+        return 0
+    if value is True:
+        return 1
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"repeats"}
+        if unknown:
+            raise InvalidParameterError(name, f"unknown key(s) {sorted(unknown)}; the only key is 'repeats'")
+        return check_int(f"{name}.repeats", value.get("repeats", 1), 1, MAX_REPEATS)
+    raise InvalidParameterError(name, f"must be true, false or {{'repeats': N}}, got {value!r}")
+
+
+def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
+    """Check every field that does not depend on the loaded model.
+
+    Size multiples and image decoding, which do, are checked when the job is
+    prepared for a model (:func:`sfumato.api.diffusion` does both before
+    returning).
+    """
+    if not isinstance(params.prompt, str):
+        raise InvalidParameterError("prompt", f"must be a string, got {type(params.prompt).__name__}")
+    if not isinstance(params.negative_prompt, str):
+        raise InvalidParameterError("negative_prompt", f"must be a string, got {type(params.negative_prompt).__name__}")
+    for name in ("width", "height"):
+        value = getattr(params, name)
+        if value is not None:
+            check_side(name, value, 8)
+    check_int("steps", params.steps, 1, MAX_STEPS)
+    check_number("cfg_scale", params.cfg_scale, 0.0, 50.0)
+    check_number("guidance", params.guidance, 0.0, 50.0)
+    if params.sampling_method is not None:
+        check_choice("sampling_method", params.sampling_method, SAMPLING_METHODS)
+    if params.scheduler is not None:
+        check_choice("scheduler", params.scheduler, SCHEDULER_NAMES)
+    check_int("seed", params.seed, -1, MAX_SEED)
+    check_int("batch_count", params.batch_count, 1, MAX_BATCH)
+    check_bool("vae_tiling", params.vae_tiling)
+    if params.cache_preset is not None:
+        check_choice("cache_preset", params.cache_preset, CACHE_PRESETS)
+    check_number("strength", params.strength, 0.0, 1.0)
+    check_upscale_repeats("upscale", params.upscale)
+    return params
+
+
+@dataclass(frozen=True)
+class UpscalerConfig:
+    """``model_config.upscaler``: an ESRGAN paired with the model (or, with
+    ``mode="upscale"``, the options of a standalone upscaler)."""
+
+    type: str = "esrgan"
+    model_src: Any = None
+    tile_size: int = 128
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``load_model(model_config=...)``.
+
+    Attributes
+    ----------
+    mode:
+        ``"diffusion"``, or ``"upscale"`` for a standalone ESRGAN ``model_src``.
+    device:
+        ``"auto"``, ``"cpu"``, ``"gpu"``, or an engine device name (``"CUDA0"``).
+    threads:
+        CPU threads; ``None`` uses the engine's count of physical cores.
+    flash_attn:
+        Flash attention. Off by default: on CPU it made sampling slower here.
+    weight_type:
+        Convert weights to this type at load (``None`` keeps the file's types).
+    prediction:
+        ``"auto"`` (detect) or one of :data:`PREDICTIONS`.
+    vae_model_src, clip_l_model_src, clip_g_model_src, t5xxl_model_src, llm_model_src:
+        Companion files, each a path or a registry constant.
+    upscaler:
+        An ESRGAN to pair with the model, for ``diffusion(upscale=...)``.
+    """
+
+    mode: str = "diffusion"
+    device: str = "auto"
+    threads: int | None = None
+    flash_attn: bool = False
+    weight_type: str | None = None
+    prediction: str = "auto"
+    vae_model_src: Any = None
+    clip_l_model_src: Any = None
+    clip_g_model_src: Any = None
+    t5xxl_model_src: Any = None
+    llm_model_src: Any = None
+    upscaler: UpscalerConfig | None = None
+
+
+def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConfig:
+    """Validate ``model_config`` (a mapping or a :class:`ModelConfig`)."""
+    if raw is None:
+        return ModelConfig()
+    if isinstance(raw, ModelConfig):
+        values: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(ModelConfig)}
+    elif isinstance(raw, Mapping):
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InvalidParameterError(f"model_config.{unknown[0]}", f"unknown key; allowed keys are {sorted(known)}")
+        values = dict(raw)
+    else:
+        raise InvalidParameterError("model_config", f"must be a mapping, got {type(raw).__name__}")
+    config = ModelConfig(**values)
+    check_choice("model_config.mode", config.mode, ("diffusion", "upscale"))
+    if not isinstance(config.device, str) or not config.device:
+        raise InvalidParameterError(
+            "model_config.device", f"must be 'auto', 'cpu', 'gpu' or a device name, got {config.device!r}"
+        )
+    if config.threads is not None:
+        check_int("model_config.threads", config.threads, 1, 512)
+    check_bool("model_config.flash_attn", config.flash_attn)
+    if config.weight_type is not None:
+        check_choice("model_config.weight_type", config.weight_type, WEIGHT_TYPE_NAMES)
+    check_choice("model_config.prediction", config.prediction, PREDICTIONS)
+    upscaler = config.upscaler
+    if upscaler is not None and not isinstance(upscaler, UpscalerConfig):
+        if not isinstance(upscaler, Mapping):
+            raise InvalidParameterError("model_config.upscaler", "must be a mapping {type, model_src, tile_size}")
+        unknown = sorted(set(upscaler) - {"type", "model_src", "tile_size"})
+        if unknown:
+            raise InvalidParameterError(
+                f"model_config.upscaler.{unknown[0]}",
+                "unknown key; allowed keys are ['model_src', 'tile_size', 'type']",
+            )
+        upscaler = UpscalerConfig(**upscaler)
+    if upscaler is not None:
+        check_choice("model_config.upscaler.type", upscaler.type, ("esrgan",))
+        check_int("model_config.upscaler.tile_size", upscaler.tile_size, 16, 2048)
+        if config.mode == "diffusion" and upscaler.model_src is None:
+            raise InvalidParameterError("model_config.upscaler.model_src", "is required to pair an upscaler")
+    return ModelConfig(**{**values, "upscaler": upscaler})

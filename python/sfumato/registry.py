@@ -1,0 +1,168 @@
+"""Registry constants: named, downloadable model files.
+
+A constant resolves through a local model cache (``SFUMATO_CACHE``, default
+``~/.cache/sfumato/models``). A file already in the cache is used as is;
+otherwise it is downloaded (Hugging Face files through ``huggingface_hub``,
+release assets over HTTPS). Offline, or when the download fails, the error names
+the constant, the URL, and the path to put the file at by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfumato.errors import InvalidModelError, ModelNotFoundError
+
+ENV_CACHE = "SFUMATO_CACHE"
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    """A downloadable model file.
+
+    Attributes
+    ----------
+    name:
+        The constant's name (``"SD_V2_1_1B_Q8_0"``).
+    filename:
+        The file name, in the cache and at the source.
+    hf_repo:
+        The Hugging Face repository holding the file, if it lives on the Hub.
+    url:
+        A direct HTTPS URL, for files that are not on the Hub.
+    family:
+        The family detection should find in the file.
+    prediction:
+        The prediction type the model was trained for, when detection cannot
+        tell it from the header (SD 2.1 768 is v-prediction).
+    size:
+        The expected size in bytes, where it is published.
+    sha256:
+        The expected checksum, where it is published.
+    """
+
+    name: str
+    filename: str
+    family: str
+    hf_repo: str | None = None
+    url: str | None = None
+    prediction: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def source_url(self) -> str:
+        """Where the file is downloaded from."""
+        if self.url is not None:
+            return self.url
+        return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.filename}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SD_V2_1_1B_Q8_0 = RegistryModel(
+    "SD_V2_1_1B_Q8_0", "stable-diffusion-v2-1-Q8_0.gguf", "sd2",
+    hf_repo="gpustack/stable-diffusion-v2-1-GGUF", prediction="v",
+)  # fmt: skip
+SD_V2_1_1B_Q4_0 = RegistryModel(
+    "SD_V2_1_1B_Q4_0", "stable-diffusion-v2-1-Q4_0.gguf", "sd2",
+    hf_repo="gpustack/stable-diffusion-v2-1-GGUF", prediction="v",
+)  # fmt: skip
+REALESRGAN_X4PLUS = RegistryModel(
+    "REALESRGAN_X4PLUS", "RealESRGAN_x4plus.pth", "esrgan",
+    url="https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth",
+)  # fmt: skip
+REALESRGAN_X4PLUS_ANIME_6B = RegistryModel(
+    "REALESRGAN_X4PLUS_ANIME_6B", "RealESRGAN_x4plus_anime_6B.pth", "esrgan",
+    url="https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+)  # fmt: skip
+
+REGISTRY: dict[str, RegistryModel] = {
+    model.name: model for model in (SD_V2_1_1B_Q8_0, SD_V2_1_1B_Q4_0, REALESRGAN_X4PLUS, REALESRGAN_X4PLUS_ANIME_6B)
+}
+
+DownloadProgress = Callable[[float], None]
+
+
+def cache_dir() -> Path:
+    """The local model cache folder."""
+    root = os.environ.get(ENV_CACHE)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sfumato" / "models"
+
+
+def cached_path(model: RegistryModel) -> Path:
+    """Where ``model`` lives in the cache (whether or not it is there yet)."""
+    return cache_dir() / model.filename
+
+
+def _verify(model: RegistryModel, path: Path) -> None:
+    if model.size is not None and path.stat().st_size != model.size:
+        raise InvalidModelError(
+            f"{model.name}: {path} has {path.stat().st_size} bytes, expected {model.size}; delete it and retry"
+        )
+    if model.sha256 is not None:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != model.sha256:
+            raise InvalidModelError(f"{model.name}: {path} fails its sha256 check; delete it and retry")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "SFUMATO_OFFLINE"))
+
+
+def _download(model: RegistryModel, target: Path, on_progress: DownloadProgress | None) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    if model.hf_repo is not None:
+        from huggingface_hub import hf_hub_download
+
+        fetched = Path(hf_hub_download(model.hf_repo, model.filename, local_dir=str(partial.parent / ".hf")))
+        shutil.move(str(fetched), str(target))
+        return
+    request = urllib.request.Request(model.source_url, headers={"User-Agent": "sfumato"})
+    with urllib.request.urlopen(request, timeout=30) as response, partial.open("wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        done = 0
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            out.write(chunk)
+            done += len(chunk)
+            if on_progress is not None and total:
+                on_progress(100.0 * done / total)
+    partial.replace(target)
+
+
+def resolve(model: RegistryModel, on_progress: DownloadProgress | None = None) -> Path:
+    """Return the local path of ``model``, downloading it into the cache if needed.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Offline or when the download fails; the message names the constant and
+        says where to put the file by hand.
+    """
+    target = cached_path(model)
+    if target.is_file():
+        _verify(model, target)
+        return target
+    how = (
+        f"download {model.source_url} and save it as {target} (or set {ENV_CACHE} to the folder "
+        f"that holds {model.filename}), or pass a local path as model_src"
+    )
+    if _offline():
+        raise ModelNotFoundError(f"{model.name} is not in the model cache and downloads are off: {how}")
+    try:
+        _download(model, target, on_progress)
+    except Exception as exc:
+        raise ModelNotFoundError(f"{model.name} could not be downloaded ({type(exc).__name__}: {exc}): {how}") from exc
+    _verify(model, target)
+    return target

@@ -1,0 +1,168 @@
+"""What ``diffusion()`` and ``upscale()`` hand back: a progress stream, the
+outputs and the stats, each usable from blocking code and from asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sfumato.engine.context import ProgressTick
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DiffusionStats:
+    """Performance figures of one ``diffusion()`` or ``upscale()`` call.
+
+    Times are milliseconds. Fields that do not apply to a call are ``None``
+    (an ``upscale()`` has no sampling steps).
+
+    Attributes
+    ----------
+    model_load_ms:
+        How long ``load_model`` took for this model.
+    generation_ms:
+        Time inside the engine's generation call (or the upscale passes).
+    total_generation_ms:
+        ``generation_ms`` plus post-processing (paired upscale, PNG encoding).
+    total_wall_ms:
+        From the call to the outputs being ready, queueing included.
+    total_steps:
+        Sampling steps run, over the whole batch.
+    total_generations:
+        Engine generation calls made (1 per ``diffusion()``).
+    total_images, total_pixels, width, height:
+        What was returned (after any upscale).
+    seed:
+        The seed used for the first image; image ``i`` used ``seed + i``.
+    conditioning_ms, denoise_ms, vae_decode_ms, postprocess_ms:
+        Phase timings: text (and init image) encoding, sampling (hires
+        included), VAE decoding, and upscale + PNG encoding.
+    steps_per_second:
+        ``total_steps`` over the sampling time.
+    """
+
+    model_load_ms: float | None = None
+    generation_ms: float | None = None
+    total_generation_ms: float | None = None
+    total_wall_ms: float | None = None
+    total_steps: int | None = None
+    total_generations: int | None = None
+    total_images: int | None = None
+    total_pixels: int | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    conditioning_ms: float | None = None
+    denoise_ms: float | None = None
+    vae_decode_ms: float | None = None
+    postprocess_ms: float | None = None
+    steps_per_second: float | None = None
+
+
+class Pending(Generic[T]):
+    """A value that is not ready yet: ``.result()`` blocks, ``await`` suspends."""
+
+    def __init__(self, future: concurrent.futures.Future[T]) -> None:
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> T:
+        """Block until the value is ready (or raise the job's error)."""
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        """Whether the value (or an error) is ready."""
+        return self._future.done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The job's error, or ``None`` once it succeeded."""
+        return self._future.exception(timeout)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self._future).__await__()
+
+
+class ProgressStream:
+    """The ticks of one job, in order.
+
+    Iterate it with ``for`` (blocking) or ``async for``; iteration ends when the
+    job ends. Every iteration replays the stream from the first tick, so
+    several consumers each see every tick.
+    """
+
+    def __init__(self) -> None:
+        self._ticks: list[ProgressTick] = []
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def push(self, tick: ProgressTick) -> None:
+        """Append a tick (called by the job)."""
+        with self._cond:
+            self._ticks.append(tick)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """End the stream (called by the job when it ends, however it ends)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def ticks(self) -> list[ProgressTick]:
+        """The ticks so far."""
+        with self._cond:
+            return list(self._ticks)
+
+    def _wait(self, index: int) -> ProgressTick | None:
+        with self._cond:
+            self._cond.wait_for(lambda: index < len(self._ticks) or self._closed)
+            return self._ticks[index] if index < len(self._ticks) else None
+
+    def __iter__(self) -> Iterator[ProgressTick]:
+        index = 0
+        while (tick := self._wait(index)) is not None:
+            yield tick
+            index += 1
+
+    async def __aiter__(self) -> AsyncIterator[ProgressTick]:
+        index = 0
+        while (tick := await asyncio.to_thread(self._wait, index)) is not None:
+            yield tick
+            index += 1
+
+
+class DiffusionResult:
+    """The handle ``diffusion()`` and ``upscale()`` return at once.
+
+    Attributes
+    ----------
+    progress_stream:
+        :class:`ProgressStream` of :class:`ProgressTick`.
+    outputs:
+        :class:`Pending` list of PNG ``bytes``: ``result.outputs.result()`` or
+        ``await result.outputs``.
+    stats:
+        :class:`Pending` :class:`DiffusionStats`.
+    """
+
+    def __init__(self) -> None:
+        self.progress_stream = ProgressStream()
+        self._outputs: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        self._stats: concurrent.futures.Future[DiffusionStats] = concurrent.futures.Future()
+        self.outputs: Pending[list[bytes]] = Pending(self._outputs)
+        self.stats: Pending[DiffusionStats] = Pending(self._stats)
+
+    def _finish(self, outputs: list[bytes], stats: DiffusionStats) -> None:
+        self._outputs.set_result(outputs)
+        self._stats.set_result(stats)
+        self.progress_stream.close()
+
+    def _fail(self, error: BaseException) -> None:
+        self._outputs.set_exception(error)
+        self._stats.set_exception(error)
+        self.progress_stream.close()

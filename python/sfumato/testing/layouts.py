@@ -1,0 +1,268 @@
+"""Tensor names and shapes of the model layouts sfumato loads.
+
+Each layout is a list of :class:`TensorSpec`, carrying the name in the original
+checkpoint layout (the one single-file ``.safetensors`` and GGUF releases use)
+and, where one exists, the name in the diffusers layout. Shapes are in PyTorch
+order (out, in, kh, kw). These are facts about the published architectures;
+the weights themselves are made up by :mod:`sfumato.testing.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a layout."""
+
+    name: str
+    diffusers: str | None
+    shape: tuple[int, ...]
+    diffusers_shape: tuple[int, ...] | None = None
+
+    @property
+    def is_norm_weight(self) -> bool:
+        """Whether this is the scale of a normalisation layer (initialised to 1)."""
+        return (
+            len(self.shape) == 1
+            and any(key in self.name for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0"))
+            and self.name.endswith("weight")
+        )
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The hyper-parameters of an SD 1.x / 2.x UNet."""
+
+    context_dim: int
+    linear_proj: bool  # SD2 uses Linear proj_in/proj_out, SD1 uses 1x1 convs
+    head_dim: int | None  # SD2: fixed 64-wide heads; SD1: 8 heads per block
+    in_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    num_res_blocks: int = 2
+
+
+SD1_UNET = UNetConfig(context_dim=768, linear_proj=False, head_dim=None)
+SD2_UNET = UNetConfig(context_dim=1024, linear_proj=True, head_dim=64)
+
+
+class _Layout:
+    def __init__(self) -> None:
+        self.specs: list[TensorSpec] = []
+
+    def add(self, name: str, diffusers: str | None, *shape: int) -> None:
+        self.specs.append(TensorSpec(name, diffusers, tuple(shape)))
+
+    def linear(self, name: str, diffusers: str | None, out: int, inp: int, bias: bool = True) -> None:
+        self.add(f"{name}.weight", diffusers and f"{diffusers}.weight", out, inp)
+        if bias:
+            self.add(f"{name}.bias", diffusers and f"{diffusers}.bias", out)
+
+    def conv(self, name: str, diffusers: str | None, out: int, inp: int, k: int = 3) -> None:
+        self.add(f"{name}.weight", diffusers and f"{diffusers}.weight", out, inp, k, k)
+        self.add(f"{name}.bias", diffusers and f"{diffusers}.bias", out)
+
+    def norm(self, name: str, diffusers: str | None, ch: int) -> None:
+        self.add(f"{name}.weight", diffusers and f"{diffusers}.weight", ch)
+        self.add(f"{name}.bias", diffusers and f"{diffusers}.bias", ch)
+
+
+def _unet_resblock(lay: _Layout, name: str, diff: str, inp: int, out: int, emb: int) -> None:
+    lay.norm(f"{name}.in_layers.0", f"{diff}.norm1", inp)
+    lay.conv(f"{name}.in_layers.2", f"{diff}.conv1", out, inp)
+    lay.linear(f"{name}.emb_layers.1", f"{diff}.time_emb_proj", out, emb)
+    lay.norm(f"{name}.out_layers.0", f"{diff}.norm2", out)
+    lay.conv(f"{name}.out_layers.3", f"{diff}.conv2", out, out)
+    if inp != out:
+        lay.conv(f"{name}.skip_connection", f"{diff}.conv_shortcut", out, inp, k=1)
+
+
+def _unet_transformer(lay: _Layout, name: str, diff: str, ch: int, cfg: UNetConfig) -> None:
+    lay.norm(f"{name}.norm", f"{diff}.norm", ch)
+    if cfg.linear_proj:
+        lay.linear(f"{name}.proj_in", f"{diff}.proj_in", ch, ch)
+    else:
+        lay.conv(f"{name}.proj_in", f"{diff}.proj_in", ch, ch, k=1)
+    block, dblock = f"{name}.transformer_blocks.0", f"{diff}.transformer_blocks.0"
+    for attn, kv_dim in (("attn1", ch), ("attn2", cfg.context_dim)):
+        lay.linear(f"{block}.{attn}.to_q", f"{dblock}.{attn}.to_q", ch, ch, bias=False)
+        lay.linear(f"{block}.{attn}.to_k", f"{dblock}.{attn}.to_k", ch, kv_dim, bias=False)
+        lay.linear(f"{block}.{attn}.to_v", f"{dblock}.{attn}.to_v", ch, kv_dim, bias=False)
+        lay.linear(f"{block}.{attn}.to_out.0", f"{dblock}.{attn}.to_out.0", ch, ch)
+    lay.linear(f"{block}.ff.net.0.proj", f"{dblock}.ff.net.0.proj", ch * 8, ch)
+    lay.linear(f"{block}.ff.net.2", f"{dblock}.ff.net.2", ch, ch * 4)
+    for i in (1, 2, 3):
+        lay.norm(f"{block}.norm{i}", f"{dblock}.norm{i}", ch)
+    if cfg.linear_proj:
+        lay.linear(f"{name}.proj_out", f"{diff}.proj_out", ch, ch)
+    else:
+        lay.conv(f"{name}.proj_out", f"{diff}.proj_out", ch, ch, k=1)
+
+
+def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list[TensorSpec]:
+    """The SD 1.x / 2.x UNet (``model.diffusion_model.*``; diffusers ``unet/``)."""
+    lay = _Layout()
+    mc = cfg.model_channels
+    emb = mc * 4
+    p = prefix
+    lay.linear(f"{p}time_embed.0", "time_embedding.linear_1", emb, mc)
+    lay.linear(f"{p}time_embed.2", "time_embedding.linear_2", emb, emb)
+    lay.conv(f"{p}input_blocks.0.0", "conv_in", mc, cfg.in_channels)
+    skips = [mc]
+    ch = mc
+    block = 1
+    for level, mult in enumerate(cfg.channel_mult):
+        out = mc * mult
+        for j in range(cfg.num_res_blocks):
+            _unet_resblock(lay, f"{p}input_blocks.{block}.0", f"down_blocks.{level}.resnets.{j}", ch, out, emb)
+            ch = out
+            if level in cfg.attention_levels:
+                _unet_transformer(lay, f"{p}input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}", ch, cfg)
+            skips.append(ch)
+            block += 1
+        if level != len(cfg.channel_mult) - 1:
+            lay.conv(f"{p}input_blocks.{block}.0.op", f"down_blocks.{level}.downsamplers.0.conv", ch, ch)
+            skips.append(ch)
+            block += 1
+    _unet_resblock(lay, f"{p}middle_block.0", "mid_block.resnets.0", ch, ch, emb)
+    _unet_transformer(lay, f"{p}middle_block.1", "mid_block.attentions.0", ch, cfg)
+    _unet_resblock(lay, f"{p}middle_block.2", "mid_block.resnets.1", ch, ch, emb)
+    block = 0
+    levels = len(cfg.channel_mult)
+    for up, level in enumerate(reversed(range(levels))):
+        out = mc * cfg.channel_mult[level]
+        for j in range(cfg.num_res_blocks + 1):
+            skip = skips.pop()
+            name = f"{p}output_blocks.{block}"
+            _unet_resblock(lay, f"{name}.0", f"up_blocks.{up}.resnets.{j}", ch + skip, out, emb)
+            ch = out
+            index = 1
+            if level in cfg.attention_levels:
+                _unet_transformer(lay, f"{name}.1", f"up_blocks.{up}.attentions.{j}", ch, cfg)
+                index = 2
+            if level != 0 and j == cfg.num_res_blocks:
+                lay.conv(f"{name}.{index}.conv", f"up_blocks.{up}.upsamplers.0.conv", ch, ch)
+            block += 1
+    lay.norm(f"{p}out.0", "conv_norm_out", ch)
+    lay.conv(f"{p}out.2", "conv_out", 4, ch)
+    return lay.specs
+
+
+def _vae_resblock(lay: _Layout, name: str, diff: str, inp: int, out: int) -> None:
+    lay.norm(f"{name}.norm1", f"{diff}.norm1", inp)
+    lay.conv(f"{name}.conv1", f"{diff}.conv1", out, inp)
+    lay.norm(f"{name}.norm2", f"{diff}.norm2", out)
+    lay.conv(f"{name}.conv2", f"{diff}.conv2", out, out)
+    if inp != out:
+        lay.conv(f"{name}.nin_shortcut", f"{diff}.conv_shortcut", out, inp, k=1)
+
+
+def _vae_mid(lay: _Layout, name: str, diff: str, ch: int) -> None:
+    _vae_resblock(lay, f"{name}.block_1", f"{diff}.resnets.0", ch, ch)
+    lay.norm(f"{name}.attn_1.norm", f"{diff}.attentions.0.group_norm", ch)
+    for ldm, dname in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        # The original layout stores these as 1x1 convolutions, diffusers as Linear.
+        lay.specs.append(
+            TensorSpec(f"{name}.attn_1.{ldm}.weight", f"{diff}.attentions.0.{dname}.weight", (ch, ch, 1, 1), (ch, ch))
+        )
+        lay.add(f"{name}.attn_1.{ldm}.bias", f"{diff}.attentions.0.{dname}.bias", ch)
+    _vae_resblock(lay, f"{name}.block_2", f"{diff}.resnets.1", ch, ch)
+
+
+def vae_layout(prefix: str = "first_stage_model.", z_channels: int = 4) -> list[TensorSpec]:
+    """The KL autoencoder of SD 1.x / 2.x (``first_stage_model.*``; diffusers ``vae/``)."""
+    lay = _Layout()
+    p = prefix
+    base, mults, blocks = 128, (1, 2, 4, 4), 2
+    lay.conv(f"{p}encoder.conv_in", "encoder.conv_in", base, 3)
+    ch = base
+    for i, mult in enumerate(mults):
+        out = base * mult
+        for j in range(blocks):
+            _vae_resblock(lay, f"{p}encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", ch, out)
+            ch = out
+        if i != len(mults) - 1:
+            lay.conv(f"{p}encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", ch, ch)
+    _vae_mid(lay, f"{p}encoder.mid", "encoder.mid_block", ch)
+    lay.norm(f"{p}encoder.norm_out", "encoder.conv_norm_out", ch)
+    lay.conv(f"{p}encoder.conv_out", "encoder.conv_out", 2 * z_channels, ch)
+    lay.conv(f"{p}quant_conv", "quant_conv", 2 * z_channels, 2 * z_channels, k=1)
+    lay.conv(f"{p}post_quant_conv", "post_quant_conv", z_channels, z_channels, k=1)
+    ch = base * mults[-1]
+    lay.conv(f"{p}decoder.conv_in", "decoder.conv_in", ch, z_channels)
+    _vae_mid(lay, f"{p}decoder.mid", "decoder.mid_block", ch)
+    for i in reversed(range(len(mults))):
+        up = len(mults) - 1 - i
+        out = base * mults[i]
+        for j in range(blocks + 1):
+            _vae_resblock(lay, f"{p}decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", ch, out)
+            ch = out
+        if i != 0:
+            lay.conv(f"{p}decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv", ch, ch)
+    lay.norm(f"{p}decoder.norm_out", "decoder.conv_norm_out", ch)
+    lay.conv(f"{p}decoder.conv_out", "decoder.conv_out", 3, ch)
+    return lay.specs
+
+
+def clip_text_layout(
+    prefix: str = "cond_stage_model.transformer.", hidden: int = 768, layers: int = 12, vocab: int = 49408
+) -> list[TensorSpec]:
+    """A CLIP text encoder in the Hugging Face layout (SD 1.x; diffusers ``text_encoder/``)."""
+    lay = _Layout()
+    t = f"{prefix}text_model"
+    lay.add(f"{t}.embeddings.token_embedding.weight", "text_model.embeddings.token_embedding.weight", vocab, hidden)
+    lay.add(f"{t}.embeddings.position_embedding.weight", "text_model.embeddings.position_embedding.weight", 77, hidden)
+    for i in range(layers):
+        name, diff = f"{t}.encoder.layers.{i}", f"text_model.encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            lay.linear(f"{name}.self_attn.{proj}", f"{diff}.self_attn.{proj}", hidden, hidden)
+        lay.norm(f"{name}.layer_norm1", f"{diff}.layer_norm1", hidden)
+        lay.linear(f"{name}.mlp.fc1", f"{diff}.mlp.fc1", hidden * 4, hidden)
+        lay.linear(f"{name}.mlp.fc2", f"{diff}.mlp.fc2", hidden, hidden * 4)
+        lay.norm(f"{name}.layer_norm2", f"{diff}.layer_norm2", hidden)
+    lay.norm(f"{t}.final_layer_norm", "text_model.final_layer_norm", hidden)
+    return lay.specs
+
+
+def open_clip_text_layout(
+    prefix: str = "cond_stage_model.model.", hidden: int = 1024, layers: int = 24, vocab: int = 49408
+) -> list[TensorSpec]:
+    """The OpenCLIP ViT-H/14 text tower as SD 2.x checkpoints store it."""
+    lay = _Layout()
+    lay.add(f"{prefix}token_embedding.weight", None, vocab, hidden)
+    lay.add(f"{prefix}positional_embedding", None, 77, hidden)
+    for i in range(layers):
+        name = f"{prefix}transformer.resblocks.{i}"
+        lay.add(f"{name}.attn.in_proj_weight", None, 3 * hidden, hidden)
+        lay.add(f"{name}.attn.in_proj_bias", None, 3 * hidden)
+        lay.linear(f"{name}.attn.out_proj", None, hidden, hidden)
+        lay.norm(f"{name}.ln_1", None, hidden)
+        lay.linear(f"{name}.mlp.c_fc", None, hidden * 4, hidden)
+        lay.linear(f"{name}.mlp.c_proj", None, hidden, hidden * 4)
+        lay.norm(f"{name}.ln_2", None, hidden)
+    lay.norm(f"{prefix}ln_final", None, hidden)
+    lay.add(f"{prefix}text_projection", None, hidden, hidden)
+    return lay.specs
+
+
+def esrgan_layout(num_block: int = 23, num_feat: int = 64, num_grow: int = 32, scale: int = 4) -> list[TensorSpec]:
+    """RRDBNet as the Real-ESRGAN releases store it (``RealESRGAN_x4plus.pth``: 23
+    blocks; ``RealESRGAN_x4plus_anime_6B.pth``: 6 blocks)."""
+    lay = _Layout()
+    lay.conv("conv_first", None, num_feat, 3)
+    for b in range(num_block):
+        for r in (1, 2, 3):
+            for c in range(1, 6):
+                inp = num_feat + (c - 1) * num_grow
+                out = num_feat if c == 5 else num_grow
+                lay.conv(f"body.{b}.rdb{r}.conv{c}", None, out, inp)
+    lay.conv("conv_body", None, num_feat, num_feat)
+    lay.conv("conv_up1", None, num_feat, num_feat)
+    if scale == 4:
+        lay.conv("conv_up2", None, num_feat, num_feat)
+    lay.conv("conv_hr", None, num_feat, num_feat)
+    lay.conv("conv_last", None, 3, num_feat)
+    return lay.specs

@@ -1,0 +1,146 @@
+"""Model files with random weights in the real layouts.
+
+No weights can be downloaded where sfumato's tests run, so the tests and the
+benchmarks make their own: every tensor has its published name and shape, and
+its values are seeded random numbers scaled so that activations stay finite.
+The engine loads and runs these files exactly as it would the real ones; the
+pictures are noise, but every code path runs.
+
+Writing a .pth (the format of ESRGAN releases) needs PyTorch; everything else
+needs only numpy, ``gguf`` and ``safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from sfumato.testing.layouts import (
+    SD1_UNET,
+    SD2_UNET,
+    TensorSpec,
+    clip_text_layout,
+    esrgan_layout,
+    open_clip_text_layout,
+    unet_layout,
+    vae_layout,
+)
+
+SD_VERSIONS = ("sd1", "sd2")
+
+
+def sd_layout(version: str) -> list[TensorSpec]:
+    """The whole single-file checkpoint of ``version`` ("sd1" or "sd2")."""
+    if version == "sd1":
+        return unet_layout(SD1_UNET) + vae_layout() + clip_text_layout()
+    if version == "sd2":
+        return unet_layout(SD2_UNET) + vae_layout() + open_clip_text_layout()
+    raise ValueError(f"version must be one of {SD_VERSIONS}, got {version!r}")
+
+
+def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
+    if spec.is_norm_weight:
+        return np.ones(shape, dtype=np.float32)
+    if len(shape) == 1 or spec.name.endswith("bias"):
+        return np.zeros(shape, dtype=np.float32)
+    digest = hashlib.blake2b(f"{seed}:{spec.name}".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    if "embedding" in spec.name:
+        scale = 0.02
+    else:
+        fan_in = math.prod(shape[1:])
+        scale = 1.0 / math.sqrt(fan_in)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+
+def random_tensors(
+    specs: Iterable[TensorSpec], seed: int = 0, dtype: str = "f16", diffusers: bool = False
+) -> Iterator[tuple[str, npt.NDArray[np.generic]]]:
+    """Yield ``(name, array)`` for each spec, in the chosen naming and dtype."""
+    np_dtype = {"f16": np.float16, "f32": np.float32}[dtype]
+    for spec in specs:
+        if diffusers:
+            if spec.diffusers is None:
+                continue
+            name, shape = spec.diffusers, spec.diffusers_shape or spec.shape
+        else:
+            name, shape = spec.name, spec.shape
+        yield name, _values(spec, seed, shape).astype(np_dtype)
+
+
+def write_gguf(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str) -> Path:
+    """Write tensors to a GGUF file (names as given, shapes in numpy order)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    for name, array in tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]]) -> Path:
+    """Write tensors to a ``.safetensors`` file."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path))
+    return path
+
+
+def write_sd_checkpoint(path: Path, version: str = "sd1", seed: int = 0, dtype: str = "f16") -> Path:
+    """Write an all-in-one SD 1.x / 2.x checkpoint; the suffix picks the format
+    (``.gguf`` or ``.safetensors``)."""
+    path = Path(path)
+    tensors = random_tensors(sd_layout(version), seed, dtype)
+    if path.suffix == ".gguf":
+        return write_gguf(path, tensors, arch=version)
+    if path.suffix == ".safetensors":
+        return write_safetensors(path, tensors)
+    raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
+
+
+def write_diffusers_folder(path: Path, version: str = "sd1", seed: int = 0, dtype: str = "f16") -> Path:
+    """Write a diffusers-layout folder (``unet/``, ``vae/``, ``text_encoder/``,
+    ``model_index.json``) for SD 1.x or 2.x."""
+    path = Path(path)
+    if version == "sd1":
+        unet, text = unet_layout(SD1_UNET, prefix=""), clip_text_layout(prefix="")
+    elif version == "sd2":
+        # Diffusers' SD 2.x text encoder keeps 23 of the 24 OpenCLIP layers.
+        unet, text = unet_layout(SD2_UNET, prefix=""), clip_text_layout(prefix="", hidden=1024, layers=23)
+    else:
+        raise ValueError(f"version must be one of {SD_VERSIONS}, got {version!r}")
+    for folder, specs, file_name in (
+        ("unet", unet, "diffusion_pytorch_model.safetensors"),
+        ("vae", vae_layout(prefix=""), "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", text, "model.safetensors"),
+    ):
+        (path / folder).mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / folder / file_name, random_tensors(specs, seed, dtype, diffusers=True))
+    (path / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0"})
+    )
+    return path
+
+
+def write_esrgan(path: Path, num_block: int = 23, scale: int = 4, seed: int = 0) -> Path:
+    """Write an RRDBNet ESRGAN; ``.pth`` (needs PyTorch, stored under
+    ``params_ema`` as the Real-ESRGAN releases do) or ``.safetensors``."""
+    path = Path(path)
+    tensors = dict(random_tensors(esrgan_layout(num_block=num_block, scale=scale), seed, "f32"))
+    if path.suffix == ".safetensors":
+        return write_safetensors(path, tensors.items())
+    import torch
+
+    state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
+    torch.save({"params_ema": state}, str(path))
+    return path
