@@ -1,0 +1,128 @@
+"""Shared fixtures: self-made models with random weights in the real layouts.
+
+Model files are written once into a cache folder (``SFUMATO_TEST_MODELS``,
+default ``.test-models/`` in the repository) and reused by later runs; the
+names carry a layout version so that a change of generator rewrites them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sfumato
+from sfumato.testing import models
+
+LAYOUT_VERSION = "v1"
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 64  # the smallest side an SD UNet takes (three 2x downsamples of an 8x latent grid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test may reach the network, and registry lookups use an empty cache."""
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "SFUMATO_CACHE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["SFUMATO_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    path = Path(os.environ.get("SFUMATO_TEST_MODELS", ROOT / ".test-models"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cached(model_dir: Path, name: str, make: Callable[[Path], object]) -> Path:
+    target = model_dir / f"{LAYOUT_VERSION}-{name}"
+    if not target.exists():
+        partial = model_dir / f"partial-{LAYOUT_VERSION}-{name}"
+        make(partial)
+        partial.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def sd1_gguf(model_dir: Path) -> Path:
+    return _cached(model_dir, "sd1.gguf", lambda p: models.write_gguf(p, models.random_tensors(models.sd_layout("sd1")), "sd1"))
+
+
+@pytest.fixture(scope="session")
+def sd1_safetensors(model_dir: Path) -> Path:
+    return _cached(model_dir, "sd1.safetensors", lambda p: models.write_safetensors(p, models.random_tensors(models.sd_layout("sd1"))))
+
+
+@pytest.fixture(scope="session")
+def sd1_diffusers(model_dir: Path) -> Path:
+    return _cached(model_dir, "sd1-diffusers", lambda p: models.write_diffusers_folder(p, "sd1"))
+
+
+@pytest.fixture(scope="session")
+def sd2_gguf(model_dir: Path) -> Path:
+    return _cached(model_dir, "sd2.gguf", lambda p: models.write_gguf(p, models.random_tensors(models.sd_layout("sd2")), "sd2"))
+
+
+@pytest.fixture(scope="session")
+def esrgan_6b(model_dir: Path) -> Path:
+    """The layout of RealESRGAN_x4plus_anime_6B.pth (6 RRDB blocks, x4)."""
+    return _cached(model_dir, "esrgan-6b.pth", lambda p: _write_pth(p, 6))
+
+
+@pytest.fixture(scope="session")
+def esrgan_1b(model_dir: Path) -> Path:
+    """The x4plus layout reduced to one RRDB block: the engine reads the depth
+    from the file, and the upscale tests that compound x16 stay fast."""
+    return _cached(model_dir, "esrgan-1b.pth", lambda p: _write_pth(p, 1))
+
+
+def _write_pth(path: Path, blocks: int) -> None:
+    # torch.save picks the format from the suffix-less path just as well.
+    models.write_esrgan(path.with_suffix(".pth"), num_block=blocks)
+    path.with_suffix(".pth").rename(path)
+
+
+@pytest.fixture(scope="session")
+def sd1_model(sd1_gguf: Path, esrgan_1b: Path) -> Iterator[str]:
+    """An SD 1.x model loaded through the SDK, paired with an ESRGAN, shared by the session."""
+    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2, "upscaler": {"model_src": esrgan_1b}})
+    yield model_id
+    if model_id in sfumato.loaded_models():
+        sfumato.unload_model(model_id)
+
+
+@pytest.fixture(scope="session")
+def upscaler_model(esrgan_1b: Path) -> Iterator[str]:
+    """A standalone ESRGAN loaded with ``mode="upscale"``."""
+    model_id = sfumato.load_model(esrgan_1b, model_config={"mode": "upscale", "threads": 2})
+    yield model_id
+    if model_id in sfumato.loaded_models():
+        sfumato.unload_model(model_id)
+
+
+@pytest.fixture(scope="session")
+def gradient_image() -> np.ndarray:
+    """A 64x64 RGB test picture with structure in every channel."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    return np.stack([x * 4, y * 4, (x + y) * 2], axis=2).astype(np.uint8)
+
+
+def run(model_id: str, **params: object) -> tuple[list[bytes], sfumato.DiffusionStats, list[sfumato.ProgressTick]]:
+    """Run ``diffusion`` at test size and wait for it."""
+    params.setdefault("prompt", "a red cube")
+    params.setdefault("width", SIZE)
+    params.setdefault("height", SIZE)
+    params.setdefault("steps", 2)
+    params.setdefault("seed", 42)
+    result = sfumato.diffusion(model_id, **params)  # type: ignore[arg-type]
+    ticks = list(result.progress_stream)
+    return result.outputs.result(), result.stats.result(), ticks

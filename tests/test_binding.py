@@ -1,0 +1,153 @@
+"""The in-process binding: locator, ABI check, handle ownership, callbacks, buffers."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfumato.engine import _cdefs
+from sfumato.engine.context import ContextParams, DiffusionContext, ImageRequest, ProgressTick, UpscalerContext
+from sfumato.engine.library import (
+    ENGINE_DISTRIBUTION,
+    ENV_LIBRARY,
+    check_abi,
+    load_engine,
+    locate_library,
+    make_ffi,
+)
+from sfumato.errors import ClosedError, EngineABIError, EngineNotFoundError
+
+from .conftest import SIZE
+
+
+def test_locator_finds_the_engine_package_library() -> None:
+    path = locate_library()
+    assert path.is_file()
+    assert path.parent.parent.name == "stable_diffusion_cpp"
+    engine = load_engine()
+    assert engine.path == path
+    assert engine.version == "0.4.7"
+
+
+def test_locator_env_override_accepts_file_and_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = locate_library()
+    monkeypatch.setenv(ENV_LIBRARY, str(real))
+    assert locate_library() == real
+    monkeypatch.setenv(ENV_LIBRARY, str(real.parent))
+    assert locate_library() == real
+
+
+def test_locator_env_override_to_a_missing_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(ENV_LIBRARY, str(tmp_path / "nope.so"))
+    with pytest.raises(EngineNotFoundError, match=ENV_LIBRARY):
+        locate_library()
+
+
+def test_locator_without_engine_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.delenv(ENV_LIBRARY, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EngineNotFoundError, match=f"pip install {ENGINE_DISTRIBUTION}==0.4.7"):
+        locate_library()
+
+
+def test_abi_check_passes_on_the_real_declarations() -> None:
+    ffi = make_ffi()
+    check_abi(ffi, ffi.dlopen(str(locate_library())))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param("    bool circular_x;\n", "", id="ctx-missing-field"),
+        pytest.param("    float max_vram;\n} sd_ctx_params_t;", "    double max_vram;\n} sd_ctx_params_t;", id="ctx-wrong-type"),
+        pytest.param(
+            "    float flow_shift;\n} sd_sample_params_t;", "    double flow_shift;\n} sd_sample_params_t;", id="sample-wrong-type"
+        ),
+        pytest.param("    int64_t seed;\n", "    int32_t seed;\n", id="gen-narrow-seed"),
+        pytest.param(
+            "    sd_hires_params_t hires;\n} sd_img_gen_params_t;",
+            "    int stray;\n    sd_hires_params_t hires;\n} sd_img_gen_params_t;",
+            id="gen-extra-field",
+        ),
+        pytest.param("    float reuse_threshold;\n", "    int reuse_threshold;\n", id="cache-wrong-type"),
+    ],
+)
+def test_abi_check_catches_a_wrong_struct(old: str, new: str) -> None:
+    assert old in _cdefs.ALL
+    ffi = make_ffi(_cdefs.ALL.replace(old, new, 1))
+    with pytest.raises(EngineABIError, match="does not match"):
+        check_abi(ffi, ffi.dlopen(str(locate_library())))
+
+
+@pytest.fixture(scope="module")
+def context(sd1_gguf: Path) -> DiffusionContext:
+    return DiffusionContext(ContextParams(model_path=str(sd1_gguf), n_threads=2))
+
+
+def _request(**overrides: object) -> ImageRequest:
+    base: dict[str, object] = {"prompt": "a cat", "width": SIZE, "height": SIZE, "steps": 1, "seed": 3}
+    base.update(overrides)
+    return ImageRequest(**base)  # type: ignore[arg-type]
+
+
+def test_generated_images_are_python_owned_copies(context: DiffusionContext) -> None:
+    out = context.generate(_request(batch_count=2))
+    assert len(out.images) == 2
+    for image in out.images:
+        assert image.shape == (SIZE, SIZE, 3)
+        assert image.dtype == np.uint8
+        assert image.flags.owndata and image.flags.writeable
+    assert not np.array_equal(out.images[0], out.images[1])
+
+
+def test_an_exception_in_a_progress_listener_is_raised_after_the_engine_returns(context: DiffusionContext) -> None:
+    seen: list[ProgressTick] = []
+
+    def explode(tick: ProgressTick) -> None:
+        seen.append(tick)
+        raise RuntimeError("listener failed")
+
+    with pytest.raises(RuntimeError, match="listener failed"):
+        context.generate(_request(steps=2), on_tick=explode)
+    assert len(seen) == 1  # reporting stops at the first error
+    again = context.generate(_request(steps=2))  # the process and the context are fine
+    assert again.images[0].shape == (SIZE, SIZE, 3)
+
+
+def test_diffusion_context_close_is_idempotent_and_guards_use(sd1_gguf: Path) -> None:
+    with DiffusionContext(ContextParams(model_path=str(sd1_gguf), n_threads=2)) as ctx:
+        assert not ctx.closed
+        assert ctx.default_sample_method() == "euler_a"
+    assert ctx.closed
+    ctx.close()
+    ctx.close()
+    with pytest.raises(ClosedError):
+        ctx.generate(_request())
+    with pytest.raises(ClosedError):
+        ctx.default_sample_method()
+
+
+def test_diffusion_context_is_collected(sd1_gguf: Path) -> None:
+    ctx = DiffusionContext(ContextParams(model_path=str(sd1_gguf), n_threads=2))
+    ref = weakref.ref(ctx)
+    del ctx
+    gc.collect()
+    assert ref() is None
+
+
+def test_upscaler_context(esrgan_1b: Path, context: DiffusionContext, gradient_image: np.ndarray) -> None:
+    with UpscalerContext(str(esrgan_1b), n_threads=2, tile_size=32, parent=context) as up:
+        assert up.parent is context
+        assert up.factor == 4
+        out = up.upscale(gradient_image[:16, :24])
+        assert out.shape == (64, 96, 3)
+        assert out.flags.owndata
+    with pytest.raises(ClosedError):
+        up.upscale(gradient_image)
+    up.close()
