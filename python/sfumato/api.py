@@ -44,7 +44,15 @@ from sfumato.errors import (
     NoUpscalerError,
     UnknownModelIdError,
 )
-from sfumato.families.detect import FAMILY_ESRGAN, FAMILY_SD1, FAMILY_SD2, ModelInfo, detect, read_tensor_table
+from sfumato.families.detect import (
+    FAMILY_ESRGAN,
+    FAMILY_NAMES,
+    FAMILY_SD1,
+    FAMILY_SD2,
+    ModelInfo,
+    detect,
+    read_tensor_table,
+)
 from sfumato.params import (
     CACHE_PRESETS,
     DEFAULT_SIZE,
@@ -107,7 +115,9 @@ def resolve_source(
 def _detect_family(path: Path, field: str, expected: tuple[str, ...], hint: str) -> ModelInfo:
     info = detect(path)
     if info.family not in expected:
-        raise InvalidModelError(f"{field}: {path} is a {info.family} model; {hint}")
+        name = FAMILY_NAMES[info.family]
+        article = "an" if name[0] in "AEIOUS" else "a"
+        raise InvalidModelError(f"{field}: {path} is {article} {name} model; {hint}")
     return info
 
 
@@ -164,7 +174,7 @@ def load_model(
             path, "model_src", (FAMILY_SD1, FAMILY_SD2),
             "load ESRGAN upscalers with model_config={'mode': 'upscale'}",
         )  # fmt: skip
-        _reject_companions(config, info.family)
+        _reject_companions(config, FAMILY_NAMES[info.family])
         vae_path = None
         if config.vae_model_src is not None:
             vae_path, _ = resolve_source(config.vae_model_src, "model_config.vae_model_src")

@@ -1,0 +1,285 @@
+"""Every error path of the SDK: precise messages, the right class, no engine call
+with a bad file, and nothing already loaded disturbed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import sfumato
+from sfumato import api, errors
+from sfumato.families.detect import detect
+
+from .conftest import SIZE, run
+
+
+@pytest.mark.parametrize(
+    ("cls", "bases"),
+    [
+        (errors.ModelNotFoundError, (FileNotFoundError,)),
+        (errors.InvalidParameterError, (ValueError,)),
+        (errors.InvalidModelError, (ValueError,)),
+        (errors.UnsupportedModelError, (errors.InvalidModelError, ValueError)),
+        (errors.UnknownModelIdError, (KeyError,)),
+        (errors.EngineNotFoundError, (ImportError,)),
+        (errors.EngineABIError, (ImportError,)),
+        (errors.EngineError, (RuntimeError,)),
+        (errors.ClosedError, (RuntimeError,)),
+        (errors.NoUpscalerError, (RuntimeError,)),
+    ],
+)
+def test_error_hierarchy(cls: type[Exception], bases: tuple[type[Exception], ...]) -> None:
+    assert issubclass(cls, errors.SfumatoError)
+    for base in bases:
+        assert issubclass(cls, base)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("prompt", 3, "string"),
+        ("negative_prompt", None, "string"),
+        ("width", 65, "multiple of 8"),
+        ("width", 0, "between"),
+        ("height", "512", "integer"),
+        ("height", 72, "multiple of 64"),
+        ("steps", 0, "between 1 and 1000"),
+        ("steps", 2.5, "integer"),
+        ("cfg_scale", -1.0, "between 0.0 and 50.0"),
+        ("cfg_scale", float("nan"), "finite"),
+        ("guidance", "high", "number"),
+        ("sampling_method", "dpm++ 2m karras", "one of"),
+        ("scheduler", "Karras", "one of"),
+        ("seed", -2, "between -1"),
+        ("batch_count", 0, "between 1 and 16"),
+        ("vae_tiling", "yes", "true or false"),
+        ("cache_preset", "turbo", "one of ['slow', 'medium', 'fast', 'ultra']"),
+        ("strength", 1.5, "between 0.0 and 1.0"),
+        ("init_image", b"not an image", "not a readable image"),
+        ("init_image", 12, "PNG/JPEG bytes"),
+        ("upscale", "yes", "true, false or"),
+        ("upscale.repeats", {"repeats": 0}, "between 1 and 4"),
+    ],
+)
+def test_invalid_fields_are_named(sd1_model: str, field: str, value: Any, allowed: str) -> None:
+    param = field.split(".")[0]
+    kwargs: dict[str, Any] = {"prompt": "x", "width": SIZE, "height": SIZE}
+    kwargs[param] = value
+    with pytest.raises(errors.InvalidParameterError) as info:
+        sfumato.diffusion(sd1_model, **kwargs)
+    assert info.value.field == field
+    assert allowed in str(info.value)
+    assert str(info.value).startswith(f"{field}:")
+
+
+def test_unknown_model_id() -> None:
+    with pytest.raises(errors.UnknownModelIdError, match="no loaded model has id 'missing'"):
+        sfumato.diffusion("missing", prompt="x")
+    with pytest.raises(errors.UnknownModelIdError):
+        sfumato.upscale("missing", image=np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(errors.UnknownModelIdError):
+        sfumato.unload_model("missing")
+
+
+def test_calls_after_unload_are_refused(esrgan_1b: Path, gradient_image: np.ndarray) -> None:
+    model_id = sfumato.load_model(esrgan_1b, model_config={"mode": "upscale"})
+    sfumato.unload_model(model_id)
+    with pytest.raises(errors.UnknownModelIdError, match="unloaded"):
+        sfumato.upscale(model_id, image=gradient_image)
+    with pytest.raises(errors.UnknownModelIdError):
+        sfumato.unload_model(model_id)
+
+
+def test_queued_jobs_fail_cleanly_when_their_model_is_unloaded(sd1_gguf: Path) -> None:
+    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+    running = sfumato.diffusion(model_id, prompt="a", width=SIZE, height=SIZE, steps=2, seed=1)
+    queued = sfumato.diffusion(model_id, prompt="b", width=SIZE, height=SIZE, steps=2, seed=2)
+    next(iter(running.progress_stream))  # the first job is running now
+    sfumato.unload_model(model_id)
+    assert len(running.outputs.result()) == 1  # the running job finishes
+    with pytest.raises(errors.UnknownModelIdError, match="unloaded before the job ran"):
+        queued.outputs.result()
+    assert list(queued.progress_stream) == []
+
+
+def test_upscale_on_a_model_without_upscaler(sd1_gguf: Path, gradient_image: np.ndarray) -> None:
+    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+    try:
+        with pytest.raises(errors.NoUpscalerError, match="has no upscaler"):
+            sfumato.upscale(model_id, image=gradient_image)
+        with pytest.raises(errors.NoUpscalerError, match=r"upscale: .*model_config.upscaler"):
+            sfumato.diffusion(model_id, prompt="x", width=SIZE, height=SIZE, upscale=True)
+    finally:
+        sfumato.unload_model(model_id)
+
+
+def test_diffusion_on_a_standalone_upscaler(upscaler_model: str) -> None:
+    with pytest.raises(errors.InvalidParameterError, match=r"model_id: .*mode='upscale'"):
+        sfumato.diffusion(upscaler_model, prompt="x")
+
+
+def test_upscale_repeats_is_checked(upscaler_model: str, gradient_image: np.ndarray) -> None:
+    with pytest.raises(errors.InvalidParameterError, match="repeats: must be between 1 and 4"):
+        sfumato.upscale(upscaler_model, image=gradient_image, repeats=0)
+    with pytest.raises(errors.InvalidParameterError, match="^image:"):
+        sfumato.upscale(upscaler_model, image=b"\x89PNG broken")
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"thread": 2}, "model_config.thread"),
+        ({"threads": 0}, "model_config.threads"),
+        ({"mode": "edit"}, "model_config.mode"),
+        ({"prediction": "x0"}, "model_config.prediction"),
+        ({"weight_type": "q3_0"}, "model_config.weight_type"),
+        ({"flash_attn": "on"}, "model_config.flash_attn"),
+        ({"device": "gpu"}, "model_config.device"),
+        ({"device": "CUDA0"}, "model_config.device"),
+        ({"upscaler": {"model_src": "x", "tile": 64}}, "model_config.upscaler.tile"),
+        ({"upscaler": {"tile_size": 64}}, "model_config.upscaler.model_src"),
+        ({"upscaler": {"model_src": "x", "type": "swinir"}}, "model_config.upscaler.type"),
+        ({"clip_l_model_src": "x"}, "model_config.clip_l_model_src"),
+    ],
+)
+def test_invalid_model_config(sd1_gguf: Path, config: dict[str, Any], field: str) -> None:
+    with pytest.raises(errors.InvalidParameterError) as info:
+        sfumato.load_model(sd1_gguf, model_config=config)
+    assert info.value.field == field
+
+
+def test_gpu_on_a_cpu_build_names_the_fix(sd1_gguf: Path) -> None:
+    with pytest.raises(errors.InvalidParameterError, match=r"no GPU backend: .*-DSD_CUDA=ON.*SFUMATO_ENGINE_LIB"):
+        sfumato.load_model(sd1_gguf, model_config={"device": "gpu"})
+
+
+def test_model_type_must_be_diffusion(sd1_gguf: Path) -> None:
+    with pytest.raises(errors.InvalidParameterError, match="model_type"):
+        sfumato.load_model(sd1_gguf, model_type="llm")
+
+
+@pytest.fixture
+def no_engine_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the SDK tries to create an engine context."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("an engine context was created for a file that detection should refuse")
+
+    monkeypatch.setattr(api, "DiffusionContext", refuse)
+    monkeypatch.setattr(api, "UpscalerContext", refuse)
+
+
+def _truncated(source: Path, target: Path, keep: float) -> Path:
+    size = source.stat().st_size if source.is_file() else 0
+    with source.open("rb") as f:
+        target.write_bytes(f.read(int(size * keep)))
+    return target
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+@pytest.mark.parametrize("suffix", [".gguf", ".safetensors", ".pth"])
+def test_truncated_files_are_refused_before_the_engine(
+    suffix: str, sd1_gguf: Path, sd1_safetensors: Path, esrgan_6b: Path, tmp_path: Path
+) -> None:
+    source = {".gguf": sd1_gguf, ".safetensors": sd1_safetensors, ".pth": esrgan_6b}[suffix]
+    bad = _truncated(source, tmp_path / f"model{suffix}", 0.6)
+    with pytest.raises(errors.InvalidModelError, match="truncated|not a readable"):
+        sfumato.load_model(bad, model_config={"mode": "upscale"} if suffix == ".pth" else None)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("these are not weights\n" * 10)
+    with pytest.raises(errors.InvalidModelError, match="not a model file"):
+        sfumato.load_model(text)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(errors.InvalidModelError):
+        sfumato.load_model(empty)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+@pytest.mark.parametrize(
+    ("names", "family"),
+    [
+        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
+        (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "FLUX.1"),
+        (["model.diffusion_model.double_stream_modulation_img.lin.weight"], "FLUX.2"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.1.model.ln_final.weight"], "SDXL"),
+        (["some.other.network.weight"], "no model family"),
+    ],
+)
+def test_unsupported_families_are_refused_before_the_engine(tmp_path: Path, names: list[str], family: str) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({name: np.zeros((2, 2), np.float16) for name in names}, str(path))
+    with pytest.raises(errors.UnsupportedModelError, match=family):
+        sfumato.load_model(path)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_a_unet_without_text_encoder_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "unet.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((320, 4, 3, 3), np.float16)}, str(path))
+    with pytest.raises(errors.InvalidModelError, match="without its text encoder"):
+        sfumato.load_model(path)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_wrong_mode_for_the_family(sd1_gguf: Path, esrgan_6b: Path) -> None:
+    with pytest.raises(errors.InvalidModelError, match=r"is an ESRGAN model; load ESRGAN upscalers with .*'mode': 'upscale'"):
+        sfumato.load_model(esrgan_6b)
+    with pytest.raises(errors.InvalidModelError, match="needs an ESRGAN"):
+        sfumato.load_model(sd1_gguf, model_config={"mode": "upscale"})
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_missing_paths_and_registry_constants(tmp_path: Path) -> None:
+    with pytest.raises(errors.ModelNotFoundError, match="model_src: no file or folder"):
+        sfumato.load_model(tmp_path / "absent.gguf")
+    for constant in (sfumato.SD_V2_1_1B_Q8_0, "SD_V2_1_1B_Q4_0", sfumato.REALESRGAN_X4PLUS_ANIME_6B):
+        name = str(constant)
+        with pytest.raises(errors.ModelNotFoundError, match=f"^{name} is not in the model cache.*download https://"):
+            sfumato.load_model(constant)  # type: ignore[arg-type]
+
+
+def test_registry_constant_resolves_from_the_cache(esrgan_6b: Path, gradient_image: np.ndarray) -> None:
+    from sfumato.registry import cached_path
+
+    target = cached_path(sfumato.REALESRGAN_X4PLUS_ANIME_6B)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(esrgan_6b)
+    try:
+        model_id = sfumato.load_model(sfumato.REALESRGAN_X4PLUS_ANIME_6B, model_config={"mode": "upscale"})
+        result = sfumato.upscale(model_id, image=gradient_image[:8, :8])
+        assert len(result.outputs.result()) == 1
+        sfumato.unload_model(model_id)
+    finally:
+        target.unlink()
+
+
+def test_diffusers_folder_without_text_model_prefix_is_explained(sd1_diffusers: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    folder = tmp_path / "model"
+    for part in ("unet", "vae"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "diffusion_pytorch_model.safetensors").symlink_to(
+            sd1_diffusers / part / "diffusion_pytorch_model.safetensors"
+        )
+    (folder / "text_encoder").mkdir()
+    tensors = load_file(str(sd1_diffusers / "text_encoder" / "model.safetensors"))
+    save_file({k.removeprefix("text_model."): v for k, v in tensors.items()}, str(folder / "text_encoder" / "model.safetensors"))
+    with pytest.raises(errors.InvalidModelError, match="without the 'text_model.' prefix"):
+        detect(folder)
+
+
+def test_a_bad_request_leaves_the_loaded_model_working(sd1_model: str) -> None:
+    with pytest.raises(errors.InvalidParameterError):
+        sfumato.diffusion(sd1_model, prompt="x", steps=-5)
+    outputs, _, _ = run(sd1_model, steps=1)
+    assert len(outputs) == 1
