@@ -153,6 +153,7 @@ def _generate(args: argparse.Namespace) -> int:
     model_id = sfumato.load_model(args.model, model_config=_model_config(args, "diffusion"))
     try:
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
+        params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None
         result = sfumato.diffusion(model_id, **params)
         outputs, stats = _run_job(result, args.quiet)
     finally:

@@ -1,0 +1,86 @@
+"""The ``sfumato`` command, run as a real process on self-made models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .conftest import SIZE
+
+
+def _sfumato(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sfumato", *args], capture_output=True, text=True, timeout=600, cwd=cwd, check=False
+    )
+
+
+def _stats(stdout: str) -> dict[str, object]:
+    return json.loads(stdout[stdout.index("{") :])  # type: ignore[no-any-return]
+
+
+def test_info_reports_engine_library_and_devices() -> None:
+    done = _sfumato("info", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["engine_version"] == "0.4.7"
+    assert Path(info["library"]).is_file()
+    assert "AVX" in info["system_info"] or "NEON" in info["system_info"]
+    assert any(d["type"] == "cpu" for d in info["devices"])
+    text = _sfumato("info")
+    assert "library:" in text.stdout and "devices:" in text.stdout
+
+
+def test_generate_writes_pngs_and_prints_stats(sd1_gguf: Path, esrgan_1b: Path, tmp_path: Path) -> None:
+    done = _sfumato(
+        "generate", "--model", str(sd1_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
+        "--steps", "2", "--seed", "11", "--batch-count", "2", "--threads", "2",
+        "--upscaler", str(esrgan_1b), "--upscale", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["sfumato_11_0.png", "sfumato_11_1.png"]
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.size == (4 * SIZE, 4 * SIZE)
+    stats = _stats(done.stdout)
+    assert stats["seed"] == 11 and stats["total_steps"] == 4 and stats["total_images"] == 2
+    assert "sampling" in done.stderr  # the progress bar
+
+
+def test_generate_img2img(sd1_gguf: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
+    source = tmp_path / "in.png"
+    Image.fromarray(gradient_image).save(source)
+    out = tmp_path / "out"
+    done = _sfumato(
+        "generate", "-m", str(sd1_gguf), "-p", "oil paint", "--init-image", str(source), "--strength", "0.5",
+        "--steps", "2", "--seed", "3", "--threads", "2", "-q", "-o", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert 1 <= _stats(done.stdout)["total_steps"] <= 2  # type: ignore[operator]
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_upscale_command(esrgan_1b: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
+    source = tmp_path / "small.png"
+    Image.fromarray(gradient_image[:16, :16]).save(source)
+    done = _sfumato("upscale", str(source), "--model", str(esrgan_1b), "--repeats", "2", "--threads", "2")
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "small-upscaled.png") as image:
+        assert image.size == (256, 256)
+
+
+def test_errors_exit_2_with_the_message(tmp_path: Path) -> None:
+    done = _sfumato("generate", "--model", str(tmp_path / "missing.gguf"))
+    assert done.returncode == 2
+    assert "sfumato: error: model_src: no file or folder" in done.stderr
+    offline = subprocess.run(
+        [sys.executable, "-m", "sfumato", "generate"], capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "SFUMATO_CACHE": str(tmp_path), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert offline.returncode == 2
+    assert "SD_V2_1_1B_Q8_0 is not in the model cache" in offline.stderr
