@@ -52,24 +52,30 @@ def _cached(model_dir: Path, name: str, make: Callable[[Path], object]) -> Path:
     return target
 
 
-@pytest.fixture(scope="session")
-def sd1_gguf(model_dir: Path) -> Path:
-    return _cached(model_dir, "sd1.gguf", lambda p: models.write_gguf(p, models.random_tensors(models.sd_layout("sd1")), "sd1"))
+def _sd_model(version: str, layout: str) -> Callable[[Path], Path]:
+    """A session fixture writing (once) an SD ``version`` model as ``layout``:
+    ``.gguf`` / ``.safetensors`` all-in-one files, or a ``diffusers`` folder."""
+
+    def make(target: Path) -> object:
+        if layout == "diffusers":
+            return models.write_diffusers_folder(target, version)
+        return models.write_sd_checkpoint(target, version)
+
+    name = f"{version}-diffusers" if layout == "diffusers" else f"{version}{layout}"
+
+    @pytest.fixture(scope="session")
+    def fixture(model_dir: Path) -> Path:
+        return _cached(model_dir, name, make)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def sd1_safetensors(model_dir: Path) -> Path:
-    return _cached(model_dir, "sd1.safetensors", lambda p: models.write_safetensors(p, models.random_tensors(models.sd_layout("sd1"))))
-
-
-@pytest.fixture(scope="session")
-def sd1_diffusers(model_dir: Path) -> Path:
-    return _cached(model_dir, "sd1-diffusers", lambda p: models.write_diffusers_folder(p, "sd1"))
-
-
-@pytest.fixture(scope="session")
-def sd2_gguf(model_dir: Path) -> Path:
-    return _cached(model_dir, "sd2.gguf", lambda p: models.write_gguf(p, models.random_tensors(models.sd_layout("sd2")), "sd2"))
+sd1_gguf = _sd_model("sd1", ".gguf")
+sd1_safetensors = _sd_model("sd1", ".safetensors")
+sd1_diffusers = _sd_model("sd1", "diffusers")
+sd2_gguf = _sd_model("sd2", ".gguf")
+sd2_safetensors = _sd_model("sd2", ".safetensors")
+sd2_diffusers = _sd_model("sd2", "diffusers")
 
 
 @pytest.fixture(scope="session")

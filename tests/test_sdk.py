@@ -205,8 +205,8 @@ def test_vae_tiling_runs(sd1_model: str) -> None:
     assert _size(outputs[0]) == (SIZE, SIZE)
 
 
-@pytest.mark.parametrize("layout", ["sd1_safetensors", "sd1_diffusers"])
-def test_other_sd1_layouts_load_and_generate(layout: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("layout", ["sd1_safetensors", "sd1_diffusers", "sd2_safetensors", "sd2_diffusers"])
+def test_other_layouts_load_and_generate(layout: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(layout)
     model_id = sfumato.load_model(path, model_config={"threads": 2})
     try:
