@@ -247,6 +247,12 @@ class _NativeHandle:
     def _free(self, handle: Any) -> None:
         raise NotImplementedError
 
+    @property
+    def engine(self) -> Engine:
+        """The engine library this handle belongs to."""
+        assert self._engine is not None
+        return self._engine
+
     def close(self) -> None:
         """Free the native handle. Safe to call more than once."""
         handle, self._handle = self._handle, None
@@ -367,14 +373,7 @@ class DiffusionContext(_NativeHandle):
         self._handle = handle
 
     def _free(self, handle: Any) -> None:
-        assert self._engine is not None
-        self._engine.lib.free_sd_ctx(handle)
-
-    @property
-    def engine(self) -> Engine:
-        """The engine library this context runs on."""
-        assert self._engine is not None
-        return self._engine
+        self.engine.lib.free_sd_ctx(handle)
 
     def default_sample_method(self) -> str:
         """The sampler the engine picks for this model when none is given."""
@@ -557,13 +556,12 @@ class UpscalerContext(_NativeHandle):
         self._handle = handle
 
     def _free(self, handle: Any) -> None:
-        assert self._engine is not None
-        self._engine.lib.free_upscaler_ctx(handle)
+        self.engine.lib.free_upscaler_ctx(handle)
 
     @property
     def factor(self) -> int:
         """The model's native scale factor (4 for RealESRGAN_x4plus)."""
-        return int(self._engine.lib.get_upscale_factor(self._require_open()))  # type: ignore[union-attr]
+        return int(self.engine.lib.get_upscale_factor(self._require_open()))
 
     def upscale(self, image: ImageArray) -> ImageArray:
         """Upscale one ``(height, width, 3)`` uint8 image by :attr:`factor`.
@@ -574,8 +572,7 @@ class UpscalerContext(_NativeHandle):
             When the engine returns no image.
         """
         handle = self._require_open()
-        assert self._engine is not None
-        ffi, lib = self._engine.ffi, self._engine.lib
+        ffi, lib = self.engine.ffi, self.engine.lib
         data = _as_image(image, 3, "image")
         source = ffi.new("sd_image_t*", (data.shape[1], data.shape[0], 3, ffi.from_buffer("uint8_t[]", data)))
         with self._lock:
