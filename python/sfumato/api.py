@@ -60,13 +60,14 @@ from sfumato.params import (
     PREDICTIONS,
     DiffusionParams,
     ModelConfig,
+    UpscalerConfig,
     check_int,
     check_side,
     check_upscale_repeats,
     parse_model_config,
     validate_diffusion,
 )
-from sfumato.registry import REGISTRY, RegistryModel, resolve
+from sfumato.registry import REGISTRY, RegistryModel, cache_dir, resolve
 from sfumato.results import DiffusionResult, DiffusionStats
 from sfumato.runtime.host import LoadedModel, ModelHost
 
@@ -163,7 +164,7 @@ def load_model(
     path, registered = resolve_source(model_src, "model_src", lambda pct: report(LoadProgress(pct, "download")))
     report(LoadProgress(0.0, "load"))
     threads = config.threads or -1
-    tile = config.upscaler.tile_size if config.upscaler is not None else 128
+    tile = (config.upscaler or UpscalerConfig()).tile_size
     diffusion_ctx: DiffusionContext | None = None
     upscaler_ctx: UpscalerContext | None = None
     if config.mode == "upscale":
@@ -245,8 +246,6 @@ def unload_model(model_id: str, clear_storage: bool = False) -> None:
         _hosts.pop(model_id, None)
     host.close()
     if clear_storage:
-        from sfumato.registry import cache_dir
-
         path = host.model.info.path
         if path.is_file() and path.parent == cache_dir():
             path.unlink()
