@@ -151,3 +151,24 @@ def test_upscaler_context(esrgan_1b: Path, context: DiffusionContext, gradient_i
     with pytest.raises(ClosedError):
         up.upscale(gradient_image)
     up.close()
+
+
+def test_engine_request_fields_reach_the_engine(context: DiffusionContext, gradient_image: np.ndarray) -> None:
+    """The request fields the SDK does not expose yet (hires fix, mask, clip_skip)
+    map onto the engine: each one changes what the engine does."""
+    from sfumato.engine.context import HiresParams
+
+    ticks: list[ProgressTick] = []
+    hires = context.generate(_request(steps=2, hires=HiresParams(scale=2.0, steps=1, denoising_strength=0.5)), ticks.append)
+    assert hires.images[0].shape == (2 * SIZE, 2 * SIZE, 3)
+    assert "hires" in {t.phase for t in ticks} and hires.phase_ms.get("hires", 0) > 0
+
+    plain = context.generate(_request(steps=2)).images[0]
+    skipped = context.generate(_request(steps=2, clip_skip=2)).images[0]
+    assert not np.array_equal(plain, skipped)
+
+    mask = np.zeros((SIZE, SIZE, 1), np.uint8)
+    mask[:, SIZE // 2 :] = 255
+    masked = context.generate(_request(steps=2, init_image=gradient_image, mask_image=mask, strength=0.8)).images[0]
+    unmasked = context.generate(_request(steps=2, init_image=gradient_image, strength=0.8)).images[0]
+    assert masked.shape == (SIZE, SIZE, 3) and not np.array_equal(masked, unmasked)

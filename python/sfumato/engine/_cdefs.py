@@ -274,6 +274,7 @@ enum sample_method_t str_to_sample_method(const char* str);
 const char* sd_scheduler_name(enum scheduler_t scheduler);
 enum scheduler_t str_to_scheduler(const char* str);
 const char* sd_prediction_name(enum prediction_t prediction);
+const char* sd_hires_upscaler_name(enum sd_hires_upscaler_t upscaler);
 const char* sd_commit(void);
 const char* sd_version(void);
 void free(void* ptr);  /* DIFFERS: from libc, to release the engine's malloc'd buffers. */
