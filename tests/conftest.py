@@ -81,20 +81,14 @@ sd2_diffusers = _sd_model("sd2", "diffusers")
 @pytest.fixture(scope="session")
 def esrgan_6b(model_dir: Path) -> Path:
     """The layout of RealESRGAN_x4plus_anime_6B.pth (6 RRDB blocks, x4)."""
-    return _cached(model_dir, "esrgan-6b.pth", lambda p: _write_pth(p, 6))
+    return _cached(model_dir, "esrgan-6b.pth", lambda p: models.write_esrgan(p, num_block=6))
 
 
 @pytest.fixture(scope="session")
 def esrgan_1b(model_dir: Path) -> Path:
     """The x4plus layout reduced to one RRDB block: the engine reads the depth
     from the file, and the upscale tests that compound x16 stay fast."""
-    return _cached(model_dir, "esrgan-1b.pth", lambda p: _write_pth(p, 1))
-
-
-def _write_pth(path: Path, blocks: int) -> None:
-    # torch.save picks the format from the suffix-less path just as well.
-    models.write_esrgan(path.with_suffix(".pth"), num_block=blocks)
-    path.with_suffix(".pth").rename(path)
+    return _cached(model_dir, "esrgan-1b.pth", lambda p: models.write_esrgan(p, num_block=1))
 
 
 @pytest.fixture(scope="session")

@@ -174,9 +174,8 @@ def no_engine_calls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _truncated(source: Path, target: Path, keep: float) -> Path:
-    size = source.stat().st_size if source.is_file() else 0
     with source.open("rb") as f:
-        target.write_bytes(f.read(int(size * keep)))
+        target.write_bytes(f.read(int(source.stat().st_size * keep)))
     return target
 
 
