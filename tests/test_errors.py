@@ -94,16 +94,19 @@ def test_calls_after_unload_are_refused(esrgan_1b: Path, gradient_image: np.ndar
         sfumato.unload_model(model_id)
 
 
-def test_queued_jobs_fail_cleanly_when_their_model_is_unloaded(sd1_gguf: Path) -> None:
+def test_unload_cancels_the_running_and_the_queued_jobs(sd1_gguf: Path) -> None:
     model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
-    running = sfumato.diffusion(model_id, prompt="a", width=SIZE, height=SIZE, steps=2, seed=1)
+    running = sfumato.diffusion(model_id, prompt="a", width=SIZE, height=SIZE, steps=30, seed=1)
     queued = sfumato.diffusion(model_id, prompt="b", width=SIZE, height=SIZE, steps=2, seed=2)
     next(iter(running.progress_stream))  # the first job is running now
     sfumato.unload_model(model_id)
-    assert len(running.outputs.result()) == 1  # the running job finishes
-    with pytest.raises(errors.UnknownModelIdError, match="unloaded before the job ran"):
-        queued.outputs.result()
+    for result in (running, queued):
+        with pytest.raises(errors.JobCancelledError, match=r"cancelled \(unloaded\)") as caught:
+            result.outputs.result()
+        assert caught.value.reason == "unloaded"
+        assert result.state == "cancelled"
     assert list(queued.progress_stream) == []
+    assert model_id not in sfumato.loaded_models()
 
 
 def test_upscale_on_a_model_without_upscaler(sd1_gguf: Path, gradient_image: np.ndarray) -> None:
@@ -164,13 +167,12 @@ def test_model_type_must_be_diffusion(sd1_gguf: Path) -> None:
 
 @pytest.fixture
 def no_engine_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the SDK tries to create an engine context."""
+    """Fail the test if the SDK tries to start a worker (where the engine loads)."""
 
     def refuse(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("an engine context was created for a file that detection should refuse")
+        raise AssertionError("a worker was started for a file that detection should refuse")
 
-    monkeypatch.setattr(api, "DiffusionContext", refuse)
-    monkeypatch.setattr(api, "UpscalerContext", refuse)
+    monkeypatch.setattr(api, "ModelHost", refuse)
 
 
 def _truncated(source: Path, target: Path, keep: float) -> Path:

@@ -3,7 +3,8 @@
 Three tiers, each usable alone:
 
 - the SDK (this module): :func:`load_model`, :func:`diffusion`, :func:`upscale`,
-  :func:`unload_model`, in the shape of the QVAC SDK;
+  :func:`unload_model`, in the shape of the QVAC SDK, each model in its own
+  worker process;
 - model objects of the binding, :class:`sfumato.engine.DiffusionContext` and
   :class:`sfumato.engine.UpscalerContext`, run in-process and synchronously;
 - the raw cffi binding, :func:`sfumato.engine.load_engine` (``ffi`` and ``lib``).
@@ -11,10 +12,14 @@ Three tiers, each usable alone:
 
 from sfumato.api import (
     LoadProgress,
+    ModelStatus,
+    cancel,
     diffusion,
     load_model,
     load_model_async,
     loaded_models,
+    models_info,
+    set_memory_budget,
     unload_model,
     unload_model_async,
     upscale,
@@ -24,10 +29,12 @@ from sfumato.engine.devices import Device, list_devices
 from sfumato.errors import (
     ClosedError,
     EngineABIError,
+    EngineCrashedError,
     EngineError,
     EngineNotFoundError,
     InvalidModelError,
     InvalidParameterError,
+    JobCancelledError,
     ModelNotFoundError,
     NoUpscalerError,
     SfumatoError,
@@ -58,10 +65,11 @@ __all__ = [
     "CACHE_PRESETS", "REALESRGAN_X4PLUS", "REALESRGAN_X4PLUS_ANIME_6B", "REGISTRY",
     "SAMPLING_METHODS", "SCHEDULER_NAMES", "SD_V2_1_1B_Q4_0", "SD_V2_1_1B_Q8_0",
     "ClosedError", "Device", "DiffusionParams", "DiffusionResult", "DiffusionStats",
-    "EngineABIError", "EngineError", "EngineNotFoundError", "InvalidModelError",
-    "InvalidParameterError", "LoadProgress", "ModelConfig", "ModelNotFoundError",
-    "NoUpscalerError", "Pending", "ProgressStream", "ProgressTick", "RegistryModel",
-    "SfumatoError", "UnknownModelIdError", "UnsupportedModelError", "UpscalerConfig",
-    "diffusion", "list_devices", "load_model", "load_model_async", "loaded_models",
+    "EngineABIError", "EngineCrashedError", "EngineError", "EngineNotFoundError",
+    "InvalidModelError", "InvalidParameterError", "JobCancelledError", "LoadProgress",
+    "ModelConfig", "ModelNotFoundError", "ModelStatus", "NoUpscalerError", "Pending",
+    "ProgressStream", "ProgressTick", "RegistryModel", "SfumatoError", "UnknownModelIdError",
+    "UnsupportedModelError", "UpscalerConfig", "cancel", "diffusion", "list_devices",
+    "load_model", "load_model_async", "loaded_models", "models_info", "set_memory_budget",
     "unload_model", "unload_model_async", "upscale",
 ]  # fmt: skip

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import os
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,14 +26,10 @@ from sfumato.engine.context import (
     PHASE_CONDITIONING,
     PHASE_HIRES,
     PHASE_SAMPLING,
-    PHASE_UPSCALE,
     PHASE_VAE,
     ContextParams,
-    DiffusionContext,
-    ImageArray,
     ImageRequest,
     ProgressTick,
-    UpscalerContext,
 )
 from sfumato.engine.devices import check_device
 from sfumato.errors import (
@@ -69,7 +64,10 @@ from sfumato.params import (
 )
 from sfumato.registry import REGISTRY, RegistryModel, cache_dir, resolve
 from sfumato.results import DiffusionResult, DiffusionStats
-from sfumato.runtime.host import LoadedModel, ModelHost
+from sfumato.runtime.host import CANCELLED, HostJob, LoadedModel, ModelHost
+from sfumato.runtime.pool import Budget, ModelPool
+from sfumato.runtime.process import device_env
+from sfumato.runtime.protocol import ImageDone, JobDone, LoadSpec, Ready, RunJob
 
 ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
 """A local file, a diffusers folder, or a registry constant (or its name)."""
@@ -77,8 +75,7 @@ ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
 _D = DiffusionParams(prompt="")
 _SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64}
 
-_hosts: dict[str, ModelHost] = {}
-_hosts_lock = threading.Lock()
+_pool = ModelPool(Budget.from_env())
 
 
 @dataclass(frozen=True)
@@ -131,13 +128,24 @@ def _reject_companions(config: ModelConfig, family: str) -> None:
             )
 
 
+def _file_bytes(path: Path | None) -> int:
+    if path is None:
+        return 0
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
 def load_model(
     model_src: ModelSource,
     model_type: str = "diffusion",
     model_config: ModelConfig | Mapping[str, Any] | None = None,
     on_progress: Callable[[LoadProgress], None] | None = None,
 ) -> str:
-    """Load a model and return its id.
+    """Load a model in its own worker process and return its id.
+
+    Loading the same source with the same config again returns the same id
+    and counts a reference; :func:`unload_model` drops one.
 
     Parameters
     ----------
@@ -153,73 +161,77 @@ def load_model(
 
     Raises
     ------
-    InvalidParameterError, ModelNotFoundError, InvalidModelError, UnsupportedModelError, EngineError
+    InvalidParameterError, ModelNotFoundError, InvalidModelError, UnsupportedModelError, EngineError,
+    EngineCrashedError
     """
     if model_type != "diffusion":
         raise InvalidParameterError("model_type", f"must be 'diffusion', got {model_type!r}")
     config = parse_model_config(model_config)
     check_device(config.device)
     report = on_progress or (lambda _p: None)
-    started = time.perf_counter()
     path, registered = resolve_source(model_src, "model_src", lambda pct: report(LoadProgress(pct, "download")))
     report(LoadProgress(0.0, "load"))
+    path = path.resolve()
     threads = config.threads or -1
     tile = (config.upscaler or UpscalerConfig()).tile_size
-    diffusion_ctx: DiffusionContext | None = None
-    upscaler_ctx: UpscalerContext | None = None
+    context: ContextParams | None = None
+    vae_path = upscaler_path = None
     if config.mode == "upscale":
         info = _detect_family(path, "model_src", (FAMILY_ESRGAN,), "mode='upscale' needs an ESRGAN upscaler")
-        upscaler_ctx = UpscalerContext(str(path), n_threads=threads, tile_size=tile)
+        upscaler_path = path
     else:
         info = _detect_family(
             path, "model_src", (FAMILY_SD1, FAMILY_SD2),
             "load ESRGAN upscalers with model_config={'mode': 'upscale'}",
         )  # fmt: skip
         _reject_companions(config, FAMILY_NAMES[info.family])
-        vae_path = None
         if config.vae_model_src is not None:
             vae_path, _ = resolve_source(config.vae_model_src, "model_config.vae_model_src")
             read_tensor_table(vae_path)
+            vae_path = vae_path.resolve()
         elif not info.has_vae:
             raise InvalidModelError(f"model_src: {path} has no VAE; pass model_config.vae_model_src")
         prediction = PREDICTIONS[config.prediction]
         if prediction is None and registered is not None:
             prediction = registered.prediction
-        upscaler_path = None
         if config.upscaler is not None:
             upscaler_path, _ = resolve_source(config.upscaler.model_src, "model_config.upscaler.model_src")
             _detect_family(upscaler_path, "model_config.upscaler.model_src", (FAMILY_ESRGAN,), "an ESRGAN is needed")
-        diffusion_ctx = DiffusionContext(
-            ContextParams(
-                model_path=str(path),
-                vae_path=str(vae_path) if vae_path else None,
-                n_threads=threads,
-                wtype=config.weight_type,
-                prediction=prediction,
-                flash_attn=config.flash_attn,
-                diffusion_flash_attn=config.flash_attn,
-            )
+            upscaler_path = upscaler_path.resolve()
+        context = ContextParams(
+            model_path=str(path),
+            vae_path=str(vae_path) if vae_path else None,
+            n_threads=threads,
+            wtype=config.weight_type,
+            prediction=prediction,
+            flash_attn=config.flash_attn,
+            diffusion_flash_attn=config.flash_attn,
         )
-        if upscaler_path is not None:
-            try:
-                upscaler_ctx = UpscalerContext(
-                    str(upscaler_path), n_threads=threads, tile_size=tile, parent=diffusion_ctx
-                )
-            except BaseException:
-                diffusion_ctx.close()
-                raise
-    model_id = uuid.uuid4().hex
-    loaded = LoadedModel(
-        model_id=model_id,
+    spec = LoadSpec(
+        model_id=uuid.uuid4().hex,
+        context=context,
+        upscaler_path=str(upscaler_path) if upscaler_path else None,
+        threads=threads,
+        tile_size=tile,
+    )
+    env = device_env(config.device)
+    model = LoadedModel(
+        model_id=spec.model_id,
         info=info,
         config=config,
-        diffusion=diffusion_ctx,
-        upscaler=upscaler_ctx,
-        load_ms=(time.perf_counter() - started) * 1000.0,
+        has_diffusion=context is not None,
+        has_upscaler=upscaler_path is not None,
         size_multiple=_SIZE_MULTIPLE.get(info.family, 8),
     )
-    with _hosts_lock:
-        _hosts[model_id] = ModelHost(loaded)
+
+    def create() -> ModelHost:
+        host = ModelHost(model, spec, env, before_start=_pool.make_room)
+        host.start()
+        return host
+
+    key = (repr(dataclasses.replace(spec, model_id="")), tuple(sorted(env.items())))
+    estimate = sum(_file_bytes(p) for p in (path, vae_path, upscaler_path))
+    model_id, _ = _pool.acquire(key, spec.model_id, create, estimate)
     report(LoadProgress(100.0, "load"))
     return model_id
 
@@ -227,55 +239,187 @@ def load_model(
 def _host(model_id: str) -> ModelHost:
     if not isinstance(model_id, str):
         raise InvalidParameterError("model_id", f"must be a string, got {type(model_id).__name__}")
-    with _hosts_lock:
-        host = _hosts.get(model_id)
-    if host is None:
-        raise UnknownModelIdError(f"no loaded model has id {model_id!r} (never loaded, or unloaded)")
-    return host
+    return _pool.get(model_id)
 
 
 def unload_model(model_id: str, clear_storage: bool = False) -> None:
-    """Unload a model: queued jobs fail with :class:`UnknownModelIdError`, the
-    running one finishes, then its memory is freed.
+    """Drop a reference to a model. With the last one, its running job is
+    cancelled, its queued jobs too (both end with reason "unloaded"), and its
+    worker process ends, freeing its memory.
 
     ``clear_storage=True`` also deletes the model's files from the model cache
     (only files sfumato downloaded there; never a path the caller gave).
     """
-    host = _host(model_id)
-    with _hosts_lock:
-        _hosts.pop(model_id, None)
-    host.close()
-    if clear_storage:
+    host = _pool.release(_host(model_id).model.model_id)
+    if host is not None and clear_storage:
         path = host.model.info.path
-        if path.is_file() and path.parent == cache_dir():
+        if path.is_file() and path.parent == cache_dir().resolve():
             path.unlink()
 
 
+def cancel(model_id: str, *, queued: bool = False) -> int:
+    """Cancel the running job of a model (and, with ``queued=True``, its queued
+    jobs too). Each ends with :class:`~sfumato.errors.JobCancelledError`.
+    Returns how many jobs were cancelled."""
+    host = _host(model_id)
+    count = int(host.cancel_running())
+    if queued:
+        count += host.cancel_queued()
+    return count
+
+
 def loaded_models() -> list[str]:
-    """The ids of the models loaded now."""
-    with _hosts_lock:
-        return list(_hosts)
+    """The ids of the models loaded now (evicted ones included: they reload on use)."""
+    return _pool.ids()
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What :func:`models_info` reports of one loaded model.
+
+    Attributes
+    ----------
+    model_id, path, family:
+        The id, the ``model_src`` file or folder, and its detected family.
+    device:
+        The ``model_config.device`` asked for.
+    engine_device:
+        The engine device its worker runs on (``"CPU"``, ``"CUDA0"``), once loaded.
+    references:
+        How many ``load_model`` calls hold it.
+    resident:
+        Whether it is in memory now (``False`` after an eviction, until its next job).
+    pid, rss_bytes:
+        Its worker process and that process's resident memory.
+    running, queued:
+        Whether a job runs, and how many wait.
+    restarts:
+        How many times its worker was replaced after a cancel or a crash.
+    """
+
+    model_id: str
+    path: Path
+    family: str
+    device: str
+    engine_device: str | None
+    references: int
+    resident: bool
+    pid: int | None
+    rss_bytes: int
+    running: bool
+    queued: int
+    restarts: int
+
+
+def models_info() -> list[ModelStatus]:
+    """The status of every loaded model."""
+    out = []
+    for model_id in _pool.ids():
+        try:
+            host = _pool.get(model_id)
+        except UnknownModelIdError:
+            continue
+        queued = host.queued
+        out.append(
+            ModelStatus(
+                model_id=model_id,
+                path=host.model.info.path,
+                family=host.model.info.family,
+                device=host.model.config.device,
+                engine_device=host.ready.device if host.ready else None,
+                references=_pool.refs(model_id),
+                resident=host.resident,
+                pid=host.pid,
+                rss_bytes=host.rss_bytes(),
+                running=host.running,
+                queued=queued,
+                restarts=host.restarts,
+            )
+        )
+    return out
+
+
+def set_memory_budget(max_loaded_models: int | None = None, max_loaded_bytes: int | None = None) -> None:
+    """Limit what stays in memory: when a model is about to load (or reload)
+    and the limit would be passed, the least recently used idle models are
+    evicted first. Bytes are the workers' resident memory. ``None`` lifts a
+    limit. The defaults come from ``SFUMATO_MAX_LOADED_MODELS`` and
+    ``SFUMATO_MAX_LOADED_BYTES``."""
+    if max_loaded_models is not None:
+        check_int("max_loaded_models", max_loaded_models, 1, 1 << 16)
+    if max_loaded_bytes is not None:
+        check_int("max_loaded_bytes", max_loaded_bytes, 1, 1 << 62)
+    _pool.budget = Budget(max_loaded_models, max_loaded_bytes)
 
 
 def _elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
-def _upscale_all(
-    upscaler: UpscalerContext,
-    pictures: list[ImageArray],
-    repeats: int,
-    tick: Callable[[ProgressTick], None],
-    since: float,
-) -> list[ImageArray]:
-    total = len(pictures) * repeats
-    out = []
-    for i, picture in enumerate(pictures):
-        for r in range(repeats):
-            picture = upscaler.upscale(picture)
-            tick(ProgressTick(i * repeats + r + 1, total, _elapsed_ms(since), PHASE_UPSCALE))
-        out.append(picture)
-    return out
+class _Report:
+    """Hands one job's events to its :class:`DiffusionResult`."""
+
+    def __init__(self, result: DiffusionResult, called: float, upscale_only: bool) -> None:
+        self.result = result
+        self.called = called
+        self.upscale_only = upscale_only
+        self.sizes: dict[int, tuple[int, int]] = {}
+
+    def started(self) -> None:
+        self.result._start()
+
+    def tick(self, tick: ProgressTick) -> None:
+        self.result.progress_stream.push(dataclasses.replace(tick, elapsed_ms=_elapsed_ms(self.called)))
+
+    def image(self, image: ImageDone) -> None:
+        self.sizes[image.index] = (image.width, image.height)
+        self.result._add_image(image.index, image.png)
+
+    def failed(self, error: BaseException) -> None:
+        self.result._fail(error)
+
+    def cancelled(self, reason: str) -> None:
+        self.result._cancelled(reason)
+
+    def finished(self, done: JobDone, ready: Ready) -> None:
+        pngs = self.result.partial_outputs
+        width, height = self.sizes[0]
+        common = dict(
+            model_load_ms=ready.load_ms,
+            generation_ms=done.generation_ms,
+            total_generation_ms=done.generation_ms + done.postprocess_ms,
+            total_wall_ms=_elapsed_ms(self.called),
+            total_images=len(pngs),
+            total_pixels=sum(w * h for w, h in self.sizes.values()),
+            width=width,
+            height=height,
+        )
+        if self.upscale_only:
+            stats = DiffusionStats(**common, postprocess_ms=done.generation_ms + done.postprocess_ms)  # type: ignore[arg-type]
+        else:
+            denoise_ms = done.phase_ms.get(PHASE_SAMPLING, 0.0) + done.phase_ms.get(PHASE_HIRES, 0.0)
+            stats = DiffusionStats(
+                **common,  # type: ignore[arg-type]
+                total_steps=done.sampling_steps,
+                total_generations=len(pngs),
+                seed=done.seed,
+                conditioning_ms=done.phase_ms.get(PHASE_CONDITIONING, 0.0),
+                denoise_ms=denoise_ms,
+                vae_decode_ms=done.phase_ms.get(PHASE_VAE, 0.0),
+                postprocess_ms=done.postprocess_ms,
+                steps_per_second=done.sampling_steps / (denoise_ms / 1000.0) if denoise_ms > 0 else None,
+            )
+        self.result._finish(pngs, stats)
+
+
+def _submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -> DiffusionResult:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InvalidParameterError("timeout", f"must be a positive number of seconds or None, got {timeout!r}")
+    result = DiffusionResult()
+    job = HostJob(run, _Report(result, called, run.request is None), timeout)
+    result._bind(lambda: host.cancel(job, CANCELLED))
+    host.submit(job)
+    return result
 
 
 def diffusion(
@@ -297,6 +441,7 @@ def diffusion(
     init_image: imaging.ImageInput | None = _D.init_image,
     strength: float = _D.strength,
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
+    timeout: float | None = None,
 ) -> DiffusionResult:
     """Generate images with a loaded model. Returns at once.
 
@@ -306,7 +451,9 @@ def diffusion(
     ``strength`` (0 keeps the source, 1 ignores it); when it differs from
     ``width`` x ``height`` it is resized (Lanczos) to that size. ``upscale``
     (``True`` or ``{"repeats": N}``) runs the model's paired ESRGAN N times on
-    every image.
+    every image. Image ``i`` of a batch is generated with ``seed + i``, on its
+    own, exactly as a single call with that seed would be. ``timeout`` (seconds
+    of running, queueing excluded) cancels the job with reason ``"timeout"``.
 
     Raises
     ------
@@ -325,10 +472,10 @@ def diffusion(
     )  # fmt: skip
     host = _host(model_id)
     model = host.model
-    if model.diffusion is None:
+    if not model.has_diffusion:
         raise InvalidParameterError("model_id", f"model {model_id!r} was loaded with mode='upscale'; call upscale()")
     repeats = check_upscale_repeats("upscale", params.upscale)
-    if repeats and model.upscaler is None:
+    if repeats and not model.has_upscaler:
         raise NoUpscalerError(
             f"upscale: model {model_id!r} has no upscaler; load it with model_config.upscaler={{'model_src': ...}}"
         )
@@ -358,54 +505,15 @@ def diffusion(
         cache_threshold=CACHE_PRESETS[params.cache_preset] if params.cache_preset else None,
         seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
     )
-    result = DiffusionResult()
-
-    def tick(t: ProgressTick) -> None:
-        result.progress_stream.push(dataclasses.replace(t, elapsed_ms=_elapsed_ms(called)))
-
-    def run() -> None:
-        try:
-            assert model.diffusion is not None
-            out = model.diffusion.generate(request, on_tick=tick)
-            post_start = time.perf_counter()
-            pictures = out.images
-            if repeats:
-                assert model.upscaler is not None
-                pictures = _upscale_all(model.upscaler, pictures, repeats, result.progress_stream.push, called)
-            pngs = [imaging.encode_png(p) for p in pictures]
-            post_ms = _elapsed_ms(post_start)
-            denoise_ms = out.phase_ms.get(PHASE_SAMPLING, 0.0) + out.phase_ms.get(PHASE_HIRES, 0.0)
-            stats = DiffusionStats(
-                model_load_ms=model.load_ms,
-                generation_ms=out.total_ms,
-                total_generation_ms=out.total_ms + post_ms,
-                total_wall_ms=_elapsed_ms(called),
-                total_steps=out.sampling_steps,
-                total_generations=1,
-                total_images=len(pictures),
-                total_pixels=sum(p.shape[0] * p.shape[1] for p in pictures),
-                width=pictures[0].shape[1],
-                height=pictures[0].shape[0],
-                seed=out.seed,
-                conditioning_ms=out.phase_ms.get(PHASE_CONDITIONING, 0.0),
-                denoise_ms=denoise_ms,
-                vae_decode_ms=out.phase_ms.get(PHASE_VAE, 0.0),
-                postprocess_ms=post_ms,
-                steps_per_second=out.sampling_steps / (denoise_ms / 1000.0) if denoise_ms > 0 else None,
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the result
-            result._fail(exc)
-            return
-        result._finish(pngs, stats)
-
-    host.submit(run, result._fail)
-    return result
+    return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
 
 
-def upscale(model_id: str, *, image: imaging.ImageInput, repeats: int = 1) -> DiffusionResult:
+def upscale(
+    model_id: str, *, image: imaging.ImageInput, repeats: int = 1, timeout: float | None = None
+) -> DiffusionResult:
     """Upscale one image with the model's ESRGAN, ``repeats`` times in a row
     (x4 twice gives x16). Returns at once; the result has the shape of
-    :func:`diffusion`'s.
+    :func:`diffusion`'s, ``timeout`` too.
 
     Raises
     ------
@@ -414,40 +522,13 @@ def upscale(model_id: str, *, image: imaging.ImageInput, repeats: int = 1) -> Di
     called = time.perf_counter()
     n = check_int("repeats", repeats, 1, MAX_REPEATS)
     host = _host(model_id)
-    model = host.model
-    if model.upscaler is None:
+    if not host.model.has_upscaler:
         raise NoUpscalerError(
             f"model {model_id!r} has no upscaler: load an ESRGAN with model_config={{'mode': 'upscale'}}, "
             "or pair one with model_config.upscaler"
         )
     source = imaging.to_array(image, "image")
-    result = DiffusionResult()
-
-    def run() -> None:
-        try:
-            assert model.upscaler is not None
-            start = time.perf_counter()
-            (picture,) = _upscale_all(model.upscaler, [source], n, result.progress_stream.push, called)
-            upscale_ms = _elapsed_ms(start)
-            png = imaging.encode_png(picture)
-            stats = DiffusionStats(
-                model_load_ms=model.load_ms,
-                generation_ms=upscale_ms,
-                total_generation_ms=_elapsed_ms(start),
-                total_wall_ms=_elapsed_ms(called),
-                total_images=1,
-                total_pixels=picture.shape[0] * picture.shape[1],
-                width=picture.shape[1],
-                height=picture.shape[0],
-                postprocess_ms=_elapsed_ms(start),
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the result
-            result._fail(exc)
-            return
-        result._finish([png], stats)
-
-    host.submit(run, result._fail)
-    return result
+    return _submit(host, RunJob(image=source, repeats=n), called, timeout)
 
 
 async def load_model_async(

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sfumato.engine.context import ProgressTick
+from sfumato.errors import JobCancelledError
 
 T = TypeVar("T")
+
+# The longest ``DiffusionResult.cancel()`` waits for a killed worker to be seen gone.
+CANCEL_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class DiffusionStats:
     total_steps:
         Sampling steps run, over the whole batch.
     total_generations:
-        Engine generation calls made (1 per ``diffusion()``).
+        Engine generation calls made (one per image of the batch).
     total_images, total_pixels, width, height:
         What was returned (after any upscale).
     seed:
@@ -145,7 +149,9 @@ class DiffusionResult:
         :class:`ProgressStream` of :class:`ProgressTick`.
     outputs:
         :class:`Pending` list of PNG ``bytes``: ``result.outputs.result()`` or
-        ``await result.outputs``.
+        ``await result.outputs``. A cancelled job raises
+        :class:`~sfumato.errors.JobCancelledError` there, carrying the images
+        it finished before it stopped.
     stats:
         :class:`Pending` :class:`DiffusionStats`.
     """
@@ -156,13 +162,65 @@ class DiffusionResult:
         self._stats: concurrent.futures.Future[DiffusionStats] = concurrent.futures.Future()
         self.outputs: Pending[list[bytes]] = Pending(self._outputs)
         self.stats: Pending[DiffusionStats] = Pending(self._stats)
+        self._lock = threading.Lock()
+        self._state = "queued"
+        self._images: dict[int, bytes] = {}
+        self._canceller: Callable[[], bool] | None = None
+
+    @property
+    def state(self) -> str:
+        """``"queued"``, ``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``."""
+        with self._lock:
+            return self._state
+
+    @property
+    def partial_outputs(self) -> list[bytes]:
+        """The PNG images finished so far (all of them once the job is done)."""
+        with self._lock:
+            return [self._images[i] for i in sorted(self._images)]
+
+    def cancel(self) -> bool:
+        """Stop the job: a queued one never runs, a running one is stopped at
+        once (its worker process is ended). Returns whether there was a job left
+        to stop; when there was, the result is in state ``"cancelled"`` on return."""
+        with self._lock:
+            canceller = self._canceller if self._state in ("queued", "running") else None
+        if canceller is None or not canceller():
+            return False
+        concurrent.futures.wait([self._outputs], timeout=CANCEL_WAIT_S)
+        return True
+
+    def _bind(self, canceller: Callable[[], bool]) -> None:
+        with self._lock:
+            self._canceller = canceller
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._state == "queued":
+                self._state = "running"
+
+    def _add_image(self, index: int, png: bytes) -> None:
+        with self._lock:
+            self._images[index] = png
+
+    def _end(self, state: str) -> bool:
+        with self._lock:
+            if self._state not in ("queued", "running"):
+                return False
+            self._state = state
+            return True
 
     def _finish(self, outputs: list[bytes], stats: DiffusionStats) -> None:
-        self._outputs.set_result(outputs)
-        self._stats.set_result(stats)
+        if self._end("done"):
+            self._outputs.set_result(outputs)
+            self._stats.set_result(stats)
         self.progress_stream.close()
 
     def _fail(self, error: BaseException) -> None:
-        self._outputs.set_exception(error)
-        self._stats.set_exception(error)
+        if self._end("cancelled" if isinstance(error, JobCancelledError) else "failed"):
+            self._outputs.set_exception(error)
+            self._stats.set_exception(error)
         self.progress_stream.close()
+
+    def _cancelled(self, reason: str) -> None:
+        self._fail(JobCancelledError(reason, self.partial_outputs))

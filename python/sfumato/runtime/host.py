@@ -1,32 +1,66 @@
-"""Hosting a loaded model: its engine contexts and a FIFO of jobs.
+"""Hosting a loaded model: its worker process and a FIFO of jobs.
 
-Each loaded model has one job thread, so ``diffusion()`` returns at once, jobs
-of one model run one after another in the order they came (the engine runs one
-job per context at a time), and different models run side by side.
+Each loaded model has one worker process and one dispatcher thread here. The
+dispatcher sends the jobs to the worker one at a time, in the order they came,
+and hands each job's ticks, images and end to that job's
+:class:`JobEvents` only, so concurrent callers never see each other's progress.
+
+A running job is cancelled by killing the worker: the engine of this version
+has no cancel entry point, and a killed process leaks nothing. The same path
+serves timeouts and ``unload_model``. When the worker dies (a cancel, an
+engine abort, a kill from outside), only the running job ends; a new worker
+loads the model again at once and the queued jobs run on it.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from sfumato.engine.context import DiffusionContext, UpscalerContext
+from sfumato.engine.context import ProgressTick
 from sfumato.errors import UnknownModelIdError
 from sfumato.families.detect import ModelInfo
 from sfumato.params import ModelConfig
+from sfumato.runtime.process import WorkerExitedError, WorkerProcess
+from sfumato.runtime.protocol import ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
 
 logger = logging.getLogger("sfumato.runtime")
 
-Job = Callable[[], None]
-Reject = Callable[[BaseException], None]
+CANCELLED = "cancelled"
+TIMEOUT = "timeout"
+UNLOADED = "unloaded"
 
 
-@dataclass
+class JobEvents(Protocol):
+    """Where a job's life is reported; exactly one of the last three ends it."""
+
+    def started(self) -> None: ...
+    def tick(self, tick: ProgressTick) -> None: ...
+    def image(self, image: ImageDone) -> None: ...
+    def finished(self, done: JobDone, ready: Ready) -> None: ...
+    def failed(self, error: BaseException) -> None: ...
+    def cancelled(self, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class HostJob:
+    """A job for a :class:`ModelHost`. ``timeout`` counts seconds of running, not of queueing."""
+
+    run: RunJob
+    events: JobEvents
+    timeout: float | None = None
+    state: str = "queued"  # queued -> running -> ended
+    cancel_reason: str | None = None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """A model and what it was loaded from.
+    """What a model id stands for.
 
     Attributes
     ----------
@@ -36,12 +70,8 @@ class LoadedModel:
         The detected family and format of ``model_src``.
     config:
         The validated ``model_config``.
-    diffusion:
-        The diffusion context (``None`` for a standalone upscaler).
-    upscaler:
-        The ESRGAN context, paired or standalone, if any.
-    load_ms:
-        How long loading took.
+    has_diffusion, has_upscaler:
+        Whether the worker holds a diffusion context and an ESRGAN.
     size_multiple:
         What width and height must be multiples of for this family.
     """
@@ -49,67 +79,275 @@ class LoadedModel:
     model_id: str
     info: ModelInfo
     config: ModelConfig
-    diffusion: DiffusionContext | None
-    upscaler: UpscalerContext | None
-    load_ms: float
+    has_diffusion: bool
+    has_upscaler: bool
     size_multiple: int = 64
-
-    def close(self) -> None:
-        """Free the native contexts (the upscaler first: it refers to its parent)."""
-        if self.upscaler is not None:
-            self.upscaler.close()
-        if self.diffusion is not None:
-            self.diffusion.close()
 
 
 class ModelHost:
-    """Runs the jobs of one :class:`LoadedModel`, first in, first out."""
+    """Runs the jobs of one :class:`LoadedModel` in its worker, first in, first out.
 
-    def __init__(self, model: LoadedModel) -> None:
+    ``before_start`` is called before every worker start (the first load and
+    each reload), so that a memory budget can make room.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        spec: LoadSpec,
+        env: dict[str, str],
+        before_start: Callable[[ModelHost], None] = lambda _host: None,
+    ) -> None:
         self.model = model
-        self._jobs: queue.Queue[tuple[Job, Reject] | None] = queue.Queue()
-        self._lock = threading.Lock()
+        self._spec = spec
+        self._env = env
+        self._before_start = before_start
+        self._cond = threading.Condition()
+        self._queue: deque[HostJob] = deque()
+        self._running: HostJob | None = None
+        self._worker: WorkerProcess | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"sfumato-{model.model_id[:8]}", daemon=True)
+        self.ready: Ready | None = None
+        self.last_used = time.monotonic()
+        self.restarts = 0
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def resident(self) -> bool:
+        """Whether a worker holds the model in memory now."""
+        with self._cond:
+            return self._worker is not None and self._worker.ready is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job runs or waits."""
+        with self._cond:
+            return self._running is not None or bool(self._queue)
+
+    @property
+    def running(self) -> bool:
+        """Whether a job runs now."""
+        with self._cond:
+            return self._running is not None
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def pid(self) -> int | None:
+        with self._cond:
+            return self._worker.pid if self._worker is not None else None
+
+    def rss_bytes(self) -> int:
+        """The worker's resident memory now (0 when not resident)."""
+        with self._cond:
+            worker = self._worker
+        return worker.rss_bytes() if worker is not None else 0
+
+    # -- life --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model in a worker (blocking) and start taking jobs.
+
+        Raises what loading raised; nothing is left running then.
+        """
+        self._start_worker()
         self._thread.start()
 
-    def submit(self, job: Job, reject: Reject) -> None:
-        """Queue ``job``; ``reject`` is called instead if the model is unloaded first.
+    def _start_worker(self) -> WorkerProcess:
+        self._before_start(self)
+        worker = WorkerProcess(self._spec, self._env)
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._worker = worker
+        if closed:
+            worker.close()
+            raise UnknownModelIdError(f"model {self.model.model_id!r} was unloaded")
+        try:
+            self.ready = worker.wait_ready()
+        except BaseException:
+            with self._cond:
+                if self._worker is worker:
+                    self._worker = None
+            raise
+        return worker
+
+    def submit(self, job: HostJob) -> None:
+        """Queue ``job``.
 
         Raises
         ------
         UnknownModelIdError
-            When the model has been unloaded already.
+            When the model has been unloaded.
         """
-        with self._lock:
+        with self._cond:
             if self._closed:
                 raise UnknownModelIdError(f"model {self.model.model_id!r} has been unloaded")
-            self._jobs.put((job, reject))
+            self._queue.append(job)
+            self.last_used = time.monotonic()
+            self._cond.notify_all()
 
-    def _run(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, _reject = item
-            try:
-                job()
-            except BaseException:
-                logger.exception("job on model %s raised", self.model.model_id)
+    def cancel(self, job: HostJob, reason: str = CANCELLED) -> bool:
+        """Cancel ``job``: a queued one leaves the queue, a running one has its
+        worker killed. Returns whether the job was still there to cancel."""
+        with self._cond:
+            if job.state == "queued" and job in self._queue:
+                self._queue.remove(job)
+                job.state = "ended"
+            elif job.state == "running" and job.cancel_reason is None:
+                job.cancel_reason = reason
+                if self._worker is not None:
+                    self._worker.kill()
+                return True
+            else:
+                return False
+        job.events.cancelled(reason)
+        return True
+
+    def cancel_running(self, reason: str = CANCELLED) -> bool:
+        """Cancel the running job, if there is one."""
+        with self._cond:
+            job = self._running
+        return job is not None and self.cancel(job, reason)
+
+    def cancel_queued(self, reason: str = CANCELLED) -> int:
+        """Cancel every queued job; returns how many."""
+        with self._cond:
+            jobs = list(self._queue)
+        return sum(self.cancel(job, reason) for job in jobs)
+
+    def evict(self) -> bool:
+        """Free the model's memory while it is idle; the next job loads it again.
+        Returns whether it was evicted (not when busy, closed or not resident)."""
+        with self._cond:
+            if self._closed or self._running is not None or self._queue or self._worker is None:
+                return False
+            worker, self._worker = self._worker, None
+        worker.close()
+        logger.info("model %s evicted from memory", self.model.model_id)
+        return True
 
     def close(self) -> None:
-        """Refuse new jobs, reject queued ones, wait for the running one, free the model."""
-        with self._lock:
+        """Cancel the running and queued jobs (reason "unloaded"), end the worker."""
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
-            pending: list[tuple[Job, Reject]] = []
-            while True:
+            pending = list(self._queue)
+            self._queue.clear()
+            for job in pending:
+                job.state = "ended"
+            running, worker = self._running, self._worker
+            if running is not None and running.cancel_reason is None:
+                running.cancel_reason = UNLOADED
+            if worker is not None and (running is not None or worker.ready is None):
+                worker.kill()
+            self._cond.notify_all()
+        for job in pending:
+            job.events.cancelled(UNLOADED)
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._cond:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+    # -- the dispatcher ----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue) or self._closed)
+                if self._closed:
+                    return
+                worker = self._worker
+            if worker is None or not worker.alive():
+                if worker is not None:
+                    logger.warning("the worker of model %s died while idle; restarting it", self.model.model_id)
+                    self._drop(worker)
                 try:
-                    item = self._jobs.get_nowait()
-                except queue.Empty:
+                    worker = self._start_worker()
+                except BaseException as exc:  # noqa: BLE001 - the next job reports why the model cannot load
+                    self._fail_next(exc)
+                    continue
+            with self._cond:
+                if self._closed:
+                    return
+                if not self._queue or self._worker is not worker:
+                    continue
+                job = self._queue.popleft()
+                job.state = "running"
+                self._running = job
+            crashed = self._execute(worker, job)
+            with self._cond:
+                self._running = None
+                job.state = "ended"
+                self.last_used = time.monotonic()
+                closed = self._closed
+            if crashed and not closed:
+                self.restarts += 1
+                try:
+                    self._start_worker()  # reload at once: the model stays ready for the next job
+                except BaseException:  # retried, and reported, by the next job
+                    logger.exception("reloading model %s failed", self.model.model_id)
+
+    def _fail_next(self, error: BaseException) -> None:
+        with self._cond:
+            job = self._queue.popleft() if self._queue and not self._closed else None
+            if job is not None:
+                job.state = "ended"
+        if job is not None:
+            job.events.failed(error)
+
+    def _drop(self, worker: WorkerProcess) -> None:
+        with self._cond:
+            if self._worker is worker:
+                self._worker = None
+        worker.kill()
+        worker.close()
+
+    def _execute(self, worker: WorkerProcess, job: HostJob) -> bool:
+        """Run ``job`` on ``worker``; returns whether the worker is gone after it."""
+        deadline = time.monotonic() + job.timeout if job.timeout is not None else None
+        job.events.started()
+        end: object
+        try:
+            worker.send(job.run)
+            while True:
+                message = worker.recv(None if deadline is None else deadline - time.monotonic())
+                if message is None:  # the job's time is up
+                    deadline = None
+                    self.cancel(job, TIMEOUT)
+                elif isinstance(message, Tick):
+                    job.events.tick(message.tick)
+                elif isinstance(message, ImageDone):
+                    job.events.image(message)
+                else:
+                    end = message
                     break
-                if item is not None:
-                    pending.append(item)
-            self._jobs.put(None)
-        for _job, reject in pending:
-            reject(UnknownModelIdError(f"model {self.model.model_id!r} was unloaded before the job ran"))
-        self._thread.join()
-        self.model.close()
+        except WorkerExitedError as died:
+            end = died
+        with self._cond:
+            reason = job.cancel_reason
+        gone = reason is not None or isinstance(end, WorkerExitedError)
+        if gone:
+            # A cancel that raced the job's last message still wins: the
+            # caller was told the job is cancelled, and the worker was killed.
+            self._drop(worker)
+        if reason is not None:
+            job.events.cancelled(reason)
+        elif isinstance(end, WorkerExitedError):
+            error = end.crash(self.model.model_id)
+            logger.error("%s", error)
+            job.events.failed(error)
+        elif isinstance(end, JobFailed):
+            job.events.failed(end.error)
+        else:
+            assert isinstance(end, JobDone) and self.ready is not None, end
+            job.events.finished(end, self.ready)
+        return gone

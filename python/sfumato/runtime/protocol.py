@@ -1,0 +1,84 @@
+"""The messages between the SDK process and a model's worker process.
+
+They travel pickled over a :class:`multiprocessing.connection.Connection`. A
+worker runs one job at a time, so no message carries a job id: everything the
+worker sends between a :class:`RunJob` and its :class:`JobDone` or
+:class:`JobFailed` belongs to that job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sfumato.engine.context import ContextParams, ImageArray, ImageRequest, ProgressTick
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """The first message to a worker: what to load.
+
+    ``context`` is ``None`` for a standalone upscaler; ``upscaler_path`` is the
+    ESRGAN, standalone or paired with the diffusion model.
+    """
+
+    model_id: str
+    context: ContextParams | None
+    upscaler_path: str | None
+    threads: int
+    tile_size: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker loaded its model: its pid, the engine device it runs on, the
+    load time and its resident memory after loading."""
+
+    pid: int
+    device: str
+    load_ms: float
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Run a generation (``request``) or a standalone upscale (``image``);
+    ``repeats`` upscale passes follow each generated image."""
+
+    request: ImageRequest | None = None
+    image: ImageArray | None = None
+    repeats: int = 0
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A progress report of the running job."""
+
+    tick: ProgressTick
+
+
+@dataclass(frozen=True)
+class ImageDone:
+    """One finished output image, as PNG, sent as soon as it is ready."""
+
+    index: int
+    png: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """The running job finished; its images were sent before this."""
+
+    phase_ms: dict[str, float] = field(default_factory=dict)
+    generation_ms: float = 0.0
+    postprocess_ms: float = 0.0
+    sampling_steps: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The running job (or the load) raised ``error``; the worker goes on."""
+
+    error: BaseException

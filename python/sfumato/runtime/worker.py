@@ -1,0 +1,181 @@
+"""The worker process: hosts the engine contexts of one loaded model.
+
+Started by :class:`sfumato.runtime.process.WorkerProcess` as
+``python -m sfumato.runtime.worker FD``, where ``FD`` is its end of a socket
+pair. It reads a :class:`~sfumato.runtime.protocol.LoadSpec`, loads, answers
+:class:`~sfumato.runtime.protocol.Ready`, then runs one job per
+:class:`~sfumato.runtime.protocol.RunJob` until it reads ``None`` or the
+parent goes away. Engine aborts and kills end only this process; the parent
+sees the pipe close and reads the exit signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import psutil
+
+from sfumato import images as imaging
+from sfumato.engine.context import (
+    PHASE_HIRES,
+    PHASE_SAMPLING,
+    PHASE_UPSCALE,
+    PHASE_VAE,
+    DiffusionContext,
+    ImageArray,
+    ProgressTick,
+    UpscalerContext,
+)
+from sfumato.engine.devices import list_devices
+from sfumato.errors import EngineError, SfumatoError
+from sfumato.runtime.protocol import ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
+
+Send = Callable[[object], None]
+
+logger = logging.getLogger("sfumato.runtime.worker")
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+def engine_device() -> str:
+    """The device the engine's default backend takes in this process: the first
+    GPU, else the first integrated GPU, else the CPU (the engine's own order)."""
+    devices = list_devices()
+    for kind in ("gpu", "igpu", "cpu"):
+        for device in devices:
+            if device.type == kind:
+                return device.name
+    return "CPU"
+
+
+class Worker:
+    """The contexts of one model and the jobs run on them."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.diffusion: DiffusionContext | None = None
+        self.upscaler: UpscalerContext | None = None
+        if spec.context is not None:
+            self.diffusion = DiffusionContext(spec.context)
+        if spec.upscaler_path is not None:
+            self.upscaler = UpscalerContext(
+                spec.upscaler_path, n_threads=spec.threads, tile_size=spec.tile_size, parent=self.diffusion
+            )
+
+    def close(self) -> None:
+        if self.upscaler is not None:
+            self.upscaler.close()
+        if self.diffusion is not None:
+            self.diffusion.close()
+
+    def _upscale(
+        self, picture: ImageArray, repeats: int, first: int, total: int, since: float, send: Send
+    ) -> ImageArray:
+        for r in range(repeats):
+            assert self.upscaler is not None
+            picture = self.upscaler.upscale(picture)
+            send(Tick(ProgressTick(first + r + 1, total, _ms(since), PHASE_UPSCALE)))
+        return picture
+
+    def run(self, job: RunJob, send: Send) -> JobDone:
+        """Run ``job``, sending its ticks and each image as soon as it is done."""
+        started = time.perf_counter()
+        if job.request is None:
+            assert job.image is not None
+            picture = self._upscale(job.image, job.repeats, 0, job.repeats, started, send)
+            generation_ms = _ms(started)
+            png = imaging.encode_png(picture)
+            send(ImageDone(0, png, picture.shape[1], picture.shape[0]))
+            return JobDone(generation_ms=generation_ms, postprocess_ms=_ms(started) - generation_ms)
+        assert self.diffusion is not None
+        request, count = job.request, job.request.batch_count
+        done = JobDone(seed=request.seed)
+        # A batch runs as one engine call per image (seed + i), so that each
+        # image is out, and kept, as soon as it is decoded: a cancel or a crash
+        # later in the batch loses only the images not finished yet.
+        for i in range(count):
+
+            def renumber(tick: ProgressTick, i: int = i) -> None:
+                if tick.phase in (PHASE_SAMPLING, PHASE_HIRES):
+                    step, total = i * tick.total_steps + tick.step, count * tick.total_steps
+                elif tick.phase == PHASE_VAE:
+                    step, total = i + tick.step, count
+                else:
+                    step, total = tick.step, tick.total_steps
+                send(Tick(dataclasses.replace(tick, step=step, total_steps=total)))
+
+            out = self.diffusion.generate(
+                dataclasses.replace(request, seed=request.seed + i, batch_count=1), on_tick=renumber
+            )
+            post_start = time.perf_counter()
+            picture = self._upscale(out.images[0], job.repeats, i * job.repeats, count * job.repeats, started, send)
+            png = imaging.encode_png(picture)
+            for phase, ms in out.phase_ms.items():
+                done.phase_ms[phase] = done.phase_ms.get(phase, 0.0) + ms
+            done = dataclasses.replace(
+                done,
+                generation_ms=done.generation_ms + out.total_ms,
+                postprocess_ms=done.postprocess_ms + _ms(post_start),
+                sampling_steps=done.sampling_steps + out.sampling_steps,
+            )
+            send(ImageDone(i, png, picture.shape[1], picture.shape[0]))
+        return done
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else an :class:`EngineError` with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - any pickling failure gets the fallback
+        return EngineError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def serve(conn: Connection) -> None:
+    """Load what the parent asks, then run its jobs until told to stop."""
+    spec: LoadSpec = conn.recv()
+    started = time.perf_counter()
+    try:
+        worker = Worker(spec)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(JobFailed(_portable(exc)))
+        return
+    conn.send(Ready(os.getpid(), engine_device(), _ms(started), psutil.Process().memory_info().rss))
+    try:
+        while True:
+            try:
+                job = conn.recv()
+            except EOFError:
+                return  # the parent went away
+            if job is None:
+                return
+            try:
+                result: object = worker.run(job, conn.send)
+            except Exception as exc:  # noqa: BLE001 - the job fails, the worker goes on
+                if not isinstance(exc, SfumatoError):
+                    logger.exception("job failed in the worker of model %s", spec.model_id)
+                result = JobFailed(_portable(exc))
+            conn.send(result)
+    finally:
+        worker.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m sfumato.runtime.worker FD (started by sfumato, not by hand)", file=sys.stderr)
+        return 2
+    with Connection(int(argv[1])) as conn:
+        serve(conn)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
