@@ -15,9 +15,6 @@ from sfumato.errors import JobCancelledError
 
 T = TypeVar("T")
 
-# The longest ``DiffusionResult.cancel()`` waits for a killed worker to be seen gone.
-CANCEL_WAIT_S = 10.0
-
 
 @dataclass(frozen=True)
 class DiffusionStats:
@@ -185,10 +182,7 @@ class DiffusionResult:
         to stop; when there was, the result is in state ``"cancelled"`` on return."""
         with self._lock:
             canceller = self._canceller if self._state in ("queued", "running") else None
-        if canceller is None or not canceller():
-            return False
-        concurrent.futures.wait([self._outputs], timeout=CANCEL_WAIT_S)
-        return True
+        return canceller is not None and canceller()
 
     def _bind(self, canceller: Callable[[], bool]) -> None:
         with self._lock:

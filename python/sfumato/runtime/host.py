@@ -27,13 +27,16 @@ from sfumato.errors import UnknownModelIdError
 from sfumato.families.detect import ModelInfo
 from sfumato.params import ModelConfig
 from sfumato.runtime.process import WorkerExitedError, WorkerProcess
-from sfumato.runtime.protocol import ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
+from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
 
 logger = logging.getLogger("sfumato.runtime")
 
 CANCELLED = "cancelled"
 TIMEOUT = "timeout"
 UNLOADED = "unloaded"
+
+# The longest a cancel waits for the killed worker's job to be reported ended.
+CANCEL_WAIT_S = 10.0
 
 
 class JobEvents(Protocol):
@@ -56,6 +59,7 @@ class HostJob:
     timeout: float | None = None
     state: str = "queued"  # queued -> running -> ended
     cancel_reason: str | None = None
+    resent: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,9 +196,10 @@ class ModelHost:
             self.last_used = time.monotonic()
             self._cond.notify_all()
 
-    def cancel(self, job: HostJob, reason: str = CANCELLED) -> bool:
+    def cancel(self, job: HostJob, reason: str = CANCELLED, wait: bool = True) -> bool:
         """Cancel ``job``: a queued one leaves the queue, a running one has its
-        worker killed. Returns whether the job was still there to cancel."""
+        worker killed (and, with ``wait``, has ended when this returns).
+        Returns whether the job was still there to cancel."""
         with self._cond:
             if job.state == "queued" and job in self._queue:
                 self._queue.remove(job)
@@ -203,6 +208,8 @@ class ModelHost:
                 job.cancel_reason = reason
                 if self._worker is not None:
                     self._worker.kill()
+                if wait:
+                    self._cond.wait_for(lambda: job.state == "ended", CANCEL_WAIT_S)
                 return True
             else:
                 return False
@@ -286,9 +293,10 @@ class ModelHost:
             crashed = self._execute(worker, job)
             with self._cond:
                 self._running = None
-                job.state = "ended"
                 self.last_used = time.monotonic()
                 closed = self._closed
+                if job.state == "queued":  # sent back: its worker died before taking it
+                    continue
             if crashed and not closed:
                 self.restarts += 1
                 try:
@@ -312,17 +320,24 @@ class ModelHost:
         worker.close()
 
     def _execute(self, worker: WorkerProcess, job: HostJob) -> bool:
-        """Run ``job`` on ``worker``; returns whether the worker is gone after it."""
+        """Run ``job`` on ``worker``; returns whether the worker is gone after it.
+
+        A job whose worker dies before taking it is put back at the head of the
+        queue, once: a worker can die idle just before it is sent a job.
+        """
         deadline = time.monotonic() + job.timeout if job.timeout is not None else None
-        job.events.started()
         end: object
+        accepted = False
         try:
             worker.send(job.run)
             while True:
                 message = worker.recv(None if deadline is None else deadline - time.monotonic())
                 if message is None:  # the job's time is up
                     deadline = None
-                    self.cancel(job, TIMEOUT)
+                    self.cancel(job, TIMEOUT, wait=False)
+                elif isinstance(message, Accepted):
+                    accepted = True
+                    job.events.started()
                 elif isinstance(message, Tick):
                     job.events.tick(message.tick)
                 elif isinstance(message, ImageDone):
@@ -334,12 +349,20 @@ class ModelHost:
             end = died
         with self._cond:
             reason = job.cancel_reason
+            resend = reason is None and not accepted and not job.resent and not self._closed
+            if resend and isinstance(end, WorkerExitedError):
+                job.resent = True
+                job.state = "queued"
+                self._queue.appendleft(job)
+            else:
+                job.state = "ended"
+                self._cond.notify_all()
         gone = reason is not None or isinstance(end, WorkerExitedError)
-        if gone:
+        if job.state == "queued":
+            logger.warning("the worker of model %s died before taking a job; sending it again", self.model.model_id)
+        elif reason is not None:
             # A cancel that raced the job's last message still wins: the
             # caller was told the job is cancelled, and the worker was killed.
-            self._drop(worker)
-        if reason is not None:
             job.events.cancelled(reason)
         elif isinstance(end, WorkerExitedError):
             error = end.crash(self.model.model_id)
@@ -350,4 +373,6 @@ class ModelHost:
         else:
             assert isinstance(end, JobDone) and self.ready is not None, end
             job.events.finished(end, self.ready)
+        if gone:
+            self._drop(worker)  # after the report: reaping a large worker takes a while
         return gone

@@ -50,6 +50,12 @@ class RunJob:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The worker took the job it was sent (a worker that dies before saying
+    so never started it, and the job goes to its replacement)."""
+
+
+@dataclass(frozen=True)
 class Tick:
     """A progress report of the running job."""
 

@@ -35,7 +35,7 @@ from sfumato.engine.context import (
 )
 from sfumato.engine.devices import list_devices
 from sfumato.errors import EngineError, SfumatoError
-from sfumato.runtime.protocol import ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
+from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
 
 Send = Callable[[object], None]
 
@@ -157,9 +157,10 @@ def serve(conn: Connection) -> None:
                 return  # the parent went away
             if job is None:
                 return
+            conn.send(Accepted())
             try:
                 result: object = worker.run(job, conn.send)
-            except Exception as exc:  # noqa: BLE001 - the job fails, the worker goes on
+            except Exception as exc:  # the job fails, the worker goes on
                 if not isinstance(exc, SfumatoError):
                     logger.exception("job failed in the worker of model %s", spec.model_id)
                 result = JobFailed(_portable(exc))
