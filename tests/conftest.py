@@ -17,7 +17,6 @@ import pytest
 import sfumato
 from sfumato.testing import models
 
-LAYOUT_VERSION = "v1"
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64  # the smallest side an SD UNet takes (three 2x downsamples of an 8x latent grid)
 
@@ -38,18 +37,10 @@ def _offline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    path = Path(os.environ.get("SFUMATO_TEST_MODELS", ROOT / ".test-models"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return models.models_dir(ROOT / ".test-models")
 
 
-def _cached(model_dir: Path, name: str, make: Callable[[Path], object]) -> Path:
-    target = model_dir / f"{LAYOUT_VERSION}-{name}"
-    if not target.exists():
-        partial = model_dir / f"partial-{LAYOUT_VERSION}-{name}"
-        make(partial)
-        partial.rename(target)
-    return target
+_cached = models.cached
 
 
 def _sd_model(version: str, layout: str) -> Callable[[Path], Path]:

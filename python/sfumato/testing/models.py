@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,25 @@ def write_esrgan(path: Path, num_block: int = 23, scale: int = 4, seed: int = 0)
     state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
     torch.save({"params_ema": state}, str(path))
     return path
+
+
+LAYOUT_VERSION = "v1"
+"""Part of every cached file's name: a change of generator bumps it, and the files are written again."""
+
+
+def models_dir(default: Path) -> Path:
+    """Where the test and benchmark models are kept: ``SFUMATO_TEST_MODELS``, else ``default``."""
+    path = Path(os.environ.get("SFUMATO_TEST_MODELS", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cached(folder: Path, name: str, make: Callable[[Path], object]) -> Path:
+    """``folder/<version>-name``, written by ``make`` the first time (through a
+    partial name, so that an interrupted write is never taken for a model)."""
+    target = folder / f"{LAYOUT_VERSION}-{name}"
+    if not target.exists():
+        partial = folder / f"partial-{LAYOUT_VERSION}-{name}"
+        make(partial)
+        partial.rename(target)
+    return target
