@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from .conftest import SIZE
@@ -63,6 +66,36 @@ def test_generate_img2img(sd1_gguf: Path, gradient_image: np.ndarray, tmp_path: 
     assert done.returncode == 0, done.stderr
     assert 1 <= _stats(done.stdout)["total_steps"] <= 2  # type: ignore[operator]
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_generate_timeout_stops_the_job(sd1_gguf: Path, tmp_path: Path) -> None:
+    done = _sfumato(
+        "generate", "-m", str(sd1_gguf), "-W", str(SIZE), "-H", str(SIZE), "--steps", "500", "--threads", "2",
+        "--timeout", "2", "-q", "-o", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "sfumato: error: the job was cancelled (timeout)" in done.stderr
+    assert list(tmp_path.glob("*.png")) == []
+
+
+def test_ctrl_c_cancels_the_job_and_leaves_no_worker_behind(sd1_gguf: Path, tmp_path: Path) -> None:
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sfumato", "generate", "-m", str(sd1_gguf), "-W", str(SIZE), "-H", str(SIZE),
+         "--steps", "500", "--threads", "2", "-o", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert cli.stderr is not None
+    seen = ""
+    while "sampling" not in seen:  # the progress bar: the job runs in the worker
+        line = cli.stderr.readline()
+        assert line, f"the CLI ended before sampling: {seen}"
+        seen += line
+    workers = psutil.Process(cli.pid).children(recursive=True)
+    assert workers, "the model runs in a worker process"
+    os.killpg(cli.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert cli.wait(60) == 130
+    assert "interrupted; the job was cancelled" in cli.stderr.read()
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
 def test_upscale_command(esrgan_1b: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:

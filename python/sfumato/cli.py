@@ -16,7 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from sfumato.errors import SfumatoError
+from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.params import (
     CACHE_PRESETS,
     PREDICTIONS,
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--upscaler", default=None, help="an ESRGAN to pair with the model, for --upscale")
     gen.add_argument("--output", "-o", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    gen.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds of running")
     _model_flags(gen)
     _generation_flags(gen)
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--repeats", type=int, default=1)
     up.add_argument("--output", "-o", type=Path, default=None, help="output PNG (default: IMAGE-upscaled.png)")
     up.add_argument("--quiet", "-q", action="store_true")
+    up.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds of running")
     _model_flags(up)
 
     info = sub.add_parser("info", help="engine version, library path, system info and devices")
@@ -140,29 +142,45 @@ class _ProgressBar:
 
 
 def _run_job(result: Any, quiet: bool) -> tuple[list[bytes], Any]:
+    """Show the job's progress and return its outputs and stats. Ctrl-C cancels
+    the job (its worker stops at once) before the interrupt goes on."""
     bar = _ProgressBar(not quiet)
-    for tick in result.progress_stream:
-        bar.update(tick)
-    bar.close()
+    try:
+        for tick in result.progress_stream:
+            bar.update(tick)
+    except KeyboardInterrupt:
+        result.cancel()
+        raise
+    finally:
+        bar.close()
     return result.outputs.result(), result.stats.result()
+
+
+def _write_pngs(folder: Path, stem: str, outputs: list[bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(outputs):
+        path = folder / f"{stem}_{i}.png"
+        path.write_bytes(png)
+        print(path)
 
 
 def _generate(args: argparse.Namespace) -> int:
     import sfumato
 
     model_id = sfumato.load_model(args.model, model_config=_model_config(args, "diffusion"))
+    result = None
     try:
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None
-        result = sfumato.diffusion(model_id, **params)
+        result = sfumato.diffusion(model_id, **params, timeout=args.timeout)
         outputs, stats = _run_job(result, args.quiet)
+    except (JobCancelledError, KeyboardInterrupt):
+        if result is not None:  # keep what the job finished before it stopped
+            _write_pngs(args.output, "sfumato_cancelled", result.partial_outputs)
+        raise
     finally:
         sfumato.unload_model(model_id)
-    args.output.mkdir(parents=True, exist_ok=True)
-    for i, png in enumerate(outputs):
-        path = args.output / f"sfumato_{stats.seed}_{i}.png"
-        path.write_bytes(png)
-        print(path)
+    _write_pngs(args.output, f"sfumato_{stats.seed}", outputs)
     print(json.dumps(asdict(stats), indent=2))
     return 0
 
@@ -172,7 +190,8 @@ def _upscale(args: argparse.Namespace) -> int:
 
     model_id = sfumato.load_model(args.model, model_config=_model_config(args, "upscale"))
     try:
-        outputs, stats = _run_job(sfumato.upscale(model_id, image=args.image, repeats=args.repeats), args.quiet)
+        result = sfumato.upscale(model_id, image=args.image, repeats=args.repeats, timeout=args.timeout)
+        outputs, stats = _run_job(result, args.quiet)
     finally:
         sfumato.unload_model(model_id)
     target = args.output or args.image.with_name(f"{args.image.stem}-upscaled.png")
@@ -233,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SfumatoError as exc:
         print(f"sfumato: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sfumato: interrupted; the job was cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ library. Messages travel pickled over a socket pair.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ import psutil
 
 from sfumato.errors import EngineCrashedError
 from sfumato.runtime.protocol import JobFailed, LoadSpec, Ready
+
+LOG_LEVEL_ENV = "SFUMATO_WORKER_LOG_LEVEL"
 
 # How long a worker told to stop may take before it is killed.
 EXIT_GRACE_S = 5.0
@@ -83,7 +86,8 @@ class WorkerProcess:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "sfumato.runtime.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
-                env={**os.environ, **env},
+                # The worker logs to the inherited stderr at the level sfumato logs at here.
+                env={**os.environ, **env, LOG_LEVEL_ENV: str(logging.getLogger("sfumato").getEffectiveLevel())},
                 stdin=subprocess.DEVNULL,
             )
         except BaseException:

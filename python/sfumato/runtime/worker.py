@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -173,6 +174,14 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m sfumato.runtime.worker FD (started by sfumato, not by hand)", file=sys.stderr)
         return 2
+    # Ctrl-C in a terminal reaches the whole process group; the SDK process
+    # decides what happens to the job (it cancels it), so the worker ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    level = os.environ.get("SFUMATO_WORKER_LOG_LEVEL", "")
+    logging.basicConfig(
+        level=int(level) if level.isdigit() else logging.WARNING,
+        format=f"%(name)s [worker {os.getpid()}]: %(message)s",
+    )
     with Connection(int(argv[1])) as conn:
         serve(conn)
     return 0
