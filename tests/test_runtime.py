@@ -149,21 +149,24 @@ WORKER_SPREAD_BOUND = 128 * 2**20
 
 def test_twenty_cancels_keep_memory_bounded(sd1_worker: str) -> None:
     parent = psutil.Process()
-    worker_rss, parent_rss = [], []
+    worker_rss, parent_rss, reload_s = [], [], []
     for _ in range(CANCEL_CYCLES + 1):
         status = _status(sd1_worker)
         worker_rss.append(status.rss_bytes)
         result = _long(sd1_worker)
         _running(result)
+        asked = time.perf_counter()
         assert result.cancel()
         _wait_resident(sd1_worker, status.pid)
+        reload_s.append(time.perf_counter() - asked)
         gc.collect()
         parent_rss.append(parent.memory_info().rss)
     growth = max(parent_rss[1:]) - parent_rss[0]
     spread = max(worker_rss) - min(worker_rss)
     print(
         f"parent RSS {parent_rss[0] / 2**20:.0f} MiB, growth over {CANCEL_CYCLES} cancels {growth / 2**20:.1f} MiB; "
-        f"worker RSS {min(worker_rss) / 2**20:.0f}..{max(worker_rss) / 2**20:.0f} MiB"
+        f"worker RSS {min(worker_rss) / 2**20:.0f}..{max(worker_rss) / 2**20:.0f} MiB; "
+        f"cancel to reloaded: median {sorted(reload_s)[len(reload_s) // 2]:.2f} s"
     )
     assert growth < PARENT_GROWTH_BOUND, [r // 2**20 for r in parent_rss]
     assert spread < WORKER_SPREAD_BOUND, [r // 2**20 for r in worker_rss]
