@@ -7,6 +7,8 @@ import gc
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -349,3 +351,27 @@ def test_asking_for_a_device_the_build_lacks_is_a_clear_error(esrgan_1b: Path) -
         if not has_gpu:  # the CPU-only build says how to get a GPU one
             with pytest.raises(errors.InvalidParameterError, match=r"no GPU backend: build .*SFUMATO_ENGINE_LIB"):
                 sfumato.load_model(esrgan_1b, model_config={"mode": "upscale", "device": device})
+
+
+_HOLDER = """
+import os, signal, sys
+import sfumato
+model_id = sfumato.load_model(sys.argv[1], model_config={"threads": 2})
+result = sfumato.diffusion(model_id, prompt="x", width=64, height=64, steps=500)
+next(iter(result.progress_stream))
+print(sfumato.models_info()[0].pid, flush=True)
+if sys.argv[2] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("end", ["exits", "killed"])
+def test_no_worker_outlives_its_sdk_process(sd1_gguf: Path, end: str) -> None:
+    holder = subprocess.run(
+        [sys.executable, "-c", _HOLDER, str(sd1_gguf), end], capture_output=True, text=True, timeout=300, check=False
+    )
+    worker_pid = int(holder.stdout.split()[-1])
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(worker_pid), f"worker {worker_pid} still runs after its SDK process {end}"

@@ -11,6 +11,7 @@ itself, before anything is queued.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import os
 import secrets
@@ -76,6 +77,7 @@ _D = DiffusionParams(prompt="")
 _SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64}
 
 _pool = ModelPool(Budget.from_env())
+atexit.register(_pool.shutdown)  # no worker outlives the process that started it
 
 
 @dataclass(frozen=True)

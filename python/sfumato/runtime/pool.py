@@ -106,6 +106,17 @@ class ModelPool:
         host.close()
         return host
 
+    def shutdown(self) -> None:
+        """Unload every model, whatever its references (at interpreter exit)."""
+        with self._lock:
+            hosts = list(self._hosts.values())
+            self._hosts.clear()
+            self._keys.clear()
+            self._refs.clear()
+            self._estimates.clear()
+        for host in hosts:
+            host.close()
+
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._hosts)

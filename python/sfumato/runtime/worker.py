@@ -17,6 +17,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -170,6 +171,20 @@ def serve(conn: Connection) -> None:
         worker.close()
 
 
+def _exit_with_parent(interval_s: float = 1.0) -> None:
+    """End this worker when the SDK process is gone, even in the middle of a job
+    (a parent killed with SIGKILL never closes its pipe in an orderly way)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="sfumato-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m sfumato.runtime.worker FD (started by sfumato, not by hand)", file=sys.stderr)
@@ -177,6 +192,7 @@ def main(argv: list[str]) -> int:
     # Ctrl-C in a terminal reaches the whole process group; the SDK process
     # decides what happens to the job (it cancels it), so the worker ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     level = os.environ.get("SFUMATO_WORKER_LOG_LEVEL", "")
     logging.basicConfig(
         level=int(level) if level.isdigit() else logging.WARNING,
