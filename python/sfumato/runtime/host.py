@@ -232,9 +232,10 @@ class ModelHost:
         """Free the model's memory while it is idle; the next job loads it again.
         Returns whether it was evicted (not when busy, closed or not resident)."""
         with self._cond:
-            if self._closed or self._running is not None or self._queue or self._worker is None:
+            worker = self._worker
+            if self._closed or self._running is not None or self._queue or worker is None or worker.ready is None:
                 return False
-            worker, self._worker = self._worker, None
+            self._worker = None
         worker.close()
         logger.info("model %s evicted from memory", self.model.model_id)
         return True
