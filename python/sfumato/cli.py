@@ -1,4 +1,4 @@
-"""The ``sfumato`` command: ``generate``, ``upscale``, ``info``, ``models``.
+"""The ``sfumato`` command: ``generate``, ``upscale``, ``serve``, ``info``, ``models``.
 
 Flags carry the SDK's field names (``--cfg-scale`` is ``cfg_scale``) and take
 their defaults from :class:`sfumato.params.DiffusionParams`, so the CLI, the SDK
@@ -25,6 +25,7 @@ from sfumato.params import (
     WEIGHT_TYPE_NAMES,
     DiffusionParams,
 )
+from sfumato.server.settings import ServerSettings
 
 DEFAULT_MODEL = "SD_V2_1_1B_Q8_0"
 DEFAULT_UPSCALER = "REALESRGAN_X4PLUS"
@@ -94,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--quiet", "-q", action="store_true")
     up.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds of running")
     _model_flags(up)
+
+    srv = sub.add_parser("serve", help="run the HTTP server (job queue API; see the README)")
+    defaults = ServerSettings()
+    srv.add_argument("--host", default=defaults.host, help=f"default: {defaults.host}")
+    srv.add_argument("--port", type=int, default=defaults.port, help=f"default: {defaults.port}")
+    srv.add_argument("--models", type=Path, default=defaults.models_dir, help="models folder (default: ./models)")
+    srv.add_argument("--loras", type=Path, default=defaults.loras_dir, help="LoRA folder (default: ./loras)")
+    srv.add_argument("--upscalers", type=Path, default=defaults.upscalers_dir, help="default: ./upscalers")
+    srv.add_argument(
+        "--data", type=Path, default=defaults.data_dir, help="job store and outputs/ folder (default: ./sfumato-data)"
+    )
+    srv.add_argument("--default-model", default=None, help="model name used when a request names none")
+    srv.add_argument("--queue-size", type=int, default=defaults.queue_size, help="max jobs waiting or running")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SFUMATO_API_KEY)")
+    srv.add_argument("--retention-hours", type=float, default=defaults.retention_s / 3600, help="keep finished jobs")
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads per model")
 
     info = sub.add_parser("info", help="engine version, library path, system info and devices")
     info.add_argument("--json", action="store_true")
@@ -201,6 +218,23 @@ def _upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from sfumato.server.app import serve
+
+    if args.queue_size < 1:
+        raise SfumatoError(f"--queue-size must be at least 1, got {args.queue_size}")
+    settings = ServerSettings(
+        host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras,
+        upscalers_dir=args.upscalers, data_dir=args.data, default_model=args.default_model,
+        queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
+        retention_s=args.retention_hours * 3600, threads=args.threads,
+    )  # fmt: skip
+    serve(settings, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def engine_info() -> dict[str, Any]:
     """What ``sfumato info`` reports, as a dict."""
     from sfumato.engine.devices import list_devices
@@ -246,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sfumato`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
-    handlers = {"generate": _generate, "upscale": _upscale, "info": _info, "models": _models}
+    handlers = {"generate": _generate, "upscale": _upscale, "serve": _serve, "info": _info, "models": _models}
     try:
         return handlers[args.command](args)
     except SfumatoError as exc:

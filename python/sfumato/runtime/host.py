@@ -302,8 +302,11 @@ class ModelHost:
                 self.restarts += 1
                 try:
                     self._start_worker()  # reload at once: the model stays ready for the next job
+                except UnknownModelIdError:
+                    pass  # unloaded meanwhile
                 except BaseException:  # retried, and reported, by the next job
-                    logger.exception("reloading model %s failed", self.model.model_id)
+                    if not self._closed:
+                        logger.exception("reloading model %s failed", self.model.model_id)
 
     def _fail_next(self, error: BaseException) -> None:
         with self._cond:

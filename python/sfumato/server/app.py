@@ -1,0 +1,126 @@
+"""The FastAPI application of ``sfumato serve``.
+
+``create_app(settings)`` builds a server with no other service behind it: a
+SQLite job store and an outputs folder under ``settings.data_dir``, models
+chosen by name from ``settings.models_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sfumato.server import errors, seed002
+from sfumato.server.catalog import Catalog
+from sfumato.server.errors import error_response
+from sfumato.server.runner import JobRunner
+from sfumato.server.settings import ServerSettings
+from sfumato.server.state import ServerState
+from sfumato.server.store import JobStore
+
+logger = logging.getLogger("sfumato.server")
+PURGE_EVERY_S = 60.0
+
+
+class BodyLimit:
+    """Answers 413 to a request whose body passes ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        too_big = error_response(413, "body_too_large", f"the request body is over {self.limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await too_big(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLargeError
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLargeError:
+            await too_big(scope, receive, send)
+
+
+class _TooLargeError(Exception):
+    pass
+
+
+class Hello(BaseModel):
+    ok: bool
+
+
+def _purge(state: ServerState) -> None:
+    for job in state.store.purge(state.settings.retention_s):
+        for path in job.result.get("output_paths", []):
+            Path(path).unlink(missing_ok=True)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """A server for ``settings`` (the embedded defaults when ``None``)."""
+    settings = settings or ServerSettings()
+    store = JobStore(settings.db_path, settings.queue_size)
+    catalog = Catalog(settings.models_dir, settings.loras_dir, settings.upscalers_dir)
+    state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings))
+    stop = threading.Event()
+
+    def purge_loop() -> None:
+        while not stop.wait(PURGE_EVERY_S):
+            _purge(state)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        requeued = store.recover()
+        if requeued:
+            logger.info("queued again %d job(s) that were running when the server stopped", requeued)
+        _purge(state)
+        state.runner.start()
+        purger = threading.Thread(target=purge_loop, name="sfumato-purge", daemon=True)
+        purger.start()
+        yield
+        stop.set()
+        state.runner.stop()
+        store.close()
+
+    app = FastAPI(
+        title="sfumato",
+        summary="Local image generation on stable-diffusion.cpp",
+        lifespan=lifespan,
+    )
+    app.state.sfumato = state
+    errors.install(app)
+
+    @app.get("/hello", response_model=Hello, tags=["health"], responses=errors.responses())
+    def hello() -> Hello:
+        """Health check; never needs the API key."""
+        return Hello(ok=True)
+
+    app.include_router(seed002.router(state))
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def serve(settings: ServerSettings, **uvicorn_options: Any) -> None:
+    """Run the server with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **uvicorn_options)

@@ -1,0 +1,75 @@
+"""The models, LoRAs and upscalers a server offers, found in its folders.
+
+Requests name them; a name is only ever looked up among the entries listed
+here, never joined onto a path, so no name can reach outside its folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfumato.errors import InvalidModelError
+from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
+
+MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A usable file (or diffusers folder): its name, path and detected family."""
+
+    name: str
+    path: Path
+    info: ModelInfo | None = None
+
+
+class Catalog:
+    """Lists a folder's models, detecting each file's family once (per mtime)."""
+
+    def __init__(self, models_dir: Path, loras_dir: Path, upscalers_dir: Path) -> None:
+        self.models_dir, self.loras_dir, self.upscalers_dir = models_dir, loras_dir, upscalers_dir
+        self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
+
+    def _detect(self, path: Path) -> ModelInfo | None:
+        key = (path, path.stat().st_mtime)
+        if key not in self._seen:
+            try:
+                self._seen[key] = detect(path)
+            except InvalidModelError:
+                self._seen[key] = None  # not a model sfumato can load: not offered
+        return self._seen[key]
+
+    @staticmethod
+    def _candidates(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p for p in folder.iterdir()
+            if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (p.is_dir() and (p / "unet").is_dir())
+        )  # fmt: skip
+
+    def models(self) -> list[Entry]:
+        """The diffusion models of ``models_dir``."""
+        out = []
+        for path in self._candidates(self.models_dir):
+            info = self._detect(path)
+            if info is not None and info.family != FAMILY_ESRGAN:
+                out.append(Entry(path.stem if path.is_file() else path.name, path, info))
+        return out
+
+    def upscalers(self) -> list[Entry]:
+        """The ESRGAN models of ``upscalers_dir``."""
+        out = []
+        for path in self._candidates(self.upscalers_dir):
+            info = self._detect(path)
+            if info is not None and info.family == FAMILY_ESRGAN:
+                out.append(Entry(path.stem, path, info))
+        return out
+
+    def loras(self) -> list[Entry]:
+        """The LoRA files of ``loras_dir``."""
+        return [Entry(p.stem, p) for p in self._candidates(self.loras_dir) if p.is_file()]
+
+    def model(self, name: str) -> Entry | None:
+        return next((e for e in self.models() if e.name == name), None)

@@ -1,0 +1,191 @@
+"""Runs the stored jobs, oldest first, on the SDK (a worker process per model).
+
+The store is the queue: the runner takes the oldest queued job, marks it
+processing, reports its progress into the store as it runs, and writes its
+outcome there. A job that is running when the server stops stays marked
+processing, and :meth:`JobStore.recover` queues it again at the next start.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+import sfumato
+from sfumato.errors import JobCancelledError, SfumatoError
+from sfumato.results import DiffusionResult
+from sfumato.server.catalog import Catalog
+from sfumato.server.settings import ServerSettings
+from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore
+
+logger = logging.getLogger("sfumato.server")
+
+# Seed 002's phase names, from the SDK's tick phases.
+PHASES = {"sampling": "generation", "hires": "upscaling", "vae": "decoding", "upscale": "upscaling"}
+
+
+def progress_of(phase: str, step: int, total: int, hires: bool) -> float:
+    """0-100 over the whole job: sampling is most of it, decoding the rest; with a
+    hires fix the first pass is 0-50 and the second 50-100, as seed 002 has it."""
+    frac = step / total if total else 0.0
+    if hires:
+        spans = {"sampling": (0.0, 50.0), "hires": (50.0, 95.0), "vae": (95.0, 100.0), "upscale": (95.0, 100.0)}
+    else:
+        spans = {"sampling": (0.0, 90.0), "vae": (90.0, 100.0), "upscale": (90.0, 100.0)}
+    low, high = spans.get(phase, (0.0, 100.0))
+    return round(low + (high - low) * frac, 1)
+
+
+def encode_output(png: bytes, file_type: str, quality: int) -> bytes:
+    """The PNG from the SDK, or the same image as JPEG at ``quality``."""
+    if file_type == "png":
+        return png
+    with Image.open(io.BytesIO(png)) as image:
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=quality)
+        return out.getvalue()
+
+
+class JobRunner:
+    """One thread taking jobs from the store; the models it loads stay loaded."""
+
+    def __init__(self, store: JobStore, catalog: Catalog, settings: ServerSettings) -> None:
+        self.store, self.catalog, self.settings = store, catalog, settings
+        self._models: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._current: tuple[str, DiffusionResult] | None = None
+        self._thread = threading.Thread(target=self._loop, name="sfumato-server-runner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A job was added."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop taking jobs and stop the running one; it stays 'processing' in the
+        store and is queued again when the server starts next."""
+        self._stopping = True
+        self._wake.set()
+        with self._lock:
+            current = self._current
+        if current is not None:
+            current[1].cancel()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        for model_id in self._models.values():
+            if model_id in sfumato.loaded_models():
+                sfumato.unload_model(model_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; returns whether it was active."""
+        with self._lock:
+            current = self._current
+        if current is not None and current[0] == job_id:
+            current[1].cancel()
+        return self.store.end(job_id, CANCELLED, "cancelled by request")
+
+    def model_id(self, name: str) -> str:
+        """The SDK id of a catalog model, loading it the first time."""
+        entry = self.catalog.model(name)
+        if entry is None:
+            raise SfumatoError(f"model {name!r} is no longer in the models folder")
+        with self._lock:
+            model_id = self._models.get(name)
+        if model_id is None or model_id not in sfumato.loaded_models():
+            model_id = sfumato.load_model(entry.path, model_config={"threads": self.settings.threads})
+            with self._lock:
+                self._models[name] = model_id
+        return model_id
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            job = self.store.next_queued()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception as exc:  # the job fails; the server goes on
+                logger.exception("job %s failed", job.id)
+                self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _memory_mb(self, model_id: str) -> float:
+        status = next((s for s in sfumato.models_info() if s.model_id == model_id), None)
+        return round(status.rss_bytes / 2**20, 2) if status else 0.0
+
+    def _run(self, job: Job) -> None:
+        plan: dict[str, Any] = job.request["plan"]
+        hires = bool(plan.get("hires"))
+        try:
+            self.store.progress(job.id, 0.0, "loading model")
+            model_id = self.model_id(plan["model"])
+            before = self._memory_mb(model_id)
+            params = dict(plan["params"])
+            if params.get("init_image") is not None:
+                params["init_image"] = base64.b64decode(params["init_image"])
+            started = time.perf_counter()
+            result = sfumato.diffusion(model_id, **params)
+            with self._lock:
+                self._current = (job.id, result)
+            if self._stopping:
+                result.cancel()
+            last = -1.0
+            for tick in result.progress_stream:
+                pct = progress_of(tick.phase, tick.step, tick.total_steps, hires)
+                if pct - last >= 1.0 or tick.step == tick.total_steps:
+                    self.store.progress(job.id, pct, PHASES.get(tick.phase, tick.phase))
+                    last = pct
+            pngs = result.outputs.result()
+            stats = result.stats.result()
+        except JobCancelledError as exc:
+            if not self._stopping:
+                self.store.end(job.id, CANCELLED, str(exc))
+            return
+        except SfumatoError as exc:
+            self.store.end(job.id, ERROR, str(exc))
+            return
+        finally:
+            with self._lock:
+                self._current = None
+        elapsed = time.perf_counter() - started
+        file_type, quality = plan["file_type"], plan["jpeg_quality"]
+        self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, png in enumerate(pngs):
+            name = f"{job.id}.{file_type}" if i == 0 else f"{job.id}-{i}.{file_type}"
+            path = self.settings.outputs_dir / name
+            path.write_bytes(encode_output(png, file_type, quality))
+            paths.append(str(path))
+        self.store.end(
+            job.id,
+            DONE,
+            result={
+                "output_paths": paths,
+                "width": stats.width,
+                "height": stats.height,
+                "seed": stats.seed,
+                "file_type": file_type,
+                "jpeg_quality": quality,
+                "generation_time_sec": round(elapsed, 3),
+                "memory_before_mb": before,
+                "memory_after_mb": self._memory_mb(model_id),
+            },
+        )
+
+
+def read_output(path: str) -> bytes | None:
+    """An output file's bytes, or ``None`` once retention removed it."""
+    file = Path(path)
+    return file.read_bytes() if file.is_file() else None

@@ -1,0 +1,293 @@
+"""The job API of seed 002: ``/hello``, ``/models``, ``/loras``, ``/upscalers``,
+``POST /txt2img`` and ``POST /img2img`` (answered with a job id), ``GET /queue/{job_id}``,
+plus ``DELETE /queue/{job_id}`` (cancel) and ``GET /queue/{job_id}/events`` (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from sfumato import images as imaging
+from sfumato.errors import InvalidParameterError
+from sfumato.families.detect import FAMILY_NAMES
+from sfumato.params import DiffusionParams, check_side, validate_diffusion
+from sfumato.server import names
+from sfumato.server.errors import ApiError, responses
+from sfumato.server.runner import read_output
+from sfumato.server.state import ServerState, require_key
+from sfumato.server.store import DONE, FINAL, Job, QueueFullError
+
+
+class LoRA(BaseModel):
+    name: str
+    scale: float = 1.0
+
+
+class HiresConfig(BaseModel):
+    enabled: bool = False
+    scale: float = 2.0
+    upscaler: str = "Latent"
+    steps: int = 20
+    denoising_strength: float = 0.4
+
+
+class Txt2ImgRequest(BaseModel):
+    """Seed 002's request, with its defaults; ``seed`` (-1: random) added."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
+    steps: int = Field(30, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64, le=2048)
+    height: int = Field(512, ge=64, le=2048)
+    model: str | None = Field(None, description="a name from GET /models (default: the server's default model)")
+    sampler_name: str = "DPM++ 2M Karras"
+    scheduler_type: str = "karras"
+    fileType: Literal["jpg", "png"] = "jpg"  # noqa: N815 - seed 002's field name
+    jpeg_quality: int = Field(85, ge=1, le=100)
+    loras: list[LoRA | str] = Field(default_factory=list)
+    hires: HiresConfig | None = None
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)
+    seed: int = Field(-1, ge=-1, le=2**63 - 1)
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """:class:`Txt2ImgRequest` plus the source image (base64 PNG/JPEG) and ``strength``."""
+
+    init_image: str = Field(min_length=1, description="base64 PNG or JPEG")
+    strength: float = Field(0.75, ge=0.0, le=1.0)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Literal["queued"] = "queued"
+
+
+class ModelInfo(BaseModel):
+    name: str
+    type: Literal["standard", "sdxl"]
+    path: str
+    family: str
+
+
+class ModelsResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    models: list[ModelInfo]
+
+
+class LorasResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    loras: list[LoRA]
+
+
+class UpscalerInfo(BaseModel):
+    name: str
+    path: str
+
+
+class UpscalersResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    upscalers: list[UpscalerInfo]
+
+
+class QueueStatusResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    job_id: str
+    progress: float
+    current_phase: str
+    state: str
+    error: str | None = None
+    payload: dict[str, Any] | None = None
+    image: str | None = None
+    output_path: str | None = None
+    width: int | None = None
+    height: int | None = None
+    file_type: Literal["jpg", "png"] | None = None
+    jpeg_quality: int | None = None
+    generation_time_sec: float | None = None
+    memory_before_mb: float | None = None
+    memory_after_mb: float | None = None
+
+
+def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
+    """Check a request completely and turn it into what the runner executes.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the field at fault.
+    """
+    settings = state.settings
+    limit = settings.max_prompt_chars
+    for key, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if len(text) > limit:
+            raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
+    for key, value in (("loras", request.loras), ("hires", request.hires and request.hires.enabled),
+                       ("refiner_checkpoint", request.refiner_checkpoint)):  # fmt: skip
+        if value:
+            raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
+    available = state.catalog.models()
+    name = request.model or settings.default_model or (available[0].name if available else None)
+    entry = next((e for e in available if e.name == name), None)
+    if entry is None:
+        have = ", ".join(e.name for e in available) or f"none (the models folder {settings.models_dir} is empty)"
+        raise InvalidParameterError("model", f"no model named {name!r}; available: {have}")
+    sampling_method, implied = names.sampler(request.sampler_name, "sampler_name")
+    scheduler = names.scheduler(request.scheduler_type, "scheduler_type")
+    if "scheduler_type" not in request.model_fields_set and implied is not None:
+        scheduler = implied
+    init_image = None
+    strength = DiffusionParams(prompt="").strength
+    if isinstance(request, Img2ImgRequest):
+        try:
+            raw = base64.b64decode(request.init_image, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParameterError("init_image", "is not valid base64") from None
+        imaging.to_array(raw, "init_image")  # a readable image within the pixel limit
+        init_image, strength = base64.b64encode(raw).decode(), request.strength
+    params = validate_diffusion(
+        DiffusionParams(
+            prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
+            height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
+            sampling_method=sampling_method, scheduler=scheduler, seed=request.seed, strength=strength,
+        )
+    )  # fmt: skip
+    check_side("width", request.width, 64)
+    check_side("height", request.height, 64)
+    sdk = {
+        "prompt": params.prompt, "negative_prompt": params.negative_prompt, "width": params.width,
+        "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
+        "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
+        "init_image": init_image, "strength": params.strength,
+    }  # fmt: skip
+    return {
+        "model": entry.name,
+        "params": sdk,
+        "file_type": request.fileType,
+        "jpeg_quality": request.jpeg_quality,
+        "hires": False,
+    }
+
+
+def status_of(job: Job) -> QueueStatusResponse:
+    """Seed 002's queue status of a job; the image and payload once it is done."""
+    out = QueueStatusResponse(
+        status="error" if job.state == "error" else "success",
+        job_id=job.id,
+        progress=job.progress,
+        current_phase=job.phase,
+        state=job.state,
+        error=job.error,
+    )
+    if job.state == DONE:
+        result = job.result
+        path = result["output_paths"][0]
+        data = read_output(path)
+        out.payload = job.request["payload"]
+        out.image = base64.b64encode(data).decode() if data is not None else None
+        out.output_path = path
+        for key in ("width", "height", "file_type", "jpeg_quality", "generation_time_sec",
+                    "memory_before_mb", "memory_after_mb"):  # fmt: skip
+            setattr(out, key, result.get(key))
+    return out
+
+
+def router(state: ServerState) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["jobs (seed 002)"])
+    catalog = state.catalog
+
+    @api.get("/models", response_model=ModelsResponse, responses=responses())
+    def models() -> ModelsResponse:
+        return ModelsResponse(
+            models=[
+                ModelInfo(
+                    name=e.name,
+                    type="sdxl" if e.info and e.info.family == "sdxl" else "standard",
+                    path=str(e.path),
+                    family=FAMILY_NAMES[e.info.family] if e.info else "unknown",
+                )
+                for e in catalog.models()
+            ]
+        )
+
+    @api.get("/loras", response_model=LorasResponse, responses=responses())
+    def loras() -> LorasResponse:
+        return LorasResponse(loras=[LoRA(name=e.name) for e in catalog.loras()])
+
+    @api.get("/upscalers", response_model=UpscalersResponse, responses=responses())
+    def upscalers() -> UpscalersResponse:
+        found = [UpscalerInfo(name=e.name, path=str(e.path)) for e in catalog.upscalers()]
+        return UpscalersResponse(upscalers=[UpscalerInfo(name="Latent", path="internal"), *found])
+
+    def accept(kind: str, request: Txt2ImgRequest) -> JobAccepted:
+        job_plan = plan(state, request)
+        payload = request.model_dump(exclude={"init_image"} if kind == "img2img" else None)
+        try:
+            job = state.store.add(kind, {"payload": payload, "plan": job_plan})
+        except QueueFullError as exc:
+            raise ApiError(409, "queue_full", str(exc)) from None
+        state.runner.wake()
+        return JobAccepted(job_id=job.id)
+
+    @api.post("/txt2img", response_model=JobAccepted, responses=responses(409))
+    def txt2img(request: Txt2ImgRequest) -> JobAccepted:
+        return accept("txt2img", request)
+
+    @api.post("/img2img", response_model=JobAccepted, responses=responses(409))
+    def img2img(request: Img2ImgRequest) -> JobAccepted:
+        return accept("img2img", request)
+
+    def find(job_id: str) -> Job:
+        job = state.store.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job has id {job_id!r} (never accepted, or past retention)", "job_id")
+        return job
+
+    @api.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404))
+    def queue_status(job_id: str) -> QueueStatusResponse:
+        return status_of(find(job_id))
+
+    @api.delete("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404, 409))
+    def cancel(job_id: str) -> QueueStatusResponse:
+        job = find(job_id)
+        if job.state in FINAL or not state.runner.cancel(job_id):
+            raise ApiError(409, "job_ended", f"job {job_id!r} has ended already ({find(job_id).state})", "job_id")
+        return status_of(find(job_id))
+
+    @api.get(
+        "/queue/{job_id}/events",
+        responses={**responses(404), 200: {"content": {"text/event-stream": {}}, "description": "progress events"}},
+    )
+    async def events(job_id: str, request: Request) -> StreamingResponse:
+        find(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last = None
+            while not await request.is_disconnected():
+                job = state.store.get(job_id)
+                if job is None:
+                    return
+                now = (job.state, job.progress, job.phase)
+                if now != last:
+                    body = {"job_id": job.id, "state": job.state, "progress": job.progress,
+                            "current_phase": job.phase, "error": job.error}  # fmt: skip
+                    yield f"event: progress\ndata: {json.dumps(body)}\n\n"
+                    last = now
+                if job.state in FINAL:
+                    return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return api

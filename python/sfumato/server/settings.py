@@ -1,0 +1,53 @@
+"""What ``sfumato serve`` runs with; every field has an embedded default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Attributes
+    ----------
+    host, port:
+        Where to listen (loopback by default).
+    models_dir, loras_dir, upscalers_dir:
+        The folders models are chosen from, by name.
+    data_dir:
+        Where the job store (``jobs.sqlite3``) and the ``outputs/`` folder live.
+    default_model:
+        The model used when a request names none (default: the first one listed).
+    queue_size:
+        How many jobs may be queued or running at once; more get 409.
+    api_key:
+        When set, every route but ``/hello`` needs ``Authorization: Bearer <key>``.
+    retention_s:
+        How long finished jobs and their images are kept.
+    max_body_bytes, max_prompt_chars:
+        Request limits.
+    threads:
+        CPU threads per model (``None``: the engine's count of physical cores).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    models_dir: Path = Path("models")
+    loras_dir: Path = Path("loras")
+    upscalers_dir: Path = Path("upscalers")
+    data_dir: Path = Path("sfumato-data")
+    default_model: str | None = None
+    queue_size: int = 64
+    api_key: str | None = None
+    retention_s: float = 7 * 24 * 3600.0
+    max_body_bytes: int = 32 * 2**20
+    max_prompt_chars: int = 4000
+    threads: int | None = None
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
