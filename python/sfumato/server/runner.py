@@ -63,6 +63,8 @@ class JobRunner:
         self._wake = threading.Event()
         self._stopping = False
         self._current: tuple[str, DiffusionResult] | None = None
+        self.live: dict[str, Any] = {}  # the running job's id and latest tick, for progress routes
+        self.default_model: str | None = settings.default_model
         self._thread = threading.Thread(target=self._loop, name="sfumato-server-runner", daemon=True)
 
     def start(self) -> None:
@@ -91,21 +93,25 @@ class JobRunner:
         """Cancel a queued or running job; returns whether it was active."""
         with self._lock:
             current = self._current
-        if current is not None and current[0] == job_id:
-            current[1].cancel()
-        return self.store.end(job_id, CANCELLED, "cancelled by request")
+        stopped = current is not None and current[0] == job_id and current[1].cancel()
+        return self.store.end(job_id, CANCELLED, "cancelled by request") or stopped
 
-    def model_id(self, name: str) -> str:
-        """The SDK id of a catalog model, loading it the first time."""
-        entry = self.catalog.model(name)
+    def model_id(self, name: str, upscaler: bool = False) -> str:
+        """The SDK id of a catalog model (or upscaler), loading it the first time."""
+        entries = self.catalog.upscalers() if upscaler else self.catalog.models()
+        entry = next((e for e in entries if e.name == name), None)
         if entry is None:
-            raise SfumatoError(f"model {name!r} is no longer in the models folder")
+            raise SfumatoError(f"{'upscaler' if upscaler else 'model'} {name!r} is no longer in its folder")
+        key = f"upscaler:{name}" if upscaler else name
         with self._lock:
-            model_id = self._models.get(name)
+            model_id = self._models.get(key)
         if model_id is None or model_id not in sfumato.loaded_models():
-            model_id = sfumato.load_model(entry.path, model_config={"threads": self.settings.threads})
+            config: dict[str, Any] = {"threads": self.settings.threads}
+            if upscaler:
+                config["mode"] = "upscale"
+            model_id = sfumato.load_model(entry.path, model_config=config)
             with self._lock:
-                self._models[name] = model_id
+                self._models[key] = model_id
         return model_id
 
     def _loop(self) -> None:
@@ -121,6 +127,17 @@ class JobRunner:
                 logger.exception("job %s failed", job.id)
                 self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}")
 
+    def _write(self, job_id: str, pngs: list[bytes], plan: dict[str, Any]) -> list[str]:
+        """Save a job's images in the outputs folder as the plan asks; returns their paths."""
+        file_type, quality = plan["file_type"], plan["jpeg_quality"]
+        self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, png in enumerate(pngs):
+            path = self.settings.outputs_dir / (f"{job_id}.{file_type}" if i == 0 else f"{job_id}-{i}.{file_type}")
+            path.write_bytes(encode_output(png, file_type, quality))
+            paths.append(str(path))
+        return paths
+
     def _memory_mb(self, model_id: str) -> float:
         status = next((s for s in sfumato.models_info() if s.model_id == model_id), None)
         return round(status.rss_bytes / 2**20, 2) if status else 0.0
@@ -128,21 +145,27 @@ class JobRunner:
     def _run(self, job: Job) -> None:
         plan: dict[str, Any] = job.request["plan"]
         hires = bool(plan.get("hires"))
+        upscale_only = "upscaler" in plan
         try:
             self.store.progress(job.id, 0.0, "loading model")
-            model_id = self.model_id(plan["model"])
+            model_id = self.model_id(plan["upscaler"] if upscale_only else plan["model"], upscaler=upscale_only)
             before = self._memory_mb(model_id)
             params = dict(plan["params"])
-            if params.get("init_image") is not None:
-                params["init_image"] = base64.b64decode(params["init_image"])
+            for key in ("init_image", "image"):
+                if params.get(key) is not None:
+                    params[key] = base64.b64decode(params[key])
             started = time.perf_counter()
-            result = sfumato.diffusion(model_id, **params)
+            if upscale_only:
+                result = sfumato.upscale(model_id, **params)
+            else:
+                result = sfumato.diffusion(model_id, **params)
             with self._lock:
                 self._current = (job.id, result)
             if self._stopping:
                 result.cancel()
             last = -1.0
             for tick in result.progress_stream:
+                self.live = {"job_id": job.id, "tick": tick, "started": started}
                 pct = progress_of(tick.phase, tick.step, tick.total_steps, hires)
                 if pct - last >= 1.0 or tick.step == tick.total_steps:
                     self.store.progress(job.id, pct, PHASES.get(tick.phase, tick.phase))
@@ -150,24 +173,20 @@ class JobRunner:
             pngs = result.outputs.result()
             stats = result.stats.result()
         except JobCancelledError as exc:
-            if not self._stopping:
-                self.store.end(job.id, CANCELLED, str(exc))
+            if not self._stopping:  # keep the images it finished
+                paths = self._write(job.id, exc.outputs, plan)
+                self.store.end(job.id, CANCELLED, str(exc), result={"output_paths": paths} if paths else None)
             return
         except SfumatoError as exc:
             self.store.end(job.id, ERROR, str(exc))
             return
         finally:
+            self.live = {}
             with self._lock:
                 self._current = None
         elapsed = time.perf_counter() - started
         file_type, quality = plan["file_type"], plan["jpeg_quality"]
-        self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, png in enumerate(pngs):
-            name = f"{job.id}.{file_type}" if i == 0 else f"{job.id}-{i}.{file_type}"
-            path = self.settings.outputs_dir / name
-            path.write_bytes(encode_output(png, file_type, quality))
-            paths.append(str(path))
+        paths = self._write(job.id, pngs, plan)
         self.store.end(
             job.id,
             DONE,

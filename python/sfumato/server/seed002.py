@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -15,12 +14,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import FAMILY_NAMES
-from sfumato.params import DiffusionParams, check_side, validate_diffusion
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
+from sfumato.server.plans import decode_image, diffusion_plan
 from sfumato.server.runner import read_output
 from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import DONE, FINAL, Job, QueueFullError
@@ -128,56 +126,24 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
     InvalidParameterError
         Naming the field at fault.
     """
-    settings = state.settings
-    limit = settings.max_prompt_chars
-    for key, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-        if len(text) > limit:
-            raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
     for key, value in (("loras", request.loras), ("hires", request.hires and request.hires.enabled),
                        ("refiner_checkpoint", request.refiner_checkpoint)):  # fmt: skip
         if value:
             raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
-    available = state.catalog.models()
-    name = request.model or settings.default_model or (available[0].name if available else None)
-    entry = next((e for e in available if e.name == name), None)
-    if entry is None:
-        have = ", ".join(e.name for e in available) or f"none (the models folder {settings.models_dir} is empty)"
-        raise InvalidParameterError("model", f"no model named {name!r}; available: {have}")
-    sampling_method, implied = names.sampler(request.sampler_name, "sampler_name")
-    scheduler = names.scheduler(request.scheduler_type, "scheduler_type")
-    if "scheduler_type" not in request.model_fields_set and implied is not None:
-        scheduler = implied
-    init_image = None
-    strength = DiffusionParams(prompt="").strength
+    # scheduler_type applies unless left at its default while the sampler's name implies one.
+    implied = names.sampler(request.sampler_name, "sampler_name")[1]
+    explicit = "scheduler_type" in request.model_fields_set or implied is None
+    init_image, strength = None, None
     if isinstance(request, Img2ImgRequest):
-        try:
-            raw = base64.b64decode(request.init_image, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidParameterError("init_image", "is not valid base64") from None
-        imaging.to_array(raw, "init_image")  # a readable image within the pixel limit
-        init_image, strength = base64.b64encode(raw).decode(), request.strength
-    params = validate_diffusion(
-        DiffusionParams(
-            prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
-            height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
-            sampling_method=sampling_method, scheduler=scheduler, seed=request.seed, strength=strength,
-        )
+        init_image, strength = decode_image(request.init_image, "init_image"), request.strength
+    return diffusion_plan(
+        state, model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
+        width=request.width, height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
+        sampler_name=request.sampler_name,
+        scheduler_name=request.scheduler_type if explicit else None, scheduler_field="scheduler_type",
+        seed=request.seed, init_image=init_image, strength=strength, file_type=request.fileType,
+        jpeg_quality=request.jpeg_quality,
     )  # fmt: skip
-    check_side("width", request.width, 64)
-    check_side("height", request.height, 64)
-    sdk = {
-        "prompt": params.prompt, "negative_prompt": params.negative_prompt, "width": params.width,
-        "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
-        "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
-        "init_image": init_image, "strength": params.strength,
-    }  # fmt: skip
-    return {
-        "model": entry.name,
-        "params": sdk,
-        "file_type": request.fileType,
-        "jpeg_quality": request.jpeg_quality,
-        "hires": False,
-    }
 
 
 def status_of(job: Job) -> QueueStatusResponse:

@@ -1,0 +1,92 @@
+"""Requests of every API family become one plan: what the runner executes.
+
+A plan is checked completely when the request arrives, so a bad field is a 4xx
+with its name at once, never a failed job later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from sfumato import images as imaging
+from sfumato.errors import InvalidParameterError
+from sfumato.params import DiffusionParams, check_side, validate_diffusion
+from sfumato.server import names
+from sfumato.server.state import ServerState
+
+
+def decode_image(data: str, field: str) -> bytes:
+    """Base64 (optionally a ``data:`` URL) to image bytes, checked readable and within the pixel limit."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameterError(field, "is not valid base64") from None
+    imaging.to_array(raw, field)
+    return raw
+
+
+def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
+    """The catalog name to run: the requested one, else the server's default, else the first listed."""
+    available = state.catalog.models()
+    name = requested or state.runner.default_model or (available[0].name if available else None)
+    if name is not None and not any(e.name == name for e in available):
+        stem = name.rsplit(" [", 1)[0].rsplit(".", 1)[0]  # A1111 titles: "name.safetensors [hash]"
+        name = stem if any(e.name == stem for e in available) else name
+    if name is None or not any(e.name == name for e in available):
+        have = ", ".join(e.name for e in available) or f"none (the models folder {state.settings.models_dir} is empty)"
+        raise InvalidParameterError(field, f"no model named {name!r}; available: {have}")
+    return name
+
+
+def diffusion_plan(
+    state: ServerState,
+    *,
+    model: str | None,
+    prompt: str,
+    negative_prompt: str = "",
+    width: int,
+    height: int,
+    steps: int,
+    cfg_scale: float,
+    sampler_name: str | None,
+    scheduler_name: str | None,
+    seed: int,
+    batch_count: int = 1,
+    init_image: bytes | None = None,
+    strength: float | None = None,
+    file_type: str = "png",
+    jpeg_quality: int = 85,
+    model_field: str = "model",
+    scheduler_field: str = "scheduler",
+) -> dict[str, Any]:
+    """A checked generation plan. ``scheduler_name`` ``None`` takes the one the sampler implies."""
+    limit = state.settings.max_prompt_chars
+    for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > limit:
+            raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
+    name = pick_model(state, model, model_field)
+    sampling_method, scheduler = (None, None) if sampler_name is None else names.sampler(sampler_name, "sampler_name")
+    if scheduler_name is not None:
+        scheduler = names.scheduler(scheduler_name, scheduler_field)
+    defaults = DiffusionParams(prompt="")
+    params = validate_diffusion(
+        DiffusionParams(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            cfg_scale=cfg_scale, sampling_method=sampling_method, scheduler=scheduler, seed=seed,
+            batch_count=batch_count, strength=defaults.strength if strength is None else strength,
+        )
+    )  # fmt: skip
+    check_side("width", width, 64)
+    check_side("height", height, 64)
+    sdk = {
+        "prompt": params.prompt, "negative_prompt": params.negative_prompt, "width": params.width,
+        "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
+        "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
+        "batch_count": params.batch_count, "strength": params.strength,
+        "init_image": base64.b64encode(init_image).decode() if init_image is not None else None,
+    }  # fmt: skip
+    return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality, "hires": False}
