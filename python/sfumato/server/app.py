@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sfumato.server import errors, seed002
+from sfumato.server import a1111, errors, seed002
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
 from sfumato.server.runner import JobRunner
@@ -115,6 +115,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return Hello(ok=True)
 
     app.include_router(seed002.router(state))
+    app.include_router(a1111.router(state))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

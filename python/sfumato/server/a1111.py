@@ -1,0 +1,272 @@
+"""The AUTOMATIC1111 web UI API, ``/sdapi/v1``, for the clients that speak it.
+
+``txt2img`` and ``img2img`` answer when the images are ready, as A1111 does;
+underneath they are jobs of the same durable queue as every other route, so
+the queue limit, FIFO order and ``interrupt`` apply to them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import math
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from sfumato.errors import InvalidParameterError
+from sfumato.params import MAX_BATCH, SCHEDULER_NAMES
+from sfumato.server.errors import ApiError, responses
+from sfumato.server.names import SAMPLERS
+from sfumato.server.plans import decode_image, diffusion_plan, pick_model
+from sfumato.server.runner import read_output
+from sfumato.server.state import ServerState, require_key
+from sfumato.server.store import CANCELLED, DONE, FINAL, Job, QueueFullError
+
+PREFIX = "/sdapi/v1"
+
+
+class Txt2ImgBody(BaseModel):
+    """The fields of A1111's txt2img that sfumato honours, with A1111's defaults;
+    other A1111 fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, ge=-1, le=2**63 - 1)
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    n_iter: int = Field(1, ge=1, le=MAX_BATCH)
+    steps: int = Field(50, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64, le=2048)
+    height: int = Field(512, ge=64, le=2048)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    enable_hr: bool = False
+    refiner_checkpoint: str | None = None
+
+
+class Img2ImgBody(Txt2ImgBody):
+    init_images: list[str] = Field(min_length=1, max_length=1)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class ExtraSingleImageBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(min_length=1)
+    upscaling_resize: float = Field(2.0, gt=0.0, le=16.0)
+    upscaler_1: str = "None"
+
+
+class ExtraSingleImageResponse(BaseModel):
+    html_info: str = ""
+    image: str
+
+
+async def wait_final(state: ServerState, job_id: str) -> Job:
+    """Wait (without blocking the event loop) until a job ends."""
+    while True:
+        job = state.store.get(job_id)
+        if job is None:
+            raise ApiError(500, "job_lost", f"job {job_id} disappeared from the store")
+        if job.state in FINAL:
+            return job
+        await asyncio.sleep(0.1)
+
+
+def _enqueue(state: ServerState, kind: str, payload: dict[str, Any], plan: dict[str, Any]) -> str:
+    try:
+        job = state.store.add(kind, {"payload": payload, "plan": plan})
+    except QueueFullError as exc:
+        raise ApiError(409, "queue_full", str(exc)) from None
+    state.runner.wake()
+    return job.id
+
+
+def _images(job: Job) -> list[str]:
+    if job.state == "error":
+        raise ApiError(500, "generation_failed", job.error or "the job failed")
+    out = []
+    for path in job.result.get("output_paths", []):
+        data = read_output(path)
+        if data is not None:
+            out.append(base64.b64encode(data).decode())
+    return out
+
+
+def router(state: ServerState) -> APIRouter:
+    api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_key(state.settings))], tags=["AUTOMATIC1111"])
+
+    def plan_for(body: Txt2ImgBody, init_image: bytes | None, strength: float | None) -> dict[str, Any]:
+        for key, value in (("enable_hr", body.enable_hr), ("refiner_checkpoint", body.refiner_checkpoint),
+                           ("mask", getattr(body, "mask", None))):  # fmt: skip
+            if value:
+                raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
+        model = body.override_settings.get("sd_model_checkpoint")
+        return diffusion_plan(
+            state, model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
+            height=body.height, steps=body.steps, cfg_scale=body.cfg_scale,
+            sampler_name=body.sampler_name or body.sampler_index, scheduler_name=body.scheduler,
+            seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, strength=strength,
+            model_field="override_settings.sd_model_checkpoint",
+        )  # fmt: skip
+
+    async def run(kind: str, body: Txt2ImgBody, plan: dict[str, Any]) -> ImagesResponse:
+        payload = body.model_dump(exclude={"init_images"})
+        job = await wait_final(state, _enqueue(state, kind, payload, plan))
+        images = _images(job) if body.send_images else []
+        params = plan["params"]
+        sampler = body.sampler_name or body.sampler_index
+        info = {
+            "prompt": params["prompt"], "negative_prompt": params["negative_prompt"], "seed": job.result.get("seed"),
+            "all_seeds": [job.result.get("seed", 0) + i for i in range(params["batch_count"])],
+            "width": params["width"], "height": params["height"], "sampler_name": sampler,
+            "cfg_scale": params["cfg_scale"], "steps": params["steps"], "batch_size": body.batch_size,
+            "sd_model_name": plan["model"], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "interrupted": job.state == CANCELLED,
+        }  # fmt: skip
+        return ImagesResponse(images=images, parameters=payload, info=json.dumps(info))
+
+    @api.post("/txt2img", response_model=ImagesResponse, responses=responses(409))
+    async def txt2img(body: Txt2ImgBody) -> ImagesResponse:
+        return await run("txt2img", body, plan_for(body, None, None))
+
+    @api.post("/img2img", response_model=ImagesResponse, responses=responses(409))
+    async def img2img(body: Img2ImgBody) -> ImagesResponse:
+        init = decode_image(body.init_images[0], "init_images")
+        return await run("img2img", body, plan_for(body, init, body.denoising_strength))
+
+    @api.get("/progress", response_model=ProgressResponse, responses=responses())
+    def progress() -> ProgressResponse:
+        live = state.runner.live
+        if not live:
+            return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
+        tick = live["tick"]
+        job = state.store.get(live["job_id"])
+        done = (job.progress if job else 0.0) / 100.0
+        elapsed = time.perf_counter() - live["started"]
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        sampling = tick.phase in ("sampling", "hires")
+        return ProgressResponse(
+            progress=done,
+            eta_relative=round(eta, 2),
+            state=ProgressState(
+                job=live["job_id"], job_count=1,
+                sampling_step=tick.step if sampling else 0, sampling_steps=tick.total_steps if sampling else 0,
+            ),
+            textinfo=job.phase if job else None,
+        )  # fmt: skip
+
+    @api.post("/interrupt", responses=responses())
+    def interrupt() -> dict[str, Any]:
+        """Stop the running job; an A1111 request waiting on it gets the images it finished."""
+        live = state.runner.live
+        if live:
+            state.runner.cancel(live["job_id"])
+        return {}
+
+    @api.get("/sd-models", responses=responses())
+    def sd_models() -> list[dict[str, Any]]:
+        return [
+            {"title": f"{e.path.name}", "model_name": e.name, "hash": None, "sha256": None,
+             "filename": str(e.path), "config": None}
+            for e in state.catalog.models()
+        ]  # fmt: skip
+
+    @api.get("/samplers", responses=responses())
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": name, "aliases": [engine], "options": {}} for name, (engine, _) in SAMPLERS.items()]
+
+    @api.get("/schedulers", responses=responses())
+    def schedulers() -> list[dict[str, Any]]:
+        return [{"name": n, "label": n.replace("_", " ").title(), "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for n in SCHEDULER_NAMES]  # fmt: skip
+
+    @api.get("/upscalers", responses=responses())
+    def upscalers() -> list[dict[str, Any]]:
+        found = [{"name": e.name, "model_name": "ESRGAN", "model_path": str(e.path), "model_url": None, "scale": 4}
+                 for e in state.catalog.upscalers()]  # fmt: skip
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}, *found]
+
+    @api.get("/loras", responses=responses())
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": e.name, "alias": e.name, "path": str(e.path), "metadata": {}} for e in state.catalog.loras()]
+
+    @api.get("/options", responses=responses())
+    def get_options() -> dict[str, Any]:
+        available = state.catalog.models()
+        current = state.runner.default_model or (available[0].name if available else None)
+        return {"sd_model_checkpoint": current, "samples_format": "png"}
+
+    @api.post("/options", responses=responses())
+    def set_options(options: dict[str, Any]) -> dict[str, Any]:
+        """Switch the default model (``sd_model_checkpoint``); other options are ignored."""
+        if "sd_model_checkpoint" in options:
+            if not isinstance(options["sd_model_checkpoint"], str):
+                raise InvalidParameterError("sd_model_checkpoint", "must be a model name")
+            state.runner.default_model = pick_model(state, options["sd_model_checkpoint"], "sd_model_checkpoint")
+        return {}
+
+    @api.post("/extra-single-image", response_model=ExtraSingleImageResponse, responses=responses(409))
+    async def extra_single_image(body: ExtraSingleImageBody) -> ExtraSingleImageResponse:
+        raw = decode_image(body.image, "image")
+        if body.upscaler_1 == "None":
+            upscaled = raw
+        else:
+            names = [e.name for e in state.catalog.upscalers()]
+            if body.upscaler_1 not in names:
+                have = ", ".join(["None", *names])
+                raise InvalidParameterError("upscaler_1", f"no upscaler named {body.upscaler_1!r}; available: {have}")
+            # x4 passes until the factor is reached; the result is then resized to the exact factor.
+            repeats = max(1, math.ceil(math.log(body.upscaling_resize, 4) - 1e-9))
+            params = {"image": base64.b64encode(raw).decode(), "repeats": repeats}
+            plan = {"upscaler": body.upscaler_1, "params": params, "file_type": "png", "jpeg_quality": 85}
+            payload = body.model_dump(exclude={"image"})
+            job = await wait_final(state, _enqueue(state, "extra-single-image", payload, plan))
+            images = _images(job)
+            if job.state != DONE or not images:
+                raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")
+            upscaled = base64.b64decode(images[0])
+        with Image.open(io.BytesIO(raw)) as source, Image.open(io.BytesIO(upscaled)) as image:
+            size = (round(source.width * body.upscaling_resize), round(source.height * body.upscaling_resize))
+            out = io.BytesIO()
+            image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(out, format="PNG")
+        return ExtraSingleImageResponse(image=base64.b64encode(out.getvalue()).decode())
+
+    return api
