@@ -252,7 +252,8 @@ def unload_model(model_id: str, clear_storage: bool = False) -> None:
     ``clear_storage=True`` also deletes the model's files from the model cache
     (only files sfumato downloaded there; never a path the caller gave).
     """
-    host = _pool.release(_host(model_id).model.model_id)
+    _host(model_id)  # checks the id
+    host = _pool.release(model_id)
     if host is not None and clear_storage:
         path = host.model.info.path
         if path.is_file() and path.parent == cache_dir().resolve():

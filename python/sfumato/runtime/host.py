@@ -125,12 +125,6 @@ class ModelHost:
             return self._worker is not None and self._worker.ready is not None
 
     @property
-    def busy(self) -> bool:
-        """Whether a job runs or waits."""
-        with self._cond:
-            return self._running is not None or bool(self._queue)
-
-    @property
     def running(self) -> bool:
         """Whether a job runs now."""
         with self._cond:

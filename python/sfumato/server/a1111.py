@@ -26,7 +26,7 @@ from sfumato.server.names import SAMPLERS
 from sfumato.server.plans import decode_image, diffusion_plan, pick_model
 from sfumato.server.runner import read_output
 from sfumato.server.state import ServerState, require_key
-from sfumato.server.store import CANCELLED, DONE, FINAL, Job, QueueFullError
+from sfumato.server.store import CANCELLED, DONE, FINAL, Job
 
 PREFIX = "/sdapi/v1"
 
@@ -110,15 +110,6 @@ async def wait_final(state: ServerState, job_id: str) -> Job:
         await asyncio.sleep(0.1)
 
 
-def _enqueue(state: ServerState, kind: str, payload: dict[str, Any], plan: dict[str, Any]) -> str:
-    try:
-        job = state.store.add(kind, {"payload": payload, "plan": plan})
-    except QueueFullError as exc:
-        raise ApiError(409, "queue_full", str(exc)) from None
-    state.runner.wake()
-    return job.id
-
-
 def _images(job: Job) -> list[str]:
     if job.state == "error":
         raise ApiError(500, "generation_failed", job.error or "the job failed")
@@ -149,7 +140,7 @@ def router(state: ServerState) -> APIRouter:
 
     async def run(kind: str, body: Txt2ImgBody, plan: dict[str, Any]) -> ImagesResponse:
         payload = body.model_dump(exclude={"init_images"})
-        job = await wait_final(state, _enqueue(state, kind, payload, plan))
+        job = await wait_final(state, state.enqueue(kind, payload, plan))
         images = _images(job) if body.send_images else []
         params = plan["params"]
         sampler = body.sampler_name or body.sampler_index
@@ -258,7 +249,7 @@ def router(state: ServerState) -> APIRouter:
             params = {"image": base64.b64encode(raw).decode(), "repeats": repeats}
             plan = {"upscaler": body.upscaler_1, "params": params, "file_type": "png", "jpeg_quality": 85}
             payload = body.model_dump(exclude={"image"})
-            job = await wait_final(state, _enqueue(state, "extra-single-image", payload, plan))
+            job = await wait_final(state, state.enqueue("extra-single-image", payload, plan))
             images = _images(job)
             if job.state != DONE or not images:
                 raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")

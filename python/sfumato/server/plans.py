@@ -89,4 +89,4 @@ def diffusion_plan(
         "batch_count": params.batch_count, "strength": params.strength,
         "init_image": base64.b64encode(init_image).decode() if init_image is not None else None,
     }  # fmt: skip
-    return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality, "hires": False}
+    return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}

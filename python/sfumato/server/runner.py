@@ -31,14 +31,10 @@ logger = logging.getLogger("sfumato.server")
 PHASES = {"sampling": "generation", "hires": "upscaling", "vae": "decoding", "upscale": "upscaling"}
 
 
-def progress_of(phase: str, step: int, total: int, hires: bool) -> float:
-    """0-100 over the whole job: sampling is most of it, decoding the rest; with a
-    hires fix the first pass is 0-50 and the second 50-100, as seed 002 has it."""
+def progress_of(phase: str, step: int, total: int) -> float:
+    """0-100 over the whole job: sampling is most of it, decoding the rest."""
     frac = step / total if total else 0.0
-    if hires:
-        spans = {"sampling": (0.0, 50.0), "hires": (50.0, 95.0), "vae": (95.0, 100.0), "upscale": (95.0, 100.0)}
-    else:
-        spans = {"sampling": (0.0, 90.0), "vae": (90.0, 100.0), "upscale": (90.0, 100.0)}
+    spans = {"sampling": (0.0, 90.0), "vae": (90.0, 100.0), "upscale": (90.0, 100.0)}
     low, high = spans.get(phase, (0.0, 100.0))
     return round(low + (high - low) * frac, 1)
 
@@ -144,7 +140,6 @@ class JobRunner:
 
     def _run(self, job: Job) -> None:
         plan: dict[str, Any] = job.request["plan"]
-        hires = bool(plan.get("hires"))
         upscale_only = "upscaler" in plan
         try:
             self.store.progress(job.id, 0.0, "loading model")
@@ -166,7 +161,7 @@ class JobRunner:
             last = -1.0
             for tick in result.progress_stream:
                 self.live = {"job_id": job.id, "tick": tick, "started": started}
-                pct = progress_of(tick.phase, tick.step, tick.total_steps, hires)
+                pct = progress_of(tick.phase, tick.step, tick.total_steps)
                 if pct - last >= 1.0 or tick.step == tick.total_steps:
                     self.store.progress(job.id, pct, PHASES.get(tick.phase, tick.phase))
                     last = pct

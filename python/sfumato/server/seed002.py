@@ -21,7 +21,7 @@ from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import decode_image, diffusion_plan
 from sfumato.server.runner import read_output
 from sfumato.server.state import ServerState, require_key
-from sfumato.server.store import DONE, FINAL, Job, QueueFullError
+from sfumato.server.store import DONE, FINAL, Job
 
 
 class LoRA(BaseModel):
@@ -79,13 +79,17 @@ class ModelInfo(BaseModel):
     family: str
 
 
-class ModelsResponse(BaseModel):
+class Success(BaseModel):
+    """Seed 002's ``status`` field, which every successful answer carries."""
+
     status: Literal["success", "error"] = "success"
+
+
+class ModelsResponse(Success):
     models: list[ModelInfo]
 
 
-class LorasResponse(BaseModel):
-    status: Literal["success", "error"] = "success"
+class LorasResponse(Success):
     loras: list[LoRA]
 
 
@@ -94,13 +98,11 @@ class UpscalerInfo(BaseModel):
     path: str
 
 
-class UpscalersResponse(BaseModel):
-    status: Literal["success", "error"] = "success"
+class UpscalersResponse(Success):
     upscalers: list[UpscalerInfo]
 
 
-class QueueStatusResponse(BaseModel):
-    status: Literal["success", "error"] = "success"
+class QueueStatusResponse(Success):
     job_id: str
     progress: float
     current_phase: str
@@ -199,12 +201,7 @@ def router(state: ServerState) -> APIRouter:
     def accept(kind: str, request: Txt2ImgRequest) -> JobAccepted:
         job_plan = plan(state, request)
         payload = request.model_dump(exclude={"init_image"} if kind == "img2img" else None)
-        try:
-            job = state.store.add(kind, {"payload": payload, "plan": job_plan})
-        except QueueFullError as exc:
-            raise ApiError(409, "queue_full", str(exc)) from None
-        state.runner.wake()
-        return JobAccepted(job_id=job.id)
+        return JobAccepted(job_id=state.enqueue(kind, payload, job_plan))
 
     @api.post("/txt2img", response_model=JobAccepted, responses=responses(409))
     def txt2img(request: Txt2ImgRequest) -> JobAccepted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -12,7 +13,7 @@ from sfumato.server.catalog import Catalog
 from sfumato.server.errors import ApiError
 from sfumato.server.runner import JobRunner
 from sfumato.server.settings import ServerSettings
-from sfumato.server.store import JobStore
+from sfumato.server.store import JobStore, QueueFullError
 
 
 @dataclass
@@ -21,6 +22,21 @@ class ServerState:
     store: JobStore
     catalog: Catalog
     runner: JobRunner
+
+    def enqueue(self, kind: str, payload: dict[str, Any], plan: dict[str, Any]) -> str:
+        """Store a checked job and wake the runner; returns the job id.
+
+        Raises
+        ------
+        ApiError
+            409 when the queue is full.
+        """
+        try:
+            job = self.store.add(kind, {"payload": payload, "plan": plan})
+        except QueueFullError as exc:
+            raise ApiError(409, "queue_full", str(exc)) from None
+        self.runner.wake()
+        return job.id
 
 
 def require_key(settings: ServerSettings) -> Callable[[Request], Awaitable[None]]:
