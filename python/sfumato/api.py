@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+from PIL import Image
+
 from sfumato import images as imaging
 from sfumato.engine.context import (
     PHASE_CONDITIONING,
@@ -442,6 +444,7 @@ def diffusion(
     vae_tiling: bool = _D.vae_tiling,
     cache_preset: str | None = _D.cache_preset,
     init_image: imaging.ImageInput | None = _D.init_image,
+    mask: imaging.ImageInput | None = _D.mask,
     strength: float = _D.strength,
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
     timeout: float | None = None,
@@ -452,7 +455,10 @@ def diffusion(
     :class:`~sfumato.params.DiffusionParams`. ``init_image`` (PNG/JPEG bytes, a
     path, a PIL image or a numpy array) turns the call into img2img, with
     ``strength`` (0 keeps the source, 1 ignores it); when it differs from
-    ``width`` x ``height`` it is resized (Lanczos) to that size. ``upscale``
+    ``width`` x ``height`` it is resized (Lanczos) to that size. ``mask`` (an
+    image in the same forms, read as grey levels, resized bilinearly) makes it
+    inpainting: white pixels are generated anew, black ones keep the source.
+    ``upscale``
     (``True`` or ``{"repeats": N}``) runs the model's paired ESRGAN N times on
     every image. Image ``i`` of a batch is generated with ``seed + i``, on its
     own, exactly as a single call with that seed would be. ``timeout`` (seconds
@@ -470,7 +476,7 @@ def diffusion(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             cfg_scale=cfg_scale, guidance=guidance, sampling_method=sampling_method, scheduler=scheduler,
             seed=seed, batch_count=batch_count, vae_tiling=vae_tiling, cache_preset=cache_preset,
-            init_image=init_image, strength=strength, upscale=upscale,
+            init_image=init_image, mask=mask, strength=strength, upscale=upscale,
         )
     )  # fmt: skip
     host = _host(model_id)
@@ -491,6 +497,11 @@ def diffusion(
     check_side("height", h, model.size_multiple)
     if source is not None:
         source = imaging.resize(source, w, h)
+    mask_array = None
+    if params.mask is not None:
+        # Bilinear: a mask must not ring past its edges as Lanczos would.
+        grey = imaging.to_array(params.mask, "mask", mode="L")
+        mask_array = imaging.resize(grey, w, h, Image.Resampling.BILINEAR)
     request = ImageRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
@@ -504,6 +515,7 @@ def diffusion(
         batch_count=params.batch_count,
         strength=params.strength,
         init_image=source,
+        mask_image=mask_array,
         vae_tiling=params.vae_tiling,
         cache_threshold=CACHE_PRESETS[params.cache_preset] if params.cache_preset else None,
         seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),

@@ -76,14 +76,28 @@ def to_array(value: ImageInput, field: str, mode: str = "RGB") -> ImageArray:
     return np.ascontiguousarray(array, dtype=np.uint8)
 
 
-def resize(array: ImageArray, width: int, height: int) -> ImageArray:
-    """Resample an image to ``width`` x ``height`` (Lanczos)."""
+def resize(
+    array: ImageArray, width: int, height: int, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> ImageArray:
+    """Resample an image to ``width`` x ``height`` (Lanczos unless told otherwise)."""
     if array.shape[1] == width and array.shape[0] == height:
         return array
     squeezed = array.squeeze(2) if array.shape[2] == 1 else array
-    image = Image.fromarray(squeezed).resize((width, height), Image.Resampling.LANCZOS)
+    image = Image.fromarray(squeezed).resize((width, height), resample)
     out = np.asarray(image)
     return np.ascontiguousarray(out[:, :, None] if out.ndim == 2 else out)
+
+
+def composite(generated: ImageArray, source: ImageArray, mask: ImageArray) -> ImageArray:
+    """Inpainting's last step: ``generated`` where ``mask`` is white, ``source``
+    where it is black, blended in between (all three the same size).
+
+    The engine blends only latents, so without this the pixels outside the mask
+    would be the VAE's reconstruction of the source, not the source itself.
+    """
+    alpha = mask.astype(np.float32) / 255.0
+    mixed = generated.astype(np.float32) * alpha + source.astype(np.float32) * (1.0 - alpha)
+    return np.ascontiguousarray(np.rint(mixed), dtype=np.uint8)
 
 
 def encode_png(array: ImageArray) -> bytes:

@@ -66,6 +66,7 @@ class DiffusionParams:
     vae_tiling: bool = False
     cache_preset: str | None = None
     init_image: ImageInput | None = None
+    mask: ImageInput | None = None
     strength: float = 0.75
     upscale: bool | Mapping[str, Any] | None = None
 
@@ -166,6 +167,8 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
     if params.cache_preset is not None:
         check_choice("cache_preset", params.cache_preset, CACHE_PRESETS)
     check_number("strength", params.strength, 0.0, 1.0)
+    if params.mask is not None and params.init_image is None:
+        raise InvalidParameterError("mask", "inpainting needs init_image: the mask marks which of its pixels change")
     check_upscale_repeats("upscale", params.upscale)
     return params
 

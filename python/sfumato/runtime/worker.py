@@ -118,7 +118,10 @@ class Worker:
                 dataclasses.replace(request, seed=request.seed + i, batch_count=1), on_tick=renumber
             )
             post_start = time.perf_counter()
-            picture = self._upscale(out.images[0], job.repeats, i * job.repeats, count * job.repeats, started, send)
+            picture = out.images[0]
+            if request.mask_image is not None and request.init_image is not None:
+                picture = imaging.composite(picture, request.init_image, request.mask_image)
+            picture = self._upscale(picture, job.repeats, i * job.repeats, count * job.repeats, started, send)
             png = imaging.encode_png(picture)
             for phase, ms in out.phase_ms.items():
                 done.phase_ms[phase] = done.phase_ms.get(phase, 0.0) + ms
