@@ -61,6 +61,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-tiling", action="store_true", default=_D.vae_tiling)
     g.add_argument("--cache-preset", choices=list(CACHE_PRESETS), default=_D.cache_preset)
     g.add_argument("--init-image", default=_D.init_image, help="an image file: img2img")
+    g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
     g.add_argument(
         "--upscale", type=int, nargs="?", const=1, default=None, metavar="REPEATS",
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SFUMATO_API_KEY)")
     srv.add_argument("--retention-hours", type=float, default=defaults.retention_s / 3600, help="keep finished jobs")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads per model")
+    srv.add_argument(
+        "--max-pixels", type=int, default=defaults.max_pixels, help="largest width x height one image may have"
+    )
+    srv.add_argument("--max-steps", type=int, default=defaults.max_steps, help="most sampling steps per image")
+    srv.add_argument("--max-images", type=int, default=defaults.max_images, help="most images per request")
+    srv.add_argument(
+        "--allow-private-urls", action="store_true", help="let url_upload fetch loopback and private addresses"
+    )
 
     info = sub.add_parser("info", help="engine version, library path, system info and devices")
     info.add_argument("--json", action="store_true")
@@ -229,7 +238,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras,
         upscalers_dir=args.upscalers, data_dir=args.data, default_model=args.default_model,
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
-        retention_s=args.retention_hours * 3600, threads=args.threads,
+        retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
+        max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,
     )  # fmt: skip
     serve(settings, log_level="info" if args.verbose else "warning")
     return 0

@@ -7,7 +7,6 @@ the queue limit, FIFO order and ``interrupt`` apply to them too.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -19,14 +18,14 @@ from fastapi import APIRouter, Depends
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.params import MAX_BATCH, SCHEDULER_NAMES
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.names import SAMPLERS
 from sfumato.server.plans import decode_image, diffusion_plan, pick_model
-from sfumato.server.runner import read_output
-from sfumato.server.state import ServerState, require_key
-from sfumato.server.store import CANCELLED, DONE, FINAL, Job
+from sfumato.server.state import ServerState, output_images, require_key
+from sfumato.server.store import CANCELLED, DONE
 
 PREFIX = "/sdapi/v1"
 
@@ -59,6 +58,7 @@ class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(min_length=1, max_length=1)
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     mask: str | None = None
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
 
 
 class ImagesResponse(BaseModel):
@@ -99,34 +99,13 @@ class ExtraSingleImageResponse(BaseModel):
     image: str
 
 
-async def wait_final(state: ServerState, job_id: str) -> Job:
-    """Wait (without blocking the event loop) until a job ends."""
-    while True:
-        job = state.store.get(job_id)
-        if job is None:
-            raise ApiError(500, "job_lost", f"job {job_id} disappeared from the store")
-        if job.state in FINAL:
-            return job
-        await asyncio.sleep(0.1)
-
-
-def _images(job: Job) -> list[str]:
-    if job.state == "error":
-        raise ApiError(500, "generation_failed", job.error or "the job failed")
-    out = []
-    for path in job.result.get("output_paths", []):
-        data = read_output(path)
-        if data is not None:
-            out.append(base64.b64encode(data).decode())
-    return out
-
-
 def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_key(state.settings))], tags=["AUTOMATIC1111"])
 
-    def plan_for(body: Txt2ImgBody, init_image: bytes | None, strength: float | None) -> dict[str, Any]:
-        for key, value in (("enable_hr", body.enable_hr), ("refiner_checkpoint", body.refiner_checkpoint),
-                           ("mask", getattr(body, "mask", None))):  # fmt: skip
+    def plan_for(
+        body: Txt2ImgBody, init_image: bytes | None = None, mask: bytes | None = None, strength: float | None = None
+    ) -> dict[str, Any]:
+        for key, value in (("enable_hr", body.enable_hr), ("refiner_checkpoint", body.refiner_checkpoint)):
             if value:
                 raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
         model = body.override_settings.get("sd_model_checkpoint")
@@ -134,14 +113,15 @@ def router(state: ServerState) -> APIRouter:
             state, model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
             height=body.height, steps=body.steps, cfg_scale=body.cfg_scale,
             sampler_name=body.sampler_name or body.sampler_index, scheduler_name=body.scheduler,
-            seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, strength=strength,
-            model_field="override_settings.sd_model_checkpoint",
+            seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, mask=mask,
+            strength=strength,
+            fields={"model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size"},
         )  # fmt: skip
 
     async def run(kind: str, body: Txt2ImgBody, plan: dict[str, Any]) -> ImagesResponse:
-        payload = body.model_dump(exclude={"init_images"})
-        job = await wait_final(state, state.enqueue(kind, payload, plan))
-        images = _images(job) if body.send_images else []
+        payload = body.model_dump(exclude={"init_images", "mask"})
+        job = await state.wait_final(state.enqueue(kind, payload, plan))
+        images = [base64.b64encode(i).decode() for i in output_images(job)] if body.send_images else []
         params = plan["params"]
         sampler = body.sampler_name or body.sampler_index
         info = {
@@ -156,12 +136,16 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/txt2img", response_model=ImagesResponse, responses=responses(409))
     async def txt2img(body: Txt2ImgBody) -> ImagesResponse:
-        return await run("txt2img", body, plan_for(body, None, None))
+        return await run("txt2img", body, plan_for(body))
 
     @api.post("/img2img", response_model=ImagesResponse, responses=responses(409))
     async def img2img(body: Img2ImgBody) -> ImagesResponse:
         init = decode_image(body.init_images[0], "init_images")
-        return await run("img2img", body, plan_for(body, init, body.denoising_strength))
+        mask = None
+        if body.mask:
+            grey = imaging.to_array(decode_image(body.mask, "mask"), "mask", mode="L")
+            mask = imaging.encode_png(255 - grey if body.inpainting_mask_invert else grey)
+        return await run("img2img", body, plan_for(body, init, mask, body.denoising_strength))
 
     @api.get("/progress", response_model=ProgressResponse, responses=responses())
     def progress() -> ProgressResponse:
@@ -249,11 +233,11 @@ def router(state: ServerState) -> APIRouter:
             params = {"image": base64.b64encode(raw).decode(), "repeats": repeats}
             plan = {"upscaler": body.upscaler_1, "params": params, "file_type": "png", "jpeg_quality": 85}
             payload = body.model_dump(exclude={"image"})
-            job = await wait_final(state, state.enqueue("extra-single-image", payload, plan))
-            images = _images(job)
+            job = await state.wait_final(state.enqueue("extra-single-image", payload, plan))
+            images = output_images(job)
             if job.state != DONE or not images:
                 raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")
-            upscaled = base64.b64decode(images[0])
+            upscaled = images[0]
         with Image.open(io.BytesIO(raw)) as source, Image.open(io.BytesIO(upscaled)) as image:
             size = (round(source.width * body.upscaling_resize), round(source.height * body.upscaling_resize))
             out = io.BytesIO()

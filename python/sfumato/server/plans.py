@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from typing import Any
 
 from sfumato import images as imaging
@@ -27,6 +28,10 @@ def decode_image(data: str, field: str) -> bytes:
         raise InvalidParameterError(field, "is not valid base64") from None
     imaging.to_array(raw, field)
     return raw
+
+
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode() if data is not None else None
 
 
 def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
@@ -57,21 +62,77 @@ def diffusion_plan(
     seed: int,
     batch_count: int = 1,
     init_image: bytes | None = None,
+    mask: bytes | None = None,
     strength: float | None = None,
     file_type: str = "png",
     jpeg_quality: int = 85,
-    model_field: str = "model",
-    scheduler_field: str = "scheduler",
+    fields: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A checked generation plan. ``scheduler_name`` ``None`` takes the one the sampler implies."""
-    limit = state.settings.max_prompt_chars
+    """A checked generation plan. ``scheduler_name`` ``None`` takes the one the sampler implies.
+
+    ``fields`` maps the SDK's names of fields to the request's (``{"steps":
+    "num_steps"}``), so that an error names the field the client sent.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the request's field.
+    """
+    try:
+        return _plan(
+            state, model=model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+            steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name, scheduler_name=scheduler_name, seed=seed,
+            batch_count=batch_count, init_image=init_image, mask=mask, strength=strength, file_type=file_type,
+            jpeg_quality=jpeg_quality,
+        )  # fmt: skip
+    except InvalidParameterError as exc:
+        renamed = (fields or {}).get(exc.field)
+        if renamed is None:
+            raise
+        raise InvalidParameterError(renamed, exc.message) from None
+
+
+def _plan(
+    state: ServerState,
+    *,
+    model: str | None,
+    prompt: str,
+    negative_prompt: str,
+    width: int,
+    height: int,
+    steps: int,
+    cfg_scale: float,
+    sampler_name: str | None,
+    scheduler_name: str | None,
+    seed: int,
+    batch_count: int,
+    init_image: bytes | None,
+    mask: bytes | None,
+    strength: float | None,
+    file_type: str,
+    jpeg_quality: int,
+) -> dict[str, Any]:
+    settings = state.settings
+    limit = settings.max_prompt_chars
     for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if len(text) > limit:
             raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
-    name = pick_model(state, model, model_field)
+    if width * height > settings.max_pixels:
+        raise InvalidParameterError(
+            "width", f"{width}x{height} is {width * height} pixels; this server allows up to {settings.max_pixels}"
+        )
+    if steps > settings.max_steps:
+        raise InvalidParameterError("steps", f"is {steps}; this server allows up to {settings.max_steps}")
+    if batch_count > settings.max_images:
+        raise InvalidParameterError(
+            "batch_count", f"asks for {batch_count} images; this server allows up to {settings.max_images}"
+        )
+    if mask is not None and init_image is None:
+        raise InvalidParameterError("mask", "inpainting needs an init image: the mask marks which pixels change")
+    name = pick_model(state, model)
     sampling_method, scheduler = (None, None) if sampler_name is None else names.sampler(sampler_name, "sampler_name")
     if scheduler_name is not None:
-        scheduler = names.scheduler(scheduler_name, scheduler_field)
+        scheduler = names.scheduler(scheduler_name, "scheduler")
     defaults = DiffusionParams(prompt="")
     params = validate_diffusion(
         DiffusionParams(
@@ -87,6 +148,6 @@ def diffusion_plan(
         "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
         "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
         "batch_count": params.batch_count, "strength": params.strength,
-        "init_image": base64.b64encode(init_image).decode() if init_image is not None else None,
+        "init_image": _b64(init_image), "mask": _b64(mask),
     }  # fmt: skip
     return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}

@@ -40,12 +40,12 @@ def progress_of(phase: str, step: int, total: int) -> float:
 
 
 def encode_output(png: bytes, file_type: str, quality: int) -> bytes:
-    """The PNG from the SDK, or the same image as JPEG at ``quality``."""
+    """The PNG from the SDK, or the same image as JPEG (``jpg``) or WebP at ``quality``."""
     if file_type == "png":
         return png
     with Image.open(io.BytesIO(png)) as image:
         out = io.BytesIO()
-        image.convert("RGB").save(out, format="JPEG", quality=quality)
+        image.convert("RGB").save(out, format="JPEG" if file_type == "jpg" else file_type.upper(), quality=quality)
         return out.getvalue()
 
 
@@ -146,7 +146,7 @@ class JobRunner:
             model_id = self.model_id(plan["upscaler"] if upscale_only else plan["model"], upscaler=upscale_only)
             before = self._memory_mb(model_id)
             params = dict(plan["params"])
-            for key in ("init_image", "image"):
+            for key in ("init_image", "mask", "image"):
                 if params.get(key) is not None:
                     params[key] = base64.b64decode(params[key])
             started = time.perf_counter()

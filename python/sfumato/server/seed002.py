@@ -4,7 +4,6 @@ plus ``DELETE /queue/{job_id}`` (cancel) and ``GET /queue/{job_id}/events`` (SSE
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -65,6 +64,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     init_image: str = Field(min_length=1, description="base64 PNG or JPEG")
     strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = Field(None, description="base64 mask image for inpainting: white is painted anew")
 
 
 class JobAccepted(BaseModel):
@@ -135,16 +135,17 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
     # scheduler_type applies unless left at its default while the sampler's name implies one.
     implied = names.sampler(request.sampler_name, "sampler_name")[1]
     explicit = "scheduler_type" in request.model_fields_set or implied is None
-    init_image, strength = None, None
+    init_image, mask, strength = None, None, None
     if isinstance(request, Img2ImgRequest):
         init_image, strength = decode_image(request.init_image, "init_image"), request.strength
+        mask = decode_image(request.mask, "mask") if request.mask else None
     return diffusion_plan(
         state, model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
         width=request.width, height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
         sampler_name=request.sampler_name,
-        scheduler_name=request.scheduler_type if explicit else None, scheduler_field="scheduler_type",
-        seed=request.seed, init_image=init_image, strength=strength, file_type=request.fileType,
-        jpeg_quality=request.jpeg_quality,
+        scheduler_name=request.scheduler_type if explicit else None, seed=request.seed, init_image=init_image,
+        mask=mask, strength=strength, file_type=request.fileType, jpeg_quality=request.jpeg_quality,
+        fields={"scheduler": "scheduler_type"},
     )  # fmt: skip
 
 
@@ -200,7 +201,7 @@ def router(state: ServerState) -> APIRouter:
 
     def accept(kind: str, request: Txt2ImgRequest) -> JobAccepted:
         job_plan = plan(state, request)
-        payload = request.model_dump(exclude={"init_image"} if kind == "img2img" else None)
+        payload = request.model_dump(exclude={"init_image", "mask"} if kind == "img2img" else None)
         return JobAccepted(job_id=state.enqueue(kind, payload, job_plan))
 
     @api.post("/txt2img", response_model=JobAccepted, responses=responses(409))
@@ -211,11 +212,7 @@ def router(state: ServerState) -> APIRouter:
     def img2img(request: Img2ImgRequest) -> JobAccepted:
         return accept("img2img", request)
 
-    def find(job_id: str) -> Job:
-        job = state.store.get(job_id)
-        if job is None:
-            raise ApiError(404, "not_found", f"no job has id {job_id!r} (never accepted, or past retention)", "job_id")
-        return job
+    find = state.find
 
     @api.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404))
     def queue_status(job_id: str) -> QueueStatusResponse:
@@ -236,20 +233,10 @@ def router(state: ServerState) -> APIRouter:
         find(job_id)
 
         async def stream() -> AsyncIterator[str]:
-            last = None
-            while not await request.is_disconnected():
-                job = state.store.get(job_id)
-                if job is None:
-                    return
-                now = (job.state, job.progress, job.phase)
-                if now != last:
-                    body = {"job_id": job.id, "state": job.state, "progress": job.progress,
-                            "current_phase": job.phase, "error": job.error}  # fmt: skip
-                    yield f"event: progress\ndata: {json.dumps(body)}\n\n"
-                    last = now
-                if job.state in FINAL:
-                    return
-                await asyncio.sleep(0.2)
+            async for job in state.follow(job_id, request):
+                body = {"job_id": job.id, "state": job.state, "progress": job.progress,
+                        "current_phase": job.phase, "error": job.error}  # fmt: skip
+                yield f"event: progress\ndata: {json.dumps(body)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -26,6 +26,12 @@ class ServerSettings:
         How long finished jobs and their images are kept.
     max_body_bytes, max_prompt_chars:
         Request limits.
+    max_pixels, max_steps, max_images:
+        Job limits: the largest width x height of one image, the most sampling
+        steps, the most images one request may ask for.
+    allow_private_urls, fetch_timeout_s, fetch_max_bytes:
+        How ``url_upload`` images are fetched: loopback, private and link-local
+        addresses are refused unless allowed; a slower or larger answer fails.
     threads:
         CPU threads per model (``None``: the engine's count of physical cores).
     """
@@ -42,6 +48,12 @@ class ServerSettings:
     retention_s: float = 7 * 24 * 3600.0
     max_body_bytes: int = 32 * 2**20
     max_prompt_chars: int = 4000
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 150
+    max_images: int = 16
+    allow_private_urls: bool = False
+    fetch_timeout_s: float = 15.0
+    fetch_max_bytes: int = 16 * 2**20
     threads: int | None = None
 
     @property

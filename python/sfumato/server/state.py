@@ -1,9 +1,11 @@
-"""What the routes of one server share: settings, job store, catalog, runner."""
+"""What the routes of one server share: settings, job store, catalog, runner,
+and the ways a route waits on a job."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +13,11 @@ from fastapi import Request
 
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import ApiError
-from sfumato.server.runner import JobRunner
+from sfumato.server.runner import JobRunner, read_output
 from sfumato.server.settings import ServerSettings
-from sfumato.server.store import JobStore, QueueFullError
+from sfumato.server.store import ERROR, FINAL, Job, JobStore, QueueFullError
+
+POLL_S = 0.1
 
 
 @dataclass
@@ -37,6 +41,46 @@ class ServerState:
             raise ApiError(409, "queue_full", str(exc)) from None
         self.runner.wake()
         return job.id
+
+    def find(self, job_id: str) -> Job:
+        """The job with ``job_id``; 404 when there is none."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job has id {job_id!r} (never accepted, or past retention)", "job_id")
+        return job
+
+    async def follow(self, job_id: str, request: Request | None = None) -> AsyncIterator[Job]:
+        """The job each time its state, progress or phase changes, until it ends
+        (or the client of ``request`` goes away); never blocks the event loop."""
+        last = None
+        while request is None or not await request.is_disconnected():
+            job = self.store.get(job_id)
+            if job is None:  # purged while followed
+                return
+            now = (job.state, job.progress, job.phase)
+            if now != last:
+                yield job
+                last = now
+            if job.state in FINAL:
+                return
+            await asyncio.sleep(POLL_S)
+
+    async def wait_final(self, job_id: str) -> Job:
+        """The job once it has ended."""
+        job = self.find(job_id)
+        async for seen in self.follow(job_id):
+            job = seen
+        if job.state not in FINAL:
+            raise ApiError(500, "job_lost", f"job {job_id} left the store before it ended")
+        return job
+
+
+def output_images(job: Job) -> list[bytes]:
+    """The images a job wrote (a cancelled job's finished ones); a failed job is a 500."""
+    if job.state == ERROR:
+        raise ApiError(500, "generation_failed", job.error or "the job failed")
+    found = (read_output(path) for path in job.result.get("output_paths", []))
+    return [data for data in found if data is not None]
 
 
 def require_key(settings: ServerSettings) -> Callable[[Request], Awaitable[None]]:
