@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sfumato.server import a1111, errors, openai, seed002
+from sfumato.server import a1111, errors, openai, seed002, seed003, seed004
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
 from sfumato.server.runner import JobRunner
@@ -117,6 +117,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(seed002.router(state))
     app.include_router(a1111.router(state))
     app.include_router(openai.router(state))
+    app.include_router(seed003.router(state))
+    app.include_router(seed004.router(state))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -33,7 +33,7 @@ from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.params import DEFAULT_SIZE, MAX_SEED
 from sfumato.server.errors import ApiError, responses
-from sfumato.server.plans import diffusion_plan
+from sfumato.server.plans import check_image, diffusion_plan
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, ERROR
 
@@ -107,8 +107,7 @@ async def _read_image(upload: UploadFile, field: str, limit: int) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
         raise InvalidParameterError(field, f"is over {limit} bytes")
-    imaging.to_array(data, field)  # readable, within the pixel limit
-    return data
+    return check_image(data, field)
 
 
 def _edit_mask(data: bytes, size: tuple[int, int]) -> bytes:

@@ -26,6 +26,11 @@ def decode_image(data: str, field: str) -> bytes:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidParameterError(field, "is not valid base64") from None
+    return check_image(raw, field)
+
+
+def check_image(raw: bytes, field: str) -> bytes:
+    """``raw``, once it is known to be a readable image within the pixel limit."""
     imaging.to_array(raw, field)
     return raw
 

@@ -19,7 +19,7 @@ from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import decode_image, diffusion_plan
 from sfumato.server.runner import read_output
-from sfumato.server.state import ServerState, require_key
+from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import DONE, FINAL, Job
 
 
@@ -118,6 +118,8 @@ class QueueStatusResponse(Success):
     generation_time_sec: float | None = None
     memory_before_mb: float | None = None
     memory_after_mb: float | None = None
+    images: list[str] | None = Field(default=None, description="every image of a job that made several (base64)")
+    output_paths: list[str] | None = None
 
 
 def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
@@ -169,6 +171,9 @@ def status_of(job: Job) -> QueueStatusResponse:
         for key in ("width", "height", "file_type", "jpeg_quality", "generation_time_sec",
                     "memory_before_mb", "memory_after_mb"):  # fmt: skip
             setattr(out, key, result.get(key))
+        if len(result["output_paths"]) > 1:
+            out.output_paths = result["output_paths"]
+            out.images = [base64.b64encode(i).decode() for i in output_images(job)]
     return out
 
 

@@ -1,0 +1,93 @@
+"""Seed 004's synchronous route: one request, validated by that JSON schema,
+answered with the PNG bytes.
+
+``POST /ai/run/{model}``, and the same under the path Cloudflare's REST
+clients use, ``/client/v4/accounts/{account_id}/ai/run/{model}``. ``model`` is
+a name from ``GET /models``; a ``@cf/...`` name runs the server's default
+model. ``image`` and ``mask`` are the bytes of an image file as an array of
+0..255 integers; ``image_b64`` is the same file in base64. A mask makes it
+inpainting (white is painted anew).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from sfumato.errors import InvalidParameterError
+from sfumato.params import MAX_SEED
+from sfumato.server.errors import ApiError, responses
+from sfumato.server.plans import check_image, decode_image, diffusion_plan
+from sfumato.server.state import ServerState, output_images, require_key
+from sfumato.server.store import DONE
+
+Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+class RunBody(BaseModel):
+    """Seed 004's input schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="A text description of the image you want to generate")
+    negative_prompt: str = Field("", description="Text describing elements to avoid in the generated image")
+    height: int | None = Field(None, ge=256, le=2048, description="The height in pixels (default 512)")
+    width: int | None = Field(None, ge=256, le=2048, description="The width in pixels (default 512)")
+    image: list[Byte] | None = Field(None, description="img2img: the bytes of a PNG/JPEG file, as 0..255 integers")
+    image_b64: str | None = Field(None, description="img2img: the same file, base64-encoded")
+    mask: list[Byte] | None = Field(None, description="inpainting: a mask image file's bytes; white is repainted")
+    num_steps: int = Field(20, ge=1, le=20, description="The number of diffusion steps")
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="img2img: how strongly to transform the image")
+    guidance: float = Field(7.5, ge=0.0, le=30.0, description="How closely to adhere to the prompt (CFG scale)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed (default: a random one)")
+
+
+PNG_ANSWER: dict[int | str, dict[str, object]] = {
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "the PNG"}
+}
+
+
+def router(state: ServerState) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["run (seed 004)"])
+
+    async def run(model: str, body: RunBody) -> Response:
+        if body.image is not None and body.image_b64 is not None:
+            raise InvalidParameterError("image_b64", "give the image once: as image or as image_b64")
+        init = None
+        if body.image is not None:
+            init = check_image(bytes(body.image), "image")
+        elif body.image_b64 is not None:
+            init = decode_image(body.image_b64, "image_b64")
+        mask = check_image(bytes(body.mask), "mask") if body.mask is not None else None
+        width, height = body.width or 512, body.height or 512
+        plan = diffusion_plan(
+            state, model=None if model.startswith("@cf/") else model, prompt=body.prompt,
+            negative_prompt=body.negative_prompt, width=width, height=height, steps=body.num_steps,
+            cfg_scale=body.guidance, sampler_name=None, scheduler_name=None,
+            seed=-1 if body.seed is None else body.seed, init_image=init, mask=mask,
+            strength=body.strength if init is not None else None,
+            fields={"steps": "num_steps", "cfg_scale": "guidance", "init_image": "image"},
+        )  # fmt: skip
+        payload = body.model_dump(exclude={"image", "image_b64", "mask"})
+        job = await state.wait_final(state.enqueue("run", payload, plan))
+        images = output_images(job)
+        if job.state != DONE or not images:
+            raise ApiError(409, "job_ended", f"the job ended {job.state}: {job.error}", "job_id")
+        return Response(images[0], media_type="image/png", headers={"X-Sfumato-Job": job.id})
+
+    @api.post("/ai/run/{model:path}", response_class=Response, responses={**responses(409), **PNG_ANSWER})
+    async def run_model(model: str, body: RunBody) -> Response:
+        return await run(model, body)
+
+    @api.post(
+        "/client/v4/accounts/{account_id}/ai/run/{model:path}",
+        response_class=Response,
+        responses={**responses(409), **PNG_ANSWER},
+    )
+    async def run_cloudflare_path(account_id: str, model: str, body: RunBody) -> Response:
+        return await run(model, body)
+
+    return api
