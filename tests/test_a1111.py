@@ -96,3 +96,7 @@ def test_extra_single_image(client: TestClient, gradient_image: np.ndarray) -> N
     out = client.post(f"{API}/extra-single-image", json=body).json()
     assert _size(out["image"]) == (32, 32)
     _error(client.post(f"{API}/extra-single-image", json={**body, "upscaler_1": "x"}), 422, "upscaler_1")
+    # Found by the fuzzing: a factor that rounds a side to 0, or an output past the pixel limit.
+    _error(client.post(f"{API}/extra-single-image", json={**body, "upscaling_resize": 0.01}), 422, "upscaling_resize")
+    big = {"image": _b64_png(np.zeros((2100, 2100, 3), np.uint8)), "upscaler_1": "esrgan-x4", "upscaling_resize": 4}
+    _error(client.post(f"{API}/extra-single-image", json=big), 422, "upscaling_resize")

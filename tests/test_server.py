@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
 from .conftest import SIZE
+from .serving import serving
 
 MODEL = "tiny-sd1"
 
@@ -213,31 +211,8 @@ def test_openapi_lists_the_errors_of_every_route(client: TestClient) -> None:
     assert "409" in spec["paths"]["/txt2img"]["post"]["responses"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sfumato_serve_command(settings: ServerSettings) -> None:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sfumato", "serve", "--port", str(port), "--models", str(settings.models_dir),
-         "--data", str(settings.data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=2) as response:
-                    models = json.load(response)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
-        assert [m["name"] for m in models["models"]] == [MODEL]
-        assert (settings.data_dir / "jobs.sqlite3").is_file()
-    finally:
-        server.terminate()
-        server.wait(30)
+    with serving(settings) as url, urllib.request.urlopen(f"{url}/models", timeout=5) as response:
+        models = json.load(response)
+    assert [m["name"] for m in models["models"]] == [MODEL]
+    assert (settings.data_dir / "jobs.sqlite3").is_file()

@@ -221,6 +221,17 @@ def router(state: ServerState) -> APIRouter:
     @api.post("/extra-single-image", response_model=ExtraSingleImageResponse, responses=responses(409))
     async def extra_single_image(body: ExtraSingleImageBody) -> ExtraSingleImageResponse:
         raw = decode_image(body.image, "image")
+        with Image.open(io.BytesIO(raw)) as source:
+            size = (round(source.width * body.upscaling_resize), round(source.height * body.upscaling_resize))
+            # x4 passes until the factor is reached; the result is then resized to the exact factor.
+            repeats = max(1, math.ceil(math.log(body.upscaling_resize, 4) - 1e-9))
+            passes = source.width * source.height * 16**repeats if body.upscaler_1 != "None" else 0
+            largest = max(size[0] * size[1], passes)
+        if min(size) < 1 or largest > imaging.MAX_INPUT_PIXELS:
+            raise InvalidParameterError(
+                "upscaling_resize", f"would make a {size[0]}x{size[1]} image; sides must be at least 1 and "
+                f"images (the x4 passes included) at most {imaging.MAX_INPUT_PIXELS} pixels",
+            )  # fmt: skip
         if body.upscaler_1 == "None":
             upscaled = raw
         else:
@@ -228,8 +239,6 @@ def router(state: ServerState) -> APIRouter:
             if body.upscaler_1 not in names:
                 have = ", ".join(["None", *names])
                 raise InvalidParameterError("upscaler_1", f"no upscaler named {body.upscaler_1!r}; available: {have}")
-            # x4 passes until the factor is reached; the result is then resized to the exact factor.
-            repeats = max(1, math.ceil(math.log(body.upscaling_resize, 4) - 1e-9))
             params = {"image": base64.b64encode(raw).decode(), "repeats": repeats}
             plan = {"upscaler": body.upscaler_1, "params": params, "file_type": "png", "jpeg_quality": 85}
             payload = body.model_dump(exclude={"image"})
@@ -238,8 +247,7 @@ def router(state: ServerState) -> APIRouter:
             if job.state != DONE or not images:
                 raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")
             upscaled = images[0]
-        with Image.open(io.BytesIO(raw)) as source, Image.open(io.BytesIO(upscaled)) as image:
-            size = (round(source.width * body.upscaling_resize), round(source.height * body.upscaling_resize))
+        with Image.open(io.BytesIO(upscaled)) as image:
             out = io.BytesIO()
             image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(out, format="PNG")
         return ExtraSingleImageResponse(image=base64.b64encode(out.getvalue()).decode())

@@ -11,10 +11,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +30,7 @@ from sfumato.server.store import JobStore
 
 logger = logging.getLogger("sfumato.server")
 PURGE_EVERY_S = 60.0
+PAGE = resources.files("sfumato.server").joinpath("page.html").read_text(encoding="utf-8")
 
 
 class BodyLimit:
@@ -113,6 +116,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     def hello() -> Hello:
         """Health check; never needs the API key."""
         return Hello(ok=True)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        """The web page: a static shell that needs no key; its data comes from the API."""
+        return HTMLResponse(PAGE)
 
     app.include_router(seed002.router(state))
     app.include_router(a1111.router(state))

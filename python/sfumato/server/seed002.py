@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -122,6 +122,21 @@ class QueueStatusResponse(Success):
     output_paths: list[str] | None = None
 
 
+class JobSummary(BaseModel):
+    job_id: str
+    kind: str
+    state: str
+    progress: float
+    current_phase: str
+    prompt: str
+    created: float
+    error: str | None = None
+
+
+class JobList(Success):
+    jobs: list[JobSummary]
+
+
 def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
     """Check a request completely and turn it into what the runner executes.
 
@@ -218,6 +233,20 @@ def router(state: ServerState) -> APIRouter:
         return accept("img2img", request)
 
     find = state.find
+
+    @api.get("/queue", response_model=JobList, responses=responses())
+    def recent(limit: int = Query(20, ge=1, le=200)) -> JobList:
+        """The newest jobs, newest first (the web page's history)."""
+        return JobList(
+            jobs=[
+                JobSummary(
+                    job_id=j.id, kind=j.kind, state=j.state, progress=j.progress, current_phase=j.phase,
+                    prompt=str(j.request.get("plan", {}).get("params", {}).get("prompt", "")), created=j.created,
+                    error=j.error,
+                )
+                for j in state.store.recent(limit)
+            ]
+        )  # fmt: skip
 
     @api.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404))
     def queue_status(job_id: str) -> QueueStatusResponse:

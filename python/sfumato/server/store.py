@@ -150,6 +150,12 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
+    def recent(self, limit: int) -> list[Job]:
+        """The ``limit`` newest jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
     def next_queued(self) -> Job | None:
         """The oldest queued job, marked processing."""
         with self._lock:
