@@ -27,7 +27,7 @@ def test_schemathesis_finds_no_server_error(settings: ServerSettings, tmp_path: 
             [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
              "--max-time", str(FUZZ_SECONDS), "--seed", "1", "--workers", "1", "--request-timeout", "120",
              "--max-examples", "50"],
-            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}, capture_output=True, text=True,
+            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}, cwd=tmp_path, capture_output=True, text=True,
             timeout=FUZZ_SECONDS + 300,
         )  # fmt: skip
         summary = run.stdout[run.stdout.rfind("SUMMARY") :]

@@ -96,6 +96,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         if requeued:
             logger.info("queued again %d job(s) that were running when the server stopped", requeued)
         _purge(state)
+        # Read the model headers now, not while the first requests wait.
+        catalog.models()
+        catalog.upscalers()
         state.runner.start()
         purger = threading.Thread(target=purge_loop, name="sfumato-purge", daemon=True)
         purger.start()

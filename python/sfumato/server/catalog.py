@@ -6,6 +6,7 @@ here, never joined onto a path, so no name can reach outside its folder.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,14 @@ class Catalog:
     def __init__(self, models_dir: Path, loras_dir: Path, upscalers_dir: Path) -> None:
         self.models_dir, self.loras_dir, self.upscalers_dir = models_dir, loras_dir, upscalers_dir
         self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
+        self._lock = threading.Lock()  # concurrent first requests read each header once
 
     def _detect(self, path: Path) -> ModelInfo | None:
         key = (path, path.stat().st_mtime)
+        with self._lock:
+            return self._detect_locked(path, key)
+
+    def _detect_locked(self, path: Path, key: tuple[Path, float]) -> ModelInfo | None:
         if key not in self._seen:
             try:
                 self._seen[key] = detect(path)

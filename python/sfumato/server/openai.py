@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -142,7 +142,7 @@ def router(state: ServerState) -> APIRouter:
             fields={"batch_count": "n", "width": "size", "height": "size", "sampler_name": "sampler"},
         )  # fmt: skip
 
-    async def answer(kind: str, body: GenerationsBody, plan: dict[str, Any]) -> Any:
+    async def answer(kind: str, body: GenerationsBody, plan: dict[str, Any], request: Request) -> Any:
         job_id = state.enqueue(f"openai-{kind}", body.model_dump(), plan)
         size = f"{plan['params']['width']}x{plan['params']['height']}"
         shape = {"background": "opaque", "output_format": body.output_format, "quality": body.quality, "size": size}
@@ -158,7 +158,7 @@ def router(state: ServerState) -> APIRouter:
             )
 
         async def stream() -> AsyncIterator[str]:
-            async for job in state.follow(job_id):
+            async for job in state.follow(job_id, request):
                 if job.state == ERROR or (job.state == CANCELLED and not job.result.get("output_paths")):
                     error = {"message": job.error or job.state, "code": job.state, "job_id": job.id}
                     yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
@@ -182,12 +182,13 @@ def router(state: ServerState) -> APIRouter:
     answers = {**responses(409), **sse}
 
     @api.post("/generations", response_model=ImagesResponse, responses=answers, response_model_exclude_none=True)
-    async def generations(body: GenerationsBody) -> Any:
+    async def generations(body: GenerationsBody, request: Request) -> Any:
         size = _size(body.size) or (DEFAULT_SIZE, DEFAULT_SIZE)
-        return await answer("generations", body, plan_for(body, size))
+        return await answer("generations", body, plan_for(body, size), request)
 
     @api.post("/edits", response_model=ImagesResponse, responses=answers, response_model_exclude_none=True)
     async def edits(
+        request: Request,
         prompt: Annotated[str, Form(min_length=1)],
         image: Annotated[list[UploadFile] | None, File(description="the image to edit (PNG/JPEG)")] = None,
         images: Annotated[list[UploadFile] | None, File(alias="image[]", description="the same, as a list")] = None,
@@ -223,6 +224,6 @@ def router(state: ServerState) -> APIRouter:
         edit_mask = None
         if mask is not None:
             edit_mask = _edit_mask(await _read_image(mask, "mask", limit), source_size)
-        return await answer("edits", body, plan_for(body, (wanted[0], wanted[1]), source, edit_mask))
+        return await answer("edits", body, plan_for(body, (wanted[0], wanted[1]), source, edit_mask), request)
 
     return api

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+import sfumato
 from sfumato.server.errors import responses
 from sfumato.server.fetch import fetch_image
 from sfumato.server.plans import diffusion_plan
@@ -106,8 +107,6 @@ def router(state: ServerState) -> APIRouter:
     @api.get("/public/config/diffusion", response_model=ConfigDocument, responses=responses())
     def config() -> ConfigDocument:
         """Every parameter of the POST: type, default, range or choices, required or not."""
-        import sfumato
-
         return ConfigDocument(
             data={
                 "engine": "diffusion", "version": sfumato.__version__, "name": "sfumato",

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato.errors import InvalidParameterError
-from sfumato.params import MAX_SEED
+from sfumato.params import DEFAULT_SIZE, MAX_SEED
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import check_image, decode_image, diffusion_plan
 from sfumato.server.state import ServerState, output_images, require_key
@@ -62,7 +62,7 @@ def router(state: ServerState) -> APIRouter:
         elif body.image_b64 is not None:
             init = decode_image(body.image_b64, "image_b64")
         mask = check_image(bytes(body.mask), "mask") if body.mask is not None else None
-        width, height = body.width or 512, body.height or 512
+        width, height = body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE
         plan = diffusion_plan(
             state, model=None if model.startswith("@cf/") else model, prompt=body.prompt,
             negative_prompt=body.negative_prompt, width=width, height=height, steps=body.num_steps,
