@@ -64,7 +64,7 @@ def test_listings_and_options(client: TestClient) -> None:  # noqa: F811
     _error(client.post(f"{API}/options", json={"sd_model_checkpoint": "sdxl"}), 422, "sd_model_checkpoint")
     assert client.post(f"{API}/options", json={"sd_model_checkpoint": f"{MODEL}.gguf [abc123]"}).status_code == 200
     _error(client.post(f"{API}/txt2img", json=_body(width=100)), 422, "width")
-    _error(client.post(f"{API}/txt2img", json=_body(enable_hr=True)), 422, "enable_hr")
+    _error(client.post(f"{API}/txt2img", json=_body(refiner_checkpoint="x")), 422, "refiner_checkpoint")
 
 
 def test_progress_and_interrupt(client: TestClient) -> None:  # noqa: F811

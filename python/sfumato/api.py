@@ -31,6 +31,7 @@ from sfumato.engine.context import (
     PHASE_SAMPLING,
     PHASE_VAE,
     ContextParams,
+    HiresParams,
     ImageRequest,
     ProgressTick,
 )
@@ -54,11 +55,13 @@ from sfumato.families.detect import (
 from sfumato.params import (
     CACHE_PRESETS,
     DEFAULT_SIZE,
+    HIRES_UPSCALERS,
     MAX_REPEATS,
     PREDICTIONS,
     DiffusionParams,
     ModelConfig,
     UpscalerConfig,
+    check_hires,
     check_int,
     check_side,
     check_upscale_repeats,
@@ -447,6 +450,7 @@ def diffusion(
     mask: imaging.ImageInput | None = _D.mask,
     strength: float = _D.strength,
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
+    hires: bool | Mapping[str, Any] | None = _D.hires,
     timeout: float | None = None,
 ) -> DiffusionResult:
     """Generate images with a loaded model. Returns at once.
@@ -458,7 +462,9 @@ def diffusion(
     ``width`` x ``height`` it is resized (Lanczos) to that size. ``mask`` (an
     image in the same forms, read as grey levels, resized bilinearly) makes it
     inpainting: white pixels are generated anew, black ones keep the source.
-    ``upscale``
+    ``hires`` (``True`` or :class:`~sfumato.params.HiresConfig` fields) adds a
+    second pass at ``scale`` times the size, rounded up to the model's size
+    multiple; its ticks have phase ``"hires"``. ``upscale``
     (``True`` or ``{"repeats": N}``) runs the model's paired ESRGAN N times on
     every image. Image ``i`` of a batch is generated with ``seed + i``, on its
     own, exactly as a single call with that seed would be. ``timeout`` (seconds
@@ -476,7 +482,7 @@ def diffusion(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             cfg_scale=cfg_scale, guidance=guidance, sampling_method=sampling_method, scheduler=scheduler,
             seed=seed, batch_count=batch_count, vae_tiling=vae_tiling, cache_preset=cache_preset,
-            init_image=init_image, mask=mask, strength=strength, upscale=upscale,
+            init_image=init_image, mask=mask, strength=strength, upscale=upscale, hires=hires,
         )
     )  # fmt: skip
     host = _host(model_id)
@@ -503,6 +509,7 @@ def diffusion(
         grey = imaging.to_array(params.mask, "mask", mode="L")
         mask_array = imaging.resize(grey, w, h, Image.Resampling.BILINEAR)
     request = ImageRequest(
+        hires=_engine_hires(params.hires),
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         width=w,
@@ -521,6 +528,23 @@ def diffusion(
         seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
     )
     return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
+
+
+def _engine_hires(value: object) -> HiresParams | None:
+    """``hires`` in engine terms; an ESRGAN upscaler is resolved and checked from its header."""
+    config = check_hires("hires", value)
+    if config is None:
+        return None
+    upscaler, model_path = config.upscaler, None
+    if not (isinstance(upscaler, str) and upscaler in HIRES_UPSCALERS):
+        path, _ = resolve_source(upscaler, "hires.upscaler")
+        hint = f"hires.upscaler takes one of {', '.join(HIRES_UPSCALERS)} or an ESRGAN model"
+        _detect_family(path, "hires.upscaler", (FAMILY_ESRGAN,), hint)
+        upscaler, model_path = "Model", str(path)
+    return HiresParams(
+        upscaler=upscaler, model_path=model_path, scale=config.scale, steps=config.steps,
+        denoising_strength=config.denoising_strength, tile_size=config.tile_size,
+    )  # fmt: skip
 
 
 def upscale(

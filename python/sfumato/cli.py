@@ -63,6 +63,15 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--init-image", default=_D.init_image, help="an image file: img2img")
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
+    g.add_argument("--hires", action="store_true", help="hires fix: a second pass at --hires-scale times the size")
+    g.add_argument("--hires-scale", type=float, default=2.0, help="hires size factor (default: 2)")
+    g.add_argument(
+        "--hires-upscaler",
+        default="Latent",
+        help="a latent mode, Lanczos, Nearest or an ESRGAN file (default: Latent)",
+    )
+    g.add_argument("--hires-steps", type=int, default=0, help="hires steps (default 0: --steps)")
+    g.add_argument("--hires-strength", type=float, default=0.7, help="hires denoising strength (default: 0.7)")
     g.add_argument(
         "--upscale", type=int, nargs="?", const=1, default=None, metavar="REPEATS",
         help="run the paired ESRGAN (--upscaler) REPEATS times (default 1 when given)",
@@ -198,6 +207,11 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None
+        params["hires"] = (
+            {"scale": args.hires_scale, "upscaler": args.hires_upscaler, "steps": args.hires_steps,
+             "denoising_strength": args.hires_strength}
+            if args.hires else None
+        )  # fmt: skip
         result = sfumato.diffusion(model_id, **params, timeout=args.timeout)
         outputs, stats = _run_job(result, args.quiet)
     except (JobCancelledError, KeyboardInterrupt):

@@ -69,6 +69,7 @@ class DiffusionParams:
     mask: ImageInput | None = None
     strength: float = 0.75
     upscale: bool | Mapping[str, Any] | None = None
+    hires: bool | Mapping[str, Any] | None = None
 
 
 DEFAULT_SIZE = 512
@@ -139,6 +140,60 @@ def check_upscale_repeats(name: str, value: object) -> int:
     raise InvalidParameterError(name, f"must be true, false or {{'repeats': N}}, got {value!r}")
 
 
+HIRES_UPSCALERS = (
+    "Latent", "Latent (nearest)", "Latent (nearest-exact)", "Latent (antialiased)", "Latent (bicubic)",
+    "Latent (bicubic antialiased)", "Lanczos", "Nearest",
+)  # fmt: skip
+MAX_HIRES_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class HiresConfig:
+    """``hires``: a second sampling pass at ``scale`` times the size (hires fix).
+
+    ``upscaler`` is one of :data:`HIRES_UPSCALERS` (latent or pixel resampling)
+    or an ESRGAN model (a path or registry constant). ``steps`` 0 takes the
+    request's ``steps``; as in A1111, ``denoising_strength`` of them are run.
+    """
+
+    scale: float = 2.0
+    upscaler: Any = "Latent"
+    steps: int = 0
+    denoising_strength: float = 0.7
+    tile_size: int = 128
+
+
+def check_hires(name: str, value: object) -> HiresConfig | None:
+    """``hires`` (``True``, or a mapping of :class:`HiresConfig` fields, seed 002's
+    ``enabled`` too) as a :class:`HiresConfig`; ``None`` when off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return HiresConfig()
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(name, f"must be true, false or a mapping of hires fields, got {value!r}")
+    known = {f.name for f in fields(HiresConfig)} | {"enabled"}
+    unknown = set(value) - known
+    if unknown:
+        raise InvalidParameterError(name, f"unknown key(s) {sorted(unknown)}; the keys are {sorted(known)}")
+    if not check_bool(f"{name}.enabled", value.get("enabled", True)):
+        return None
+    config = HiresConfig(**{k: v for k, v in value.items() if k != "enabled"})
+    scale = check_number(f"{name}.scale", config.scale, 1.0, MAX_HIRES_SCALE)
+    if scale <= 1.0:
+        raise InvalidParameterError(f"{name}.scale", f"must be over 1 (up to {MAX_HIRES_SCALE}), got {scale}")
+    check_int(f"{name}.steps", config.steps, 0, MAX_STEPS)
+    check_number(f"{name}.denoising_strength", config.denoising_strength, 0.0, 1.0)
+    check_int(f"{name}.tile_size", config.tile_size, 32, 2048)
+    if (
+        isinstance(config.upscaler, str)
+        and config.upscaler.startswith("Latent")
+        and config.upscaler not in HIRES_UPSCALERS
+    ):
+        check_choice(f"{name}.upscaler", config.upscaler, HIRES_UPSCALERS)
+    return config
+
+
 def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
     """Check every field that does not depend on the loaded model.
 
@@ -170,6 +225,7 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
     if params.mask is not None and params.init_image is None:
         raise InvalidParameterError("mask", "inpainting needs init_image: the mask marks which of its pixels change")
     check_upscale_repeats("upscale", params.upscale)
+    check_hires("hires", params.hires)
     return params
 
 

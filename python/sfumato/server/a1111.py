@@ -51,12 +51,15 @@ class Txt2ImgBody(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     refiner_checkpoint: str | None = None
 
 
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(min_length=1, max_length=1)
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     mask: str | None = None
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
 
@@ -105,17 +108,22 @@ def router(state: ServerState) -> APIRouter:
     def plan_for(
         body: Txt2ImgBody, init_image: bytes | None = None, mask: bytes | None = None, strength: float | None = None
     ) -> dict[str, Any]:
-        for key, value in (("enable_hr", body.enable_hr), ("refiner_checkpoint", body.refiner_checkpoint)):
-            if value:
-                raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
+        if body.refiner_checkpoint:
+            raise InvalidParameterError("refiner_checkpoint", "is not supported by this version of sfumato yet")
+        hires = None
+        if body.enable_hr and init_image is None:
+            hires = {"scale": body.hr_scale, "upscaler": body.hr_upscaler, "steps": body.hr_second_pass_steps,
+                     "denoising_strength": body.denoising_strength}  # fmt: skip
         model = body.override_settings.get("sd_model_checkpoint")
         return diffusion_plan(
             state, model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
             height=body.height, steps=body.steps, cfg_scale=body.cfg_scale,
             sampler_name=body.sampler_name or body.sampler_index, scheduler_name=body.scheduler,
             seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, mask=mask,
-            strength=strength,
-            fields={"model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size"},
+            strength=strength, hires=hires,
+            fields={"model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size",
+                    "hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
+                    "hires.denoising_strength": "denoising_strength"},
         )  # fmt: skip
 
     async def run(kind: str, body: Txt2ImgBody, plan: dict[str, Any]) -> ImagesResponse:

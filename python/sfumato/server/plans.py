@@ -13,7 +13,7 @@ from typing import Any
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
-from sfumato.params import DiffusionParams, check_side, validate_diffusion
+from sfumato.params import HIRES_UPSCALERS, DiffusionParams, check_hires, check_side, validate_diffusion
 from sfumato.server import names
 from sfumato.server.state import ServerState
 
@@ -37,6 +37,22 @@ def check_image(raw: bytes, field: str) -> bytes:
 
 def _b64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode() if data is not None else None
+
+
+def _hires(state: ServerState, hires: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Seed 002's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
+    config = check_hires("hires", dict(hires))
+    if config is None:
+        return None
+    upscaler = config.upscaler
+    if upscaler not in HIRES_UPSCALERS:
+        found = {e.name: e.path for e in state.catalog.upscalers()}
+        if upscaler not in found:
+            have = ", ".join([*HIRES_UPSCALERS, *found])
+            raise InvalidParameterError("hires.upscaler", f"no upscaler named {upscaler!r}; available: {have}")
+        upscaler = str(found[upscaler])
+    return {"scale": config.scale, "upscaler": upscaler, "steps": config.steps,
+            "denoising_strength": config.denoising_strength}  # fmt: skip
 
 
 def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
@@ -69,6 +85,7 @@ def diffusion_plan(
     init_image: bytes | None = None,
     mask: bytes | None = None,
     strength: float | None = None,
+    hires: Mapping[str, Any] | None = None,
     file_type: str = "png",
     jpeg_quality: int = 85,
     fields: Mapping[str, str] | None = None,
@@ -87,8 +104,8 @@ def diffusion_plan(
         return _plan(
             state, model=model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
             steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name, scheduler_name=scheduler_name, seed=seed,
-            batch_count=batch_count, init_image=init_image, mask=mask, strength=strength, file_type=file_type,
-            jpeg_quality=jpeg_quality,
+            batch_count=batch_count, init_image=init_image, mask=mask, strength=strength, hires=hires,
+            file_type=file_type, jpeg_quality=jpeg_quality,
         )  # fmt: skip
     except InvalidParameterError as exc:
         renamed = (fields or {}).get(exc.field)
@@ -114,6 +131,7 @@ def _plan(
     init_image: bytes | None,
     mask: bytes | None,
     strength: float | None,
+    hires: Mapping[str, Any] | None,
     file_type: str,
     jpeg_quality: int,
 ) -> dict[str, Any]:
@@ -122,6 +140,19 @@ def _plan(
     for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if len(text) > limit:
             raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
+    engine_hires = _hires(state, hires) if hires is not None else None
+    if engine_hires is not None:  # the limit applies to the final size
+        scale = engine_hires["scale"]
+        width_out, height_out = (-(-round(side * scale) // 64) * 64 for side in (width, height))
+        if width_out * height_out > settings.max_pixels:
+            raise InvalidParameterError(
+                "hires.scale",
+                f"makes {width_out}x{height_out} images; this server allows up to {settings.max_pixels} pixels",
+            )
+        if engine_hires["steps"] > settings.max_steps:
+            raise InvalidParameterError(
+                "hires.steps", f"is {engine_hires['steps']}; this server allows up to {settings.max_steps}"
+            )
     if width * height > settings.max_pixels:
         raise InvalidParameterError(
             "width", f"{width}x{height} is {width * height} pixels; this server allows up to {settings.max_pixels}"
@@ -153,6 +184,6 @@ def _plan(
         "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
         "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
         "batch_count": params.batch_count, "strength": params.strength,
-        "init_image": _b64(init_image), "mask": _b64(mask),
+        "init_image": _b64(init_image), "mask": _b64(mask), "hires": engine_hires,
     }  # fmt: skip
     return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}

@@ -27,14 +27,19 @@ from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore
 
 logger = logging.getLogger("sfumato.server")
 
-# Seed 002's phase names, from the SDK's tick phases.
+# Seed 002's phase names, from the SDK's tick phases; with hires fix, seed 002
+# reports "initial generation" (0-50%) and then "upscaling" (50-100%).
 PHASES = {"sampling": "generation", "hires": "upscaling", "vae": "decoding", "upscale": "upscaling"}
+HIRES_PHASES = {**PHASES, "sampling": "initial generation", "vae": "upscaling"}
 
 
-def progress_of(phase: str, step: int, total: int) -> float:
+def progress_of(phase: str, step: int, total: int, hires: bool = False) -> float:
     """0-100 over the whole job: sampling is most of it, decoding the rest."""
     frac = step / total if total else 0.0
-    spans = {"sampling": (0.0, 90.0), "vae": (90.0, 100.0), "upscale": (90.0, 100.0)}
+    if hires:
+        spans = {"sampling": (0.0, 50.0), "hires": (50.0, 95.0), "vae": (95.0, 100.0), "upscale": (95.0, 100.0)}
+    else:
+        spans = {"sampling": (0.0, 90.0), "vae": (90.0, 100.0), "upscale": (90.0, 100.0)}
     low, high = spans.get(phase, (0.0, 100.0))
     return round(low + (high - low) * frac, 1)
 
@@ -159,11 +164,13 @@ class JobRunner:
             if self._stopping:
                 result.cancel()
             last = -1.0
+            hires = params.get("hires") is not None
+            names = HIRES_PHASES if hires else PHASES
             for tick in result.progress_stream:
                 self.live = {"job_id": job.id, "tick": tick, "started": started}
-                pct = progress_of(tick.phase, tick.step, tick.total_steps)
+                pct = progress_of(tick.phase, tick.step, tick.total_steps, hires)
                 if pct - last >= 1.0 or tick.step == tick.total_steps:
-                    self.store.progress(job.id, pct, PHASES.get(tick.phase, tick.phase))
+                    self.store.progress(job.id, pct, names.get(tick.phase, tick.phase))
                     last = pct
             pngs = result.outputs.result()
             stats = result.stats.result()

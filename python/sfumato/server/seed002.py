@@ -145,8 +145,7 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
     InvalidParameterError
         Naming the field at fault.
     """
-    for key, value in (("loras", request.loras), ("hires", request.hires and request.hires.enabled),
-                       ("refiner_checkpoint", request.refiner_checkpoint)):  # fmt: skip
+    for key, value in (("loras", request.loras), ("refiner_checkpoint", request.refiner_checkpoint)):
         if value:
             raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
     # scheduler_type applies unless left at its default while the sampler's name implies one.
@@ -161,7 +160,8 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
         width=request.width, height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
         sampler_name=request.sampler_name,
         scheduler_name=request.scheduler_type if explicit else None, seed=request.seed, init_image=init_image,
-        mask=mask, strength=strength, file_type=request.fileType, jpeg_quality=request.jpeg_quality,
+        mask=mask, strength=strength, hires=request.hires.model_dump() if request.hires else None,
+        file_type=request.fileType, jpeg_quality=request.jpeg_quality,
         fields={"scheduler": "scheduler_type"},
     )  # fmt: skip
 
