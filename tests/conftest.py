@@ -83,6 +83,12 @@ def esrgan_1b(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd1_lora(model_dir: Path) -> Path:
+    """A kohya-layout LoRA on every attention projection of the SD 1.x UNet."""
+    return _cached(model_dir, "sd1-lora.safetensors", models.write_sd1_lora)
+
+
+@pytest.fixture(scope="session")
 def sd1_model(sd1_gguf: Path, esrgan_1b: Path) -> Iterator[str]:
     """An SD 1.x model loaded through the SDK, paired with an ESRGAN, shared by the session."""
     model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2, "upscaler": {"model_src": esrgan_1b}})

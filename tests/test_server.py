@@ -139,7 +139,7 @@ def test_img2img_job(client: TestClient, gradient_image: np.ndarray) -> None:
         ({"model": "notes"}, "model", "no model named 'notes'"),
         ({"sampler_name": "Magic"}, "sampler_name", "DPM++ 2M Karras"),
         ({"scheduler_type": "wobbly"}, "scheduler_type", "karras"),
-        ({"loras": ["ink-style"]}, "loras", "not supported"),
+        ({"loras": ["ink-style"]}, "loras[0]", "no LoRA named 'ink-style'"),
         ({"prompt": ""}, "prompt", "at least 1 character"),
         ({"prompt": "x" * 4001}, "prompt", "the limit is 4000"),
         ({"colour": "red"}, "colour", "Extra inputs"),

@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -49,6 +49,7 @@ from sfumato.families.detect import (
     FAMILY_SD1,
     FAMILY_SD2,
     ModelInfo,
+    check_lora_file,
     detect,
     read_tensor_table,
 )
@@ -56,6 +57,7 @@ from sfumato.params import (
     CACHE_PRESETS,
     DEFAULT_SIZE,
     HIRES_UPSCALERS,
+    LORA_SUFFIXES,
     MAX_REPEATS,
     PREDICTIONS,
     DiffusionParams,
@@ -63,6 +65,7 @@ from sfumato.params import (
     UpscalerConfig,
     check_hires,
     check_int,
+    check_loras,
     check_side,
     check_upscale_repeats,
     parse_model_config,
@@ -451,6 +454,7 @@ def diffusion(
     strength: float = _D.strength,
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
     hires: bool | Mapping[str, Any] | None = _D.hires,
+    loras: Sequence[Any] = _D.loras,
     timeout: float | None = None,
 ) -> DiffusionResult:
     """Generate images with a loaded model. Returns at once.
@@ -464,7 +468,9 @@ def diffusion(
     inpainting: white pixels are generated anew, black ones keep the source.
     ``hires`` (``True`` or :class:`~sfumato.params.HiresConfig` fields) adds a
     second pass at ``scale`` times the size, rounded up to the model's size
-    multiple; its ticks have phase ``"hires"``. ``upscale``
+    multiple; its ticks have phase ``"hires"``. ``loras`` applies LoRAs: names
+    (looked up in ``model_config.lora_dir``, never outside it), absolute paths,
+    or ``{"name" | "path": ..., "scale": 1.0}``. ``upscale``
     (``True`` or ``{"repeats": N}``) runs the model's paired ESRGAN N times on
     every image. Image ``i`` of a batch is generated with ``seed + i``, on its
     own, exactly as a single call with that seed would be. ``timeout`` (seconds
@@ -482,7 +488,7 @@ def diffusion(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             cfg_scale=cfg_scale, guidance=guidance, sampling_method=sampling_method, scheduler=scheduler,
             seed=seed, batch_count=batch_count, vae_tiling=vae_tiling, cache_preset=cache_preset,
-            init_image=init_image, mask=mask, strength=strength, upscale=upscale, hires=hires,
+            init_image=init_image, mask=mask, strength=strength, upscale=upscale, hires=hires, loras=loras,
         )
     )  # fmt: skip
     host = _host(model_id)
@@ -510,6 +516,7 @@ def diffusion(
         mask_array = imaging.resize(grey, w, h, Image.Resampling.BILINEAR)
     request = ImageRequest(
         hires=_engine_hires(params.hires),
+        loras=_lora_files(params.loras, model.config.lora_dir),
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         width=w,
@@ -528,6 +535,29 @@ def diffusion(
         seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
     )
     return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
+
+
+def _lora_files(value: object, folder: Path | None) -> list[tuple[str, float]]:
+    """``loras`` as ``(file, scale)``: names are matched against the folder's
+    listing (never joined onto it); every file must hold LoRA tensors."""
+    out = []
+    for i, (item, scale) in enumerate(check_loras("loras", value)):
+        field = f"loras[{i}]"
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            if folder is None:
+                raise InvalidParameterError(
+                    field, f"{item!r} is a name; set model_config.lora_dir, or give an absolute path"
+                )
+            listing = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in LORA_SUFFIXES}
+            listing.update({p.name: p for p in listing.values()})
+            if str(item) not in listing:
+                have = ", ".join(sorted(p.stem for p in set(listing.values()))) or "none"
+                raise InvalidParameterError(field, f"no LoRA named {str(item)!r} in {folder}; available: {have}")
+            path = listing[str(item)]
+        check_lora_file(path, field)
+        out.append((str(path), scale))
+    return out
 
 
 def _engine_hires(value: object) -> HiresParams | None:

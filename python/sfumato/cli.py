@@ -43,6 +43,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prediction", choices=list(PREDICTIONS), default="auto")
     group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
     group.add_argument("--tile-size", type=int, default=128, help="ESRGAN tile size (default: 128)")
+    group.add_argument("--lora-dir", dest="lora_dir", default=None, help="folder that --lora names are looked up in")
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,10 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--init-image", default=_D.init_image, help="an image file: img2img")
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
+    g.add_argument(
+        "--lora", dest="loras", action="append", default=[], metavar="NAME[:SCALE]",
+        help="apply a LoRA (a name in --lora-dir or a path; scale default 1); repeatable",
+    )  # fmt: skip
     g.add_argument("--hires", action="store_true", help="hires fix: a second pass at --hires-scale times the size")
     g.add_argument("--hires-scale", type=float, default=2.0, help="hires size factor (default: 2)")
     g.add_argument(
@@ -145,9 +150,22 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         config["upscaler"] = {"tile_size": args.tile_size}
     else:
         config["vae_model_src"] = args.vae_model_src
+        config["lora_dir"] = args.lora_dir
         if args.upscaler:
             config["upscaler"] = {"model_src": args.upscaler, "tile_size": args.tile_size}
     return config
+
+
+def _lora_arg(text: str) -> dict[str, Any]:
+    """``NAME[:SCALE]``: a number after the last colon is the scale (default 1)."""
+    value, weight = text, 1.0
+    name, colon, scale = text.rpartition(":")
+    if colon:
+        try:
+            value, weight = name, float(scale)
+        except ValueError:
+            pass
+    return {"path" if Path(value).is_absolute() else "name": value, "scale": weight}
 
 
 class _ProgressBar:
@@ -207,6 +225,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None
+        params["loras"] = [_lora_arg(text) for text in args.loras]
         params["hires"] = (
             {"scale": args.hires_scale, "upscaler": args.hires_upscaler, "steps": args.hires_steps,
              "denoising_strength": args.hires_strength}

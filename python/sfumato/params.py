@@ -9,8 +9,10 @@ what it allows; nothing is clamped or silently corrected.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sfumato.engine.library import SAMPLE_METHODS, SCHEDULERS
@@ -70,6 +72,7 @@ class DiffusionParams:
     strength: float = 0.75
     upscale: bool | Mapping[str, Any] | None = None
     hires: bool | Mapping[str, Any] | None = None
+    loras: Sequence[Any] = ()
 
 
 DEFAULT_SIZE = 512
@@ -194,6 +197,34 @@ def check_hires(name: str, value: object) -> HiresConfig | None:
     return config
 
 
+MAX_LORAS = 16
+LORA_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt", ".pth")
+
+
+def check_loras(name: str, value: object) -> list[tuple[Any, float]]:
+    """``loras`` as ``(name or path, scale)`` pairs. Each item is a name (looked
+    up in ``model_config.lora_dir``), an absolute path, or a mapping with
+    ``name`` or ``path`` and ``scale`` (default 1.0)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise InvalidParameterError(name, f"must be a list of LoRA names, paths or {{name, scale}}, got {value!r}")
+    if len(value) > MAX_LORAS:
+        raise InvalidParameterError(name, f"at most {MAX_LORAS} LoRAs, got {len(value)}")
+    out = []
+    for i, item in enumerate(value):
+        field = f"{name}[{i}]"
+        scale: object = 1.0
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"name", "path", "scale"}
+            if unknown or ("name" in item) == ("path" in item):
+                raise InvalidParameterError(field, "must have 'name' or 'path', and optionally 'scale'")
+            scale = item.get("scale", 1.0)
+            item = item.get("name", item.get("path"))
+        if not isinstance(item, (str, os.PathLike)) or not str(item):
+            raise InvalidParameterError(field, f"must be a LoRA name or path, got {item!r}")
+        out.append((item, check_number(f"{field}.scale", scale, -10.0, 10.0)))
+    return out
+
+
 def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
     """Check every field that does not depend on the loaded model.
 
@@ -226,6 +257,7 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
         raise InvalidParameterError("mask", "inpainting needs init_image: the mask marks which of its pixels change")
     check_upscale_repeats("upscale", params.upscale)
     check_hires("hires", params.hires)
+    check_loras("loras", params.loras)
     return params
 
 
@@ -259,6 +291,8 @@ class ModelConfig:
         ``"auto"`` (detect) or one of :data:`PREDICTIONS`.
     vae_model_src, clip_l_model_src, clip_g_model_src, t5xxl_model_src, llm_model_src:
         Companion files, each a path or a registry constant.
+    lora_dir:
+        The folder LoRA names in ``diffusion(loras=...)`` are looked up in.
     upscaler:
         An ESRGAN to pair with the model, for ``diffusion(upscale=...)``.
     """
@@ -275,6 +309,7 @@ class ModelConfig:
     t5xxl_model_src: Any = None
     llm_model_src: Any = None
     upscaler: UpscalerConfig | None = None
+    lora_dir: Any = None
 
 
 def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConfig:
@@ -319,4 +354,9 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
         check_int("model_config.upscaler.tile_size", upscaler.tile_size, 16, 2048)
         if config.mode == "diffusion" and upscaler.model_src is None:
             raise InvalidParameterError("model_config.upscaler.model_src", "is required to pair an upscaler")
-    return ModelConfig(**{**values, "upscaler": upscaler})
+    lora_dir = config.lora_dir
+    if lora_dir is not None:
+        if not isinstance(lora_dir, (str, os.PathLike)) or not Path(lora_dir).expanduser().is_dir():
+            raise InvalidParameterError("model_config.lora_dir", f"must be an existing folder, got {lora_dir!r}")
+        lora_dir = Path(lora_dir).expanduser().resolve()
+    return ModelConfig(**{**values, "upscaler": upscaler, "lora_dir": lora_dir})

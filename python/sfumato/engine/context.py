@@ -104,6 +104,13 @@ class ContextParams:
     keep_clip_on_cpu: bool = False
     keep_vae_on_cpu: bool = False
     enable_mmap: bool = False
+    # LoRAs are applied in the graph, never merged into the weights: merging and
+    # unmerging between requests drifts the weights (a request without a LoRA
+    # after one with it did not give the same image).
+    lora_apply_mode: str = "at_runtime"
+
+
+LORA_APPLY_MODES = ("auto", "immediately", "at_runtime")
 
 
 @dataclass
@@ -361,6 +368,7 @@ class DiffusionContext(_NativeHandle):
         c.keep_clip_on_cpu = params.keep_clip_on_cpu
         c.keep_vae_on_cpu = params.keep_vae_on_cpu
         c.enable_mmap = params.enable_mmap
+        c.lora_apply_mode = _index(LORA_APPLY_MODES, params.lora_apply_mode, "lora_apply_mode")
         self.n_threads = int(c.n_threads)
         with callbacks.listening(None):
             handle = lib.new_sd_ctx(c)

@@ -16,7 +16,13 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sfumato.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
+from sfumato.errors import (
+    InvalidModelError,
+    InvalidParameterError,
+    ModelNotFoundError,
+    SfumatoError,
+    UnsupportedModelError,
+)
 
 FAMILY_SD1 = "sd1"
 FAMILY_SD2 = "sd2"
@@ -244,3 +250,21 @@ def detect(path: Path) -> ModelInfo:
     if path.is_dir():
         return _detect_diffusers(path)
     return _classify(path, read_tensor_table(path))
+
+
+def check_lora_file(path: Path, field: str) -> None:
+    """Refuse ``path`` unless it is a model file holding LoRA tensors.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming ``field``.
+    """
+    if not path.is_file():
+        raise InvalidParameterError(field, f"no LoRA file at {str(path)!r}")
+    try:
+        names = read_tensor_table(path).shapes
+    except SfumatoError as exc:
+        raise InvalidParameterError(field, f"{path} is not a readable model file ({exc})") from None
+    if not any(key in name for name in names for key in ("lora", "hada_", "lokr_")):
+        raise InvalidParameterError(field, f"{path} holds no LoRA tensors (lora_down/lora_up, lora_A/lora_B, ...)")

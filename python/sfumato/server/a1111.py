@@ -23,7 +23,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.params import MAX_BATCH, SCHEDULER_NAMES
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.names import SAMPLERS
-from sfumato.server.plans import decode_image, diffusion_plan, pick_model
+from sfumato.server.plans import decode_image, diffusion_plan, pick_model, prompt_loras
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
 
@@ -115,12 +115,13 @@ def router(state: ServerState) -> APIRouter:
             hires = {"scale": body.hr_scale, "upscaler": body.hr_upscaler, "steps": body.hr_second_pass_steps,
                      "denoising_strength": body.denoising_strength}  # fmt: skip
         model = body.override_settings.get("sd_model_checkpoint")
+        prompt, loras = prompt_loras(body.prompt)
         return diffusion_plan(
-            state, model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
+            state, model=model, prompt=prompt, negative_prompt=body.negative_prompt, width=body.width,
             height=body.height, steps=body.steps, cfg_scale=body.cfg_scale,
             sampler_name=body.sampler_name or body.sampler_index, scheduler_name=body.scheduler,
             seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, mask=mask,
-            strength=strength, hires=hires,
+            strength=strength, hires=hires, loras=loras,
             fields={"model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size",
                     "hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
                     "hires.denoising_strength": "denoising_strength"},

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
-from sfumato.params import HIRES_UPSCALERS, DiffusionParams, check_hires, check_side, validate_diffusion
+from sfumato.families.detect import check_lora_file
+from sfumato.params import (
+    HIRES_UPSCALERS,
+    DiffusionParams,
+    check_hires,
+    check_number,
+    check_side,
+    validate_diffusion,
+)
 from sfumato.server import names
 from sfumato.server.state import ServerState
 
@@ -37,6 +46,33 @@ def check_image(raw: bytes, field: str) -> bytes:
 
 def _b64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode() if data is not None else None
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's ``<lora:name:scale>`` tags: the prompt without them, and the LoRAs."""
+    found = []
+    for name, scale in LORA_TAG.findall(prompt):
+        try:
+            found.append((name.strip(), float(scale) if scale else 1.0))
+        except ValueError:
+            raise InvalidParameterError("prompt", f"<lora:{name}:{scale}> has a scale that is not a number") from None
+    return LORA_TAG.sub("", prompt).strip(), found
+
+
+def _lora_paths(state: ServerState, loras: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+    """LoRA names looked up in the LoRA folder's listing (never joined onto a path)."""
+    found = {e.name: e.path for e in state.catalog.loras()}
+    out = []
+    for i, (name, scale) in enumerate(loras):
+        if name not in found:
+            have = ", ".join(found) or f"none (the LoRA folder {state.settings.loras_dir} is empty)"
+            raise InvalidParameterError(f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
+        check_lora_file(found[name], f"loras[{i}]")
+        out.append({"path": str(found[name].resolve()), "scale": check_number(f"loras[{i}].scale", scale, -10, 10)})
+    return out
 
 
 def _hires(state: ServerState, hires: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -86,6 +122,7 @@ def diffusion_plan(
     mask: bytes | None = None,
     strength: float | None = None,
     hires: Mapping[str, Any] | None = None,
+    loras: Sequence[tuple[str, float]] = (),
     file_type: str = "png",
     jpeg_quality: int = 85,
     fields: Mapping[str, str] | None = None,
@@ -104,7 +141,7 @@ def diffusion_plan(
         return _plan(
             state, model=model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
             steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name, scheduler_name=scheduler_name, seed=seed,
-            batch_count=batch_count, init_image=init_image, mask=mask, strength=strength, hires=hires,
+            batch_count=batch_count, init_image=init_image, mask=mask, strength=strength, hires=hires, loras=loras,
             file_type=file_type, jpeg_quality=jpeg_quality,
         )  # fmt: skip
     except InvalidParameterError as exc:
@@ -132,6 +169,7 @@ def _plan(
     mask: bytes | None,
     strength: float | None,
     hires: Mapping[str, Any] | None,
+    loras: Sequence[tuple[str, float]],
     file_type: str,
     jpeg_quality: int,
 ) -> dict[str, Any]:
@@ -185,5 +223,6 @@ def _plan(
         "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
         "batch_count": params.batch_count, "strength": params.strength,
         "init_image": _b64(init_image), "mask": _b64(mask), "hires": engine_hires,
+        "loras": _lora_paths(state, loras),
     }  # fmt: skip
     return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}

@@ -145,9 +145,9 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
     InvalidParameterError
         Naming the field at fault.
     """
-    for key, value in (("loras", request.loras), ("refiner_checkpoint", request.refiner_checkpoint)):
-        if value:
-            raise InvalidParameterError(key, "is not supported by this version of sfumato yet")
+    if request.refiner_checkpoint:
+        raise InvalidParameterError("refiner_checkpoint", "is not supported by this version of sfumato yet")
+    loras = [(lora, 1.0) if isinstance(lora, str) else (lora.name, lora.scale) for lora in request.loras]
     # scheduler_type applies unless left at its default while the sampler's name implies one.
     implied = names.sampler(request.sampler_name, "sampler_name")[1]
     explicit = "scheduler_type" in request.model_fields_set or implied is None
@@ -160,7 +160,7 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
         width=request.width, height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
         sampler_name=request.sampler_name,
         scheduler_name=request.scheduler_type if explicit else None, seed=request.seed, init_image=init_image,
-        mask=mask, strength=strength, hires=request.hires.model_dump() if request.hires else None,
+        mask=mask, strength=strength, hires=request.hires.model_dump() if request.hires else None, loras=loras,
         file_type=request.fileType, jpeg_quality=request.jpeg_quality,
         fields={"scheduler": "scheduler_type"},
     )  # fmt: skip

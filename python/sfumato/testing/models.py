@@ -109,6 +109,32 @@ def write_sd_checkpoint(path: Path, version: str = "sd1", seed: int = 0, dtype: 
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
 
 
+# SD 1.x UNet attention blocks (diffusers names) and their channel width.
+_SD1_ATTENTIONS = (
+    *((f"down_blocks_{b}_attentions_{a}", w) for b, w in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)),
+    ("mid_block_attentions_0", 1280),
+    *((f"up_blocks_{b}_attentions_{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)),
+)
+_SD1_CONTEXT = 768
+
+
+def write_sd1_lora(path: Path, rank: int = 4, seed: int = 0, std: float = 0.05) -> Path:
+    """Write a LoRA for the SD 1.x UNet in the kohya layout (``lora_unet_*``
+    ``.lora_down`` / ``.lora_up`` / ``.alpha``) on every attention projection,
+    with random weights, as a ``.safetensors`` file."""
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, npt.NDArray[np.generic]] = {}
+    for block, width in _SD1_ATTENTIONS:
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out_0"):
+                fan_in = _SD1_CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width
+                name = f"lora_unet_{block}_transformer_blocks_0_{attn}_{proj}"
+                tensors[f"{name}.lora_down.weight"] = (rng.standard_normal((rank, fan_in)) * std).astype(np.float16)
+                tensors[f"{name}.lora_up.weight"] = (rng.standard_normal((width, rank)) * std).astype(np.float16)
+                tensors[f"{name}.alpha"] = np.array(float(rank), dtype=np.float16)
+    return write_safetensors(Path(path), tensors.items())
+
+
 def write_diffusers_folder(path: Path, version: str = "sd1", seed: int = 0, dtype: str = "f16") -> Path:
     """Write a diffusers-layout folder (``unet/``, ``vae/``, ``text_encoder/``,
     ``model_index.json``) for SD 1.x or 2.x."""
