@@ -65,7 +65,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
     g.add_argument(
-        "--lora", dest="loras", action="append", default=[], metavar="NAME[:SCALE]",
+        "--lora", "--loras", dest="loras", action="append", default=[], metavar="NAME[:SCALE]",
         help="apply a LoRA (a name in --lora-dir or a path; scale default 1); repeatable",
     )  # fmt: skip
     g.add_argument("--hires", action="store_true", help="hires fix: a second pass at --hires-scale times the size")
