@@ -188,11 +188,7 @@ def check_hires(name: str, value: object) -> HiresConfig | None:
     check_int(f"{name}.steps", config.steps, 0, MAX_STEPS)
     check_number(f"{name}.denoising_strength", config.denoising_strength, 0.0, 1.0)
     check_int(f"{name}.tile_size", config.tile_size, 32, 2048)
-    if (
-        isinstance(config.upscaler, str)
-        and config.upscaler.startswith("Latent")
-        and config.upscaler not in HIRES_UPSCALERS
-    ):
+    if isinstance(config.upscaler, str) and config.upscaler.startswith("Latent"):  # a mode, not a file
         check_choice(f"{name}.upscaler", config.upscaler, HIRES_UPSCALERS)
     return config
 

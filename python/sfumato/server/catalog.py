@@ -36,15 +36,12 @@ class Catalog:
     def _detect(self, path: Path) -> ModelInfo | None:
         key = (path, path.stat().st_mtime)
         with self._lock:
-            return self._detect_locked(path, key)
-
-    def _detect_locked(self, path: Path, key: tuple[Path, float]) -> ModelInfo | None:
-        if key not in self._seen:
-            try:
-                self._seen[key] = detect(path)
-            except InvalidModelError:
-                self._seen[key] = None  # not a model sfumato can load: not offered
-        return self._seen[key]
+            if key not in self._seen:
+                try:
+                    self._seen[key] = detect(path)
+                except InvalidModelError:
+                    self._seen[key] = None  # not a model sfumato can load: not offered
+            return self._seen[key]
 
     @staticmethod
     def _candidates(folder: Path) -> list[Path]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sfumato import images as imaging
@@ -104,6 +105,17 @@ def pick_model(state: ServerState, requested: str | None, field: str = "model") 
     return name
 
 
+@contextmanager
+def _named_as_sent(fields: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise an :class:`InvalidParameterError` under the request's name for its field."""
+    try:
+        yield
+    except InvalidParameterError as exc:
+        if exc.field not in fields:
+            raise
+        raise InvalidParameterError(fields[exc.field], exc.message) from None
+
+
 def diffusion_plan(
     state: ServerState,
     *,
@@ -137,92 +149,58 @@ def diffusion_plan(
     InvalidParameterError
         Naming the request's field.
     """
-    try:
-        return _plan(
-            state, model=model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-            steps=steps, cfg_scale=cfg_scale, sampler_name=sampler_name, scheduler_name=scheduler_name, seed=seed,
-            batch_count=batch_count, init_image=init_image, mask=mask, strength=strength, hires=hires, loras=loras,
-            file_type=file_type, jpeg_quality=jpeg_quality,
+    with _named_as_sent(fields or {}):
+        settings = state.settings
+        limit = settings.max_prompt_chars
+        for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if len(text) > limit:
+                raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
+        engine_hires = _hires(state, hires) if hires is not None else None
+        if engine_hires is not None:  # the limit applies to the final size
+            scale = engine_hires["scale"]
+            width_out, height_out = (-(-round(side * scale) // 64) * 64 for side in (width, height))
+            if width_out * height_out > settings.max_pixels:
+                raise InvalidParameterError(
+                    "hires.scale",
+                    f"makes {width_out}x{height_out} images; this server allows up to {settings.max_pixels} pixels",
+                )
+            if engine_hires["steps"] > settings.max_steps:
+                raise InvalidParameterError(
+                    "hires.steps", f"is {engine_hires['steps']}; this server allows up to {settings.max_steps}"
+                )
+        if width * height > settings.max_pixels:
+            raise InvalidParameterError(
+                "width", f"{width}x{height} is {width * height} pixels; this server allows up to {settings.max_pixels}"
+            )
+        if steps > settings.max_steps:
+            raise InvalidParameterError("steps", f"is {steps}; this server allows up to {settings.max_steps}")
+        if batch_count > settings.max_images:
+            raise InvalidParameterError(
+                "batch_count", f"asks for {batch_count} images; this server allows up to {settings.max_images}"
+            )
+        name = pick_model(state, model)
+        sampling_method, scheduler = (
+            (None, None) if sampler_name is None else names.sampler(sampler_name, "sampler_name")
+        )
+        if scheduler_name is not None:
+            scheduler = names.scheduler(scheduler_name, "scheduler")
+        defaults = DiffusionParams(prompt="")
+        params = validate_diffusion(
+            DiffusionParams(
+                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                cfg_scale=cfg_scale, sampling_method=sampling_method, scheduler=scheduler, seed=seed,
+                batch_count=batch_count, strength=defaults.strength if strength is None else strength,
+                init_image=init_image, mask=mask,
+            )
         )  # fmt: skip
-    except InvalidParameterError as exc:
-        renamed = (fields or {}).get(exc.field)
-        if renamed is None:
-            raise
-        raise InvalidParameterError(renamed, exc.message) from None
-
-
-def _plan(
-    state: ServerState,
-    *,
-    model: str | None,
-    prompt: str,
-    negative_prompt: str,
-    width: int,
-    height: int,
-    steps: int,
-    cfg_scale: float,
-    sampler_name: str | None,
-    scheduler_name: str | None,
-    seed: int,
-    batch_count: int,
-    init_image: bytes | None,
-    mask: bytes | None,
-    strength: float | None,
-    hires: Mapping[str, Any] | None,
-    loras: Sequence[tuple[str, float]],
-    file_type: str,
-    jpeg_quality: int,
-) -> dict[str, Any]:
-    settings = state.settings
-    limit = settings.max_prompt_chars
-    for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if len(text) > limit:
-            raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
-    engine_hires = _hires(state, hires) if hires is not None else None
-    if engine_hires is not None:  # the limit applies to the final size
-        scale = engine_hires["scale"]
-        width_out, height_out = (-(-round(side * scale) // 64) * 64 for side in (width, height))
-        if width_out * height_out > settings.max_pixels:
-            raise InvalidParameterError(
-                "hires.scale",
-                f"makes {width_out}x{height_out} images; this server allows up to {settings.max_pixels} pixels",
-            )
-        if engine_hires["steps"] > settings.max_steps:
-            raise InvalidParameterError(
-                "hires.steps", f"is {engine_hires['steps']}; this server allows up to {settings.max_steps}"
-            )
-    if width * height > settings.max_pixels:
-        raise InvalidParameterError(
-            "width", f"{width}x{height} is {width * height} pixels; this server allows up to {settings.max_pixels}"
-        )
-    if steps > settings.max_steps:
-        raise InvalidParameterError("steps", f"is {steps}; this server allows up to {settings.max_steps}")
-    if batch_count > settings.max_images:
-        raise InvalidParameterError(
-            "batch_count", f"asks for {batch_count} images; this server allows up to {settings.max_images}"
-        )
-    if mask is not None and init_image is None:
-        raise InvalidParameterError("mask", "inpainting needs an init image: the mask marks which pixels change")
-    name = pick_model(state, model)
-    sampling_method, scheduler = (None, None) if sampler_name is None else names.sampler(sampler_name, "sampler_name")
-    if scheduler_name is not None:
-        scheduler = names.scheduler(scheduler_name, "scheduler")
-    defaults = DiffusionParams(prompt="")
-    params = validate_diffusion(
-        DiffusionParams(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            cfg_scale=cfg_scale, sampling_method=sampling_method, scheduler=scheduler, seed=seed,
-            batch_count=batch_count, strength=defaults.strength if strength is None else strength,
-        )
-    )  # fmt: skip
-    check_side("width", width, 64)
-    check_side("height", height, 64)
-    sdk = {
-        "prompt": params.prompt, "negative_prompt": params.negative_prompt, "width": params.width,
-        "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
-        "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
-        "batch_count": params.batch_count, "strength": params.strength,
-        "init_image": _b64(init_image), "mask": _b64(mask), "hires": engine_hires,
-        "loras": _lora_paths(state, loras),
-    }  # fmt: skip
-    return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}
+        check_side("width", width, 64)
+        check_side("height", height, 64)
+        sdk = {
+            "prompt": params.prompt, "negative_prompt": params.negative_prompt, "width": params.width,
+            "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
+            "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
+            "batch_count": params.batch_count, "strength": params.strength,
+            "init_image": _b64(init_image), "mask": _b64(mask), "hires": engine_hires,
+            "loras": _lora_paths(state, loras),
+        }  # fmt: skip
+        return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}

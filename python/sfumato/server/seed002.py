@@ -19,7 +19,7 @@ from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import decode_image, diffusion_plan
 from sfumato.server.runner import read_output
-from sfumato.server.state import ServerState, output_images, require_key
+from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import DONE, FINAL, Job
 
 
@@ -178,17 +178,16 @@ def status_of(job: Job) -> QueueStatusResponse:
     )
     if job.state == DONE:
         result = job.result
-        path = result["output_paths"][0]
-        data = read_output(path)
+        paths = result["output_paths"]
+        images = [base64.b64encode(data).decode() if data is not None else None for data in map(read_output, paths)]
         out.payload = job.request["payload"]
-        out.image = base64.b64encode(data).decode() if data is not None else None
-        out.output_path = path
+        out.image, out.output_path = images[0], paths[0]
         for key in ("width", "height", "file_type", "jpeg_quality", "generation_time_sec",
                     "memory_before_mb", "memory_after_mb"):  # fmt: skip
             setattr(out, key, result.get(key))
-        if len(result["output_paths"]) > 1:
-            out.output_paths = result["output_paths"]
-            out.images = [base64.b64encode(i).decode() for i in output_images(job)]
+        if len(paths) > 1:
+            out.output_paths = paths
+            out.images = [image for image in images if image is not None]
     return out
 
 
