@@ -216,6 +216,9 @@ def load_model(
             prediction=prediction,
             flash_attn=config.flash_attn,
             diffusion_flash_attn=config.flash_attn,
+            diffusion_conv_direct=config.conv_direct,
+            vae_conv_direct=config.conv_direct,
+            rng=config.rng,
         )
     spec = LoadSpec(
         model_id=uuid.uuid4().hex,

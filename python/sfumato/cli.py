@@ -20,6 +20,7 @@ from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.params import (
     CACHE_PRESETS,
     PREDICTIONS,
+    RNG_NAMES,
     SAMPLING_METHODS,
     SCHEDULER_NAMES,
     WEIGHT_TYPE_NAMES,
@@ -39,6 +40,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu, gpu or an engine device name (default: auto)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     group.add_argument("--flash-attn", action="store_true", help="flash attention (slower on CPU)")
+    group.add_argument("--conv-direct", action="store_true", help="direct convolutions in the UNet and VAE")
+    group.add_argument("--rng", choices=RNG_NAMES, default="cuda", help="noise generator (cpu: as torch on CPU)")
     group.add_argument("--weight-type", choices=WEIGHT_TYPE_NAMES, default=None, help="convert weights at load")
     group.add_argument("--prediction", choices=list(PREDICTIONS), default="auto")
     group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
@@ -144,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "mode": mode, "device": args.device, "threads": args.threads, "flash_attn": args.flash_attn,
-        "weight_type": args.weight_type, "prediction": args.prediction,
+        "conv_direct": args.conv_direct, "rng": args.rng, "weight_type": args.weight_type,
+        "prediction": args.prediction,
     }  # fmt: skip
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.context import RNG_TYPES
 from sfumato.engine.library import SAMPLE_METHODS, SCHEDULERS
 from sfumato.errors import InvalidParameterError
 from sfumato.images import ImageInput
@@ -34,6 +35,8 @@ PREDICTIONS: dict[str, str | None] = {
     "flow": "sd3_flow", "flux_flow": "flux_flow", "flux2_flow": "flux2_flow",
 }  # fmt: skip
 """``model_config.prediction`` -> the engine's prediction name (``None``: detect)."""
+
+RNG_NAMES: tuple[str, ...] = tuple(RNG_TYPES)
 
 WEIGHT_TYPE_NAMES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k")
 
@@ -281,6 +284,12 @@ class ModelConfig:
         CPU threads; ``None`` uses the engine's count of physical cores.
     flash_attn:
         Flash attention. Off by default: on CPU it made sampling slower here.
+    conv_direct:
+        The engine's direct convolutions (UNet and VAE) instead of im2col + matmul.
+    rng:
+        The noise generator: ``"cuda"`` (default) draws what ``torch.randn`` on a
+        CUDA device draws for the same seed, ``"cpu"`` what a seeded torch CPU
+        generator draws (diffusers on CPU), ``"std_default"`` the C++ library's own.
     weight_type:
         Convert weights to this type at load (``None`` keeps the file's types).
     prediction:
@@ -297,6 +306,8 @@ class ModelConfig:
     device: str = "auto"
     threads: int | None = None
     flash_attn: bool = False
+    conv_direct: bool = False
+    rng: str = "cuda"
     weight_type: str | None = None
     prediction: str = "auto"
     vae_model_src: Any = None
@@ -331,6 +342,8 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
     if config.threads is not None:
         check_int("model_config.threads", config.threads, 1, 512)
     check_bool("model_config.flash_attn", config.flash_attn)
+    check_bool("model_config.conv_direct", config.conv_direct)
+    check_choice("model_config.rng", config.rng, RNG_NAMES)
     if config.weight_type is not None:
         check_choice("model_config.weight_type", config.weight_type, WEIGHT_TYPE_NAMES)
     check_choice("model_config.prediction", config.prediction, PREDICTIONS)

@@ -24,9 +24,12 @@ class TensorSpec:
     @property
     def is_norm_weight(self) -> bool:
         """Whether this is the scale of a normalisation layer (initialised to 1)."""
+        # Matched on ".name" so that a key at the start of an unprefixed name
+        # (the UNet's "out.0" in a diffusers folder) counts as well.
+        dotted = f".{self.name}"
         return (
             len(self.shape) == 1
-            and any(key in self.name for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0"))
+            and any(key in dotted for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0."))
             and self.name.endswith("weight")
         )
 

@@ -173,7 +173,7 @@ def write_esrgan(path: Path, num_block: int = 23, scale: int = 4, seed: int = 0)
     return path
 
 
-LAYOUT_VERSION = "v1"
+LAYOUT_VERSION = "v2"
 """Part of every cached file's name: a change of generator bumps it, and the files are written again."""
 
 
