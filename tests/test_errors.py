@@ -141,6 +141,8 @@ def test_upscale_repeats_is_checked(upscaler_model: str, gradient_image: np.ndar
         ({"prediction": "x0"}, "model_config.prediction"),
         ({"weight_type": "q3_0"}, "model_config.weight_type"),
         ({"flash_attn": "on"}, "model_config.flash_attn"),
+        ({"conv_direct": 1}, "model_config.conv_direct"),
+        ({"rng": "philox"}, "model_config.rng"),
         ({"device": "gpu"}, "model_config.device"),
         ({"device": "CUDA0"}, "model_config.device"),
         ({"upscaler": {"model_src": "x", "tile": 64}}, "model_config.upscaler.tile"),

@@ -27,6 +27,8 @@ What the C API allows: it takes no latent and returns no conditioning. So
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +186,18 @@ def test_a_broken_mapping_fails_parity(eps_model: str, reference: SD1Reference, 
 
 def test_a_broken_prediction_mapping_fails_parity(v_model: str, reference: SD1Reference) -> None:
     assert_far(sdk_image(v_model), reference_image(reference, prediction="eps"))
+
+
+def test_cli_rng_flag_gives_torch_noise(zero_eps_weights: Path, reference: SD1Reference, tmp_path: Path) -> None:
+    """``sfumato generate --rng cpu`` reaches the engine: the picture decodes torch's noise for the seed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sfumato", "generate", "-m", str(zero_eps_weights), "-p", "", "--width", "64",
+         "--height", "64", "--steps", "4", "--seed", "42", "--sampling-method", "euler", "--scheduler", "discrete",
+         "--rng", "cpu", "--threads", str(THREADS), "-q", "-o", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [png] = tmp_path.glob("*.png")
+    sigma_max = float(reference.scheduler().sigmas[0])
+    [expected] = reference.decode(torch_noise(42, (1, 4, 8, 8)) * sigma_max / reference.vae.config.scaling_factor)
+    assert_close(decode_png(png.read_bytes()), expected)

@@ -1,0 +1,161 @@
+"""One measurement in a fresh process, so that its peak RSS is its own.
+
+``python -m bench.probe '<json>'`` runs one configuration and prints one JSON
+line: seconds per sampling step, seconds per VAE decode, load and total
+seconds, and the process's peak RSS (``ru_maxrss``). Kinds:
+
+- ``engine``: sfumato's in-process engine layer (``sfumato.engine``) on a model
+  path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
+  ``threads``) and a txt2img request (``size``, ``steps``, ``batch``).
+- ``diffusers``: the reference pipeline (:class:`sfumato.testing.reference.SD1Reference`,
+  fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
+- ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT = "a lighthouse at dusk"
+SEED = 7
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water mark (``VmHWM``). ``ru_maxrss`` would not do:
+    Linux keeps it across exec, so a child of a big parent starts at the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0  # KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def engine(config: dict[str, Any]) -> dict[str, float]:
+    from sfumato.engine.context import ContextParams, DiffusionContext, ImageRequest
+
+    started = time.perf_counter()
+    params = ContextParams(
+        model_path=config["model"],
+        n_threads=config["threads"],
+        wtype=config.get("wtype"),
+        flash_attn=config.get("flash_attn", False),
+        diffusion_flash_attn=config.get("flash_attn", False),
+        diffusion_conv_direct=config.get("conv_direct", False),
+        vae_conv_direct=config.get("conv_direct", False),
+    )
+    with DiffusionContext(params) as context:
+        loaded = time.perf_counter()
+        # Warm-up (one step at 64x64, like the diffusers probe): first-call set-up is not a step's cost.
+        context.generate(ImageRequest(prompt=PROMPT, width=64, height=64, steps=1, seed=SEED))
+        size, steps, batch = config["size"], config["steps"], config.get("batch", 1)
+        request = ImageRequest(
+            prompt=PROMPT, width=size, height=size, steps=steps, seed=SEED, batch_count=batch, cfg_scale=7.0
+        )
+        measured = time.perf_counter()
+        out = context.generate(request)
+        done = time.perf_counter()
+    return {
+        "step_s": out.phase_ms["sampling"] / 1000.0 / out.sampling_steps,
+        "vae_s": out.phase_ms["vae"] / 1000.0 / batch,
+        "conditioning_s": out.phase_ms.get("conditioning", 0.0) / 1000.0,
+        "load_s": loaded - started,
+        "generate_s": done - measured,
+    }
+
+
+def diffusers(config: dict[str, Any]) -> dict[str, float]:
+    import torch
+
+    from sfumato.testing.reference import SD1Reference, torch_noise
+
+    started = time.perf_counter()
+    ref = SD1Reference(Path(config["model"]), threads=config["threads"])
+    if config.get("channels_last"):
+        ref.unet.to(memory_format=torch.channels_last)
+        ref.vae.to(memory_format=torch.channels_last)
+    loaded = time.perf_counter()
+    size, steps = config["size"], config["steps"]
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=ref.vae,
+        text_encoder=ref.text_encoder,
+        tokenizer=None,
+        unet=ref.unet,
+        scheduler=ref.scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if config.get("attention_slicing"):
+        pipe.enable_attention_slicing()
+    ids = [49406, 49407] + [49407] * 75
+    with torch.no_grad():
+        # Warm-up (one step at 64x64 and a decode, like the engine probe).
+        pipe(
+            prompt_embeds=ref.encode_ids(ids),
+            negative_prompt_embeds=ref.encode_ids(ids),
+            width=64,
+            height=64,
+            num_inference_steps=1,
+            guidance_scale=7.0,
+            output_type="np",
+        )
+        t0 = time.perf_counter()
+        cond, uncond = ref.encode_ids(ids), ref.encode_ids(ids)
+        t1 = time.perf_counter()
+        latents = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=7.0,
+            latents=torch_noise(SEED, (1, 4, size // 8, size // 8)),
+            output_type="latent",
+        ).images
+        t2 = time.perf_counter()
+        ref.vae.decode(latents / ref.vae.config.scaling_factor)
+        t3 = time.perf_counter()
+    return {
+        "step_s": (t2 - t1) / steps,
+        "vae_s": t3 - t2,
+        "conditioning_s": t1 - t0,
+        "load_s": loaded - started,
+        "generate_s": t3 - t0,
+    }
+
+
+def upscale(config: dict[str, Any]) -> dict[str, float]:
+    from sfumato.engine.context import UpscalerContext
+
+    started = time.perf_counter()
+    with UpscalerContext(config["model"], n_threads=config["threads"], tile_size=config["tile_size"]) as ctx:
+        loaded = time.perf_counter()
+        rng = np.random.default_rng(SEED)
+        image = rng.integers(0, 256, (config["size"], config["size"], 3), dtype=np.uint8)
+        out = ctx.upscale(image)
+        done = time.perf_counter()
+    megapixels = out.shape[0] * out.shape[1] / 1e6
+    return {"upscale_s": done - loaded, "load_s": loaded - started, "out_mp": megapixels}
+
+
+KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale}
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    figures = KINDS[config["kind"]](config)
+    figures["peak_rss_mb"] = _peak_rss_mb()
+    print("PROBE " + json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
