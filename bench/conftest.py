@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 
 from sfumato.testing import models
+from sfumato.testing.reference import cached_reference_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = os.environ.get("SFUMATO_BENCH_QUICK") == "1"
 SIZES = (64, 128) if QUICK else (256, 512)
 """The two image sides every per-step comparison is made at."""
-STEPS = 1 if QUICK else 2
 
 CASE_ORDER = ("binding_overhead", "engine_options", "diffusers", "upscale", "scaling")
 
@@ -48,9 +48,7 @@ def sd1_gguf() -> Path:
 def sd1_fp32_folder() -> Path:
     """The same SD 1.x layout as an fp32 diffusers folder: the engine and
     diffusers both load it, so every comparison runs on identical weights."""
-    from sfumato.testing.reference import write_sd1_reference_folder
-
-    return models.cached(_model_dir(), "parity-sd1-f32", write_sd1_reference_folder)
+    return cached_reference_folder(_model_dir())
 
 
 @pytest.fixture(scope="session")

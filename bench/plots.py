@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -18,12 +19,7 @@ def bars(path: Path, title: str, labels: Sequence[str], series: dict[str, Sequen
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, title, ylabel)
 
 
 def lines(
@@ -38,6 +34,10 @@ def lines(
         ax.set_xscale("log")
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
+    _save(fig, ax, path, title, ylabel)
+
+
+def _save(fig: Any, ax: Any, path: Path, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

@@ -2,7 +2,7 @@
 
 ``python -m bench.probe '<json>'`` runs one configuration and prints one JSON
 line: seconds per sampling step, seconds per VAE decode, load and total
-seconds, and the process's peak RSS (``ru_maxrss``). Kinds:
+seconds, and the process's peak RSS (``VmHWM``). Kinds:
 
 - ``engine``: sfumato's in-process engine layer (``sfumato.engine``) on a model
   path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
@@ -72,7 +72,7 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
 def diffusers(config: dict[str, Any]) -> dict[str, float]:
     import torch
 
-    from sfumato.testing.reference import SD1Reference, torch_noise
+    from sfumato.testing.reference import SD1Reference, sd1_token_ids, torch_noise
 
     started = time.perf_counter()
     ref = SD1Reference(Path(config["model"]), threads=config["threads"])
@@ -81,22 +81,10 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
         ref.vae.to(memory_format=torch.channels_last)
     loaded = time.perf_counter()
     size, steps = config["size"], config["steps"]
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=ref.vae,
-        text_encoder=ref.text_encoder,
-        tokenizer=None,
-        unet=ref.unet,
-        scheduler=ref.scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = ref.pipeline(ref.scheduler())
     if config.get("attention_slicing"):
         pipe.enable_attention_slicing()
-    ids = [49406, 49407] + [49407] * 75
+    ids = sd1_token_ids("")
     with torch.no_grad():
         # Warm-up (one step at 64x64 and a decode, like the engine probe).
         pipe(

@@ -39,8 +39,7 @@ import pytest
 
 import sfumato
 from sfumato.images import decode_png
-from sfumato.testing import models
-from sfumato.testing.reference import SD1Reference, sd1_token_ids, torch_noise
+from sfumato.testing.reference import SD1Reference, cached_reference_folder, sd1_token_ids, torch_noise
 
 MAX_ABS, MIN_PSNR = 2, 50.0
 THREADS = 2
@@ -75,16 +74,12 @@ def assert_far(ours: npt.NDArray[np.uint8], ref: npt.NDArray[np.uint8]) -> None:
 
 @pytest.fixture(scope="module")
 def weights(model_dir: Path) -> Path:
-    from sfumato.testing.reference import write_sd1_reference_folder
-
-    return models.cached(model_dir, "parity-sd1-f32", write_sd1_reference_folder)
+    return cached_reference_folder(model_dir)
 
 
 @pytest.fixture(scope="module")
 def zero_eps_weights(model_dir: Path) -> Path:
-    from sfumato.testing.reference import write_sd1_reference_folder
-
-    return models.cached(model_dir, "parity-sd1-zero-eps", lambda p: write_sd1_reference_folder(p, zero_eps=True))
+    return cached_reference_folder(model_dir, zero_eps=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sfumato.testing.layouts import SD1_UNET, clip_text_layout, unet_layout, vae_layout
-from sfumato.testing.models import random_tensors, write_safetensors
+from sfumato.testing.models import cached, random_tensors, write_safetensors
 
 # The published SD 1.x configurations (facts of the architecture).
 SD1_UNET_CONFIG: dict[str, Any] = {
@@ -108,6 +108,12 @@ def write_sd1_reference_folder(path: Path, seed: int = 0, zero_eps: bool = False
     return path
 
 
+def cached_reference_folder(folder: Path, zero_eps: bool = False) -> Path:
+    """The reference folder in the model cache ``folder``, written the first time."""
+    name = "parity-sd1-zero-eps" if zero_eps else "parity-sd1-f32"
+    return cached(folder, name, lambda p: write_sd1_reference_folder(p, zero_eps=zero_eps))
+
+
 def sd1_token_ids(prompt: str) -> list[int]:
     """CLIP token ids of ``prompt`` as SD 1.x feeds them to its text encoder:
     start token, at most 75 BPE tokens, end token, padded with the end token to 77."""
@@ -178,6 +184,24 @@ class SD1Reference:
             use_karras_sigmas=scheduler == "karras",
         )
 
+    def pipeline(self, scheduler: Any) -> Any:
+        """diffusers' ``StableDiffusionPipeline`` on these modules; prompts go in
+        as embeddings (:meth:`encode_ids`), so it needs no tokenizer."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=None,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     def txt2img(
         self,
         prompt_ids: list[int],
@@ -198,23 +222,12 @@ class SD1Reference:
         own Euler would start from ``sqrt(sigma_max**2 + 1) * noise``.
         """
         import torch
-        from diffusers import StableDiffusionPipeline
 
         sched = self.scheduler(scheduler, prediction)
         sched.set_timesteps(steps)
         sigma_max = float(sched.sigmas[0])
         latents = torch_noise(seed, (1, 4, height // 8, width // 8)) * sigma_max / float(sched.init_noise_sigma)
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=None,
-            unet=self.unet,
-            scheduler=sched,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self.pipeline(sched)
         with torch.no_grad():
             out = pipe(
                 prompt_embeds=self.encode_ids(prompt_ids),
