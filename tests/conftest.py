@@ -35,6 +35,16 @@ def _offline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ[key] = value
 
 
+@pytest.fixture
+def no_engine_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the SDK tries to start a worker (where the engine loads)."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a worker was started for a file that detection should refuse")
+
+    monkeypatch.setattr(sfumato.api, "ModelHost", refuse)
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return models.models_dir(ROOT / ".test-models")
@@ -67,6 +77,25 @@ sd1_diffusers = _sd_model("sd1", "diffusers")
 sd2_gguf = _sd_model("sd2", ".gguf")
 sd2_safetensors = _sd_model("sd2", ".safetensors")
 sd2_diffusers = _sd_model("sd2", "diffusers")
+
+
+@pytest.fixture(scope="session")
+def sdxl_gguf(model_dir: Path) -> Path:
+    """An all-in-one SDXL checkpoint (full-depth 2.6B UNet, CLIP-L, OpenCLIP-G, VAE) as one GGUF, f16."""
+    return _cached(model_dir, "sdxl.gguf", lambda p: models.write_sd_checkpoint(p, "sdxl"))
+
+
+SDXL_PART_FILES = {"unet": "sdxl-unet.gguf", "clip_l": "sdxl-clip_l.safetensors",
+                   "clip_g": "sdxl-clip_g.safetensors", "vae": "sdxl-vae.safetensors"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sdxl_parts(model_dir: Path) -> dict[str, Path]:
+    """SDXL's split layout: a UNet-only GGUF and the CLIP-L, CLIP-G and VAE files beside it."""
+    return {
+        part: _cached(model_dir, name, lambda p, part=part: models.write_sdxl_part(p, part))
+        for part, name in SDXL_PART_FILES.items()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -65,9 +65,13 @@ def test_abi_check_passes_on_the_real_declarations() -> None:
     ("old", "new"),
     [
         pytest.param("    bool circular_x;\n", "", id="ctx-missing-field"),
-        pytest.param("    float max_vram;\n} sd_ctx_params_t;", "    double max_vram;\n} sd_ctx_params_t;", id="ctx-wrong-type"),
         pytest.param(
-            "    float flow_shift;\n} sd_sample_params_t;", "    double flow_shift;\n} sd_sample_params_t;", id="sample-wrong-type"
+            "    float max_vram;\n} sd_ctx_params_t;", "    double max_vram;\n} sd_ctx_params_t;", id="ctx-wrong-type"
+        ),
+        pytest.param(
+            "    float flow_shift;\n} sd_sample_params_t;",
+            "    double flow_shift;\n} sd_sample_params_t;",
+            id="sample-wrong-type",
         ),
         pytest.param("    int64_t seed;\n", "    int32_t seed;\n", id="gen-narrow-seed"),
         pytest.param(
@@ -159,7 +163,9 @@ def test_engine_request_fields_reach_the_engine(context: DiffusionContext, gradi
     from sfumato.engine.context import HiresParams
 
     ticks: list[ProgressTick] = []
-    hires = context.generate(_request(steps=2, hires=HiresParams(scale=2.0, steps=1, denoising_strength=0.5)), ticks.append)
+    hires = context.generate(
+        _request(steps=2, hires=HiresParams(scale=2.0, steps=1, denoising_strength=0.5)), ticks.append
+    )
     assert hires.images[0].shape == (2 * SIZE, 2 * SIZE, 3)
     assert "hires" in {t.phase for t in ticks} and hires.phase_ms.get("hires", 0) > 0
 

@@ -26,7 +26,9 @@ def half_mask() -> np.ndarray:
     return mask
 
 
-def test_pixels_outside_the_mask_keep_the_source(sd1_model: str, gradient_image: np.ndarray, half_mask: np.ndarray) -> None:
+def test_pixels_outside_the_mask_keep_the_source(
+    sd1_model: str, gradient_image: np.ndarray, half_mask: np.ndarray
+) -> None:
     outputs, _, _ = run(sd1_model, init_image=gradient_image, mask=half_mask, strength=1.0, steps=3)
     out, source = _pixels(outputs[0]), gradient_image.astype(np.int16)
     keep, change = half_mask == 0, half_mask == 255

@@ -32,5 +32,7 @@ def test_load_unload_cycles_keep_rss_bounded(sd1_gguf: Path) -> None:
         gc.collect()
         samples.append(process.memory_info().rss)
     growth = max(samples[1:]) - samples[0]
-    print(f"RSS after warm-up cycle {samples[0] / 2**20:.0f} MiB, growth over {LOAD_CYCLES} cycles {growth / 2**20:.1f} MiB")
+    print(
+        f"RSS after warm-up cycle {samples[0] / 2**20:.0f} MiB, growth over {LOAD_CYCLES} cycles {growth / 2**20:.1f} MiB"
+    )
     assert growth < RSS_GROWTH_BOUND, [s // 2**20 for s in samples]

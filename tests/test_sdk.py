@@ -85,7 +85,9 @@ def init_image(request: pytest.FixtureRequest, gradient_image: np.ndarray, tmp_p
     return gradient_image
 
 
-def test_img2img_accepts_every_input_kind_identically(sd1_model: str, init_image: object, gradient_image: np.ndarray) -> None:
+def test_img2img_accepts_every_input_kind_identically(
+    sd1_model: str, init_image: object, gradient_image: np.ndarray
+) -> None:
     reference, _, _ = run(sd1_model, init_image=gradient_image, strength=0.5, steps=4, width=None, height=None)
     outputs, stats, _ = run(sd1_model, init_image=init_image, strength=0.5, steps=4, width=None, height=None)
     assert outputs == reference
@@ -147,7 +149,9 @@ def test_paired_upscale_sizes(sd1_model: str, repeats: int, batch_count: int) ->
     passes = batch_count * repeats
     assert [_size(png) for png in outputs] == [(side, side)] * batch_count
     assert (stats.width, stats.height, stats.total_pixels) == (side, side, batch_count * side * side)
-    assert [(t.step, t.total_steps) for t in ticks if t.phase == "upscale"] == [(i, passes) for i in range(1, passes + 1)]
+    assert [(t.step, t.total_steps) for t in ticks if t.phase == "upscale"] == [
+        (i, passes) for i in range(1, passes + 1)
+    ]
 
 
 def test_paired_upscale_keeps_each_batch_image_distinct(sd1_model: str) -> None:

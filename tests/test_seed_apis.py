@@ -82,7 +82,11 @@ def test_config_document_describes_every_parameter_as_seed_003_does(client: Test
     assert (params["steps"]["type"], params["steps"]["default"], params["steps"]["ui"]["max"]) == ("int", 20, 200)
     assert (params["guidance"]["type"], params["guidance"]["default"]) == ("float", 7.5)
     assert (params["guidance"]["ui"]["min"], params["guidance"]["ui"]["max"]) == (0.1, 10)
-    assert (params["strength"]["default"], params["strength"]["ui"]["min"], params["strength"]["ui"]["max"]) == (0.75, 0, 1)
+    assert (params["strength"]["default"], params["strength"]["ui"]["min"], params["strength"]["ui"]["max"]) == (
+        0.75,
+        0,
+        1,
+    )
     assert params["width"]["accept"]["$in"] == [320, 384, 448, 512, 640, 768] and params["width"]["default"] == 320
     assert params["cimg"]["accept"]["$in"] == [1, 2, 3, 4] and params["cimg"]["default"] == 1
     assert params["seed"]["default"] == 1 and params["seed"]["ui"]["max"] == 1_000_000
@@ -123,7 +127,11 @@ def test_img2img_from_a_url_following_a_redirect(settings: ServerSettings, image
     ],
 )
 def test_url_upload_refusals_name_the_field(
-    settings: ServerSettings, image_site: str, path: str, allow: bool, says: str  # noqa: F811
+    settings: ServerSettings,
+    image_site: str,
+    path: str,
+    allow: bool,
+    says: str,  # noqa: F811
 ) -> None:
     url = "http://no-such-host.invalid/x.png" if path == "/missing-host" else f"{image_site}{path}"
     local = replace(settings, allow_private_urls=allow, fetch_timeout_s=1.0, fetch_max_bytes=100_000)

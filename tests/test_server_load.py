@@ -75,7 +75,9 @@ def test_load_of_20_clients_mixing_generation_polling_and_cancels(settings: Serv
                 with lock:
                     statuses[(kind, response.status_code)] += 1
                     latencies[kind].append(elapsed)
-                    if response.status_code >= 500 or (response.status_code >= 400 and response.status_code not in (409, 429)):
+                    if response.status_code >= 500 or (
+                        response.status_code >= 400 and response.status_code not in (409, 429)
+                    ):
                         failures.append(f"{kind} {response.status_code} {response.text[:200]}")
                 time.sleep(rng.uniform(0.0, 0.2))
         with lock:
@@ -102,10 +104,13 @@ def test_load_of_20_clients_mixing_generation_polling_and_cancels(settings: Serv
                 time.sleep(0.5)
         drained = time.perf_counter() - began
     outcomes = Counter(s["state"] for s in ended.values())
+
     def spread(values: list[float]) -> str:
         values = sorted(values)
         p95 = values[int(0.95 * (len(values) - 1))]
-        return f"median {statistics.median(values) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {values[-1] * 1000:.0f} ms"
+        return (
+            f"median {statistics.median(values) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {values[-1] * 1000:.0f} ms"
+        )
 
     print(
         f"\n{sum(statuses.values())} requests from {CLIENTS} clients in {sent:.1f} s; "

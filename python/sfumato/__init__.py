@@ -10,6 +10,7 @@ Three tiers, each usable alone:
 - the raw cffi binding, :func:`sfumato.engine.load_engine` (``ffi`` and ``lib``).
 """
 
+from sfumato import presets
 from sfumato.api import (
     LoadProgress,
     ModelStatus,
@@ -50,11 +51,19 @@ from sfumato.params import (
     UpscalerConfig,
 )
 from sfumato.registry import (
+    FLUX_2_KLEIN_4B_Q4_0,
+    FLUX_2_KLEIN_4B_Q4_K_M,
+    FLUX_2_KLEIN_4B_Q6_K,
+    FLUX_2_KLEIN_4B_Q8_0,
+    FLUX_2_KLEIN_4B_VAE,
+    QWEN3_4B_Q4_K_M,
     REALESRGAN_X4PLUS,
     REALESRGAN_X4PLUS_ANIME_6B,
     REGISTRY,
     SD_V2_1_1B_Q4_0,
     SD_V2_1_1B_Q8_0,
+    SDXL_BASE_1_0_3B_Q4_0,
+    SDXL_BASE_1_0_3B_Q8_0,
     RegistryModel,
 )
 from sfumato.results import DiffusionResult, DiffusionStats, Pending, ProgressStream
@@ -62,8 +71,10 @@ from sfumato.results import DiffusionResult, DiffusionStats, Pending, ProgressSt
 __version__ = "0.1.0"
 
 __all__ = [
-    "CACHE_PRESETS", "REALESRGAN_X4PLUS", "REALESRGAN_X4PLUS_ANIME_6B", "REGISTRY",
-    "SAMPLING_METHODS", "SCHEDULER_NAMES", "SD_V2_1_1B_Q4_0", "SD_V2_1_1B_Q8_0",
+    "CACHE_PRESETS", "FLUX_2_KLEIN_4B_Q4_0", "FLUX_2_KLEIN_4B_Q4_K_M", "FLUX_2_KLEIN_4B_Q6_K",
+    "FLUX_2_KLEIN_4B_Q8_0", "FLUX_2_KLEIN_4B_VAE", "QWEN3_4B_Q4_K_M", "REALESRGAN_X4PLUS",
+    "REALESRGAN_X4PLUS_ANIME_6B", "REGISTRY", "SAMPLING_METHODS", "SCHEDULER_NAMES",
+    "SDXL_BASE_1_0_3B_Q4_0", "SDXL_BASE_1_0_3B_Q8_0", "SD_V2_1_1B_Q4_0", "SD_V2_1_1B_Q8_0",
     "ClosedError", "Device", "DiffusionParams", "DiffusionResult", "DiffusionStats",
     "EngineABIError", "EngineCrashedError", "EngineError", "EngineNotFoundError",
     "InvalidModelError", "InvalidParameterError", "JobCancelledError", "LoadProgress",
@@ -71,5 +82,5 @@ __all__ = [
     "ProgressStream", "ProgressTick", "RegistryModel", "SfumatoError", "UnknownModelIdError",
     "UnsupportedModelError", "UpscalerConfig", "cancel", "diffusion", "list_devices",
     "load_model", "load_model_async", "loaded_models", "models_info", "set_memory_budget",
-    "unload_model", "unload_model_async", "upscale",
+    "presets", "unload_model", "unload_model_async", "upscale",
 ]  # fmt: skip

@@ -43,15 +43,17 @@ from sfumato.errors import (
     NoUpscalerError,
     UnknownModelIdError,
 )
+from sfumato.families.companions import ROLES, check_companion, family_files, split_unet_hint
 from sfumato.families.detect import (
+    DIFFUSION_FAMILIES,
     FAMILY_ESRGAN,
     FAMILY_NAMES,
     FAMILY_SD1,
     FAMILY_SD2,
+    FAMILY_SDXL,
     ModelInfo,
     check_lora_file,
     detect,
-    read_tensor_table,
 )
 from sfumato.params import (
     CACHE_PRESETS,
@@ -82,7 +84,7 @@ ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
 """A local file, a diffusers folder, or a registry constant (or its name)."""
 
 _D = DiffusionParams(prompt="")
-_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64}
+_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64}
 
 _pool = ModelPool(Budget.from_env())
 atexit.register(_pool.shutdown)  # no worker outlives the process that started it
@@ -129,13 +131,30 @@ def _detect_family(path: Path, field: str, expected: tuple[str, ...], hint: str)
     return info
 
 
-def _reject_companions(config: ModelConfig, family: str) -> None:
-    for key in ("clip_l_model_src", "clip_g_model_src", "t5xxl_model_src", "llm_model_src"):
-        if getattr(config, key) is not None:
+def _companions(config: ModelConfig, info: ModelInfo) -> dict[str, Path]:
+    """Resolve and check the companion files ``config`` names for the model of ``info``."""
+    files = family_files(info)
+    family = FAMILY_NAMES[info.family]
+    found: dict[str, Path] = {}
+    for role in ROLES.values():
+        source = getattr(config, role.key)
+        if source is None:
+            if role.name in files.required:
+                what = "a diffusion model alone" if info.split else "a checkpoint without a VAE"
+                raise InvalidParameterError(
+                    f"model_config.{role.key}",
+                    f"required: {info.path} is {what} ({family}); pass its {role.label} here",
+                )
+            continue
+        if role.name not in files.accepted:
             raise InvalidParameterError(
-                f"model_config.{key}",
-                f"{family} models carry their own text encoder; this companion is not used by them",
+                f"model_config.{role.key}",
+                f"not used: {info.path} is an all-in-one {family} checkpoint that carries its own text encoders",
             )
+        path, _ = resolve_source(source, f"model_config.{role.key}")
+        check_companion(path, role.name, info)
+        found[role.name] = path.resolve()
+    return found
 
 
 def _file_bytes(path: Path | None) -> int:
@@ -185,22 +204,16 @@ def load_model(
     threads = config.threads or -1
     tile = (config.upscaler or UpscalerConfig()).tile_size
     context: ContextParams | None = None
-    vae_path = upscaler_path = None
+    upscaler_path = None
+    companions: dict[str, Path] = {}
     if config.mode == "upscale":
         info = _detect_family(path, "model_src", (FAMILY_ESRGAN,), "mode='upscale' needs an ESRGAN upscaler")
         upscaler_path = path
     else:
         info = _detect_family(
-            path, "model_src", (FAMILY_SD1, FAMILY_SD2),
-            "load ESRGAN upscalers with model_config={'mode': 'upscale'}",
-        )  # fmt: skip
-        _reject_companions(config, FAMILY_NAMES[info.family])
-        if config.vae_model_src is not None:
-            vae_path, _ = resolve_source(config.vae_model_src, "model_config.vae_model_src")
-            read_tensor_table(vae_path)
-            vae_path = vae_path.resolve()
-        elif not info.has_vae:
-            raise InvalidModelError(f"model_src: {path} has no VAE; pass model_config.vae_model_src")
+            path, "model_src", DIFFUSION_FAMILIES, "load ESRGAN upscalers with model_config={'mode': 'upscale'}"
+        )
+        companions = _companions(config, info)
         prediction = PREDICTIONS[config.prediction]
         if prediction is None and registered is not None:
             prediction = registered.prediction
@@ -208,9 +221,15 @@ def load_model(
             upscaler_path, _ = resolve_source(config.upscaler.model_src, "model_config.upscaler.model_src")
             _detect_family(upscaler_path, "model_config.upscaler.model_src", (FAMILY_ESRGAN,), "an ESRGAN is needed")
             upscaler_path = upscaler_path.resolve()
+        named = {role: str(file) for role, file in companions.items()}
         context = ContextParams(
-            model_path=str(path),
-            vae_path=str(vae_path) if vae_path else None,
+            model_path=str(split_unet_hint(cache_dir() / "hints")) if info.split else str(path),
+            diffusion_model_path=str(path) if info.split else None,
+            clip_l_path=named.get("clip_l"),
+            clip_g_path=named.get("clip_g"),
+            t5xxl_path=named.get("t5xxl"),
+            llm_path=named.get("llm"),
+            vae_path=named.get("vae"),
             n_threads=threads,
             wtype=config.weight_type,
             prediction=prediction,
@@ -243,7 +262,7 @@ def load_model(
         return host
 
     key = (repr(dataclasses.replace(spec, model_id="")), tuple(sorted(env.items())))
-    estimate = sum(_file_bytes(p) for p in (path, vae_path, upscaler_path))
+    estimate = sum(_file_bytes(p) for p in (path, upscaler_path, *companions.values()))
     model_id, _ = _pool.acquire(key, spec.model_id, create, estimate)
     report(LoadProgress(100.0, "load"))
     return model_id

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from sfumato.params import (
     WEIGHT_TYPE_NAMES,
     DiffusionParams,
 )
+from sfumato.presets import PRESETS
 from sfumato.server.settings import ServerSettings
 
 DEFAULT_MODEL = "SD_V2_1_1B_Q8_0"
@@ -45,6 +46,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-type", choices=WEIGHT_TYPE_NAMES, default=None, help="convert weights at load")
     group.add_argument("--prediction", choices=list(PREDICTIONS), default="auto")
     group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
+    group.add_argument("--clip-l", dest="clip_l_model_src", default=None, help="CLIP-L text encoder (split SDXL)")
+    group.add_argument("--clip-g", dest="clip_g_model_src", default=None, help="CLIP-G text encoder (split SDXL)")
     group.add_argument("--tile-size", type=int, default=128, help="ESRGAN tile size (default: 128)")
     group.add_argument("--lora-dir", dest="lora_dir", default=None, help="folder that --lora names are looked up in")
 
@@ -86,8 +89,9 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``sfumato`` command."""
+def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``sfumato`` command; ``preset`` (one of
+    :data:`sfumato.presets.PRESETS`) replaces the defaults of ``generate``."""
     parser = argparse.ArgumentParser(prog="sfumato", description="Local image generation on stable-diffusion.cpp")
     parser.add_argument("--verbose", "-v", action="store_true", help="show the engine's log")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", "-m", default=DEFAULT_MODEL, help=f"file, folder or registry constant (default: {DEFAULT_MODEL})"
     )
     gen.add_argument("--upscaler", default=None, help="an ESRGAN to pair with the model, for --upscale")
+    gen.add_argument(
+        "--preset", choices=list(PRESETS), default=None, help="settings of a distilled model; other flags override them"
+    )
     gen.add_argument("--output", "-o", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     gen.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds of running")
@@ -138,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-private-urls", action="store_true", help="let url_upload fetch loopback and private addresses"
     )
 
+    if preset:
+        gen.set_defaults(**preset)
     info = sub.add_parser("info", help="engine version, library path, system info and devices")
     info.add_argument("--json", action="store_true")
     sub.add_parser("models", help="list the registry constants and whether they are cached")
@@ -153,7 +162,8 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}
     else:
-        config["vae_model_src"] = args.vae_model_src
+        for key in ("vae_model_src", "clip_l_model_src", "clip_g_model_src"):
+            config[key] = getattr(args, key)
         config["lora_dir"] = args.lora_dir
         if args.upscaler:
             config["upscaler"] = {"model_src": args.upscaler, "tile_size": args.tile_size}
@@ -323,9 +333,17 @@ def _models(_args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; a ``--preset`` supplies the defaults of the flags it sets."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):
+        args = build_parser(PRESETS[args.preset]).parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sfumato`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
     handlers = {"generate": _generate, "upscale": _upscale, "serve": _serve, "info": _info, "models": _models}
     try:

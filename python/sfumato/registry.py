@@ -31,7 +31,7 @@ class RegistryModel:
     name:
         The constant's name (``"SD_V2_1_1B_Q8_0"``).
     filename:
-        The file name, in the cache and at the source.
+        The file name in the cache (and at the source, unless ``hf_path`` says otherwise).
     hf_repo:
         The Hugging Face repository holding the file, if it lives on the Hub.
     url:
@@ -45,6 +45,9 @@ class RegistryModel:
         The expected size in bytes, where it is published.
     sha256:
         The expected checksum, where it is published.
+    hf_path:
+        The file's path inside ``hf_repo`` when it differs from ``filename``
+        (a diffusers repository's ``vae/diffusion_pytorch_model.safetensors``).
     """
 
     name: str
@@ -55,13 +58,19 @@ class RegistryModel:
     prediction: str | None = None
     size: int | None = None
     sha256: str | None = None
+    hf_path: str | None = None
+
+    @property
+    def remote_path(self) -> str:
+        """The file's path at its Hugging Face source."""
+        return self.hf_path or self.filename
 
     @property
     def source_url(self) -> str:
         """Where the file is downloaded from."""
         if self.url is not None:
             return self.url
-        return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.filename}"
+        return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.remote_path}"
 
     def __str__(self) -> str:
         return self.name
@@ -84,9 +93,40 @@ REALESRGAN_X4PLUS_ANIME_6B = RegistryModel(
     url="https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
 )  # fmt: skip
 
+SDXL_BASE_1_0_3B_Q4_0 = RegistryModel(
+    "SDXL_BASE_1_0_3B_Q4_0", "stable-diffusion-xl-base-1.0-Q4_0.gguf", "sdxl",
+    hf_repo="gpustack/stable-diffusion-xl-base-1.0-GGUF",
+)  # fmt: skip
+SDXL_BASE_1_0_3B_Q8_0 = RegistryModel(
+    "SDXL_BASE_1_0_3B_Q8_0", "stable-diffusion-xl-base-1.0-Q8_0.gguf", "sdxl",
+    hf_repo="gpustack/stable-diffusion-xl-base-1.0-GGUF",
+)  # fmt: skip
+FLUX_2_KLEIN_4B_Q4_0 = RegistryModel(
+    "FLUX_2_KLEIN_4B_Q4_0", "flux-2-klein-4b-Q4_0.gguf", "flux2", hf_repo="unsloth/FLUX.2-klein-4B-GGUF"
+)
+FLUX_2_KLEIN_4B_Q4_K_M = RegistryModel(
+    "FLUX_2_KLEIN_4B_Q4_K_M", "flux-2-klein-4b-Q4_K_M.gguf", "flux2", hf_repo="unsloth/FLUX.2-klein-4B-GGUF"
+)
+FLUX_2_KLEIN_4B_Q6_K = RegistryModel(
+    "FLUX_2_KLEIN_4B_Q6_K", "flux-2-klein-4b-Q6_K.gguf", "flux2", hf_repo="unsloth/FLUX.2-klein-4B-GGUF"
+)
+FLUX_2_KLEIN_4B_Q8_0 = RegistryModel(
+    "FLUX_2_KLEIN_4B_Q8_0", "flux-2-klein-4b-Q8_0.gguf", "flux2", hf_repo="unsloth/FLUX.2-klein-4B-GGUF"
+)
+FLUX_2_KLEIN_4B_VAE = RegistryModel(
+    "FLUX_2_KLEIN_4B_VAE", "flux-2-klein-4b-vae.safetensors", "vae",
+    hf_repo="black-forest-labs/FLUX.2-klein-4B", hf_path="vae/diffusion_pytorch_model.safetensors",
+)  # fmt: skip
+QWEN3_4B_Q4_K_M = RegistryModel("QWEN3_4B_Q4_K_M", "Qwen3-4B-Q4_K_M.gguf", "llm", hf_repo="unsloth/Qwen3-4B-GGUF")
+
 REGISTRY: dict[str, RegistryModel] = {
-    model.name: model for model in (SD_V2_1_1B_Q8_0, SD_V2_1_1B_Q4_0, REALESRGAN_X4PLUS, REALESRGAN_X4PLUS_ANIME_6B)
-}
+    model.name: model
+    for model in (
+        SD_V2_1_1B_Q8_0, SD_V2_1_1B_Q4_0, SDXL_BASE_1_0_3B_Q4_0, SDXL_BASE_1_0_3B_Q8_0,
+        FLUX_2_KLEIN_4B_Q4_0, FLUX_2_KLEIN_4B_Q4_K_M, FLUX_2_KLEIN_4B_Q6_K, FLUX_2_KLEIN_4B_Q8_0,
+        FLUX_2_KLEIN_4B_VAE, QWEN3_4B_Q4_K_M, REALESRGAN_X4PLUS, REALESRGAN_X4PLUS_ANIME_6B,
+    )
+}  # fmt: skip
 
 DownloadProgress = Callable[[float], None]
 
@@ -126,7 +166,7 @@ def _download(model: RegistryModel, target: Path, on_progress: DownloadProgress 
     if model.hf_repo is not None:
         from huggingface_hub import hf_hub_download
 
-        fetched = Path(hf_hub_download(model.hf_repo, model.filename, local_dir=str(partial.parent / ".hf")))
+        fetched = Path(hf_hub_download(model.hf_repo, model.remote_path, local_dir=str(partial.parent / ".hf")))
         shutil.move(str(fetched), str(target))
         return
     request = urllib.request.Request(model.source_url, headers={"User-Agent": "sfumato"})

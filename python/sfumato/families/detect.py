@@ -26,9 +26,14 @@ from sfumato.errors import (
 
 FAMILY_SD1 = "sd1"
 FAMILY_SD2 = "sd2"
+FAMILY_SDXL = "sdxl"
 FAMILY_ESRGAN = "esrgan"
-SUPPORTED_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_ESRGAN)
-FAMILY_NAMES = {FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_ESRGAN: "ESRGAN"}
+SUPPORTED_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_ESRGAN)
+DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL)
+FAMILY_NAMES = {FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_ESRGAN: "ESRGAN"}
+
+SDXL_ADM_CHANNELS = 2816
+"""Width of the SDXL base UNet's ``label_emb`` input (the refiner's is 2560)."""
 
 GGUF_MAGIC = b"GGUF"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -69,6 +74,9 @@ class ModelInfo:
         ``"inpaint"`` for 9-channel UNets, else ``None``.
     has_vae:
         Whether the file carries its own VAE.
+    split:
+        Whether the file is the diffusion model alone, whose text encoders
+        (and VAE) come from companion files.
     """
 
     path: Path
@@ -76,6 +84,7 @@ class ModelInfo:
     format: str
     variant: str | None = None
     has_vae: bool = True
+    split: bool = False
 
 
 def _invalid(path: Path, why: str) -> InvalidModelError:
@@ -181,8 +190,9 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
         raise UnsupportedModelError(f"{path}: a FLUX.2 model; this version of sfumato does not run FLUX.2 yet")
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
         raise UnsupportedModelError(f"{path}: a FLUX.1 model; this version of sfumato does not run FLUX.1 yet")
-    if has("conditioner.embedders.1.") or has("cond_stage_model.1.") or has("model.diffusion_model.label_emb."):
-        raise UnsupportedModelError(f"{path}: an SDXL model; this version of sfumato does not run SDXL yet")
+    sdxl = _classify_sdxl(path, table)
+    if sdxl is not None:
+        return sdxl
     if has("model.diffusion_model.input_blocks."):
         token = table.find(
             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
@@ -194,10 +204,39 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
         family = {768: FAMILY_SD1, 1024: FAMILY_SD2}.get(width)
         if family is None:
             raise UnsupportedModelError(f"{path}: an SD UNet with a {width}-wide text encoder is not SD 1.x or 2.x")
-        conv_in = table.find("model.diffusion_model.input_blocks.0.0.weight")
-        variant = "inpaint" if conv_in is not None and len(conv_in) > 1 and conv_in[1] == 9 else None
+        variant = _unet_variant(table, "model.diffusion_model.")
         return ModelInfo(path, family, table.format, variant, has_vae=has("first_stage_model."))
+    if has("input_blocks.") and has("middle_block."):
+        raise _invalid(path, "an SD 1.x / 2.x UNet without its text encoder; use an all-in-one file")
     raise UnsupportedModelError(f"{path}: no model family sfumato supports matches this tensor layout")
+
+
+def _unet_variant(table: TensorTable, prefix: str) -> str | None:
+    conv_in = table.find(f"{prefix}input_blocks.0.0.weight")
+    return "inpaint" if conv_in is not None and len(conv_in) > 1 and conv_in[1] == 9 else None
+
+
+def _classify_sdxl(path: Path, table: TensorTable) -> ModelInfo | None:
+    """SDXL, all-in-one or a UNet alone (with or without the checkpoint prefix);
+    ``None`` when ``table`` is no SDXL UNet."""
+    has = table.has_prefix
+    prefix = next((p for p in ("model.diffusion_model.", "") if has(f"{p}label_emb.0.0.")), None)
+    if prefix is None:
+        return None
+    adm = table.find(f"{prefix}label_emb.0.0.weight")
+    if adm is not None and len(adm) == 2 and adm[1] != SDXL_ADM_CHANNELS:
+        if adm[1] == 2560:
+            raise UnsupportedModelError(
+                f"{path}: the SDXL refiner architecture (one OpenCLIP-G text encoder, 2560-wide label_emb), "
+                "which the engine does not run; as a refiner, use an SDXL base-architecture checkpoint"
+            )
+        raise UnsupportedModelError(f"{path}: a UNet with a {adm[1]}-wide label_emb is neither SDXL nor SD 1.x / 2.x")
+    variant = _unet_variant(table, prefix)
+    if has("conditioner.embedders.1.") or has("cond_stage_model.1."):
+        return ModelInfo(path, FAMILY_SDXL, table.format, variant, has_vae=has("first_stage_model."))
+    if has("conditioner.") or has("cond_stage_model."):
+        raise _invalid(path, "an SDXL checkpoint with one of its two text encoders (CLIP-L and CLIP-G) missing")
+    return ModelInfo(path, FAMILY_SDXL, table.format, variant, has_vae=False, split=True)
 
 
 def _detect_diffusers(path: Path) -> ModelInfo:
@@ -210,7 +249,10 @@ def _detect_diffusers(path: Path) -> ModelInfo:
     if missing:
         raise _invalid(path, f"a diffusers folder needs {', '.join(str(needed[m]) for m in missing)}")
     if (path / "text_encoder_2").exists():
-        raise UnsupportedModelError(f"{path}: an SDXL diffusers folder; this version of sfumato does not run SDXL yet")
+        raise UnsupportedModelError(
+            f"{path}: an SDXL diffusers folder, which sfumato does not load; use the single-file checkpoint, "
+            "or a UNet file with model_config.clip_l_model_src, clip_g_model_src and vae_model_src"
+        )
     unet = read_safetensors(needed["unet"])
     read_safetensors(needed["vae"])
     text = read_safetensors(needed["text_encoder"])

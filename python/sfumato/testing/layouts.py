@@ -36,20 +36,27 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """The hyper-parameters of an SD 1.x / 2.x UNet."""
+    """The hyper-parameters of an SD 1.x / 2.x / XL UNet."""
 
     context_dim: int
-    linear_proj: bool  # SD2 uses Linear proj_in/proj_out, SD1 uses 1x1 convs
-    head_dim: int | None  # SD2: fixed 64-wide heads; SD1: 8 heads per block
+    linear_proj: bool  # SD2 and SDXL use Linear proj_in/proj_out, SD1 uses 1x1 convs
     in_channels: int = 4
     model_channels: int = 320
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     attention_levels: tuple[int, ...] = (0, 1, 2)
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 1)
+    """Transformer blocks per attention, by level; the middle block takes the last."""
+    adm_in_channels: int | None = None
+    """Width of SDXL's size-and-pooled-text conditioning (``label_emb``)."""
     num_res_blocks: int = 2
 
 
-SD1_UNET = UNetConfig(context_dim=768, linear_proj=False, head_dim=None)
-SD2_UNET = UNetConfig(context_dim=1024, linear_proj=True, head_dim=64)
+SD1_UNET = UNetConfig(context_dim=768, linear_proj=False)
+SD2_UNET = UNetConfig(context_dim=1024, linear_proj=True)
+SDXL_UNET = UNetConfig(
+    context_dim=2048, linear_proj=True, channel_mult=(1, 2, 4), attention_levels=(1, 2),
+    transformer_depth=(1, 2, 10), adm_in_channels=2816,
+)  # fmt: skip
 
 
 class _Layout:
@@ -83,22 +90,23 @@ def _unet_resblock(lay: _Layout, name: str, diff: str, inp: int, out: int, emb: 
         lay.conv(f"{name}.skip_connection", f"{diff}.conv_shortcut", out, inp, k=1)
 
 
-def _unet_transformer(lay: _Layout, name: str, diff: str, ch: int, cfg: UNetConfig) -> None:
+def _unet_transformer(lay: _Layout, name: str, diff: str, ch: int, cfg: UNetConfig, depth: int) -> None:
     lay.norm(f"{name}.norm", f"{diff}.norm", ch)
     if cfg.linear_proj:
         lay.linear(f"{name}.proj_in", f"{diff}.proj_in", ch, ch)
     else:
         lay.conv(f"{name}.proj_in", f"{diff}.proj_in", ch, ch, k=1)
-    block, dblock = f"{name}.transformer_blocks.0", f"{diff}.transformer_blocks.0"
-    for attn, kv_dim in (("attn1", ch), ("attn2", cfg.context_dim)):
-        lay.linear(f"{block}.{attn}.to_q", f"{dblock}.{attn}.to_q", ch, ch, bias=False)
-        lay.linear(f"{block}.{attn}.to_k", f"{dblock}.{attn}.to_k", ch, kv_dim, bias=False)
-        lay.linear(f"{block}.{attn}.to_v", f"{dblock}.{attn}.to_v", ch, kv_dim, bias=False)
-        lay.linear(f"{block}.{attn}.to_out.0", f"{dblock}.{attn}.to_out.0", ch, ch)
-    lay.linear(f"{block}.ff.net.0.proj", f"{dblock}.ff.net.0.proj", ch * 8, ch)
-    lay.linear(f"{block}.ff.net.2", f"{dblock}.ff.net.2", ch, ch * 4)
-    for i in (1, 2, 3):
-        lay.norm(f"{block}.norm{i}", f"{dblock}.norm{i}", ch)
+    for d in range(depth):
+        block, dblock = f"{name}.transformer_blocks.{d}", f"{diff}.transformer_blocks.{d}"
+        for attn, kv_dim in (("attn1", ch), ("attn2", cfg.context_dim)):
+            lay.linear(f"{block}.{attn}.to_q", f"{dblock}.{attn}.to_q", ch, ch, bias=False)
+            lay.linear(f"{block}.{attn}.to_k", f"{dblock}.{attn}.to_k", ch, kv_dim, bias=False)
+            lay.linear(f"{block}.{attn}.to_v", f"{dblock}.{attn}.to_v", ch, kv_dim, bias=False)
+            lay.linear(f"{block}.{attn}.to_out.0", f"{dblock}.{attn}.to_out.0", ch, ch)
+        lay.linear(f"{block}.ff.net.0.proj", f"{dblock}.ff.net.0.proj", ch * 8, ch)
+        lay.linear(f"{block}.ff.net.2", f"{dblock}.ff.net.2", ch, ch * 4)
+        for i in (1, 2, 3):
+            lay.norm(f"{block}.norm{i}", f"{dblock}.norm{i}", ch)
     if cfg.linear_proj:
         lay.linear(f"{name}.proj_out", f"{diff}.proj_out", ch, ch)
     else:
@@ -106,14 +114,18 @@ def _unet_transformer(lay: _Layout, name: str, diff: str, ch: int, cfg: UNetConf
 
 
 def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list[TensorSpec]:
-    """The SD 1.x / 2.x UNet (``model.diffusion_model.*``; diffusers ``unet/``)."""
+    """The SD 1.x / 2.x / XL UNet (``model.diffusion_model.*``; diffusers ``unet/``)."""
     lay = _Layout()
     mc = cfg.model_channels
     emb = mc * 4
     p = prefix
     lay.linear(f"{p}time_embed.0", "time_embedding.linear_1", emb, mc)
     lay.linear(f"{p}time_embed.2", "time_embedding.linear_2", emb, emb)
+    if cfg.adm_in_channels is not None:
+        lay.linear(f"{p}label_emb.0.0", "add_embedding.linear_1", emb, cfg.adm_in_channels)
+        lay.linear(f"{p}label_emb.0.2", "add_embedding.linear_2", emb, emb)
     lay.conv(f"{p}input_blocks.0.0", "conv_in", mc, cfg.in_channels)
+    depth = cfg.transformer_depth
     skips = [mc]
     ch = mc
     block = 1
@@ -123,7 +135,9 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
             _unet_resblock(lay, f"{p}input_blocks.{block}.0", f"down_blocks.{level}.resnets.{j}", ch, out, emb)
             ch = out
             if level in cfg.attention_levels:
-                _unet_transformer(lay, f"{p}input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}", ch, cfg)
+                _unet_transformer(
+                    lay, f"{p}input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}", ch, cfg, depth[level]
+                )
             skips.append(ch)
             block += 1
         if level != len(cfg.channel_mult) - 1:
@@ -131,7 +145,7 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
             skips.append(ch)
             block += 1
     _unet_resblock(lay, f"{p}middle_block.0", "mid_block.resnets.0", ch, ch, emb)
-    _unet_transformer(lay, f"{p}middle_block.1", "mid_block.attentions.0", ch, cfg)
+    _unet_transformer(lay, f"{p}middle_block.1", "mid_block.attentions.0", ch, cfg, depth[len(cfg.channel_mult) - 1])
     _unet_resblock(lay, f"{p}middle_block.2", "mid_block.resnets.1", ch, ch, emb)
     block = 0
     levels = len(cfg.channel_mult)
@@ -144,7 +158,7 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
             ch = out
             index = 1
             if level in cfg.attention_levels:
-                _unet_transformer(lay, f"{name}.1", f"up_blocks.{up}.attentions.{j}", ch, cfg)
+                _unet_transformer(lay, f"{name}.1", f"up_blocks.{up}.attentions.{j}", ch, cfg, depth[level])
                 index = 2
             if level != 0 and j == cfg.num_res_blocks:
                 lay.conv(f"{name}.{index}.conv", f"up_blocks.{up}.upsamplers.0.conv", ch, ch)
@@ -211,9 +225,14 @@ def vae_layout(prefix: str = "first_stage_model.", z_channels: int = 4) -> list[
 
 
 def clip_text_layout(
-    prefix: str = "cond_stage_model.transformer.", hidden: int = 768, layers: int = 12, vocab: int = 49408
+    prefix: str = "cond_stage_model.transformer.",
+    hidden: int = 768,
+    layers: int = 12,
+    vocab: int = 49408,
+    projection: bool = False,
 ) -> list[TensorSpec]:
-    """A CLIP text encoder in the Hugging Face layout (SD 1.x; diffusers ``text_encoder/``)."""
+    """A CLIP text encoder in the Hugging Face layout (SD 1.x; diffusers ``text_encoder/``;
+    with ``projection``, ``CLIPTextModelWithProjection`` as SDXL's CLIP-G file stores it)."""
     lay = _Layout()
     t = f"{prefix}text_model"
     lay.add(f"{t}.embeddings.token_embedding.weight", "text_model.embeddings.token_embedding.weight", vocab, hidden)
@@ -227,13 +246,16 @@ def clip_text_layout(
         lay.linear(f"{name}.mlp.fc2", f"{diff}.mlp.fc2", hidden, hidden * 4)
         lay.norm(f"{name}.layer_norm2", f"{diff}.layer_norm2", hidden)
     lay.norm(f"{t}.final_layer_norm", "text_model.final_layer_norm", hidden)
+    if projection:
+        lay.add(f"{prefix}text_projection.weight", "text_projection.weight", hidden, hidden)
     return lay.specs
 
 
 def open_clip_text_layout(
     prefix: str = "cond_stage_model.model.", hidden: int = 1024, layers: int = 24, vocab: int = 49408
 ) -> list[TensorSpec]:
-    """The OpenCLIP ViT-H/14 text tower as SD 2.x checkpoints store it."""
+    """The OpenCLIP text tower as checkpoints store it: ViT-H/14 in SD 2.x (the
+    defaults), ViT-bigG/14 in SDXL (``conditioner.embedders.1.model.``, 1280 wide, 32 layers)."""
     lay = _Layout()
     lay.add(f"{prefix}token_embedding.weight", None, vocab, hidden)
     lay.add(f"{prefix}positional_embedding", None, 77, hidden)

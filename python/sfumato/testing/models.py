@@ -25,6 +25,7 @@ import numpy.typing as npt
 from sfumato.testing.layouts import (
     SD1_UNET,
     SD2_UNET,
+    SDXL_UNET,
     TensorSpec,
     clip_text_layout,
     esrgan_layout,
@@ -33,16 +34,47 @@ from sfumato.testing.layouts import (
     vae_layout,
 )
 
-SD_VERSIONS = ("sd1", "sd2")
+SD_VERSIONS = ("sd1", "sd2", "sdxl")
 
 
 def sd_layout(version: str) -> list[TensorSpec]:
-    """The whole single-file checkpoint of ``version`` ("sd1" or "sd2")."""
+    """The whole single-file checkpoint of ``version`` ("sd1", "sd2" or "sdxl")."""
     if version == "sd1":
         return unet_layout(SD1_UNET) + vae_layout() + clip_text_layout()
     if version == "sd2":
         return unet_layout(SD2_UNET) + vae_layout() + open_clip_text_layout()
+    if version == "sdxl":
+        return (
+            unet_layout(SDXL_UNET)
+            + vae_layout()
+            + clip_text_layout(prefix="conditioner.embedders.0.transformer.")
+            + open_clip_text_layout(prefix="conditioner.embedders.1.model.", hidden=1280, layers=32)
+        )
     raise ValueError(f"version must be one of {SD_VERSIONS}, got {version!r}")
+
+
+SDXL_PARTS = ("unet", "clip_l", "clip_g", "vae")
+
+
+def sdxl_part_layout(part: str) -> list[TensorSpec]:
+    """One file of SDXL's split layout, each under its own names without a
+    checkpoint prefix: the UNet (as UNet-only GGUF releases store it), CLIP-L
+    and CLIP-G (``CLIPTextModel`` / ``CLIPTextModelWithProjection``, as the
+    ``clip_l`` / ``clip_g`` files of ComfyUI-style releases) and the VAE."""
+    if part == "unet":
+        return unet_layout(SDXL_UNET, prefix="")
+    if part == "clip_l":
+        return clip_text_layout(prefix="")
+    if part == "clip_g":
+        return clip_text_layout(prefix="", hidden=1280, layers=32, projection=True)
+    if part == "vae":
+        return vae_layout(prefix="")
+    raise ValueError(f"part must be one of {SDXL_PARTS}, got {part!r}")
+
+
+def write_sdxl_part(path: Path, part: str, seed: int = 0, dtype: str = "f16") -> Path:
+    """Write one file of the SDXL split layout; the suffix picks the format."""
+    return _write_by_suffix(Path(path), random_tensors(sdxl_part_layout(part), seed, dtype), arch="sdxl")
 
 
 def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
@@ -98,12 +130,14 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.ge
 
 
 def write_sd_checkpoint(path: Path, version: str = "sd1", seed: int = 0, dtype: str = "f16") -> Path:
-    """Write an all-in-one SD 1.x / 2.x checkpoint; the suffix picks the format
+    """Write an all-in-one SD 1.x / 2.x / XL checkpoint; the suffix picks the format
     (``.gguf`` or ``.safetensors``)."""
-    path = Path(path)
-    tensors = random_tensors(sd_layout(version), seed, dtype)
+    return _write_by_suffix(Path(path), random_tensors(sd_layout(version), seed, dtype), arch=version)
+
+
+def _write_by_suffix(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str) -> Path:
     if path.suffix == ".gguf":
-        return write_gguf(path, tensors, arch=version)
+        return write_gguf(path, tensors, arch=arch)
     if path.suffix == ".safetensors":
         return write_safetensors(path, tensors)
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")

@@ -1,0 +1,144 @@
+"""Companion files: the text encoders and VAE a model family loads beside its
+diffusion model, which of them each family needs, and a header check of each
+one, so that a missing or mismatched file is refused before any engine call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfumato.errors import InvalidParameterError, SfumatoError
+from sfumato.families.detect import (
+    FAMILY_NAMES,
+    FAMILY_SD1,
+    FAMILY_SD2,
+    FAMILY_SDXL,
+    ModelInfo,
+    TensorTable,
+    read_tensor_table,
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    """One kind of companion file."""
+
+    name: str
+    key: str
+    """The ``model_config`` key that supplies it."""
+    label: str
+    """How messages name it."""
+
+
+ROLES = {
+    role.name: role
+    for role in (
+        Role("clip_l", "clip_l_model_src", "CLIP-L text encoder"),
+        Role("clip_g", "clip_g_model_src", "CLIP-G text encoder"),
+        Role("t5xxl", "t5xxl_model_src", "T5-XXL text encoder"),
+        Role("llm", "llm_model_src", "LLM text encoder"),
+        Role("vae", "vae_model_src", "VAE"),
+    )
+}
+
+CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+"""Hidden width of each CLIP text encoder."""
+
+VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4}
+"""Latent channels of the VAE each family decodes with."""
+
+
+@dataclass(frozen=True)
+class FamilyFiles:
+    """Which companion roles a model needs and which it accepts."""
+
+    required: tuple[str, ...]
+    accepted: tuple[str, ...]
+
+
+def family_files(info: ModelInfo) -> FamilyFiles:
+    """The companion roles of the model ``info`` describes."""
+    if info.split and info.family == FAMILY_SDXL:
+        return FamilyFiles(required=("clip_l", "clip_g", "vae"), accepted=("clip_l", "clip_g", "vae"))
+    # All-in-one files carry their text encoders; the VAE may be swapped.
+    return FamilyFiles(required=() if info.has_vae else ("vae",), accepted=("vae",))
+
+
+def _suffix_shape(table: TensorTable, suffix: str) -> tuple[int, ...] | None:
+    """The shape of the first tensor whose name ends with ``suffix`` (any prefix)."""
+    for name, shape in table.shapes.items():
+        if name == suffix or name.endswith(f".{suffix}"):
+            return shape
+    return None
+
+
+def check_companion(path: Path, role: str, info: ModelInfo) -> None:
+    """Refuse ``path`` unless its header fits ``role`` for the family of ``info``.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the role's ``model_config`` key.
+    """
+    spec = ROLES[role]
+    field = f"model_config.{spec.key}"
+    family = FAMILY_NAMES[info.family]
+    try:
+        table = read_tensor_table(path)
+    except SfumatoError as exc:
+        raise InvalidParameterError(field, f"{path} is not a readable model file ({exc})") from None
+    if role in CLIP_WIDTHS:
+        token = _suffix_shape(table, "token_embedding.weight")
+        if token is None:
+            raise InvalidParameterError(field, f"{path} is not a CLIP text encoder; {family} needs its {spec.label}")
+        if len(token) == 2 and token[1] != CLIP_WIDTHS[role]:  # (PyTorch zips list names only)
+            other = next((ROLES[r].label for r, w in CLIP_WIDTHS.items() if w == token[1]), "another text encoder")
+            raise InvalidParameterError(
+                field,
+                f"{path} is a {token[1]}-wide CLIP text encoder ({other}); {family} needs its "
+                f"{spec.label} here, {CLIP_WIDTHS[role]} wide",
+            )
+    elif role == "vae":
+        conv_in = _suffix_shape(table, "decoder.conv_in.weight")
+        if conv_in is None:
+            raise InvalidParameterError(field, f"{path} holds no VAE decoder (decoder.conv_in.weight)")
+        wanted = VAE_LATENT_CHANNELS.get(info.family)
+        if wanted is not None and len(conv_in) == 4 and conv_in[1] != wanted:
+            raise InvalidParameterError(
+                field,
+                f"{path} is a VAE of {conv_in[1]} latent channels; {family} decodes {wanted}-channel latents",
+            )
+
+
+HINT_TENSOR = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+
+
+def split_unet_hint(folder: Path) -> Path:
+    """A one-tensor GGUF that lets the engine load a UNet-only SDXL file.
+
+    The engine picks the names it loads ``clip_l`` / ``clip_g`` under from the
+    family of the files read before them (``model_path`` and the diffusion
+    model), and a UNet alone has no family until a 768-wide token embedding is
+    among them: without one, the text encoders land under names no UNet family
+    reads and the load fails ("get sd version from file failed"). Given as
+    ``model_path``, this file supplies a 1-row embedding under CLIP-L's own
+    name; the CLIP-L file loaded next replaces it, since the engine keeps the
+    last tensor of each name. Written once into ``folder``.
+    """
+    path = folder / "sdxl-split-hint.gguf"
+    if not path.is_file():
+        import gguf
+        import numpy as np
+
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{path.name}.{os.getpid()}.partial"
+        writer = gguf.GGUFWriter(str(partial), arch="sdxl")
+        writer.add_tensor(HINT_TENSOR, np.zeros((1, CLIP_WIDTHS["clip_l"]), np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(path)
+    return path
