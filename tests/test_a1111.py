@@ -65,6 +65,9 @@ def test_listings_and_options(client: TestClient) -> None:  # noqa: F811
     assert client.post(f"{API}/options", json={"sd_model_checkpoint": f"{MODEL}.gguf [abc123]"}).status_code == 200
     _error(client.post(f"{API}/txt2img", json=_body(width=100)), 422, "width")
     _error(client.post(f"{API}/txt2img", json=_body(refiner_checkpoint="x")), 422, "refiner_checkpoint")
+    refined = client.post(f"{API}/txt2img", json=_body(refiner_checkpoint=MODEL, refiner_switch_at=0.5))
+    assert refined.status_code == 200, refined.text
+    assert len(refined.json()["images"]) == 1
 
 
 def test_progress_and_interrupt(client: TestClient) -> None:  # noqa: F811

@@ -68,6 +68,19 @@ def test_generate_img2img(sd1_gguf: Path, gradient_image: np.ndarray, tmp_path: 
     assert len(list(out.glob("*.png"))) == 1
 
 
+def test_generate_with_a_refiner(sd1_gguf: Path, sd2_gguf: Path, tmp_path: Path) -> None:
+    common = ("-m", str(sd1_gguf), "-p", "a boat", "-W", str(SIZE), "-H", str(SIZE), "--steps", "4", "--seed", "8",
+              "--threads", "2", "-q")  # fmt: skip
+    done = _sfumato("generate", *common, "--refiner", str(sd2_gguf), "--refiner-switch-at", "0.5", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    plain = _sfumato("generate", *common, "-o", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    # Four base steps, then about half of four more on the refiner.
+    assert 4 < _stats(done.stdout)["total_steps"] < 8 and _stats(plain.stdout)["total_steps"] == 4  # type: ignore[operator]
+    refined, base = (np.asarray(Image.open(next(d.glob("*.png")))) for d in (tmp_path, tmp_path / "plain"))
+    assert refined.shape == base.shape and not np.array_equal(refined, base)
+
+
 def test_generate_timeout_stops_the_job(sd1_gguf: Path, tmp_path: Path) -> None:
     done = _sfumato(
         "generate", "-m", str(sd1_gguf), "-W", str(SIZE), "-H", str(SIZE), "--steps", "500", "--threads", "2",

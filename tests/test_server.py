@@ -116,6 +116,36 @@ def test_png_output_is_what_the_sdk_makes_with_the_mapped_sampler(client: TestCl
     assert [png] == expected
 
 
+def test_refiner_checkpoint_refines_on_a_second_model(
+    settings: ServerSettings, sd1_gguf: Path, sd2_gguf: Path
+) -> None:
+    (settings.models_dir / "tiny-sd2.gguf").symlink_to(sd2_gguf)
+    body = _request(fileType="png", refiner_checkpoint="tiny-sd2", refiner_switch_at=0.5, steps=4)
+    with TestClient(create_app(settings)) as client:
+        _error(client.post("/txt2img", json={**body, "refiner_checkpoint": "nope"}), 422, "refiner_checkpoint")
+        _error(client.post("/txt2img", json={**body, "refiner_switch_at": 1.5}), 422, "refiner_switch_at")
+        job_id = client.post("/txt2img", json=body).json()["job_id"]
+        phases = set()
+        while (status := client.get(f"/queue/{job_id}").json())["state"] not in ("done", "error", "cancelled"):
+            phases.add(status["current_phase"])
+            time.sleep(0.05)
+        assert status["state"] == "done", status
+        png = base64.b64decode(status["image"])
+        assert "refining" in phases, phases
+    # The same job through the SDK: the base model, then the refiner from 0.5 on.
+    base = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+    refiner = sfumato.load_model(sd2_gguf, model_config={"threads": 2})
+    try:
+        expected = sfumato.diffusion(
+            base, prompt="a lighthouse", width=SIZE, height=SIZE, steps=4, seed=4, sampling_method="dpm++2m",
+            scheduler="karras", refiner={"model_id": refiner, "switch_at": 0.5},
+        ).outputs.result()  # fmt: skip
+    finally:
+        sfumato.unload_model(base)
+        sfumato.unload_model(refiner)
+    assert [png] == expected
+
+
 def test_img2img_job(client: TestClient, gradient_image: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(gradient_image).save(buffer, format="PNG")

@@ -25,6 +25,7 @@ from typing import Any, Union
 from PIL import Image
 
 from sfumato import images as imaging
+from sfumato.chain import RefinerPlan, run_with_refiner
 from sfumato.engine.context import (
     PHASE_CONDITIONING,
     PHASE_HIRES,
@@ -68,6 +69,7 @@ from sfumato.params import (
     check_hires,
     check_int,
     check_loras,
+    check_refiner,
     check_side,
     check_upscale_repeats,
     parse_model_config,
@@ -445,9 +447,14 @@ class _Report:
         self.result._finish(pngs, stats)
 
 
-def _submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -> DiffusionResult:
+def check_timeout(timeout: object) -> None:
+    """``timeout``: ``None`` or a positive number of seconds."""
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidParameterError("timeout", f"must be a positive number of seconds or None, got {timeout!r}")
+
+
+def _submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -> DiffusionResult:
+    check_timeout(timeout)
     result = DiffusionResult()
     job = HostJob(run, _Report(result, called, run.request is None), timeout)
     result._bind(lambda: host.cancel(job, CANCELLED))
@@ -477,6 +484,7 @@ def diffusion(
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
     hires: bool | Mapping[str, Any] | None = _D.hires,
     loras: Sequence[Any] = _D.loras,
+    refiner: Mapping[str, Any] | None = None,
     timeout: float | None = None,
 ) -> DiffusionResult:
     """Generate images with a loaded model. Returns at once.
@@ -495,8 +503,13 @@ def diffusion(
     or ``{"name" | "path": ..., "scale": 1.0}``. ``upscale``
     (``True`` or ``{"repeats": N}``) runs the model's paired ESRGAN N times on
     every image. Image ``i`` of a batch is generated with ``seed + i``, on its
-    own, exactly as a single call with that seed would be. ``timeout`` (seconds
-    of running, queueing excluded) cancels the job with reason ``"timeout"``.
+    own, exactly as a single call with that seed would be. ``refiner``
+    (``{"model_id": <a loaded model>, "switch_at": 0.8}``) refines every image
+    on a second model, as :mod:`sfumato.chain` describes: img2img at strength
+    ``1 - switch_at`` with the same prompt and seed, ticks of phase
+    ``"refiner"``; any ``upscale`` passes run after it. ``timeout`` (seconds
+    of running, queueing excluded, for each model's part) cancels the job
+    with reason ``"timeout"``.
 
     Raises
     ------
@@ -517,6 +530,15 @@ def diffusion(
     model = host.model
     if not model.has_diffusion:
         raise InvalidParameterError("model_id", f"model {model_id!r} was loaded with mode='upscale'; call upscale()")
+    refine = check_refiner("refiner", refiner)
+    refiner_host = None
+    if refine is not None:
+        try:
+            refiner_host = _pool.get(refine.model_id)
+        except UnknownModelIdError:
+            raise InvalidParameterError("refiner.model_id", f"no loaded model has the id {refine.model_id!r}") from None
+        if not refiner_host.model.has_diffusion:
+            raise InvalidParameterError("refiner.model_id", "that model was loaded with mode='upscale'")
     repeats = check_upscale_repeats("upscale", params.upscale)
     if repeats and not model.has_upscaler:
         raise NoUpscalerError(
@@ -527,8 +549,9 @@ def diffusion(
         source = imaging.to_array(params.init_image, "init_image")
     w = params.width or (source.shape[1] if source is not None else DEFAULT_SIZE)
     h = params.height or (source.shape[0] if source is not None else DEFAULT_SIZE)
-    check_side("width", w, model.size_multiple)
-    check_side("height", h, model.size_multiple)
+    multiple = max(model.size_multiple, refiner_host.model.size_multiple if refiner_host else 1)
+    check_side("width", w, multiple)
+    check_side("height", h, multiple)
     if source is not None:
         source = imaging.resize(source, w, h)
     mask_array = None
@@ -556,7 +579,18 @@ def diffusion(
         cache_threshold=CACHE_PRESETS[params.cache_preset] if params.cache_preset else None,
         seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
     )
-    return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
+    if refine is None or refiner_host is None or refine.switch_at >= 1.0:  # switching at the end: no refiner pass
+        return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
+    check_timeout(timeout)
+    second = refiner_host
+    plan = RefinerPlan(
+        base=lambda job: _submit(host, job, called, timeout),
+        refiner=lambda job: _submit(second, job, called, timeout),
+        request=request,
+        switch_at=refine.switch_at,
+        upscale_repeats=repeats,
+    )
+    return run_with_refiner(plan, called, CANCELLED)
 
 
 def _lora_files(value: object, folder: Path | None) -> list[tuple[str, float]]:

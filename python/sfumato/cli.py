@@ -101,6 +101,10 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
         "--model", "-m", default=DEFAULT_MODEL, help=f"file, folder or registry constant (default: {DEFAULT_MODEL})"
     )
     gen.add_argument("--upscaler", default=None, help="an ESRGAN to pair with the model, for --upscale")
+    gen.add_argument("--refiner", default=None, help="a second model that refines each image (all-in-one file)")
+    gen.add_argument(
+        "--refiner-switch-at", type=float, default=0.8, help="the fraction of denoising the base does (default: 0.8)"
+    )
     gen.add_argument(
         "--preset", choices=list(PRESETS), default=None, help="settings of a distilled model; other flags override them"
     )
@@ -236,7 +240,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     model_id = sfumato.load_model(args.model, model_config=_model_config(args, "diffusion"))
     result = None
+    refiner_id = None
     try:
+        if args.refiner:
+            config = {**_model_config(args, "diffusion"), "vae_model_src": None, "clip_l_model_src": None,
+                      "clip_g_model_src": None, "upscaler": None}  # fmt: skip
+            refiner_id = sfumato.load_model(args.refiner, model_config=config)
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None
         params["loras"] = [_lora_arg(text) for text in args.loras]
@@ -245,7 +254,8 @@ def _generate(args: argparse.Namespace) -> int:
              "denoising_strength": args.hires_strength}
             if args.hires else None
         )  # fmt: skip
-        result = sfumato.diffusion(model_id, **params, timeout=args.timeout)
+        refiner = {"model_id": refiner_id, "switch_at": args.refiner_switch_at} if refiner_id else None
+        result = sfumato.diffusion(model_id, **params, refiner=refiner, timeout=args.timeout)
         outputs, stats = _run_job(result, args.quiet)
     except (JobCancelledError, KeyboardInterrupt):
         if result is not None:  # keep what the job finished before it stopped
@@ -253,6 +263,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise
     finally:
         sfumato.unload_model(model_id)
+        if refiner_id is not None:
+            sfumato.unload_model(refiner_id)
     _write_pngs(args.output, f"sfumato_{stats.seed}", outputs)
     print(json.dumps(asdict(stats), indent=2))
     return 0

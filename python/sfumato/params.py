@@ -196,6 +196,36 @@ def check_hires(name: str, value: object) -> HiresConfig | None:
     return config
 
 
+@dataclass(frozen=True)
+class RefinerConfig:
+    """``refiner``: a second pass on another loaded model (the SDXL refiner).
+
+    ``model_id`` is a loaded diffusion model; ``switch_at`` is the fraction of
+    the denoising the base model stands for (seed 002's ``refiner_switch_at``).
+    """
+
+    model_id: str
+    switch_at: float = 0.8
+
+
+def check_refiner(name: str, value: object) -> RefinerConfig | None:
+    """``refiner`` (``None`` or a mapping of :class:`RefinerConfig` fields) as a
+    :class:`RefinerConfig`; ``None`` when off."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(name, f"must be a mapping with model_id and switch_at, got {value!r}")
+    known = {f.name for f in fields(RefinerConfig)}
+    unknown = set(value) - known
+    if unknown:
+        raise InvalidParameterError(name, f"unknown key(s) {sorted(unknown)}; the keys are {sorted(known)}")
+    model_id = value.get("model_id")
+    if not isinstance(model_id, str):
+        raise InvalidParameterError(f"{name}.model_id", f"must be the id of a loaded model, got {model_id!r}")
+    switch_at = check_number(f"{name}.switch_at", value.get("switch_at", RefinerConfig.switch_at), 0.0, 1.0)
+    return RefinerConfig(model_id, switch_at)
+
+
 MAX_LORAS = 16
 LORA_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt", ".pth")
 

@@ -56,6 +56,7 @@ class Txt2ImgBody(BaseModel):
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     refiner_checkpoint: str | None = None
+    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -108,8 +109,6 @@ def router(state: ServerState) -> APIRouter:
     def plan_for(
         body: Txt2ImgBody, init_image: bytes | None = None, mask: bytes | None = None, strength: float | None = None
     ) -> dict[str, Any]:
-        if body.refiner_checkpoint:
-            raise InvalidParameterError("refiner_checkpoint", "is not supported by this version of sfumato yet")
         hires = None
         if body.enable_hr and init_image is None:
             hires = {"scale": body.hr_scale, "upscaler": body.hr_upscaler, "steps": body.hr_second_pass_steps,
@@ -121,7 +120,8 @@ def router(state: ServerState) -> APIRouter:
             height=body.height, steps=body.steps, cfg_scale=body.cfg_scale,
             sampler_name=body.sampler_name or body.sampler_index, scheduler_name=body.scheduler,
             seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, mask=mask,
-            strength=strength, hires=hires, loras=loras,
+            strength=strength, hires=hires, loras=loras, refiner=body.refiner_checkpoint,
+            refiner_switch_at=body.refiner_switch_at,
             fields={"model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size",
                     "hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
                     "hires.denoising_strength": "denoising_strength"},

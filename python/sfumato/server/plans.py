@@ -135,11 +135,15 @@ def diffusion_plan(
     strength: float | None = None,
     hires: Mapping[str, Any] | None = None,
     loras: Sequence[tuple[str, float]] = (),
+    refiner: str | None = None,
+    refiner_switch_at: float = 0.8,
     file_type: str = "png",
     jpeg_quality: int = 85,
     fields: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A checked generation plan. ``scheduler_name`` ``None`` takes the one the sampler implies.
+    ``refiner`` names a model of the catalog that refines the images (seed 002's
+    ``refiner_checkpoint``), from ``refiner_switch_at`` on.
 
     ``fields`` maps the SDK's names of fields to the request's (``{"steps":
     "num_steps"}``), so that an error names the field the client sent.
@@ -203,4 +207,10 @@ def diffusion_plan(
             "init_image": _b64(init_image), "mask": _b64(mask), "hires": engine_hires,
             "loras": _lora_paths(state, loras),
         }  # fmt: skip
-        return {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}
+        plan: dict[str, Any] = {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}
+        if refiner:
+            plan["refiner"] = {
+                "model": pick_model(state, refiner, field="refiner_checkpoint"),
+                "switch_at": check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
+            }
+        return plan

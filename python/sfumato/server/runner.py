@@ -29,19 +29,27 @@ logger = logging.getLogger("sfumato.server")
 
 # Seed 002's phase names, from the SDK's tick phases; with hires fix, seed 002
 # reports "initial generation" (0-50%) and then "upscaling" (50-100%).
-PHASES = {"sampling": "generation", "hires": "upscaling", "vae": "decoding", "upscale": "upscaling"}
+# A refiner pass reports "refining", and decodes once more at its end.
+PHASES = {
+    "sampling": "generation", "hires": "upscaling", "vae": "decoding", "upscale": "upscaling", "refiner": "refining",
+}  # fmt: skip
 HIRES_PHASES = {**PHASES, "sampling": "initial generation", "vae": "upscaling"}
 
 
-def progress_of(phase: str, step: int, total: int, hires: bool = False) -> float:
-    """0-100 over the whole job: sampling is most of it, decoding the rest."""
+def progress_of(phase: str, step: int, total: int, hires: bool = False, refining: bool | None = None) -> float:
+    """0-100 over the whole job: sampling is most of it, decoding the rest.
+    With a refiner (``refining`` not ``None``), the base model's part spans
+    0-50 and the refiner's (``refining=True``, from its first tick on) 50-100."""
     frac = step / total if total else 0.0
-    if hires:
+    if refining:
+        spans = {"refiner": (50.0, 95.0), "vae": (95.0, 100.0), "upscale": (95.0, 100.0)}
+    elif hires:
         spans = {"sampling": (0.0, 50.0), "hires": (50.0, 95.0), "vae": (95.0, 100.0), "upscale": (95.0, 100.0)}
     else:
         spans = {"sampling": (0.0, 90.0), "vae": (90.0, 100.0), "upscale": (90.0, 100.0)}
     low, high = spans.get(phase, (0.0, 100.0))
-    return round(low + (high - low) * frac, 1)
+    pct = low + (high - low) * frac
+    return round(pct / 2 if refining is False else pct, 1)
 
 
 def encode_output(png: bytes, file_type: str, quality: int) -> bytes:
@@ -154,6 +162,12 @@ class JobRunner:
             for key in ("init_image", "mask", "image"):
                 if params.get(key) is not None:
                     params[key] = base64.b64decode(params[key])
+            refining: bool | None = None
+            if plan.get("refiner"):
+                self.store.progress(job.id, 0.0, "loading refiner")
+                refiner = plan["refiner"]
+                params["refiner"] = {"model_id": self.model_id(refiner["model"]), "switch_at": refiner["switch_at"]}
+                refining = False
             started = time.perf_counter()
             if upscale_only:
                 result = sfumato.upscale(model_id, **params)
@@ -168,7 +182,9 @@ class JobRunner:
             names = HIRES_PHASES if hires else PHASES
             for tick in result.progress_stream:
                 self.live = {"job_id": job.id, "tick": tick, "started": started}
-                pct = progress_of(tick.phase, tick.step, tick.total_steps, hires)
+                if refining is False and tick.phase == "refiner":
+                    refining = True
+                pct = progress_of(tick.phase, tick.step, tick.total_steps, hires, refining)
                 if pct - last >= 1.0 or tick.step == tick.total_steps:
                     self.store.progress(job.id, pct, names.get(tick.phase, tick.phase))
                     last = pct

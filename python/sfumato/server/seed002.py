@@ -13,7 +13,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import FAMILY_NAMES
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
@@ -145,8 +144,6 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
     InvalidParameterError
         Naming the field at fault.
     """
-    if request.refiner_checkpoint:
-        raise InvalidParameterError("refiner_checkpoint", "is not supported by this version of sfumato yet")
     loras = [(lora, 1.0) if isinstance(lora, str) else (lora.name, lora.scale) for lora in request.loras]
     # scheduler_type applies unless left at its default while the sampler's name implies one.
     implied = names.sampler(request.sampler_name, "sampler_name")[1]
@@ -161,6 +158,7 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
         sampler_name=request.sampler_name,
         scheduler_name=request.scheduler_type if explicit else None, seed=request.seed, init_image=init_image,
         mask=mask, strength=strength, hires=request.hires.model_dump() if request.hires else None, loras=loras,
+        refiner=request.refiner_checkpoint, refiner_switch_at=request.refiner_switch_at,
         file_type=request.fileType, jpeg_quality=request.jpeg_quality,
         fields={"scheduler": "scheduler_type"},
     )  # fmt: skip
