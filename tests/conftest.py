@@ -98,6 +98,19 @@ def sdxl_parts(model_dir: Path) -> dict[str, Path]:
     }
 
 
+FLUX2_PART_FILES = {"diffusion": "flux2-klein.gguf", "llm": "flux2-qwen3.gguf", "vae": "flux2-vae.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def flux2_parts(model_dir: Path) -> dict[str, Path]:
+    """FLUX.2 [klein] 4B's split layout at its real widths: the transformer
+    (one double and one single block), Qwen3-4B to layer 27 (q8_0) and the VAE."""
+    return {
+        part: _cached(model_dir, name, lambda p, part=part: models.write_flux2_part(p, part))
+        for part, name in FLUX2_PART_FILES.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def esrgan_6b(model_dir: Path) -> Path:
     """The layout of RealESRGAN_x4plus_anime_6B.pth (6 RRDB blocks, x4)."""

@@ -48,6 +48,7 @@ from sfumato.families.companions import ROLES, check_companion, family_files, sp
 from sfumato.families.detect import (
     DIFFUSION_FAMILIES,
     FAMILY_ESRGAN,
+    FAMILY_FLUX2,
     FAMILY_NAMES,
     FAMILY_SD1,
     FAMILY_SD2,
@@ -58,6 +59,7 @@ from sfumato.families.detect import (
 )
 from sfumato.params import (
     CACHE_PRESETS,
+    DEFAULT_CFG_SCALE,
     DEFAULT_SIZE,
     HIRES_UPSCALERS,
     LORA_SUFFIXES,
@@ -86,7 +88,10 @@ ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
 """A local file, a diffusers folder, or a registry constant (or its name)."""
 
 _D = DiffusionParams(prompt="")
-_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64}
+_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_FLUX2: 16}
+
+_FAMILY_CFG_SCALE = {FAMILY_FLUX2: 1.0}
+"""``cfg_scale`` when the caller gives none, where a family needs another than 7."""
 
 _pool = ModelPool(Budget.from_env())
 atexit.register(_pool.shutdown)  # no worker outlives the process that started it
@@ -149,10 +154,13 @@ def _companions(config: ModelConfig, info: ModelInfo) -> dict[str, Path]:
                 )
             continue
         if role.name not in files.accepted:
-            raise InvalidParameterError(
-                f"model_config.{role.key}",
-                f"not used: {info.path} is an all-in-one {family} checkpoint that carries its own text encoders",
+            takes = ", ".join(f"{ROLES[r].key} ({ROLES[r].label})" for r in files.accepted)
+            why = (
+                f"{family} takes {takes}"
+                if info.split
+                else f"{info.path} is an all-in-one {family} checkpoint that carries its own text encoders"
             )
+            raise InvalidParameterError(f"model_config.{role.key}", f"not used: {why}")
         path, _ = resolve_source(source, f"model_config.{role.key}")
         check_companion(path, role.name, info)
         found[role.name] = path.resolve()
@@ -224,8 +232,11 @@ def load_model(
             _detect_family(upscaler_path, "model_config.upscaler.model_src", (FAMILY_ESRGAN,), "an ESRGAN is needed")
             upscaler_path = upscaler_path.resolve()
         named = {role: str(file) for role, file in companions.items()}
+        model_path = None if info.split else str(path)
+        if info.split and info.family == FAMILY_SDXL:
+            model_path = str(split_unet_hint(cache_dir() / "hints"))
         context = ContextParams(
-            model_path=str(split_unet_hint(cache_dir() / "hints")) if info.split else str(path),
+            model_path=model_path,
             diffusion_model_path=str(path) if info.split else None,
             clip_l_path=named.get("clip_l"),
             clip_g_path=named.get("clip_g"),
@@ -470,7 +481,7 @@ def diffusion(
     width: int | None = _D.width,
     height: int | None = _D.height,
     steps: int = _D.steps,
-    cfg_scale: float = _D.cfg_scale,
+    cfg_scale: float | None = _D.cfg_scale,
     guidance: float = _D.guidance,
     sampling_method: str | None = _D.sampling_method,
     scheduler: str | None = _D.scheduler,
@@ -484,6 +495,10 @@ def diffusion(
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
     hires: bool | Mapping[str, Any] | None = _D.hires,
     loras: Sequence[Any] = _D.loras,
+    clip_skip: int = _D.clip_skip,
+    eta: float | None = _D.eta,
+    img_cfg_scale: float | None = _D.img_cfg_scale,
+    init_images: Sequence[imaging.ImageInput] = _D.init_images,
     refiner: Mapping[str, Any] | None = None,
     timeout: float | None = None,
 ) -> DiffusionResult:
@@ -493,7 +508,10 @@ def diffusion(
     :class:`~sfumato.params.DiffusionParams`. ``init_image`` (PNG/JPEG bytes, a
     path, a PIL image or a numpy array) turns the call into img2img, with
     ``strength`` (0 keeps the source, 1 ignores it); when it differs from
-    ``width`` x ``height`` it is resized (Lanczos) to that size. ``mask`` (an
+    ``width`` x ``height`` it is resized (Lanczos) to that size. On FLUX.2
+    (loaded with ``model_config.prediction="flux2_flow"``), ``init_image`` and
+    the ``init_images`` list are reference images for in-context
+    conditioning, taken as they are, and ``strength`` is ignored. ``mask`` (an
     image in the same forms, read as grey levels, resized bilinearly) makes it
     inpainting: white pixels are generated anew, black ones keep the source.
     ``hires`` (``True`` or :class:`~sfumato.params.HiresConfig` fields) adds a
@@ -524,6 +542,7 @@ def diffusion(
             cfg_scale=cfg_scale, guidance=guidance, sampling_method=sampling_method, scheduler=scheduler,
             seed=seed, batch_count=batch_count, vae_tiling=vae_tiling, cache_preset=cache_preset,
             init_image=init_image, mask=mask, strength=strength, upscale=upscale, hires=hires, loras=loras,
+            clip_skip=clip_skip, eta=eta, img_cfg_scale=img_cfg_scale, init_images=init_images,
         )
     )  # fmt: skip
     host = _host(model_id)
@@ -547,8 +566,25 @@ def diffusion(
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")
-    w = params.width or (source.shape[1] if source is not None else DEFAULT_SIZE)
-    h = params.height or (source.shape[0] if source is not None else DEFAULT_SIZE)
+    references = [imaging.to_array(image, f"init_images[{i}]") for i, image in enumerate(params.init_images)]
+    if model.info.family == FAMILY_FLUX2:
+        if (source is not None or references) and model.config.prediction != "flux2_flow":
+            raise InvalidParameterError(
+                "init_image" if source is not None else "init_images",
+                "FLUX.2 transforms images by in-context conditioning, which needs "
+                "model_config.prediction='flux2_flow' at load_model time",
+            )
+        if params.mask is not None:
+            raise InvalidParameterError("mask", "FLUX.2 [klein] has no inpainting path; use an SD-family model")
+        references = ([source] if source is not None else []) + references
+        source = None
+    elif references:
+        raise InvalidParameterError(
+            "init_images", "several reference images need FLUX.2 (in-context conditioning); img2img takes init_image"
+        )
+    first = source if source is not None else (references[0] if references else None)
+    w = params.width or (first.shape[1] if first is not None else DEFAULT_SIZE)
+    h = params.height or (first.shape[0] if first is not None else DEFAULT_SIZE)
     multiple = max(model.size_multiple, refiner_host.model.size_multiple if refiner_host else 1)
     check_side("width", w, multiple)
     check_side("height", h, multiple)
@@ -567,8 +603,14 @@ def diffusion(
         width=w,
         height=h,
         steps=params.steps,
-        cfg_scale=params.cfg_scale,
+        cfg_scale=_FAMILY_CFG_SCALE.get(model.info.family, DEFAULT_CFG_SCALE)
+        if params.cfg_scale is None
+        else params.cfg_scale,
         guidance=params.guidance,
+        clip_skip=params.clip_skip,
+        eta=params.eta,
+        img_cfg_scale=params.img_cfg_scale,
+        ref_images=references,
         sample_method=params.sampling_method,
         scheduler=params.scheduler,
         batch_count=params.batch_count,

@@ -108,7 +108,7 @@ class _Run:
             for i, png in enumerate(base_pngs):
                 request = dataclasses.replace(
                     plan.request, init_image=decode_png(png), mask_image=None, strength=strength,
-                    seed=plan.request.seed + i, batch_count=1, hires=None, loras=[],
+                    seed=plan.request.seed + i, batch_count=1, hires=None, loras=[], ref_images=(),
                 )  # fmt: skip
                 pngs, stats = self.stage(RunJob(request=request), plan.refiner, PHASE_REFINER)
                 refined.append(stats)

@@ -48,6 +48,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
     group.add_argument("--clip-l", dest="clip_l_model_src", default=None, help="CLIP-L text encoder (split SDXL)")
     group.add_argument("--clip-g", dest="clip_g_model_src", default=None, help="CLIP-G text encoder (split SDXL)")
+    group.add_argument("--llm", dest="llm_model_src", default=None, help="Qwen3 text encoder (FLUX.2 [klein])")
     group.add_argument("--tile-size", type=int, default=128, help="ESRGAN tile size (default: 128)")
     group.add_argument("--lora-dir", dest="lora_dir", default=None, help="folder that --lora names are looked up in")
 
@@ -59,7 +60,14 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", "-W", type=int, default=_D.width, help="default: 512, or the init image's width")
     g.add_argument("--height", "-H", type=int, default=_D.height, help="default: 512, or the init image's height")
     g.add_argument("--steps", type=int, default=_D.steps)
-    g.add_argument("--cfg-scale", type=float, default=_D.cfg_scale)
+    g.add_argument("--cfg-scale", type=float, default=_D.cfg_scale, help="default: 7, or 1 for FLUX.2")
+    g.add_argument(
+        "--clip-skip", type=int, default=_D.clip_skip, help="2 skips CLIP's last layer (default: the family's)"
+    )
+    g.add_argument(
+        "--eta", type=float, default=_D.eta, help="noise of euler_a / ddim_trailing / tcd (default: engine's)"
+    )
+    g.add_argument("--img-cfg-scale", type=float, default=_D.img_cfg_scale, help="image guidance (instruct-pix2pix)")
     g.add_argument("--guidance", type=float, default=_D.guidance)
     g.add_argument("--sampling-method", choices=SAMPLING_METHODS, default=_D.sampling_method)
     g.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=_D.scheduler)
@@ -68,6 +76,9 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-tiling", action="store_true", default=_D.vae_tiling)
     g.add_argument("--cache-preset", choices=list(CACHE_PRESETS), default=_D.cache_preset)
     g.add_argument("--init-image", default=_D.init_image, help="an image file: img2img")
+    g.add_argument(
+        "--ref-image", dest="init_images", action="append", default=[], help="a further FLUX.2 reference image (repeat)"
+    )
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
     g.add_argument(
@@ -166,7 +177,7 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}
     else:
-        for key in ("vae_model_src", "clip_l_model_src", "clip_g_model_src"):
+        for key in ("vae_model_src", "clip_l_model_src", "clip_g_model_src", "llm_model_src"):
             config[key] = getattr(args, key)
         config["lora_dir"] = args.lora_dir
         if args.upscaler:
@@ -244,7 +255,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         if args.refiner:
             config = {**_model_config(args, "diffusion"), "vae_model_src": None, "clip_l_model_src": None,
-                      "clip_g_model_src": None, "upscaler": None}  # fmt: skip
+                      "clip_g_model_src": None, "llm_model_src": None, "upscaler": None}  # fmt: skip
             refiner_id = sfumato.load_model(args.refiner, model_config=config)
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None

@@ -52,9 +52,15 @@ class DiffusionParams:
     """The fields of a ``diffusion()`` request, with their defaults.
 
     ``width`` / ``height`` default to 512, or to the size of ``init_image``.
-    ``sampling_method`` / ``scheduler`` default to the engine's choice for the
-    loaded family (``euler_a`` + ``discrete`` for SD 1.x / 2.x). ``seed=-1``
-    picks a random seed, reported in the stats.
+    ``cfg_scale`` defaults to what the loaded family needs: 7, or 1 for the
+    guidance-distilled FLUX.2 [klein]. ``sampling_method`` / ``scheduler``
+    default to the engine's choice for the loaded family (``euler_a`` +
+    ``discrete`` for SD 1.x / 2.x). ``seed=-1`` picks a random seed, reported
+    in the stats. ``clip_skip`` (-1 or 0: the family's own; 2 skips CLIP's last
+    layer), ``eta`` (the noise of ``euler_a``, ``ddim_trailing``, ``tcd``;
+    ``None``: the engine's) and ``img_cfg_scale`` (the image guidance of
+    instruct-pix2pix models; ``None``: ``cfg_scale``) have the engine's
+    semantics. ``init_images`` are FLUX.2's extra reference images.
     """
 
     prompt: str
@@ -62,7 +68,7 @@ class DiffusionParams:
     width: int | None = None
     height: int | None = None
     steps: int = 20
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None
     guidance: float = 3.5
     sampling_method: str | None = None
     scheduler: str | None = None
@@ -76,6 +82,15 @@ class DiffusionParams:
     upscale: bool | Mapping[str, Any] | None = None
     hires: bool | Mapping[str, Any] | None = None
     loras: Sequence[Any] = ()
+    clip_skip: int = -1
+    eta: float | None = None
+    img_cfg_scale: float | None = None
+    init_images: Sequence[Any] = ()
+
+
+DEFAULT_CFG_SCALE = 7.0
+MAX_CLIP_SKIP = 12
+MAX_REFERENCES = 8
 
 
 DEFAULT_SIZE = 512
@@ -270,8 +285,18 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
         if value is not None:
             check_side(name, value, 8)
     check_int("steps", params.steps, 1, MAX_STEPS)
-    check_number("cfg_scale", params.cfg_scale, 0.0, 50.0)
+    if params.cfg_scale is not None:
+        check_number("cfg_scale", params.cfg_scale, 0.0, 50.0)
     check_number("guidance", params.guidance, 0.0, 50.0)
+    check_int("clip_skip", params.clip_skip, -1, MAX_CLIP_SKIP)
+    if params.eta is not None:
+        check_number("eta", params.eta, 0.0, 10.0)
+    if params.img_cfg_scale is not None:
+        check_number("img_cfg_scale", params.img_cfg_scale, 0.0, 50.0)
+    if isinstance(params.init_images, (str, bytes)) or not isinstance(params.init_images, Sequence):
+        raise InvalidParameterError("init_images", f"must be a list of images, got {type(params.init_images).__name__}")
+    if len(params.init_images) > MAX_REFERENCES:
+        raise InvalidParameterError("init_images", f"at most {MAX_REFERENCES} images, got {len(params.init_images)}")
     if params.sampling_method is not None:
         check_choice("sampling_method", params.sampling_method, SAMPLING_METHODS)
     if params.scheduler is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.families.detect import (
+    FAMILY_FLUX2,
     FAMILY_NAMES,
     FAMILY_SD1,
     FAMILY_SD2,
@@ -38,7 +39,7 @@ ROLES = {
         Role("clip_l", "clip_l_model_src", "CLIP-L text encoder"),
         Role("clip_g", "clip_g_model_src", "CLIP-G text encoder"),
         Role("t5xxl", "t5xxl_model_src", "T5-XXL text encoder"),
-        Role("llm", "llm_model_src", "LLM text encoder"),
+        Role("llm", "llm_model_src", "Qwen3 text encoder"),
         Role("vae", "vae_model_src", "VAE"),
     )
 }
@@ -46,8 +47,11 @@ ROLES = {
 CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 """Hidden width of each CLIP text encoder."""
 
-VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4}
+VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_FLUX2: 32}
 """Latent channels of the VAE each family decodes with."""
+
+FLUX2_TEXT_LAYERS = (9, 18, 27)
+"""The LLM layers whose outputs FLUX.2 [klein] stacks into its text features."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ def family_files(info: ModelInfo) -> FamilyFiles:
     """The companion roles of the model ``info`` describes."""
     if info.split and info.family == FAMILY_SDXL:
         return FamilyFiles(required=("clip_l", "clip_g", "vae"), accepted=("clip_l", "clip_g", "vae"))
+    if info.family == FAMILY_FLUX2:
+        return FamilyFiles(required=("llm", "vae"), accepted=("llm", "vae"))
     # All-in-one files carry their text encoders; the VAE may be swapped.
     return FamilyFiles(required=() if info.has_vae else ("vae",), accepted=("vae",))
 
@@ -100,6 +106,8 @@ def check_companion(path: Path, role: str, info: ModelInfo) -> None:
                 f"{path} is a {token[1]}-wide CLIP text encoder ({other}); {family} needs its "
                 f"{spec.label} here, {CLIP_WIDTHS[role]} wide",
             )
+    elif role == "llm":
+        _check_llm(path, table, field, info)
     elif role == "vae":
         conv_in = _suffix_shape(table, "decoder.conv_in.weight")
         if conv_in is None:
@@ -142,3 +150,30 @@ def split_unet_hint(folder: Path) -> Path:
         writer.close()
         partial.replace(path)
     return path
+
+
+def _check_llm(path: Path, table: TensorTable, field: str, info: ModelInfo) -> None:
+    """A Qwen3-style LLM (llama.cpp's GGUF names or Hugging Face's) deep enough
+    for the layers the family reads, and as wide as its text features need."""
+    embed = _suffix_shape(table, "token_embd.weight") or _suffix_shape(table, "embed_tokens.weight")
+    if embed is None:
+        raise InvalidParameterError(field, f"{path} is not a language model (no token embedding)")
+    layers = 1 + max(
+        (int(part) for name in table.shapes for key in ("blk.", "layers.") if key in name
+         for part in [name.split(key, 1)[1].split(".", 1)[0]] if part.isdigit()),
+        default=-1,
+    )  # fmt: skip
+    deepest = FLUX2_TEXT_LAYERS[-1]
+    if layers < deepest:
+        raise InvalidParameterError(
+            field, f"{path} has {layers} layers; FLUX.2 [klein] reads the outputs of layers {FLUX2_TEXT_LAYERS}"
+        )
+    if len(embed) == 2 and info.text_width is not None:
+        stacked = embed[1] * len(FLUX2_TEXT_LAYERS)
+        if stacked != info.text_width:
+            raise InvalidParameterError(
+                field,
+                f"{path} is {embed[1]} wide ({len(FLUX2_TEXT_LAYERS)} layers give {stacked} features); "
+                f"{info.path.name} takes {info.text_width} (a Qwen3 {info.text_width // len(FLUX2_TEXT_LAYERS)} wide: "
+                "Qwen3-4B for klein 4B, Qwen3-8B for klein 9B)",
+            )

@@ -27,10 +27,14 @@ from sfumato.errors import (
 FAMILY_SD1 = "sd1"
 FAMILY_SD2 = "sd2"
 FAMILY_SDXL = "sdxl"
+FAMILY_FLUX2 = "flux2"
 FAMILY_ESRGAN = "esrgan"
-SUPPORTED_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_ESRGAN)
-DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL)
-FAMILY_NAMES = {FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_ESRGAN: "ESRGAN"}
+SUPPORTED_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_FLUX2, FAMILY_ESRGAN)
+DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_FLUX2)
+FAMILY_NAMES = {
+    FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_FLUX2: "FLUX.2 [klein]",
+    FAMILY_ESRGAN: "ESRGAN",
+}  # fmt: skip
 
 SDXL_ADM_CHANNELS = 2816
 """Width of the SDXL base UNet's ``label_emb`` input (the refiner's is 2560)."""
@@ -77,6 +81,9 @@ class ModelInfo:
     split:
         Whether the file is the diffusion model alone, whose text encoders
         (and VAE) come from companion files.
+    text_width:
+        The width of the text features the diffusion model takes, where its
+        header says (FLUX.2: three stacked LLM layers).
     """
 
     path: Path
@@ -85,6 +92,7 @@ class ModelInfo:
     variant: str | None = None
     has_vae: bool = True
     split: bool = False
+    text_width: int | None = None
 
 
 def _invalid(path: Path, why: str) -> InvalidModelError:
@@ -186,8 +194,9 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
     if has("model.diffusion_model.joint_blocks."):
         raise UnsupportedModelError(f"{path}: an SD3 / SD3.5 model; this version of sfumato does not run SD3 yet")
-    if has("model.diffusion_model.double_stream_modulation_img."):
-        raise UnsupportedModelError(f"{path}: a FLUX.2 model; this version of sfumato does not run FLUX.2 yet")
+    flux2 = _classify_flux2(path, table)
+    if flux2 is not None:
+        return flux2
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
         raise UnsupportedModelError(f"{path}: a FLUX.1 model; this version of sfumato does not run FLUX.1 yet")
     sdxl = _classify_sdxl(path, table)
@@ -209,6 +218,23 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     if has("input_blocks.") and has("middle_block."):
         raise _invalid(path, "an SD 1.x / 2.x UNet without its text encoder; use an all-in-one file")
     raise UnsupportedModelError(f"{path}: no model family sfumato supports matches this tensor layout")
+
+
+def _classify_flux2(path: Path, table: TensorTable) -> ModelInfo | None:
+    """A FLUX.2 transformer (with or without the checkpoint prefix); ``None`` when it is none."""
+    prefix = next(
+        (p for p in ("model.diffusion_model.", "") if table.has_prefix(f"{p}double_stream_modulation_img.")), None
+    )
+    if prefix is None:
+        return None
+    if table.has_prefix(f"{prefix}single_blocks.47."):
+        raise UnsupportedModelError(
+            f"{path}: a FLUX.2 [dev] transformer (48 single blocks, Mistral-Small text encoder); "
+            "this version of sfumato runs FLUX.2 [klein]"
+        )
+    txt_in = table.find(f"{prefix}txt_in.weight")
+    width = txt_in[1] if txt_in is not None and len(txt_in) == 2 else None
+    return ModelInfo(path, FAMILY_FLUX2, table.format, has_vae=False, split=True, text_width=width)
 
 
 def _unet_variant(table: TensorTable, prefix: str) -> str | None:

@@ -30,7 +30,7 @@ class TensorSpec:
         return (
             len(self.shape) == 1
             and any(key in dotted for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0."))
-            and self.name.endswith("weight")
+            and self.name.endswith(("weight", "scale"))
         )
 
 
@@ -290,4 +290,93 @@ def esrgan_layout(num_block: int = 23, num_feat: int = 64, num_grow: int = 32, s
         lay.conv("conv_up2", None, num_feat, num_feat)
     lay.conv("conv_hr", None, num_feat, num_feat)
     lay.conv("conv_last", None, 3, num_feat)
+    return lay.specs
+
+
+@dataclass(frozen=True)
+class Flux2Config:
+    """The hyper-parameters of a FLUX.2 transformer that its file carries (the
+    engine reads widths and block counts from the tensors). FLUX.2 [klein] 4B:
+    3072 wide, 128-wide heads, 5 double and 20 single blocks, text from three
+    stacked Qwen3-4B layers (3 x 2560)."""
+
+    hidden: int = 3072
+    head_dim: int = 128
+    double_blocks: int = 5
+    single_blocks: int = 20
+    context_dim: int = 3 * 2560
+    in_channels: int = 128  # 32 latent channels, patchified 2x2
+    mlp_ratio: int = 3
+    guidance: bool = False
+
+
+def flux2_layout(cfg: Flux2Config, prefix: str = "") -> list[TensorSpec]:
+    """The FLUX.2 transformer in the original (BFL) names, which GGUF releases
+    keep; no biases, shared modulations, SiLU-gated MLPs."""
+    lay = _Layout()
+    p, h = prefix, cfg.hidden
+    mlp = h * cfg.mlp_ratio
+    lay.linear(f"{p}img_in", None, h, cfg.in_channels, bias=False)
+    lay.linear(f"{p}txt_in", None, h, cfg.context_dim, bias=False)
+    embedders = ("time_in", "guidance_in") if cfg.guidance else ("time_in",)
+    for embedder in embedders:
+        lay.linear(f"{p}{embedder}.in_layer", None, h, 256, bias=False)
+        lay.linear(f"{p}{embedder}.out_layer", None, h, h, bias=False)
+    for i in range(cfg.double_blocks):
+        for stream in ("img", "txt"):
+            block = f"{p}double_blocks.{i}.{stream}"
+            lay.linear(f"{block}_attn.qkv", None, 3 * h, h, bias=False)
+            lay.add(f"{block}_attn.norm.query_norm.scale", None, cfg.head_dim)
+            lay.add(f"{block}_attn.norm.key_norm.scale", None, cfg.head_dim)
+            lay.linear(f"{block}_attn.proj", None, h, h, bias=False)
+            lay.linear(f"{block}_mlp.0", None, 2 * mlp, h, bias=False)
+            lay.linear(f"{block}_mlp.2", None, h, mlp, bias=False)
+    for i in range(cfg.single_blocks):
+        block = f"{p}single_blocks.{i}"
+        lay.linear(f"{block}.linear1", None, 3 * h + 2 * mlp, h, bias=False)
+        lay.linear(f"{block}.linear2", None, h, h + mlp, bias=False)
+        lay.add(f"{block}.norm.query_norm.scale", None, cfg.head_dim)
+        lay.add(f"{block}.norm.key_norm.scale", None, cfg.head_dim)
+    lay.linear(f"{p}double_stream_modulation_img.lin", None, 6 * h, h, bias=False)
+    lay.linear(f"{p}double_stream_modulation_txt.lin", None, 6 * h, h, bias=False)
+    lay.linear(f"{p}single_stream_modulation.lin", None, 3 * h, h, bias=False)
+    lay.linear(f"{p}final_layer.linear", None, cfg.in_channels, h, bias=False)
+    lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h, bias=False)
+    return lay.specs
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """Qwen3-4B, as its GGUF releases store it (36 layers in the real model;
+    the engine reads the depth from the file)."""
+
+    layers: int = 36
+    hidden: int = 2560
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    ffn: int = 9728
+    vocab: int = 151936
+
+
+def qwen3_layout(cfg: Qwen3Config) -> list[TensorSpec]:
+    """A Qwen3 language model in llama.cpp's GGUF names (``blk.N.attn_q`` ...);
+    the embedding is tied, so there is no ``output.weight``."""
+    lay = _Layout()
+    h, q, kv = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    lay.add("token_embd.weight", None, cfg.vocab, h)
+    for i in range(cfg.layers):
+        b = f"blk.{i}"
+        lay.add(f"{b}.attn_norm.weight", None, h)
+        lay.linear(f"{b}.attn_q", None, q, h, bias=False)
+        lay.linear(f"{b}.attn_k", None, kv, h, bias=False)
+        lay.linear(f"{b}.attn_v", None, kv, h, bias=False)
+        lay.add(f"{b}.attn_q_norm.weight", None, cfg.head_dim)
+        lay.add(f"{b}.attn_k_norm.weight", None, cfg.head_dim)
+        lay.linear(f"{b}.attn_output", None, h, q, bias=False)
+        lay.add(f"{b}.ffn_norm.weight", None, h)
+        lay.linear(f"{b}.ffn_gate", None, cfg.ffn, h, bias=False)
+        lay.linear(f"{b}.ffn_up", None, cfg.ffn, h, bias=False)
+        lay.linear(f"{b}.ffn_down", None, h, cfg.ffn, bias=False)
+    lay.add("output_norm.weight", None, h)
     return lay.specs

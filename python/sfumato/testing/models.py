@@ -26,15 +26,25 @@ from sfumato.testing.layouts import (
     SD1_UNET,
     SD2_UNET,
     SDXL_UNET,
+    Flux2Config,
+    Qwen3Config,
     TensorSpec,
     clip_text_layout,
     esrgan_layout,
+    flux2_layout,
     open_clip_text_layout,
+    qwen3_layout,
     unet_layout,
     vae_layout,
 )
 
 SD_VERSIONS = ("sd1", "sd2", "sdxl")
+
+FLUX2_KLEIN_TEST = Flux2Config(double_blocks=1, single_blocks=1)
+"""FLUX.2 [klein] 4B at its real widths with one block of each kind."""
+QWEN3_4B_TEST = Qwen3Config(layers=27)
+"""Qwen3-4B at its real widths, as deep as FLUX.2 [klein] reads it: the engine
+stacks the outputs of layers 9, 18 and 27 (of 36) into the text context."""
 
 
 def sd_layout(version: str) -> list[TensorSpec]:
@@ -107,13 +117,22 @@ def random_tensors(
         yield name, _values(spec, seed, shape).astype(np_dtype)
 
 
-def write_gguf(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str) -> Path:
-    """Write tensors to a GGUF file (names as given, shapes in numpy order)."""
+def write_gguf(
+    path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str, quant: str | None = None
+) -> Path:
+    """Write tensors to a GGUF file (names as given, shapes in numpy order).
+    ``quant`` ("q8_0" or "q4_0") stores every matrix whose rows split into
+    32-value blocks in that type, as quantized releases do."""
     import gguf
+    from gguf import quants
 
+    qtype = {None: None, "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
     writer = gguf.GGUFWriter(str(path), arch=arch)
     for name, array in tensors:
-        writer.add_tensor(name, array)
+        if qtype is not None and array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(name, quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -141,6 +160,23 @@ def _write_by_suffix(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.gen
     if path.suffix == ".safetensors":
         return write_safetensors(path, tensors)
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
+
+
+FLUX2_PARTS = ("diffusion", "llm", "vae")
+
+
+def write_flux2_part(path: Path, part: str, seed: int = 0) -> Path:
+    """One file of FLUX.2 [klein]'s split layout: the transformer (GGUF, f16),
+    the Qwen3 text encoder (GGUF, q8_0) or the 32-channel VAE (safetensors in
+    diffusers names, as ``vae/diffusion_pytorch_model.safetensors``)."""
+    path = Path(path)
+    if part == "diffusion":
+        return write_gguf(path, random_tensors(flux2_layout(FLUX2_KLEIN_TEST), seed), arch="flux")
+    if part == "llm":
+        return write_gguf(path, random_tensors(qwen3_layout(QWEN3_4B_TEST), seed), arch="qwen3", quant="q8_0")
+    if part == "vae":
+        return write_safetensors(path, random_tensors(vae_layout(prefix="", z_channels=32), seed, diffusers=True))
+    raise ValueError(f"part must be one of {FLUX2_PARTS}, got {part!r}")
 
 
 # SD 1.x UNet attention blocks (diffusers names) and their channel width.

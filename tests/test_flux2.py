@@ -1,0 +1,174 @@
+"""FLUX.2 [klein], the split layout of seed 001: detection and companion
+checks before any engine call, the mapping onto the engine's context, and
+real engine runs (txt2img, and image-to-image by in-context conditioning with
+one or several references) from the SDK and the CLI, on self-made random
+weights at klein 4B's real widths (one transformer block of each kind; Qwen3-4B
+as deep as the engine reads it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+import sfumato
+from sfumato import api, errors
+from sfumato.families.detect import FAMILY_FLUX2, detect
+from sfumato.images import decode_png
+from sfumato.runtime.protocol import LoadSpec
+
+from .conftest import run
+
+SIZE = 64
+
+
+def _config(parts: dict[str, Path], **overrides: object) -> dict[str, object]:
+    config: dict[str, object] = {"llm_model_src": parts["llm"], "vae_model_src": parts["vae"], "threads": 2}
+    config.update(overrides)
+    return config
+
+
+def _fake(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(path))
+    return path
+
+
+def _llm_names(layers: int, width: int) -> dict[str, tuple[int, ...]]:
+    names: dict[str, tuple[int, ...]] = {"token_embd.weight": (8, width)}
+    names.update({f"blk.{i}.attn_norm.weight": (width,) for i in range(layers)})
+    return names
+
+
+@pytest.fixture(scope="module")
+def flux2_model(flux2_parts: dict[str, Path]) -> Iterator[str]:
+    model_id = sfumato.load_model(flux2_parts["diffusion"], model_config=_config(flux2_parts, prediction="flux2_flow"))
+    yield model_id
+    sfumato.unload_model(model_id)
+
+
+# --- detection and companions (no engine call) ------------------------------
+
+
+def test_the_transformer_is_detected_as_split(flux2_parts: dict[str, Path]) -> None:
+    info = detect(flux2_parts["diffusion"])
+    assert (info.family, info.split, info.has_vae, info.text_width) == (FAMILY_FLUX2, True, False, 3 * 2560)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+@pytest.mark.parametrize(("missing", "key", "label"), [("llm", "llm_model_src", "Qwen3"), ("vae", "vae_model_src", "VAE")])
+def test_a_missing_companion_names_its_role_and_key(
+    flux2_parts: dict[str, Path], missing: str, key: str, label: str
+) -> None:
+    config = _config(flux2_parts)
+    del config[key]
+    with pytest.raises(errors.InvalidParameterError, match=f"pass its {label}") as caught:
+        sfumato.load_model(flux2_parts["diffusion"], model_config=config)
+    assert caught.value.field == f"model_config.{key}"
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_mismatched_companions_are_refused(flux2_parts: dict[str, Path], sd1_gguf: Path, tmp_path: Path) -> None:
+    diffusion = flux2_parts["diffusion"]
+    cases = [
+        ({"vae_model_src": sd1_gguf}, "vae_model_src", "4 latent channels; FLUX.2 \\[klein\\] decodes 32"),
+        ({"llm_model_src": _fake(tmp_path / "q.safetensors", _llm_names(9, 2560))}, "llm_model_src", "has 9 layers"),
+        ({"llm_model_src": _fake(tmp_path / "w.safetensors", _llm_names(36, 4096))}, "llm_model_src", "4096 wide"),
+        ({"llm_model_src": flux2_parts["vae"]}, "llm_model_src", "not a language model"),
+        ({"clip_l_model_src": flux2_parts["vae"]}, "clip_l_model_src", "not used"),
+    ]
+    for overrides, key, says in cases:
+        with pytest.raises(errors.InvalidParameterError, match=says) as caught:
+            sfumato.load_model(diffusion, model_config=_config(flux2_parts, **overrides))
+        assert caught.value.field == f"model_config.{key}"
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_flux2_dev_is_refused_by_name(tmp_path: Path) -> None:
+    dev = _fake(
+        tmp_path / "flux2-dev.safetensors",
+        {"double_stream_modulation_img.lin.weight": (2, 2), "single_blocks.47.linear1.weight": (2, 2)},
+    )
+    with pytest.raises(errors.UnsupportedModelError, match=r"FLUX.2 \[dev\]"):
+        sfumato.load_model(dev)
+
+
+def test_the_split_layout_maps_onto_the_context(flux2_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[LoadSpec] = []
+
+    def record(_model: object, spec: LoadSpec, *_args: object, **_kwargs: object) -> None:
+        seen.append(spec)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(api, "ModelHost", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        sfumato.load_model(flux2_parts["diffusion"], model_config=_config(flux2_parts, prediction="flux2_flow"))
+    context = seen[0].context
+    assert context is not None
+    assert (context.model_path, context.clip_l_path, context.clip_g_path, context.t5xxl_path) == (None,) * 4
+    assert context.diffusion_model_path == str(flux2_parts["diffusion"].resolve())
+    assert (context.llm_path, context.vae_path) == (str(flux2_parts["llm"].resolve()), str(flux2_parts["vae"].resolve()))
+    assert context.prediction == "flux2_flow"
+
+
+# --- the engine -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_txt2img_takes_the_familys_cfg_scale(flux2_model: str) -> None:
+    default, stats, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=21)
+    explicit, _, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=21, cfg_scale=1.0)
+    picture = decode_png(default[0])
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+    assert np.array_equal(picture, decode_png(explicit[0]))  # the default is 1, not SD's 7
+    assert stats.total_steps == 1
+
+
+@pytest.mark.slow
+def test_img2img_is_in_context_conditioning(flux2_model: str, gradient_image: np.ndarray) -> None:
+    plain, _, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=22)
+    low, _, _ = run(flux2_model, steps=1, seed=22, init_image=gradient_image, strength=0.2)
+    high, _, _ = run(flux2_model, steps=1, seed=22, init_image=gradient_image, strength=0.9)
+    mirrored = np.ascontiguousarray(gradient_image[:, ::-1])
+    several, _, _ = run(flux2_model, steps=1, seed=22, init_image=gradient_image, init_images=[mirrored])
+    one = decode_png(low[0])
+    assert one.shape == (SIZE, SIZE, 3)  # the size of the reference
+    assert not np.array_equal(one, decode_png(plain[0]))  # the reference conditions the picture
+    assert np.array_equal(one, decode_png(high[0]))  # strength is ignored on this path
+    assert not np.array_equal(one, decode_png(several[0]))  # and so does a second one
+
+
+@pytest.mark.slow
+def test_image_inputs_need_flux2_flow_and_no_mask(flux2_parts: dict[str, Path], flux2_model: str) -> None:
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(errors.InvalidParameterError, match="mask") as caught:
+        sfumato.diffusion(flux2_model, prompt="x", init_image=image, mask=image)
+    assert caught.value.field == "mask"
+    plain = sfumato.load_model(flux2_parts["diffusion"], model_config=_config(flux2_parts))
+    try:
+        for kwargs, field in (({"init_image": image}, "init_image"), ({"init_images": [image]}, "init_images")):
+            with pytest.raises(errors.InvalidParameterError, match="prediction='flux2_flow'") as caught:
+                sfumato.diffusion(plain, prompt="x", **kwargs)  # type: ignore[arg-type]
+            assert caught.value.field == field
+    finally:
+        sfumato.unload_model(plain)
+
+
+@pytest.mark.slow
+def test_the_cli_runs_the_split_layout(flux2_parts: dict[str, Path], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "sfumato", "generate", "--model", str(flux2_parts["diffusion"]),
+            "--llm", str(flux2_parts["llm"]), "--vae", str(flux2_parts["vae"]), "--threads", "2",
+            "-W", str(SIZE), "-H", "128", "--steps", "1", "--seed", "6", "-q", "-o", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Image.open(tmp_path / "sfumato_6_0.png") as picture:
+        assert picture.size == (SIZE, 128)
