@@ -74,6 +74,7 @@ def _sd_model(version: str, layout: str) -> Callable[[Path], Path]:
 sd1_gguf = _sd_model("sd1", ".gguf")
 sd1_safetensors = _sd_model("sd1", ".safetensors")
 sd1_diffusers = _sd_model("sd1", "diffusers")
+sd1_inpaint_gguf = _sd_model("sd1-inpaint", ".gguf")
 sd2_gguf = _sd_model("sd2", ".gguf")
 sd2_safetensors = _sd_model("sd2", ".safetensors")
 sd2_diffusers = _sd_model("sd2", "diffusers")
@@ -108,6 +109,27 @@ def flux2_parts(model_dir: Path) -> dict[str, Path]:
     return {
         part: _cached(model_dir, name, lambda p, part=part: models.write_flux2_part(p, part))
         for part, name in FLUX2_PART_FILES.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def t5xxl_gguf(model_dir: Path) -> Path:
+    """T5-XXL's encoder, all 24 layers (the engine builds no fewer), q8_0: SD3's and FLUX.1's text encoder."""
+    return _cached(model_dir, "t5xxl.gguf", models.write_t5xxl)
+
+
+@pytest.fixture(scope="session")
+def sd3_gguf(model_dir: Path) -> Path:
+    """SD3 Medium as ``sd3_medium.safetensors`` holds it: the full MMDiT (q8_0) and its VAE, no text encoders."""
+    return _cached(model_dir, "sd3-medium.gguf", models.write_sd3_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def flux1_parts(model_dir: Path) -> dict[str, Path]:
+    """FLUX.1 [dev] at its real widths (one block of each kind) and its 16-channel VAE."""
+    return {
+        "diffusion": _cached(model_dir, "flux1-dev.gguf", lambda p: models.write_flux1_part(p, "diffusion")),
+        "vae": _cached(model_dir, "flux1-ae.safetensors", lambda p: models.write_flux1_part(p, "vae")),
     }
 
 

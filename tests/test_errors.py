@@ -200,9 +200,9 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("names", "family"),
     [
-        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
-        (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "FLUX.1"),
-        (["model.diffusion_model.double_stream_modulation_img.lin.weight"], "FLUX.2"),
+        (["double_stream_modulation_img.lin.weight", "single_blocks.47.linear1.weight"], r"FLUX.2 \[dev\]"),
+        (["double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"], "Chroma"),
+        (["model.diffusion_model.img_in.weight", "model.diffusion_model.double_blocks.0.x.weight"], "taking 2 input"),
         (["some.other.network.weight"], "no model family"),
     ],
 )

@@ -1,4 +1,6 @@
-"""Inpainting with an ordinary SD 1.x model: masked img2img on the real engine."""
+"""Inpainting on the real engine: masked img2img with an ordinary SD 1.x
+model, and a dedicated inpainting model (its UNet takes 9 channels: the noisy
+latent, the masked image's latent and the mask)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import pytest
 from PIL import Image
 
 import sfumato
+
+from sfumato.families.detect import detect
 
 from .conftest import SIZE, run
 
@@ -83,3 +87,22 @@ def test_unreadable_mask_names_the_field(sd1_model: str, gradient_image: np.ndar
     with pytest.raises(sfumato.InvalidParameterError) as caught:
         sfumato.diffusion(sd1_model, prompt="x", init_image=gradient_image, mask=b"not an image")
     assert caught.value.field == "mask"
+
+
+def test_a_dedicated_inpainting_model(sd1_inpaint_gguf: Path, gradient_image: np.ndarray, half_mask: np.ndarray) -> None:
+    assert detect(sd1_inpaint_gguf).variant == "inpaint"
+    model_id = sfumato.load_model(sd1_inpaint_gguf, model_config={"threads": 2})
+    try:
+        outputs, _, _ = run(model_id, init_image=gradient_image, mask=half_mask, strength=1.0, steps=3)
+        out, source = _pixels(outputs[0]), gradient_image.astype(np.int16)
+        keep, change = half_mask == 0, half_mask == 255
+        assert np.abs(out[keep] - source[keep]).max() <= 1
+        assert np.abs(out[change] - source[change]).mean() > 10
+        # The mask and the masked image reach the UNet itself: another mask, another picture inside it.
+        other = np.zeros_like(half_mask)
+        other[: SIZE // 2, :] = 255
+        moved, _, _ = run(model_id, init_image=gradient_image, mask=other, strength=1.0, steps=3)
+        both = change & (other == 255)
+        assert np.abs(_pixels(moved[0])[both] - out[both]).max() > 0
+    finally:
+        sfumato.unload_model(model_id)

@@ -129,7 +129,7 @@ def test_a_companion_of_the_wrong_kind_is_refused(sdxl_parts: dict[str, Path], t
 
 @pytest.mark.usefixtures("no_engine_calls")
 def test_text_encoders_are_refused_beside_an_all_in_one_file(sdxl_gguf: Path, sdxl_parts: dict[str, Path]) -> None:
-    with pytest.raises(errors.InvalidParameterError, match="all-in-one SDXL checkpoint") as caught:
+    with pytest.raises(errors.InvalidParameterError, match="carries its own CLIP-G text encoder") as caught:
         sfumato.load_model(sdxl_gguf, model_config={"clip_g_model_src": sdxl_parts["clip_g"]})
     assert caught.value.field == "model_config.clip_g_model_src"
 

@@ -48,10 +48,12 @@ from sfumato.families.companions import ROLES, check_companion, family_files, sp
 from sfumato.families.detect import (
     DIFFUSION_FAMILIES,
     FAMILY_ESRGAN,
+    FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
     FAMILY_SD1,
     FAMILY_SD2,
+    FAMILY_SD3,
     FAMILY_SDXL,
     ModelInfo,
     check_lora_file,
@@ -88,9 +90,11 @@ ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
 """A local file, a diffusers folder, or a registry constant (or its name)."""
 
 _D = DiffusionParams(prompt="")
-_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_FLUX2: 16}
+_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 16}
+"""Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
+the transformers patchify 2x2 latents of an 8x VAE."""
 
-_FAMILY_CFG_SCALE = {FAMILY_FLUX2: 1.0}
+_FAMILY_CFG_SCALE = {FAMILY_FLUX1: 1.0, FAMILY_FLUX2: 1.0}
 """``cfg_scale`` when the caller gives none, where a family needs another than 7."""
 
 _pool = ModelPool(Budget.from_env())
@@ -147,18 +151,15 @@ def _companions(config: ModelConfig, info: ModelInfo) -> dict[str, Path]:
         source = getattr(config, role.key)
         if source is None:
             if role.name in files.required:
-                what = "a diffusion model alone" if info.split else "a checkpoint without a VAE"
+                what = "a diffusion model alone" if info.split else f"a {family} checkpoint without its {role.label}"
                 raise InvalidParameterError(
-                    f"model_config.{role.key}",
-                    f"required: {info.path} is {what} ({family}); pass its {role.label} here",
+                    f"model_config.{role.key}", f"required: {info.path} is {what}; pass its {role.label} here"
                 )
             continue
         if role.name not in files.accepted:
             takes = ", ".join(f"{ROLES[r].key} ({ROLES[r].label})" for r in files.accepted)
             why = (
-                f"{family} takes {takes}"
-                if info.split
-                else f"{info.path} is an all-in-one {family} checkpoint that carries its own text encoders"
+                f"{info.path} carries its own {role.label}" if role.name in info.carries else f"{family} takes {takes}"
             )
             raise InvalidParameterError(f"model_config.{role.key}", f"not used: {why}")
         path, _ = resolve_source(source, f"model_config.{role.key}")

@@ -46,8 +46,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-type", choices=WEIGHT_TYPE_NAMES, default=None, help="convert weights at load")
     group.add_argument("--prediction", choices=list(PREDICTIONS), default="auto")
     group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
-    group.add_argument("--clip-l", dest="clip_l_model_src", default=None, help="CLIP-L text encoder (split SDXL)")
-    group.add_argument("--clip-g", dest="clip_g_model_src", default=None, help="CLIP-G text encoder (split SDXL)")
+    group.add_argument(
+        "--clip-l", dest="clip_l_model_src", default=None, help="CLIP-L text encoder (SDXL, SD3, FLUX.1)"
+    )
+    group.add_argument("--clip-g", dest="clip_g_model_src", default=None, help="CLIP-G text encoder (SDXL, SD3)")
+    group.add_argument("--t5xxl", dest="t5xxl_model_src", default=None, help="T5-XXL text encoder (SD3, FLUX.1)")
     group.add_argument("--llm", dest="llm_model_src", default=None, help="Qwen3 text encoder (FLUX.2 [klein])")
     group.add_argument("--tile-size", type=int, default=128, help="ESRGAN tile size (default: 128)")
     group.add_argument("--lora-dir", dest="lora_dir", default=None, help="folder that --lora names are looked up in")
@@ -177,7 +180,7 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}
     else:
-        for key in ("vae_model_src", "clip_l_model_src", "clip_g_model_src", "llm_model_src"):
+        for key in ("vae_model_src", "clip_l_model_src", "clip_g_model_src", "t5xxl_model_src", "llm_model_src"):
             config[key] = getattr(args, key)
         config["lora_dir"] = args.lora_dir
         if args.upscaler:
@@ -255,7 +258,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         if args.refiner:
             config = {**_model_config(args, "diffusion"), "vae_model_src": None, "clip_l_model_src": None,
-                      "clip_g_model_src": None, "llm_model_src": None, "upscaler": None}  # fmt: skip
+                      "clip_g_model_src": None, "t5xxl_model_src": None, "llm_model_src": None,
+                      "upscaler": None}  # fmt: skip
             refiner_id = sfumato.load_model(args.refiner, model_config=config)
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None

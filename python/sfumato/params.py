@@ -53,7 +53,7 @@ class DiffusionParams:
 
     ``width`` / ``height`` default to 512, or to the size of ``init_image``.
     ``cfg_scale`` defaults to what the loaded family needs: 7, or 1 for the
-    guidance-distilled FLUX.2 [klein]. ``sampling_method`` / ``scheduler``
+    guidance-distilled FLUX.1 and FLUX.2 [klein]. ``sampling_method`` / ``scheduler``
     default to the engine's choice for the loaded family (``euler_a`` +
     ``discrete`` for SD 1.x / 2.x). ``seed=-1`` picks a random seed, reported
     in the stats. ``clip_skip`` (-1 or 0: the family's own; 2 skips CLIP's last

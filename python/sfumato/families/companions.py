@@ -11,10 +11,12 @@ from pathlib import Path
 
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.families.detect import (
+    FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
     FAMILY_SD1,
     FAMILY_SD2,
+    FAMILY_SD3,
     FAMILY_SDXL,
     ModelInfo,
     TensorTable,
@@ -47,7 +49,7 @@ ROLES = {
 CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 """Hidden width of each CLIP text encoder."""
 
-VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_FLUX2: 32}
+VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 32}
 """Latent channels of the VAE each family decodes with."""
 
 FLUX2_TEXT_LAYERS = (9, 18, 27)
@@ -62,14 +64,24 @@ class FamilyFiles:
     accepted: tuple[str, ...]
 
 
+FAMILY_TEXT_ENCODERS = {
+    FAMILY_SDXL: ("clip_l", "clip_g"),
+    FAMILY_SD3: ("clip_l", "clip_g", "t5xxl"),
+    FAMILY_FLUX1: ("clip_l", "t5xxl"),
+    FAMILY_FLUX2: ("llm",),
+}
+"""The text encoders each family conditions on (SD 1.x / 2.x files always carry theirs)."""
+
+T5XXL_WIDTH = 4096
+
+
 def family_files(info: ModelInfo) -> FamilyFiles:
-    """The companion roles of the model ``info`` describes."""
-    if info.split and info.family == FAMILY_SDXL:
-        return FamilyFiles(required=("clip_l", "clip_g", "vae"), accepted=("clip_l", "clip_g", "vae"))
-    if info.family == FAMILY_FLUX2:
-        return FamilyFiles(required=("llm", "vae"), accepted=("llm", "vae"))
-    # All-in-one files carry their text encoders; the VAE may be swapped.
-    return FamilyFiles(required=() if info.has_vae else ("vae",), accepted=("vae",))
+    """The companion roles of the model ``info`` describes: each text encoder
+    of its family that the file does not carry, and a VAE unless it carries
+    one; a VAE may always replace the file's own."""
+    missing = tuple(role for role in FAMILY_TEXT_ENCODERS.get(info.family, ()) if role not in info.carries)
+    required = missing if info.has_vae else (*missing, "vae")
+    return FamilyFiles(required=required, accepted=(*missing, "vae"))
 
 
 def _suffix_shape(table: TensorTable, suffix: str) -> tuple[int, ...] | None:
@@ -108,6 +120,14 @@ def check_companion(path: Path, role: str, info: ModelInfo) -> None:
             )
     elif role == "llm":
         _check_llm(path, table, field, info)
+    elif role == "t5xxl":
+        shared = _suffix_shape(table, "shared.weight") or _suffix_shape(table, "token_embd.weight")
+        blocks = any("encoder.block." in name or "enc.blk." in name for name in table.shapes)
+        if shared is None or not blocks:
+            raise InvalidParameterError(field, f"{path} is not a T5 encoder; {family} needs its {spec.label}")
+        width = info.text_width or T5XXL_WIDTH
+        if len(shared) == 2 and shared[1] != width:
+            raise InvalidParameterError(field, f"{path} is a {shared[1]}-wide T5; {family} needs T5-XXL, {width} wide")
     elif role == "vae":
         conv_in = _suffix_shape(table, "decoder.conv_in.weight")
         if conv_in is None:

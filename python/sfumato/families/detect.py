@@ -27,14 +27,23 @@ from sfumato.errors import (
 FAMILY_SD1 = "sd1"
 FAMILY_SD2 = "sd2"
 FAMILY_SDXL = "sdxl"
+FAMILY_SD3 = "sd3"
+FAMILY_FLUX1 = "flux1"
 FAMILY_FLUX2 = "flux2"
 FAMILY_ESRGAN = "esrgan"
-SUPPORTED_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_FLUX2, FAMILY_ESRGAN)
-DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_FLUX2)
+DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_FLUX2)
+SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
 FAMILY_NAMES = {
-    FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_FLUX2: "FLUX.2 [klein]",
-    FAMILY_ESRGAN: "ESRGAN",
+    FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
+    FAMILY_FLUX1: "FLUX.1", FAMILY_FLUX2: "FLUX.2 [klein]", FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
+
+TEXT_ENCODER_PREFIXES = {
+    "clip_l": ("text_encoders.clip_l.", "cond_stage_model.transformer.", "conditioner.embedders.0.transformer."),
+    "clip_g": ("text_encoders.clip_g.", "cond_stage_model.1.", "conditioner.embedders.1."),
+    "t5xxl": ("text_encoders.t5xxl.",),
+}
+"""Where an all-in-one checkpoint keeps each text encoder."""
 
 SDXL_ADM_CHANNELS = 2816
 """Width of the SDXL base UNet's ``label_emb`` input (the refiner's is 2560)."""
@@ -83,7 +92,9 @@ class ModelInfo:
         (and VAE) come from companion files.
     text_width:
         The width of the text features the diffusion model takes, where its
-        header says (FLUX.2: three stacked LLM layers).
+        header says (FLUX.1: T5-XXL's; FLUX.2: three stacked LLM layers).
+    carries:
+        The text encoders the file holds beside its diffusion model.
     """
 
     path: Path
@@ -93,6 +104,7 @@ class ModelInfo:
     has_vae: bool = True
     split: bool = False
     text_width: int | None = None
+    carries: frozenset[str] = frozenset()
 
 
 def _invalid(path: Path, why: str) -> InvalidModelError:
@@ -192,13 +204,10 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     has = table.has_prefix
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
-    if has("model.diffusion_model.joint_blocks."):
-        raise UnsupportedModelError(f"{path}: an SD3 / SD3.5 model; this version of sfumato does not run SD3 yet")
-    flux2 = _classify_flux2(path, table)
-    if flux2 is not None:
-        return flux2
-    if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
-        raise UnsupportedModelError(f"{path}: a FLUX.1 model; this version of sfumato does not run FLUX.1 yet")
+    for classify in (_classify_sd3, _classify_flux2, _classify_flux1):
+        found = classify(path, table)
+        if found is not None:
+            return found
     sdxl = _classify_sdxl(path, table)
     if sdxl is not None:
         return sdxl
@@ -220,11 +229,58 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     raise UnsupportedModelError(f"{path}: no model family sfumato supports matches this tensor layout")
 
 
+def _carried(table: TensorTable) -> frozenset[str]:
+    return frozenset(role for role, prefixes in TEXT_ENCODER_PREFIXES.items() if any(map(table.has_prefix, prefixes)))
+
+
+def _diffusion_prefix(table: TensorTable, marker: str) -> str | None:
+    """``"model.diffusion_model."`` or ``""``, whichever ``marker`` is found under; ``None``: neither."""
+    return next((p for p in ("model.diffusion_model.", "") if table.has_prefix(f"{p}{marker}")), None)
+
+
+def _other_parts(table: TensorTable, prefix: str) -> bool:
+    """Whether the file holds more than the diffusion model (a VAE, text encoders)."""
+    return prefix != "" and any(not name.startswith(prefix) for name in table.shapes)
+
+
+def _classify_sd3(path: Path, table: TensorTable) -> ModelInfo | None:
+    """An SD3 / SD3.5 MMDiT: alone, with its VAE (``sd3_medium.safetensors``) or with its text encoders too."""
+    prefix = _diffusion_prefix(table, "joint_blocks.")
+    if prefix is None:
+        return None
+    return ModelInfo(
+        path, FAMILY_SD3, table.format, has_vae=table.has_prefix("first_stage_model."),
+        split=not _other_parts(table, prefix), carries=_carried(table),
+    )  # fmt: skip
+
+
+def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
+    """A FLUX.1 transformer ([dev] with its guidance embedder, [schnell] without)."""
+    prefix = _diffusion_prefix(table, "double_blocks.")
+    if prefix is None:
+        return None
+    if table.has_prefix(f"{prefix}distilled_guidance_layer."):
+        raise UnsupportedModelError(
+            f"{path}: a Chroma transformer; this version of sfumato runs FLUX.1 [dev] and [schnell]"
+        )
+    img_in = table.find(f"{prefix}img_in.weight")
+    if img_in is not None and len(img_in) == 2 and img_in[1] != 64:
+        raise UnsupportedModelError(
+            f"{path}: a FLUX.1 transformer taking {img_in[1]} input channels (Fill, Depth/Canny or Flex); "
+            "this version of sfumato runs FLUX.1 [dev] and [schnell] (64)"
+        )
+    txt_in = table.find(f"{prefix}txt_in.weight")
+    return ModelInfo(
+        path, FAMILY_FLUX1, table.format, "dev" if table.has_prefix(f"{prefix}guidance_in.") else "schnell",
+        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
+        split=not _other_parts(table, prefix), carries=_carried(table),
+        text_width=txt_in[1] if txt_in is not None and len(txt_in) == 2 else None,
+    )  # fmt: skip
+
+
 def _classify_flux2(path: Path, table: TensorTable) -> ModelInfo | None:
     """A FLUX.2 transformer (with or without the checkpoint prefix); ``None`` when it is none."""
-    prefix = next(
-        (p for p in ("model.diffusion_model.", "") if table.has_prefix(f"{p}double_stream_modulation_img.")), None
-    )
+    prefix = _diffusion_prefix(table, "double_stream_modulation_img.")
     if prefix is None:
         return None
     if table.has_prefix(f"{prefix}single_blocks.47."):
@@ -246,7 +302,7 @@ def _classify_sdxl(path: Path, table: TensorTable) -> ModelInfo | None:
     """SDXL, all-in-one or a UNet alone (with or without the checkpoint prefix);
     ``None`` when ``table`` is no SDXL UNet."""
     has = table.has_prefix
-    prefix = next((p for p in ("model.diffusion_model.", "") if has(f"{p}label_emb.0.0.")), None)
+    prefix = _diffusion_prefix(table, "label_emb.0.0.")
     if prefix is None:
         return None
     adm = table.find(f"{prefix}label_emb.0.0.weight")
@@ -259,7 +315,9 @@ def _classify_sdxl(path: Path, table: TensorTable) -> ModelInfo | None:
         raise UnsupportedModelError(f"{path}: a UNet with a {adm[1]}-wide label_emb is neither SDXL nor SD 1.x / 2.x")
     variant = _unet_variant(table, prefix)
     if has("conditioner.embedders.1.") or has("cond_stage_model.1."):
-        return ModelInfo(path, FAMILY_SDXL, table.format, variant, has_vae=has("first_stage_model."))
+        return ModelInfo(
+            path, FAMILY_SDXL, table.format, variant, has_vae=has("first_stage_model."), carries=_carried(table)
+        )
     if has("conditioner.") or has("cond_stage_model."):
         raise _invalid(path, "an SDXL checkpoint with one of its two text encoders (CLIP-L and CLIP-G) missing")
     return ModelInfo(path, FAMILY_SDXL, table.format, variant, has_vae=False, split=True)

@@ -189,8 +189,10 @@ def _vae_mid(lay: _Layout, name: str, diff: str, ch: int) -> None:
     _vae_resblock(lay, f"{name}.block_2", f"{diff}.resnets.1", ch, ch)
 
 
-def vae_layout(prefix: str = "first_stage_model.", z_channels: int = 4) -> list[TensorSpec]:
-    """The KL autoencoder of SD 1.x / 2.x (``first_stage_model.*``; diffusers ``vae/``)."""
+def vae_layout(prefix: str = "first_stage_model.", z_channels: int = 4, quant_convs: bool = True) -> list[TensorSpec]:
+    """The KL autoencoder of SD 1.x / 2.x / XL (``first_stage_model.*``; diffusers
+    ``vae/``); SD3 and FLUX.1 use it with 16 latent channels and no quant convs,
+    FLUX.2 with 32 and both."""
     lay = _Layout()
     p = prefix
     base, mults, blocks = 128, (1, 2, 4, 4), 2
@@ -206,8 +208,9 @@ def vae_layout(prefix: str = "first_stage_model.", z_channels: int = 4) -> list[
     _vae_mid(lay, f"{p}encoder.mid", "encoder.mid_block", ch)
     lay.norm(f"{p}encoder.norm_out", "encoder.conv_norm_out", ch)
     lay.conv(f"{p}encoder.conv_out", "encoder.conv_out", 2 * z_channels, ch)
-    lay.conv(f"{p}quant_conv", "quant_conv", 2 * z_channels, 2 * z_channels, k=1)
-    lay.conv(f"{p}post_quant_conv", "post_quant_conv", z_channels, z_channels, k=1)
+    if quant_convs:
+        lay.conv(f"{p}quant_conv", "quant_conv", 2 * z_channels, 2 * z_channels, k=1)
+        lay.conv(f"{p}post_quant_conv", "post_quant_conv", z_channels, z_channels, k=1)
     ch = base * mults[-1]
     lay.conv(f"{p}decoder.conv_in", "decoder.conv_in", ch, z_channels)
     _vae_mid(lay, f"{p}decoder.mid", "decoder.mid_block", ch)
@@ -294,54 +297,125 @@ def esrgan_layout(num_block: int = 23, num_feat: int = 64, num_grow: int = 32, s
 
 
 @dataclass(frozen=True)
-class Flux2Config:
-    """The hyper-parameters of a FLUX.2 transformer that its file carries (the
-    engine reads widths and block counts from the tensors). FLUX.2 [klein] 4B:
-    3072 wide, 128-wide heads, 5 double and 20 single blocks, text from three
-    stacked Qwen3-4B layers (3 x 2560)."""
+class FluxConfig:
+    """The hyper-parameters of a FLUX transformer that its file carries (the
+    engine reads widths and block counts from the tensors). The defaults are
+    FLUX.1 [dev]: 3072 wide, 128-wide heads, 19 double and 38 single blocks,
+    T5-XXL text (4096) and a pooled CLIP-L vector (768), distilled guidance."""
 
     hidden: int = 3072
     head_dim: int = 128
-    double_blocks: int = 5
-    single_blocks: int = 20
-    context_dim: int = 3 * 2560
-    in_channels: int = 128  # 32 latent channels, patchified 2x2
-    mlp_ratio: int = 3
-    guidance: bool = False
+    double_blocks: int = 19
+    single_blocks: int = 38
+    context_dim: int = 4096
+    in_channels: int = 64  # 16 latent channels, patchified 2x2
+    vec_in_dim: int = 768  # 0: no pooled vector (FLUX.2)
+    mlp_ratio: int = 4
+    guidance: bool = True
+    flux2: bool = False
+    """FLUX.2: no biases, modulations shared by all blocks, SiLU-gated MLPs."""
 
 
-def flux2_layout(cfg: Flux2Config, prefix: str = "") -> list[TensorSpec]:
-    """The FLUX.2 transformer in the original (BFL) names, which GGUF releases
-    keep; no biases, shared modulations, SiLU-gated MLPs."""
+FLUX1_DEV = FluxConfig()
+FLUX1_SCHNELL = FluxConfig(guidance=False)
+FLUX2_KLEIN_4B = FluxConfig(
+    double_blocks=5, single_blocks=20, context_dim=3 * 2560, in_channels=128, vec_in_dim=0, mlp_ratio=3,
+    guidance=False, flux2=True,
+)  # fmt: skip
+"""FLUX.2 [klein] 4B: text from three stacked Qwen3-4B layers (3 x 2560)."""
+
+
+def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
+    """A FLUX.1 or FLUX.2 transformer in the original (BFL) names, which GGUF
+    releases keep."""
     lay = _Layout()
-    p, h = prefix, cfg.hidden
+    p, h, bias = prefix, cfg.hidden, not cfg.flux2
     mlp = h * cfg.mlp_ratio
-    lay.linear(f"{p}img_in", None, h, cfg.in_channels, bias=False)
-    lay.linear(f"{p}txt_in", None, h, cfg.context_dim, bias=False)
-    embedders = ("time_in", "guidance_in") if cfg.guidance else ("time_in",)
-    for embedder in embedders:
-        lay.linear(f"{p}{embedder}.in_layer", None, h, 256, bias=False)
-        lay.linear(f"{p}{embedder}.out_layer", None, h, h, bias=False)
+    gate = 2 if cfg.flux2 else 1
+    lay.linear(f"{p}img_in", None, h, cfg.in_channels, bias=bias)
+    lay.linear(f"{p}txt_in", None, h, cfg.context_dim, bias=bias)
+    embedders = {"time_in": 256, "vector_in": cfg.vec_in_dim, "guidance_in": 256 if cfg.guidance else 0}
+    for embedder, width in embedders.items():
+        if width:
+            lay.linear(f"{p}{embedder}.in_layer", None, h, width, bias=bias)
+            lay.linear(f"{p}{embedder}.out_layer", None, h, h, bias=bias)
     for i in range(cfg.double_blocks):
         for stream in ("img", "txt"):
             block = f"{p}double_blocks.{i}.{stream}"
-            lay.linear(f"{block}_attn.qkv", None, 3 * h, h, bias=False)
+            if not cfg.flux2:
+                lay.linear(f"{block}_mod.lin", None, 6 * h, h)
+            lay.linear(f"{block}_attn.qkv", None, 3 * h, h, bias=bias)
             lay.add(f"{block}_attn.norm.query_norm.scale", None, cfg.head_dim)
             lay.add(f"{block}_attn.norm.key_norm.scale", None, cfg.head_dim)
-            lay.linear(f"{block}_attn.proj", None, h, h, bias=False)
-            lay.linear(f"{block}_mlp.0", None, 2 * mlp, h, bias=False)
-            lay.linear(f"{block}_mlp.2", None, h, mlp, bias=False)
+            lay.linear(f"{block}_attn.proj", None, h, h, bias=bias)
+            lay.linear(f"{block}_mlp.0", None, gate * mlp, h, bias=bias)
+            lay.linear(f"{block}_mlp.2", None, h, mlp, bias=bias)
     for i in range(cfg.single_blocks):
         block = f"{p}single_blocks.{i}"
-        lay.linear(f"{block}.linear1", None, 3 * h + 2 * mlp, h, bias=False)
-        lay.linear(f"{block}.linear2", None, h, h + mlp, bias=False)
+        lay.linear(f"{block}.linear1", None, 3 * h + gate * mlp, h, bias=bias)
+        lay.linear(f"{block}.linear2", None, h, h + mlp, bias=bias)
         lay.add(f"{block}.norm.query_norm.scale", None, cfg.head_dim)
         lay.add(f"{block}.norm.key_norm.scale", None, cfg.head_dim)
-    lay.linear(f"{p}double_stream_modulation_img.lin", None, 6 * h, h, bias=False)
-    lay.linear(f"{p}double_stream_modulation_txt.lin", None, 6 * h, h, bias=False)
-    lay.linear(f"{p}single_stream_modulation.lin", None, 3 * h, h, bias=False)
-    lay.linear(f"{p}final_layer.linear", None, cfg.in_channels, h, bias=False)
-    lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h, bias=False)
+        if not cfg.flux2:
+            lay.linear(f"{block}.modulation.lin", None, 3 * h, h)
+    if cfg.flux2:
+        lay.linear(f"{p}double_stream_modulation_img.lin", None, 6 * h, h, bias=False)
+        lay.linear(f"{p}double_stream_modulation_txt.lin", None, 6 * h, h, bias=False)
+        lay.linear(f"{p}single_stream_modulation.lin", None, 3 * h, h, bias=False)
+    lay.linear(f"{p}final_layer.linear", None, cfg.in_channels, h, bias=bias)
+    lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h, bias=bias)
+    return lay.specs
+
+
+SD3_MEDIUM_DEPTH = 24
+"""The engine builds an MMDiT of at least 24 joint blocks, 64 x depth wide: SD3 Medium."""
+
+
+def mmdit_layout(depth: int = SD3_MEDIUM_DEPTH, prefix: str = "model.diffusion_model.") -> list[TensorSpec]:
+    """The SD3 MMDiT (joint blocks, no MMDiT-X self-attention, no q/k norms:
+    SD3 Medium) in the original names."""
+    lay = _Layout()
+    p, h = prefix, 64 * depth
+    lay.add(f"{p}pos_embed", None, 1, 192 * 192, h)
+    lay.conv(f"{p}x_embedder.proj", None, h, 16, k=2)
+    lay.linear(f"{p}t_embedder.mlp.0", None, h, 256)
+    lay.linear(f"{p}t_embedder.mlp.2", None, h, h)
+    lay.linear(f"{p}y_embedder.mlp.0", None, h, 2048)  # pooled CLIP-L (768) + CLIP-G (1280)
+    lay.linear(f"{p}y_embedder.mlp.2", None, h, h)
+    lay.linear(f"{p}context_embedder", None, h, 4096)
+    for i in range(depth):
+        for part in ("context_block", "x_block"):
+            block = f"{p}joint_blocks.{i}.{part}"
+            pre_only = part == "context_block" and i == depth - 1
+            lay.linear(f"{block}.attn.qkv", None, 3 * h, h)
+            if not pre_only:
+                lay.linear(f"{block}.attn.proj", None, h, h)
+                lay.linear(f"{block}.mlp.fc1", None, 4 * h, h)
+                lay.linear(f"{block}.mlp.fc2", None, h, 4 * h)
+            lay.linear(f"{block}.adaLN_modulation.1", None, (2 if pre_only else 6) * h, h)
+    lay.linear(f"{p}final_layer.linear", None, 2 * 2 * 16, h)
+    lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h)
+    return lay.specs
+
+
+def t5xxl_layout(layers: int = 24, width: int = 4096, ff: int = 10240, heads: int = 64) -> list[TensorSpec]:
+    """The T5 v1.1 XXL encoder as ``t5xxl_fp16.safetensors`` stores it
+    (``T5EncoderModel``; the relative position bias lives in block 0 only).
+    The engine builds it at 24 layers whatever the file holds."""
+    lay = _Layout()
+    lay.add("shared.weight", None, 32128, width)
+    for i in range(layers):
+        b = f"encoder.block.{i}.layer"
+        for proj in ("q", "k", "v", "o"):
+            lay.linear(f"{b}.0.SelfAttention.{proj}", None, width, width, bias=False)
+        if i == 0:
+            lay.add(f"{b}.0.SelfAttention.relative_attention_bias.weight", None, 32, heads)
+        lay.add(f"{b}.0.layer_norm.weight", None, width)
+        lay.linear(f"{b}.1.DenseReluDense.wi_0", None, ff, width, bias=False)
+        lay.linear(f"{b}.1.DenseReluDense.wi_1", None, ff, width, bias=False)
+        lay.linear(f"{b}.1.DenseReluDense.wo", None, width, ff, bias=False)
+        lay.add(f"{b}.1.layer_norm.weight", None, width)
+    lay.add("encoder.final_layer_norm.weight", None, width)
     return lay.specs
 
 

@@ -12,6 +12,7 @@ needs only numpy, ``gguf`` and ``safetensors``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,24 +24,27 @@ import numpy as np
 import numpy.typing as npt
 
 from sfumato.testing.layouts import (
+    FLUX1_DEV,
+    FLUX2_KLEIN_4B,
     SD1_UNET,
     SD2_UNET,
     SDXL_UNET,
-    Flux2Config,
     Qwen3Config,
     TensorSpec,
     clip_text_layout,
     esrgan_layout,
-    flux2_layout,
+    flux_layout,
+    mmdit_layout,
     open_clip_text_layout,
     qwen3_layout,
+    t5xxl_layout,
     unet_layout,
     vae_layout,
 )
 
-SD_VERSIONS = ("sd1", "sd2", "sdxl")
+SD_VERSIONS = ("sd1", "sd1-inpaint", "sd2", "sdxl")
 
-FLUX2_KLEIN_TEST = Flux2Config(double_blocks=1, single_blocks=1)
+FLUX2_KLEIN_TEST = dataclasses.replace(FLUX2_KLEIN_4B, double_blocks=1, single_blocks=1)
 """FLUX.2 [klein] 4B at its real widths with one block of each kind."""
 QWEN3_4B_TEST = Qwen3Config(layers=27)
 """Qwen3-4B at its real widths, as deep as FLUX.2 [klein] reads it: the engine
@@ -48,9 +52,11 @@ stacks the outputs of layers 9, 18 and 27 (of 36) into the text context."""
 
 
 def sd_layout(version: str) -> list[TensorSpec]:
-    """The whole single-file checkpoint of ``version`` ("sd1", "sd2" or "sdxl")."""
+    """The whole single-file checkpoint of ``version`` (one of :data:`SD_VERSIONS`)."""
     if version == "sd1":
         return unet_layout(SD1_UNET) + vae_layout() + clip_text_layout()
+    if version == "sd1-inpaint":  # the UNet also takes the masked image's latent and the mask: 4 + 4 + 1 channels
+        return unet_layout(dataclasses.replace(SD1_UNET, in_channels=9)) + vae_layout() + clip_text_layout()
     if version == "sd2":
         return unet_layout(SD2_UNET) + vae_layout() + open_clip_text_layout()
     if version == "sdxl":
@@ -121,15 +127,16 @@ def write_gguf(
     path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str, quant: str | None = None
 ) -> Path:
     """Write tensors to a GGUF file (names as given, shapes in numpy order).
-    ``quant`` ("q8_0" or "q4_0") stores every matrix whose rows split into
-    32-value blocks in that type, as quantized releases do."""
+    ``quant`` ("q8_0" or "q4_0") stores every matrix of at least 256 x 256
+    whose rows split into 32-value blocks in that type, as quantized releases
+    do (small tensors stay as they are)."""
     import gguf
     from gguf import quants
 
     qtype = {None: None, "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
     writer = gguf.GGUFWriter(str(path), arch=arch)
     for name, array in tensors:
-        if qtype is not None and array.ndim == 2 and array.shape[-1] % 32 == 0:
+        if qtype is not None and array.ndim == 2 and min(array.shape) >= 256 and array.shape[-1] % 32 == 0:
             writer.add_tensor(name, quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, array)
@@ -162,6 +169,38 @@ def _write_by_suffix(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.gen
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
 
 
+FLUX1_TEST = dataclasses.replace(FLUX1_DEV, double_blocks=1, single_blocks=1)
+"""FLUX.1 [dev] at its real widths with one block of each kind."""
+
+
+def write_t5xxl(path: Path, seed: int = 0) -> Path:
+    """T5-XXL's encoder (all 24 layers: the engine builds no fewer) as a q8_0 GGUF
+    in ``T5EncoderModel``'s names, the text encoder of SD3 and FLUX.1."""
+    return write_gguf(Path(path), random_tensors(t5xxl_layout(), seed), arch="t5", quant="q8_0")
+
+
+def write_sd3_checkpoint(path: Path, seed: int = 0) -> Path:
+    """SD3 Medium as ``sd3_medium.safetensors`` holds it, the MMDiT (24 joint
+    blocks, q8_0 here) and its 16-channel VAE, without the text encoders."""
+    specs = mmdit_layout() + vae_layout(z_channels=16, quant_convs=False)
+    return write_gguf(Path(path), random_tensors(specs, seed), arch="sd3", quant="q8_0")
+
+
+FLUX1_PARTS = ("diffusion", "vae")
+
+
+def write_flux1_part(path: Path, part: str, seed: int = 0) -> Path:
+    """One file of FLUX.1 [dev]: the transformer (GGUF, f16, original names
+    without a prefix) or the 16-channel VAE (``ae.safetensors``)."""
+    if part == "diffusion":
+        return write_gguf(Path(path), random_tensors(flux_layout(FLUX1_TEST), seed), arch="flux")
+    if part == "vae":
+        return write_safetensors(
+            Path(path), random_tensors(vae_layout(prefix="", z_channels=16, quant_convs=False), seed)
+        )
+    raise ValueError(f"part must be one of {FLUX1_PARTS}, got {part!r}")
+
+
 FLUX2_PARTS = ("diffusion", "llm", "vae")
 
 
@@ -171,7 +210,7 @@ def write_flux2_part(path: Path, part: str, seed: int = 0) -> Path:
     diffusers names, as ``vae/diffusion_pytorch_model.safetensors``)."""
     path = Path(path)
     if part == "diffusion":
-        return write_gguf(path, random_tensors(flux2_layout(FLUX2_KLEIN_TEST), seed), arch="flux")
+        return write_gguf(path, random_tensors(flux_layout(FLUX2_KLEIN_TEST), seed), arch="flux")
     if part == "llm":
         return write_gguf(path, random_tensors(qwen3_layout(QWEN3_4B_TEST), seed), arch="qwen3", quant="q8_0")
     if part == "vae":
