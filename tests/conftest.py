@@ -8,13 +8,16 @@ names carry a layout version so that a change of generator rewrites them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import sfumato
+from sfumato.runtime.protocol import LoadSpec
 from sfumato.testing import models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +46,41 @@ def no_engine_calls(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a worker was started for a file that detection should refuse")
 
     monkeypatch.setattr(sfumato.api, "ModelHost", refuse)
+
+
+class _Recorded(Exception):  # noqa: N818 - a signal, not an error
+    pass
+
+
+CaptureSpec = Callable[..., LoadSpec]
+
+
+@pytest.fixture
+def load_spec(monkeypatch: pytest.MonkeyPatch) -> CaptureSpec:
+    """``load_spec(source, config)``: the :class:`LoadSpec` that ``load_model``
+    would start its worker with (every check before the engine passed); no
+    worker starts."""
+
+    def capture(source: Path, config: Mapping[str, object] | None = None) -> LoadSpec:
+        seen: list[LoadSpec] = []
+
+        def record(_model: object, spec: LoadSpec, *_args: object, **_kwargs: object) -> None:
+            seen.append(spec)
+            raise _Recorded
+
+        monkeypatch.setattr(sfumato.api, "ModelHost", record)
+        with pytest.raises(_Recorded):
+            sfumato.load_model(source, model_config=config)
+        return seen[0]
+
+    return capture
+
+
+def sfumato_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the ``sfumato`` command in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "sfumato", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    )
 
 
 @pytest.fixture(scope="session")

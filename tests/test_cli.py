@@ -13,13 +13,9 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from .conftest import SIZE
+from .conftest import SIZE, sfumato_cli
 
-
-def _sfumato(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sfumato", *args], capture_output=True, text=True, timeout=600, cwd=cwd, check=False
-    )
+_sfumato = sfumato_cli
 
 
 def _stats(stdout: str) -> dict[str, object]:

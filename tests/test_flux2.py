@@ -7,8 +7,6 @@ as deep as the engine reads it)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +16,11 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import sfumato
-from sfumato import api, errors
+from sfumato import errors
 from sfumato.families.detect import FAMILY_FLUX2, detect
 from sfumato.images import decode_png
-from sfumato.runtime.protocol import LoadSpec
 
-from .conftest import run
+from .conftest import CaptureSpec, run, sfumato_cli
 
 SIZE = 64
 
@@ -61,7 +58,9 @@ def test_the_transformer_is_detected_as_split(flux2_parts: dict[str, Path]) -> N
 
 
 @pytest.mark.usefixtures("no_engine_calls")
-@pytest.mark.parametrize(("missing", "key", "label"), [("llm", "llm_model_src", "Qwen3"), ("vae", "vae_model_src", "VAE")])
+@pytest.mark.parametrize(
+    ("missing", "key", "label"), [("llm", "llm_model_src", "Qwen3"), ("vae", "vae_model_src", "VAE")]
+)
 def test_a_missing_companion_names_its_role_and_key(
     flux2_parts: dict[str, Path], missing: str, key: str, label: str
 ) -> None:
@@ -98,21 +97,15 @@ def test_flux2_dev_is_refused_by_name(tmp_path: Path) -> None:
         sfumato.load_model(dev)
 
 
-def test_the_split_layout_maps_onto_the_context(flux2_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[LoadSpec] = []
-
-    def record(_model: object, spec: LoadSpec, *_args: object, **_kwargs: object) -> None:
-        seen.append(spec)
-        raise RuntimeError("recorded")
-
-    monkeypatch.setattr(api, "ModelHost", record)
-    with pytest.raises(RuntimeError, match="recorded"):
-        sfumato.load_model(flux2_parts["diffusion"], model_config=_config(flux2_parts, prediction="flux2_flow"))
-    context = seen[0].context
+def test_the_split_layout_maps_onto_the_context(flux2_parts: dict[str, Path], load_spec: CaptureSpec) -> None:
+    context = load_spec(flux2_parts["diffusion"], _config(flux2_parts, prediction="flux2_flow")).context
     assert context is not None
     assert (context.model_path, context.clip_l_path, context.clip_g_path, context.t5xxl_path) == (None,) * 4
     assert context.diffusion_model_path == str(flux2_parts["diffusion"].resolve())
-    assert (context.llm_path, context.vae_path) == (str(flux2_parts["llm"].resolve()), str(flux2_parts["vae"].resolve()))
+    assert (context.llm_path, context.vae_path) == (
+        str(flux2_parts["llm"].resolve()),
+        str(flux2_parts["vae"].resolve()),
+    )
     assert context.prediction == "flux2_flow"
 
 
@@ -161,13 +154,10 @@ def test_image_inputs_need_flux2_flow_and_no_mask(flux2_parts: dict[str, Path], 
 
 @pytest.mark.slow
 def test_the_cli_runs_the_split_layout(flux2_parts: dict[str, Path], tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "sfumato", "generate", "--model", str(flux2_parts["diffusion"]),
-            "--llm", str(flux2_parts["llm"]), "--vae", str(flux2_parts["vae"]), "--threads", "2",
-            "-W", str(SIZE), "-H", "128", "--steps", "1", "--seed", "6", "-q", "-o", str(tmp_path),
-        ],
-        capture_output=True, text=True, timeout=900, check=False,
+    done = sfumato_cli(
+        "generate", "--model", str(flux2_parts["diffusion"]), "--llm", str(flux2_parts["llm"]),
+        "--vae", str(flux2_parts["vae"]), "--threads", "2", "-W", str(SIZE), "-H", "128", "--steps", "1",
+        "--seed", "6", "-q", "-o", str(tmp_path),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     with Image.open(tmp_path / "sfumato_6_0.png") as picture:

@@ -19,8 +19,8 @@ def _subparser(name: str) -> object:
 
 def test_diffusion_signature_matches_the_parameter_dataclass() -> None:
     signature = inspect.signature(sfumato.diffusion)
-    # model_id picks the model and timeout governs the job; the rest is the request.
-    names = [n for n in signature.parameters if n not in ("model_id", "timeout")]
+    # model_id picks the model, refiner a second one, and timeout governs the job; the rest is the request.
+    names = [n for n in signature.parameters if n not in ("model_id", "refiner", "timeout")]
     assert names == [f.name for f in fields(DiffusionParams)]
     for f in fields(DiffusionParams):
         param = signature.parameters[f.name]
@@ -36,7 +36,7 @@ def test_cli_generate_flags_match_the_parameter_dataclass() -> None:
         assert f.name in actions, f"--{f.name.replace('_', '-')} is missing"
         flag = f"--{f.name.replace('_', '-')}"
         assert flag in actions[f.name].option_strings
-        if f.name not in ("prompt", "upscale", "hires", "loras"):  # these four are built from other flags
+        if f.name not in ("prompt", "upscale", "hires", "loras", "init_images"):  # built from repeated or other flags
             assert actions[f.name].default == f.default, f.name
 
 

@@ -12,8 +12,6 @@ the engine run by default, on a T5 header of the real names and widths."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +21,11 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import sfumato
-from sfumato import api, errors
+from sfumato import errors
 from sfumato.families.detect import FAMILY_FLUX1, FAMILY_SD3, detect
 from sfumato.images import decode_png
-from sfumato.runtime.protocol import LoadSpec
 
-from .conftest import run
+from .conftest import CaptureSpec, run, sfumato_cli
 
 SIZE = 64
 
@@ -65,20 +62,6 @@ def t5_header(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _spec(monkeypatch: pytest.MonkeyPatch, source: Path, config: dict[str, object]) -> LoadSpec:
-    """The LoadSpec a load would start its worker with (no worker is started)."""
-    seen: list[LoadSpec] = []
-
-    def record(_model: object, spec: LoadSpec, *_args: object, **_kwargs: object) -> None:
-        seen.append(spec)
-        raise RuntimeError("recorded")
-
-    monkeypatch.setattr(api, "ModelHost", record)
-    with pytest.raises(RuntimeError, match="recorded"):
-        sfumato.load_model(source, model_config=config)
-    return seen[0]
-
-
 # --- SD3 --------------------------------------------------------------------
 
 
@@ -111,9 +94,9 @@ def test_sd3_refuses_a_t5_that_is_not_one(sd3_gguf: Path, sdxl_parts: dict[str, 
 
 
 def test_sd3_maps_onto_the_context(
-    sd3_gguf: Path, sdxl_parts: dict[str, Path], t5_header: Path, monkeypatch: pytest.MonkeyPatch
+    sd3_gguf: Path, sdxl_parts: dict[str, Path], t5_header: Path, load_spec: CaptureSpec
 ) -> None:
-    context = _spec(monkeypatch, sd3_gguf, _sd3_config(sdxl_parts, t5_header)).context
+    context = load_spec(sd3_gguf, _sd3_config(sdxl_parts, t5_header)).context
     assert context is not None
     assert (context.model_path, context.diffusion_model_path) == (str(sd3_gguf.resolve()), None)
     assert (context.clip_l_path, context.clip_g_path, context.t5xxl_path, context.vae_path, context.llm_path) == (
@@ -168,19 +151,18 @@ def test_flux1_refuses_sdxls_vae_and_a_clip_g(
     flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path
 ) -> None:
     config = _flux1_config(sdxl_parts, t5_header, flux1_parts, vae_model_src=sdxl_parts["vae"])
-    with pytest.raises(errors.InvalidParameterError, match="4 latent channels; FLUX.1 decodes 16"):
+    with pytest.raises(errors.InvalidParameterError, match=r"4 latent channels; FLUX\.1 decodes 16"):
         sfumato.load_model(flux1_parts["diffusion"], model_config=config)
     config = _flux1_config(sdxl_parts, t5_header, flux1_parts, clip_g_model_src=sdxl_parts["clip_g"])
-    with pytest.raises(errors.InvalidParameterError, match="not used: FLUX.1 takes") as caught:
+    with pytest.raises(errors.InvalidParameterError, match=r"not used: FLUX\.1 takes") as caught:
         sfumato.load_model(flux1_parts["diffusion"], model_config=config)
     assert caught.value.field == "model_config.clip_g_model_src"
 
 
 def test_flux1_maps_onto_the_context(
-    flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, monkeypatch: pytest.MonkeyPatch
+    flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, load_spec: CaptureSpec
 ) -> None:
-    config = _flux1_config(sdxl_parts, t5_header, flux1_parts)
-    context = _spec(monkeypatch, flux1_parts["diffusion"], config).context
+    context = load_spec(flux1_parts["diffusion"], _flux1_config(sdxl_parts, t5_header, flux1_parts)).context
     assert context is not None
     assert (context.model_path, context.diffusion_model_path) == (None, str(flux1_parts["diffusion"].resolve()))
     assert (context.clip_l_path, context.t5xxl_path, context.vae_path, context.clip_g_path) == (
@@ -218,10 +200,9 @@ def test_the_cli_runs_sd3_and_flux1(
                   "--vae", str(flux1_parts["vae"])],
     }  # fmt: skip
     for name, args in runs.items():
-        done = subprocess.run(
-            [sys.executable, "-m", "sfumato", "generate", "--model", *args, "--threads", "2", "-W", str(SIZE),
-             "-H", str(SIZE), "--steps", "1", "--seed", "9", "-q", "-o", str(tmp_path / name)],
-            capture_output=True, text=True, timeout=900, check=False,
+        done = sfumato_cli(
+            "generate", "--model", *args, "--threads", "2", "-W", str(SIZE), "-H", str(SIZE), "--steps", "1",
+            "--seed", "9", "-q", "-o", str(tmp_path / name),
         )  # fmt: skip
         assert done.returncode == 0, (name, done.stderr[-3000:])
         with Image.open(tmp_path / name / "sfumato_9_0.png") as picture:

@@ -8,8 +8,6 @@ and VAE files), from the SDK and from the CLI.
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +16,11 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import sfumato
-from sfumato import api, errors
+from sfumato import errors
 from sfumato.cli import parse_args
 from sfumato.families.detect import FAMILY_SDXL, detect, read_tensor_table
-from sfumato.runtime.protocol import LoadSpec
 
-from .conftest import run
+from .conftest import CaptureSpec, run, sfumato_cli
 
 COMPANION_KEYS = {"clip_l": "clip_l_model_src", "clip_g": "clip_g_model_src", "vae": "vae_model_src"}
 
@@ -39,23 +36,6 @@ def _fake(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
     """A safetensors file with these tensor names and shapes (zeros): enough for header checks."""
     save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(path))
     return path
-
-
-class _CapturedError(Exception):
-    pass
-
-
-@pytest.fixture
-def captured_spec(monkeypatch: pytest.MonkeyPatch) -> list[LoadSpec]:
-    """Record the LoadSpec a load would start its worker with, and start none."""
-    seen: list[LoadSpec] = []
-
-    def record(_model: object, spec: LoadSpec, *_args: object, **_kwargs: object) -> None:
-        seen.append(spec)
-        raise _CapturedError
-
-    monkeypatch.setattr(api, "ModelHost", record)
-    return seen
 
 
 # --- detection --------------------------------------------------------------
@@ -152,13 +132,10 @@ def test_a_registry_constant_as_companion_resolves_like_model_src(sdxl_parts: di
 
 
 def test_each_layout_maps_onto_its_context_paths(
-    sdxl_gguf: Path, sdxl_parts: dict[str, Path], captured_spec: list[LoadSpec]
+    sdxl_gguf: Path, sdxl_parts: dict[str, Path], load_spec: CaptureSpec
 ) -> None:
-    with pytest.raises(_CapturedError):
-        sfumato.load_model(sdxl_parts["unet"], model_config=_split_config(sdxl_parts))
-    with pytest.raises(_CapturedError):
-        sfumato.load_model(sdxl_gguf)
-    split, whole = (spec.context for spec in captured_spec)
+    split = load_spec(sdxl_parts["unet"], _split_config(sdxl_parts)).context
+    whole = load_spec(sdxl_gguf).context
     assert split is not None and whole is not None
     # The engine reads a UNet alone as no family until it sees a CLIP-L token
     # embedding; the hint file supplies a 1-row one that the CLIP-L file replaces.
@@ -211,14 +188,11 @@ def test_all_in_one_generates_from_the_sdk(sdxl_gguf: Path) -> None:
 
 @pytest.mark.slow
 def test_split_layout_generates_from_the_cli(sdxl_parts: dict[str, Path], tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "sfumato.cli", "generate", "--model", str(sdxl_parts["unet"]),
-            "--clip-l", str(sdxl_parts["clip_l"]), "--clip-g", str(sdxl_parts["clip_g"]),
-            "--vae", str(sdxl_parts["vae"]), "--threads", "2", "--preset", "sdxl-lightning-4step",
-            "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "--quiet", "-o", str(tmp_path),
-        ],
-        capture_output=True, text=True, timeout=900, check=False,
+    done = sfumato_cli(
+        "generate", "--model", str(sdxl_parts["unet"]), "--clip-l", str(sdxl_parts["clip_l"]),
+        "--clip-g", str(sdxl_parts["clip_g"]), "--vae", str(sdxl_parts["vae"]), "--threads", "2",
+        "--preset", "sdxl-lightning-4step", "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "--quiet",
+        "-o", str(tmp_path),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     pngs = sorted(tmp_path.glob("sfumato_5_*.png"))

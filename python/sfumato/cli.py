@@ -80,7 +80,12 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-preset", choices=list(CACHE_PRESETS), default=_D.cache_preset)
     g.add_argument("--init-image", default=_D.init_image, help="an image file: img2img")
     g.add_argument(
-        "--ref-image", dest="init_images", action="append", default=[], help="a further FLUX.2 reference image (repeat)"
+        "--ref-image",
+        "--init-images",
+        dest="init_images",
+        action="append",
+        default=[],
+        help="a further FLUX.2 reference image (repeat the flag for more)",
     )
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
