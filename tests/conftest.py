@@ -140,14 +140,27 @@ def sdxl_parts(model_dir: Path) -> dict[str, Path]:
 FLUX2_PART_FILES = {"diffusion": "flux2-klein.gguf", "llm": "flux2-qwen3.gguf", "vae": "flux2-vae.safetensors"}
 
 
+def _flux2_part(model_dir: Path, part: str) -> Path:
+    return _cached(model_dir, FLUX2_PART_FILES[part], lambda p: models.write_flux2_part(p, part))
+
+
 @pytest.fixture(scope="session")
 def flux2_parts(model_dir: Path) -> dict[str, Path]:
     """FLUX.2 [klein] 4B's split layout at its real widths: the transformer
     (one double and one single block), Qwen3-4B to layer 27 (q8_0) and the VAE."""
-    return {
-        part: _cached(model_dir, name, lambda p, part=part: models.write_flux2_part(p, part))
-        for part, name in FLUX2_PART_FILES.items()
-    }
+    return {part: _flux2_part(model_dir, part) for part in FLUX2_PART_FILES}
+
+
+@pytest.fixture(scope="session")
+def flux2_headers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same transformer and VAE, and a Qwen3 file as far as header checks go
+    (its GGUF names for 36 layers, a 2560-wide embedding of a few rows): what the
+    checks before the engine read, without writing 3 GB of text encoder."""
+    qwen = tmp_path_factory.mktemp("qwen3") / "qwen3-header.gguf"
+    names = [("token_embd.weight", np.zeros((8, 2560), np.float16))]
+    names += [(f"blk.{i}.attn_norm.weight", np.ones(2560, np.float16)) for i in range(36)]
+    models.write_gguf(qwen, names, arch="qwen3")
+    return {"diffusion": _flux2_part(model_dir, "diffusion"), "llm": qwen, "vae": _flux2_part(model_dir, "vae")}
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,11 @@ def test_error_hierarchy(cls: type[Exception], bases: tuple[type[Exception], ...
         ("init_image", 12, "PNG/JPEG bytes"),
         ("upscale", "yes", "true, false or"),
         ("upscale.repeats", {"repeats": 0}, "between 1 and 4"),
+        ("clip_skip", 13, "between -1 and 12"),
+        ("eta", -0.5, "between 0.0 and 10.0"),
+        ("img_cfg_scale", "high", "a finite number"),
+        ("init_images", b"one image", "a list of images"),
+        ("cfg_scale", 51, "between 0.0 and 50.0"),
     ],
 )
 def test_invalid_fields_are_named(sd1_model: str, field: str, value: Any, allowed: str) -> None:

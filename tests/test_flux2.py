@@ -52,38 +52,34 @@ def flux2_model(flux2_parts: dict[str, Path]) -> Iterator[str]:
 # --- detection and companions (no engine call) ------------------------------
 
 
-def test_the_transformer_is_detected_as_split(flux2_parts: dict[str, Path]) -> None:
-    info = detect(flux2_parts["diffusion"])
+def test_the_transformer_is_detected_as_split(flux2_headers: dict[str, Path]) -> None:
+    info = detect(flux2_headers["diffusion"])
     assert (info.family, info.split, info.has_vae, info.text_width) == (FAMILY_FLUX2, True, False, 3 * 2560)
 
 
 @pytest.mark.usefixtures("no_engine_calls")
-@pytest.mark.parametrize(
-    ("missing", "key", "label"), [("llm", "llm_model_src", "Qwen3"), ("vae", "vae_model_src", "VAE")]
-)
-def test_a_missing_companion_names_its_role_and_key(
-    flux2_parts: dict[str, Path], missing: str, key: str, label: str
-) -> None:
-    config = _config(flux2_parts)
+@pytest.mark.parametrize(("key", "label"), [("llm_model_src", "Qwen3"), ("vae_model_src", "VAE")])
+def test_a_missing_companion_names_its_role_and_key(flux2_headers: dict[str, Path], key: str, label: str) -> None:
+    config = _config(flux2_headers)
     del config[key]
     with pytest.raises(errors.InvalidParameterError, match=f"pass its {label}") as caught:
-        sfumato.load_model(flux2_parts["diffusion"], model_config=config)
+        sfumato.load_model(flux2_headers["diffusion"], model_config=config)
     assert caught.value.field == f"model_config.{key}"
 
 
 @pytest.mark.usefixtures("no_engine_calls")
-def test_mismatched_companions_are_refused(flux2_parts: dict[str, Path], sd1_gguf: Path, tmp_path: Path) -> None:
-    diffusion = flux2_parts["diffusion"]
+def test_mismatched_companions_are_refused(flux2_headers: dict[str, Path], sd1_gguf: Path, tmp_path: Path) -> None:
+    diffusion = flux2_headers["diffusion"]
     cases = [
         ({"vae_model_src": sd1_gguf}, "vae_model_src", "4 latent channels; FLUX.2 \\[klein\\] decodes 32"),
         ({"llm_model_src": _fake(tmp_path / "q.safetensors", _llm_names(9, 2560))}, "llm_model_src", "has 9 layers"),
         ({"llm_model_src": _fake(tmp_path / "w.safetensors", _llm_names(36, 4096))}, "llm_model_src", "4096 wide"),
-        ({"llm_model_src": flux2_parts["vae"]}, "llm_model_src", "not a language model"),
-        ({"clip_l_model_src": flux2_parts["vae"]}, "clip_l_model_src", "not used"),
+        ({"llm_model_src": flux2_headers["vae"]}, "llm_model_src", "not a language model"),
+        ({"clip_l_model_src": flux2_headers["vae"]}, "clip_l_model_src", "not used"),
     ]
     for overrides, key, says in cases:
         with pytest.raises(errors.InvalidParameterError, match=says) as caught:
-            sfumato.load_model(diffusion, model_config=_config(flux2_parts, **overrides))
+            sfumato.load_model(diffusion, model_config=_config(flux2_headers, **overrides))
         assert caught.value.field == f"model_config.{key}"
 
 
@@ -97,14 +93,14 @@ def test_flux2_dev_is_refused_by_name(tmp_path: Path) -> None:
         sfumato.load_model(dev)
 
 
-def test_the_split_layout_maps_onto_the_context(flux2_parts: dict[str, Path], load_spec: CaptureSpec) -> None:
-    context = load_spec(flux2_parts["diffusion"], _config(flux2_parts, prediction="flux2_flow")).context
+def test_the_split_layout_maps_onto_the_context(flux2_headers: dict[str, Path], load_spec: CaptureSpec) -> None:
+    context = load_spec(flux2_headers["diffusion"], _config(flux2_headers, prediction="flux2_flow")).context
     assert context is not None
     assert (context.model_path, context.clip_l_path, context.clip_g_path, context.t5xxl_path) == (None,) * 4
-    assert context.diffusion_model_path == str(flux2_parts["diffusion"].resolve())
+    assert context.diffusion_model_path == str(flux2_headers["diffusion"].resolve())
     assert (context.llm_path, context.vae_path) == (
-        str(flux2_parts["llm"].resolve()),
-        str(flux2_parts["vae"].resolve()),
+        str(flux2_headers["llm"].resolve()),
+        str(flux2_headers["vae"].resolve()),
     )
     assert context.prediction == "flux2_flow"
 
@@ -112,7 +108,7 @@ def test_the_split_layout_maps_onto_the_context(flux2_parts: dict[str, Path], lo
 # --- the engine -------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_txt2img_takes_the_familys_cfg_scale(flux2_model: str) -> None:
     default, stats, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=21)
     explicit, _, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=21, cfg_scale=1.0)
@@ -122,7 +118,7 @@ def test_txt2img_takes_the_familys_cfg_scale(flux2_model: str) -> None:
     assert stats.total_steps == 1
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_img2img_is_in_context_conditioning(flux2_model: str, gradient_image: np.ndarray) -> None:
     plain, _, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=22)
     low, _, _ = run(flux2_model, steps=1, seed=22, init_image=gradient_image, strength=0.2)
@@ -136,7 +132,7 @@ def test_img2img_is_in_context_conditioning(flux2_model: str, gradient_image: np
     assert not np.array_equal(one, decode_png(several[0]))  # and so does a second one
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_image_inputs_need_flux2_flow_and_no_mask(flux2_parts: dict[str, Path], flux2_model: str) -> None:
     image = np.zeros((SIZE, SIZE, 3), np.uint8)
     with pytest.raises(errors.InvalidParameterError, match="mask") as caught:
@@ -152,7 +148,7 @@ def test_image_inputs_need_flux2_flow_and_no_mask(flux2_parts: dict[str, Path], 
         sfumato.unload_model(plain)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_the_cli_runs_the_split_layout(flux2_parts: dict[str, Path], tmp_path: Path) -> None:
     done = sfumato_cli(
         "generate", "--model", str(flux2_parts["diffusion"]), "--llm", str(flux2_parts["llm"]),

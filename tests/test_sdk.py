@@ -250,3 +250,21 @@ def test_concurrent_callers_each_get_their_own_ticks(sd1_model: str) -> None:
     assert [t.total_steps for t in second.progress_stream if t.phase == "sampling"] == [6] * 6
     assert [t.total_steps for t in first.progress_stream if t.phase == "sampling"] == [2] * 2
     assert len(first.outputs.result()) == 1 and len(second.outputs.result()) == 2
+
+
+def test_clip_skip_eta_and_img_cfg_scale_have_the_engines_semantics(sd1_model: str) -> None:
+    def image(**params: object) -> np.ndarray:
+        return decode_png(run(sd1_model, seed=17, **params)[0][0])
+
+    plain = image()
+    # clip_skip: -1 and 0 take the family's own (1 for SD 1.x, the last layer); 2 skips one.
+    assert np.array_equal(image(clip_skip=1), plain) and np.array_equal(image(clip_skip=0), plain)
+    assert not np.array_equal(image(clip_skip=2), plain)
+    # eta: the engine's default for euler_a (the SD default sampler) is 1; 0 takes its ancestral noise out.
+    assert np.array_equal(image(eta=1.0), plain)
+    assert not np.array_equal(image(eta=0.0), plain)
+    # img_cfg_scale: the image guidance of instruct-pix2pix models; a plain txt2img model has none to scale.
+    assert np.array_equal(image(img_cfg_scale=1.5), plain)
+    with pytest.raises(sfumato.InvalidParameterError, match="several reference images need FLUX.2") as caught:
+        sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, init_images=[plain])
+    assert caught.value.field == "init_images"

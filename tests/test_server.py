@@ -86,6 +86,16 @@ def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
     assert client.get("/loras").json()["loras"] == [{"name": "ink-style", "scale": 1.0}]
 
 
+def test_models_that_need_companion_files_are_not_offered(
+    settings: ServerSettings, flux2_headers: dict[str, Path], sdxl_parts: dict[str, Path]
+) -> None:
+    (settings.models_dir / "klein.gguf").symlink_to(flux2_headers["diffusion"])
+    (settings.models_dir / "sdxl-unet.gguf").symlink_to(sdxl_parts["unet"])
+    with TestClient(create_app(settings)) as client:
+        assert [m["name"] for m in client.get("/models").json()["models"]] == [MODEL]
+        _error(client.post("/txt2img", json=_request(model="klein")), 422, "model")
+
+
 def test_txt2img_job_runs_to_done_with_every_field(client: TestClient) -> None:
     accepted = client.post("/txt2img", json=_request())
     assert accepted.status_code == 200, accepted.text

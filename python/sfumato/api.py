@@ -191,6 +191,8 @@ def load_model(
     ----------
     model_src:
         A local file (all-in-one GGUF or safetensors, ESRGAN ``.pth``), a
+        diffusion model alone (an SDXL UNet, an SD3 / FLUX transformer) whose
+        text encoders and VAE come from ``model_config``'s companion keys, a
         diffusers folder, or a registry constant such as ``SD_V2_1_1B_Q8_0``.
     model_type:
         ``"diffusion"`` (the only type sfumato serves).
@@ -459,14 +461,14 @@ class _Report:
         self.result._finish(pngs, stats)
 
 
-def check_timeout(timeout: object) -> None:
+def _check_timeout(timeout: object) -> None:
     """``timeout``: ``None`` or a positive number of seconds."""
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidParameterError("timeout", f"must be a positive number of seconds or None, got {timeout!r}")
 
 
 def _submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -> DiffusionResult:
-    check_timeout(timeout)
+    _check_timeout(timeout)
     result = DiffusionResult()
     job = HostJob(run, _Report(result, called, run.request is None), timeout)
     result._bind(lambda: host.cancel(job, CANCELLED))
@@ -624,7 +626,7 @@ def diffusion(
     )
     if refine is None or refiner_host is None or refine.switch_at >= 1.0:  # switching at the end: no refiner pass
         return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
-    check_timeout(timeout)
+    _check_timeout(timeout)
     second = refiner_host
     plan = RefinerPlan(
         base=lambda job: _submit(host, job, called, timeout),

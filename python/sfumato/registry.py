@@ -37,7 +37,8 @@ class RegistryModel:
     url:
         A direct HTTPS URL, for files that are not on the Hub.
     family:
-        The family detection should find in the file.
+        The family detection should find in the file, or the companion role
+        the file plays (``"vae"``, ``"llm"``).
     prediction:
         The prediction type the model was trained for, when detection cannot
         tell it from the header (SD 2.1 768 is v-prediction).

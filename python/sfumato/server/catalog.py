@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfumato.errors import InvalidModelError
+from sfumato.families.companions import family_files
 from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
@@ -53,11 +54,13 @@ class Catalog:
         )  # fmt: skip
 
     def models(self) -> list[Entry]:
-        """The diffusion models of ``models_dir``."""
+        """The diffusion models of ``models_dir`` that load alone: a diffusion
+        model that needs companion files (a split SDXL UNet, a FLUX transformer)
+        has no way to name them through these APIs, so it is not offered."""
         out = []
         for path in self._candidates(self.models_dir):
             info = self._detect(path)
-            if info is not None and info.family != FAMILY_ESRGAN:
+            if info is not None and info.family != FAMILY_ESRGAN and not family_files(info).required:
                 out.append(Entry(path.stem if path.is_file() else path.name, path, info))
         return out
 
