@@ -63,7 +63,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", "-W", type=int, default=_D.width, help="default: 512, or the init image's width")
     g.add_argument("--height", "-H", type=int, default=_D.height, help="default: 512, or the init image's height")
     g.add_argument("--steps", type=int, default=_D.steps)
-    g.add_argument("--cfg-scale", type=float, default=_D.cfg_scale, help="default: 7, or 1 for FLUX.2")
+    g.add_argument("--cfg-scale", type=float, default=_D.cfg_scale, help="default: 7, or 1 for FLUX.1 and FLUX.2")
     g.add_argument(
         "--clip-skip", type=int, default=_D.clip_skip, help="2 skips CLIP's last layer (default: the family's)"
     )
