@@ -76,6 +76,14 @@ def load_spec(monkeypatch: pytest.MonkeyPatch) -> CaptureSpec:
     return capture
 
 
+def header_file(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Path:
+    """A safetensors file with these tensor names and shapes (zeros): enough for checks that read headers."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(path))
+    return path
+
+
 def sfumato_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run the ``sfumato`` command in a process of its own."""
     return subprocess.run(

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
 from sfumato.families.detect import FAMILY_FLUX2, detect
 from sfumato.images import decode_png
 
-from .conftest import CaptureSpec, run, sfumato_cli
+from .conftest import CaptureSpec, header_file, run, sfumato_cli
 
 SIZE = 64
 
@@ -29,11 +28,6 @@ def _config(parts: dict[str, Path], **overrides: object) -> dict[str, object]:
     config: dict[str, object] = {"llm_model_src": parts["llm"], "vae_model_src": parts["vae"], "threads": 2}
     config.update(overrides)
     return config
-
-
-def _fake(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
-    save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(path))
-    return path
 
 
 def _llm_names(layers: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -70,10 +64,12 @@ def test_a_missing_companion_names_its_role_and_key(flux2_headers: dict[str, Pat
 @pytest.mark.usefixtures("no_engine_calls")
 def test_mismatched_companions_are_refused(flux2_headers: dict[str, Path], sd1_gguf: Path, tmp_path: Path) -> None:
     diffusion = flux2_headers["diffusion"]
+    shallow = header_file(tmp_path / "q.safetensors", _llm_names(9, 2560))
+    wide = header_file(tmp_path / "w.safetensors", _llm_names(36, 4096))
     cases = [
         ({"vae_model_src": sd1_gguf}, "vae_model_src", "4 latent channels; FLUX.2 \\[klein\\] decodes 32"),
-        ({"llm_model_src": _fake(tmp_path / "q.safetensors", _llm_names(9, 2560))}, "llm_model_src", "has 9 layers"),
-        ({"llm_model_src": _fake(tmp_path / "w.safetensors", _llm_names(36, 4096))}, "llm_model_src", "4096 wide"),
+        ({"llm_model_src": shallow}, "llm_model_src", "has 9 layers"),
+        ({"llm_model_src": wide}, "llm_model_src", "4096 wide"),
         ({"llm_model_src": flux2_headers["vae"]}, "llm_model_src", "not a language model"),
         ({"clip_l_model_src": flux2_headers["vae"]}, "clip_l_model_src", "not used"),
     ]
@@ -85,7 +81,7 @@ def test_mismatched_companions_are_refused(flux2_headers: dict[str, Path], sd1_g
 
 @pytest.mark.usefixtures("no_engine_calls")
 def test_flux2_dev_is_refused_by_name(tmp_path: Path) -> None:
-    dev = _fake(
+    dev = header_file(
         tmp_path / "flux2-dev.safetensors",
         {"double_stream_modulation_img.lin.weight": (2, 2), "single_blocks.47.linear1.weight": (2, 2)},
     )

@@ -7,20 +7,18 @@ and VAE files), from the SDK and from the CLI.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
 from sfumato.cli import parse_args
 from sfumato.families.detect import FAMILY_SDXL, detect, read_tensor_table
+from sfumato.images import decode_png
 
-from .conftest import CaptureSpec, run, sfumato_cli
+from .conftest import CaptureSpec, header_file, run, sfumato_cli
 
 COMPANION_KEYS = {"clip_l": "clip_l_model_src", "clip_g": "clip_g_model_src", "vae": "vae_model_src"}
 
@@ -30,12 +28,6 @@ def _split_config(parts: dict[str, Path], **overrides: object) -> dict[str, obje
     config["threads"] = 2
     config.update(overrides)
     return config
-
-
-def _fake(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
-    """A safetensors file with these tensor names and shapes (zeros): enough for header checks."""
-    save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(path))
-    return path
 
 
 # --- detection --------------------------------------------------------------
@@ -50,7 +42,7 @@ def test_all_in_one_and_split_files_are_detected(sdxl_gguf: Path, sdxl_parts: di
 
 @pytest.mark.usefixtures("no_engine_calls")
 def test_the_refiner_architecture_is_refused_by_name(tmp_path: Path) -> None:
-    refiner = _fake(
+    refiner = header_file(
         tmp_path / "refiner.safetensors",
         {
             "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
@@ -64,7 +56,7 @@ def test_the_refiner_architecture_is_refused_by_name(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("no_engine_calls")
 def test_a_checkpoint_with_one_of_two_text_encoders_is_refused(tmp_path: Path) -> None:
-    half = _fake(
+    half = header_file(
         tmp_path / "half.safetensors",
         {
             "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
@@ -102,7 +94,7 @@ def test_a_companion_of_the_wrong_kind_is_refused(sdxl_parts: dict[str, Path], t
     config = _split_config(sdxl_parts, clip_g_model_src=sdxl_parts["vae"])
     with pytest.raises(errors.InvalidParameterError, match="not a CLIP text encoder; SDXL needs its CLIP-G"):
         sfumato.load_model(sdxl_parts["unet"], model_config=config)
-    flux_vae = _fake(tmp_path / "ae.safetensors", {"decoder.conv_in.weight": (512, 16, 3, 3)})
+    flux_vae = header_file(tmp_path / "ae.safetensors", {"decoder.conv_in.weight": (512, 16, 3, 3)})
     with pytest.raises(errors.InvalidParameterError, match="16 latent channels; SDXL decodes 4-channel latents"):
         sfumato.load_model(sdxl_parts["unet"], model_config=_split_config(sdxl_parts, vae_model_src=flux_vae))
 
@@ -154,10 +146,6 @@ def test_each_layout_maps_onto_its_context_paths(
 # --- the engine -------------------------------------------------------------
 
 
-def _picture(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
 @pytest.mark.slow
 def test_all_in_one_generates_from_the_sdk(sdxl_gguf: Path) -> None:
     model_id = sfumato.load_model(sdxl_gguf, model_config={"threads": 2})
@@ -168,7 +156,7 @@ def test_all_in_one_generates_from_the_sdk(sdxl_gguf: Path) -> None:
             sfumato.diffusion(model_id, prompt="x", width=96, height=64)
         assert caught.value.field == "width"
         outputs, stats, ticks = run(model_id, width=128, height=64, steps=2)
-        plain = _picture(outputs[0])
+        plain = decode_png(outputs[0])
         assert plain.shape == (64, 128, 3) and plain.std() > 0
         assert (stats.width, stats.height) == (128, 64)
         assert [t.step for t in ticks if t.phase == "sampling"][-1] == 2
@@ -177,11 +165,11 @@ def test_all_in_one_generates_from_the_sdk(sdxl_gguf: Path) -> None:
         turbo = dict(sfumato.presets.SDXL_TURBO, width=64, height=64)
         a, _, _ = run(model_id, **turbo, negative_prompt="")
         b, _, _ = run(model_id, **turbo, negative_prompt="blurry, low quality")
-        assert np.array_equal(_picture(a[0]), _picture(b[0]))
+        assert np.array_equal(decode_png(a[0]), decode_png(b[0]))
         guided = dict(turbo, cfg_scale=7.0)
         c, _, _ = run(model_id, **guided, negative_prompt="")
         d, _, _ = run(model_id, **guided, negative_prompt="blurry, low quality")
-        assert not np.array_equal(_picture(c[0]), _picture(d[0]))
+        assert not np.array_equal(decode_png(c[0]), decode_png(d[0]))
     finally:
         sfumato.unload_model(model_id)
 
@@ -197,7 +185,7 @@ def test_split_layout_generates_from_the_cli(sdxl_parts: dict[str, Path], tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     pngs = sorted(tmp_path.glob("sfumato_5_*.png"))
     assert len(pngs) == 1
-    picture = _picture(pngs[0].read_bytes())
+    picture = decode_png(pngs[0].read_bytes())
     assert picture.shape == (64, 64, 3) and picture.std() > 0
     assert '"total_steps": 2' in done.stdout
 

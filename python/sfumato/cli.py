@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sfumato.errors import JobCancelledError, SfumatoError
+from sfumato.families.companions import ROLES
 from sfumato.params import (
     CACHE_PRESETS,
     PREDICTIONS,
@@ -185,8 +186,7 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}
     else:
-        for key in ("vae_model_src", "clip_l_model_src", "clip_g_model_src", "t5xxl_model_src", "llm_model_src"):
-            config[key] = getattr(args, key)
+        config.update({role.key: getattr(args, role.key) for role in ROLES.values()})
         config["lora_dir"] = args.lora_dir
         if args.upscaler:
             config["upscaler"] = {"model_src": args.upscaler, "tile_size": args.tile_size}
@@ -262,9 +262,8 @@ def _generate(args: argparse.Namespace) -> int:
     refiner_id = None
     try:
         if args.refiner:
-            config = {**_model_config(args, "diffusion"), "vae_model_src": None, "clip_l_model_src": None,
-                      "clip_g_model_src": None, "t5xxl_model_src": None, "llm_model_src": None,
-                      "upscaler": None}  # fmt: skip
+            companions = {role.key: None for role in ROLES.values()}  # the refiner is a file that loads alone
+            config = {**_model_config(args, "diffusion"), **companions, "upscaler": None}
             refiner_id = sfumato.load_model(args.refiner, model_config=config)
         params = {f.name: getattr(args, f.name) for f in fields(DiffusionParams)}
         params["upscale"] = {"repeats": args.upscale} if args.upscale is not None else None

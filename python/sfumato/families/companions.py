@@ -6,6 +6,7 @@ one, so that a missing or mismatched file is refused before any engine call.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,11 +179,8 @@ def _check_llm(path: Path, table: TensorTable, field: str, info: ModelInfo) -> N
     embed = _suffix_shape(table, "token_embd.weight") or _suffix_shape(table, "embed_tokens.weight")
     if embed is None:
         raise InvalidParameterError(field, f"{path} is not a language model (no token embedding)")
-    layers = 1 + max(
-        (int(part) for name in table.shapes for key in ("blk.", "layers.") if key in name
-         for part in [name.split(key, 1)[1].split(".", 1)[0]] if part.isdigit()),
-        default=-1,
-    )  # fmt: skip
+    indexes = (re.search(r"(?:^|\.)(?:blk|layers)\.(\d+)\.", name) for name in table.shapes)
+    layers = 1 + max((int(m.group(1)) for m in indexes if m), default=-1)
     deepest = FLUX2_TEXT_LAYERS[-1]
     if layers < deepest:
         raise InvalidParameterError(
