@@ -128,24 +128,30 @@ sd2_diffusers = _sd_model("sd2", "diffusers")
 
 @pytest.fixture(scope="session")
 def sdxl_gguf(model_dir: Path) -> Path:
-    """An all-in-one SDXL checkpoint (full-depth 2.6B UNet, CLIP-L, OpenCLIP-G, VAE) as one GGUF, f16."""
-    return _cached(model_dir, "sdxl.gguf", lambda p: models.write_sd_checkpoint(p, "sdxl"))
+    """An all-in-one SDXL checkpoint (full-depth 2.6B UNet, CLIP-L, OpenCLIP-G, VAE) as
+    one GGUF, its large matrices in q4_0 as quantized releases store them (2 GB, not 7)."""
+    return _cached(model_dir, "sdxl-q4_0.gguf", lambda p: models.write_sd_checkpoint(p, "sdxl", quant="q4_0"))
 
 
-SDXL_PART_FILES = {"unet": "sdxl-unet.gguf", "clip_l": "sdxl-clip_l.safetensors",
+SDXL_PART_FILES = {"unet": "sdxl-unet-q4_0.gguf", "clip_l": "sdxl-clip_l.safetensors",
                    "clip_g": "sdxl-clip_g.safetensors", "vae": "sdxl-vae.safetensors"}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def sdxl_parts(model_dir: Path) -> dict[str, Path]:
-    """SDXL's split layout: a UNet-only GGUF and the CLIP-L, CLIP-G and VAE files beside it."""
+    """SDXL's split layout: a UNet-only GGUF (q4_0) and the CLIP-L, CLIP-G and VAE files beside it."""
+
+    def make(path: Path, part: str) -> Path:
+        return models.write_sdxl_part(path, part, quant="q4_0" if path.name.endswith(".gguf") else None)
+
     return {
-        part: _cached(model_dir, name, lambda p, part=part: models.write_sdxl_part(p, part))
+        part: _cached(model_dir, name, lambda p, part=part: make(p, part))
         for part, name in SDXL_PART_FILES.items()
     }
 
 
-FLUX2_PART_FILES = {"diffusion": "flux2-klein.gguf", "llm": "flux2-qwen3.gguf", "vae": "flux2-vae.safetensors"}
+FLUX2_PART_FILES = {"diffusion": "flux2-klein-q4_0.gguf", "llm": "flux2-qwen3-q4_0.gguf",
+                    "vae": "flux2-vae.safetensors"}  # fmt: skip
 
 
 def _flux2_part(model_dir: Path, part: str) -> Path:
@@ -155,7 +161,7 @@ def _flux2_part(model_dir: Path, part: str) -> Path:
 @pytest.fixture(scope="session")
 def flux2_parts(model_dir: Path) -> dict[str, Path]:
     """FLUX.2 [klein] 4B's split layout at its real widths: the transformer
-    (one double and one single block), Qwen3-4B to layer 27 (q8_0) and the VAE."""
+    (one double and one single block), Qwen3-4B to layer 27 (both q4_0) and the VAE."""
     return {part: _flux2_part(model_dir, part) for part in FLUX2_PART_FILES}
 
 
@@ -173,21 +179,21 @@ def flux2_headers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def t5xxl_gguf(model_dir: Path) -> Path:
-    """T5-XXL's encoder, all 24 layers (the engine builds no fewer), q8_0: SD3's and FLUX.1's text encoder."""
-    return _cached(model_dir, "t5xxl.gguf", models.write_t5xxl)
+    """T5-XXL's encoder, all 24 layers (the engine builds no fewer), q4_0: SD3's and FLUX.1's text encoder."""
+    return _cached(model_dir, "t5xxl-q4_0.gguf", models.write_t5xxl)
 
 
 @pytest.fixture(scope="session")
 def sd3_gguf(model_dir: Path) -> Path:
-    """SD3 Medium as ``sd3_medium.safetensors`` holds it: the full MMDiT (q8_0) and its VAE, no text encoders."""
-    return _cached(model_dir, "sd3-medium.gguf", models.write_sd3_checkpoint)
+    """SD3 Medium as ``sd3_medium.safetensors`` holds it: the full MMDiT (q4_0) and its VAE, no text encoders."""
+    return _cached(model_dir, "sd3-medium-q4_0.gguf", models.write_sd3_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def flux1_parts(model_dir: Path) -> dict[str, Path]:
-    """FLUX.1 [dev] at its real widths (one block of each kind) and its 16-channel VAE."""
+    """FLUX.1 [dev] at its real widths (one block of each kind, q4_0) and its 16-channel VAE."""
     return {
-        "diffusion": _cached(model_dir, "flux1-dev.gguf", lambda p: models.write_flux1_part(p, "diffusion")),
+        "diffusion": _cached(model_dir, "flux1-dev-q4_0.gguf", lambda p: models.write_flux1_part(p, "diffusion")),
         "vae": _cached(model_dir, "flux1-ae.safetensors", lambda p: models.write_flux1_part(p, "vae")),
     }
 

@@ -88,9 +88,10 @@ def sdxl_part_layout(part: str) -> list[TensorSpec]:
     raise ValueError(f"part must be one of {SDXL_PARTS}, got {part!r}")
 
 
-def write_sdxl_part(path: Path, part: str, seed: int = 0, dtype: str = "f16") -> Path:
-    """Write one file of the SDXL split layout; the suffix picks the format."""
-    return _write_by_suffix(Path(path), random_tensors(sdxl_part_layout(part), seed, dtype), arch="sdxl")
+def write_sdxl_part(path: Path, part: str, seed: int = 0, dtype: str = "f16", quant: str | None = None) -> Path:
+    """Write one file of the SDXL split layout; the suffix picks the format
+    (``quant`` as in :func:`write_gguf`, for ``.gguf`` only)."""
+    return _write_by_suffix(Path(path), random_tensors(sdxl_part_layout(part), seed, dtype), "sdxl", quant)
 
 
 def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
@@ -155,16 +156,22 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.ge
     return path
 
 
-def write_sd_checkpoint(path: Path, version: str = "sd1", seed: int = 0, dtype: str = "f16") -> Path:
+def write_sd_checkpoint(
+    path: Path, version: str = "sd1", seed: int = 0, dtype: str = "f16", quant: str | None = None
+) -> Path:
     """Write an all-in-one SD 1.x / 2.x / XL checkpoint; the suffix picks the format
-    (``.gguf`` or ``.safetensors``)."""
-    return _write_by_suffix(Path(path), random_tensors(sd_layout(version), seed, dtype), arch=version)
+    (``.gguf`` or ``.safetensors``; ``quant`` as in :func:`write_gguf`, for ``.gguf`` only)."""
+    return _write_by_suffix(Path(path), random_tensors(sd_layout(version), seed, dtype), version, quant)
 
 
-def _write_by_suffix(path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str) -> Path:
+def _write_by_suffix(
+    path: Path, tensors: Iterable[tuple[str, npt.NDArray[np.generic]]], arch: str, quant: str | None = None
+) -> Path:
     if path.suffix == ".gguf":
-        return write_gguf(path, tensors, arch=arch)
+        return write_gguf(path, tensors, arch=arch, quant=quant)
     if path.suffix == ".safetensors":
+        if quant is not None:
+            raise ValueError(f"quant={quant!r} needs a .gguf file; safetensors stores f16 or f32")
         return write_safetensors(path, tensors)
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
 
@@ -174,26 +181,26 @@ FLUX1_TEST = dataclasses.replace(FLUX1_DEV, double_blocks=1, single_blocks=1)
 
 
 def write_t5xxl(path: Path, seed: int = 0) -> Path:
-    """T5-XXL's encoder (all 24 layers: the engine builds no fewer) as a q8_0 GGUF
+    """T5-XXL's encoder (all 24 layers: the engine builds no fewer) as a q4_0 GGUF
     in ``T5EncoderModel``'s names, the text encoder of SD3 and FLUX.1."""
-    return write_gguf(Path(path), random_tensors(t5xxl_layout(), seed), arch="t5", quant="q8_0")
+    return write_gguf(Path(path), random_tensors(t5xxl_layout(), seed), arch="t5", quant="q4_0")
 
 
 def write_sd3_checkpoint(path: Path, seed: int = 0) -> Path:
     """SD3 Medium as ``sd3_medium.safetensors`` holds it, the MMDiT (24 joint
-    blocks, q8_0 here) and its 16-channel VAE, without the text encoders."""
+    blocks, q4_0 here) and its 16-channel VAE, without the text encoders."""
     specs = mmdit_layout() + vae_layout(z_channels=16, quant_convs=False)
-    return write_gguf(Path(path), random_tensors(specs, seed), arch="sd3", quant="q8_0")
+    return write_gguf(Path(path), random_tensors(specs, seed), arch="sd3", quant="q4_0")
 
 
 FLUX1_PARTS = ("diffusion", "vae")
 
 
 def write_flux1_part(path: Path, part: str, seed: int = 0) -> Path:
-    """One file of FLUX.1 [dev]: the transformer (GGUF, f16, original names
+    """One file of FLUX.1 [dev]: the transformer (GGUF, q4_0, original names
     without a prefix) or the 16-channel VAE (``ae.safetensors``)."""
     if part == "diffusion":
-        return write_gguf(Path(path), random_tensors(flux_layout(FLUX1_TEST), seed), arch="flux")
+        return write_gguf(Path(path), random_tensors(flux_layout(FLUX1_TEST), seed), arch="flux", quant="q4_0")
     if part == "vae":
         return write_safetensors(
             Path(path), random_tensors(vae_layout(prefix="", z_channels=16, quant_convs=False), seed)
@@ -205,14 +212,14 @@ FLUX2_PARTS = ("diffusion", "llm", "vae")
 
 
 def write_flux2_part(path: Path, part: str, seed: int = 0) -> Path:
-    """One file of FLUX.2 [klein]'s split layout: the transformer (GGUF, f16),
-    the Qwen3 text encoder (GGUF, q8_0) or the 32-channel VAE (safetensors in
+    """One file of FLUX.2 [klein]'s split layout: the transformer (GGUF, q4_0),
+    the Qwen3 text encoder (GGUF, q4_0) or the 32-channel VAE (safetensors in
     diffusers names, as ``vae/diffusion_pytorch_model.safetensors``)."""
     path = Path(path)
     if part == "diffusion":
-        return write_gguf(path, random_tensors(flux_layout(FLUX2_KLEIN_TEST), seed), arch="flux")
+        return write_gguf(path, random_tensors(flux_layout(FLUX2_KLEIN_TEST), seed), arch="flux", quant="q4_0")
     if part == "llm":
-        return write_gguf(path, random_tensors(qwen3_layout(QWEN3_4B_TEST), seed), arch="qwen3", quant="q8_0")
+        return write_gguf(path, random_tensors(qwen3_layout(QWEN3_4B_TEST), seed), arch="qwen3", quant="q4_0")
     if part == "vae":
         return write_safetensors(path, random_tensors(vae_layout(prefix="", z_channels=32), seed, diffusers=True))
     raise ValueError(f"part must be one of {FLUX2_PARTS}, got {part!r}")
