@@ -5,20 +5,30 @@ real engine."""
 from __future__ import annotations
 
 import base64
+import datetime
 import http.server
 import io
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from sfumato.errors import InvalidParameterError
 from sfumato.server.app import create_app
+from sfumato.server.fetch import fetch_image
 from sfumato.server.settings import ServerSettings
 
 from .test_server import MODEL, _error, _wait, client, settings  # noqa: F401 - shared fixtures
@@ -39,36 +49,81 @@ def _gradient(side: int) -> np.ndarray:
     return np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)
 
 
+PICTURE = _png(_gradient(320))
+HOST_HEADERS: list[str] = []
+"""The ``Host`` header of each request the image sites answered."""
+
+
+class _ImageSite(http.server.BaseHTTPRequestHandler):
+    """A PNG, a redirect to it, a large file, a slow answer, text."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+        HOST_HEADERS.append(self.headers.get("Host", ""))
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/picture.png")
+            self.end_headers()
+            return
+        if self.path == "/slow.png":
+            time.sleep(3)
+        body = {"/picture.png": PICTURE, "/slow.png": PICTURE, "/big.png": b"\0" * 200_000}.get(self.path, b"text")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server under test gave up on purpose (size or time limit)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+def _serve(tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """Serve ``_ImageSite`` on a loopback port until the generator closes; yields the port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageSite)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def image_site() -> Iterator[str]:
-    """A web server on loopback: a PNG, a redirect to it, a large file, a slow answer, text."""
-    picture = _png(_gradient(320))
+    """The image site over http on loopback; its base URL."""
+    for port in _serve():
+        yield f"http://127.0.0.1:{port}"
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
-            if self.path == "/redirect":
-                self.send_response(302)
-                self.send_header("Location", "/picture.png")
-                self.end_headers()
-                return
-            if self.path == "/slow.png":
-                time.sleep(3)
-            body = {"/picture.png": picture, "/slow.png": picture, "/big.png": b"\0" * 200_000}.get(self.path, b"text")
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the server under test gave up on purpose (size or time limit)
 
-        def log_message(self, *_args: Any) -> None:
-            pass
+SITE_NAME = "pictures.example"
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+
+@pytest.fixture(scope="module")
+def tls_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """The image site over https, with a self-signed certificate for ``SITE_NAME``:
+    its port and the certificate's PEM file (the one CA a client must trust)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE_NAME)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(SITE_NAME)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "site.pem", folder / "site.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    for port in _serve(context):
+        yield port, cert_file
 
 
 def test_config_document_describes_every_parameter_as_seed_003_does(client: TestClient) -> None:  # noqa: F811
@@ -138,6 +193,63 @@ def test_url_upload_refusals_name_the_field(
     with TestClient(create_app(local)) as c:
         body = _error(c.post(POST, json={"word": "x", "url_upload": url}), 422, "url_upload")
         assert says in body["error"], body
+
+
+def test_url_upload_connects_to_the_address_it_checked(
+    settings: ServerSettings,  # noqa: F811
+    image_site: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebinding DNS answers a public address to the check and loopback after
+    it: the fetch must connect to the checked address, sending the name as Host."""
+    port = int(image_site.rsplit(":", 1)[1])
+    answers = iter(["1.2.3.4"])
+    resolve, connect = socket.getaddrinfo, socket.create_connection
+    connected: list[tuple[str, int]] = []
+
+    def rebinding(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.example":
+            return resolve(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
+
+    def to_the_site(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        connected.append(address)  # 1.2.3.4 stands for a public host; the site plays it
+        return connect(("127.0.0.1", port) if address[0] == "1.2.3.4" else address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "create_connection", to_the_site)
+    HOST_HEADERS.clear()
+    data = fetch_image(f"http://rebind.example:{port}/picture.png", replace(settings, allow_private_urls=False))
+    assert connected == [("1.2.3.4", port)]
+    assert HOST_HEADERS == [f"rebind.example:{port}"]
+    assert Image.open(io.BytesIO(data)).size == (320, 320)
+
+
+def test_url_upload_over_https_checks_the_certificate_against_the_name(
+    settings: ServerSettings,  # noqa: F811
+    tls_site: tuple[int, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection goes to the checked address, TLS still uses the name: the
+    site's certificate is valid for ``SITE_NAME`` and for no other name of it."""
+    port, cert_file = tls_site
+    resolve = socket.getaddrinfo
+
+    def both_names_on_loopback(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host in (SITE_NAME, "other.example"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both_names_on_loopback)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # httpx trusts it, as a private CA would be
+    allowed = replace(settings, allow_private_urls=True)
+    HOST_HEADERS.clear()
+    data = fetch_image(f"https://{SITE_NAME}:{port}/picture.png", allowed)
+    assert Image.open(io.BytesIO(data)).size == (320, 320)
+    assert HOST_HEADERS == [f"{SITE_NAME}:{port}"]
+    with pytest.raises(InvalidParameterError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+        fetch_image(f"https://other.example:{port}/picture.png", allowed)
+    assert caught.value.field == "url_upload"
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "http://[::1]:1/a.png",

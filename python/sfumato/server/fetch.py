@@ -3,17 +3,21 @@
 Only http(s) is fetched. Every address the host name resolves to is checked,
 at each redirect too: loopback, private, link-local, multicast, reserved and
 unspecified addresses are refused unless the server allows them, so a
-request cannot make the server reach into its own network. The answer must
-come within the timeout (for the whole transfer, not per read) and stay under
-the size limit.
+request cannot make the server reach into its own network. The connection
+then goes to the addresses that were checked, not to a second lookup of the
+name, so a DNS answer that changes in between (rebinding) cannot redirect it;
+the ``Host`` header and TLS (SNI and certificate) still use the name. The
+answer must come within the timeout (for the whole transfer, not per read)
+and stay under the size limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import time
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -31,21 +35,39 @@ def _refused(address: str) -> bool:
     return any((ip.is_private, ip.is_loopback, ip.is_link_local, ip.is_multicast, ip.is_reserved, ip.is_unspecified))
 
 
-def check_host(host: str, port: int, allow_private: bool, field: str) -> None:
-    """Refuse ``host`` when it resolves to an address the server must not reach."""
+def checked_addresses(host: str, port: int, allow_private: bool, field: str) -> list[str]:
+    """The addresses ``host`` resolves to, in the resolver's order; refused when
+    any of them is one the server must not reach."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise InvalidParameterError(field, f"cannot resolve host {host!r} ({exc})") from None
-    if allow_private:
-        return
-    for info in infos:
-        address = str(info[4][0])
-        if _refused(address):
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        if not allow_private and _refused(address):
             raise InvalidParameterError(
                 field,
                 f"host {host!r} is a loopback, private or reserved address ({address}); this server refuses those",
             )
+    return addresses
+
+
+def _open_pinned(client: httpx.Client, url: str, addresses: list[str], port: int) -> httpx.Response:
+    """GET ``url`` from the first of ``addresses`` that accepts a connection, as
+    ``url``'s host name (``Host`` header, SNI, certificate); the answer streams."""
+    parts = urlsplit(url)
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    host_header = parts.netloc.rpartition("@")[2]
+    for i, address in enumerate(addresses):
+        literal = f"[{address.replace('%', '%25')}]" if ":" in address else address
+        pinned = urlunsplit(parts._replace(netloc=f"{literal}:{port}"))
+        request = client.build_request("GET", pinned, headers={"Host": host_header}, extensions=extensions)
+        try:
+            return client.send(request, stream=True)
+        except httpx.ConnectError:
+            if i == len(addresses) - 1:
+                raise
+    raise httpx.ConnectError(f"{parts.hostname!r} resolved to no address")
 
 
 def fetch_image(url: str, settings: ServerSettings, field: str = "url_upload") -> bytes:
@@ -72,9 +94,9 @@ def fetch_image(url: str, settings: ServerSettings, field: str = "url_upload") -
                 port = parts.port or (443 if parts.scheme == "https" else 80)
             except ValueError:
                 raise InvalidParameterError(field, f"{url!r} has an invalid port") from None
-            check_host(parts.hostname, port, settings.allow_private_urls, field)
+            addresses = checked_addresses(parts.hostname, port, settings.allow_private_urls, field)
             try:
-                with client.stream("GET", url) as response:
+                with contextlib.closing(_open_pinned(client, url, addresses, port)) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue
