@@ -195,20 +195,25 @@ def test_url_upload_refusals_name_the_field(
         assert says in body["error"], body
 
 
+@pytest.mark.parametrize(("name", "host_header"), [("rebind.example", "rebind.example"),
+                                                   ("bücher.example", "xn--bcher-kva.example")])  # fmt: skip
 def test_url_upload_connects_to_the_address_it_checked(
     settings: ServerSettings,  # noqa: F811
     image_site: str,
     monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    host_header: str,
 ) -> None:
     """A rebinding DNS answers a public address to the check and loopback after
-    it: the fetch must connect to the checked address, sending the name as Host."""
+    it: the fetch must connect to the checked address, sending the name as Host
+    (IDNA-encoded, as on the wire)."""
     port = int(image_site.rsplit(":", 1)[1])
     answers = iter(["1.2.3.4"])
     resolve, connect = socket.getaddrinfo, socket.create_connection
     connected: list[tuple[str, int]] = []
 
     def rebinding(host: str, *args: Any, **kwargs: Any) -> Any:
-        if host != "rebind.example":
+        if host not in (name, host_header):
             return resolve(host, *args, **kwargs)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
 
@@ -219,9 +224,9 @@ def test_url_upload_connects_to_the_address_it_checked(
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     monkeypatch.setattr(socket, "create_connection", to_the_site)
     HOST_HEADERS.clear()
-    data = fetch_image(f"http://rebind.example:{port}/picture.png", replace(settings, allow_private_urls=False))
+    data = fetch_image(f"http://{name}:{port}/picture.png", replace(settings, allow_private_urls=False))
     assert connected == [("1.2.3.4", port)]
-    assert HOST_HEADERS == [f"rebind.example:{port}"]
+    assert HOST_HEADERS == [f"{host_header}:{port}"]
     assert Image.open(io.BytesIO(data)).size == (320, 320)
 
 

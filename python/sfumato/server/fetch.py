@@ -17,7 +17,7 @@ import contextlib
 import ipaddress
 import socket
 import time
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -55,19 +55,20 @@ def checked_addresses(host: str, port: int, allow_private: bool, field: str) -> 
 def _open_pinned(client: httpx.Client, url: str, addresses: list[str], port: int) -> httpx.Response:
     """GET ``url`` from the first of ``addresses`` that accepts a connection, as
     ``url``'s host name (``Host`` header, SNI, certificate); the answer streams."""
-    parts = urlsplit(url)
-    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-    host_header = parts.netloc.rpartition("@")[2]
+    target = httpx.URL(url)
+    name = target.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS see it
+    extensions = {"sni_hostname": name} if target.scheme == "https" else {}
+    headers = {"Host": target.netloc.decode("ascii")}
     for i, address in enumerate(addresses):
-        literal = f"[{address.replace('%', '%25')}]" if ":" in address else address
-        pinned = urlunsplit(parts._replace(netloc=f"{literal}:{port}"))
-        request = client.build_request("GET", pinned, headers={"Host": host_header}, extensions=extensions)
+        request = client.build_request(
+            "GET", target.copy_with(host=address, port=port), headers=headers, extensions=extensions
+        )
         try:
             return client.send(request, stream=True)
         except httpx.ConnectError:
             if i == len(addresses) - 1:
                 raise
-    raise httpx.ConnectError(f"{parts.hostname!r} resolved to no address")
+    raise httpx.ConnectError(f"{name!r} resolved to no address")
 
 
 def fetch_image(url: str, settings: ServerSettings, field: str = "url_upload") -> bytes:
@@ -116,7 +117,7 @@ def fetch_image(url: str, settings: ServerSettings, field: str = "url_upload") -
                 raise InvalidParameterError(
                     field, f"fetching {url!r} timed out after {settings.fetch_timeout_s} s"
                 ) from None
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise InvalidParameterError(field, f"fetching {url!r} failed: {exc}") from None
             imaging.to_array(bytes(data), field)
             return bytes(data)
