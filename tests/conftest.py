@@ -129,7 +129,7 @@ sd2_diffusers = _sd_model("sd2", "diffusers")
 @pytest.fixture(scope="session")
 def sdxl_gguf(model_dir: Path) -> Path:
     """An all-in-one SDXL checkpoint (full-depth 2.6B UNet, CLIP-L, OpenCLIP-G, VAE) as
-    one GGUF, its large matrices in q4_0 as quantized releases store them (2 GB, not 7)."""
+    one GGUF, its large matrices in q4_0 as quantized releases store them (2.6 GB, not 6.9)."""
     return _cached(model_dir, "sdxl-q4_0.gguf", lambda p: models.write_sd_checkpoint(p, "sdxl", quant="q4_0"))
 
 
@@ -142,7 +142,7 @@ def sdxl_parts(model_dir: Path) -> dict[str, Path]:
     """SDXL's split layout: a UNet-only GGUF (q4_0) and the CLIP-L, CLIP-G and VAE files beside it."""
 
     def make(path: Path, part: str) -> Path:
-        return models.write_sdxl_part(path, part, quant="q4_0" if path.name.endswith(".gguf") else None)
+        return models.write_sdxl_part(path, part, quant="q4_0" if part == "unet" else None)
 
     return {
         part: _cached(model_dir, name, lambda p, part=part: make(p, part))
