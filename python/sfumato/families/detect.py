@@ -70,6 +70,12 @@ class TensorTable:
                 return self.shapes[name]
         return None
 
+    def input_width(self, name: str) -> int | None:
+        """The input width of the matrix ``name`` (its second numpy axis), or
+        ``None`` when there is no such 2-D tensor."""
+        shape = self.shapes.get(name)
+        return shape[1] if shape is not None and len(shape) == 2 else None
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -263,18 +269,17 @@ def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
         raise UnsupportedModelError(
             f"{path}: a Chroma transformer; this version of sfumato runs FLUX.1 [dev] and [schnell]"
         )
-    img_in = table.find(f"{prefix}img_in.weight")
-    if img_in is not None and len(img_in) == 2 and img_in[1] != 64:
+    img_in = table.input_width(f"{prefix}img_in.weight")
+    if img_in is not None and img_in != 64:
         raise UnsupportedModelError(
-            f"{path}: a FLUX.1 transformer taking {img_in[1]} input channels (Fill, Depth/Canny or Flex); "
+            f"{path}: a FLUX.1 transformer taking {img_in} input channels (Fill, Depth/Canny or Flex); "
             "this version of sfumato runs FLUX.1 [dev] and [schnell] (64)"
         )
-    txt_in = table.find(f"{prefix}txt_in.weight")
     return ModelInfo(
         path, FAMILY_FLUX1, table.format, "dev" if table.has_prefix(f"{prefix}guidance_in.") else "schnell",
         has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
         split=not _other_parts(table, prefix), carries=_carried(table),
-        text_width=txt_in[1] if txt_in is not None and len(txt_in) == 2 else None,
+        text_width=table.input_width(f"{prefix}txt_in.weight"),
     )  # fmt: skip
 
 
@@ -288,8 +293,7 @@ def _classify_flux2(path: Path, table: TensorTable) -> ModelInfo | None:
             f"{path}: a FLUX.2 [dev] transformer (48 single blocks, Mistral-Small text encoder); "
             "this version of sfumato runs FLUX.2 [klein]"
         )
-    txt_in = table.find(f"{prefix}txt_in.weight")
-    width = txt_in[1] if txt_in is not None and len(txt_in) == 2 else None
+    width = table.input_width(f"{prefix}txt_in.weight")
     return ModelInfo(path, FAMILY_FLUX2, table.format, has_vae=False, split=True, text_width=width)
 
 
@@ -305,14 +309,14 @@ def _classify_sdxl(path: Path, table: TensorTable) -> ModelInfo | None:
     prefix = _diffusion_prefix(table, "label_emb.0.0.")
     if prefix is None:
         return None
-    adm = table.find(f"{prefix}label_emb.0.0.weight")
-    if adm is not None and len(adm) == 2 and adm[1] != SDXL_ADM_CHANNELS:
-        if adm[1] == 2560:
+    adm = table.input_width(f"{prefix}label_emb.0.0.weight")
+    if adm is not None and adm != SDXL_ADM_CHANNELS:
+        if adm == 2560:
             raise UnsupportedModelError(
                 f"{path}: the SDXL refiner architecture (one OpenCLIP-G text encoder, 2560-wide label_emb), "
                 "which the engine does not run; as a refiner, use an SDXL base-architecture checkpoint"
             )
-        raise UnsupportedModelError(f"{path}: a UNet with a {adm[1]}-wide label_emb is neither SDXL nor SD 1.x / 2.x")
+        raise UnsupportedModelError(f"{path}: a UNet with a {adm}-wide label_emb is neither SDXL nor SD 1.x / 2.x")
     variant = _unet_variant(table, prefix)
     if has("conditioner.embedders.1.") or has("cond_stage_model.1."):
         return ModelInfo(
