@@ -5,16 +5,20 @@ needs, makes one warm-up generation, prints ``READY <sha256 of its pixels>``,
 then answers every ``run`` line on stdin with ``TIME <seconds>`` for one more
 generation (ending in PNG bytes, as the SDK's does). Each way gets a process
 like every other: none shares its address space, heap or threads with another
-way's model, so what differs between them is the binding alone.
+way's model, and all drive one library (the ctypes package's build), so what
+differs between them is the binding alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,10 +80,23 @@ def _sdcpp_python(config: dict[str, Any]) -> Callable[[], list[bytes]]:
     return run
 
 
+def _ctypes_package_library() -> str:
+    """The engine library inside ``stable-diffusion-cpp-python`` (its stock build)."""
+    spec = importlib.util.find_spec("stable_diffusion_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "the binding case needs `pip install stable-diffusion-cpp-python==0.4.7` (sfumato's bench extra)"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "lib" / "libstable-diffusion.so")
+
+
 def main() -> None:
     from sfumato.images import decode_png
 
     config = json.loads(sys.argv[1])
+    # Every way drives the same library, the ctypes package's own build, so that what
+    # differs between them is the binding alone (the SDK's worker inherits this).
+    os.environ["SFUMATO_ENGINE_LIB"] = _ctypes_package_library()
     make = dict(zip(WAYS, (_engine, _sdk, _sdcpp_python), strict=True))[config["way"]]
     run = make(config)
     digest = hashlib.sha256(b"".join(decode_png(png).tobytes() for png in run())).hexdigest()

@@ -31,7 +31,15 @@ QUICK = os.environ.get("SFUMATO_BENCH_QUICK") == "1"
 SIZES = (64, 128) if QUICK else (256, 512)
 """The two image sides every per-step comparison is made at."""
 
-CASE_ORDER = ("binding_overhead", "engine_options", "diffusers", "upscale", "scaling")
+CASE_ORDER = (
+    "engine_build",
+    "engine_profile",
+    "binding_overhead",
+    "engine_options",
+    "diffusers",
+    "upscale",
+    "scaling",
+)
 
 
 def _model_dir() -> Path:
@@ -80,6 +88,12 @@ def probe() -> Iterator[Probe]:
         return seen[key]
 
     yield run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """No per-test time limit here: a case measures many configurations for many minutes."""
+    for item in items:
+        item.add_marker(pytest.mark.timeout(0))
 
 
 def write_result(name: str, table: list[dict[str, object]], note: str) -> None:

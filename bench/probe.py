@@ -6,7 +6,8 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 
 - ``engine``: sfumato's in-process engine layer (``sfumato.engine``) on a model
   path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
-  ``threads``) and a txt2img request (``size``, ``steps``, ``batch``).
+  ``threads``) and a txt2img request (``size``, ``steps``, ``batch``); on the
+  engine library ``engine_lib`` if given, else the installed one.
 - ``diffusers``: the reference pipeline (:class:`sfumato.testing.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
@@ -15,6 +16,7 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -140,6 +142,8 @@ KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale}
 
 def main() -> None:
     config = json.loads(sys.argv[1])
+    if "engine_lib" in config:  # another build of the engine, chosen before the library opens
+        os.environ["SFUMATO_ENGINE_LIB"] = config["engine_lib"]
     figures = KINDS[config["kind"]](config)
     figures["peak_rss_mb"] = _peak_rss_mb()
     print("PROBE " + json.dumps(figures), flush=True)

@@ -118,6 +118,9 @@ def _sd_model(version: str, layout: str) -> Callable[[Path], Path]:
 
 
 sd1_gguf = _sd_model("sd1", ".gguf")
+sd1_tiny_gguf = _sd_model("sd1-tiny", ".gguf")
+"""BK-SDM-Tiny's layout (a third of SD 1.x's UNet): where a run only has to show that
+the engine runs, on the slowest machines (an emulated CPU)."""
 sd1_safetensors = _sd_model("sd1", ".safetensors")
 sd1_diffusers = _sd_model("sd1", "diffusers")
 sd1_inpaint_gguf = _sd_model("sd1-inpaint", ".gguf")
@@ -196,6 +199,12 @@ def flux1_parts(model_dir: Path) -> dict[str, Path]:
         "diffusion": _cached(model_dir, "flux1-dev-q4_0.gguf", lambda p: models.write_flux1_part(p, "diffusion")),
         "vae": _cached(model_dir, "flux1-ae.safetensors", lambda p: models.write_flux1_part(p, "vae")),
     }
+
+
+@pytest.fixture(scope="session")
+def taesd(model_dir: Path) -> Path:
+    """TAESD, the tiny autoencoder of SD 1.x / 2.x latents (4.7 MB)."""
+    return _cached(model_dir, "taesd.safetensors", models.write_taesd)
 
 
 @pytest.fixture(scope="session")

@@ -24,13 +24,14 @@ from sfumato.errors import ClosedError, EngineABIError, EngineNotFoundError
 from .conftest import SIZE
 
 
-def test_locator_finds_the_engine_package_library() -> None:
+def test_locator_finds_the_library_sfumato_built() -> None:
     path = locate_library()
     assert path.is_file()
-    assert path.parent.parent.name == "stable_diffusion_cpp"
+    assert path.parts[-4:] == ("sfumato", "engine", "lib", "libstable-diffusion.so")
     engine = load_engine()
     assert engine.path == path
-    assert engine.version == "0.4.7"
+    assert engine.build is not None
+    assert engine.version == engine.build.engine_version == "0.4.7"
 
 
 def test_locator_env_override_accepts_file_and_folder(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,12 +49,14 @@ def test_locator_env_override_to_a_missing_file_is_an_error(monkeypatch: pytest.
 
 
 def test_locator_without_engine_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
+    from sfumato.engine import library
 
     monkeypatch.delenv(ENV_LIBRARY, raising=False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(EngineNotFoundError, match=f"pip install {ENGINE_DISTRIBUTION}==0.4.7"):
+    monkeypatch.setattr(library, "package_library", lambda: None)
+    with pytest.raises(EngineNotFoundError, match="pip install") as caught:
         locate_library()
+    assert ENV_LIBRARY in str(caught.value)
+    assert f"{ENGINE_DISTRIBUTION} 0.4.7" in str(caught.value)
 
 
 def test_abi_check_passes_on_the_real_declarations() -> None:

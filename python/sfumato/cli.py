@@ -325,14 +325,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def engine_info() -> dict[str, Any]:
     """What ``sfumato info`` reports, as a dict."""
+    from sfumato.engine.build import backend_features, llamafile_enabled
     from sfumato.engine.devices import list_devices
     from sfumato.engine.library import ENGINE_VERSION_REQUIRED, load_engine
 
     engine = load_engine()
+    features = backend_features(engine)
     return {
         "engine_version": engine.version,
         "engine_version_required": ENGINE_VERSION_REQUIRED,
         "library": str(engine.path),
+        "build": asdict(engine.build) if engine.build is not None else None,
+        "backend_features": features,
+        "llamafile": llamafile_enabled(features),
         "physical_cores": engine.physical_cores,
         "system_info": " ".join(engine.system_info.split()),
         "devices": [asdict(d) for d in list_devices(engine)],
@@ -344,8 +349,20 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    build = info["build"]
     print(f"engine version: {info['engine_version']} (sfumato requires {info['engine_version_required']})")
     print(f"library:        {info['library']}")
+    if build is None:
+        print("build:          not built by sfumato (no build.json beside the library)")
+    else:
+        target = "native (this machine's CPU)" if build["native"] else "portable"
+        print(f"build:          {build['flavour']}, {target}, {build['build_type']}, {build['compiler']}")
+        flags = " ".join(f"-D{name}={value}" for name, value in build["options"].items())
+        print(f"build flags:    {flags}")
+    for backend, found in info["backend_features"].items():
+        listed = " ".join(name if value == "1" else f"{name}={value}" for name, value in found.items())
+        print(f"{backend + ' features:':<16}{listed or '(none reported)'}")
+    print(f"llamafile:      {'on' if info['llamafile'] else 'off'}")
     print(f"physical cores: {info['physical_cores']}")
     print(f"system info:    {info['system_info']}")
     print("devices:")

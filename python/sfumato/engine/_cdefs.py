@@ -295,4 +295,19 @@ void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t* free, size_t* to
 enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
 """
 
-ALL = "\n".join([ENUMS, CONTEXT_PARAMS, GENERATION_PARAMS, UPSCALER, CALLBACKS, NAMES_AND_SYSTEM, GGML_DEVICES])
+GGML_REGISTRY = """
+/* From ggml-backend.h: the backend registry, to read what each backend was built
+   with (the CPU backend's instruction sets, LLAMAFILE, OPENMP) through the
+   "ggml_backend_get_features" entry every backend offers. */
+typedef struct ggml_backend_reg* ggml_backend_reg_t;
+struct ggml_backend_feature { const char* name; const char* value; };
+typedef struct ggml_backend_feature* (*ggml_backend_get_features_t)(ggml_backend_reg_t reg);
+size_t ggml_backend_reg_count(void);
+ggml_backend_reg_t ggml_backend_reg_get(size_t index);
+const char* ggml_backend_reg_name(ggml_backend_reg_t reg);
+void* ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char* name);
+"""
+
+ALL = "\n".join(
+    [ENUMS, CONTEXT_PARAMS, GENERATION_PARAMS, UPSCALER, CALLBACKS, NAMES_AND_SYSTEM, GGML_DEVICES, GGML_REGISTRY]
+)

@@ -4,9 +4,17 @@ The locator chain, tried in order:
 
 1. ``SFUMATO_ENGINE_LIB``: a path to ``libstable-diffusion.so`` (or the folder
    holding it), for GPU builds or any other build of the same API version;
-2. the library inside the installed ``stable_diffusion_cpp`` package, found with
-   :func:`importlib.util.find_spec`, which does not run that package's code;
+2. the library sfumato's own build installed beside this module
+   (``sfumato/engine/lib/``; for an editable install, the same path in the
+   install tree the distribution records);
 3. an :class:`~sfumato.errors.EngineNotFoundError` saying what to install.
+
+Each step names a file by its absolute path, so the dynamic loader never
+searches for it: a library of the same name in the current directory or on
+``LD_LIBRARY_PATH`` is never taken instead. The library's own dependencies
+resolve through its DT_RPATH first (``$ORIGIN``, and auditwheel's
+``sfumato.libs`` in a repaired wheel), which the loader searches before
+``LD_LIBRARY_PATH``.
 
 Opening the library runs an ABI check (:func:`check_abi`): structs are filled
 by the engine's own ``*_init`` functions and by us, printed back by the engine's
@@ -18,22 +26,26 @@ or silent corruption later.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import sys
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import cffi
 
 from sfumato.engine import _cdefs
+from sfumato.engine.build import EngineBuild, read_build
 from sfumato.errors import EngineABIError, EngineNotFoundError
 
 ENGINE_DISTRIBUTION = "stable-diffusion-cpp-python"
 ENGINE_VERSION_REQUIRED = "0.4.7"
 ENV_LIBRARY = "SFUMATO_ENGINE_LIB"
+
+# Where sfumato's build installs the engine, relative to site-packages.
+PACKAGE_LIBRARY_DIR = "sfumato/engine/lib"
 
 _LIB_NAMES = {
     "linux": "libstable-diffusion.so",
@@ -58,14 +70,31 @@ def _library_file_name() -> str:
     return _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
 
 
+def package_library() -> Path | None:
+    """The engine library installed with sfumato, or ``None`` when there is none.
+
+    A regular install has it beside this module. An editable install keeps the
+    Python sources in the checkout and the built library in site-packages, at the
+    same path below the distribution's root.
+    """
+    here = Path(__file__).with_name("lib") / _library_file_name()
+    if here.is_file():
+        return here
+    try:
+        dist = importlib.metadata.distribution("sfumato")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    installed = Path(str(dist.locate_file(f"{PACKAGE_LIBRARY_DIR}/{_library_file_name()}")))
+    return installed if installed.is_file() else None
+
+
 def locate_library() -> Path:
-    """Return the path of the engine library, following the locator chain.
+    """Return the absolute path of the engine library, following the locator chain.
 
     Raises
     ------
     EngineNotFoundError
-        When neither ``SFUMATO_ENGINE_LIB`` nor the installed engine package
-        provides the library.
+        When neither ``SFUMATO_ENGINE_LIB`` nor sfumato's own build provides it.
     """
     override = os.environ.get(ENV_LIBRARY)
     if override:
@@ -77,23 +106,25 @@ def locate_library() -> Path:
                 f"{ENV_LIBRARY}={override!r} does not name an existing engine library "
                 f"(expected a path to {_library_file_name()} or the folder holding it)"
             )
-        return path
+        return path.resolve()
 
-    spec = importlib.util.find_spec("stable_diffusion_cpp")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "lib" / _library_file_name()
-            if candidate.is_file():
-                return candidate
+    packaged = package_library()
+    if packaged is not None:
+        return packaged.resolve()
     raise EngineNotFoundError(
-        "the stable-diffusion.cpp engine library was not found. Install it with "
-        f"`pip install {ENGINE_DISTRIBUTION}=={ENGINE_VERSION_REQUIRED}` (this builds the "
-        f"engine, a few minutes), or point {ENV_LIBRARY} at a build of the same version"
+        "the stable-diffusion.cpp engine library was not found: this sfumato has no engine build "
+        f"in {PACKAGE_LIBRARY_DIR}. Install a sfumato wheel (`pip install sfumato`), or build one "
+        "from a checkout with `pip install .` (it compiles the engine, a few minutes), "
+        f"or point {ENV_LIBRARY} at a build of {ENGINE_DISTRIBUTION} {ENGINE_VERSION_REQUIRED}"
     )
 
 
 def engine_package_version() -> str | None:
-    """The version of the installed engine distribution, or ``None``."""
+    """The version of an installed engine distribution, or ``None``.
+
+    Only a library taken from such a package (through ``SFUMATO_ENGINE_LIB``)
+    is described by it; sfumato's own build carries a ``build.json`` instead.
+    """
     try:
         return importlib.metadata.version(ENGINE_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
@@ -133,14 +164,29 @@ class Engine:
         finally:
             self.lib.free(pointer)
 
+    @cached_property
+    def build(self) -> EngineBuild | None:
+        """How the library was built (``build.json`` beside it), or ``None`` for
+        a library that sfumato did not build."""
+        return read_build(self.path)
+
     @property
     def version(self) -> str:
-        """The engine version: the distribution's version, since this build's
-        ``sd_version()`` answers "unknown"."""
+        """The engine version.
+
+        The sdist's ``sd_version()`` answers "unknown" (it is not a git checkout),
+        so this is the version of the source release the library was built from:
+        from ``build.json``, else from an engine distribution that holds the library.
+        """
         reported = self.string(self.lib.sd_version())
         if reported and reported != "unknown":
             return reported
-        return engine_package_version() or "unknown"
+        if self.build is not None:
+            return self.build.engine_version
+        packaged = engine_package_version()
+        if packaged is not None and "stable_diffusion_cpp" in self.path.parts:
+            return packaged
+        return "unknown"
 
     @property
     def commit(self) -> str:
@@ -378,7 +424,8 @@ def load_engine() -> Engine:
     EngineNotFoundError
         When the library cannot be located or opened.
     EngineABIError
-        When its struct layouts differ from sfumato's declarations.
+        When its struct layouts differ from sfumato's declarations, or it lacks
+        a function they declare.
     """
     global _engine
     with _lock:
@@ -389,6 +436,9 @@ def load_engine() -> Engine:
                 lib = ffi.dlopen(str(path))
             except OSError as exc:
                 raise EngineNotFoundError(f"cannot open the engine library {path}: {exc}") from exc
-            check_abi(ffi, lib)
+            try:
+                check_abi(ffi, lib)
+            except AttributeError as exc:  # cffi's answer for a symbol the library lacks
+                raise EngineABIError(f"{path} is not a stable-diffusion.cpp engine library: {exc}") from exc
             _engine = Engine(ffi=ffi, lib=lib, path=path)
         return _engine

@@ -49,9 +49,13 @@ class UNetConfig:
     adm_in_channels: int | None = None
     """Width of SDXL's size-and-pooled-text conditioning (``label_emb``)."""
     num_res_blocks: int = 2
+    tiny: bool = False
+    """BK-SDM-Tiny's distilled UNet: one res block per level, no middle block, and the
+    original checkpoint's block numbering with the removed blocks' indices left empty."""
 
 
 SD1_UNET = UNetConfig(context_dim=768, linear_proj=False)
+SD1_TINY_UNET = UNetConfig(context_dim=768, linear_proj=False, channel_mult=(1, 2, 4), num_res_blocks=1, tiny=True)
 SD2_UNET = UNetConfig(context_dim=1024, linear_proj=True)
 SDXL_UNET = UNetConfig(
     context_dim=2048, linear_proj=True, channel_mult=(1, 2, 4), attention_levels=(1, 2),
@@ -139,14 +143,16 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
                     lay, f"{p}input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}", ch, cfg, depth[level]
                 )
             skips.append(ch)
-            block += 1
+            block += 2 if cfg.tiny else 1
         if level != len(cfg.channel_mult) - 1:
             lay.conv(f"{p}input_blocks.{block}.0.op", f"down_blocks.{level}.downsamplers.0.conv", ch, ch)
             skips.append(ch)
             block += 1
-    _unet_resblock(lay, f"{p}middle_block.0", "mid_block.resnets.0", ch, ch, emb)
-    _unet_transformer(lay, f"{p}middle_block.1", "mid_block.attentions.0", ch, cfg, depth[len(cfg.channel_mult) - 1])
-    _unet_resblock(lay, f"{p}middle_block.2", "mid_block.resnets.1", ch, ch, emb)
+    if not cfg.tiny:
+        _unet_resblock(lay, f"{p}middle_block.0", "mid_block.resnets.0", ch, ch, emb)
+        last = depth[len(cfg.channel_mult) - 1]
+        _unet_transformer(lay, f"{p}middle_block.1", "mid_block.attentions.0", ch, cfg, last)
+        _unet_resblock(lay, f"{p}middle_block.2", "mid_block.resnets.1", ch, ch, emb)
     block = 0
     levels = len(cfg.channel_mult)
     for up, level in enumerate(reversed(range(levels))):
@@ -161,6 +167,9 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
                 _unet_transformer(lay, f"{name}.1", f"up_blocks.{up}.attentions.{j}", ch, cfg, depth[level])
                 index = 2
             if level != 0 and j == cfg.num_res_blocks:
+                if cfg.tiny:  # the upsampler sits in a block of its own, at index 1 in the first one
+                    block += 1
+                    name, index = f"{p}output_blocks.{block}", 1 if block == 2 else index
                 lay.conv(f"{name}.{index}.conv", f"up_blocks.{up}.upsamplers.0.conv", ch, ch)
             block += 1
     lay.norm(f"{p}out.0", "conv_norm_out", ch)
@@ -273,6 +282,45 @@ def open_clip_text_layout(
         lay.norm(f"{name}.ln_2", None, hidden)
     lay.norm(f"{prefix}ln_final", None, hidden)
     lay.add(f"{prefix}text_projection", None, hidden, hidden)
+    return lay.specs
+
+
+def taesd_layout(z_channels: int = 4, encoder: bool = True, width: int = 64) -> list[TensorSpec]:
+    """The tiny autoencoder TAESD (``AutoencoderTiny``'s ``decoder.layers.*`` and
+    ``encoder.layers.*``): 3x3 convolutions ``width`` channels wide, three blocks
+    per scale, numbered as ``nn.Sequential`` numbers them (activations and
+    upsamplers hold no weights but keep their indices)."""
+    lay = _Layout()
+
+    def block(name: str) -> None:
+        for conv in (0, 2, 4):
+            lay.conv(f"{name}.conv.{conv}", f"{name}.conv.{conv}", width, width)
+
+    def plain(name: str, out: int, inp: int) -> None:  # a convolution without bias
+        lay.add(f"{name}.weight", f"{name}.weight", out, inp, 3, 3)
+
+    d = "decoder.layers"
+    lay.conv(f"{d}.0", f"{d}.0", width, z_channels)
+    index = 2  # 1 is a ReLU
+    for _ in range(3):
+        for _ in range(3):
+            block(f"{d}.{index}")
+            index += 1
+        plain(f"{d}.{index + 1}", width, width)  # after an Upsample
+        index += 2
+    block(f"{d}.{index}")
+    lay.conv(f"{d}.{index + 1}", f"{d}.{index + 1}", 3, width)
+    if encoder:
+        e = "encoder.layers"
+        lay.conv(f"{e}.0", f"{e}.0", width, 3)
+        block(f"{e}.1")
+        index = 2
+        for _ in range(3):
+            plain(f"{e}.{index}", width, width)  # stride 2
+            for i in range(1, 4):
+                block(f"{e}.{index + i}")
+            index += 4
+        lay.conv(f"{e}.{index}", f"{e}.{index}", z_channels, width)
     return lay.specs
 
 

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from sfumato.testing.layouts import (
     FLUX1_DEV,
     FLUX2_KLEIN_4B,
+    SD1_TINY_UNET,
     SD1_UNET,
     SD2_UNET,
     SDXL_UNET,
@@ -38,11 +39,12 @@ from sfumato.testing.layouts import (
     open_clip_text_layout,
     qwen3_layout,
     t5xxl_layout,
+    taesd_layout,
     unet_layout,
     vae_layout,
 )
 
-SD_VERSIONS = ("sd1", "sd1-inpaint", "sd2", "sdxl")
+SD_VERSIONS = ("sd1", "sd1-tiny", "sd1-inpaint", "sd2", "sdxl")
 
 FLUX2_KLEIN_TEST = dataclasses.replace(FLUX2_KLEIN_4B, double_blocks=1, single_blocks=1)
 """FLUX.2 [klein] 4B at its real widths with one block of each kind."""
@@ -55,6 +57,8 @@ def sd_layout(version: str) -> list[TensorSpec]:
     """The whole single-file checkpoint of ``version`` (one of :data:`SD_VERSIONS`)."""
     if version == "sd1":
         return unet_layout(SD1_UNET) + vae_layout() + clip_text_layout()
+    if version == "sd1-tiny":  # BK-SDM-Tiny: a third of SD 1.x's UNet, the same VAE and CLIP
+        return unet_layout(SD1_TINY_UNET) + vae_layout() + clip_text_layout()
     if version == "sd1-inpaint":  # the UNet also takes the masked image's latent and the mask: 4 + 4 + 1 channels
         return unet_layout(dataclasses.replace(SD1_UNET, in_channels=9)) + vae_layout() + clip_text_layout()
     if version == "sd2":
@@ -273,6 +277,12 @@ def write_diffusers_folder(path: Path, version: str = "sd1", seed: int = 0, dtyp
         json.dumps({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0"})
     )
     return path
+
+
+def write_taesd(path: Path, seed: int = 0) -> Path:
+    """TAESD, the tiny autoencoder of SD 1.x / 2.x latents, as ``taesd`` releases
+    (diffusers' ``AutoencoderTiny``) store it: safetensors, f16."""
+    return write_safetensors(Path(path), random_tensors(taesd_layout(), seed))
 
 
 def write_esrgan(path: Path, num_block: int = 23, scale: int = 4, seed: int = 0) -> Path:
