@@ -227,9 +227,10 @@ def sd1_lora(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd1_model(sd1_gguf: Path, esrgan_1b: Path) -> Iterator[str]:
-    """An SD 1.x model loaded through the SDK, paired with an ESRGAN, shared by the session."""
-    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2, "upscaler": {"model_src": esrgan_1b}})
+def sd1_model(sd1_tiny_gguf: Path, esrgan_1b: Path) -> Iterator[str]:
+    """An SD 1.x model (BK-SDM-Tiny's layout) loaded through the SDK, paired with an
+    ESRGAN, shared by the session."""
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2, "upscaler": {"model_src": esrgan_1b}})
     yield model_id
     if model_id in sfumato.loaded_models():
         sfumato.unload_model(model_id)

@@ -93,8 +93,8 @@ def test_abi_check_catches_a_wrong_struct(old: str, new: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def context(sd1_gguf: Path) -> DiffusionContext:
-    return DiffusionContext(ContextParams(model_path=str(sd1_gguf), n_threads=2))
+def context(sd1_tiny_gguf: Path) -> DiffusionContext:
+    return DiffusionContext(ContextParams(model_path=str(sd1_tiny_gguf), n_threads=2))
 
 
 def _request(**overrides: object) -> ImageRequest:
@@ -127,8 +127,8 @@ def test_an_exception_in_a_progress_listener_is_raised_after_the_engine_returns(
     assert again.images[0].shape == (SIZE, SIZE, 3)
 
 
-def test_diffusion_context_close_is_idempotent_and_guards_use(sd1_gguf: Path) -> None:
-    with DiffusionContext(ContextParams(model_path=str(sd1_gguf), n_threads=2)) as ctx:
+def test_diffusion_context_close_is_idempotent_and_guards_use(sd1_tiny_gguf: Path) -> None:
+    with DiffusionContext(ContextParams(model_path=str(sd1_tiny_gguf), n_threads=2)) as ctx:
         assert not ctx.closed
         assert ctx.default_sample_method() == "euler_a"
     assert ctx.closed
@@ -140,8 +140,8 @@ def test_diffusion_context_close_is_idempotent_and_guards_use(sd1_gguf: Path) ->
         ctx.default_sample_method()
 
 
-def test_diffusion_context_is_collected(sd1_gguf: Path) -> None:
-    ctx = DiffusionContext(ContextParams(model_path=str(sd1_gguf), n_threads=2))
+def test_diffusion_context_is_collected(sd1_tiny_gguf: Path) -> None:
+    ctx = DiffusionContext(ContextParams(model_path=str(sd1_tiny_gguf), n_threads=2))
     ref = weakref.ref(ctx)
     del ctx
     gc.collect()

@@ -34,9 +34,9 @@ def test_info_reports_engine_library_and_devices() -> None:
     assert "library:" in text.stdout and "devices:" in text.stdout
 
 
-def test_generate_writes_pngs_and_prints_stats(sd1_gguf: Path, esrgan_1b: Path, tmp_path: Path) -> None:
+def test_generate_writes_pngs_and_prints_stats(sd1_tiny_gguf: Path, esrgan_1b: Path, tmp_path: Path) -> None:
     done = _sfumato(
-        "generate", "--model", str(sd1_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
+        "generate", "--model", str(sd1_tiny_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
         "--steps", "2", "--seed", "11", "--batch-count", "2", "--threads", "2",
         "--upscaler", str(esrgan_1b), "--upscale", "--output", str(tmp_path),
     )  # fmt: skip
@@ -51,12 +51,12 @@ def test_generate_writes_pngs_and_prints_stats(sd1_gguf: Path, esrgan_1b: Path, 
     assert "sampling" in done.stderr  # the progress bar
 
 
-def test_generate_img2img(sd1_gguf: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
+def test_generate_img2img(sd1_tiny_gguf: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
     source = tmp_path / "in.png"
     Image.fromarray(gradient_image).save(source)
     out = tmp_path / "out"
     done = _sfumato(
-        "generate", "-m", str(sd1_gguf), "-p", "oil paint", "--init-image", str(source), "--strength", "0.5",
+        "generate", "-m", str(sd1_tiny_gguf), "-p", "oil paint", "--init-image", str(source), "--strength", "0.5",
         "--steps", "2", "--seed", "3", "--threads", "2", "-q", "-o", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -64,8 +64,8 @@ def test_generate_img2img(sd1_gguf: Path, gradient_image: np.ndarray, tmp_path: 
     assert len(list(out.glob("*.png"))) == 1
 
 
-def test_generate_with_a_refiner(sd1_gguf: Path, sd2_gguf: Path, tmp_path: Path) -> None:
-    common = ("-m", str(sd1_gguf), "-p", "a boat", "-W", str(SIZE), "-H", str(SIZE), "--steps", "4", "--seed", "8",
+def test_generate_with_a_refiner(sd1_tiny_gguf: Path, sd2_gguf: Path, tmp_path: Path) -> None:
+    common = ("-m", str(sd1_tiny_gguf), "-p", "a boat", "-W", str(SIZE), "-H", str(SIZE), "--steps", "4", "--seed", "8",
               "--threads", "2", "-q")  # fmt: skip
     done = _sfumato("generate", *common, "--refiner", str(sd2_gguf), "--refiner-switch-at", "0.5", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
@@ -77,9 +77,9 @@ def test_generate_with_a_refiner(sd1_gguf: Path, sd2_gguf: Path, tmp_path: Path)
     assert refined.shape == base.shape and not np.array_equal(refined, base)
 
 
-def test_generate_timeout_stops_the_job(sd1_gguf: Path, tmp_path: Path) -> None:
+def test_generate_timeout_stops_the_job(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
     done = _sfumato(
-        "generate", "-m", str(sd1_gguf), "-W", str(SIZE), "-H", str(SIZE), "--steps", "500", "--threads", "2",
+        "generate", "-m", str(sd1_tiny_gguf), "-W", str(SIZE), "-H", str(SIZE), "--steps", "500", "--threads", "2",
         "--timeout", "2", "-q", "-o", str(tmp_path),
     )  # fmt: skip
     assert done.returncode == 2
@@ -87,9 +87,9 @@ def test_generate_timeout_stops_the_job(sd1_gguf: Path, tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.png")) == []
 
 
-def test_ctrl_c_cancels_the_job_and_leaves_no_worker_behind(sd1_gguf: Path, tmp_path: Path) -> None:
+def test_ctrl_c_cancels_the_job_and_leaves_no_worker_behind(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
     cli = subprocess.Popen(
-        [sys.executable, "-m", "sfumato", "generate", "-m", str(sd1_gguf), "-W", str(SIZE), "-H", str(SIZE),
+        [sys.executable, "-m", "sfumato", "generate", "-m", str(sd1_tiny_gguf), "-W", str(SIZE), "-H", str(SIZE),
          "--steps", "500", "--threads", "2", "-o", str(tmp_path)],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip

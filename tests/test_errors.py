@@ -99,8 +99,8 @@ def test_calls_after_unload_are_refused(esrgan_1b: Path, gradient_image: np.ndar
         sfumato.unload_model(model_id)
 
 
-def test_unload_cancels_the_running_and_the_queued_jobs(sd1_gguf: Path) -> None:
-    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+def test_unload_cancels_the_running_and_the_queued_jobs(sd1_tiny_gguf: Path) -> None:
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
     running = sfumato.diffusion(model_id, prompt="a", width=SIZE, height=SIZE, steps=30, seed=1)
     queued = sfumato.diffusion(model_id, prompt="b", width=SIZE, height=SIZE, steps=2, seed=2)
     next(iter(running.progress_stream))  # the first job is running now
@@ -114,8 +114,8 @@ def test_unload_cancels_the_running_and_the_queued_jobs(sd1_gguf: Path) -> None:
     assert model_id not in sfumato.loaded_models()
 
 
-def test_upscale_on_a_model_without_upscaler(sd1_gguf: Path, gradient_image: np.ndarray) -> None:
-    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+def test_upscale_on_a_model_without_upscaler(sd1_tiny_gguf: Path, gradient_image: np.ndarray) -> None:
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
     try:
         with pytest.raises(errors.NoUpscalerError, match="has no upscaler"):
             sfumato.upscale(model_id, image=gradient_image)

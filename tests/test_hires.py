@@ -80,9 +80,9 @@ def test_hires_upscaler_must_be_an_esrgan(sd1_model: str, sd1_gguf: Path) -> Non
         sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, hires={"upscaler": sd1_gguf})
 
 
-def test_cli_hires(sd1_gguf: Path, tmp_path: Path) -> None:
+def test_cli_hires(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
     done = _sfumato(
-        "generate", "--model", str(sd1_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
+        "generate", "--model", str(sd1_tiny_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
         "--steps", "2", "--seed", "5", "--threads", "2", "--hires", "--hires-scale", "2", "--hires-steps", "1",
         "--output", str(tmp_path),
     )  # fmt: skip

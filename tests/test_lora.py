@@ -18,7 +18,7 @@ from sfumato.server.settings import ServerSettings
 
 from .conftest import SIZE
 from .test_cli import _sfumato
-from .test_server import _error, _request, _wait, settings  # noqa: F401 - shared fixture
+from .test_server import MODEL, _error, _request, _wait, settings  # noqa: F401 - shared fixture
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,10 @@ def test_cli_lora(sd1_gguf: Path, lora_dir: Path, tmp_path: Path) -> None:
     assert outputs["zero"] == outputs["plain"] != outputs["ink"]
 
 
-def test_server_loras(settings: ServerSettings, lora_dir: Path) -> None:  # noqa: F811
+def test_server_loras(settings: ServerSettings, sd1_gguf: Path, lora_dir: Path) -> None:  # noqa: F811
+    # This LoRA's blocks are those of SD 1.x's full UNet, which the server's folder then holds.
+    (settings.models_dir / f"{MODEL}.gguf").unlink()
+    (settings.models_dir / f"{MODEL}.gguf").symlink_to(sd1_gguf)
     with TestClient(create_app(ServerSettings(**{**settings.__dict__, "loras_dir": lora_dir}))) as client:
         assert client.get("/loras").json()["loras"] == [{"name": "ink", "scale": 1.0}]
 

@@ -12,19 +12,19 @@ import sfumato
 from .conftest import SIZE, run
 
 LOAD_CYCLES = 20
-# Stated bound: after a warm-up cycle, 20 load/generate/unload cycles of a 2 GB
+# Stated bound: after a warm-up cycle, 20 load/generate/unload cycles of a 1 GB
 # model may grow the process by at most 128 MiB. What growth there is comes in
 # steps on the cycles that generate and levels off (glibc keeps the arenas of
 # the job threads): measured 102 -> 171 MiB over 30 cycles, flat after the 20th.
-# Keeping the weights of even one cycle would add 2 GB.
+# Keeping the weights of even one cycle would add 1 GB.
 RSS_GROWTH_BOUND = 128 * 2**20
 
 
-def test_load_unload_cycles_keep_rss_bounded(sd1_gguf: Path) -> None:
+def test_load_unload_cycles_keep_rss_bounded(sd1_tiny_gguf: Path) -> None:
     process = psutil.Process()
     samples = []
     for cycle in range(LOAD_CYCLES + 1):
-        model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+        model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
         if cycle % 5 == 0:
             outputs, _, _ = run(model_id, steps=1, width=SIZE, height=SIZE)
             assert len(outputs) == 1

@@ -62,9 +62,9 @@ def _unload_all(model_id: str) -> None:
 
 
 @pytest.fixture
-def sd1_worker(sd1_gguf: Path) -> Iterator[str]:
+def sd1_worker(sd1_tiny_gguf: Path) -> Iterator[str]:
     """An SD 1.x model of its own, for tests that cancel its jobs or kill its worker."""
-    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
     yield model_id
     _unload_all(model_id)
 
@@ -144,7 +144,7 @@ def test_timeout_ends_the_job_as_cancelled_with_reason_timeout(sd1_worker: str) 
 CANCEL_CYCLES = 20
 # Stated bounds: over 20 cancels the SDK process may grow by at most 64 MiB,
 # and every replacement worker, once loaded, stays within 128 MiB of the first
-# one (a 2 GB model: keeping anything of a killed job's worker would show).
+# one (a 1 GB model: keeping anything of a killed job's worker would show).
 PARENT_GROWTH_BOUND = 64 * 2**20
 WORKER_SPREAD_BOUND = 128 * 2**20
 
@@ -366,9 +366,9 @@ if sys.argv[2] == "killed":
 
 
 @pytest.mark.parametrize("end", ["exits", "killed"])
-def test_no_worker_outlives_its_sdk_process(sd1_gguf: Path, end: str) -> None:
+def test_no_worker_outlives_its_sdk_process(sd1_tiny_gguf: Path, end: str) -> None:
     holder = subprocess.run(
-        [sys.executable, "-c", _HOLDER, str(sd1_gguf), end], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", _HOLDER, str(sd1_tiny_gguf), end], capture_output=True, text=True, timeout=300, check=False
     )
     worker_pid = int(holder.stdout.split()[-1])
     deadline = time.monotonic() + 15

@@ -29,9 +29,9 @@ MODEL = "tiny-sd1"
 
 
 @pytest.fixture
-def settings(tmp_path: Path, sd1_gguf: Path, esrgan_1b: Path) -> ServerSettings:
+def settings(tmp_path: Path, sd1_tiny_gguf: Path, esrgan_1b: Path) -> ServerSettings:
     """Folders like a user's: one SD 1.x model, one ESRGAN, no LoRA yet."""
-    for folder, name, target in (("models", f"{MODEL}.gguf", sd1_gguf), ("upscalers", "esrgan-x4.pth", esrgan_1b)):
+    for folder, name, target in (("models", f"{MODEL}.gguf", sd1_tiny_gguf), ("upscalers", "esrgan-x4.pth", esrgan_1b)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / name).symlink_to(target)
     (tmp_path / "models" / "notes.gguf").write_bytes(b"not a model")  # never offered
@@ -112,10 +112,10 @@ def test_txt2img_job_runs_to_done_with_every_field(client: TestClient) -> None:
     assert done["generation_time_sec"] > 0 and done["memory_before_mb"] > 0 and done["memory_after_mb"] > 0
 
 
-def test_png_output_is_what_the_sdk_makes_with_the_mapped_sampler(client: TestClient, sd1_gguf: Path) -> None:
+def test_png_output_is_what_the_sdk_makes_with_the_mapped_sampler(client: TestClient, sd1_tiny_gguf: Path) -> None:
     job_id = client.post("/txt2img", json=_request(fileType="png", cfg_scale=5.0)).json()["job_id"]
     png = base64.b64decode(_wait(client, job_id)["image"])
-    model_id = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
     try:
         expected = sfumato.diffusion(
             model_id, prompt="a lighthouse", width=SIZE, height=SIZE, steps=2, seed=4, cfg_scale=5.0,
@@ -127,7 +127,7 @@ def test_png_output_is_what_the_sdk_makes_with_the_mapped_sampler(client: TestCl
 
 
 def test_refiner_checkpoint_refines_on_a_second_model(
-    settings: ServerSettings, sd1_gguf: Path, sd2_gguf: Path
+    settings: ServerSettings, sd1_tiny_gguf: Path, sd2_gguf: Path
 ) -> None:
     (settings.models_dir / "tiny-sd2.gguf").symlink_to(sd2_gguf)
     body = _request(fileType="png", refiner_checkpoint="tiny-sd2", refiner_switch_at=0.5, steps=4)
@@ -143,7 +143,7 @@ def test_refiner_checkpoint_refines_on_a_second_model(
         png = base64.b64decode(status["image"])
         assert "refining" in phases, phases
     # The same job through the SDK: the base model, then the refiner from 0.5 on.
-    base = sfumato.load_model(sd1_gguf, model_config={"threads": 2})
+    base = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
     refiner = sfumato.load_model(sd2_gguf, model_config={"threads": 2})
     try:
         expected = sfumato.diffusion(
