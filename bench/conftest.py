@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from sfumato.testing import models
-from sfumato.testing.reference import cached_reference_folder
+from tests.support import models
+from tests.support.reference import cached_reference_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -8,7 +8,7 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
   path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
   ``threads``) and a txt2img request (``size``, ``steps``, ``batch``); on the
   engine library ``engine_lib`` if given, else the installed one.
-- ``diffusers``: the reference pipeline (:class:`sfumato.testing.reference.SD1Reference`,
+- ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
 """
@@ -73,8 +73,7 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
 
 def diffusers(config: dict[str, Any]) -> dict[str, float]:
     import torch
-
-    from sfumato.testing.reference import SD1Reference, sd1_token_ids, torch_noise
+    from tests.support.reference import SD1Reference, sd1_token_ids, torch_noise
 
     started = time.perf_counter()
     ref = SD1Reference(Path(config["model"]), threads=config["threads"])

@@ -8,20 +8,20 @@ names carry a layout version so that a change of generator rewrites them.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 import sfumato
 from sfumato.runtime.protocol import LoadSpec
-from sfumato.testing import models
+from sfumato.server.app import create_app
+from sfumato.server.settings import ServerSettings
+from tests.support import models
 
-ROOT = Path(__file__).resolve().parent.parent
-SIZE = 64  # the smallest side an SD UNet takes (three 2x downsamples of an 8x latent grid)
+from .helpers import MODEL, ROOT, SIZE, CaptureSpec
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,9 +52,6 @@ class _Recorded(Exception):  # noqa: N818 - a signal, not an error
     pass
 
 
-CaptureSpec = Callable[..., LoadSpec]
-
-
 @pytest.fixture
 def load_spec(monkeypatch: pytest.MonkeyPatch) -> CaptureSpec:
     """``load_spec(source, config)``: the :class:`LoadSpec` that ``load_model``
@@ -74,21 +71,6 @@ def load_spec(monkeypatch: pytest.MonkeyPatch) -> CaptureSpec:
         return seen[0]
 
     return capture
-
-
-def header_file(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Path:
-    """A safetensors file with these tensor names and shapes (zeros): enough for checks that read headers."""
-    from safetensors.numpy import save_file
-
-    save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(path))
-    return path
-
-
-def sfumato_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run the ``sfumato`` command in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "sfumato", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
-    )
 
 
 @pytest.fixture(scope="session")
@@ -148,8 +130,7 @@ def sdxl_parts(model_dir: Path) -> dict[str, Path]:
         return models.write_sdxl_part(path, part, quant="q4_0" if part == "unet" else None)
 
     return {
-        part: _cached(model_dir, name, lambda p, part=part: make(p, part))
-        for part, name in SDXL_PART_FILES.items()
+        part: _cached(model_dir, name, lambda p, part=part: make(p, part)) for part, name in SDXL_PART_FILES.items()
     }
 
 
@@ -252,13 +233,20 @@ def gradient_image() -> np.ndarray:
     return np.stack([x * 4, y * 4, (x + y) * 2], axis=2).astype(np.uint8)
 
 
-def run(model_id: str, **params: object) -> tuple[list[bytes], sfumato.DiffusionStats, list[sfumato.ProgressTick]]:
-    """Run ``diffusion`` at test size and wait for it."""
-    params.setdefault("prompt", "a red cube")
-    params.setdefault("width", SIZE)
-    params.setdefault("height", SIZE)
-    params.setdefault("steps", 2)
-    params.setdefault("seed", 42)
-    result = sfumato.diffusion(model_id, **params)  # type: ignore[arg-type]
-    ticks = list(result.progress_stream)
-    return result.outputs.result(), result.stats.result(), ticks
+@pytest.fixture
+def settings(tmp_path: Path, sd1_tiny_gguf: Path, esrgan_1b: Path) -> ServerSettings:
+    """Folders like a user's: one SD 1.x model, one ESRGAN, no LoRA yet."""
+    for folder, name, target in (("models", f"{MODEL}.gguf", sd1_tiny_gguf), ("upscalers", "esrgan-x4.pth", esrgan_1b)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).symlink_to(target)
+    (tmp_path / "models" / "notes.gguf").write_bytes(b"not a model")  # never offered
+    return ServerSettings(
+        models_dir=tmp_path / "models", loras_dir=tmp_path / "loras", upscalers_dir=tmp_path / "upscalers",
+        data_dir=tmp_path / "data", threads=2,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def client(settings: ServerSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c

@@ -14,13 +14,12 @@ from typing import Any
 
 import schemathesis
 
-
 DROPPED = {"model", "sampler_name", "sampler_index", "sampler", "scheduler", "scheduler_type", "override_settings",
            "loras", "hires", "refiner_checkpoint", "enable_hr", "mask"}  # fmt: skip
 
 
 @schemathesis.hook
-def map_body(context: Any, body: Any) -> Any:  # noqa: ARG001 - the hook's signature
+def map_body(context: Any, body: Any) -> Any:
     if not isinstance(body, dict) or zlib.crc32(json.dumps(body, sort_keys=True, default=str).encode()) % 2:
         return body
     small = {k: v for k, v in body.items() if k not in DROPPED}

@@ -13,8 +13,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from .conftest import SIZE
-from .test_server import MODEL, _error, client, settings  # noqa: F401 - fixtures
+from .helpers import MODEL, SIZE, error_body
 
 API = "/sdapi/v1"
 
@@ -36,7 +35,7 @@ def _body(**fields: Any) -> dict[str, Any]:
     return body
 
 
-def test_txt2img_batches_and_info(client: TestClient) -> None:  # noqa: F811
+def test_txt2img_batches_and_info(client: TestClient) -> None:
     response = client.post(f"{API}/txt2img", json=_body(sampler_name="Euler a", batch_size=2, restore_faces=False))
     assert response.status_code == 200, response.text
     out = response.json()
@@ -47,30 +46,30 @@ def test_txt2img_batches_and_info(client: TestClient) -> None:  # noqa: F811
     assert out["parameters"]["sampler_name"] == "Euler a" and out["parameters"]["batch_size"] == 2
 
 
-def test_img2img(client: TestClient, gradient_image: np.ndarray) -> None:  # noqa: F811
+def test_img2img(client: TestClient, gradient_image: np.ndarray) -> None:
     body = _body(init_images=[_b64_png(gradient_image)], denoising_strength=0.5)
     out = client.post(f"{API}/img2img", json=body).json()
     assert [_size(i) for i in out["images"]] == [(SIZE, SIZE)]
-    _error(client.post(f"{API}/img2img", json={**body, "init_images": ["nope!"]}), 422, "init_images")
+    error_body(client.post(f"{API}/img2img", json={**body, "init_images": ["nope!"]}), 422, "init_images")
 
 
-def test_listings_and_options(client: TestClient) -> None:  # noqa: F811
+def test_listings_and_options(client: TestClient) -> None:
     assert [m["model_name"] for m in client.get(f"{API}/sd-models").json()] == [MODEL]
     assert {"Euler a", "DPM++ 2M Karras"} <= {s["name"] for s in client.get(f"{API}/samplers").json()}
     assert "karras" in {s["name"] for s in client.get(f"{API}/schedulers").json()}
     assert [u["name"] for u in client.get(f"{API}/upscalers").json()] == ["None", "esrgan-x4"]
     assert client.get(f"{API}/loras").json() == []
     assert client.get(f"{API}/options").json()["sd_model_checkpoint"] == MODEL
-    _error(client.post(f"{API}/options", json={"sd_model_checkpoint": "sdxl"}), 422, "sd_model_checkpoint")
+    error_body(client.post(f"{API}/options", json={"sd_model_checkpoint": "sdxl"}), 422, "sd_model_checkpoint")
     assert client.post(f"{API}/options", json={"sd_model_checkpoint": f"{MODEL}.gguf [abc123]"}).status_code == 200
-    _error(client.post(f"{API}/txt2img", json=_body(width=100)), 422, "width")
-    _error(client.post(f"{API}/txt2img", json=_body(refiner_checkpoint="x")), 422, "refiner_checkpoint")
+    error_body(client.post(f"{API}/txt2img", json=_body(width=100)), 422, "width")
+    error_body(client.post(f"{API}/txt2img", json=_body(refiner_checkpoint="x")), 422, "refiner_checkpoint")
     refined = client.post(f"{API}/txt2img", json=_body(refiner_checkpoint=MODEL, refiner_switch_at=0.5))
     assert refined.status_code == 200, refined.text
     assert len(refined.json()["images"]) == 1
 
 
-def test_progress_and_interrupt(client: TestClient) -> None:  # noqa: F811
+def test_progress_and_interrupt(client: TestClient) -> None:
     assert client.get(f"{API}/progress").json()["progress"] == 0.0
     answer: dict[str, Any] = {}
 
@@ -94,12 +93,14 @@ def test_progress_and_interrupt(client: TestClient) -> None:  # noqa: F811
     assert json.loads(out["info"])["interrupted"] is True
 
 
-def test_extra_single_image(client: TestClient, gradient_image: np.ndarray) -> None:  # noqa: F811
+def test_extra_single_image(client: TestClient, gradient_image: np.ndarray) -> None:
     body = {"image": _b64_png(gradient_image[:16, :16]), "upscaler_1": "esrgan-x4", "upscaling_resize": 2}
     out = client.post(f"{API}/extra-single-image", json=body).json()
     assert _size(out["image"]) == (32, 32)
-    _error(client.post(f"{API}/extra-single-image", json={**body, "upscaler_1": "x"}), 422, "upscaler_1")
+    error_body(client.post(f"{API}/extra-single-image", json={**body, "upscaler_1": "x"}), 422, "upscaler_1")
     # Found by the fuzzing: a factor that rounds a side to 0, or an output past the pixel limit.
-    _error(client.post(f"{API}/extra-single-image", json={**body, "upscaling_resize": 0.01}), 422, "upscaling_resize")
+    error_body(
+        client.post(f"{API}/extra-single-image", json={**body, "upscaling_resize": 0.01}), 422, "upscaling_resize"
+    )
     big = {"image": _b64_png(np.zeros((2100, 2100, 3), np.uint8)), "upscaler_1": "esrgan-x4", "upscaling_resize": 4}
-    _error(client.post(f"{API}/extra-single-image", json=big), 422, "upscaling_resize")
+    error_body(client.post(f"{API}/extra-single-image", json=big), 422, "upscaling_resize")

@@ -21,7 +21,7 @@ from sfumato.engine.library import (
 )
 from sfumato.errors import ClosedError, EngineABIError, EngineNotFoundError
 
-from .conftest import SIZE
+from .helpers import SIZE
 
 
 def test_locator_finds_the_library_sfumato_built() -> None:
@@ -97,14 +97,14 @@ def context(sd1_tiny_gguf: Path) -> DiffusionContext:
     return DiffusionContext(ContextParams(model_path=str(sd1_tiny_gguf), n_threads=2))
 
 
-def _request(**overrides: object) -> ImageRequest:
+def job_body(**overrides: object) -> ImageRequest:
     base: dict[str, object] = {"prompt": "a cat", "width": SIZE, "height": SIZE, "steps": 1, "seed": 3}
     base.update(overrides)
     return ImageRequest(**base)  # type: ignore[arg-type]
 
 
 def test_generated_images_are_python_owned_copies(context: DiffusionContext) -> None:
-    out = context.generate(_request(batch_count=2))
+    out = context.generate(job_body(batch_count=2))
     assert len(out.images) == 2
     for image in out.images:
         assert image.shape == (SIZE, SIZE, 3)
@@ -121,9 +121,9 @@ def test_an_exception_in_a_progress_listener_is_raised_after_the_engine_returns(
         raise RuntimeError("listener failed")
 
     with pytest.raises(RuntimeError, match="listener failed"):
-        context.generate(_request(steps=2), on_tick=explode)
+        context.generate(job_body(steps=2), on_tick=explode)
     assert len(seen) == 1  # reporting stops at the first error
-    again = context.generate(_request(steps=2))  # the process and the context are fine
+    again = context.generate(job_body(steps=2))  # the process and the context are fine
     assert again.images[0].shape == (SIZE, SIZE, 3)
 
 
@@ -135,7 +135,7 @@ def test_diffusion_context_close_is_idempotent_and_guards_use(sd1_tiny_gguf: Pat
     ctx.close()
     ctx.close()
     with pytest.raises(ClosedError):
-        ctx.generate(_request())
+        ctx.generate(job_body())
     with pytest.raises(ClosedError):
         ctx.default_sample_method()
 
@@ -167,17 +167,17 @@ def test_engine_request_fields_reach_the_engine(context: DiffusionContext, gradi
 
     ticks: list[ProgressTick] = []
     hires = context.generate(
-        _request(steps=2, hires=HiresParams(scale=2.0, steps=1, denoising_strength=0.5)), ticks.append
+        job_body(steps=2, hires=HiresParams(scale=2.0, steps=1, denoising_strength=0.5)), ticks.append
     )
     assert hires.images[0].shape == (2 * SIZE, 2 * SIZE, 3)
     assert "hires" in {t.phase for t in ticks} and hires.phase_ms.get("hires", 0) > 0
 
-    plain = context.generate(_request(steps=2)).images[0]
-    skipped = context.generate(_request(steps=2, clip_skip=2)).images[0]
+    plain = context.generate(job_body(steps=2)).images[0]
+    skipped = context.generate(job_body(steps=2, clip_skip=2)).images[0]
     assert not np.array_equal(plain, skipped)
 
     mask = np.zeros((SIZE, SIZE, 1), np.uint8)
     mask[:, SIZE // 2 :] = 255
-    masked = context.generate(_request(steps=2, init_image=gradient_image, mask_image=mask, strength=0.8)).images[0]
-    unmasked = context.generate(_request(steps=2, init_image=gradient_image, strength=0.8)).images[0]
+    masked = context.generate(job_body(steps=2, init_image=gradient_image, mask_image=mask, strength=0.8)).images[0]
+    unmasked = context.generate(job_body(steps=2, init_image=gradient_image, strength=0.8)).images[0]
     assert masked.shape == (SIZE, SIZE, 3) and not np.array_equal(masked, unmasked)

@@ -13,9 +13,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from .conftest import SIZE, sfumato_cli
-
-_sfumato = sfumato_cli
+from .helpers import SIZE, sfumato_cli
 
 
 def _stats(stdout: str) -> dict[str, object]:
@@ -23,19 +21,19 @@ def _stats(stdout: str) -> dict[str, object]:
 
 
 def test_info_reports_engine_library_and_devices() -> None:
-    done = _sfumato("info", "--json")
+    done = sfumato_cli("info", "--json")
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["engine_version"] == "0.4.7"
     assert Path(info["library"]).is_file()
     assert "AVX" in info["system_info"] or "NEON" in info["system_info"]
     assert any(d["type"] == "cpu" for d in info["devices"])
-    text = _sfumato("info")
+    text = sfumato_cli("info")
     assert "library:" in text.stdout and "devices:" in text.stdout
 
 
 def test_generate_writes_pngs_and_prints_stats(sd1_tiny_gguf: Path, esrgan_1b: Path, tmp_path: Path) -> None:
-    done = _sfumato(
+    done = sfumato_cli(
         "generate", "--model", str(sd1_tiny_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
         "--steps", "2", "--seed", "11", "--batch-count", "2", "--threads", "2",
         "--upscaler", str(esrgan_1b), "--upscale", "--output", str(tmp_path),
@@ -55,7 +53,7 @@ def test_generate_img2img(sd1_tiny_gguf: Path, gradient_image: np.ndarray, tmp_p
     source = tmp_path / "in.png"
     Image.fromarray(gradient_image).save(source)
     out = tmp_path / "out"
-    done = _sfumato(
+    done = sfumato_cli(
         "generate", "-m", str(sd1_tiny_gguf), "-p", "oil paint", "--init-image", str(source), "--strength", "0.5",
         "--steps", "2", "--seed", "3", "--threads", "2", "-q", "-o", str(out),
     )  # fmt: skip
@@ -67,9 +65,11 @@ def test_generate_img2img(sd1_tiny_gguf: Path, gradient_image: np.ndarray, tmp_p
 def test_generate_with_a_refiner(sd1_tiny_gguf: Path, sd2_gguf: Path, tmp_path: Path) -> None:
     common = ("-m", str(sd1_tiny_gguf), "-p", "a boat", "-W", str(SIZE), "-H", str(SIZE), "--steps", "4", "--seed", "8",
               "--threads", "2", "-q")  # fmt: skip
-    done = _sfumato("generate", *common, "--refiner", str(sd2_gguf), "--refiner-switch-at", "0.5", "-o", str(tmp_path))
+    done = sfumato_cli(
+        "generate", *common, "--refiner", str(sd2_gguf), "--refiner-switch-at", "0.5", "-o", str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
-    plain = _sfumato("generate", *common, "-o", str(tmp_path / "plain"))
+    plain = sfumato_cli("generate", *common, "-o", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
     # Four base steps, then about half of four more on the refiner.
     assert 4 < _stats(done.stdout)["total_steps"] < 8 and _stats(plain.stdout)["total_steps"] == 4  # type: ignore[operator]
@@ -78,7 +78,7 @@ def test_generate_with_a_refiner(sd1_tiny_gguf: Path, sd2_gguf: Path, tmp_path: 
 
 
 def test_generate_timeout_stops_the_job(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
-    done = _sfumato(
+    done = sfumato_cli(
         "generate", "-m", str(sd1_tiny_gguf), "-W", str(SIZE), "-H", str(SIZE), "--steps", "500", "--threads", "2",
         "--timeout", "2", "-q", "-o", str(tmp_path),
     )  # fmt: skip
@@ -111,14 +111,14 @@ def test_ctrl_c_cancels_the_job_and_leaves_no_worker_behind(sd1_tiny_gguf: Path,
 def test_upscale_command(esrgan_1b: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
     source = tmp_path / "small.png"
     Image.fromarray(gradient_image[:16, :16]).save(source)
-    done = _sfumato("upscale", str(source), "--model", str(esrgan_1b), "--repeats", "2", "--threads", "2")
+    done = sfumato_cli("upscale", str(source), "--model", str(esrgan_1b), "--repeats", "2", "--threads", "2")
     assert done.returncode == 0, done.stderr
     with Image.open(tmp_path / "small-upscaled.png") as image:
         assert image.size == (256, 256)
 
 
 def test_errors_exit_2_with_the_message(tmp_path: Path) -> None:
-    done = _sfumato("generate", "--model", str(tmp_path / "missing.gguf"))
+    done = sfumato_cli("generate", "--model", str(tmp_path / "missing.gguf"))
     assert done.returncode == 2
     assert "sfumato: error: model_src: no file or folder" in done.stderr
     offline = subprocess.run(

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, SIZE, sfumato_cli
+from .helpers import ROOT, SIZE, sfumato_cli
 
 WHEEL_ENV = "SFUMATO_TEST_WHEEL"
 PORTABLE_FLOOR = ("AVX", "AVX2", "FMA", "F16C", "BMI2")
@@ -156,6 +156,10 @@ def test_the_wheel_carries_the_engine_its_record_and_licences(engine_wheel: Path
     assert requires and not any("stable-diffusion-cpp" in line or "stable_diffusion_cpp" in line for line in requires)
     # The engine's own files stay out: no headers, no static libraries, no ctypes package.
     assert not [n for n in names if n.endswith((".h", ".a", ".hpp")) or n.startswith("stable_diffusion_cpp")]
+    # Only sfumato's package, its metadata and the libraries auditwheel grafted: the test
+    # support stays beside the tests.
+    assert {n.split("/", 1)[0] for n in names} <= {"sfumato", "sfumato.libs", metadata.split("/", 1)[0]}
+    assert not [n for n in names if "/testing/" in n or n.startswith("tests/")]
     assert set(licences) >= {"stable-diffusion.cpp-LICENSE", "ggml-LICENSE"}
     for name in ("stable-diffusion.cpp-LICENSE", "ggml-LICENSE"):
         assert "MIT License" in licences[name] and "Permission is hereby granted" in licences[name]

@@ -14,7 +14,7 @@ import sfumato
 from sfumato import errors
 from sfumato.families.detect import detect
 
-from .conftest import SIZE, run
+from .helpers import SIZE, run
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_diffusion_on_a_standalone_upscaler(upscaler_model: str) -> None:
 def test_upscale_repeats_is_checked(upscaler_model: str, gradient_image: np.ndarray) -> None:
     with pytest.raises(errors.InvalidParameterError, match="repeats: must be between 1 and 4"):
         sfumato.upscale(upscaler_model, image=gradient_image, repeats=0)
-    with pytest.raises(errors.InvalidParameterError, match="^image:"):
+    with pytest.raises(errors.InvalidParameterError, match=r"^image:"):
         sfumato.upscale(upscaler_model, image=b"\x89PNG broken")
 
 
@@ -189,7 +189,7 @@ def test_truncated_files_are_refused_before_the_engine(
 ) -> None:
     source = {".gguf": sd1_gguf, ".safetensors": sd1_safetensors, ".pth": esrgan_6b}[suffix]
     bad = _truncated(source, tmp_path / f"model{suffix}", 0.6)
-    with pytest.raises(errors.InvalidModelError, match="truncated|not a readable"):
+    with pytest.raises(errors.InvalidModelError, match=r"truncated|not a readable"):
         sfumato.load_model(bad, model_config={"mode": "upscale"} if suffix == ".pth" else None)
 
 
@@ -280,7 +280,7 @@ def test_diffusers_folder_without_text_model_prefix_is_explained(sd1_diffusers: 
         {k.removeprefix("text_model."): v for k, v in tensors.items()},
         str(folder / "text_encoder" / "model.safetensors"),
     )
-    with pytest.raises(errors.InvalidModelError, match="without the 'text_model.' prefix"):
+    with pytest.raises(errors.InvalidModelError, match=r"without the 'text_model\.' prefix"):
         detect(folder)
 
 

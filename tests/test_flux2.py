@@ -19,7 +19,7 @@ from sfumato import errors
 from sfumato.families.detect import FAMILY_FLUX2, detect
 from sfumato.images import decode_png
 
-from .conftest import CaptureSpec, header_file, run, sfumato_cli
+from .helpers import CaptureSpec, header_file, run, sfumato_cli
 
 SIZE = 64
 

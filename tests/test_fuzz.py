@@ -12,8 +12,7 @@ from pathlib import Path
 
 from sfumato.server.settings import ServerSettings
 
-from .serving import serving
-from .test_server import settings  # noqa: F401 - shared fixture
+from .helpers import serving
 
 HOOKS = Path(__file__).with_name("fuzz_hooks.py")
 FUZZ_SECONDS = int(os.environ.get("SFUMATO_FUZZ_SECONDS", "150"))
@@ -21,7 +20,7 @@ FUZZ_SECONDS = int(os.environ.get("SFUMATO_FUZZ_SECONDS", "150"))
 LIMITS = ("--queue-size", "4", "--max-pixels", str(128 * 128), "--max-steps", "2", "--max-images", "2")
 
 
-def test_schemathesis_finds_no_server_error(settings: ServerSettings, tmp_path: Path) -> None:  # noqa: F811
+def test_schemathesis_finds_no_server_error(settings: ServerSettings, tmp_path: Path) -> None:
     with serving(settings, *LIMITS, log=tmp_path / "serve.log") as url:
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",

@@ -13,9 +13,7 @@ from PIL import Image
 
 import sfumato
 
-from .conftest import SIZE, run
-from .test_cli import _sfumato
-from .test_server import _error, _request, _wait, client, settings  # noqa: F401 - shared fixtures
+from .helpers import SIZE, error_body, job_body, run, sfumato_cli, wait_job
 
 
 def _size(png: bytes) -> tuple[int, int]:
@@ -76,12 +74,12 @@ def test_bad_hires_names_the_field(sd1_model: str, hires: Any, field: str | None
 
 
 def test_hires_upscaler_must_be_an_esrgan(sd1_model: str, sd1_gguf: Path) -> None:
-    with pytest.raises(sfumato.InvalidModelError, match="hires.upscaler"):
+    with pytest.raises(sfumato.InvalidModelError, match=r"hires\.upscaler"):
         sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, hires={"upscaler": sd1_gguf})
 
 
 def test_cli_hires(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
-    done = _sfumato(
+    done = sfumato_cli(
         "generate", "--model", str(sd1_tiny_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
         "--steps", "2", "--seed", "5", "--threads", "2", "--hires", "--hires-scale", "2", "--hires-steps", "1",
         "--output", str(tmp_path),
@@ -91,31 +89,33 @@ def test_cli_hires(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
         assert image.size == (2 * SIZE, 2 * SIZE)
 
 
-def test_seed_002_hires_reports_both_phases(client: TestClient) -> None:  # noqa: F811
+def test_seed_002_hires_reports_both_phases(client: TestClient) -> None:
     hires = {"enabled": True, "scale": 2.0, "upscaler": "esrgan-x4", "steps": 2, "denoising_strength": 0.5}
-    job_id = client.post("/txt2img", json=_request(steps=3, hires=hires, fileType="png")).json()["job_id"]
+    job_id = client.post("/txt2img", json=job_body(steps=3, hires=hires, fileType="png")).json()["job_id"]
     seen: list[tuple[float, str]] = []
     with client.stream("GET", f"/queue/{job_id}/events") as events:
         for line in events.iter_lines():
             if line.startswith("data: "):
                 event = __import__("json").loads(line[6:])
                 seen.append((event["progress"], event["current_phase"]))
-    done = _wait(client, job_id)
+    done = wait_job(client, job_id)
     assert done["state"] == "done" and (done["width"], done["height"]) == (2 * SIZE, 2 * SIZE)
     assert _size(base64.b64decode(done["image"])) == (2 * SIZE, 2 * SIZE)
     initial = [p for p, phase in seen if phase == "initial generation"]
     upscaling = [p for p, phase in seen if phase == "upscaling"]
     assert initial and upscaling and max(initial) <= 50 <= min(upscaling)
-    disabled = _wait(client, client.post("/txt2img", json=_request(hires={**hires, "enabled": False})).json()["job_id"])
+    disabled = wait_job(
+        client, client.post("/txt2img", json=job_body(hires={**hires, "enabled": False})).json()["job_id"]
+    )
     assert (disabled["width"], disabled["height"]) == (SIZE, SIZE)
-    _error(client.post("/txt2img", json=_request(hires={**hires, "upscaler": "nope"})), 422, "hires.upscaler")
-    _error(client.post("/txt2img", json=_request(hires={**hires, "scale": 64.0})), 422, "hires.scale")
+    error_body(client.post("/txt2img", json=job_body(hires={**hires, "upscaler": "nope"})), 422, "hires.upscaler")
+    error_body(client.post("/txt2img", json=job_body(hires={**hires, "scale": 64.0})), 422, "hires.scale")
 
 
-def test_a1111_enable_hr(client: TestClient) -> None:  # noqa: F811
+def test_a1111_enable_hr(client: TestClient) -> None:
     body = {"prompt": "a boat", "width": SIZE, "height": SIZE, "steps": 2, "seed": 2, "enable_hr": True,
             "hr_scale": 2, "hr_second_pass_steps": 1, "denoising_strength": 0.5}  # fmt: skip
     out = client.post("/sdapi/v1/txt2img", json=body)
     assert out.status_code == 200, out.text
     assert _size(base64.b64decode(out.json()["images"][0])) == (2 * SIZE, 2 * SIZE)
-    _error(client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "nope"}), 422, "hr_upscaler")
+    error_body(client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "nope"}), 422, "hr_upscaler")

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 import sfumato
-
 from sfumato.families.detect import detect
 
-from .conftest import SIZE, run
+from .helpers import SIZE, run
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -89,7 +88,9 @@ def test_unreadable_mask_names_the_field(sd1_model: str, gradient_image: np.ndar
     assert caught.value.field == "mask"
 
 
-def test_a_dedicated_inpainting_model(sd1_inpaint_gguf: Path, gradient_image: np.ndarray, half_mask: np.ndarray) -> None:
+def test_a_dedicated_inpainting_model(
+    sd1_inpaint_gguf: Path, gradient_image: np.ndarray, half_mask: np.ndarray
+) -> None:
     assert detect(sd1_inpaint_gguf).variant == "inpaint"
     model_id = sfumato.load_model(sd1_inpaint_gguf, model_config={"threads": 2})
     try:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sfumato.testing.layouts import (
+from tests.support.layouts import (
     SD1_UNET,
     SD2_UNET,
     clip_text_layout,

@@ -16,9 +16,7 @@ import sfumato
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .conftest import SIZE
-from .test_cli import _sfumato
-from .test_server import MODEL, _error, _request, _wait, settings  # noqa: F401 - shared fixture
+from .helpers import MODEL, SIZE, error_body, job_body, sfumato_cli, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +72,7 @@ def test_bad_loras_name_the_field(lora_model: str, loras: Any, field: str, says:
 def test_a_file_without_lora_tensors_is_refused(lora_model: str, sd1_gguf: Path, sd1_model: str) -> None:
     with pytest.raises(sfumato.InvalidParameterError, match="holds no LoRA tensors"):
         sfumato.diffusion(lora_model, prompt="x", width=SIZE, height=SIZE, loras=[{"path": sd1_gguf}])
-    with pytest.raises(sfumato.InvalidParameterError, match="model_config.lora_dir"):  # a name needs the folder
+    with pytest.raises(sfumato.InvalidParameterError, match=r"model_config\.lora_dir"):  # a name needs the folder
         sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, loras=["ink"])
     with pytest.raises(sfumato.InvalidParameterError) as caught:
         sfumato.load_model(sd1_gguf, model_config={"lora_dir": "/no/such/folder"})
@@ -85,7 +83,7 @@ def test_cli_lora(sd1_gguf: Path, lora_dir: Path, tmp_path: Path) -> None:
     outputs = {}
     for label, flags in (("plain", []), ("zero", ["--lora", "ink:0"]), ("ink", ["--lora", "ink"])):
         out = tmp_path / label
-        done = _sfumato(
+        done = sfumato_cli(
             "generate", "--model", str(sd1_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
             "--steps", "2", "--seed", "6", "--threads", "2", "--lora-dir", str(lora_dir), *flags, "--output", str(out),
         )  # fmt: skip
@@ -94,7 +92,7 @@ def test_cli_lora(sd1_gguf: Path, lora_dir: Path, tmp_path: Path) -> None:
     assert outputs["zero"] == outputs["plain"] != outputs["ink"]
 
 
-def test_server_loras(settings: ServerSettings, sd1_gguf: Path, lora_dir: Path) -> None:  # noqa: F811
+def test_server_loras(settings: ServerSettings, sd1_gguf: Path, lora_dir: Path) -> None:
     # This LoRA's blocks are those of SD 1.x's full UNet, which the server's folder then holds.
     (settings.models_dir / f"{MODEL}.gguf").unlink()
     (settings.models_dir / f"{MODEL}.gguf").symlink_to(sd1_gguf)
@@ -102,7 +100,7 @@ def test_server_loras(settings: ServerSettings, sd1_gguf: Path, lora_dir: Path) 
         assert client.get("/loras").json()["loras"] == [{"name": "ink", "scale": 1.0}]
 
         def image(**fields: Any) -> bytes:
-            done = _wait(client, client.post("/txt2img", json=_request(fileType="png", **fields)).json()["job_id"])
+            done = wait_job(client, client.post("/txt2img", json=job_body(fileType="png", **fields)).json()["job_id"])
             assert done["state"] == "done", done
             return base64.b64decode(done["image"])
 
@@ -110,12 +108,12 @@ def test_server_loras(settings: ServerSettings, sd1_gguf: Path, lora_dir: Path) 
         assert image(loras=[{"name": "ink", "scale": 0.0}]) == plain
         inked = image(loras=["ink"])
         assert inked != plain
-        _error(client.post("/txt2img", json=_request(loras=["../ink"])), 422, "loras[0]")
-        _error(client.post("/txt2img", json=_request(loras=["notes"])), 422, "loras[0]")
+        error_body(client.post("/txt2img", json=job_body(loras=["../ink"])), 422, "loras[0]")
+        error_body(client.post("/txt2img", json=job_body(loras=["notes"])), 422, "loras[0]")
         # A1111 clients put LoRAs in the prompt.
         a1111 = {"prompt": "a lighthouse <lora:ink:1>", "width": SIZE, "height": SIZE, "steps": 2, "seed": 4,
                  "sampler_name": "DPM++ 2M Karras", "cfg_scale": 7}  # fmt: skip
         answer = client.post("/sdapi/v1/txt2img", json=a1111)
         assert answer.status_code == 200, answer.text
         assert base64.b64decode(answer.json()["images"][0]) == inked
-        _error(client.post("/sdapi/v1/txt2img", json={**a1111, "prompt": "x <lora:ink:lots>"}), 422, "prompt")
+        error_body(client.post("/sdapi/v1/txt2img", json={**a1111, "prompt": "x <lora:ink:lots>"}), 422, "prompt")

@@ -9,7 +9,7 @@ import psutil
 
 import sfumato
 
-from .conftest import SIZE, run
+from .helpers import SIZE, run
 
 LOAD_CYCLES = 20
 # Stated bound: after a warm-up cycle, 20 load/generate/unload cycles of a 1 GB
@@ -32,7 +32,6 @@ def test_load_unload_cycles_keep_rss_bounded(sd1_tiny_gguf: Path) -> None:
         gc.collect()
         samples.append(process.memory_info().rss)
     growth = max(samples[1:]) - samples[0]
-    print(
-        f"RSS after warm-up cycle {samples[0] / 2**20:.0f} MiB, growth over {LOAD_CYCLES} cycles {growth / 2**20:.1f} MiB"
-    )
+    mib = [s / 2**20 for s in samples]
+    print(f"RSS after warm-up cycle {mib[0]:.0f} MiB, growth over {LOAD_CYCLES} cycles {growth / 2**20:.1f} MiB")
     assert growth < RSS_GROWTH_BOUND, [s // 2**20 for s in samples]

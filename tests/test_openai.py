@@ -12,14 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from .conftest import SIZE
-from .test_server import _error, client, settings  # noqa: F401 - shared fixtures
+from .helpers import SIZE, error_body
 
 FAST = {"steps": 2, "seed": 11}
 
 
 @pytest.fixture
-def oai(client: TestClient) -> Iterator[openai.OpenAI]:  # noqa: F811
+def oai(client: TestClient) -> Iterator[openai.OpenAI]:
     yield openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_retries=0)
 
 
@@ -101,14 +100,14 @@ def test_edit_stream_uses_the_edit_event_names(oai: openai.OpenAI, gradient_imag
         ({"colour": "red"}, "colour"),
     ],
 )
-def test_bad_generation_requests_name_the_field(client: TestClient, body: dict[str, object], field: str) -> None:  # noqa: F811
-    _error(client.post("/v1/images/generations", json={"prompt": "a kite", **body}), 422, field)
+def test_bad_generation_requests_name_the_field(client: TestClient, body: dict[str, object], field: str) -> None:
+    error_body(client.post("/v1/images/generations", json={"prompt": "a kite", **body}), 422, field)
 
 
-def test_bad_edit_requests_name_the_field(client: TestClient) -> None:  # noqa: F811
-    _error(client.post("/v1/images/edits", data={"prompt": "x"}), 422, "image")
+def test_bad_edit_requests_name_the_field(client: TestClient) -> None:
+    error_body(client.post("/v1/images/edits", data={"prompt": "x"}), 422, "image")
     files = {"image": ("in.png", b"not a picture", "image/png")}
-    _error(client.post("/v1/images/edits", data={"prompt": "x"}, files=files), 422, "image")
+    error_body(client.post("/v1/images/edits", data={"prompt": "x"}, files=files), 422, "image")
 
 
 def test_openai_client_sees_errors_as_api_errors(oai: openai.OpenAI) -> None:

@@ -2,7 +2,7 @@
 diffusers (PyTorch, CPU, fp32) computes from the same random SD 1.x weights.
 
 Both sides load one diffusers folder written in fp32
-(:func:`sfumato.testing.reference.write_sd1_reference_folder`); the engine runs
+(:func:`tests.support.reference.write_sd1_reference_folder`); the engine runs
 it with ``model_config={"rng": "cpu"}``.
 
 Thresholds, on the 0..255 image: at most 2 levels anywhere and a PSNR of at
@@ -39,7 +39,7 @@ import pytest
 
 import sfumato
 from sfumato.images import decode_png
-from sfumato.testing.reference import SD1Reference, cached_reference_folder, sd1_token_ids, torch_noise
+from tests.support.reference import SD1Reference, cached_reference_folder, sd1_token_ids, torch_noise
 
 MAX_ABS, MIN_PSNR = 2, 50.0
 THREADS = 2

@@ -15,7 +15,7 @@ import pytest
 import sfumato
 from sfumato.images import decode_png
 
-from .conftest import SIZE, run
+from .helpers import SIZE, run
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import sfumato
 from sfumato import errors
 from sfumato.runtime.process import device_env
 
-from .conftest import SIZE, run
+from .helpers import SIZE, run
 
 LONG_STEPS = 200  # about a minute at test size: every job below is stopped long before
 
@@ -368,7 +368,11 @@ if sys.argv[2] == "killed":
 @pytest.mark.parametrize("end", ["exits", "killed"])
 def test_no_worker_outlives_its_sdk_process(sd1_tiny_gguf: Path, end: str) -> None:
     holder = subprocess.run(
-        [sys.executable, "-c", _HOLDER, str(sd1_tiny_gguf), end], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", _HOLDER, str(sd1_tiny_gguf), end],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     worker_pid = int(holder.stdout.split()[-1])
     deadline = time.monotonic() + 15

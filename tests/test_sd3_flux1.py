@@ -25,7 +25,7 @@ from sfumato import errors
 from sfumato.families.detect import FAMILY_FLUX1, FAMILY_SD3, detect
 from sfumato.images import decode_png
 
-from .conftest import CaptureSpec, run, sfumato_cli
+from .helpers import CaptureSpec, run, sfumato_cli
 
 SIZE = 64
 

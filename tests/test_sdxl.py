@@ -18,7 +18,7 @@ from sfumato.cli import parse_args
 from sfumato.families.detect import FAMILY_SDXL, detect, read_tensor_table
 from sfumato.images import decode_png
 
-from .conftest import CaptureSpec, header_file, run, sfumato_cli
+from .helpers import CaptureSpec, header_file, run, sfumato_cli
 
 COMPANION_KEYS = {"clip_l": "clip_l_model_src", "clip_g": "clip_g_model_src", "vae": "vae_model_src"}
 

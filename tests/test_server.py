@@ -1,4 +1,4 @@
-"""``sfumato serve``: the job API of seed 002 on the real engine, durable jobs,
+"""``sfumato serve``: the job-queue API (seed 002) on the real engine, durable jobs,
 auth, limits and the error shape."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import io
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,54 +21,7 @@ import sfumato
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .conftest import SIZE
-from .serving import serving
-
-MODEL = "tiny-sd1"
-
-
-@pytest.fixture
-def settings(tmp_path: Path, sd1_tiny_gguf: Path, esrgan_1b: Path) -> ServerSettings:
-    """Folders like a user's: one SD 1.x model, one ESRGAN, no LoRA yet."""
-    for folder, name, target in (("models", f"{MODEL}.gguf", sd1_tiny_gguf), ("upscalers", "esrgan-x4.pth", esrgan_1b)):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / name).symlink_to(target)
-    (tmp_path / "models" / "notes.gguf").write_bytes(b"not a model")  # never offered
-    return ServerSettings(
-        models_dir=tmp_path / "models", loras_dir=tmp_path / "loras", upscalers_dir=tmp_path / "upscalers",
-        data_dir=tmp_path / "data", threads=2,
-    )  # fmt: skip
-
-
-@pytest.fixture
-def client(settings: ServerSettings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-def _request(**fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": "a lighthouse", "width": SIZE, "height": SIZE, "steps": 2, "seed": 4}
-    body.update(fields)
-    return body
-
-
-def _wait(client: TestClient, job_id: str, states: tuple[str, ...] = ("done", "error", "cancelled")) -> dict[str, Any]:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        status: dict[str, Any] = client.get(f"/queue/{job_id}").json()
-        if status["state"] in states:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not reach {states}: {status}")
-
-
-def _error(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert body["status"] == "error" and body["error"] and body["code"]
-    if field is not None:
-        assert body["field"] == field, body
-    return body
+from .helpers import MODEL, SIZE, error_body, job_body, png_bytes, serving, sfumato_cli, wait_job
 
 
 def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
@@ -93,15 +45,15 @@ def test_models_that_need_companion_files_are_not_offered(
     (settings.models_dir / "sdxl-unet.gguf").symlink_to(sdxl_parts["unet"])
     with TestClient(create_app(settings)) as client:
         assert [m["name"] for m in client.get("/models").json()["models"]] == [MODEL]
-        _error(client.post("/txt2img", json=_request(model="klein")), 422, "model")
+        error_body(client.post("/txt2img", json=job_body(model="klein")), 422, "model")
 
 
 def test_txt2img_job_runs_to_done_with_every_field(client: TestClient) -> None:
-    accepted = client.post("/txt2img", json=_request())
+    accepted = client.post("/txt2img", json=job_body())
     assert accepted.status_code == 200, accepted.text
     job_id = accepted.json()["job_id"]
     assert accepted.json()["status"] == "queued"
-    done = _wait(client, job_id)
+    done = wait_job(client, job_id)
     assert (done["state"], done["current_phase"], done["progress"], done["error"]) == ("done", "done", 100, None)
     assert done["payload"]["prompt"] == "a lighthouse" and done["payload"]["sampler_name"] == "DPM++ 2M Karras"
     jpeg = base64.b64decode(done["image"])
@@ -113,8 +65,8 @@ def test_txt2img_job_runs_to_done_with_every_field(client: TestClient) -> None:
 
 
 def test_png_output_is_what_the_sdk_makes_with_the_mapped_sampler(client: TestClient, sd1_tiny_gguf: Path) -> None:
-    job_id = client.post("/txt2img", json=_request(fileType="png", cfg_scale=5.0)).json()["job_id"]
-    png = base64.b64decode(_wait(client, job_id)["image"])
+    job_id = client.post("/txt2img", json=job_body(fileType="png", cfg_scale=5.0)).json()["job_id"]
+    png = base64.b64decode(wait_job(client, job_id)["image"])
     model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
     try:
         expected = sfumato.diffusion(
@@ -130,10 +82,10 @@ def test_refiner_checkpoint_refines_on_a_second_model(
     settings: ServerSettings, sd1_tiny_gguf: Path, sd2_gguf: Path
 ) -> None:
     (settings.models_dir / "tiny-sd2.gguf").symlink_to(sd2_gguf)
-    body = _request(fileType="png", refiner_checkpoint="tiny-sd2", refiner_switch_at=0.5, steps=4)
+    body = job_body(fileType="png", refiner_checkpoint="tiny-sd2", refiner_switch_at=0.5, steps=4)
     with TestClient(create_app(settings)) as client:
-        _error(client.post("/txt2img", json={**body, "refiner_checkpoint": "nope"}), 422, "refiner_checkpoint")
-        _error(client.post("/txt2img", json={**body, "refiner_switch_at": 1.5}), 422, "refiner_switch_at")
+        error_body(client.post("/txt2img", json={**body, "refiner_checkpoint": "nope"}), 422, "refiner_checkpoint")
+        error_body(client.post("/txt2img", json={**body, "refiner_switch_at": 1.5}), 422, "refiner_switch_at")
         job_id = client.post("/txt2img", json=body).json()["job_id"]
         phases = set()
         while (status := client.get(f"/queue/{job_id}").json())["state"] not in ("done", "error", "cancelled"):
@@ -159,13 +111,13 @@ def test_refiner_checkpoint_refines_on_a_second_model(
 def test_img2img_job(client: TestClient, gradient_image: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(gradient_image).save(buffer, format="PNG")
-    body = _request(init_image=base64.b64encode(buffer.getvalue()).decode(), strength=0.5, fileType="png")
-    done = _wait(client, client.post("/img2img", json=body).json()["job_id"])
+    body = job_body(init_image=base64.b64encode(buffer.getvalue()).decode(), strength=0.5, fileType="png")
+    done = wait_job(client, client.post("/img2img", json=body).json()["job_id"])
     assert done["state"] == "done" and "init_image" not in done["payload"]
     assert done["payload"]["strength"] == 0.5
-    _error(client.post("/img2img", json={**body, "init_image": "@@not base64@@"}), 422, "init_image")
+    error_body(client.post("/img2img", json={**body, "init_image": "@@not base64@@"}), 422, "init_image")
     not_an_image = base64.b64encode(b"plain text").decode()
-    _error(client.post("/img2img", json={**body, "init_image": not_an_image}), 422, "init_image")
+    error_body(client.post("/img2img", json={**body, "init_image": not_an_image}), 422, "init_image")
 
 
 @pytest.mark.parametrize(
@@ -187,26 +139,26 @@ def test_img2img_job(client: TestClient, gradient_image: np.ndarray) -> None:
     ],
 )
 def test_bad_requests_name_the_field(client: TestClient, fields: dict[str, Any], field: str, says: str) -> None:
-    body = _error(client.post("/txt2img", json=_request(**fields)), 422, field)
+    body = error_body(client.post("/txt2img", json=job_body(**fields)), 422, field)
     assert says in body["error"], body
 
 
 def test_queue_full_cancel_and_events(settings: ServerSettings) -> None:
     with TestClient(create_app(replace(settings, queue_size=1))) as client:
-        job_id = client.post("/txt2img", json=_request(steps=150)).json()["job_id"]
-        body = _error(client.post("/txt2img", json=_request()), 409)
+        job_id = client.post("/txt2img", json=job_body(steps=150)).json()["job_id"]
+        body = error_body(client.post("/txt2img", json=job_body()), 409)
         assert body["code"] == "queue_full" and "limit is 1" in body["error"]
-        _wait(client, job_id, ("processing",))
+        wait_job(client, job_id, ("processing",))
         with client.stream("GET", f"/queue/{job_id}/events") as events:
             first = next(line for line in events.iter_lines() if line.startswith("data: "))
             assert json.loads(first.removeprefix("data: "))["state"] == "processing"
         cancelled = client.delete(f"/queue/{job_id}").json()
         assert cancelled["state"] == "cancelled"
-        assert _error(client.delete(f"/queue/{job_id}"), 409)["code"] == "job_ended"
-        _error(client.get("/queue/no-such-job"), 404, "job_id")
+        assert error_body(client.delete(f"/queue/{job_id}"), 409)["code"] == "job_ended"
+        error_body(client.get("/queue/no-such-job"), 404, "job_id")
         # The queue has room again; a new job runs on the reloaded model, and its
         # event stream ends with its final state.
-        job_id = client.post("/txt2img", json=_request()).json()["job_id"]
+        job_id = client.post("/txt2img", json=job_body()).json()["job_id"]
         with client.stream("GET", f"/queue/{job_id}/events") as events:
             lines = [line.removeprefix("data: ") for line in events.iter_lines() if line.startswith("data: ")]
         states = [json.loads(line)["state"] for line in lines]
@@ -215,30 +167,30 @@ def test_queue_full_cancel_and_events(settings: ServerSettings) -> None:
 
 def test_jobs_survive_a_restart_of_the_server(settings: ServerSettings) -> None:
     with TestClient(create_app(settings)) as first:
-        finished = first.post("/txt2img", json=_request(fileType="png")).json()["job_id"]
-        _wait(first, finished)
-        running = first.post("/txt2img", json=_request(steps=40, seed=1)).json()["job_id"]
-        queued = first.post("/txt2img", json=_request(seed=2)).json()["job_id"]
-        _wait(first, running, ("processing",))
+        finished = first.post("/txt2img", json=job_body(fileType="png")).json()["job_id"]
+        wait_job(first, finished)
+        running = first.post("/txt2img", json=job_body(steps=40, seed=1)).json()["job_id"]
+        queued = first.post("/txt2img", json=job_body(seed=2)).json()["job_id"]
+        wait_job(first, running, ("processing",))
     # The server stopped with one job running and one queued: the new one runs both.
     with TestClient(create_app(settings)) as second:
-        assert _wait(second, finished)["image"]  # finished results are kept
-        assert _wait(second, running)["state"] == "done"  # ran again from the start, first in line
-        assert _wait(second, queued)["state"] == "done"
+        assert wait_job(second, finished)["image"]  # finished results are kept
+        assert wait_job(second, running)["state"] == "done"  # ran again from the start, first in line
+        assert wait_job(second, queued)["state"] == "done"
 
 
 def test_api_key(settings: ServerSettings) -> None:
     with TestClient(create_app(replace(settings, api_key="s3cret"))) as client:
         assert client.get("/hello").status_code == 200
-        assert _error(client.get("/models"), 401)["code"] == "unauthorized"
-        _error(client.get("/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert error_body(client.get("/models"), 401)["code"] == "unauthorized"
+        error_body(client.get("/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert client.get("/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        _error(client.post("/txt2img", json=_request()), 401)
+        error_body(client.post("/txt2img", json=job_body()), 401)
 
 
 def test_body_limit(settings: ServerSettings) -> None:
     with TestClient(create_app(replace(settings, max_body_bytes=1000))) as client:
-        body = _error(client.post("/txt2img", json=_request(prompt="x" * 2000)), 413)
+        body = error_body(client.post("/txt2img", json=job_body(prompt="x" * 2000)), 413)
         assert body["code"] == "body_too_large"
 
 
@@ -256,3 +208,78 @@ def test_sfumato_serve_command(settings: ServerSettings) -> None:
         models = json.load(response)
     assert [m["name"] for m in models["models"]] == [MODEL]
     assert (settings.data_dir / "jobs.sqlite3").is_file()
+
+
+# The store as the version before typed plans wrote it: the same table, no user_version,
+# and each plan an untyped dict.
+_STORE_BEFORE_VERSIONS = """
+CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, request TEXT NOT NULL, state TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0, phase TEXT NOT NULL DEFAULT 'queued', error TEXT, result TEXT,
+    created REAL NOT NULL, started REAL, finished REAL);
+"""
+
+
+def _old_plan(prompt: str, **params: Any) -> dict[str, Any]:
+    sdk = {"prompt": prompt, "negative_prompt": "", "width": SIZE, "height": SIZE, "steps": 2, "cfg_scale": 7.0,
+           "sampling_method": "dpm++2m", "scheduler": "karras", "seed": 4, "batch_count": 1, "strength": 0.75,
+           "init_image": None, "mask": None, "hires": None, "loras": []}  # fmt: skip
+    return {"model": MODEL, "params": {**sdk, **params}, "file_type": "png", "jpeg_quality": 85}
+
+
+def _write_old_store(path: Path, plans: dict[str, dict[str, Any]]) -> None:
+    import sqlite3
+
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(str(path))
+    db.executescript(_STORE_BEFORE_VERSIONS)
+    for i, (job_id, plan) in enumerate(plans.items()):
+        request = json.dumps({"payload": {"prompt": plan["params"]["prompt"]}, "plan": plan})
+        db.execute("INSERT INTO jobs (id, kind, request, state, phase, created) VALUES (?, 'txt2img', ?, 'queued',"
+                   " 'queued', ?)", (job_id, request, time.time() + i))  # fmt: skip
+    db.commit()
+    db.close()
+
+
+def test_jobs_a_store_held_before_plans_had_a_version_run_after_the_upgrade(settings: ServerSettings) -> None:
+    import sqlite3
+
+    later = {**_old_plan("from the future"), "version": 99}
+    _write_old_store(settings.db_path, {"old-1": _old_plan("an old lighthouse"), "later-1": later})
+    with TestClient(create_app(settings)) as client:
+        done = wait_job(client, "old-1")
+        assert done["state"] == "done", done
+        with Image.open(io.BytesIO(base64.b64decode(done["image"]))) as image:
+            assert (image.format, image.size) == ("PNG", (SIZE, SIZE))
+        refused = wait_job(client, "later-1")
+        assert refused["state"] == "error" and "version 99" in refused["error"], refused
+        listed = {j["job_id"]: j["prompt"] for j in client.get("/queue").json()["jobs"]}
+        assert listed["old-1"] == "an old lighthouse"
+    with sqlite3.connect(str(settings.db_path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 2
+
+
+def test_a_store_of_a_later_schema_is_refused_by_name(settings: ServerSettings) -> None:
+    import sqlite3
+
+    from sfumato.server.store import StoreVersionError
+
+    _write_old_store(settings.db_path, {})
+    with sqlite3.connect(str(settings.db_path)) as db:
+        db.execute("PRAGMA user_version = 1000")
+    with pytest.raises(StoreVersionError, match="schema version 1000"):
+        create_app(settings)
+    done = sfumato_cli("serve", "--data", str(settings.data_dir), "--models", str(settings.models_dir), timeout=120)
+    assert done.returncode == 2 and "schema version 1000" in done.stderr, done.stderr
+
+
+def test_a_plan_survives_its_json_round_trip(client: TestClient, settings: ServerSettings) -> None:
+    from sfumato.server.jobplan import JobPlan
+
+    body = job_body(init_image=base64.b64encode(png_bytes(np.zeros((SIZE, SIZE, 3), np.uint8))).decode())
+    accepted = client.post("/img2img", json={**body, "hires": {"enabled": True, "scale": 2.0, "steps": 1}})
+    assert accepted.status_code == 200, accepted.text
+    client.delete(f"/queue/{accepted.json()['job_id']}")
+    stored = client.app.state.sfumato.store.get(accepted.json()["job_id"]).request["plan"]  # type: ignore[attr-defined]
+    plan = JobPlan.from_json(stored)
+    assert plan.to_json() == stored and JobPlan.from_json(plan.to_json()) == plan
+    assert plan.generation.init_image is not None and plan.generation.hires is not None

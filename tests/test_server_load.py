@@ -18,33 +18,31 @@ from fastapi.testclient import TestClient
 import sfumato
 from sfumato.server.settings import ServerSettings
 
-from .conftest import SIZE
-from .serving import serving
-from .test_server import MODEL, _request, _wait, client, settings  # noqa: F401 - shared fixtures
+from .helpers import SIZE, job_body, serving, wait_job
 
 CLIENTS, REQUESTS = 20, 200
 
 
-def test_a_crashing_worker_fails_only_its_job(client: TestClient) -> None:  # noqa: F811
-    crashing = client.post("/txt2img", json=_request(steps=40, fileType="png")).json()["job_id"]
-    waiting = client.post("/txt2img", json=_request(steps=2, fileType="png")).json()["job_id"]
-    _wait(client, crashing, states=("processing",))
+def test_a_crashing_worker_fails_only_its_job(client: TestClient) -> None:
+    crashing = client.post("/txt2img", json=job_body(steps=40, fileType="png")).json()["job_id"]
+    waiting = client.post("/txt2img", json=job_body(steps=2, fileType="png")).json()["job_id"]
+    wait_job(client, crashing, states=("processing",))
     deadline = time.monotonic() + 120
     while client.get(f"/queue/{crashing}").json()["current_phase"] != "generation":
         assert time.monotonic() < deadline
         time.sleep(0.1)
     (worker,) = [s for s in sfumato.models_info() if s.running]
     os.kill(worker.pid, signal.SIGKILL)
-    failed = _wait(client, crashing)
+    failed = wait_job(client, crashing)
     assert failed["state"] == "error" and failed["status"] == "error"
     assert "SIGKILL" in failed["error"] or "crashed" in failed["error"], failed["error"]
-    assert _wait(client, waiting)["state"] == "done"  # the queued job ran on the restarted worker
+    assert wait_job(client, waiting)["state"] == "done"  # the queued job ran on the restarted worker
     assert client.get("/hello").json() == {"ok": True}
-    again = client.post("/txt2img", json=_request(steps=1)).json()["job_id"]
-    assert _wait(client, again)["state"] == "done"
+    again = client.post("/txt2img", json=job_body(steps=1)).json()["job_id"]
+    assert wait_job(client, again)["state"] == "done"
 
 
-def test_load_of_20_clients_mixing_generation_polling_and_cancels(settings: ServerSettings) -> None:  # noqa: F811
+def test_load_of_20_clients_mixing_generation_polling_and_cancels(settings: ServerSettings) -> None:
     statuses: Counter[tuple[str, int]] = Counter()
     latencies: dict[str, list[float]] = {"generate": [], "poll": [], "cancel": []}
     accepted: list[str] = []

@@ -13,8 +13,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from sfumato.server.settings import ServerSettings
 
-from .serving import serving
-from .test_server import settings  # noqa: F401 - shared fixture
+from .helpers import serving
 
 CHROMIUM = Path(os.environ.get("SFUMATO_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("SFUMATO_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
@@ -40,7 +39,7 @@ def _fill(page: Page, steps: int) -> None:
     page.fill("#seed", "7")
 
 
-def test_generate_and_cancel_in_the_browser(browser: Browser, settings: ServerSettings) -> None:  # noqa: F811
+def test_generate_and_cancel_in_the_browser(browser: Browser, settings: ServerSettings) -> None:
     with serving(settings) as url:
         page = browser.new_page(viewport={"width": 1000, "height": 700})
         page.goto(url)

@@ -22,6 +22,7 @@ from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.params import MAX_BATCH, SCHEDULER_NAMES
 from sfumato.server.errors import ApiError, responses
+from sfumato.server.jobplan import JobPlan, Upscale
 from sfumato.server.names import SAMPLERS
 from sfumato.server.plans import decode_image, diffusion_plan, pick_model, prompt_loras
 from sfumato.server.state import ServerState, output_images, require_key
@@ -108,7 +109,7 @@ def router(state: ServerState) -> APIRouter:
 
     def plan_for(
         body: Txt2ImgBody, init_image: bytes | None = None, mask: bytes | None = None, strength: float | None = None
-    ) -> dict[str, Any]:
+    ) -> JobPlan:
         hires = None
         if body.enable_hr and init_image is None:
             hires = {"scale": body.hr_scale, "upscaler": body.hr_upscaler, "steps": body.hr_second_pass_steps,
@@ -127,18 +128,18 @@ def router(state: ServerState) -> APIRouter:
                     "hires.denoising_strength": "denoising_strength"},
         )  # fmt: skip
 
-    async def run(kind: str, body: Txt2ImgBody, plan: dict[str, Any]) -> ImagesResponse:
+    async def run(kind: str, body: Txt2ImgBody, plan: JobPlan) -> ImagesResponse:
         payload = body.model_dump(exclude={"init_images", "mask"})
         job = await state.wait_final(state.enqueue(kind, payload, plan))
         images = [base64.b64encode(i).decode() for i in output_images(job)] if body.send_images else []
-        params = plan["params"]
+        params = plan.generation
         sampler = body.sampler_name or body.sampler_index
         info = {
-            "prompt": params["prompt"], "negative_prompt": params["negative_prompt"], "seed": job.result.get("seed"),
-            "all_seeds": [job.result.get("seed", 0) + i for i in range(params["batch_count"])],
-            "width": params["width"], "height": params["height"], "sampler_name": sampler,
-            "cfg_scale": params["cfg_scale"], "steps": params["steps"], "batch_size": body.batch_size,
-            "sd_model_name": plan["model"], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "prompt": params.prompt, "negative_prompt": params.negative_prompt, "seed": job.result.get("seed"),
+            "all_seeds": [job.result.get("seed", 0) + i for i in range(params.batch_count)],
+            "width": params.width, "height": params.height, "sampler_name": sampler,
+            "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": body.batch_size,
+            "sd_model_name": plan.model, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "interrupted": job.state == CANCELLED,
         }  # fmt: skip
         return ImagesResponse(images=images, parameters=payload, info=json.dumps(info))
@@ -248,8 +249,7 @@ def router(state: ServerState) -> APIRouter:
             if body.upscaler_1 not in names:
                 have = ", ".join(["None", *names])
                 raise InvalidParameterError("upscaler_1", f"no upscaler named {body.upscaler_1!r}; available: {have}")
-            params = {"image": base64.b64encode(raw).decode(), "repeats": repeats}
-            plan = {"upscaler": body.upscaler_1, "params": params, "file_type": "png", "jpeg_quality": 85}
+            plan = JobPlan(model=body.upscaler_1, work=Upscale(image=raw, repeats=repeats))
             payload = body.model_dump(exclude={"image"})
             job = await state.wait_final(state.enqueue("extra-single-image", payload, plan))
             images = output_images(job)

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sfumato.server import a1111, errors, openai, seed002, seed003, seed004
+from sfumato.server import a1111, errors, job_queue, openai, param_schema, workers_ai
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
 from sfumato.server.runner import JobRunner
@@ -125,11 +125,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         """The web page: a static shell that needs no key; its data comes from the API."""
         return HTMLResponse(PAGE)
 
-    app.include_router(seed002.router(state))
+    app.include_router(job_queue.router(state))
     app.include_router(a1111.router(state))
     app.include_router(openai.router(state))
-    app.include_router(seed003.router(state))
-    app.include_router(seed004.router(state))
+    app.include_router(param_schema.router(state))
+    app.include_router(workers_ai.router(state))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

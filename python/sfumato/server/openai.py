@@ -33,6 +33,7 @@ from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.params import DEFAULT_SIZE, MAX_SEED
 from sfumato.server.errors import ApiError, responses
+from sfumato.server.jobplan import FileType, JobPlan
 from sfumato.server.plans import check_image, diffusion_plan
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, ERROR
@@ -99,8 +100,8 @@ def _size(text: str, field: str = "size") -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def _file_type(output_format: str) -> str:
-    return {"jpeg": "jpg"}.get(output_format, output_format)
+def _file_type(output_format: OutputFormat) -> FileType:
+    return "jpg" if output_format == "jpeg" else output_format
 
 
 async def _read_image(upload: UploadFile, field: str, limit: int) -> bytes:
@@ -130,7 +131,7 @@ def router(state: ServerState) -> APIRouter:
 
     def plan_for(
         body: GenerationsBody, size: tuple[int, int], init: bytes | None = None, mask: bytes | None = None
-    ) -> dict[str, Any]:
+    ) -> JobPlan:
         model = None if body.model is None or OPENAI_MODEL.match(body.model) else body.model
         quality = 85 if body.output_compression is None else max(1, body.output_compression)
         return diffusion_plan(
@@ -142,9 +143,9 @@ def router(state: ServerState) -> APIRouter:
             fields={"batch_count": "n", "width": "size", "height": "size", "sampler_name": "sampler"},
         )  # fmt: skip
 
-    async def answer(kind: str, body: GenerationsBody, plan: dict[str, Any], request: Request) -> Any:
+    async def answer(kind: str, body: GenerationsBody, plan: JobPlan, request: Request) -> Any:
         job_id = state.enqueue(f"openai-{kind}", body.model_dump(), plan)
-        size = f"{plan['params']['width']}x{plan['params']['height']}"
+        size = f"{plan.generation.width}x{plan.generation.height}"
         shape = {"background": "opaque", "output_format": body.output_format, "quality": body.quality, "size": size}
         event = "image_generation" if kind == "generations" else "image_edit"
         if not body.stream:

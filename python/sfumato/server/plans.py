@@ -1,4 +1,4 @@
-"""Requests of every API family become one plan: what the runner executes.
+"""Requests of every API family become one :class:`JobPlan`: what the runner executes.
 
 A plan is checked completely when the request arrives, so a bad field is a 4xx
 with its name at once, never a failed job later.
@@ -25,6 +25,7 @@ from sfumato.params import (
     validate_diffusion,
 )
 from sfumato.server import names
+from sfumato.server.jobplan import FileType, Generation, Hires, JobPlan, Lora, Refiner
 from sfumato.server.state import ServerState
 
 
@@ -45,10 +46,6 @@ def check_image(raw: bytes, field: str) -> bytes:
     return raw
 
 
-def _b64(data: bytes | None) -> str | None:
-    return base64.b64encode(data).decode() if data is not None else None
-
-
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
@@ -63,7 +60,7 @@ def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return LORA_TAG.sub("", prompt).strip(), found
 
 
-def _lora_paths(state: ServerState, loras: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+def _lora_paths(state: ServerState, loras: Sequence[tuple[str, float]]) -> tuple[Lora, ...]:
     """LoRA names looked up in the LoRA folder's listing (never joined onto a path)."""
     found = {e.name: e.path for e in state.catalog.loras()}
     out = []
@@ -72,11 +69,11 @@ def _lora_paths(state: ServerState, loras: Sequence[tuple[str, float]]) -> list[
             have = ", ".join(found) or f"none (the LoRA folder {state.settings.loras_dir} is empty)"
             raise InvalidParameterError(f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
         check_lora_file(found[name], f"loras[{i}]")
-        out.append({"path": str(found[name].resolve()), "scale": check_number(f"loras[{i}].scale", scale, -10, 10)})
-    return out
+        out.append(Lora(str(found[name].resolve()), check_number(f"loras[{i}].scale", scale, -10, 10)))
+    return tuple(out)
 
 
-def _hires(state: ServerState, hires: Mapping[str, Any]) -> dict[str, Any] | None:
+def _hires(state: ServerState, hires: Mapping[str, Any]) -> Hires | None:
     """Seed 002's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
     config = check_hires("hires", dict(hires))
     if config is None:
@@ -88,8 +85,8 @@ def _hires(state: ServerState, hires: Mapping[str, Any]) -> dict[str, Any] | Non
             have = ", ".join([*HIRES_UPSCALERS, *found])
             raise InvalidParameterError("hires.upscaler", f"no upscaler named {upscaler!r}; available: {have}")
         upscaler = str(found[upscaler])
-    return {"scale": config.scale, "upscaler": upscaler, "steps": config.steps,
-            "denoising_strength": config.denoising_strength}  # fmt: skip
+    return Hires(scale=config.scale, upscaler=upscaler, steps=config.steps,
+                 denoising_strength=config.denoising_strength)  # fmt: skip
 
 
 def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
@@ -137,10 +134,10 @@ def diffusion_plan(
     loras: Sequence[tuple[str, float]] = (),
     refiner: str | None = None,
     refiner_switch_at: float = 0.8,
-    file_type: str = "png",
+    file_type: FileType = "png",
     jpeg_quality: int = 85,
     fields: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
+) -> JobPlan:
     """A checked generation plan. ``scheduler_name`` ``None`` takes the one the sampler implies.
     ``refiner`` names a model of the catalog that refines the images (seed 002's
     ``refiner_checkpoint``), from ``refiner_switch_at`` on.
@@ -161,16 +158,16 @@ def diffusion_plan(
                 raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
         engine_hires = _hires(state, hires) if hires is not None else None
         if engine_hires is not None:  # the limit applies to the final size
-            scale = engine_hires["scale"]
+            scale = engine_hires.scale
             width_out, height_out = (-(-round(side * scale) // 64) * 64 for side in (width, height))
             if width_out * height_out > settings.max_pixels:
                 raise InvalidParameterError(
                     "hires.scale",
                     f"makes {width_out}x{height_out} images; this server allows up to {settings.max_pixels} pixels",
                 )
-            if engine_hires["steps"] > settings.max_steps:
+            if engine_hires.steps > settings.max_steps:
                 raise InvalidParameterError(
-                    "hires.steps", f"is {engine_hires['steps']}; this server allows up to {settings.max_steps}"
+                    "hires.steps", f"is {engine_hires.steps}; this server allows up to {settings.max_steps}"
                 )
         if width * height > settings.max_pixels:
             raise InvalidParameterError(
@@ -199,18 +196,16 @@ def diffusion_plan(
         )  # fmt: skip
         check_side("width", width, 64)
         check_side("height", height, 64)
-        sdk = {
-            "prompt": params.prompt, "negative_prompt": params.negative_prompt, "width": params.width,
-            "height": params.height, "steps": params.steps, "cfg_scale": params.cfg_scale,
-            "sampling_method": params.sampling_method, "scheduler": params.scheduler, "seed": params.seed,
-            "batch_count": params.batch_count, "strength": params.strength,
-            "init_image": _b64(init_image), "mask": _b64(mask), "hires": engine_hires,
-            "loras": _lora_paths(state, loras),
-        }  # fmt: skip
-        plan: dict[str, Any] = {"model": name, "params": sdk, "file_type": file_type, "jpeg_quality": jpeg_quality}
+        work = Generation(
+            prompt=params.prompt, negative_prompt=params.negative_prompt, width=width, height=height,
+            steps=params.steps, cfg_scale=params.cfg_scale, sampling_method=params.sampling_method,
+            scheduler=params.scheduler, seed=params.seed, batch_count=params.batch_count, strength=params.strength,
+            init_image=init_image, mask=mask, hires=engine_hires, loras=_lora_paths(state, loras),
+        )  # fmt: skip
+        refined = None
         if refiner:
-            plan["refiner"] = {
-                "model": pick_model(state, refiner, field="refiner_checkpoint"),
-                "switch_at": check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
-            }
-        return plan
+            refined = Refiner(
+                model=pick_model(state, refiner, field="refiner_checkpoint"),
+                switch_at=check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
+            )
+        return JobPlan(model=name, work=work, refiner=refined, file_type=file_type, jpeg_quality=jpeg_quality)

@@ -8,7 +8,6 @@ processing, and :meth:`JobStore.recover` queues it again at the next start.
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import threading
@@ -22,6 +21,7 @@ import sfumato
 from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.results import DiffusionResult
 from sfumato.server.catalog import Catalog
+from sfumato.server.jobplan import Generation, JobPlan, PlanVersionError, Upscale
 from sfumato.server.settings import ServerSettings
 from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore
 
@@ -136,9 +136,9 @@ class JobRunner:
                 logger.exception("job %s failed", job.id)
                 self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _write(self, job_id: str, pngs: list[bytes], plan: dict[str, Any]) -> list[str]:
+    def _write(self, job_id: str, pngs: list[bytes], plan: JobPlan) -> list[str]:
         """Save a job's images in the outputs folder as the plan asks; returns their paths."""
-        file_type, quality = plan["file_type"], plan["jpeg_quality"]
+        file_type, quality = plan.file_type, plan.jpeg_quality
         self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, png in enumerate(pngs):
@@ -152,21 +152,22 @@ class JobRunner:
         return round(status.rss_bytes / 2**20, 2) if status else 0.0
 
     def _run(self, job: Job) -> None:
-        plan: dict[str, Any] = job.request["plan"]
-        upscale_only = "upscaler" in plan
+        try:
+            plan = JobPlan.from_json(job.request["plan"])
+        except PlanVersionError as exc:
+            self.store.end(job.id, ERROR, str(exc))
+            return
+        work = plan.work
+        upscale_only = isinstance(work, Upscale)
         try:
             self.store.progress(job.id, 0.0, "loading model")
-            model_id = self.model_id(plan["upscaler"] if upscale_only else plan["model"], upscaler=upscale_only)
+            model_id = self.model_id(plan.model, upscaler=upscale_only)
             before = self._memory_mb(model_id)
-            params = dict(plan["params"])
-            for key in ("init_image", "mask", "image"):
-                if params.get(key) is not None:
-                    params[key] = base64.b64decode(params[key])
+            params = work.sdk_arguments()
             refining: bool | None = None
-            if plan.get("refiner"):
+            if plan.refiner is not None:
                 self.store.progress(job.id, 0.0, "loading refiner")
-                refiner = plan["refiner"]
-                params["refiner"] = {"model_id": self.model_id(refiner["model"]), "switch_at": refiner["switch_at"]}
+                params["refiner"] = {"model_id": self.model_id(plan.refiner.model), "switch_at": plan.refiner.switch_at}
                 refining = False
             started = time.perf_counter()
             if upscale_only:
@@ -178,7 +179,7 @@ class JobRunner:
             if self._stopping:
                 result.cancel()
             last = -1.0
-            hires = params.get("hires") is not None
+            hires = isinstance(work, Generation) and work.hires is not None
             names = HIRES_PHASES if hires else PHASES
             for tick in result.progress_stream:
                 self.live = {"job_id": job.id, "tick": tick, "started": started}
@@ -203,7 +204,6 @@ class JobRunner:
             with self._lock:
                 self._current = None
         elapsed = time.perf_counter() - started
-        file_type, quality = plan["file_type"], plan["jpeg_quality"]
         paths = self._write(job.id, pngs, plan)
         self.store.end(
             job.id,
@@ -213,8 +213,8 @@ class JobRunner:
                 "width": stats.width,
                 "height": stats.height,
                 "seed": stats.seed,
-                "file_type": file_type,
-                "jpeg_quality": quality,
+                "file_type": plan.file_type,
+                "jpeg_quality": plan.jpeg_quality,
                 "generation_time_sec": round(elapsed, 3),
                 "memory_before_mb": before,
                 "memory_after_mb": self._memory_mb(model_id),

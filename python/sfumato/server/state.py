@@ -13,6 +13,7 @@ from fastapi import Request
 
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import ApiError
+from sfumato.server.jobplan import JobPlan
 from sfumato.server.runner import JobRunner, read_output
 from sfumato.server.settings import ServerSettings
 from sfumato.server.store import ERROR, FINAL, Job, JobStore, QueueFullError
@@ -27,7 +28,7 @@ class ServerState:
     catalog: Catalog
     runner: JobRunner
 
-    def enqueue(self, kind: str, payload: dict[str, Any], plan: dict[str, Any]) -> str:
+    def enqueue(self, kind: str, payload: dict[str, Any], plan: JobPlan) -> str:
         """Store a checked job and wake the runner; returns the job id.
 
         Raises
@@ -36,7 +37,7 @@ class ServerState:
             409 when the queue is full.
         """
         try:
-            job = self.store.add(kind, {"payload": payload, "plan": plan})
+            job = self.store.add(kind, {"payload": payload, "plan": plan.to_json()})
         except QueueFullError as exc:
             raise ApiError(409, "queue_full", str(exc)) from None
         self.runner.wake()

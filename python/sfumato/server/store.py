@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sfumato.errors import SfumatoError
+
 QUEUED, PROCESSING, DONE, ERROR, CANCELLED = "queued", "processing", "done", "error", "cancelled"
 ACTIVE = (QUEUED, PROCESSING)
 FINAL = (DONE, ERROR, CANCELLED)
@@ -37,6 +39,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created);
 """
+
+SCHEMA_VERSION = 2
+"""The store's ``PRAGMA user_version``. 0 (or 1): written before stores had a
+version, with untyped plans, which :class:`~sfumato.server.jobplan.JobPlan` reads
+as its version 1; 2: typed plans that carry their own version."""
+
+
+class StoreVersionError(SfumatoError):
+    """A job store written by a later sfumato, whose jobs this one cannot promise to read."""
 
 
 class QueueFullError(Exception):
@@ -102,7 +113,16 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise StoreVersionError(
+                f"the job store {path} has schema version {version}, written by a later sfumato; "
+                f"this one reads versions up to {SCHEMA_VERSION}"
+            )
         self._db.executescript(_SCHEMA)
+        if version < SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ Each layout is a list of :class:`TensorSpec`, carrying the name in the original
 checkpoint layout (the one single-file ``.safetensors`` and GGUF releases use)
 and, where one exists, the name in the diffusers layout. Shapes are in PyTorch
 order (out, in, kh, kw). These are facts about the published architectures;
-the weights themselves are made up by :mod:`sfumato.testing.models`.
+the weights themselves are made up by :mod:`tests.support.models`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Seed 003's diffusion API: a parameter-schema document for building a UI, and
+"""The parameter-schema API (seed 003's diffusion API): a parameter-schema document for building a UI, and
 one POST for txt2img, or img2img from an image URL (``url_upload``).
 
 ``GET /api/v1/public/config/diffusion`` lists every parameter of the POST
@@ -100,9 +100,7 @@ def parameter_schema(model_names: list[str]) -> list[dict[str, Any]]:
 
 
 def router(state: ServerState) -> APIRouter:
-    api = APIRouter(
-        prefix="/api/v1", dependencies=[Depends(require_key(state.settings))], tags=["diffusion (seed 003)"]
-    )
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_key(state.settings))], tags=["parameter schema"])
 
     @api.get("/public/config/diffusion", response_model=ConfigDocument, responses=responses())
     def config() -> ConfigDocument:

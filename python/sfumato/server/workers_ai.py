@@ -1,4 +1,4 @@
-"""Seed 004's synchronous route: one request, validated by that JSON schema,
+"""The Workers-AI-style synchronous route (seed 004): one request, validated by that JSON schema,
 answered with the PNG bytes.
 
 ``POST /ai/run/{model}``, and the same under the path Cloudflare's REST
@@ -51,7 +51,7 @@ PNG_ANSWER: dict[int | str, dict[str, object]] = {
 
 
 def router(state: ServerState) -> APIRouter:
-    api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["run (seed 004)"])
+    api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["Workers AI"])
 
     async def run(model: str, body: RunBody) -> Response:
         if body.image is not None and body.image_b64 is not None:

@@ -2,7 +2,7 @@
 transformers (PyTorch, CPU, fp32), built on the very weights the engine loads.
 
 :func:`write_sd1_reference_folder` writes an SD 1.x diffusers folder (random
-weights from :mod:`sfumato.testing.models`, plus the ``config.json`` files
+weights from :mod:`tests.support.models`, plus the ``config.json`` files
 diffusers needs to build the modules offline). The engine loads that folder as
 it is; :class:`SD1Reference` loads the same files into diffusers' modules and
 runs them. Used by the parity tests and by the benchmarks.
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sfumato.testing.layouts import SD1_UNET, clip_text_layout, unet_layout, vae_layout
-from sfumato.testing.models import cached, random_tensors, write_safetensors
+from tests.support.layouts import SD1_UNET, clip_text_layout, unet_layout, vae_layout
+from tests.support.models import cached, random_tensors, write_safetensors
 
 # The published SD 1.x configurations (facts of the architecture).
 SD1_UNET_CONFIG: dict[str, Any] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from sfumato.testing.layouts import (
+from tests.support.layouts import (
     FLUX1_DEV,
     FLUX2_KLEIN_4B,
     SD1_TINY_UNET,

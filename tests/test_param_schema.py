@@ -1,6 +1,5 @@
-"""Seed 003 (parameter-schema document, POST with url_upload and a samples
-count) and seed 004 (one synchronous request answered with PNG bytes), on the
-real engine."""
+"""The parameter-schema API (seed 003): its config document, the POST with
+``url_upload`` and a samples count, on the real engine."""
 
 from __future__ import annotations
 
@@ -31,25 +30,13 @@ from sfumato.server.app import create_app
 from sfumato.server.fetch import fetch_image
 from sfumato.server.settings import ServerSettings
 
-from .test_server import MODEL, _error, _wait, client, settings  # noqa: F401 - shared fixtures
+from .helpers import MODEL, error_body, gradient, png_bytes, wait_job
 
 CONFIG = "/api/v1/public/config/diffusion"
 POST = "/api/v1/private/client/ai/diffusion"
-RUN = "/ai/run/@cf/bytedance/stable-diffusion-xl-lightning"
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _gradient(side: int) -> np.ndarray:
-    y, x = np.mgrid[0:side, 0:side]
-    return np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)
-
-
-PICTURE = _png(_gradient(320))
+PICTURE = png_bytes(gradient(320))
 HOST_HEADERS: list[str] = []
 """The ``Host`` header of each request the image sites answered."""
 
@@ -57,7 +44,7 @@ HOST_HEADERS: list[str] = []
 class _ImageSite(http.server.BaseHTTPRequestHandler):
     """A PNG, a redirect to it, a large file, a slow answer, text."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+    def do_GET(self) -> None:
         HOST_HEADERS.append(self.headers.get("Host", ""))
         if self.path == "/redirect":
             self.send_response(302)
@@ -126,7 +113,7 @@ def tls_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
         yield port, cert_file
 
 
-def test_config_document_describes_every_parameter_as_seed_003_does(client: TestClient) -> None:  # noqa: F811
+def test_config_document_describes_every_parameter_as_seed_003_does(client: TestClient) -> None:
     data = client.get(CONFIG).json()["data"]
     params = {p["in"]: p for p in data["aParam"]}
     assert set(params) == {"word", "url_upload", "steps", "guidance", "strength", "width", "height", "cimg", "seed",
@@ -149,24 +136,24 @@ def test_config_document_describes_every_parameter_as_seed_003_does(client: Test
     assert all(p["ui"]["title"] and p["ui"]["widget"] and p["out"] for p in params.values())
 
 
-def test_txt2img_with_a_samples_count(client: TestClient) -> None:  # noqa: F811
+def test_txt2img_with_a_samples_count(client: TestClient) -> None:
     created = client.post(POST, json={"word": "a harbour", "steps": 1, "cimg": 2, "seed": 9})
     assert created.status_code == 201, created.text
     uid = created.json()["data"]["uid"]
     assert created.json()["data"]["created_at"].endswith("Z")
-    done = _wait(client, uid)
+    done = wait_job(client, uid)
     assert done["state"] == "done", done
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in done["images"]]
     assert len(images) == 2 and all(i.shape == (320, 320, 3) for i in images)
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 0
 
 
-def test_img2img_from_a_url_following_a_redirect(settings: ServerSettings, image_site: str) -> None:  # noqa: F811
+def test_img2img_from_a_url_following_a_redirect(settings: ServerSettings, image_site: str) -> None:
     with TestClient(create_app(replace(settings, allow_private_urls=True))) as allowed:
         created = allowed.post(POST, json={"word": "a harbour", "url_upload": f"{image_site}/redirect", "steps": 1,
                                            "strength": 1.0})  # fmt: skip
         assert created.status_code == 201, created.text
-        done = _wait(allowed, created.json()["data"]["uid"])
+        done = wait_job(allowed, created.json()["data"]["uid"])
         assert done["state"] == "done" and (done["width"], done["height"]) == (320, 320)
         assert done["payload"]["url_upload"] == f"{image_site}/redirect"
 
@@ -186,19 +173,19 @@ def test_url_upload_refusals_name_the_field(
     image_site: str,
     path: str,
     allow: bool,
-    says: str,  # noqa: F811
+    says: str,
 ) -> None:
     url = "http://no-such-host.invalid/x.png" if path == "/missing-host" else f"{image_site}{path}"
     local = replace(settings, allow_private_urls=allow, fetch_timeout_s=1.0, fetch_max_bytes=100_000)
     with TestClient(create_app(local)) as c:
-        body = _error(c.post(POST, json={"word": "x", "url_upload": url}), 422, "url_upload")
+        body = error_body(c.post(POST, json={"word": "x", "url_upload": url}), 422, "url_upload")
         assert says in body["error"], body
 
 
 @pytest.mark.parametrize(("name", "host_header"), [("rebind.example", "rebind.example"),
                                                    ("bücher.example", "xn--bcher-kva.example")])  # fmt: skip
 def test_url_upload_connects_to_the_address_it_checked(
-    settings: ServerSettings,  # noqa: F811
+    settings: ServerSettings,
     image_site: str,
     monkeypatch: pytest.MonkeyPatch,
     name: str,
@@ -231,7 +218,7 @@ def test_url_upload_connects_to_the_address_it_checked(
 
 
 def test_url_upload_over_https_checks_the_certificate_against_the_name(
-    settings: ServerSettings,  # noqa: F811
+    settings: ServerSettings,
     tls_site: tuple[int, Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -259,8 +246,8 @@ def test_url_upload_over_https_checks_the_certificate_against_the_name(
 
 @pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "http://[::1]:1/a.png",
                                  "http://169.254.169.254/latest", "http://10.0.0.1/a.png"])  # fmt: skip
-def test_url_upload_schemes_and_private_addresses_are_refused(client: TestClient, url: str) -> None:  # noqa: F811
-    _error(client.post(POST, json={"word": "x", "url_upload": url}), 422, "url_upload")
+def test_url_upload_schemes_and_private_addresses_are_refused(client: TestClient, url: str) -> None:
+    error_body(client.post(POST, json={"word": "x", "url_upload": url}), 422, "url_upload")
 
 
 @pytest.mark.parametrize(
@@ -269,57 +256,13 @@ def test_url_upload_schemes_and_private_addresses_are_refused(client: TestClient
      ({"word": "x", "steps": 201}, "steps"), ({"word": "x", "guidance": 0}, "guidance"),
      ({"word": "x", "saveinterval": 2}, "saveinterval")],
 )  # fmt: skip
-def test_seed_003_bad_requests_name_the_field(client: TestClient, body: dict[str, Any], field: str) -> None:  # noqa: F811
-    _error(client.post(POST, json=body), 422, field)
+def test_param_schema_bad_requests_name_the_field(client: TestClient, body: dict[str, Any], field: str) -> None:
+    error_body(client.post(POST, json=body), 422, field)
 
 
-def test_seed_003_backlog_full_is_409(settings: ServerSettings) -> None:  # noqa: F811
+def test_param_schema_backlog_full_is_409(settings: ServerSettings) -> None:
     with TestClient(create_app(replace(settings, queue_size=1))) as small:
         first = small.post(POST, json={"word": "x", "steps": 1})
         assert first.status_code == 201
-        assert _error(small.post(POST, json={"word": "y", "steps": 1}), 409)["code"] == "queue_full"
+        assert error_body(small.post(POST, json={"word": "y", "steps": 1}), 409)["code"] == "queue_full"
         small.delete(f"/queue/{first.json()['data']['uid']}")
-
-
-def test_seed_004_answers_png_bytes_on_both_paths(client: TestClient) -> None:  # noqa: F811
-    body = {"prompt": "cyberpunk cat", "width": 256, "height": 256, "num_steps": 1, "seed": 3}
-    answer = client.post(RUN, json=body)
-    assert answer.status_code == 200, answer.text
-    assert answer.headers["content-type"] == "image/png"
-    with Image.open(io.BytesIO(answer.content)) as image:
-        assert (image.format, image.size) == ("PNG", (256, 256))
-    again = client.post(f"/client/v4/accounts/abc123/ai/run/{MODEL}", json=body)
-    assert again.status_code == 200 and again.content == answer.content  # same seed, same model
-
-
-def test_seed_004_inpainting_with_byte_arrays(client: TestClient) -> None:  # noqa: F811
-    source = _gradient(256)
-    mask = np.zeros((256, 256), dtype=np.uint8)
-    mask[:, 128:] = 255
-    body = {"prompt": "a door", "image": list(_png(source)), "mask": list(_png(mask)), "num_steps": 2, "seed": 5,
-            "width": 256, "height": 256}  # fmt: skip
-    answer = client.post(RUN, json=body)
-    assert answer.status_code == 200, answer.text
-    out = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
-    keep = mask == 0
-    assert np.abs(out[keep] - source.astype(int)[keep]).max() <= 1
-    assert np.abs(out[~keep] - source.astype(int)[~keep]).mean() > 10
-    b64 = client.post(RUN, json={**{k: v for k, v in body.items() if k != "image"},
-                                 "image_b64": base64.b64encode(_png(source)).decode()})  # fmt: skip
-    assert b64.status_code == 200 and b64.content == answer.content
-
-
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [({"prompt": ""}, "prompt"), ({"width": 255}, "width"), ({"height": 2049}, "height"),
-     ({"num_steps": 21}, "num_steps"), ({"image": [1, 256]}, "image.1"), ({"mask": [0]}, "mask"),
-     ({"width": 300}, "width"), ({"image": [1, 2, 3]}, "image"), ({"steps": 4}, "steps")],
-)  # fmt: skip
-def test_seed_004_bad_requests_name_the_field(client: TestClient, body: dict[str, Any], field: str) -> None:  # noqa: F811
-    _error(client.post(RUN, json={"prompt": "x", **body}), 422, field)
-
-
-def test_seed_004_image_given_twice(client: TestClient) -> None:  # noqa: F811
-    png = _png(_gradient(64))
-    body = {"prompt": "x", "image": list(png), "image_b64": base64.b64encode(png).decode()}
-    _error(client.post(RUN, json=body), 422, "image_b64")

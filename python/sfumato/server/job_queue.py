@@ -1,4 +1,4 @@
-"""The job API of seed 002: ``/hello``, ``/models``, ``/loras``, ``/upscalers``,
+"""The job-queue API (seed 002): ``/hello``, ``/models``, ``/loras``, ``/upscalers``,
 ``POST /txt2img`` and ``POST /img2img`` (answered with a job id), ``GET /queue/{job_id}``,
 plus ``DELETE /queue/{job_id}`` (cancel) and ``GET /queue/{job_id}/events`` (SSE)."""
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sfumato.families.detect import FAMILY_NAMES
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
+from sfumato.server.jobplan import JobPlan, PlanVersionError
 from sfumato.server.plans import decode_image, diffusion_plan
 from sfumato.server.runner import read_output
 from sfumato.server.state import ServerState, require_key
@@ -136,7 +137,7 @@ class JobList(Success):
     jobs: list[JobSummary]
 
 
-def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
+def plan(state: ServerState, request: Txt2ImgRequest) -> JobPlan:
     """Check a request completely and turn it into what the runner executes.
 
     Raises
@@ -162,6 +163,14 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> dict[str, Any]:
         file_type=request.fileType, jpeg_quality=request.jpeg_quality,
         fields={"scheduler": "scheduler_type"},
     )  # fmt: skip
+
+
+def _prompt(job: Job) -> str:
+    """A stored job's prompt for the history list; empty where its plan cannot be read."""
+    try:
+        return JobPlan.from_json(job.request["plan"]).prompt
+    except PlanVersionError:
+        return ""
 
 
 def status_of(job: Job) -> QueueStatusResponse:
@@ -190,7 +199,7 @@ def status_of(job: Job) -> QueueStatusResponse:
 
 
 def router(state: ServerState) -> APIRouter:
-    api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["jobs (seed 002)"])
+    api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["job queue"])
     catalog = state.catalog
 
     @api.get("/models", response_model=ModelsResponse, responses=responses())
@@ -238,7 +247,7 @@ def router(state: ServerState) -> APIRouter:
             jobs=[
                 JobSummary(
                     job_id=j.id, kind=j.kind, state=j.state, progress=j.progress, current_phase=j.phase,
-                    prompt=str(j.request.get("plan", {}).get("params", {}).get("prompt", "")), created=j.created,
+                    prompt=_prompt(j), created=j.created,
                     error=j.error,
                 )
                 for j in state.store.recent(limit)

@@ -1,0 +1,206 @@
+"""The typed plan of a server job (:class:`JobPlan`) and its JSON form in the job store.
+
+:meth:`JobPlan.to_json` writes it; :meth:`JobPlan.from_json` reads it back,
+including the untyped plans (version 1) of stores written before plans had a
+version, and refuses by name a plan it cannot read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode() if data is not None else None
+
+
+def _unb64(data: str | None) -> bytes | None:
+    return base64.b64decode(data) if data is not None else None
+
+
+FileType = Literal["png", "jpg", "webp"]
+"""How the outputs folder keeps images (webp for the OpenAI API's ``output_format``)."""
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA resolved in the LoRA folder: its file and strength."""
+
+    path: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class Hires:
+    """Hires fix as checked: ``upscaler`` is ``"Latent"`` (or another latent mode) or an ESRGAN file's path."""
+
+    scale: float
+    upscaler: str
+    steps: int
+    denoising_strength: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The SDK's ``diffusion`` fields of a generation job, checked."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float | None
+    sampling_method: str | None
+    scheduler: str | None
+    seed: int
+    batch_count: int
+    strength: float
+    init_image: bytes | None = None
+    mask: bytes | None = None
+    hires: Hires | None = None
+    loras: tuple[Lora, ...] = ()
+
+    def sdk_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sfumato.diffusion`."""
+        out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
+        out.update(init_image=self.init_image, mask=self.mask, loras=[vars(lora) for lora in self.loras])
+        out["hires"] = vars(self.hires) if self.hires is not None else None
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
+        out.update(init_image=_b64(self.init_image), mask=_b64(self.mask), loras=[vars(lora) for lora in self.loras])
+        out["hires"] = vars(self.hires) if self.hires is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Generation:
+        hires = data.get("hires")
+        return cls(
+            **{k: data[k] for k in _GENERATION_SCALARS},
+            init_image=_unb64(data.get("init_image")),
+            mask=_unb64(data.get("mask")),
+            hires=Hires(**hires) if hires is not None else None,
+            loras=tuple(Lora(**lora) for lora in data.get("loras", ())),
+        )
+
+
+_GENERATION_SCALARS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "sampling_method",
+                       "scheduler", "seed", "batch_count", "strength")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Upscale:
+    """The SDK's ``upscale`` fields of an upscale-only job."""
+
+    image: bytes
+    repeats: int = 1
+
+    def sdk_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sfumato.upscale`."""
+        return {"image": self.image, "repeats": self.repeats}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": _b64(self.image), "repeats": self.repeats}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Upscale:
+        return cls(image=base64.b64decode(data["image"]), repeats=data.get("repeats", 1))
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """The catalog model that refines a generation's images, from ``switch_at`` of the denoising on."""
+
+    model: str
+    switch_at: float
+
+
+class PlanVersionError(ValueError):
+    """A stored plan this version of sfumato cannot read."""
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the runner executes for one job.
+
+    Attributes
+    ----------
+    model:
+        The catalog name of the model to run: a diffusion model, or for an
+        :class:`Upscale` job an upscaler.
+    work:
+        The generation or the upscale.
+    refiner:
+        A second model that refines the generation's images.
+    file_type, jpeg_quality:
+        How the outputs folder keeps the images.
+    """
+
+    VERSION: ClassVar[int] = 2
+    """Version 1 was the untyped dict of the same keys, without ``version``."""
+
+    model: str
+    work: Generation | Upscale
+    refiner: Refiner | None = None
+    file_type: FileType = "png"
+    jpeg_quality: int = 85
+
+    @property
+    def generation(self) -> Generation:
+        """The generation of a generation job.
+
+        Raises
+        ------
+        TypeError
+            For an upscale job.
+        """
+        if not isinstance(self.work, Generation):
+            raise TypeError(f"the plan of model {self.model!r} is an upscale, not a generation")
+        return self.work
+
+    @property
+    def prompt(self) -> str:
+        """The generation's prompt; empty for an upscale."""
+        return self.work.prompt if isinstance(self.work, Generation) else ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.VERSION, "params": self.work.to_json(), "file_type": self.file_type,
+                               "jpeg_quality": self.jpeg_quality}  # fmt: skip
+        out["upscaler" if isinstance(self.work, Upscale) else "model"] = self.model
+        if self.refiner is not None:
+            out["refiner"] = vars(self.refiner)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobPlan:
+        """A plan as :meth:`to_json` wrote it, or as version 1 stored it.
+
+        Raises
+        ------
+        PlanVersionError
+            For a plan of a later version, or one that is not a plan.
+        """
+        version = data.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= cls.VERSION:
+            raise PlanVersionError(
+                f"the stored plan has version {version!r}; this sfumato reads versions 1 to {cls.VERSION}"
+            )
+        try:
+            refiner = data.get("refiner")
+            work: Generation | Upscale
+            if "upscaler" in data:
+                model, work = data["upscaler"], Upscale.from_json(data["params"])
+            else:
+                model, work = data["model"], Generation.from_json(data["params"])
+            return cls(
+                model=model, work=work, refiner=Refiner(**refiner) if refiner else None,
+                file_type=data["file_type"], jpeg_quality=data["jpeg_quality"],
+            )  # fmt: skip
+        except (KeyError, TypeError, binascii.Error) as exc:
+            message = f"the stored plan is not a version-{version} plan: {type(exc).__name__}: {exc}"
+            raise PlanVersionError(message) from None
