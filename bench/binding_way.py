@@ -27,7 +27,7 @@ WAYS = ("sfumato.engine", "sfumato SDK (worker)", "stable-diffusion-cpp-python")
 
 
 def _engine(config: dict[str, Any]) -> Callable[[], list[bytes]]:
-    from sfumato.engine.context import ContextParams, DiffusionContext, ImageRequest
+    from sfumato.engine import ContextParams, DiffusionContext, ImageRequest
     from sfumato.images import encode_png
 
     request = ImageRequest(

@@ -39,7 +39,7 @@ def _peak_rss_mb() -> float:
 
 
 def engine(config: dict[str, Any]) -> dict[str, float]:
-    from sfumato.engine.context import ContextParams, DiffusionContext, ImageRequest
+    from sfumato.engine import ContextParams, DiffusionContext, ImageRequest
 
     started = time.perf_counter()
     params = ContextParams(
@@ -123,7 +123,7 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
 
 
 def upscale(config: dict[str, Any]) -> dict[str, float]:
-    from sfumato.engine.context import UpscalerContext
+    from sfumato.engine import UpscalerContext
 
     started = time.perf_counter()
     with UpscalerContext(config["model"], n_threads=config["threads"], tile_size=config["tile_size"]) as ctx:

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfumato.engine import _cdefs
-from sfumato.engine.context import ContextParams, DiffusionContext, ImageRequest, ProgressTick, UpscalerContext
+from sfumato.engine import ContextParams, DiffusionContext, ImageRequest, ProgressTick, UpscalerContext, _cdefs
 from sfumato.engine.library import (
     ENGINE_DISTRIBUTION,
     ENV_LIBRARY,
@@ -163,7 +162,7 @@ def test_upscaler_context(esrgan_1b: Path, context: DiffusionContext, gradient_i
 def test_engine_request_fields_reach_the_engine(context: DiffusionContext, gradient_image: np.ndarray) -> None:
     """The request fields the SDK does not expose yet (hires fix, mask, clip_skip)
     map onto the engine: each one changes what the engine does."""
-    from sfumato.engine.context import HiresParams
+    from sfumato.engine import HiresParams
 
     ticks: list[ProgressTick] = []
     hires = context.generate(

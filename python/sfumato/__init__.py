@@ -25,8 +25,8 @@ from sfumato.api import (
     unload_model_async,
     upscale,
 )
-from sfumato.engine.context import ProgressTick
 from sfumato.engine.devices import Device, list_devices
+from sfumato.engine.requests import ProgressTick
 from sfumato.errors import (
     ClosedError,
     EngineABIError,

@@ -26,7 +26,8 @@ from PIL import Image
 
 from sfumato import images as imaging
 from sfumato.chain import RefinerPlan, run_with_refiner
-from sfumato.engine.context import (
+from sfumato.engine.devices import check_device
+from sfumato.engine.requests import (
     PHASE_CONDITIONING,
     PHASE_HIRES,
     PHASE_SAMPLING,
@@ -36,7 +37,6 @@ from sfumato.engine.context import (
     ImageRequest,
     ProgressTick,
 )
-from sfumato.engine.devices import check_device
 from sfumato.errors import (
     InvalidModelError,
     InvalidParameterError,

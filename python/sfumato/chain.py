@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sfumato.engine.context import PHASE_SAMPLING, ImageRequest
+from sfumato.engine.requests import PHASE_SAMPLING, ImageRequest
 from sfumato.errors import JobCancelledError
 from sfumato.images import decode_png
 from sfumato.results import DiffusionResult, DiffusionStats

@@ -10,7 +10,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from sfumato.engine.context import ImageArray
+from sfumato.engine.requests import ImageArray
 from sfumato.errors import InvalidParameterError
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", Image.Image, np.ndarray]

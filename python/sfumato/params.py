@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sfumato.engine.context import RNG_TYPES
 from sfumato.engine.library import SAMPLE_METHODS, SCHEDULERS
+from sfumato.engine.requests import RNG_TYPES
 from sfumato.errors import InvalidParameterError
 from sfumato.images import ImageInput
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sfumato.engine.context import ProgressTick
+from sfumato.engine.requests import ProgressTick
 from sfumato.errors import JobCancelledError
 
 T = TypeVar("T")

@@ -14,281 +14,27 @@ and freed at once; nothing returned points into engine memory.
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from sfumato.engine import callbacks
+from sfumato.engine.handle import NativeHandle
 from sfumato.engine.library import PREDICTIONS, SAMPLE_METHODS, SCHEDULERS, Engine, load_engine
-from sfumato.errors import ClosedError, EngineError, InvalidParameterError
-
-ImageArray = npt.NDArray[np.uint8]
-
-# Weight types offered for ``wtype``: the engine's own names.
-WEIGHT_TYPES: dict[str, str] = {
-    "f32": "SD_TYPE_F32", "f16": "SD_TYPE_F16", "bf16": "SD_TYPE_BF16",
-    "q8_0": "SD_TYPE_Q8_0", "q5_0": "SD_TYPE_Q5_0", "q5_1": "SD_TYPE_Q5_1",
-    "q4_0": "SD_TYPE_Q4_0", "q4_1": "SD_TYPE_Q4_1", "q2_k": "SD_TYPE_Q2_K",
-    "q3_k": "SD_TYPE_Q3_K", "q4_k": "SD_TYPE_Q4_K", "q5_k": "SD_TYPE_Q5_K",
-    "q6_k": "SD_TYPE_Q6_K",
-}  # fmt: skip
-RNG_TYPES: dict[str, str] = {"std_default": "STD_DEFAULT_RNG", "cuda": "CUDA_RNG", "cpu": "CPU_RNG"}
-
-PHASE_CONDITIONING = "conditioning"
-PHASE_SAMPLING = "sampling"
-PHASE_HIRES = "hires"
-PHASE_VAE = "vae"
-PHASE_UPSCALE = "upscale"
-
-
-@dataclass(frozen=True)
-class ProgressTick:
-    """One progress report of a running job.
-
-    Attributes
-    ----------
-    step:
-        Units of work done in this phase (sampling steps across the whole
-        batch, latents decoded, upscale passes done).
-    total_steps:
-        Units of work this phase has in all.
-    elapsed_ms:
-        Milliseconds since the job started.
-    phase:
-        ``"sampling"``, ``"hires"``, ``"vae"`` or ``"upscale"``.
-    """
-
-    step: int
-    total_steps: int
-    elapsed_ms: float
-    phase: str = PHASE_SAMPLING
-
-
-TickCallback = Callable[[ProgressTick], None]
-
-
-@dataclass
-class ContextParams:
-    """What a :class:`DiffusionContext` is created from (``sd_ctx_params_t``).
-
-    Paths left ``None`` are not passed. ``n_threads=-1`` lets the engine use
-    its count of physical cores. ``wtype=None`` keeps each tensor's own type.
-    ``prediction=None`` lets the engine detect it from the weights.
-    """
-
-    model_path: str | None = None
-    diffusion_model_path: str | None = None
-    clip_l_path: str | None = None
-    clip_g_path: str | None = None
-    t5xxl_path: str | None = None
-    llm_path: str | None = None
-    vae_path: str | None = None
-    taesd_path: str | None = None
-    n_threads: int = -1
-    wtype: str | None = None
-    rng: str = "cuda"
-    prediction: str | None = None
-    vae_decode_only: bool = False
-    flash_attn: bool = False
-    diffusion_flash_attn: bool = False
-    diffusion_conv_direct: bool = False
-    vae_conv_direct: bool = False
-    offload_params_to_cpu: bool = False
-    keep_clip_on_cpu: bool = False
-    keep_vae_on_cpu: bool = False
-    enable_mmap: bool = False
-    # LoRAs are applied in the graph, never merged into the weights: merging and
-    # unmerging between requests drifts the weights (a request without a LoRA
-    # after one with it did not give the same image).
-    lora_apply_mode: str = "at_runtime"
-
-
-LORA_APPLY_MODES = ("auto", "immediately", "at_runtime")
-
-
-@dataclass
-class HiresParams:
-    """Hires fix as the engine runs it (``sd_hires_params_t``)."""
-
-    upscaler: str = "Latent"
-    model_path: str | None = None
-    scale: float = 2.0
-    steps: int = 0
-    denoising_strength: float = 0.7
-    tile_size: int = 128
-
-
-@dataclass
-class ImageRequest:
-    """One ``generate_image`` call, in engine terms (``sd_img_gen_params_t``).
-
-    ``sample_method`` / ``scheduler`` / ``eta`` / ``img_cfg_scale`` left ``None``
-    take the engine's choice for the loaded model. ``seed`` must be >= 0 here:
-    choosing a random seed is the caller's job, so that it can be reported.
-    """
-
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    cfg_scale: float = 7.0
-    img_cfg_scale: float | None = None
-    guidance: float = 3.5
-    sample_method: str | None = None
-    scheduler: str | None = None
-    eta: float | None = None
-    seed: int = 0
-    batch_count: int = 1
-    clip_skip: int = -1
-    strength: float = 0.75
-    init_image: ImageArray | None = None
-    mask_image: ImageArray | None = None
-    ref_images: Sequence[ImageArray] = ()
-    vae_tiling: bool = False
-    cache_threshold: float | None = None
-    loras: Sequence[tuple[str, float]] = ()
-    hires: HiresParams | None = None
-
-
-@dataclass
-class GenerationOutput:
-    """What one ``generate_image`` call produced.
-
-    Attributes
-    ----------
-    images:
-        ``batch_count`` arrays of shape ``(height, width, 3)``, uint8, owned by Python.
-    seed:
-        The seed of the first image; image ``i`` used ``seed + i``.
-    phase_ms:
-        Milliseconds spent in each engine phase that ran (conditioning,
-        sampling, hires, vae), measured from the engine's own phase reports.
-    total_ms:
-        Wall time of the whole call.
-    sampling_steps:
-        Sampling steps the engine ran, over the whole batch.
-    """
-
-    images: list[ImageArray]
-    seed: int
-    phase_ms: dict[str, float] = field(default_factory=dict)
-    total_ms: float = 0.0
-    sampling_steps: int = 0
-
-
-_DECODED = re.compile(r"^latent (\d+) decoded")
-
-
-class _PhaseTracker:
-    """Turns the engine's progress and log events of one call into phase timings
-    and phase-tagged ticks.
-
-    The engine reports sampling steps through the progress callback and marks
-    phase boundaries in its log; this pins both to the exact engine version
-    sfumato requires (the ABI check guards that version).
-    """
-
-    def __init__(self, on_tick: TickCallback | None, batch_count: int, started: float) -> None:
-        self.error: BaseException | None = None
-        self._on_tick = on_tick
-        self._batch = batch_count
-        self._started = started
-        self._phase = PHASE_CONDITIONING
-        self._phase_start = started
-        self.phase_ms: dict[str, float] = {}
-        self._images_sampled = 0
-        self._last_steps = 0
-        self.sampling_steps = 0
-
-    def _elapsed_ms(self) -> float:
-        return (time.perf_counter() - self._started) * 1000.0
-
-    def _enter(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.phase_ms[self._phase] = self.phase_ms.get(self._phase, 0.0) + (now - self._phase_start) * 1000
-        self._phase, self._phase_start = phase, now
-
-    def finish(self) -> None:
-        self._enter("done")
-        self.phase_ms.pop("done", None)
-
-    def _tick(self, step: int, total: int, phase: str) -> None:
-        if self._on_tick is not None:
-            self._on_tick(ProgressTick(step, total, self._elapsed_ms(), phase))
-
-    def on_progress(self, step: int, steps: int, seconds_per_step: float) -> None:
-        if self._phase not in (PHASE_SAMPLING, PHASE_HIRES) or step <= 0:
-            return
-        self._last_steps = steps
-        self.sampling_steps += 1
-        self._tick(self._images_sampled * steps + step, self._batch * steps, self._phase)
-
-    def on_log(self, level: int, message: str) -> None:
-        if message.startswith("get_learned_condition completed"):
-            self._enter(PHASE_SAMPLING)
-        elif message.startswith(("sampling completed", "hires sampling ")):
-            self._images_sampled += 1
-        elif message.startswith("hires fix: upscaling"):
-            self._images_sampled = 0
-            self._enter(PHASE_HIRES)
-        elif message.startswith("decoding ") and message.endswith("latents"):
-            self._enter(PHASE_VAE)
-        elif match := _DECODED.match(message):
-            self._tick(int(match.group(1)), self._batch, PHASE_VAE)
-
-
-class _NativeHandle:
-    """Shared ownership logic: one native pointer, freed exactly once."""
-
-    _handle: Any = None  # NULL until opened, and again after close().
-    _engine: Engine | None = None
-
-    def _free(self, handle: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def engine(self) -> Engine:
-        """The engine library this handle belongs to."""
-        assert self._engine is not None
-        return self._engine
-
-    def close(self) -> None:
-        """Free the native handle. Safe to call more than once."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._free(handle)
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` has run."""
-        return self._handle is None
-
-    def _require_open(self) -> Any:
-        if self._handle is None:
-            raise ClosedError(f"{type(self).__name__} is closed")
-        return self._handle
-
-    def __enter__(self) -> _NativeHandle:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
+from sfumato.engine.phases import PhaseTracker
+from sfumato.engine.requests import (
+    LORA_APPLY_MODES,
+    RNG_TYPES,
+    WEIGHT_TYPES,
+    ContextParams,
+    GenerationOutput,
+    ImageArray,
+    ImageRequest,
+    TickCallback,
+)
+from sfumato.errors import EngineError, InvalidParameterError
 
 
 def _enum(lib: Any, table: dict[str, str], value: str, field_name: str) -> int:
@@ -316,7 +62,7 @@ def _as_image(array: ImageArray, channels: int, field_name: str) -> ImageArray:
     return np.ascontiguousarray(image)
 
 
-class DiffusionContext(_NativeHandle):
+class DiffusionContext(NativeHandle):
     """A loaded diffusion model (``sd_ctx_t``), run in this process.
 
     Parameters
@@ -480,7 +226,7 @@ class DiffusionContext(_NativeHandle):
             p.hires.upscale_tile_size = hires.tile_size
 
         started = time.perf_counter()
-        tracker = _PhaseTracker(on_tick, request.batch_count, started)
+        tracker = PhaseTracker(on_tick, request.batch_count, started)
         with self._lock:
             self._require_open()
             with callbacks.listening(tracker):
@@ -522,7 +268,7 @@ def _copy_image(ffi: Any, image: Any) -> ImageArray:
     return np.frombuffer(ffi.buffer(image.data, size), dtype=np.uint8).reshape(shape).copy()
 
 
-class UpscalerContext(_NativeHandle):
+class UpscalerContext(NativeHandle):
     """A loaded ESRGAN upscaler (``upscaler_ctx_t``), run in this process.
 
     Parameters

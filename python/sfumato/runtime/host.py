@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sfumato.engine.context import ProgressTick
+from sfumato.engine.requests import ProgressTick
 from sfumato.errors import UnknownModelIdError
 from sfumato.families.detect import ModelInfo
 from sfumato.params import ModelConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfumato.engine.context import ContextParams, ImageArray, ImageRequest, ProgressTick
+from sfumato.engine.requests import ContextParams, ImageArray, ImageRequest, ProgressTick
 
 
 @dataclass(frozen=True)

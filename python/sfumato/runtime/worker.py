@@ -25,17 +25,9 @@ from multiprocessing.connection import Connection
 import psutil
 
 from sfumato import images as imaging
-from sfumato.engine.context import (
-    PHASE_HIRES,
-    PHASE_SAMPLING,
-    PHASE_UPSCALE,
-    PHASE_VAE,
-    DiffusionContext,
-    ImageArray,
-    ProgressTick,
-    UpscalerContext,
-)
+from sfumato.engine.context import DiffusionContext, UpscalerContext
 from sfumato.engine.devices import list_devices
+from sfumato.engine.requests import PHASE_HIRES, PHASE_SAMPLING, PHASE_UPSCALE, PHASE_VAE, ImageArray, ProgressTick
 from sfumato.errors import EngineError, SfumatoError
 from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
 
