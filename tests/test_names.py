@@ -61,3 +61,46 @@ def test_reference_names_are_all_accepted() -> None:
     assert qvac_samplers <= set(sfumato.SAMPLING_METHODS)
     assert qvac_schedulers == set(sfumato.SCHEDULER_NAMES)
     assert sfumato.CACHE_PRESETS == {"slow": 0.60, "medium": 0.40, "fast": 0.25, "ultra": 0.15}
+
+
+# Each HTTP API family's own defaults, as the documents that specify it give them
+# (seed 002's field comments, seed 003's parameter table, seed 004's JSON schema,
+# AUTOMATIC1111's API, OpenAI's images API), checked against the schemas' fields.
+SPECIFIED_DEFAULTS: dict[str, dict[str, object]] = {
+    "sfumato.server.job_queue.Txt2ImgRequest": {
+        "steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "jpeg_quality": 85, "refiner_switch_at": 0.8,
+        "seed": -1, "fileType": "jpg",
+    },
+    "sfumato.server.param_schema.DiffusionBody": {
+        "steps": 20, "guidance": 7.5, "width": 320, "height": 320, "seed": 1, "strength": 0.75, "cimg": 1,
+    },
+    "sfumato.server.workers_ai.RunBody": {"num_steps": 20, "guidance": 7.5, "strength": 1},
+    "sfumato.server.a1111.Txt2ImgBody": {
+        "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "batch_size": 1, "n_iter": 1,
+    },
+    "sfumato.server.openai.GenerationsBody": {"n": 1, "size": "auto", "output_format": "png"},
+}  # fmt: skip
+
+
+def test_every_http_schema_has_its_specified_defaults() -> None:
+    import importlib
+
+    for path, expected in SPECIFIED_DEFAULTS.items():
+        module, _, name = path.rpartition(".")
+        schema = getattr(importlib.import_module(module), name)
+        have = {field: schema.model_fields[field].default for field in expected}
+        assert have == expected, path
+
+
+def test_the_sdk_cli_and_http_share_the_refiner_switch_and_the_seed_range() -> None:
+    from sfumato.params import MAX_SEED, RefinerConfig
+    from sfumato.server import a1111, job_queue, openai
+
+    switch = {f.name: f.default for f in fields(RefinerConfig)}["switch_at"]
+    generate = {a.dest: a for a in _subparser("generate")._actions}  # type: ignore[attr-defined]
+    assert generate["refiner_switch_at"].default == switch
+    assert job_queue.Txt2ImgRequest.model_fields["refiner_switch_at"].default == switch
+    assert a1111.Txt2ImgBody.model_fields["refiner_switch_at"].default == switch
+    for schema in (job_queue.Txt2ImgRequest, a1111.Txt2ImgBody, openai.GenerationsBody):
+        limits = {type(m).__name__: m for m in schema.model_fields["seed"].metadata}
+        assert limits["Le"].le == MAX_SEED == 2**63 - 1, schema  # the engine's int64 seed

@@ -539,33 +539,54 @@ def diffusion(
     UnknownModelIdError, NoUpscalerError
     """
     called = time.perf_counter()
-    params = validate_diffusion(
-        DiffusionParams(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            cfg_scale=cfg_scale, guidance=guidance, sampling_method=sampling_method, scheduler=scheduler,
-            seed=seed, batch_count=batch_count, vae_tiling=vae_tiling, cache_preset=cache_preset,
-            init_image=init_image, mask=mask, strength=strength, upscale=upscale, hires=hires, loras=loras,
-            clip_skip=clip_skip, eta=eta, img_cfg_scale=img_cfg_scale, init_images=init_images,
-        )
-    )  # fmt: skip
+    given = locals()
+    params = validate_diffusion(DiffusionParams(**{f.name: given[f.name] for f in dataclasses.fields(DiffusionParams)}))
     host = _host(model_id)
-    model = host.model
-    if not model.has_diffusion:
+    if not host.model.has_diffusion:
         raise InvalidParameterError("model_id", f"model {model_id!r} was loaded with mode='upscale'; call upscale()")
     refine = check_refiner("refiner", refiner)
-    refiner_host = None
-    if refine is not None:
-        try:
-            refiner_host = _pool.get(refine.model_id)
-        except UnknownModelIdError:
-            raise InvalidParameterError("refiner.model_id", f"no loaded model has the id {refine.model_id!r}") from None
-        if not refiner_host.model.has_diffusion:
-            raise InvalidParameterError("refiner.model_id", "that model was loaded with mode='upscale'")
+    second = _refiner_host(refine.model_id) if refine is not None else None
     repeats = check_upscale_repeats("upscale", params.upscale)
-    if repeats and not model.has_upscaler:
+    if repeats and not host.model.has_upscaler:
         raise NoUpscalerError(
             f"upscale: model {model_id!r} has no upscaler; load it with model_config.upscaler={{'model_src': ...}}"
         )
+    request = image_request(params, host.model, second.model if second is not None else None)
+    if refine is None or second is None or refine.switch_at >= 1.0:  # switching at the end: no refiner pass
+        return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
+    _check_timeout(timeout)
+    plan = RefinerPlan(
+        base=lambda job: _submit(host, job, called, timeout),
+        refiner=lambda job: _submit(second, job, called, timeout),
+        request=request,
+        switch_at=refine.switch_at,
+        upscale_repeats=repeats,
+    )
+    return run_with_refiner(plan, called, CANCELLED)
+
+
+def _refiner_host(model_id: str) -> ModelHost:
+    """The host of the loaded model named as ``refiner.model_id``, which must generate."""
+    try:
+        host = _pool.get(model_id)
+    except UnknownModelIdError:
+        raise InvalidParameterError("refiner.model_id", f"no loaded model has the id {model_id!r}") from None
+    if not host.model.has_diffusion:
+        raise InvalidParameterError("refiner.model_id", "that model was loaded with mode='upscale'")
+    return host
+
+
+def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedModel | None = None) -> ImageRequest:
+    """The engine's request for validated ``params`` on a loaded ``model``: the
+    FLUX.2 reference rules, the size (given, else the source image's, else the
+    default; a multiple of what both models take), the source and mask resized to
+    it, LoRA files and hires resolved, the family's cfg default and a drawn seed.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the field at fault.
+    """
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")
@@ -588,7 +609,7 @@ def diffusion(
     first = source if source is not None else (references[0] if references else None)
     w = params.width or (first.shape[1] if first is not None else DEFAULT_SIZE)
     h = params.height or (first.shape[0] if first is not None else DEFAULT_SIZE)
-    multiple = max(model.size_multiple, refiner_host.model.size_multiple if refiner_host else 1)
+    multiple = max(model.size_multiple, refiner.size_multiple if refiner else 1)
     check_side("width", w, multiple)
     check_side("height", h, multiple)
     if source is not None:
@@ -598,7 +619,7 @@ def diffusion(
         # Bilinear: a mask must not ring past its edges as Lanczos would.
         grey = imaging.to_array(params.mask, "mask", mode="L")
         mask_array = imaging.resize(grey, w, h, Image.Resampling.BILINEAR)
-    request = ImageRequest(
+    return ImageRequest(
         hires=_engine_hires(params.hires),
         loras=_lora_files(params.loras, model.config.lora_dir),
         prompt=params.prompt,
@@ -624,18 +645,6 @@ def diffusion(
         cache_threshold=CACHE_PRESETS[params.cache_preset] if params.cache_preset else None,
         seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
     )
-    if refine is None or refiner_host is None or refine.switch_at >= 1.0:  # switching at the end: no refiner pass
-        return _submit(host, RunJob(request=request, repeats=repeats), called, timeout)
-    _check_timeout(timeout)
-    second = refiner_host
-    plan = RefinerPlan(
-        base=lambda job: _submit(host, job, called, timeout),
-        refiner=lambda job: _submit(second, job, called, timeout),
-        request=request,
-        switch_at=refine.switch_at,
-        upscale_repeats=repeats,
-    )
-    return run_with_refiner(plan, called, CANCELLED)
 
 
 def _lora_files(value: object, folder: Path | None) -> list[tuple[str, float]]:

@@ -21,6 +21,7 @@ from sfumato.families.companions import ROLES
 from sfumato.params import (
     CACHE_PRESETS,
     PREDICTIONS,
+    REFINER_SWITCH_AT,
     RNG_NAMES,
     SAMPLING_METHODS,
     SCHEDULER_NAMES,
@@ -123,7 +124,10 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     gen.add_argument("--upscaler", default=None, help="an ESRGAN to pair with the model, for --upscale")
     gen.add_argument("--refiner", default=None, help="a second model that refines each image (all-in-one file)")
     gen.add_argument(
-        "--refiner-switch-at", type=float, default=0.8, help="the fraction of denoising the base does (default: 0.8)"
+        "--refiner-switch-at",
+        type=float,
+        default=REFINER_SWITCH_AT,
+        help=f"the fraction of denoising the base does (default: {REFINER_SWITCH_AT})",
     )
     gen.add_argument(
         "--preset", choices=list(PRESETS), default=None, help="settings of a distilled model; other flags override them"

@@ -41,6 +41,8 @@ RNG_NAMES: tuple[str, ...] = tuple(RNG_TYPES)
 WEIGHT_TYPE_NAMES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k")
 
 MAX_SEED = 2**63 - 1
+REFINER_SWITCH_AT = 0.8
+"""The fraction of the denoising the base model does before a refiner takes over."""
 MAX_BATCH = 16
 MAX_STEPS = 1000
 MAX_SIDE = 4096
@@ -220,7 +222,7 @@ class RefinerConfig:
     """
 
     model_id: str
-    switch_at: float = 0.8
+    switch_at: float = REFINER_SWITCH_AT
 
 
 def check_refiner(name: str, value: object) -> RefinerConfig | None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
-from sfumato.params import MAX_BATCH, SCHEDULER_NAMES
+from sfumato.params import MAX_BATCH, MAX_SEED, REFINER_SWITCH_AT, SCHEDULER_NAMES
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan, Upscale
 from sfumato.server.names import SAMPLERS
@@ -39,7 +39,7 @@ class Txt2ImgBody(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = Field(-1, ge=-1, le=2**63 - 1)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
@@ -57,7 +57,7 @@ class Txt2ImgBody(BaseModel):
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)
+    refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
 
 
 class Img2ImgBody(Txt2ImgBody):

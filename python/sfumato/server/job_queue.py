@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato.families.detect import FAMILY_NAMES
+from sfumato.params import MAX_SEED, REFINER_SWITCH_AT
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan, PlanVersionError
@@ -55,8 +56,8 @@ class Txt2ImgRequest(BaseModel):
     loras: list[LoRA | str] = Field(default_factory=list)
     hires: HiresConfig | None = None
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)
-    seed: int = Field(-1, ge=-1, le=2**63 - 1)
+    refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

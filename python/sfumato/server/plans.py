@@ -18,6 +18,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import check_lora_file
 from sfumato.params import (
     HIRES_UPSCALERS,
+    REFINER_SWITCH_AT,
     DiffusionParams,
     check_hires,
     check_number,
@@ -133,7 +134,7 @@ def diffusion_plan(
     hires: Mapping[str, Any] | None = None,
     loras: Sequence[tuple[str, float]] = (),
     refiner: str | None = None,
-    refiner_switch_at: float = 0.8,
+    refiner_switch_at: float = REFINER_SWITCH_AT,
     file_type: FileType = "png",
     jpeg_quality: int = 85,
     fields: Mapping[str, str] | None = None,
