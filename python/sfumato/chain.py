@@ -21,13 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sfumato.engine.requests import PHASE_SAMPLING, ImageRequest
+from sfumato.engine.requests import PHASE_REFINER, PHASE_SAMPLING, ImageRequest, Phase
 from sfumato.errors import JobCancelledError
 from sfumato.images import decode_png
 from sfumato.results import DiffusionResult, DiffusionStats
 from sfumato.runtime.protocol import RunJob
-
-PHASE_REFINER = "refiner"
 
 Submit = Callable[[RunJob], DiffusionResult]
 """Queue one job on a model and return its result handle."""
@@ -85,7 +83,7 @@ class _Run:
         self.outer._fail(JobCancelledError(self.reason, list(self.done)))
         return True
 
-    def stage(self, job: RunJob, submit: Submit, phase: str | None) -> tuple[list[bytes], DiffusionStats]:
+    def stage(self, job: RunJob, submit: Submit, phase: Phase | None) -> tuple[list[bytes], DiffusionStats]:
         """Run one stage, passing its ticks on; raises when it fails or was cancelled."""
         with self.lock:
             if self.stopped:

@@ -10,6 +10,7 @@ from sfumato.engine.requests import (
     PHASE_HIRES,
     PHASE_SAMPLING,
     PHASE_VAE,
+    Phase,
     ProgressTick,
     TickCallback,
 )
@@ -41,16 +42,20 @@ class PhaseTracker:
     def _elapsed_ms(self) -> float:
         return (time.perf_counter() - self._started) * 1000.0
 
-    def _enter(self, phase: str) -> None:
+    def _account(self) -> None:
+        """Add the time since the current phase began (or was last accounted) to it."""
         now = time.perf_counter()
         self.phase_ms[self._phase] = self.phase_ms.get(self._phase, 0.0) + (now - self._phase_start) * 1000
-        self._phase, self._phase_start = phase, now
+        self._phase_start = now
+
+    def _enter(self, phase: Phase) -> None:
+        self._account()
+        self._phase = phase
 
     def finish(self) -> None:
-        self._enter("done")
-        self.phase_ms.pop("done", None)
+        self._account()
 
-    def _tick(self, step: int, total: int, phase: str) -> None:
+    def _tick(self, step: int, total: int, phase: Phase) -> None:
         if self._on_tick is not None:
             self._on_tick(ProgressTick(step, total, self._elapsed_ms(), phase))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -21,11 +22,14 @@ WEIGHT_TYPES: dict[str, str] = {
 }  # fmt: skip
 RNG_TYPES: dict[str, str] = {"std_default": "STD_DEFAULT_RNG", "cuda": "CUDA_RNG", "cpu": "CPU_RNG"}
 
-PHASE_CONDITIONING = "conditioning"
-PHASE_SAMPLING = "sampling"
-PHASE_HIRES = "hires"
-PHASE_VAE = "vae"
-PHASE_UPSCALE = "upscale"
+Phase = Literal["conditioning", "sampling", "hires", "vae", "upscale", "refiner"]
+"""The phases a job's progress ticks name; ``refiner`` is the second model's pass (:mod:`sfumato.chain`)."""
+PHASE_CONDITIONING: Phase = "conditioning"
+PHASE_SAMPLING: Phase = "sampling"
+PHASE_HIRES: Phase = "hires"
+PHASE_VAE: Phase = "vae"
+PHASE_UPSCALE: Phase = "upscale"
+PHASE_REFINER: Phase = "refiner"
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class ProgressTick:
     step: int
     total_steps: int
     elapsed_ms: float
-    phase: str = PHASE_SAMPLING
+    phase: Phase = PHASE_SAMPLING
 
 
 TickCallback = Callable[[ProgressTick], None]

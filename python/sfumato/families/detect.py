@@ -15,6 +15,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from sfumato.errors import (
     InvalidModelError,
@@ -24,16 +25,18 @@ from sfumato.errors import (
     UnsupportedModelError,
 )
 
-FAMILY_SD1 = "sd1"
-FAMILY_SD2 = "sd2"
-FAMILY_SDXL = "sdxl"
-FAMILY_SD3 = "sd3"
-FAMILY_FLUX1 = "flux1"
-FAMILY_FLUX2 = "flux2"
-FAMILY_ESRGAN = "esrgan"
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "flux2", "esrgan"]
+"""The model families sfumato detects; :data:`FAMILY_NAMES` gives their display names."""
+FAMILY_SD1: Family = "sd1"
+FAMILY_SD2: Family = "sd2"
+FAMILY_SDXL: Family = "sdxl"
+FAMILY_SD3: Family = "sd3"
+FAMILY_FLUX1: Family = "flux1"
+FAMILY_FLUX2: Family = "flux2"
+FAMILY_ESRGAN: Family = "esrgan"
 DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_FLUX2)
 SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
-FAMILY_NAMES = {
+FAMILY_NAMES: dict[Family, str] = {
     FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
     FAMILY_FLUX1: "FLUX.1", FAMILY_FLUX2: "FLUX.2 [klein]", FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
@@ -104,7 +107,7 @@ class ModelInfo:
     """
 
     path: Path
-    family: str
+    family: Family
     format: str
     variant: str | None = None
     has_vae: bool = True

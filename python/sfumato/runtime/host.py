@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from sfumato.engine.requests import ProgressTick
 from sfumato.errors import UnknownModelIdError
@@ -31,9 +31,11 @@ from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, Lo
 
 logger = logging.getLogger("sfumato.runtime")
 
-CANCELLED = "cancelled"
-TIMEOUT = "timeout"
-UNLOADED = "unloaded"
+CancelReason = Literal["cancelled", "timeout", "unloaded"]
+"""Why a running or queued job was stopped: a cancel call, its timeout, its model's unload."""
+CANCELLED: CancelReason = "cancelled"
+TIMEOUT: CancelReason = "timeout"
+UNLOADED: CancelReason = "unloaded"
 
 # The longest a cancel waits for the killed worker's job to be reported ended.
 CANCEL_WAIT_S = 10.0

@@ -29,7 +29,7 @@ class LoRA(BaseModel):
     scale: float = 1.0
 
 
-class HiresConfig(BaseModel):
+class HiresFields(BaseModel):
     enabled: bool = False
     scale: float = 2.0
     upscaler: str = "Latent"
@@ -54,7 +54,7 @@ class Txt2ImgRequest(BaseModel):
     fileType: Literal["jpg", "png"] = "jpg"  # noqa: N815 - seed 002's field name
     jpeg_quality: int = Field(85, ge=1, le=100)
     loras: list[LoRA | str] = Field(default_factory=list)
-    hires: HiresConfig | None = None
+    hires: HiresFields | None = None
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
@@ -73,7 +73,7 @@ class JobAccepted(BaseModel):
     status: Literal["queued"] = "queued"
 
 
-class ModelInfo(BaseModel):
+class ModelEntry(BaseModel):
     name: str
     type: Literal["standard", "sdxl"]
     path: str
@@ -87,7 +87,7 @@ class Success(BaseModel):
 
 
 class ModelsResponse(Success):
-    models: list[ModelInfo]
+    models: list[ModelEntry]
 
 
 class LorasResponse(Success):
@@ -207,7 +207,7 @@ def router(state: ServerState) -> APIRouter:
     def models() -> ModelsResponse:
         return ModelsResponse(
             models=[
-                ModelInfo(
+                ModelEntry(
                     name=e.name,
                     type="sdxl" if e.info and e.info.family == "sdxl" else "standard",
                     path=str(e.path),

@@ -15,11 +15,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sfumato.errors import SfumatoError
 
-QUEUED, PROCESSING, DONE, ERROR, CANCELLED = "queued", "processing", "done", "error", "cancelled"
+JobState = Literal["queued", "processing", "done", "error", "cancelled"]
+"""A job's state in the store; the first two are active, the rest final."""
+QUEUED: JobState = "queued"
+PROCESSING: JobState = "processing"
+DONE: JobState = "done"
+ERROR: JobState = "error"
+CANCELLED: JobState = "cancelled"
 ACTIVE = (QUEUED, PROCESSING)
 FINAL = (DONE, ERROR, CANCELLED)
 
@@ -76,7 +82,7 @@ class Job:
     id: str
     kind: str
     request: dict[str, Any]
-    state: str = QUEUED
+    state: JobState = QUEUED
     progress: float = 0.0
     phase: str = QUEUED
     error: str | None = None
@@ -197,7 +203,7 @@ class JobStore:
                 (progress, phase, job_id, PROCESSING),
             )
 
-    def end(self, job_id: str, state: str, error: str | None = None, result: dict[str, Any] | None = None) -> bool:
+    def end(self, job_id: str, state: JobState, error: str | None = None, result: dict[str, Any] | None = None) -> bool:
         """Put an active job in a final state; returns whether it was still active."""
         assert state in FINAL, state
         with self._lock:
