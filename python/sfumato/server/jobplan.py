@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
 
@@ -64,18 +64,19 @@ class Generation:
     hires: Hires | None = None
     loras: tuple[Lora, ...] = ()
 
-    def sdk_arguments(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`sfumato.diffusion`."""
+    def _fields(self, image: Callable[[bytes | None], Any]) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
-        out.update(init_image=self.init_image, mask=self.mask, loras=[vars(lora) for lora in self.loras])
-        out["hires"] = vars(self.hires) if self.hires is not None else None
+        out.update(init_image=image(self.init_image), mask=image(self.mask))
+        out.update(loras=[asdict(lora) for lora in self.loras], hires=asdict(self.hires) if self.hires else None)
         return out
 
+    def sdk_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`sfumato.diffusion`."""
+        return self._fields(lambda data: data)
+
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
-        out.update(init_image=_b64(self.init_image), mask=_b64(self.mask), loras=[vars(lora) for lora in self.loras])
-        out["hires"] = vars(self.hires) if self.hires is not None else None
-        return out
+        """The JSON form: images in base64."""
+        return self._fields(_b64)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Generation:
@@ -173,7 +174,7 @@ class JobPlan:
                                "jpeg_quality": self.jpeg_quality}  # fmt: skip
         out["upscaler" if isinstance(self.work, Upscale) else "model"] = self.model
         if self.refiner is not None:
-            out["refiner"] = vars(self.refiner)
+            out["refiner"] = asdict(self.refiner)
         return out
 
     @classmethod
