@@ -17,7 +17,7 @@ from sfumato.families.detect import FAMILY_NAMES
 from sfumato.params import MAX_SEED, REFINER_SWITCH_AT
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
-from sfumato.server.jobplan import JobPlan, PlanVersionError
+from sfumato.server.jobplan import JobPlan
 from sfumato.server.plans import decode_image, diffusion_plan
 from sfumato.server.runner import read_output
 from sfumato.server.state import ServerState, require_key
@@ -167,11 +167,8 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> JobPlan:
 
 
 def _prompt(job: Job) -> str:
-    """A stored job's prompt for the history list; empty where its plan cannot be read."""
-    try:
-        return JobPlan.from_json(job.request["plan"]).prompt
-    except PlanVersionError:
-        return ""
+    """A stored job's prompt for the history list, read without decoding its images."""
+    return JobPlan.stored_prompt(job.request["plan"])
 
 
 def status_of(job: Job) -> QueueStatusResponse:

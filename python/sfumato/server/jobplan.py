@@ -164,10 +164,13 @@ class JobPlan:
             raise TypeError(f"the plan of model {self.model!r} is an upscale, not a generation")
         return self.work
 
-    @property
-    def prompt(self) -> str:
-        """The generation's prompt; empty for an upscale."""
-        return self.work.prompt if isinstance(self.work, Generation) else ""
+    @staticmethod
+    def stored_prompt(data: Mapping[str, Any]) -> str:
+        """The prompt of a plan in its JSON form (any version), without decoding its
+        images: what a listing of many jobs needs. Empty for an upscale or an unreadable plan."""
+        params = data.get("params")
+        prompt = params.get("prompt") if "model" in data and isinstance(params, Mapping) else None
+        return prompt if isinstance(prompt, str) else ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.VERSION, "params": self.work.to_json(), "file_type": self.file_type,
