@@ -1,14 +1,17 @@
-"""One set of names everywhere: the SDK signature, the parameter dataclass and
-the CLI flags carry the same fields with the same defaults."""
+"""One set of names everywhere: the SDK signature, the parameter dataclasses, the
+CLI flags and every HTTP schema carry the same fields with the same defaults."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import MISSING, fields
 
+from pydantic import BaseModel
+
 import sfumato
 from sfumato.cli import build_parser
-from sfumato.params import DiffusionParams
+from sfumato.params import DiffusionParams, HiresConfig, ModelConfig, UpscalerConfig
 
 
 def _subparser(name: str) -> object:
@@ -69,7 +72,10 @@ def test_reference_names_are_all_accepted() -> None:
 SPECIFIED_DEFAULTS: dict[str, dict[str, object]] = {
     "sfumato.server.job_queue.Txt2ImgRequest": {
         "steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "jpeg_quality": 85, "refiner_switch_at": 0.8,
-        "seed": -1, "fileType": "jpg",
+        "seed": -1, "fileType": "jpg", "sampler_name": "DPM++ 2M Karras", "scheduler_type": "karras",
+    },
+    "sfumato.server.job_queue.HiresFields": {
+        "scale": 2.0, "upscaler": "Latent", "steps": 20, "denoising_strength": 0.4,
     },
     "sfumato.server.param_schema.DiffusionBody": {
         "steps": 20, "guidance": 7.5, "width": 320, "height": 320, "seed": 1, "strength": 0.75, "cimg": 1,
@@ -82,14 +88,77 @@ SPECIFIED_DEFAULTS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-def test_every_http_schema_has_its_specified_defaults() -> None:
-    import importlib
+def _schema(path: str) -> type[BaseModel]:
+    module, _, name = path.rpartition(".")
+    schema = getattr(importlib.import_module(module), name)
+    assert issubclass(schema, BaseModel)
+    return schema
 
+
+def test_every_http_schema_has_its_specified_defaults() -> None:
     for path, expected in SPECIFIED_DEFAULTS.items():
-        module, _, name = path.rpartition(".")
-        schema = getattr(importlib.import_module(module), name)
+        schema = _schema(path)
         have = {field: schema.model_fields[field].default for field in expected}
         assert have == expected, path
+
+
+# A minimal request of each API family, and what its defaults mean in the SDK's
+# names (the sampler names resolved to the engine's, as sfumato.server.names maps them).
+MINIMAL_REQUESTS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
+    "sfumato.server.job_queue.Txt2ImgRequest": (
+        {"prompt": "p"},
+        {"steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "batch_count": 1,
+         "sampling_method": "dpm++2m", "scheduler": "karras", "hires": None, "init_image": None},
+    ),
+    "sfumato.server.param_schema.DiffusionBody": (
+        {"word": "p"},
+        {"steps": 20, "cfg_scale": 7.5, "width": 320, "height": 320, "seed": 1, "batch_count": 1,
+         "sampling_method": None, "scheduler": None, "init_image": None},
+    ),
+    "sfumato.server.workers_ai.RunBody": (
+        {"prompt": "p"},
+        {"steps": 20, "cfg_scale": 7.5, "width": 512, "height": 512, "seed": -1, "batch_count": 1, "init_image": None},
+    ),
+    "sfumato.server.a1111.Txt2ImgBody": (
+        {},
+        {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "batch_count": 1,
+         "sampling_method": "euler", "scheduler": None, "hires": None, "loras": []},
+    ),
+}  # fmt: skip
+
+
+def test_each_schema_turns_its_defaults_into_the_sdk_params() -> None:
+    for path, (body, expected) in MINIMAL_REQUESTS.items():
+        params = _schema(path).model_validate(body).to_params()  # type: ignore[attr-defined]
+        assert isinstance(params, DiffusionParams)
+        assert {key: getattr(params, key) for key in expected} == expected, path
+    openai = _schema("sfumato.server.openai.GenerationsBody").model_validate({"prompt": "p"})
+    params = openai.to_params((512, 512))  # type: ignore[attr-defined]
+    assert (params.steps, params.batch_count, params.strength) == (20, 1, DiffusionParams.strength)  # quality auto
+    assert openai.to_params((512, 512), b"image", b"mask").strength == 1.0  # type: ignore[attr-defined]
+
+
+def test_every_renamed_field_names_a_field_the_client_sends() -> None:
+    sdk = {f.name for f in fields(DiffusionParams)} | {"model"}
+    for path in SPECIFIED_DEFAULTS:
+        schema = _schema(path)
+        sent_as: dict[str, str] = getattr(schema, "SENT_AS", {})
+        for ours, theirs in sent_as.items():
+            assert ours.split(".")[0] in sdk, (path, ours)
+            assert theirs.split(".")[0] in schema.model_fields, (path, theirs)
+
+
+def test_the_cli_model_flags_have_the_model_config_defaults() -> None:
+    generate = {a.dest: a for a in _subparser("generate")._actions}  # type: ignore[attr-defined]
+    for f in fields(ModelConfig):
+        if f.name not in ("mode", "upscaler"):  # mode is the subcommand; upscaler is --upscaler and --tile-size
+            assert generate[f.name].default == f.default, f.name
+    assert generate["tile_size"].default == {f.name: f.default for f in fields(UpscalerConfig)}["tile_size"]
+    hires = {f.name: f.default for f in fields(HiresConfig)}
+    flags = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
+             "hires_strength": "denoising_strength"}  # fmt: skip
+    for flag, name in flags.items():
+        assert generate[flag].default == hires[name], flag
 
 
 def test_the_sdk_cli_and_http_share_the_refiner_switch_and_the_seed_range() -> None:

@@ -48,12 +48,8 @@ from sfumato.families.companions import ROLES, check_companion, family_files, sp
 from sfumato.families.detect import (
     DIFFUSION_FAMILIES,
     FAMILY_ESRGAN,
-    FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
-    FAMILY_SD1,
-    FAMILY_SD2,
-    FAMILY_SD3,
     FAMILY_SDXL,
     ModelInfo,
     check_lora_file,
@@ -63,10 +59,12 @@ from sfumato.params import (
     CACHE_PRESETS,
     DEFAULT_CFG_SCALE,
     DEFAULT_SIZE,
+    FAMILY_CFG_SCALE,
+    FAMILY_SIZE_MULTIPLE,
     HIRES_UPSCALERS,
     LORA_SUFFIXES,
     MAX_REPEATS,
-    PREDICTIONS,
+    PREDICTION_NAMES,
     DiffusionParams,
     ModelConfig,
     UpscalerConfig,
@@ -81,7 +79,7 @@ from sfumato.params import (
 )
 from sfumato.registry import REGISTRY, RegistryModel, cache_dir, resolve
 from sfumato.results import DiffusionResult, DiffusionStats
-from sfumato.runtime.host import CANCELLED, HostJob, LoadedModel, ModelHost
+from sfumato.runtime.host import REASON_CANCELLED, CancelReason, HostJob, LoadedModel, ModelHost
 from sfumato.runtime.pool import Budget, ModelPool
 from sfumato.runtime.process import device_env
 from sfumato.runtime.protocol import ImageDone, JobDone, LoadSpec, Ready, RunJob
@@ -90,12 +88,6 @@ ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
 """A local file, a diffusers folder, or a registry constant (or its name)."""
 
 _D = DiffusionParams(prompt="")
-_SIZE_MULTIPLE = {FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 16}
-"""Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
-the transformers patchify 2x2 latents of an 8x VAE."""
-
-_FAMILY_CFG_SCALE = {FAMILY_FLUX1: 1.0, FAMILY_FLUX2: 1.0}
-"""``cfg_scale`` when the caller gives none, where a family needs another than 7."""
 
 _pool = ModelPool(Budget.from_env())
 atexit.register(_pool.shutdown)  # no worker outlives the process that started it
@@ -227,7 +219,7 @@ def load_model(
             path, "model_src", DIFFUSION_FAMILIES, "load ESRGAN upscalers with model_config={'mode': 'upscale'}"
         )
         companions = _companions(config, info)
-        prediction = PREDICTIONS[config.prediction]
+        prediction = PREDICTION_NAMES[config.prediction]
         if prediction is None and registered is not None:
             prediction = registered.prediction
         if config.upscaler is not None:
@@ -269,7 +261,7 @@ def load_model(
         config=config,
         has_diffusion=context is not None,
         has_upscaler=upscaler_path is not None,
-        size_multiple=_SIZE_MULTIPLE.get(info.family, 8),
+        size_multiple=FAMILY_SIZE_MULTIPLE.get(info.family, 8),
     )
 
     def create() -> ModelHost:
@@ -427,7 +419,7 @@ class _Report:
     def failed(self, error: BaseException) -> None:
         self.result._fail(error)
 
-    def cancelled(self, reason: str) -> None:
+    def cancelled(self, reason: CancelReason) -> None:
         self.result._cancelled(reason)
 
     def finished(self, done: JobDone, ready: Ready) -> None:
@@ -471,7 +463,7 @@ def _submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) 
     _check_timeout(timeout)
     result = DiffusionResult()
     job = HostJob(run, _Report(result, called, run.request is None), timeout)
-    result._bind(lambda: host.cancel(job, CANCELLED))
+    result._bind(lambda: host.cancel(job, REASON_CANCELLED))
     host.submit(job)
     return result
 
@@ -562,7 +554,7 @@ def diffusion(
         switch_at=refine.switch_at,
         upscale_repeats=repeats,
     )
-    return run_with_refiner(plan, called, CANCELLED)
+    return run_with_refiner(plan, called, REASON_CANCELLED)
 
 
 def _refiner_host(model_id: str) -> ModelHost:
@@ -627,7 +619,7 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
         width=w,
         height=h,
         steps=params.steps,
-        cfg_scale=_FAMILY_CFG_SCALE.get(model.info.family, DEFAULT_CFG_SCALE)
+        cfg_scale=FAMILY_CFG_SCALE.get(model.info.family, DEFAULT_CFG_SCALE)
         if params.cfg_scale is None
         else params.cfg_scale,
         guidance=params.guidance,

@@ -20,13 +20,16 @@ from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.families.companions import ROLES
 from sfumato.params import (
     CACHE_PRESETS,
-    PREDICTIONS,
+    PREDICTION_NAMES,
     REFINER_SWITCH_AT,
     RNG_NAMES,
     SAMPLING_METHODS,
     SCHEDULER_NAMES,
     WEIGHT_TYPE_NAMES,
     DiffusionParams,
+    HiresConfig,
+    ModelConfig,
+    UpscalerConfig,
 )
 from sfumato.presets import PRESETS
 from sfumato.server.settings import ServerSettings
@@ -36,26 +39,47 @@ DEFAULT_UPSCALER = "REALESRGAN_X4PLUS"
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
 
 _D = DiffusionParams(prompt=DEFAULT_PROMPT)
+_M = ModelConfig()
+_H = HiresConfig()
+_U = UpscalerConfig()
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model_config")
-    group.add_argument("--device", default="auto", help="auto, cpu, gpu or an engine device name (default: auto)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    group.add_argument("--flash-attn", action="store_true", help="flash attention (slower on CPU)")
-    group.add_argument("--conv-direct", action="store_true", help="direct convolutions in the UNet and VAE")
-    group.add_argument("--rng", choices=RNG_NAMES, default="cuda", help="noise generator (cpu: as torch on CPU)")
-    group.add_argument("--weight-type", choices=WEIGHT_TYPE_NAMES, default=None, help="convert weights at load")
-    group.add_argument("--prediction", choices=list(PREDICTIONS), default="auto")
-    group.add_argument("--vae", dest="vae_model_src", default=None, help="a separate VAE file")
     group.add_argument(
-        "--clip-l", dest="clip_l_model_src", default=None, help="CLIP-L text encoder (SDXL, SD3, FLUX.1)"
+        "--device", default=_M.device, help=f"auto, cpu, gpu or an engine device name (default: {_M.device})"
     )
-    group.add_argument("--clip-g", dest="clip_g_model_src", default=None, help="CLIP-G text encoder (SDXL, SD3)")
-    group.add_argument("--t5xxl", dest="t5xxl_model_src", default=None, help="T5-XXL text encoder (SD3, FLUX.1)")
-    group.add_argument("--llm", dest="llm_model_src", default=None, help="Qwen3 text encoder (FLUX.2 [klein])")
-    group.add_argument("--tile-size", type=int, default=128, help="ESRGAN tile size (default: 128)")
-    group.add_argument("--lora-dir", dest="lora_dir", default=None, help="folder that --lora names are looked up in")
+    group.add_argument("--threads", type=int, default=_M.threads, help="CPU threads (default: physical cores)")
+    group.add_argument(
+        "--flash-attn", action="store_true", default=_M.flash_attn, help="flash attention (slower on CPU)"
+    )
+    group.add_argument(
+        "--conv-direct", action="store_true", default=_M.conv_direct, help="direct convolutions in the UNet and VAE"
+    )
+    group.add_argument("--rng", choices=RNG_NAMES, default=_M.rng, help="noise generator (cpu: as torch on CPU)")
+    group.add_argument(
+        "--weight-type", choices=WEIGHT_TYPE_NAMES, default=_M.weight_type, help="convert weights at load"
+    )
+    group.add_argument("--prediction", choices=list(PREDICTION_NAMES), default=_M.prediction)
+    group.add_argument("--vae", dest="vae_model_src", default=_M.vae_model_src, help="a separate VAE file")
+    group.add_argument(
+        "--clip-l", dest="clip_l_model_src", default=_M.clip_l_model_src, help="CLIP-L text encoder (SDXL, SD3, FLUX.1)"
+    )
+    group.add_argument(
+        "--clip-g", dest="clip_g_model_src", default=_M.clip_g_model_src, help="CLIP-G text encoder (SDXL, SD3)"
+    )
+    group.add_argument(
+        "--t5xxl", dest="t5xxl_model_src", default=_M.t5xxl_model_src, help="T5-XXL text encoder (SD3, FLUX.1)"
+    )
+    group.add_argument(
+        "--llm", dest="llm_model_src", default=_M.llm_model_src, help="Qwen3 text encoder (FLUX.2 [klein])"
+    )
+    group.add_argument(
+        "--tile-size", type=int, default=_U.tile_size, help=f"ESRGAN tile size (default: {_U.tile_size})"
+    )
+    group.add_argument(
+        "--lora-dir", dest="lora_dir", default=_M.lora_dir, help="folder that --lora names are looked up in"
+    )
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,14 +120,19 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
         help="apply a LoRA (a name in --lora-dir or a path; scale default 1); repeatable",
     )  # fmt: skip
     g.add_argument("--hires", action="store_true", help="hires fix: a second pass at --hires-scale times the size")
-    g.add_argument("--hires-scale", type=float, default=2.0, help="hires size factor (default: 2)")
+    g.add_argument("--hires-scale", type=float, default=_H.scale, help=f"hires size factor (default: {_H.scale:g})")
     g.add_argument(
         "--hires-upscaler",
-        default="Latent",
-        help="a latent mode, Lanczos, Nearest or an ESRGAN file (default: Latent)",
+        default=_H.upscaler,
+        help=f"a latent mode, Lanczos, Nearest or an ESRGAN file (default: {_H.upscaler})",
     )
-    g.add_argument("--hires-steps", type=int, default=0, help="hires steps (default 0: --steps)")
-    g.add_argument("--hires-strength", type=float, default=0.7, help="hires denoising strength (default: 0.7)")
+    g.add_argument("--hires-steps", type=int, default=_H.steps, help="hires steps (default 0: --steps)")
+    g.add_argument(
+        "--hires-strength",
+        type=float,
+        default=_H.denoising_strength,
+        help=f"hires denoising strength (default: {_H.denoising_strength:g})",
+    )
     g.add_argument(
         "--upscale", type=int, nargs="?", const=1, default=None, metavar="REPEATS",
         help="run the paired ESRGAN (--upscaler) REPEATS times (default 1 when given)",

@@ -15,22 +15,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sfumato.engine.library import SAMPLE_METHODS, SCHEDULERS
+from sfumato.engine.library import SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
 from sfumato.engine.requests import RNG_TYPES
 from sfumato.errors import InvalidParameterError
+from sfumato.families.detect import FAMILY_FLUX1, FAMILY_FLUX2, FAMILY_SD1, FAMILY_SD2, FAMILY_SD3, FAMILY_SDXL, Family
 from sfumato.images import ImageInput
 
-SAMPLING_METHODS: tuple[str, ...] = SAMPLE_METHODS
+SAMPLING_METHODS: tuple[str, ...] = SAMPLE_METHOD_ENUM
 """Every sampler name the engine knows: the 14 of the QVAC reference plus ``er_sde``."""
 
-SCHEDULER_NAMES: tuple[str, ...] = SCHEDULERS
+SCHEDULER_NAMES: tuple[str, ...] = SCHEDULER_ENUM
 """Every scheduler name the engine knows (the 11 of the QVAC reference)."""
 
 CACHE_PRESETS: dict[str, float] = {"slow": 0.60, "medium": 0.40, "fast": 0.25, "ultra": 0.15}
 """``cache_preset`` name -> the engine's easycache reuse threshold. Faster presets
 reuse more steps and so change the image more."""
 
-PREDICTIONS: dict[str, str | None] = {
+PREDICTION_NAMES: dict[str, str | None] = {
     "auto": None, "eps": "eps", "v": "v", "edm_v": "edm_v",
     "flow": "sd3_flow", "flux_flow": "flux_flow", "flux2_flow": "flux2_flow",
 }  # fmt: skip
@@ -91,6 +92,15 @@ class DiffusionParams:
 
 
 DEFAULT_CFG_SCALE = 7.0
+FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_FLUX2: 1.0}
+"""``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`."""
+FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
+    FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 16,
+}  # fmt: skip
+"""Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
+the transformers patchify 2x2 latents of an 8x VAE."""
+ANY_FAMILY_SIDE_MULTIPLE = max(FAMILY_SIZE_MULTIPLE.values())
+"""A multiple every family takes: the server checks sides against it before it knows the model's family."""
 MAX_CLIP_SKIP = 12
 MAX_REFERENCES = 8
 
@@ -350,7 +360,7 @@ class ModelConfig:
     weight_type:
         Convert weights to this type at load (``None`` keeps the file's types).
     prediction:
-        ``"auto"`` (detect) or one of :data:`PREDICTIONS`.
+        ``"auto"`` (detect) or one of :data:`PREDICTION_NAMES`.
     vae_model_src, clip_l_model_src, clip_g_model_src, t5xxl_model_src, llm_model_src:
         Companion files, each a path or a registry constant.
     lora_dir:
@@ -403,7 +413,7 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
     check_choice("model_config.rng", config.rng, RNG_NAMES)
     if config.weight_type is not None:
         check_choice("model_config.weight_type", config.weight_type, WEIGHT_TYPE_NAMES)
-    check_choice("model_config.prediction", config.prediction, PREDICTIONS)
+    check_choice("model_config.prediction", config.prediction, PREDICTION_NAMES)
     upscaler = config.upscaler
     if upscaler is not None and not isinstance(upscaler, UpscalerConfig):
         if not isinstance(upscaler, Mapping):

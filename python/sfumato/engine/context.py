@@ -22,7 +22,7 @@ import numpy as np
 
 from sfumato.engine import callbacks
 from sfumato.engine.handle import NativeHandle
-from sfumato.engine.library import PREDICTIONS, SAMPLE_METHODS, SCHEDULERS, Engine, load_engine
+from sfumato.engine.library import PREDICTION_ENUM, SAMPLE_METHOD_ENUM, SCHEDULER_ENUM, Engine, load_engine
 from sfumato.engine.phases import PhaseTracker
 from sfumato.engine.requests import (
     LORA_APPLY_MODES,
@@ -102,7 +102,7 @@ class DiffusionContext(NativeHandle):
             c.wtype = _enum(lib, WEIGHT_TYPES, params.wtype, "wtype")
         c.rng_type = _enum(lib, RNG_TYPES, params.rng, "rng")
         if params.prediction is not None:
-            c.prediction = _index(PREDICTIONS, params.prediction, "prediction")
+            c.prediction = _index(PREDICTION_ENUM, params.prediction, "prediction")
         c.vae_decode_only = params.vae_decode_only
         # Keep weights resident so the context serves many generations.
         c.free_params_immediately = False
@@ -132,13 +132,13 @@ class DiffusionContext(NativeHandle):
     def default_sample_method(self) -> str:
         """The sampler the engine picks for this model when none is given."""
         handle = self._require_open()
-        return SAMPLE_METHODS[int(self.engine.lib.sd_get_default_sample_method(handle))]
+        return SAMPLE_METHOD_ENUM[int(self.engine.lib.sd_get_default_sample_method(handle))]
 
     def default_scheduler(self, sample_method: str) -> str:
         """The scheduler the engine picks for this model and sampler."""
         handle = self._require_open()
-        index = _index(SAMPLE_METHODS, sample_method, "sampling_method")
-        return SCHEDULERS[int(self.engine.lib.sd_get_default_scheduler(handle, index))]
+        index = _index(SAMPLE_METHOD_ENUM, sample_method, "sampling_method")
+        return SCHEDULER_ENUM[int(self.engine.lib.sd_get_default_scheduler(handle, index))]
 
     def generate(self, request: ImageRequest, on_tick: TickCallback | None = None) -> GenerationOutput:
         """Run one generation and return its images, copied into Python memory.
@@ -183,9 +183,9 @@ class DiffusionContext(NativeHandle):
         if request.img_cfg_scale is not None:
             sample.guidance.img_cfg = request.img_cfg_scale
         if request.sample_method is not None:
-            sample.sample_method = _index(SAMPLE_METHODS, request.sample_method, "sampling_method")
+            sample.sample_method = _index(SAMPLE_METHOD_ENUM, request.sample_method, "sampling_method")
         if request.scheduler is not None:
-            sample.scheduler = _index(SCHEDULERS, request.scheduler, "scheduler")
+            sample.scheduler = _index(SCHEDULER_ENUM, request.scheduler, "scheduler")
         if request.eta is not None:
             sample.eta = request.eta
         if request.init_image is not None:

@@ -55,15 +55,15 @@ _LIB_NAMES = {
 
 # Engine enum names in enum order, as the engine spells them. The ABI check
 # proves that the loaded library agrees with these tables.
-SAMPLE_METHODS: tuple[str, ...] = (
+SAMPLE_METHOD_ENUM: tuple[str, ...] = (
     "euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2", "ipndm",
     "ipndm_v", "lcm", "ddim_trailing", "tcd", "res_multistep", "res_2s", "er_sde",
 )  # fmt: skip
-SCHEDULERS: tuple[str, ...] = (
+SCHEDULER_ENUM: tuple[str, ...] = (
     "discrete", "karras", "exponential", "ays", "gits", "sgm_uniform", "simple",
     "smoothstep", "kl_optimal", "lcm", "bong_tangent",
 )  # fmt: skip
-PREDICTIONS: tuple[str, ...] = ("eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
+PREDICTION_ENUM: tuple[str, ...] = ("eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
 
 
 def _library_file_name() -> str:
@@ -398,9 +398,9 @@ def check_abi(ffi: cffi.FFI, lib: Any) -> None:
     if not problems:
         _check_print_back(ffi, lib, problems)
     for table, name_of, count in (
-        (SAMPLE_METHODS, lib.sd_sample_method_name, lib.SAMPLE_METHOD_COUNT),
-        (SCHEDULERS, lib.sd_scheduler_name, lib.SCHEDULER_COUNT),
-        (PREDICTIONS, lib.sd_prediction_name, lib.PREDICTION_COUNT),
+        (SAMPLE_METHOD_ENUM, lib.sd_sample_method_name, lib.SAMPLE_METHOD_COUNT),
+        (SCHEDULER_ENUM, lib.sd_scheduler_name, lib.SCHEDULER_COUNT),
+        (PREDICTION_ENUM, lib.sd_prediction_name, lib.PREDICTION_COUNT),
     ):
         engine_names = tuple(bytes(ffi.string(name_of(i))).decode() for i in range(count))
         if engine_names != table:

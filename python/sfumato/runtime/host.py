@@ -33,9 +33,9 @@ logger = logging.getLogger("sfumato.runtime")
 
 CancelReason = Literal["cancelled", "timeout", "unloaded"]
 """Why a running or queued job was stopped: a cancel call, its timeout, its model's unload."""
-CANCELLED: CancelReason = "cancelled"
-TIMEOUT: CancelReason = "timeout"
-UNLOADED: CancelReason = "unloaded"
+REASON_CANCELLED: CancelReason = "cancelled"
+REASON_TIMEOUT: CancelReason = "timeout"
+REASON_UNLOADED: CancelReason = "unloaded"
 
 # The longest a cancel waits for the killed worker's job to be reported ended.
 CANCEL_WAIT_S = 10.0
@@ -49,7 +49,7 @@ class JobEvents(Protocol):
     def image(self, image: ImageDone) -> None: ...
     def finished(self, done: JobDone, ready: Ready) -> None: ...
     def failed(self, error: BaseException) -> None: ...
-    def cancelled(self, reason: str) -> None: ...
+    def cancelled(self, reason: CancelReason) -> None: ...
 
 
 @dataclass(eq=False)
@@ -60,7 +60,7 @@ class HostJob:
     events: JobEvents
     timeout: float | None = None
     state: str = "queued"  # queued -> running -> ended
-    cancel_reason: str | None = None
+    cancel_reason: CancelReason | None = None
     resent: bool = False
 
 
@@ -192,7 +192,7 @@ class ModelHost:
             self.last_used = time.monotonic()
             self._cond.notify_all()
 
-    def cancel(self, job: HostJob, reason: str = CANCELLED, wait: bool = True) -> bool:
+    def cancel(self, job: HostJob, reason: CancelReason = REASON_CANCELLED, wait: bool = True) -> bool:
         """Cancel ``job``: a queued one leaves the queue, a running one has its
         worker killed (and, with ``wait``, has ended when this returns).
         Returns whether the job was still there to cancel."""
@@ -212,13 +212,13 @@ class ModelHost:
         job.events.cancelled(reason)
         return True
 
-    def cancel_running(self, reason: str = CANCELLED) -> bool:
+    def cancel_running(self, reason: CancelReason = REASON_CANCELLED) -> bool:
         """Cancel the running job, if there is one."""
         with self._cond:
             job = self._running
         return job is not None and self.cancel(job, reason)
 
-    def cancel_queued(self, reason: str = CANCELLED) -> int:
+    def cancel_queued(self, reason: CancelReason = REASON_CANCELLED) -> int:
         """Cancel every queued job; returns how many."""
         with self._cond:
             jobs = list(self._queue)
@@ -248,12 +248,12 @@ class ModelHost:
                 job.state = "ended"
             running, worker = self._running, self._worker
             if running is not None and running.cancel_reason is None:
-                running.cancel_reason = UNLOADED
+                running.cancel_reason = REASON_UNLOADED
             if worker is not None and (running is not None or worker.ready is None):
                 worker.kill()
             self._cond.notify_all()
         for job in pending:
-            job.events.cancelled(UNLOADED)
+            job.events.cancelled(REASON_UNLOADED)
         if self._thread.is_alive():
             self._thread.join()
         with self._cond:
@@ -334,7 +334,7 @@ class ModelHost:
                 message = worker.recv(None if deadline is None else deadline - time.monotonic())
                 if message is None:  # the job's time is up
                     deadline = None
-                    self.cancel(job, TIMEOUT, wait=False)
+                    self.cancel(job, REASON_TIMEOUT, wait=False)
                 elif isinstance(message, Accepted):
                     accepted = True
                     job.events.started()

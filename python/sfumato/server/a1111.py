@@ -12,7 +12,8 @@ import io
 import json
 import math
 import time
-from typing import Any
+from dataclasses import replace
+from typing import Any, ClassVar
 
 from fastapi import APIRouter, Depends
 from PIL import Image
@@ -20,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
-from sfumato.params import MAX_BATCH, MAX_SEED, REFINER_SWITCH_AT, SCHEDULER_NAMES
+from sfumato.params import MAX_BATCH, MAX_SEED, REFINER_SWITCH_AT, SCHEDULER_NAMES, DiffusionParams
+from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan, Upscale
-from sfumato.server.names import SAMPLERS
-from sfumato.server.plans import decode_image, diffusion_plan, pick_model, prompt_loras
+from sfumato.server.plans import decode_image, job_plan, pick_model, prompt_loras
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
 
@@ -59,11 +60,49 @@ class Txt2ImgBody(BaseModel):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
 
+    # The SDK's names of fields -> A1111's, for errors raised under the SDK's.
+    SENT_AS: ClassVar[dict[str, str]] = {
+        "model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size", "hires.scale": "hr_scale",
+        "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
+        "hires.denoising_strength": "denoising_strength",
+    }  # fmt: skip
+
+    def to_params(self) -> DiffusionParams:
+        """The SDK's params of this request: ``<lora:name:scale>`` tags become LoRAs,
+        ``batch_size`` times ``n_iter`` images are made, and ``enable_hr`` adds the hires pass."""
+        sampling_method, scheduler = names.sampler(self.sampler_name or self.sampler_index, "sampler_name")
+        if self.scheduler is not None:
+            scheduler = names.scheduler(self.scheduler, "scheduler")
+        hires = None
+        if self.enable_hr:
+            hires = {"scale": self.hr_scale, "upscaler": self.hr_upscaler, "steps": self.hr_second_pass_steps,
+                     "denoising_strength": self.denoising_strength}  # fmt: skip
+        prompt, loras = prompt_loras(self.prompt)
+        return DiffusionParams(
+            prompt=prompt, negative_prompt=self.negative_prompt, width=self.width, height=self.height,
+            steps=self.steps, cfg_scale=self.cfg_scale, sampling_method=sampling_method, scheduler=scheduler,
+            seed=self.seed, batch_count=self.batch_size * self.n_iter, hires=hires, loras=loras,
+        )  # fmt: skip
+
 
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(min_length=1, max_length=1)
     mask: str | None = None
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+
+    def to_params(self) -> DiffusionParams:
+        """:meth:`Txt2ImgBody.to_params` from ``init_images[0]``, with ``denoising_strength``; no hires pass."""
+        mask = None
+        if self.mask:
+            grey = imaging.to_array(decode_image(self.mask, "mask"), "mask", mode="L")
+            mask = imaging.encode_png(255 - grey if self.inpainting_mask_invert else grey)
+        return replace(
+            super().to_params(),
+            hires=None,
+            init_image=decode_image(self.init_images[0], "init_images"),
+            mask=mask,
+            strength=self.denoising_strength,
+        )
 
 
 class ImagesResponse(BaseModel):
@@ -107,26 +146,15 @@ class ExtraSingleImageResponse(BaseModel):
 def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_key(state.settings))], tags=["AUTOMATIC1111"])
 
-    def plan_for(
-        body: Txt2ImgBody, init_image: bytes | None = None, mask: bytes | None = None, strength: float | None = None
-    ) -> JobPlan:
-        hires = None
-        if body.enable_hr and init_image is None:
-            hires = {"scale": body.hr_scale, "upscaler": body.hr_upscaler, "steps": body.hr_second_pass_steps,
-                     "denoising_strength": body.denoising_strength}  # fmt: skip
-        model = body.override_settings.get("sd_model_checkpoint")
-        prompt, loras = prompt_loras(body.prompt)
-        return diffusion_plan(
-            state, model=model, prompt=prompt, negative_prompt=body.negative_prompt, width=body.width,
-            height=body.height, steps=body.steps, cfg_scale=body.cfg_scale,
-            sampler_name=body.sampler_name or body.sampler_index, scheduler_name=body.scheduler,
-            seed=body.seed, batch_count=body.batch_size * body.n_iter, init_image=init_image, mask=mask,
-            strength=strength, hires=hires, loras=loras, refiner=body.refiner_checkpoint,
+    def plan_for(body: Txt2ImgBody) -> JobPlan:
+        return job_plan(
+            state,
+            body.to_params(),
+            model=body.override_settings.get("sd_model_checkpoint"),
+            sent_as=body.SENT_AS,
+            refiner=body.refiner_checkpoint,
             refiner_switch_at=body.refiner_switch_at,
-            fields={"model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size",
-                    "hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
-                    "hires.denoising_strength": "denoising_strength"},
-        )  # fmt: skip
+        )
 
     async def run(kind: str, body: Txt2ImgBody, plan: JobPlan) -> ImagesResponse:
         payload = body.model_dump(exclude={"init_images", "mask"})
@@ -150,12 +178,7 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/img2img", response_model=ImagesResponse, responses=responses(409))
     async def img2img(body: Img2ImgBody) -> ImagesResponse:
-        init = decode_image(body.init_images[0], "init_images")
-        mask = None
-        if body.mask:
-            grey = imaging.to_array(decode_image(body.mask, "mask"), "mask", mode="L")
-            mask = imaging.encode_png(255 - grey if body.inpainting_mask_invert else grey)
-        return await run("img2img", body, plan_for(body, init, mask, body.denoising_strength))
+        return await run("img2img", body, plan_for(body))
 
     @api.get("/progress", response_model=ProgressResponse, responses=responses())
     def progress() -> ProgressResponse:
@@ -196,7 +219,8 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/samplers", responses=responses())
     def samplers() -> list[dict[str, Any]]:
-        return [{"name": name, "aliases": [engine], "options": {}} for name, (engine, _) in SAMPLERS.items()]
+        titles = names.SAMPLER_TITLES.items()
+        return [{"name": name, "aliases": [engine], "options": {}} for name, (engine, _) in titles]
 
     @api.get("/schedulers", responses=responses())
     def schedulers() -> list[dict[str, Any]]:
@@ -245,9 +269,9 @@ def router(state: ServerState) -> APIRouter:
         if body.upscaler_1 == "None":
             upscaled = raw
         else:
-            names = [e.name for e in state.catalog.upscalers()]
-            if body.upscaler_1 not in names:
-                have = ", ".join(["None", *names])
+            found = [e.name for e in state.catalog.upscalers()]
+            if body.upscaler_1 not in found:
+                have = ", ".join(["None", *found])
                 raise InvalidParameterError("upscaler_1", f"no upscaler named {body.upscaler_1!r}; available: {have}")
             plan = JobPlan(model=body.upscaler_1, work=Upscale(image=raw, repeats=repeats))
             payload = body.model_dump(exclude={"image"})

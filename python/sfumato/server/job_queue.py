@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -14,11 +15,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato.families.detect import FAMILY_NAMES
-from sfumato.params import MAX_SEED, REFINER_SWITCH_AT
+from sfumato.params import MAX_SEED, REFINER_SWITCH_AT, DiffusionParams
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan
-from sfumato.server.plans import decode_image, diffusion_plan
+from sfumato.server.plans import decode_image, job_plan
 from sfumato.server.runner import read_output
 from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import DONE, FINAL, Job
@@ -59,6 +60,19 @@ class Txt2ImgRequest(BaseModel):
     refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
 
+    def to_params(self) -> DiffusionParams:
+        """The SDK's params of this request; LoRA and upscaler names are the server's folders'."""
+        sampling_method, scheduler = names.sampler(self.sampler_name, "sampler_name")
+        # scheduler_type applies unless left at its default while the sampler's name implies one.
+        if "scheduler_type" in self.model_fields_set or scheduler is None:
+            scheduler = names.scheduler(self.scheduler_type, "scheduler_type")
+        loras = [{"name": lora} if isinstance(lora, str) else lora.model_dump() for lora in self.loras]
+        return DiffusionParams(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width, height=self.height,
+            steps=self.steps, cfg_scale=self.cfg_scale, sampling_method=sampling_method, scheduler=scheduler,
+            seed=self.seed, hires=self.hires.model_dump() if self.hires else None, loras=loras,
+        )  # fmt: skip
+
 
 class Img2ImgRequest(Txt2ImgRequest):
     """:class:`Txt2ImgRequest` plus the source image (base64 PNG/JPEG) and ``strength``."""
@@ -66,6 +80,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_image: str = Field(min_length=1, description="base64 PNG or JPEG")
     strength: float = Field(0.75, ge=0.0, le=1.0)
     mask: str | None = Field(None, description="base64 mask image for inpainting: white is painted anew")
+
+    def to_params(self) -> DiffusionParams:
+        return replace(
+            super().to_params(),
+            init_image=decode_image(self.init_image, "init_image"),
+            mask=decode_image(self.mask, "mask") if self.mask else None,
+            strength=self.strength,
+        )
 
 
 class JobAccepted(BaseModel):
@@ -146,24 +168,15 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> JobPlan:
     InvalidParameterError
         Naming the field at fault.
     """
-    loras = [(lora, 1.0) if isinstance(lora, str) else (lora.name, lora.scale) for lora in request.loras]
-    # scheduler_type applies unless left at its default while the sampler's name implies one.
-    implied = names.sampler(request.sampler_name, "sampler_name")[1]
-    explicit = "scheduler_type" in request.model_fields_set or implied is None
-    init_image, mask, strength = None, None, None
-    if isinstance(request, Img2ImgRequest):
-        init_image, strength = decode_image(request.init_image, "init_image"), request.strength
-        mask = decode_image(request.mask, "mask") if request.mask else None
-    return diffusion_plan(
-        state, model=request.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
-        width=request.width, height=request.height, steps=request.steps, cfg_scale=request.cfg_scale,
-        sampler_name=request.sampler_name,
-        scheduler_name=request.scheduler_type if explicit else None, seed=request.seed, init_image=init_image,
-        mask=mask, strength=strength, hires=request.hires.model_dump() if request.hires else None, loras=loras,
-        refiner=request.refiner_checkpoint, refiner_switch_at=request.refiner_switch_at,
-        file_type=request.fileType, jpeg_quality=request.jpeg_quality,
-        fields={"scheduler": "scheduler_type"},
-    )  # fmt: skip
+    return job_plan(
+        state,
+        request.to_params(),
+        model=request.model,
+        refiner=request.refiner_checkpoint,
+        refiner_switch_at=request.refiner_switch_at,
+        file_type=request.fileType,
+        jpeg_quality=request.jpeg_quality,
+    )
 
 
 def _prompt(job: Job) -> str:

@@ -6,7 +6,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.params import SAMPLING_METHODS, SCHEDULER_NAMES
 
 # Display name -> (engine sampling method, scheduler the name implies or None).
-SAMPLERS: dict[str, tuple[str, str | None]] = {
+SAMPLER_TITLES: dict[str, tuple[str, str | None]] = {
     "Euler": ("euler", None), "Euler a": ("euler_a", None), "Heun": ("heun", None), "DPM2": ("dpm2", None),
     "DPM++ 2S a": ("dpm++2s_a", None), "DPM++ 2M": ("dpm++2m", None), "DPM++ 2M Karras": ("dpm++2m", "karras"),
     "DPM++ 2S a Karras": ("dpm++2s_a", "karras"), "DPM2 Karras": ("dpm2", "karras"),
@@ -16,7 +16,7 @@ SAMPLERS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 
 # Display name (lower case) -> engine scheduler.
-SCHEDULERS: dict[str, str] = {
+SCHEDULER_TITLES: dict[str, str] = {
     "automatic": "", "uniform": "discrete", "normal": "discrete", "karras": "karras", "exponential": "exponential",
     "sgm uniform": "sgm_uniform", "simple": "simple", "align your steps": "ays", "kl optimal": "kl_optimal",
     "smoothstep": "smoothstep", "gits": "gits", "lcm": "lcm",
@@ -25,11 +25,11 @@ SCHEDULERS: dict[str, str] = {
 
 def sampler(name: str, field: str) -> tuple[str, str | None]:
     """The engine sampling method (and implied scheduler) for a display or engine name."""
-    if name in SAMPLERS:
-        return SAMPLERS[name]
+    if name in SAMPLER_TITLES:
+        return SAMPLER_TITLES[name]
     if name in SAMPLING_METHODS:
         return name, None
-    known = f"{', '.join(SAMPLERS)} or an engine name ({', '.join(SAMPLING_METHODS)})"
+    known = f"{', '.join(SAMPLER_TITLES)} or an engine name ({', '.join(SAMPLING_METHODS)})"
     raise InvalidParameterError(field, f"unknown sampler {name!r}; use one of {known}")
 
 
@@ -37,6 +37,6 @@ def scheduler(name: str, field: str) -> str | None:
     """The engine scheduler for a display or engine name (``None``: the engine's default)."""
     if name in SCHEDULER_NAMES:
         return name
-    if name.lower() in SCHEDULERS:
-        return SCHEDULERS[name.lower()] or None
+    if name.lower() in SCHEDULER_TITLES:
+        return SCHEDULER_TITLES[name.lower()] or None
     raise InvalidParameterError(field, f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_NAMES)}")

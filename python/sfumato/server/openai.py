@@ -22,7 +22,8 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
@@ -31,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
-from sfumato.params import DEFAULT_SIZE, MAX_SEED
+from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, DEFAULT_SIZE, MAX_SEED, DiffusionParams
+from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import FileType, JobPlan
-from sfumato.server.plans import check_image, diffusion_plan
+from sfumato.server.plans import check_image, job_plan
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, ERROR
 
@@ -74,6 +76,25 @@ class GenerationsBody(BaseModel):
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     sampler: str | None = Field(None, description="an A1111 or engine sampler name")
     scheduler: str | None = None
+
+    # The SDK's names of fields -> this request's, for errors raised under the SDK's.
+    SENT_AS: ClassVar[dict[str, str]] = {"batch_count": "n", "width": "size", "height": "size"}
+
+    def to_params(
+        self, size: tuple[int, int], init_image: bytes | None = None, mask: bytes | None = None
+    ) -> DiffusionParams:
+        """The SDK's params of this request, at ``size`` (``size`` parsed, or an edit's source size);
+        ``quality`` sets the steps unless ``steps`` does, and a masked edit repaints fully (strength 1)."""
+        sampling_method, scheduler = (None, None) if self.sampler is None else names.sampler(self.sampler, "sampler")
+        if self.scheduler is not None:
+            scheduler = names.scheduler(self.scheduler, "scheduler")
+        params = DiffusionParams(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, width=size[0], height=size[1],
+            steps=self.steps or QUALITY_STEPS[self.quality], cfg_scale=self.cfg_scale,
+            sampling_method=sampling_method, scheduler=scheduler, seed=self.seed, batch_count=self.n,
+            init_image=init_image, mask=mask,
+        )  # fmt: skip
+        return params if mask is None else replace(params, strength=1.0)
 
 
 class ImageData(BaseModel):
@@ -134,14 +155,14 @@ def router(state: ServerState) -> APIRouter:
     ) -> JobPlan:
         model = None if body.model is None or OPENAI_MODEL.match(body.model) else body.model
         quality = 85 if body.output_compression is None else max(1, body.output_compression)
-        return diffusion_plan(
-            state, model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, width=size[0],
-            height=size[1], steps=body.steps or QUALITY_STEPS[body.quality], cfg_scale=body.cfg_scale,
-            sampler_name=body.sampler, scheduler_name=body.scheduler, seed=body.seed, batch_count=body.n,
-            init_image=init, mask=mask, strength=1.0 if mask is not None else 0.75,
-            file_type=_file_type(body.output_format), jpeg_quality=quality,
-            fields={"batch_count": "n", "width": "size", "height": "size", "sampler_name": "sampler"},
-        )  # fmt: skip
+        return job_plan(
+            state,
+            body.to_params(size, init, mask),
+            model=model,
+            sent_as=body.SENT_AS,
+            file_type=_file_type(body.output_format),
+            jpeg_quality=quality,
+        )
 
     async def answer(kind: str, body: GenerationsBody, plan: JobPlan, request: Request) -> Any:
         job_id = state.enqueue(f"openai-{kind}", body.model_dump(), plan)
@@ -215,7 +236,8 @@ def router(state: ServerState) -> APIRouter:
         source = await _read_image(uploads[0], "image", limit)
         with Image.open(io.BytesIO(source)) as opened:
             source_size = opened.size
-        wanted = _size(size) or tuple(max(64, round(side / 64) * 64) for side in source_size)
+        step = ANY_FAMILY_SIDE_MULTIPLE
+        wanted = _size(size) or tuple(max(step, round(side / step) * step) for side in source_size)
         body = GenerationsBody(
             prompt=prompt, model=model, n=n, size=f"{wanted[0]}x{wanted[1]}", quality=quality,
             response_format=response_format, output_format=output_format, output_compression=output_compression,

@@ -11,16 +11,18 @@ the job's ``uid``; the job is then followed with ``GET /queue/{uid}``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 import sfumato
+from sfumato.params import DiffusionParams
 from sfumato.server.errors import responses
 from sfumato.server.fetch import fetch_image
-from sfumato.server.plans import diffusion_plan
+from sfumato.server.plans import job_plan
 from sfumato.server.state import ServerState, require_key
 
 SIDES = (320, 384, 448, 512, 640, 768)
@@ -61,6 +63,19 @@ class DiffusionBody(BaseModel):
         description="a name from GET /models (default: the server's)",
         json_schema_extra=_ui("model", "Model", "uiSelect"),
     )
+
+    # The SDK's names of fields -> this request's (each field's ``out`` says the same), for errors.
+    SENT_AS: ClassVar[dict[str, str]] = {
+        "prompt": "word", "cfg_scale": "guidance", "batch_count": "cimg", "init_image": "url_upload",
+    }  # fmt: skip
+
+    def to_params(self, init_image: bytes | None = None) -> DiffusionParams:
+        """The SDK's params of this request; ``init_image`` is the image fetched from ``url_upload``."""
+        params = DiffusionParams(
+            prompt=self.word, width=self.width, height=self.height, steps=self.steps, cfg_scale=self.guidance,
+            seed=self.seed, batch_count=self.cimg, init_image=init_image,
+        )  # fmt: skip
+        return params if init_image is None else replace(params, strength=self.strength)
 
 
 class ConfigDocument(BaseModel):
@@ -117,12 +132,7 @@ def router(state: ServerState) -> APIRouter:
     def diffusion(body: DiffusionBody) -> Created:
         """Queue a job (201 with its ``uid``); 409 when the backlog is full."""
         init = fetch_image(body.url_upload, state.settings) if body.url_upload else None
-        plan = diffusion_plan(
-            state, model=body.model, prompt=body.word, width=body.width, height=body.height, steps=body.steps,
-            cfg_scale=body.guidance, sampler_name=None, scheduler_name=None, seed=body.seed, batch_count=body.cimg,
-            init_image=init, strength=body.strength if init is not None else None,
-            fields={"prompt": "word", "cfg_scale": "guidance", "batch_count": "cimg", "init_image": "url_upload"},
-        )  # fmt: skip
+        plan = job_plan(state, body.to_params(init), model=body.model, sent_as=body.SENT_AS)
         job_id = state.enqueue("diffusion", body.model_dump(), plan)
         created = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return Created(data={"uid": job_id, "created_at": created})

@@ -16,16 +16,19 @@ from typing import Any
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import check_lora_file
+from sfumato.images import ImageInput
 from sfumato.params import (
+    ANY_FAMILY_SIDE_MULTIPLE,
+    DEFAULT_SIZE,
     HIRES_UPSCALERS,
     REFINER_SWITCH_AT,
     DiffusionParams,
     check_hires,
+    check_loras,
     check_number,
     check_side,
     validate_diffusion,
 )
-from sfumato.server import names
 from sfumato.server.jobplan import FileType, Generation, Hires, JobPlan, Lora, Refiner
 from sfumato.server.state import ServerState
 
@@ -50,18 +53,18 @@ def check_image(raw: bytes, field: str) -> bytes:
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
-def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """A1111's ``<lora:name:scale>`` tags: the prompt without them, and the LoRAs."""
+def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's ``<lora:name:scale>`` tags: the prompt without them, and the LoRAs (``name``, ``scale``)."""
     found = []
     for name, scale in LORA_TAG.findall(prompt):
         try:
-            found.append((name.strip(), float(scale) if scale else 1.0))
+            found.append({"name": name.strip(), "scale": float(scale) if scale else 1.0})
         except ValueError:
             raise InvalidParameterError("prompt", f"<lora:{name}:{scale}> has a scale that is not a number") from None
     return LORA_TAG.sub("", prompt).strip(), found
 
 
-def _lora_paths(state: ServerState, loras: Sequence[tuple[str, float]]) -> tuple[Lora, ...]:
+def _lora_paths(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple[Lora, ...]:
     """LoRA names looked up in the LoRA folder's listing (never joined onto a path)."""
     found = {e.name: e.path for e in state.catalog.loras()}
     out = []
@@ -70,13 +73,13 @@ def _lora_paths(state: ServerState, loras: Sequence[tuple[str, float]]) -> tuple
             have = ", ".join(found) or f"none (the LoRA folder {state.settings.loras_dir} is empty)"
             raise InvalidParameterError(f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
         check_lora_file(found[name], f"loras[{i}]")
-        out.append(Lora(str(found[name].resolve()), check_number(f"loras[{i}].scale", scale, -10, 10)))
+        out.append(Lora(str(found[name].resolve()), scale))
     return tuple(out)
 
 
-def _hires(state: ServerState, hires: Mapping[str, Any]) -> Hires | None:
-    """Seed 002's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
-    config = check_hires("hires", dict(hires))
+def _hires(state: ServerState, hires: object) -> Hires | None:
+    """The request's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
+    config = check_hires("hires", hires)
     if config is None:
         return None
     upscaler = config.upscaler
@@ -88,6 +91,13 @@ def _hires(state: ServerState, hires: Mapping[str, Any]) -> Hires | None:
         upscaler = str(found[upscaler])
     return Hires(scale=config.scale, upscaler=upscaler, steps=config.steps,
                  denoising_strength=config.denoising_strength)  # fmt: skip
+
+
+def _file_bytes(image: ImageInput | None) -> bytes | None:
+    """An image of a request's params: the file bytes each schema decoded and checked."""
+    if image is None or isinstance(image, bytes):
+        return image
+    raise TypeError(f"a server plan takes an image file's bytes, not {type(image).__name__}")
 
 
 def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
@@ -104,46 +114,34 @@ def pick_model(state: ServerState, requested: str | None, field: str = "model") 
 
 
 @contextmanager
-def _named_as_sent(fields: Mapping[str, str]) -> Iterator[None]:
+def _named_as_sent(sent_as: Mapping[str, str]) -> Iterator[None]:
     """Re-raise an :class:`InvalidParameterError` under the request's name for its field."""
     try:
         yield
     except InvalidParameterError as exc:
-        if exc.field not in fields:
+        if exc.field not in sent_as:
             raise
-        raise InvalidParameterError(fields[exc.field], exc.message) from None
+        raise InvalidParameterError(sent_as[exc.field], exc.message) from None
 
 
-def diffusion_plan(
+def job_plan(
     state: ServerState,
+    params: DiffusionParams,
     *,
     model: str | None,
-    prompt: str,
-    negative_prompt: str = "",
-    width: int,
-    height: int,
-    steps: int,
-    cfg_scale: float,
-    sampler_name: str | None,
-    scheduler_name: str | None,
-    seed: int,
-    batch_count: int = 1,
-    init_image: bytes | None = None,
-    mask: bytes | None = None,
-    strength: float | None = None,
-    hires: Mapping[str, Any] | None = None,
-    loras: Sequence[tuple[str, float]] = (),
+    sent_as: Mapping[str, str] | None = None,
     refiner: str | None = None,
     refiner_switch_at: float = REFINER_SWITCH_AT,
     file_type: FileType = "png",
     jpeg_quality: int = 85,
-    fields: Mapping[str, str] | None = None,
 ) -> JobPlan:
-    """A checked generation plan. ``scheduler_name`` ``None`` takes the one the sampler implies.
-    ``refiner`` names a model of the catalog that refines the images (seed 002's
-    ``refiner_checkpoint``), from ``refiner_switch_at`` on.
+    """A checked plan for the params a request's schema made (its ``to_params()``).
 
-    ``fields`` maps the SDK's names of fields to the request's (``{"steps":
+    ``params.loras`` and a hires ``upscaler`` are names in the server's LoRA and
+    upscaler folders; ``model`` and ``refiner`` (seed 002's ``refiner_checkpoint``,
+    which refines from ``refiner_switch_at`` on) are catalog names, ``None``
+    taking the server's default model. The server's limits apply here.
+    ``sent_as`` maps the SDK's names of fields to the request's (``{"steps":
     "num_steps"}``), so that an error names the field the client sent.
 
     Raises
@@ -151,57 +149,47 @@ def diffusion_plan(
     InvalidParameterError
         Naming the request's field.
     """
-    with _named_as_sent(fields or {}):
+    with _named_as_sent(sent_as or {}):
         settings = state.settings
         limit = settings.max_prompt_chars
-        for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        for key, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
             if len(text) > limit:
                 raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
-        engine_hires = _hires(state, hires) if hires is not None else None
-        if engine_hires is not None:  # the limit applies to the final size
-            scale = engine_hires.scale
-            width_out, height_out = (-(-round(side * scale) // 64) * 64 for side in (width, height))
+        width = DEFAULT_SIZE if params.width is None else params.width
+        height = DEFAULT_SIZE if params.height is None else params.height
+        hires = _hires(state, params.hires)
+        if hires is not None:  # the limit applies to the final size
+            step = ANY_FAMILY_SIDE_MULTIPLE
+            width_out, height_out = (-(-round(side * hires.scale) // step) * step for side in (width, height))
             if width_out * height_out > settings.max_pixels:
                 raise InvalidParameterError(
                     "hires.scale",
                     f"makes {width_out}x{height_out} images; this server allows up to {settings.max_pixels} pixels",
                 )
-            if engine_hires.steps > settings.max_steps:
+            if hires.steps > settings.max_steps:
                 raise InvalidParameterError(
-                    "hires.steps", f"is {engine_hires.steps}; this server allows up to {settings.max_steps}"
+                    "hires.steps", f"is {hires.steps}; this server allows up to {settings.max_steps}"
                 )
         if width * height > settings.max_pixels:
             raise InvalidParameterError(
                 "width", f"{width}x{height} is {width * height} pixels; this server allows up to {settings.max_pixels}"
             )
-        if steps > settings.max_steps:
-            raise InvalidParameterError("steps", f"is {steps}; this server allows up to {settings.max_steps}")
-        if batch_count > settings.max_images:
+        if params.steps > settings.max_steps:
+            raise InvalidParameterError("steps", f"is {params.steps}; this server allows up to {settings.max_steps}")
+        if params.batch_count > settings.max_images:
             raise InvalidParameterError(
-                "batch_count", f"asks for {batch_count} images; this server allows up to {settings.max_images}"
+                "batch_count", f"asks for {params.batch_count} images; this server allows up to {settings.max_images}"
             )
         name = pick_model(state, model)
-        sampling_method, scheduler = (
-            (None, None) if sampler_name is None else names.sampler(sampler_name, "sampler_name")
-        )
-        if scheduler_name is not None:
-            scheduler = names.scheduler(scheduler_name, "scheduler")
-        defaults = DiffusionParams(prompt="")
-        params = validate_diffusion(
-            DiffusionParams(
-                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                cfg_scale=cfg_scale, sampling_method=sampling_method, scheduler=scheduler, seed=seed,
-                batch_count=batch_count, strength=defaults.strength if strength is None else strength,
-                init_image=init_image, mask=mask,
-            )
-        )  # fmt: skip
-        check_side("width", width, 64)
-        check_side("height", height, 64)
+        validate_diffusion(params)
+        check_side("width", width, ANY_FAMILY_SIDE_MULTIPLE)
+        check_side("height", height, ANY_FAMILY_SIDE_MULTIPLE)
         work = Generation(
             prompt=params.prompt, negative_prompt=params.negative_prompt, width=width, height=height,
             steps=params.steps, cfg_scale=params.cfg_scale, sampling_method=params.sampling_method,
             scheduler=params.scheduler, seed=params.seed, batch_count=params.batch_count, strength=params.strength,
-            init_image=init_image, mask=mask, hires=engine_hires, loras=_lora_paths(state, loras),
+            init_image=_file_bytes(params.init_image), mask=_file_bytes(params.mask), hires=hires,
+            loras=_lora_paths(state, check_loras("loras", params.loras)),
         )  # fmt: skip
         refined = None
         if refiner:

@@ -11,16 +11,17 @@ inpainting (white is painted anew).
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import replace
+from typing import Annotated, ClassVar
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato.errors import InvalidParameterError
-from sfumato.params import DEFAULT_SIZE, MAX_SEED
+from sfumato.params import DEFAULT_SIZE, MAX_SEED, DiffusionParams
 from sfumato.server.errors import ApiError, responses
-from sfumato.server.plans import check_image, decode_image, diffusion_plan
+from sfumato.server.plans import check_image, decode_image, job_plan
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import DONE
 
@@ -44,6 +45,26 @@ class RunBody(BaseModel):
     guidance: float = Field(7.5, ge=0.0, le=30.0, description="How closely to adhere to the prompt (CFG scale)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed (default: a random one)")
 
+    # The SDK's names of fields -> this request's, for errors raised under the SDK's.
+    SENT_AS: ClassVar[dict[str, str]] = {"steps": "num_steps", "cfg_scale": "guidance", "init_image": "image"}
+
+    def to_params(self) -> DiffusionParams:
+        """The SDK's params of this request: img2img from ``image`` or ``image_b64``, inpainting with ``mask``."""
+        if self.image is not None and self.image_b64 is not None:
+            raise InvalidParameterError("image_b64", "give the image once: as image or as image_b64")
+        init = None
+        if self.image is not None:
+            init = check_image(bytes(self.image), "image")
+        elif self.image_b64 is not None:
+            init = decode_image(self.image_b64, "image_b64")
+        params = DiffusionParams(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width or DEFAULT_SIZE,
+            height=self.height or DEFAULT_SIZE, steps=self.num_steps, cfg_scale=self.guidance,
+            seed=-1 if self.seed is None else self.seed, init_image=init,
+            mask=check_image(bytes(self.mask), "mask") if self.mask is not None else None,
+        )  # fmt: skip
+        return params if init is None else replace(params, strength=self.strength)
+
 
 PNG_ANSWER: dict[int | str, dict[str, object]] = {
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "the PNG"}
@@ -54,23 +75,9 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["Workers AI"])
 
     async def run(model: str, body: RunBody) -> Response:
-        if body.image is not None and body.image_b64 is not None:
-            raise InvalidParameterError("image_b64", "give the image once: as image or as image_b64")
-        init = None
-        if body.image is not None:
-            init = check_image(bytes(body.image), "image")
-        elif body.image_b64 is not None:
-            init = decode_image(body.image_b64, "image_b64")
-        mask = check_image(bytes(body.mask), "mask") if body.mask is not None else None
-        width, height = body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE
-        plan = diffusion_plan(
-            state, model=None if model.startswith("@cf/") else model, prompt=body.prompt,
-            negative_prompt=body.negative_prompt, width=width, height=height, steps=body.num_steps,
-            cfg_scale=body.guidance, sampler_name=None, scheduler_name=None,
-            seed=-1 if body.seed is None else body.seed, init_image=init, mask=mask,
-            strength=body.strength if init is not None else None,
-            fields={"steps": "num_steps", "cfg_scale": "guidance", "init_image": "image"},
-        )  # fmt: skip
+        plan = job_plan(
+            state, body.to_params(), model=None if model.startswith("@cf/") else model, sent_as=body.SENT_AS
+        )
         payload = body.model_dump(exclude={"image", "image_b64", "mask"})
         job = await state.wait_final(state.enqueue("run", payload, plan))
         images = output_images(job)
