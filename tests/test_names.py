@@ -173,3 +173,10 @@ def test_the_sdk_cli_and_http_share_the_refiner_switch_and_the_seed_range() -> N
     for schema in (job_queue.Txt2ImgRequest, a1111.Txt2ImgBody, openai.GenerationsBody):
         limits = {type(m).__name__: m for m in schema.model_fields["seed"].metadata}
         assert limits["Le"].le == MAX_SEED == 2**63 - 1, schema  # the engine's int64 seed
+
+
+def test_the_cli_passes_every_model_config_flag() -> None:
+    from sfumato.cli import _model_config
+
+    config = _model_config(build_parser().parse_args(["generate"]), "diffusion")
+    assert set(config) == {f.name for f in fields(ModelConfig)} - {"upscaler"}  # upscaler: only with --upscaler

@@ -55,6 +55,8 @@ from sfumato.families.detect import (
     check_lora_file,
     detect,
 )
+from sfumato.families.embeddings import TEXT_WIDTHS, Embedding, refuse_skipped, sort_out
+from sfumato.families.embeddings import scan as scan_embeddings
 from sfumato.params import (
     CACHE_PRESETS,
     DEFAULT_CFG_SCALE,
@@ -160,6 +162,20 @@ def _companions(config: ModelConfig, info: ModelInfo) -> dict[str, Path]:
     return found
 
 
+def _embeddings(config: ModelConfig, info: ModelInfo) -> tuple[dict[str, Embedding], dict[str, str]]:
+    """The embeddings of ``model_config.embedding_dir`` that the model's text encoders
+    take, by name, and why each other file of the folder is skipped."""
+    if config.embedding_dir is None:
+        return {}, {}
+    if info.family not in TEXT_WIDTHS:
+        takes = ", ".join(FAMILY_NAMES[f] for f in TEXT_WIDTHS)
+        raise InvalidParameterError(
+            "model_config.embedding_dir",
+            f"{FAMILY_NAMES[info.family]} has no CLIP text encoder to take textual-inversion embeddings ({takes} do)",
+        )
+    return sort_out(*scan_embeddings(config.embedding_dir), info.family)
+
+
 def _file_bytes(path: Path | None) -> int:
     if path is None:
         return 0
@@ -211,6 +227,8 @@ def load_model(
     context: ContextParams | None = None
     upscaler_path = None
     companions: dict[str, Path] = {}
+    embeddings: dict[str, Embedding] = {}
+    skipped_embeddings: dict[str, str] = {}
     if config.mode == "upscale":
         info = _detect_family(path, "model_src", (FAMILY_ESRGAN,), "mode='upscale' needs an ESRGAN upscaler")
         upscaler_path = path
@@ -226,6 +244,7 @@ def load_model(
             upscaler_path, _ = resolve_source(config.upscaler.model_src, "model_config.upscaler.model_src")
             _detect_family(upscaler_path, "model_config.upscaler.model_src", (FAMILY_ESRGAN,), "an ESRGAN is needed")
             upscaler_path = upscaler_path.resolve()
+        embeddings, skipped_embeddings = _embeddings(config, info)
         named = {role: str(file) for role, file in companions.items()}
         model_path = None if info.split else str(path)
         if info.split and info.family == FAMILY_SDXL:
@@ -238,6 +257,8 @@ def load_model(
             t5xxl_path=named.get("t5xxl"),
             llm_path=named.get("llm"),
             vae_path=named.get("vae"),
+            taesd_path=named.get("taesd"),
+            embeddings=tuple((e.name, str(e.path)) for e in embeddings.values()),
             n_threads=threads,
             wtype=config.weight_type,
             prediction=prediction,
@@ -262,6 +283,8 @@ def load_model(
         has_diffusion=context is not None,
         has_upscaler=upscaler_path is not None,
         size_multiple=FAMILY_SIZE_MULTIPLE.get(info.family, 8),
+        embeddings=embeddings,
+        skipped_embeddings=skipped_embeddings,
     )
 
     def create() -> ModelHost:
@@ -326,6 +349,9 @@ class ModelStatus:
         The ``model_config.device`` asked for.
     engine_device:
         The engine device its worker runs on (``"CPU"``, ``"CUDA0"``), once loaded.
+    decoder:
+        What decodes its latents, as the engine reported at load: ``"vae"``, or
+        ``"taesd"`` (``model_config.taesd_src``); ``None`` for an upscaler alone.
     references:
         How many ``load_model`` calls hold it.
     resident:
@@ -343,6 +369,7 @@ class ModelStatus:
     family: str
     device: str
     engine_device: str | None
+    decoder: str | None
     references: int
     resident: bool
     pid: int | None
@@ -368,6 +395,7 @@ def models_info() -> list[ModelStatus]:
                 family=host.model.info.family,
                 device=host.model.config.device,
                 engine_device=host.ready.device if host.ready else None,
+                decoder=host.ready.decoder if host.ready else None,
                 references=_pool.refs(model_id),
                 resident=host.resident,
                 pid=host.pid,
@@ -449,6 +477,7 @@ class _Report:
                 vae_decode_ms=done.phase_ms.get(PHASE_VAE, 0.0),
                 postprocess_ms=done.postprocess_ms,
                 steps_per_second=done.sampling_steps / (denoise_ms / 1000.0) if denoise_ms > 0 else None,
+                decoder=ready.decoder,
             )
         self.result._finish(pngs, stats)
 
@@ -579,6 +608,8 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
     InvalidParameterError
         Naming the field at fault.
     """
+    prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+    refuse_skipped(prompts, model.skipped_embeddings, "this model")
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")

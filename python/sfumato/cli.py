@@ -75,6 +75,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--llm", dest="llm_model_src", default=_M.llm_model_src, help="Qwen3 text encoder (FLUX.2 [klein])"
     )
     group.add_argument(
+        "--embedding-dir", default=_M.embedding_dir, help="a folder of textual-inversion embeddings (.pt, .safetensors)"
+    )
+    group.add_argument(
+        "--taesd", dest="taesd_src", default=_M.taesd_src, help="a tiny autoencoder that decodes in the VAE's place"
+    )
+    group.add_argument(
         "--tile-size", type=int, default=_U.tile_size, help=f"ESRGAN tile size (default: {_U.tile_size})"
     )
     group.add_argument(
@@ -186,6 +192,9 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     srv.add_argument("--loras", type=Path, default=defaults.loras_dir, help="LoRA folder (default: ./loras)")
     srv.add_argument("--upscalers", type=Path, default=defaults.upscalers_dir, help="default: ./upscalers")
     srv.add_argument(
+        "--embeddings", type=Path, default=defaults.embeddings_dir, help="textual-inversion embeddings (./embeddings)"
+    )
+    srv.add_argument(
         "--data", type=Path, default=defaults.data_dir, help="job store and outputs/ folder (default: ./sfumato-data)"
     )
     srv.add_argument("--default-model", default=None, help="model name used when a request names none")
@@ -220,7 +229,7 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         config["upscaler"] = {"tile_size": args.tile_size}
     else:
         config.update({role.key: getattr(args, role.key) for role in ROLES.values()})
-        config["lora_dir"] = args.lora_dir
+        config["lora_dir"], config["embedding_dir"] = args.lora_dir, args.embedding_dir
         if args.upscaler:
             config["upscaler"] = {"model_src": args.upscaler, "tile_size": args.tile_size}
     return config
@@ -346,8 +355,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.queue_size < 1:
         raise SfumatoError(f"--queue-size must be at least 1, got {args.queue_size}")
     settings = ServerSettings(
-        host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras,
-        upscalers_dir=args.upscalers, data_dir=args.data, default_model=args.default_model,
+        host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers,
+        embeddings_dir=args.embeddings, data_dir=args.data, default_model=args.default_model,
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
         retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,

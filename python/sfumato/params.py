@@ -363,8 +363,17 @@ class ModelConfig:
         ``"auto"`` (detect) or one of :data:`PREDICTION_NAMES`.
     vae_model_src, clip_l_model_src, clip_g_model_src, t5xxl_model_src, llm_model_src:
         Companion files, each a path or a registry constant.
+    taesd_src:
+        A tiny autoencoder (TAESD for SD 1.x / 2.x, TAESDXL for SDXL, TAESD3 /
+        TAEF1 / TAEF2 for the transformers) that decodes latents, and encodes
+        img2img sources, in the full VAE's place: much faster, an approximation.
     lora_dir:
         The folder LoRA names in ``diffusion(loras=...)`` are looked up in.
+    embedding_dir:
+        A folder of textual-inversion embeddings (``.pt``, ``.safetensors``;
+        SD 1.x, SD 2.x and SDXL): a prompt that says a file's name (its stem,
+        any case) uses its vectors. Files the model's text encoders cannot take
+        are skipped, and a prompt that names one is refused.
     upscaler:
         An ESRGAN to pair with the model, for ``diffusion(upscale=...)``.
     """
@@ -382,8 +391,10 @@ class ModelConfig:
     clip_g_model_src: Any = None
     t5xxl_model_src: Any = None
     llm_model_src: Any = None
+    taesd_src: Any = None
     upscaler: UpscalerConfig | None = None
     lora_dir: Any = None
+    embedding_dir: Any = None
 
 
 def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConfig:
@@ -430,9 +441,14 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
         check_int("model_config.upscaler.tile_size", upscaler.tile_size, 16, 2048)
         if config.mode == "diffusion" and upscaler.model_src is None:
             raise InvalidParameterError("model_config.upscaler.model_src", "is required to pair an upscaler")
-    lora_dir = config.lora_dir
-    if lora_dir is not None:
-        if not isinstance(lora_dir, (str, os.PathLike)) or not Path(lora_dir).expanduser().is_dir():
-            raise InvalidParameterError("model_config.lora_dir", f"must be an existing folder, got {lora_dir!r}")
-        lora_dir = Path(lora_dir).expanduser().resolve()
-    return ModelConfig(**{**values, "upscaler": upscaler, "lora_dir": lora_dir})
+    folders = {key: _folder(f"model_config.{key}", getattr(config, key)) for key in ("lora_dir", "embedding_dir")}
+    return ModelConfig(**{**values, "upscaler": upscaler, **folders})
+
+
+def _folder(name: str, value: object) -> Path | None:
+    """An existing folder (``None`` stays ``None``), resolved."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not Path(value).expanduser().is_dir():
+        raise InvalidParameterError(name, f"must be an existing folder, got {value!r}")
+    return Path(value).expanduser().resolve()

@@ -46,6 +46,9 @@ class DiffusionStats:
         included), VAE decoding, and upscale + PNG encoding.
     steps_per_second:
         ``total_steps`` over the sampling time.
+    decoder:
+        What decoded the latents, as the engine reported at load: ``"vae"``, or
+        ``"taesd"`` for the tiny autoencoder of ``model_config.taesd_src``.
     """
 
     model_load_ms: float | None = None
@@ -64,6 +67,7 @@ class DiffusionStats:
     vae_decode_ms: float | None = None
     postprocess_ms: float | None = None
     steps_per_second: float | None = None
+    decoder: str | None = None
 
 
 class Pending(Generic[T]):

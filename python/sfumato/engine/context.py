@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,6 +62,27 @@ def _as_image(array: ImageArray, channels: int, field_name: str) -> ImageArray:
     return np.ascontiguousarray(image)
 
 
+Decoder = Literal["vae", "taesd"]
+"""What turns latents into pixels (and images into latents): the full VAE or the tiny autoencoder."""
+
+
+class _LoadLog:
+    """Reads the engine's load log for what it chose: the decoder it built."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.decoder: Decoder | None = None
+
+    def on_progress(self, step: int, steps: int, seconds_per_step: float) -> None:
+        pass
+
+    def on_log(self, level: int, message: str) -> None:
+        if message.startswith("using TAE for encoding / decoding"):
+            self.decoder = "taesd"
+        elif message.startswith("using VAE for encoding / decoding"):
+            self.decoder = "vae"
+
+
 class DiffusionContext(NativeHandle):
     """A loaded diffusion model (``sd_ctx_t``), run in this process.
 
@@ -96,6 +117,13 @@ class DiffusionContext(NativeHandle):
             if value is not None:
                 keep.append(ffi.new("char[]", value.encode()))
                 setattr(c, name, keep[-1])
+        if params.embeddings:
+            table = ffi.new("sd_embedding_t[]", len(params.embeddings))
+            keep.append(table)
+            for i, (name, path) in enumerate(params.embeddings):
+                keep.extend((ffi.new("char[]", name.encode()), ffi.new("char[]", path.encode())))
+                table[i].name, table[i].path = keep[-2], keep[-1]
+            c.embeddings, c.embedding_count = table, len(params.embeddings)
         if params.n_threads > 0:
             c.n_threads = params.n_threads
         if params.wtype is not None:
@@ -116,8 +144,11 @@ class DiffusionContext(NativeHandle):
         c.enable_mmap = params.enable_mmap
         c.lora_apply_mode = _index(LORA_APPLY_MODES, params.lora_apply_mode, "lora_apply_mode")
         self.n_threads = int(c.n_threads)
-        with callbacks.listening(None):
+        load = _LoadLog()
+        with callbacks.listening(load):
             handle = lib.new_sd_ctx(c)
+        self.decoder: Decoder | None = load.decoder
+        """The decoder the engine reported building (``None`` if it did not say)."""
         if handle == ffi.NULL:
             raise EngineError(
                 "the engine could not load the model "

@@ -75,6 +75,8 @@ class ContextParams:
     llm_path: str | None = None
     vae_path: str | None = None
     taesd_path: str | None = None
+    embeddings: tuple[tuple[str, str], ...] = ()
+    """Textual-inversion embeddings as ``(name, path)``: a prompt word ``name`` takes the file's vectors."""
     n_threads: int = -1
     wtype: str | None = None
     rng: str = "cuda"

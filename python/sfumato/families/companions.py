@@ -44,6 +44,7 @@ ROLES = {
         Role("t5xxl", "t5xxl_model_src", "T5-XXL text encoder"),
         Role("llm", "llm_model_src", "Qwen3 text encoder"),
         Role("vae", "vae_model_src", "VAE"),
+        Role("taesd", "taesd_src", "tiny autoencoder (TAESD)"),
     )
 }
 
@@ -79,10 +80,11 @@ T5XXL_WIDTH = 4096
 def family_files(info: ModelInfo) -> FamilyFiles:
     """The companion roles of the model ``info`` describes: each text encoder
     of its family that the file does not carry, and a VAE unless it carries
-    one; a VAE may always replace the file's own."""
+    one; a VAE may always replace the file's own, and a tiny autoencoder may
+    decode (and encode) in its place."""
     missing = tuple(role for role in FAMILY_TEXT_ENCODERS.get(info.family, ()) if role not in info.carries)
     required = missing if info.has_vae else (*missing, "vae")
-    return FamilyFiles(required=required, accepted=(*missing, "vae"))
+    return FamilyFiles(required=required, accepted=(*missing, "vae", "taesd"))
 
 
 def _suffix_shape(table: TensorTable, suffix: str) -> tuple[int, ...] | None:
@@ -129,15 +131,16 @@ def check_companion(path: Path, role: str, info: ModelInfo) -> None:
         width = info.text_width or T5XXL_WIDTH
         if len(shared) == 2 and shared[1] != width:
             raise InvalidParameterError(field, f"{path} is a {shared[1]}-wide T5; {family} needs T5-XXL, {width} wide")
-    elif role == "vae":
-        conv_in = _suffix_shape(table, "decoder.conv_in.weight")
+    elif role in ("vae", "taesd"):
+        first = "decoder.conv_in.weight" if role == "vae" else "decoder.layers.0.weight"
+        conv_in = _suffix_shape(table, first)
         if conv_in is None:
-            raise InvalidParameterError(field, f"{path} holds no VAE decoder (decoder.conv_in.weight)")
+            raise InvalidParameterError(field, f"{path} holds no {spec.label} decoder ({first})")
         wanted = VAE_LATENT_CHANNELS.get(info.family)
         if wanted is not None and len(conv_in) == 4 and conv_in[1] != wanted:
             raise InvalidParameterError(
                 field,
-                f"{path} is a VAE of {conv_in[1]} latent channels; {family} decodes {wanted}-channel latents",
+                f"{path} is a {spec.label} of {conv_in[1]} latent channels; {family} decodes {wanted}-channel latents",
             )
 
 

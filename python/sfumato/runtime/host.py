@@ -19,12 +19,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from sfumato.engine.requests import ProgressTick
 from sfumato.errors import UnknownModelIdError
 from sfumato.families.detect import ModelInfo
+from sfumato.families.embeddings import Embedding
 from sfumato.params import ModelConfig
 from sfumato.runtime.process import WorkerExitedError, WorkerProcess
 from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
@@ -80,6 +81,11 @@ class LoadedModel:
         Whether the worker holds a diffusion context and an ESRGAN.
     size_multiple:
         What width and height must be multiples of for this family.
+    embeddings:
+        The textual-inversion embeddings of ``model_config.embedding_dir`` its
+        text encoders take, by name.
+    skipped_embeddings:
+        The other files of that folder, by name, with why each cannot be used.
     """
 
     model_id: str
@@ -88,6 +94,8 @@ class LoadedModel:
     has_diffusion: bool
     has_upscaler: bool
     size_multiple: int = 64
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
+    skipped_embeddings: dict[str, str] = field(default_factory=dict)
 
 
 class ModelHost:

@@ -31,12 +31,14 @@ class LoadSpec:
 @dataclass(frozen=True)
 class Ready:
     """The worker loaded its model: its pid, the engine device it runs on, the
-    load time and its resident memory after loading."""
+    load time, its resident memory after loading, and the decoder the engine
+    built (``"vae"`` or ``"taesd"``; ``None`` for an upscaler alone)."""
 
     pid: int
     device: str
     load_ms: float
     rss_bytes: int
+    decoder: str | None = None
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,8 @@ def serve(conn: Connection) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(JobFailed(_portable(exc)))
         return
-    conn.send(Ready(os.getpid(), engine_device(), _ms(started), psutil.Process().memory_info().rss))
+    decoder = worker.diffusion.decoder if worker.diffusion is not None else None
+    conn.send(Ready(os.getpid(), engine_device(), _ms(started), psutil.Process().memory_info().rss, decoder))
     try:
         while True:
             try:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
+from sfumato.families.embeddings import TEXT_WIDTHS, Embedding, sort_out
 from sfumato.params import MAX_BATCH, MAX_SEED, REFINER_SWITCH_AT, SCHEDULER_NAMES, DiffusionParams
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
@@ -237,11 +238,32 @@ def router(state: ServerState) -> APIRouter:
     def loras() -> list[dict[str, Any]]:
         return [{"name": e.name, "alias": e.name, "path": str(e.path), "metadata": {}} for e in state.catalog.loras()]
 
+    @api.get("/embeddings", responses=responses())
+    def embeddings() -> dict[str, Any]:
+        """The embeddings folder, as A1111 lists it: ``loaded`` are those the current
+        model's text encoders take, ``skipped`` the other embeddings."""
+        found, unreadable = state.catalog.embeddings()
+        entry = state.catalog.model(current_model() or "")
+        usable = {}
+        if entry is not None and entry.info is not None and entry.info.family in TEXT_WIDTHS:
+            usable = sort_out(found, unreadable, entry.info.family)[0]
+
+        def shape(e: Embedding) -> dict[str, Any]:
+            return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": max(e.widths),
+                    "vectors": e.vectors}  # fmt: skip
+
+        return {
+            "loaded": {e.name: shape(e) for e in found if e.name in usable},
+            "skipped": {e.name: shape(e) for e in found if e.name not in usable},
+        }
+
+    def current_model() -> str | None:
+        available = state.catalog.models()
+        return state.runner.default_model or (available[0].name if available else None)
+
     @api.get("/options", responses=responses())
     def get_options() -> dict[str, Any]:
-        available = state.catalog.models()
-        current = state.runner.default_model or (available[0].name if available else None)
-        return {"sd_model_checkpoint": current, "samples_format": "png"}
+        return {"sd_model_checkpoint": current_model(), "samples_format": "png"}
 
     @api.post("/options", responses=responses())
     def set_options(options: dict[str, Any]) -> dict[str, Any]:

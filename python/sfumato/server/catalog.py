@@ -13,8 +13,19 @@ from pathlib import Path
 from sfumato.errors import InvalidModelError
 from sfumato.families.companions import family_files
 from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
+from sfumato.families.embeddings import Embedding, NotAnEmbeddingError, read_embedding
+from sfumato.families.embeddings import scan as scan_embeddings
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
+TAESD_SIDECAR = ".taesd.safetensors"
+
+
+def taesd_sidecar(model: Path) -> Path:
+    """Where a model's own tiny autoencoder lies: ``NAME.taesd.safetensors`` beside
+    ``NAME.gguf`` (or the diffusers folder ``NAME``). When it is there, the model
+    decodes with it instead of its VAE."""
+    name = model.stem if model.is_file() else model.name
+    return model.with_name(name + TAESD_SIDECAR)
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,10 @@ class Entry:
 class Catalog:
     """Lists a folder's models, detecting each file's family once (per mtime)."""
 
-    def __init__(self, models_dir: Path, loras_dir: Path, upscalers_dir: Path) -> None:
+    def __init__(self, models_dir: Path, loras_dir: Path, upscalers_dir: Path, embeddings_dir: Path) -> None:
         self.models_dir, self.loras_dir, self.upscalers_dir = models_dir, loras_dir, upscalers_dir
+        self.embeddings_dir = embeddings_dir
+        self._embeddings: dict[tuple[Path, float], Embedding | NotAnEmbeddingError] = {}
         self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
         self._lock = threading.Lock()  # concurrent first requests read each header once
 
@@ -59,6 +72,8 @@ class Catalog:
         has no way to name them through these APIs, so it is not offered."""
         out = []
         for path in self._candidates(self.models_dir):
+            if path.name.endswith(TAESD_SIDECAR):
+                continue
             info = self._detect(path)
             if info is not None and info.family != FAMILY_ESRGAN and not family_files(info).required:
                 out.append(Entry(path.stem if path.is_file() else path.name, path, info))
@@ -72,6 +87,24 @@ class Catalog:
             if info is not None and info.family == FAMILY_ESRGAN:
                 out.append(Entry(path.stem, path, info))
         return out
+
+    def embeddings(self) -> tuple[list[Embedding], dict[str, str]]:
+        """The textual-inversion embeddings of ``embeddings_dir`` (each file read once
+        per mtime), and why each other candidate file is not one."""
+        return scan_embeddings(self.embeddings_dir, self._read_embedding)
+
+    def _read_embedding(self, path: Path) -> Embedding:
+        key = (path, path.stat().st_mtime)
+        with self._lock:
+            if key not in self._embeddings:
+                try:
+                    self._embeddings[key] = read_embedding(path)
+                except NotAnEmbeddingError as exc:
+                    self._embeddings[key] = exc
+            found = self._embeddings[key]
+        if isinstance(found, NotAnEmbeddingError):
+            raise found
+        return found
 
     def loras(self) -> list[Entry]:
         """The LoRA files of ``loras_dir``."""

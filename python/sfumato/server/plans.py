@@ -16,6 +16,7 @@ from typing import Any
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import check_lora_file
+from sfumato.families.embeddings import TEXT_WIDTHS, refuse_skipped, sort_out
 from sfumato.images import ImageInput
 from sfumato.params import (
     ANY_FAMILY_SIDE_MULTIPLE,
@@ -181,6 +182,10 @@ def job_plan(
                 "batch_count", f"asks for {params.batch_count} images; this server allows up to {settings.max_images}"
             )
         name = pick_model(state, model)
+        entry = state.catalog.model(name)
+        if entry is not None and entry.info is not None and entry.info.family in TEXT_WIDTHS:
+            skipped = sort_out(*state.catalog.embeddings(), entry.info.family)[1]
+            refuse_skipped({"prompt": params.prompt, "negative_prompt": params.negative_prompt}, skipped, repr(name))
         validate_diffusion(params)
         check_side("width", width, ANY_FAMILY_SIDE_MULTIPLE)
         check_side("height", height, ANY_FAMILY_SIDE_MULTIPLE)

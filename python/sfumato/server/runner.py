@@ -19,8 +19,9 @@ from PIL import Image
 
 import sfumato
 from sfumato.errors import JobCancelledError, SfumatoError
+from sfumato.families.embeddings import TEXT_WIDTHS
 from sfumato.results import DiffusionResult
-from sfumato.server.catalog import Catalog
+from sfumato.server.catalog import Catalog, taesd_sidecar
 from sfumato.server.jobplan import Generation, JobPlan, PlanVersionError, Upscale
 from sfumato.server.settings import ServerSettings
 from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore
@@ -118,6 +119,11 @@ class JobRunner:
             config: dict[str, Any] = {"threads": self.settings.threads}
             if upscaler:
                 config["mode"] = "upscale"
+            else:
+                if (tiny := taesd_sidecar(entry.path)).is_file():
+                    config["taesd_src"] = tiny
+                if entry.info is not None and entry.info.family in TEXT_WIDTHS and self.catalog.embeddings_dir.is_dir():
+                    config["embedding_dir"] = self.catalog.embeddings_dir
             model_id = sfumato.load_model(entry.path, model_config=config)
             with self._lock:
                 self._models[key] = model_id
@@ -218,6 +224,7 @@ class JobRunner:
                 "generation_time_sec": round(elapsed, 3),
                 "memory_before_mb": before,
                 "memory_after_mb": self._memory_mb(model_id),
+                "decoder": stats.decoder,
             },
         )
 

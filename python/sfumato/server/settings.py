@@ -14,6 +14,9 @@ class ServerSettings:
         Where to listen (loopback by default).
     models_dir, loras_dir, upscalers_dir:
         The folders models are chosen from, by name.
+    embeddings_dir:
+        Textual-inversion embeddings: each SD 1.x, SD 2.x and SDXL model loads
+        the ones its text encoders take; a prompt uses one by saying its name.
     data_dir:
         Where the job store (``jobs.sqlite3``) and the ``outputs/`` folder live.
     default_model:
@@ -41,6 +44,7 @@ class ServerSettings:
     models_dir: Path = Path("models")
     loras_dir: Path = Path("loras")
     upscalers_dir: Path = Path("upscalers")
+    embeddings_dir: Path = Path("embeddings")
     data_dir: Path = Path("sfumato-data")
     default_model: str | None = None
     queue_size: int = 64
