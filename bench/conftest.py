@@ -38,6 +38,7 @@ CASE_ORDER = (
     "diffusers",
     "upscale",
     "scaling",
+    "taesd",
 )
 
 
@@ -56,6 +57,12 @@ def sd1_fp32_folder() -> Path:
     """The same SD 1.x layout as an fp32 diffusers folder: the engine and
     diffusers both load it, so every comparison runs on identical weights."""
     return cached_reference_folder(_model_dir())
+
+
+@pytest.fixture(scope="session")
+def taesd() -> Path:
+    """TAESD, the tiny autoencoder of SD 1.x latents, in its released layout."""
+    return models.cached(_model_dir(), "taesd.safetensors", models.write_taesd)
 
 
 @pytest.fixture(scope="session")

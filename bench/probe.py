@@ -6,7 +6,8 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 
 - ``engine``: sfumato's in-process engine layer (``sfumato.engine``) on a model
   path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
-  ``threads``) and a txt2img request (``size``, ``steps``, ``batch``); on the
+  ``threads``, ``taesd``: a tiny autoencoder's path) and a txt2img request
+  (``size``, ``steps``, ``batch``); on the
   engine library ``engine_lib`` if given, else the installed one.
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
@@ -50,6 +51,7 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
         diffusion_flash_attn=config.get("flash_attn", False),
         diffusion_conv_direct=config.get("conv_direct", False),
         vae_conv_direct=config.get("conv_direct", False),
+        taesd_path=config.get("taesd"),
     )
     with DiffusionContext(params) as context:
         loaded = time.perf_counter()

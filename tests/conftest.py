@@ -189,6 +189,12 @@ def taesd(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd1_controlnet(model_dir: Path) -> Path:
+    """A ControlNet for the SD 1.x UNet, as the v1.1 releases store it (722 MB, f16)."""
+    return _cached(model_dir, "sd1-controlnet.safetensors", models.write_controlnet)
+
+
+@pytest.fixture(scope="session")
 def esrgan_6b(model_dir: Path) -> Path:
     """The layout of RealESRGAN_x4plus_anime_6B.pth (6 RRDB blocks, x4)."""
     return _cached(model_dir, "esrgan-6b.pth", lambda p: models.write_esrgan(p, num_block=6))

@@ -258,6 +258,7 @@ def load_model(
             llm_path=named.get("llm"),
             vae_path=named.get("vae"),
             taesd_path=named.get("taesd"),
+            control_net_path=named.get("control_net"),
             embeddings=tuple((e.name, str(e.path)) for e in embeddings.values()),
             n_threads=threads,
             wtype=config.weight_type,
@@ -523,6 +524,8 @@ def diffusion(
     eta: float | None = _D.eta,
     img_cfg_scale: float | None = _D.img_cfg_scale,
     init_images: Sequence[imaging.ImageInput] = _D.init_images,
+    control_image: imaging.ImageInput | None = _D.control_image,
+    control_strength: float = _D.control_strength,
     refiner: Mapping[str, Any] | None = None,
     timeout: float | None = None,
 ) -> DiffusionResult:
@@ -545,7 +548,10 @@ def diffusion(
     or ``{"name" | "path": ..., "scale": 1.0}``. ``upscale``
     (``True`` or ``{"repeats": N}``) runs the model's paired ESRGAN N times on
     every image. Image ``i`` of a batch is generated with ``seed + i``, on its
-    own, exactly as a single call with that seed would be. ``refiner``
+    own, exactly as a single call with that seed would be. ``control_image``
+    (an image in the same forms, resized to the output size) guides a model
+    loaded with ``model_config.control_net_src``, scaled by ``control_strength``.
+    ``refiner``
     (``{"model_id": <a loaded model>, "switch_at": 0.8}``) refines every image
     on a second model, as :mod:`sfumato.chain` describes: img2img at strength
     ``1 - switch_at`` with the same prompt and seed, ticks of phase
@@ -642,7 +648,16 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
         # Bilinear: a mask must not ring past its edges as Lanczos would.
         grey = imaging.to_array(params.mask, "mask", mode="L")
         mask_array = imaging.resize(grey, w, h, Image.Resampling.BILINEAR)
+    control = None
+    if params.control_image is not None:
+        if model.config.control_net_src is None:
+            raise InvalidParameterError(
+                "control_image", "needs a ControlNet: load the model with model_config.control_net_src"
+            )
+        control = imaging.resize(imaging.to_array(params.control_image, "control_image"), w, h)
     return ImageRequest(
+        control_image=control,
+        control_strength=params.control_strength,
         hires=_engine_hires(params.hires),
         loras=_lora_files(params.loras, model.config.lora_dir),
         prompt=params.prompt,

@@ -78,6 +78,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "--embedding-dir", default=_M.embedding_dir, help="a folder of textual-inversion embeddings (.pt, .safetensors)"
     )
     group.add_argument(
+        "--control-net", dest="control_net_src", default=_M.control_net_src, help="a ControlNet for --control-image"
+    )
+    group.add_argument(
         "--taesd", dest="taesd_src", default=_M.taesd_src, help="a tiny autoencoder that decodes in the VAE's place"
     )
     group.add_argument(
@@ -121,6 +124,10 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
+    g.add_argument("--control-image", default=_D.control_image, help="an image file that guides --control-net")
+    g.add_argument(
+        "--control-strength", type=float, default=_D.control_strength, help="ControlNet strength, 0..2 (default: 0.9)"
+    )
     g.add_argument(
         "--lora", "--loras", dest="loras", action="append", default=[], metavar="NAME[:SCALE]",
         help="apply a LoRA (a name in --lora-dir or a path; scale default 1); repeatable",
@@ -191,6 +198,9 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     srv.add_argument("--models", type=Path, default=defaults.models_dir, help="models folder (default: ./models)")
     srv.add_argument("--loras", type=Path, default=defaults.loras_dir, help="LoRA folder (default: ./loras)")
     srv.add_argument("--upscalers", type=Path, default=defaults.upscalers_dir, help="default: ./upscalers")
+    srv.add_argument(
+        "--controlnets", type=Path, default=defaults.controlnets_dir, help="ControlNet folder (./controlnets)"
+    )
     srv.add_argument(
         "--embeddings", type=Path, default=defaults.embeddings_dir, help="textual-inversion embeddings (./embeddings)"
     )
@@ -356,7 +366,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SfumatoError(f"--queue-size must be at least 1, got {args.queue_size}")
     settings = ServerSettings(
         host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers,
-        embeddings_dir=args.embeddings, data_dir=args.data, default_model=args.default_model,
+        embeddings_dir=args.embeddings, controlnets_dir=args.controlnets, data_dir=args.data,
+        default_model=args.default_model,
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
         retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,

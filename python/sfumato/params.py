@@ -64,6 +64,8 @@ class DiffusionParams:
     ``None``: the engine's) and ``img_cfg_scale`` (the image guidance of
     instruct-pix2pix models; ``None``: ``cfg_scale``) have the engine's
     semantics. ``init_images`` are FLUX.2's extra reference images.
+    ``control_image`` guides the model's ControlNet (``model_config.control_net_src``),
+    resized to the output size, with ``control_strength`` (0..2, the engine's 0.9).
     """
 
     prompt: str
@@ -89,9 +91,12 @@ class DiffusionParams:
     eta: float | None = None
     img_cfg_scale: float | None = None
     init_images: Sequence[Any] = ()
+    control_image: ImageInput | None = None
+    control_strength: float = 0.9
 
 
 DEFAULT_CFG_SCALE = 7.0
+MAX_CONTROL_STRENGTH = 2.0
 FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_FLUX2: 1.0}
 """``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`."""
 FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
@@ -321,6 +326,7 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
     check_number("strength", params.strength, 0.0, 1.0)
     if params.mask is not None and params.init_image is None:
         raise InvalidParameterError("mask", "inpainting needs init_image: the mask marks which of its pixels change")
+    check_number("control_strength", params.control_strength, 0.0, MAX_CONTROL_STRENGTH)
     check_upscale_repeats("upscale", params.upscale)
     check_hires("hires", params.hires)
     check_loras("loras", params.loras)
@@ -363,6 +369,9 @@ class ModelConfig:
         ``"auto"`` (detect) or one of :data:`PREDICTION_NAMES`.
     vae_model_src, clip_l_model_src, clip_g_model_src, t5xxl_model_src, llm_model_src:
         Companion files, each a path or a registry constant.
+    control_net_src:
+        A ControlNet (a path or a registry constant) for SD 1.x, SD 2.x or SDXL,
+        guided per request by ``diffusion(control_image=...)``.
     taesd_src:
         A tiny autoencoder (TAESD for SD 1.x / 2.x, TAESDXL for SDXL, TAESD3 /
         TAEF1 / TAEF2 for the transformers) that decodes latents, and encodes
@@ -392,6 +401,7 @@ class ModelConfig:
     t5xxl_model_src: Any = None
     llm_model_src: Any = None
     taesd_src: Any = None
+    control_net_src: Any = None
     upscaler: UpscalerConfig | None = None
     lora_dir: Any = None
     embedding_dir: Any = None

@@ -177,6 +177,31 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
     return lay.specs
 
 
+def controlnet_layout(cfg: UNetConfig = SD1_UNET, prefix: str = "control_model.") -> list[TensorSpec]:
+    """A ControlNet for the UNet of ``cfg`` (``control_model.*``, as the ``.pth`` and
+    safetensors releases store it): the UNet's encoder and middle block, the hint
+    encoder ``input_hint_block`` (3 -> 16 -> 32 -> 96 -> 256 -> model channels, three
+    stride-2 convolutions), a 1x1 ``zero_convs`` after every input block and
+    ``middle_block_out``."""
+    encoder = (f"{prefix}time_embed", f"{prefix}label_emb", f"{prefix}input_blocks", f"{prefix}middle_block")
+    lay = _Layout()
+    lay.specs = [TensorSpec(s.name, None, s.shape) for s in unet_layout(cfg, prefix) if s.name.startswith(encoder)]
+    shapes = {s.name: s.shape for s in lay.specs}
+    hint = ((16, 3), (16, 16), (32, 16), (32, 32), (96, 32), (96, 96), (256, 96), (cfg.model_channels, 256))
+    for i, (out, inp) in enumerate(hint):
+        lay.conv(f"{prefix}input_hint_block.{2 * i}", None, out, inp)
+    block = 0
+    while any(name.startswith(f"{prefix}input_blocks.{block}.") for name in shapes):
+        # An input block's output: its res block's last convolution, its downsampler, or the first convolution.
+        parts = (f"{prefix}input_blocks.{block}.0.{p}" for p in ("out_layers.3.weight", "op.weight", "weight"))
+        out = next(shapes[name][0] for name in parts if name in shapes)
+        lay.conv(f"{prefix}zero_convs.{block}.0", None, out, out, k=1)
+        block += 1
+    middle = shapes[f"{prefix}middle_block.2.out_layers.3.weight"][0]
+    lay.conv(f"{prefix}middle_block_out.0", None, middle, middle, k=1)
+    return lay.specs
+
+
 def _vae_resblock(lay: _Layout, name: str, diff: str, inp: int, out: int) -> None:
     lay.norm(f"{name}.norm1", f"{diff}.norm1", inp)
     lay.conv(f"{name}.conv1", f"{diff}.conv1", out, inp)

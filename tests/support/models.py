@@ -33,6 +33,7 @@ from tests.support.layouts import (
     Qwen3Config,
     TensorSpec,
     clip_text_layout,
+    controlnet_layout,
     esrgan_layout,
     flux_layout,
     mmdit_layout,
@@ -334,6 +335,13 @@ def write_taesd(path: Path, seed: int = 0) -> Path:
     """TAESD, the tiny autoencoder of SD 1.x / 2.x latents, as ``taesd`` releases
     (diffusers' ``AutoencoderTiny``) store it: safetensors, f16."""
     return write_safetensors(Path(path), random_tensors(taesd_layout(), seed))
+
+
+def write_controlnet(path: Path, version: str = "sd1", seed: int = 0) -> Path:
+    """A ControlNet for the SD 1.x (or ``"sd2"``) UNet, as the v1.1 releases store it
+    (``control_model.*``, safetensors, f16): 361M parameters for SD 1.x."""
+    cfg = {"sd1": SD1_UNET, "sd2": SD2_UNET}[version]
+    return write_safetensors(Path(path), random_tensors(controlnet_layout(cfg), seed))
 
 
 def write_esrgan(path: Path, num_block: int = 23, scale: int = 4, seed: int = 0) -> Path:

@@ -111,7 +111,7 @@ class DiffusionContext(NativeHandle):
         lib.sd_ctx_params_init(c)
         for name in (
             "model_path", "diffusion_model_path", "clip_l_path", "clip_g_path",
-            "t5xxl_path", "llm_path", "vae_path", "taesd_path",
+            "t5xxl_path", "llm_path", "vae_path", "taesd_path", "control_net_path",
         ):  # fmt: skip
             value = getattr(params, name)
             if value is not None:
@@ -223,6 +223,9 @@ class DiffusionContext(NativeHandle):
             p.init_image = image(request.init_image, 3, "init_image")
         if request.mask_image is not None:
             p.mask_image = image(request.mask_image, 1, "mask")
+        if request.control_image is not None:
+            p.control_image = image(request.control_image, 3, "control_image")
+            p.control_strength = request.control_strength
         if request.ref_images:
             refs = ffi.new("sd_image_t[]", len(request.ref_images))
             for i, ref in enumerate(request.ref_images):

@@ -75,6 +75,7 @@ class ContextParams:
     llm_path: str | None = None
     vae_path: str | None = None
     taesd_path: str | None = None
+    control_net_path: str | None = None
     embeddings: tuple[tuple[str, str], ...] = ()
     """Textual-inversion embeddings as ``(name, path)``: a prompt word ``name`` takes the file's vectors."""
     n_threads: int = -1
@@ -137,6 +138,8 @@ class ImageRequest:
     strength: float = 0.75
     init_image: ImageArray | None = None
     mask_image: ImageArray | None = None
+    control_image: ImageArray | None = None
+    control_strength: float = 0.9
     ref_images: Sequence[ImageArray] = ()
     vae_tiling: bool = False
     cache_threshold: float | None = None

@@ -45,6 +45,7 @@ ROLES = {
         Role("llm", "llm_model_src", "Qwen3 text encoder"),
         Role("vae", "vae_model_src", "VAE"),
         Role("taesd", "taesd_src", "tiny autoencoder (TAESD)"),
+        Role("control_net", "control_net_src", "ControlNet"),
     )
 }
 
@@ -53,6 +54,9 @@ CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 
 VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 32}
 """Latent channels of the VAE each family decodes with."""
+
+CONTROL_NET_WIDTHS = {FAMILY_SD1: 768, FAMILY_SD2: 1024, FAMILY_SDXL: 2048}
+"""The families the engine runs ControlNets for (UNets), by the text width their cross-attention takes."""
 
 FLUX2_TEXT_LAYERS = (9, 18, 27)
 """The LLM layers whose outputs FLUX.2 [klein] stacks into its text features."""
@@ -84,7 +88,8 @@ def family_files(info: ModelInfo) -> FamilyFiles:
     decode (and encode) in its place."""
     missing = tuple(role for role in FAMILY_TEXT_ENCODERS.get(info.family, ()) if role not in info.carries)
     required = missing if info.has_vae else (*missing, "vae")
-    return FamilyFiles(required=required, accepted=(*missing, "vae", "taesd"))
+    control = ("control_net",) if info.family in CONTROL_NET_WIDTHS else ()
+    return FamilyFiles(required=required, accepted=(*missing, "vae", "taesd", *control))
 
 
 def _suffix_shape(table: TensorTable, suffix: str) -> tuple[int, ...] | None:
@@ -131,6 +136,14 @@ def check_companion(path: Path, role: str, info: ModelInfo) -> None:
         width = info.text_width or T5XXL_WIDTH
         if len(shared) == 2 and shared[1] != width:
             raise InvalidParameterError(field, f"{path} is a {shared[1]}-wide T5; {family} needs T5-XXL, {width} wide")
+    elif role == "control_net":
+        if _suffix_shape(table, "input_hint_block.0.weight") is None:
+            raise InvalidParameterError(field, f"{path} is not a ControlNet (no input_hint_block)")
+        keys = _suffix_shape(table, "attn2.to_k.weight")
+        cross = keys[1] if keys is not None and len(keys) == 2 else None
+        if cross is not None and cross != CONTROL_NET_WIDTHS[info.family]:
+            other = next((FAMILY_NAMES[f] for f, w in CONTROL_NET_WIDTHS.items() if w == cross), f"{cross}-wide text")
+            raise InvalidParameterError(field, f"{path} is a ControlNet for {other}; this model is {family}")
     elif role in ("vae", "taesd"):
         first = "decoder.conv_in.weight" if role == "vae" else "decoder.layers.0.weight"
         conv_in = _suffix_shape(table, first)

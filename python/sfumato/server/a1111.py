@@ -17,12 +17,19 @@ from typing import Any, ClassVar
 
 from fastapi import APIRouter, Depends
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.families.embeddings import TEXT_WIDTHS, Embedding, sort_out
-from sfumato.params import MAX_BATCH, MAX_SEED, REFINER_SWITCH_AT, SCHEDULER_NAMES, DiffusionParams
+from sfumato.params import (
+    MAX_BATCH,
+    MAX_CONTROL_STRENGTH,
+    MAX_SEED,
+    REFINER_SWITCH_AT,
+    SCHEDULER_NAMES,
+    DiffusionParams,
+)
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan, Upscale
@@ -31,6 +38,37 @@ from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
 
 PREFIX = "/sdapi/v1"
+
+
+CONTROL_UNIT = "alwayson_scripts.controlnet.args[0]"
+
+
+class ControlUnit(BaseModel):
+    """One unit of A1111's ControlNet extension (``alwayson_scripts.controlnet.args``):
+    the fields sfumato honours; others (``resize_mode``, ``pixel_perfect``, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, description="a name from GET /controlnet/model_list")
+    image: str | dict[str, Any] | None = Field(None, description="base64 image, or {'image': base64}")
+    input_image: str | None = Field(None, description="the extension's older name for image")
+    weight: float = Field(1.0, ge=0.0, le=MAX_CONTROL_STRENGTH)
+    module: str = Field("none", description="the preprocessor: only 'none' (send a preprocessed image)")
+
+    @field_validator("module")
+    @classmethod
+    def _no_preprocessor(cls, value: str) -> str:
+        if value.lower() not in ("none", ""):
+            raise ValueError(f"the preprocessor {value!r} does not run in sfumato; send a preprocessed image (none)")
+        return value
+
+    def image_bytes(self) -> bytes:
+        image = self.image.get("image") if isinstance(self.image, dict) else self.image
+        data = image or self.input_image
+        field = "image" if image else "input_image"
+        if not isinstance(data, str) or not data:
+            raise InvalidParameterError(f"{CONTROL_UNIT}.image", "is required: the control image, base64")
+        return decode_image(data, f"{CONTROL_UNIT}.{field}")
 
 
 class Txt2ImgBody(BaseModel):
@@ -60,13 +98,45 @@ class Txt2ImgBody(BaseModel):
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="'controlnet': {'args': [one unit: image, model, weight, module 'none']}"
+    )
 
     # The SDK's names of fields -> A1111's, for errors raised under the SDK's.
     SENT_AS: ClassVar[dict[str, str]] = {
         "model": "override_settings.sd_model_checkpoint", "batch_count": "batch_size", "hires.scale": "hr_scale",
         "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
-        "hires.denoising_strength": "denoising_strength",
+        "hires.denoising_strength": "denoising_strength", "control_net": f"{CONTROL_UNIT}.model",
+        "control_image": f"{CONTROL_UNIT}.image", "control_strength": f"{CONTROL_UNIT}.weight",
     }  # fmt: skip
+
+    def control_unit(self) -> ControlUnit | None:
+        """The enabled unit of ``alwayson_scripts.controlnet``, if any.
+
+        Raises
+        ------
+        InvalidParameterError
+            For a unit sfumato cannot run, naming its field.
+        """
+        script = self.alwayson_scripts.get("controlnet")
+        if script is None:
+            return None
+        field = "alwayson_scripts.controlnet.args"
+        args = script.get("args") if isinstance(script, dict) else None
+        if not isinstance(args, list) or not all(isinstance(unit, dict) for unit in args):
+            raise InvalidParameterError(field, "must be a list of ControlNet units (objects)")
+        enabled = [(i, unit) for i, unit in enumerate(args) if unit.get("enabled", True)]
+        if len(enabled) > 1:
+            raise InvalidParameterError(f"{field}[{enabled[1][0]}]", "sfumato runs one ControlNet unit per request")
+        if not enabled:
+            return None
+        i, unit = enabled[0]
+        try:
+            return ControlUnit.model_validate(unit)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise InvalidParameterError(f"{field}[{i}].{where}", error["msg"]) from None
 
     def to_params(self) -> DiffusionParams:
         """The SDK's params of this request: ``<lora:name:scale>`` tags become LoRAs,
@@ -79,11 +149,15 @@ class Txt2ImgBody(BaseModel):
             hires = {"scale": self.hr_scale, "upscaler": self.hr_upscaler, "steps": self.hr_second_pass_steps,
                      "denoising_strength": self.denoising_strength}  # fmt: skip
         prompt, loras = prompt_loras(self.prompt)
-        return DiffusionParams(
+        params = DiffusionParams(
             prompt=prompt, negative_prompt=self.negative_prompt, width=self.width, height=self.height,
             steps=self.steps, cfg_scale=self.cfg_scale, sampling_method=sampling_method, scheduler=scheduler,
             seed=self.seed, batch_count=self.batch_size * self.n_iter, hires=hires, loras=loras,
         )  # fmt: skip
+        unit = self.control_unit()
+        if unit is None:
+            return params
+        return replace(params, control_image=unit.image_bytes(), control_strength=unit.weight)
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -145,9 +219,11 @@ class ExtraSingleImageResponse(BaseModel):
 
 
 def router(state: ServerState) -> APIRouter:
-    api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_key(state.settings))], tags=["AUTOMATIC1111"])
+    api = APIRouter(prefix=PREFIX)
+    extension = APIRouter(prefix="/controlnet")  # the ControlNet extension's own routes
 
     def plan_for(body: Txt2ImgBody) -> JobPlan:
+        unit = body.control_unit()
         return job_plan(
             state,
             body.to_params(),
@@ -155,6 +231,7 @@ def router(state: ServerState) -> APIRouter:
             sent_as=body.SENT_AS,
             refiner=body.refiner_checkpoint,
             refiner_switch_at=body.refiner_switch_at,
+            control_net=unit.model if unit is not None else None,
         )
 
     async def run(kind: str, body: Txt2ImgBody, plan: JobPlan) -> ImagesResponse:
@@ -238,6 +315,16 @@ def router(state: ServerState) -> APIRouter:
     def loras() -> list[dict[str, Any]]:
         return [{"name": e.name, "alias": e.name, "path": str(e.path), "metadata": {}} for e in state.catalog.loras()]
 
+    @extension.get("/model_list", responses=responses())
+    def controlnet_models() -> dict[str, list[str]]:
+        """The ControlNet folder, as A1111's ControlNet extension lists it."""
+        return {"model_list": [e.name for e in state.catalog.controlnets()]}
+
+    @extension.get("/module_list", responses=responses())
+    def controlnet_modules() -> dict[str, list[str]]:
+        """The preprocessors sfumato runs: none (requests send preprocessed images)."""
+        return {"module_list": ["none"]}
+
     @api.get("/embeddings", responses=responses())
     def embeddings() -> dict[str, Any]:
         """The embeddings folder, as A1111 lists it: ``loaded`` are those the current
@@ -307,4 +394,7 @@ def router(state: ServerState) -> APIRouter:
             image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(out, format="PNG")
         return ExtraSingleImageResponse(image=base64.b64encode(out.getvalue()).decode())
 
-    return api
+    root = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["AUTOMATIC1111"])
+    root.include_router(api)
+    root.include_router(extension)
+    return root

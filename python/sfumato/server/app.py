@@ -82,7 +82,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """A server for ``settings`` (the embedded defaults when ``None``)."""
     settings = settings or ServerSettings()
     store = JobStore(settings.db_path, settings.queue_size)
-    catalog = Catalog(settings.models_dir, settings.loras_dir, settings.upscalers_dir, settings.embeddings_dir)
+    catalog = Catalog(settings)
     state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings))
     stop = threading.Event()
 

@@ -15,6 +15,7 @@ from sfumato.families.companions import family_files
 from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
 from sfumato.families.embeddings import Embedding, NotAnEmbeddingError, read_embedding
 from sfumato.families.embeddings import scan as scan_embeddings
+from sfumato.server.settings import ServerSettings
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
 TAESD_SIDECAR = ".taesd.safetensors"
@@ -40,9 +41,13 @@ class Entry:
 class Catalog:
     """Lists a folder's models, detecting each file's family once (per mtime)."""
 
-    def __init__(self, models_dir: Path, loras_dir: Path, upscalers_dir: Path, embeddings_dir: Path) -> None:
-        self.models_dir, self.loras_dir, self.upscalers_dir = models_dir, loras_dir, upscalers_dir
-        self.embeddings_dir = embeddings_dir
+    def __init__(self, settings: ServerSettings) -> None:
+        self.models_dir, self.loras_dir, self.upscalers_dir = (
+            settings.models_dir,
+            settings.loras_dir,
+            settings.upscalers_dir,
+        )
+        self.embeddings_dir, self.controlnets_dir = settings.embeddings_dir, settings.controlnets_dir
         self._embeddings: dict[tuple[Path, float], Embedding | NotAnEmbeddingError] = {}
         self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
         self._lock = threading.Lock()  # concurrent first requests read each header once
@@ -105,6 +110,10 @@ class Catalog:
         if isinstance(found, NotAnEmbeddingError):
             raise found
         return found
+
+    def controlnets(self) -> list[Entry]:
+        """The ControlNet files of ``controlnets_dir`` (checked against a model when a request pairs them)."""
+        return [Entry(p.stem, p) for p in self._candidates(self.controlnets_dir) if p.is_file()]
 
     def loras(self) -> list[Entry]:
         """The LoRA files of ``loras_dir``."""

@@ -63,10 +63,13 @@ class Generation:
     mask: bytes | None = None
     hires: Hires | None = None
     loras: tuple[Lora, ...] = ()
+    control_image: bytes | None = None
+    control_strength: float = 0.9
 
     def _fields(self, image: Callable[[bytes | None], Any]) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
         out.update(init_image=image(self.init_image), mask=image(self.mask))
+        out.update(control_image=image(self.control_image), control_strength=self.control_strength)
         out.update(loras=[asdict(lora) for lora in self.loras], hires=asdict(self.hires) if self.hires else None)
         return out
 
@@ -87,6 +90,8 @@ class Generation:
             mask=_unb64(data.get("mask")),
             hires=Hires(**hires) if hires is not None else None,
             loras=tuple(Lora(**lora) for lora in data.get("loras", ())),
+            control_image=_unb64(data.get("control_image")),
+            control_strength=data.get("control_strength", cls.control_strength),
         )
 
 
@@ -138,6 +143,9 @@ class JobPlan:
         The generation or the upscale.
     refiner:
         A second model that refines the generation's images.
+    control_net:
+        The catalog name of the ControlNet the model loads with, for the
+        generation's ``control_image``.
     file_type, jpeg_quality:
         How the outputs folder keeps the images.
     """
@@ -148,6 +156,7 @@ class JobPlan:
     model: str
     work: Generation | Upscale
     refiner: Refiner | None = None
+    control_net: str | None = None
     file_type: FileType = "png"
     jpeg_quality: int = 85
 
@@ -178,6 +187,8 @@ class JobPlan:
         out["upscaler" if isinstance(self.work, Upscale) else "model"] = self.model
         if self.refiner is not None:
             out["refiner"] = asdict(self.refiner)
+        if self.control_net is not None:
+            out["control_net"] = self.control_net
         return out
 
     @classmethod
@@ -203,7 +214,7 @@ class JobPlan:
                 model, work = data["model"], Generation.from_json(data["params"])
             return cls(
                 model=model, work=work, refiner=Refiner(**refiner) if refiner else None,
-                file_type=data["file_type"], jpeg_quality=data["jpeg_quality"],
+                control_net=data.get("control_net"), file_type=data["file_type"], jpeg_quality=data["jpeg_quality"],
             )  # fmt: skip
         except (KeyError, TypeError, binascii.Error) as exc:
             message = f"the stored plan is not a version-{version} plan: {type(exc).__name__}: {exc}"

@@ -15,6 +15,7 @@ from typing import Any
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
+from sfumato.families.companions import check_companion
 from sfumato.families.detect import check_lora_file
 from sfumato.families.embeddings import TEXT_WIDTHS, refuse_skipped, sort_out
 from sfumato.images import ImageInput
@@ -30,6 +31,7 @@ from sfumato.params import (
     check_side,
     validate_diffusion,
 )
+from sfumato.server.catalog import Entry
 from sfumato.server.jobplan import FileType, Generation, Hires, JobPlan, Lora, Refiner
 from sfumato.server.state import ServerState
 
@@ -94,6 +96,23 @@ def _hires(state: ServerState, hires: object) -> Hires | None:
                  denoising_strength=config.denoising_strength)  # fmt: skip
 
 
+def _control_net(state: ServerState, requested: str | None, model: Entry | None) -> str:
+    """The catalog name of the ControlNet a control image needs, checked against the model's family."""
+    found = {e.name: e.path for e in state.catalog.controlnets()}
+    if requested is None:
+        raise InvalidParameterError("control_image", "needs a ControlNet: name one of the ControlNet folder")
+    name = requested.rsplit(" [", 1)[0]  # A1111 lists "name [hash]"
+    if name not in found:
+        have = ", ".join(found) or f"none (the ControlNet folder {state.settings.controlnets_dir} is empty)"
+        raise InvalidParameterError("control_net", f"no ControlNet named {requested!r}; available: {have}")
+    if model is not None and model.info is not None:
+        try:
+            check_companion(found[name], "control_net", model.info)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("control_net", exc.message) from None
+    return name
+
+
 def _file_bytes(image: ImageInput | None) -> bytes | None:
     """An image of a request's params: the file bytes each schema decoded and checked."""
     if image is None or isinstance(image, bytes):
@@ -133,6 +152,7 @@ def job_plan(
     sent_as: Mapping[str, str] | None = None,
     refiner: str | None = None,
     refiner_switch_at: float = REFINER_SWITCH_AT,
+    control_net: str | None = None,
     file_type: FileType = "png",
     jpeg_quality: int = 85,
 ) -> JobPlan:
@@ -141,7 +161,8 @@ def job_plan(
     ``params.loras`` and a hires ``upscaler`` are names in the server's LoRA and
     upscaler folders; ``model`` and ``refiner`` (seed 002's ``refiner_checkpoint``,
     which refines from ``refiner_switch_at`` on) are catalog names, ``None``
-    taking the server's default model. The server's limits apply here.
+    taking the server's default model; ``control_net`` names a ControlNet of the
+    ControlNet folder for ``params.control_image``. The server's limits apply here.
     ``sent_as`` maps the SDK's names of fields to the request's (``{"steps":
     "num_steps"}``), so that an error names the field the client sent.
 
@@ -195,6 +216,7 @@ def job_plan(
             scheduler=params.scheduler, seed=params.seed, batch_count=params.batch_count, strength=params.strength,
             init_image=_file_bytes(params.init_image), mask=_file_bytes(params.mask), hires=hires,
             loras=_lora_paths(state, check_loras("loras", params.loras)),
+            control_image=_file_bytes(params.control_image), control_strength=params.control_strength,
         )  # fmt: skip
         refined = None
         if refiner:
@@ -202,4 +224,7 @@ def job_plan(
                 model=pick_model(state, refiner, field="refiner_checkpoint"),
                 switch_at=check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
             )
-        return JobPlan(model=name, work=work, refiner=refined, file_type=file_type, jpeg_quality=jpeg_quality)
+        control = _control_net(state, control_net, entry) if params.control_image is not None else None
+        return JobPlan(
+            model=name, work=work, refiner=refined, control_net=control, file_type=file_type, jpeg_quality=jpeg_quality
+        )

@@ -106,13 +106,19 @@ class JobRunner:
         stopped = current is not None and current[0] == job_id and current[1].cancel()
         return self.store.end(job_id, CANCELLED, "cancelled by request") or stopped
 
-    def model_id(self, name: str, upscaler: bool = False) -> str:
-        """The SDK id of a catalog model (or upscaler), loading it the first time."""
+    def model_id(self, name: str, upscaler: bool = False, control_net: str | None = None) -> str:
+        """The SDK id of a catalog model (or upscaler), with a catalog ControlNet if
+        given, loading it the first time."""
         entries = self.catalog.upscalers() if upscaler else self.catalog.models()
         entry = next((e for e in entries if e.name == name), None)
         if entry is None:
             raise SfumatoError(f"{'upscaler' if upscaler else 'model'} {name!r} is no longer in its folder")
-        key = f"upscaler:{name}" if upscaler else name
+        control = None
+        if control_net is not None:
+            control = next((e for e in self.catalog.controlnets() if e.name == control_net), None)
+            if control is None:
+                raise SfumatoError(f"ControlNet {control_net!r} is no longer in its folder")
+        key = f"upscaler:{name}" if upscaler else name if control is None else f"{name}+{control.name}"
         with self._lock:
             model_id = self._models.get(key)
         if model_id is None or model_id not in sfumato.loaded_models():
@@ -122,6 +128,8 @@ class JobRunner:
             else:
                 if (tiny := taesd_sidecar(entry.path)).is_file():
                     config["taesd_src"] = tiny
+                if control is not None:
+                    config["control_net_src"] = control.path
                 if entry.info is not None and entry.info.family in TEXT_WIDTHS and self.catalog.embeddings_dir.is_dir():
                     config["embedding_dir"] = self.catalog.embeddings_dir
             model_id = sfumato.load_model(entry.path, model_config=config)
@@ -167,7 +175,7 @@ class JobRunner:
         upscale_only = isinstance(work, Upscale)
         try:
             self.store.progress(job.id, 0.0, "loading model")
-            model_id = self.model_id(plan.model, upscaler=upscale_only)
+            model_id = self.model_id(plan.model, upscaler=upscale_only, control_net=plan.control_net)
             before = self._memory_mb(model_id)
             params = work.sdk_arguments()
             refining: bool | None = None

@@ -17,6 +17,8 @@ class ServerSettings:
     embeddings_dir:
         Textual-inversion embeddings: each SD 1.x, SD 2.x and SDXL model loads
         the ones its text encoders take; a prompt uses one by saying its name.
+    controlnets_dir:
+        ControlNets that requests pair with a model by name (A1111's ``alwayson_scripts.controlnet``).
     data_dir:
         Where the job store (``jobs.sqlite3``) and the ``outputs/`` folder live.
     default_model:
@@ -45,6 +47,7 @@ class ServerSettings:
     loras_dir: Path = Path("loras")
     upscalers_dir: Path = Path("upscalers")
     embeddings_dir: Path = Path("embeddings")
+    controlnets_dir: Path = Path("controlnets")
     data_dir: Path = Path("sfumato-data")
     default_model: str | None = None
     queue_size: int = 64
