@@ -39,6 +39,7 @@ CASE_ORDER = (
     "upscale",
     "scaling",
     "taesd",
+    "previews",
 )
 
 

@@ -7,7 +7,7 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 - ``engine``: sfumato's in-process engine layer (``sfumato.engine``) on a model
   path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
   ``threads``, ``taesd``: a tiny autoencoder's path) and a txt2img request
-  (``size``, ``steps``, ``batch``); on the
+  (``size``, ``steps``, ``batch``, ``preview``: a preview mode); on the
   engine library ``engine_lib`` if given, else the installed one.
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
@@ -58,9 +58,8 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
         # Warm-up (one step at 64x64, like the diffusers probe): first-call set-up is not a step's cost.
         context.generate(ImageRequest(prompt=PROMPT, width=64, height=64, steps=1, seed=SEED))
         size, steps, batch = config["size"], config["steps"], config.get("batch", 1)
-        request = ImageRequest(
-            prompt=PROMPT, width=size, height=size, steps=steps, seed=SEED, batch_count=batch, cfg_scale=7.0
-        )
+        request = ImageRequest(prompt=PROMPT, width=size, height=size, steps=steps, seed=SEED, batch_count=batch,
+                               cfg_scale=7.0, preview=config.get("preview"))  # fmt: skip
         measured = time.perf_counter()
         out = context.generate(request)
         done = time.perf_counter()

@@ -94,17 +94,18 @@ def test_refiner_checkpoint_refines_on_a_second_model(
         assert status["state"] == "done", status
         png = base64.b64decode(status["image"])
         assert "refining" in phases, phases
-    # The same job through the SDK: the base model, then the refiner from 0.5 on.
-    base = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
-    refiner = sfumato.load_model(sd2_gguf, model_config={"threads": 2})
-    try:
-        expected = sfumato.diffusion(
-            base, prompt="a lighthouse", width=SIZE, height=SIZE, steps=4, seed=4, sampling_method="dpm++2m",
-            scheduler="karras", refiner={"model_id": refiner, "switch_at": 0.5},
-        ).outputs.result()  # fmt: skip
-    finally:
-        sfumato.unload_model(base)
-        sfumato.unload_model(refiner)
+        # The same job through the SDK (on the server's workers, still loaded): the base model,
+        # then the refiner from 0.5 on.
+        base = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
+        refiner = sfumato.load_model(sd2_gguf, model_config={"threads": 2})
+        try:
+            expected = sfumato.diffusion(
+                base, prompt="a lighthouse", width=SIZE, height=SIZE, steps=4, seed=4, sampling_method="dpm++2m",
+                scheduler="karras", refiner={"model_id": refiner, "switch_at": 0.5},
+            ).outputs.result()  # fmt: skip
+        finally:
+            sfumato.unload_model(base)
+            sfumato.unload_model(refiner)
     assert [png] == expected
 
 

@@ -56,6 +56,9 @@ def test_generate_and_cancel_in_the_browser(browser: Browser, settings: ServerSe
         _fill(page, steps=60)
         page.click("#generate")
         expect(page.locator("#status")).to_contain_text("generation", timeout=120_000)
+        # The live preview of this run (the latent projected: an eighth of the 64-pixel side) replaces
+        # the last run's 64x64 image while it samples.
+        page.wait_for_function("() => document.querySelector('#result').naturalWidth === 8", timeout=60_000)
         page.click("#cancel")
         expect(page.locator("#status")).to_have_class("state-cancelled", timeout=30_000)
 

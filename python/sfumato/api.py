@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from PIL import Image
 
@@ -35,6 +35,7 @@ from sfumato.engine.requests import (
     ContextParams,
     HiresParams,
     ImageRequest,
+    PreviewMode,
     ProgressTick,
 )
 from sfumato.errors import (
@@ -526,6 +527,8 @@ def diffusion(
     init_images: Sequence[imaging.ImageInput] = _D.init_images,
     control_image: imaging.ImageInput | None = _D.control_image,
     control_strength: float = _D.control_strength,
+    preview: str | None = _D.preview,
+    preview_interval: int = _D.preview_interval,
     refiner: Mapping[str, Any] | None = None,
     timeout: float | None = None,
 ) -> DiffusionResult:
@@ -551,6 +554,9 @@ def diffusion(
     own, exactly as a single call with that seed would be. ``control_image``
     (an image in the same forms, resized to the output size) guides a model
     loaded with ``model_config.control_net_src``, scaled by ``control_strength``.
+    ``preview="proj"`` (or ``"vae"``) puts a PNG of the image as it forms on the
+    sampling ticks of the progress stream (``tick.preview``), every
+    ``preview_interval`` steps.
     ``refiner``
     (``{"model_id": <a loaded model>, "switch_at": 0.8}``) refines every image
     on a second model, as :mod:`sfumato.chain` describes: img2img at strength
@@ -658,6 +664,8 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
     return ImageRequest(
         control_image=control,
         control_strength=params.control_strength,
+        preview=cast("PreviewMode | None", params.preview),
+        preview_interval=params.preview_interval,
         hires=_engine_hires(params.hires),
         loras=_lora_files(params.loras, model.config.lora_dir),
         prompt=params.prompt,

@@ -16,6 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.requests import PREVIEW_MODES
 from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.families.companions import ROLES
 from sfumato.params import (
@@ -125,6 +126,15 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", default=_D.mask, help="a mask image for --init-image: white is painted anew")
     g.add_argument("--strength", type=float, default=_D.strength)
     g.add_argument("--control-image", default=_D.control_image, help="an image file that guides --control-net")
+    g.add_argument(
+        "--preview",
+        choices=PREVIEW_MODES,
+        default=_D.preview,
+        help="write the forming image to OUTPUT/sfumato_preview.png",
+    )
+    g.add_argument(
+        "--preview-interval", type=int, default=_D.preview_interval, help="preview every N steps (default 1)"
+    )
     g.add_argument(
         "--control-strength", type=float, default=_D.control_strength, help="ControlNet strength, 0..2 (default: 0.9)"
     )
@@ -283,13 +293,17 @@ class _ProgressBar:
             self._bar = None
 
 
-def _run_job(result: Any, quiet: bool) -> tuple[list[bytes], Any]:
-    """Show the job's progress and return its outputs and stats. Ctrl-C cancels
-    the job (its worker stops at once) before the interrupt goes on."""
+def _run_job(result: Any, quiet: bool, preview: Path | None = None) -> tuple[list[bytes], Any]:
+    """Show the job's progress (and write each preview to ``preview``) and return its
+    outputs and stats. Ctrl-C cancels the job (its worker stops at once) before the
+    interrupt goes on."""
     bar = _ProgressBar(not quiet)
     try:
         for tick in result.progress_stream:
             bar.update(tick)
+            if preview is not None and tick.preview is not None:
+                preview.parent.mkdir(parents=True, exist_ok=True)
+                preview.write_bytes(tick.preview)
     except KeyboardInterrupt:
         result.cancel()
         raise
@@ -327,7 +341,8 @@ def _generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
         refiner = {"model_id": refiner_id, "switch_at": args.refiner_switch_at} if refiner_id else None
         result = sfumato.diffusion(model_id, **params, refiner=refiner, timeout=args.timeout)
-        outputs, stats = _run_job(result, args.quiet)
+        watch = args.output / "sfumato_preview.png" if args.preview else None
+        outputs, stats = _run_job(result, args.quiet, watch)
     except (JobCancelledError, KeyboardInterrupt):
         if result is not None:  # keep what the job finished before it stopped
             _write_pngs(args.output, "sfumato_cancelled", result.partial_outputs)

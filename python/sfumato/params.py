@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sfumato.engine.library import SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
-from sfumato.engine.requests import RNG_TYPES
+from sfumato.engine.requests import PREVIEW_MODES, RNG_TYPES
 from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import FAMILY_FLUX1, FAMILY_FLUX2, FAMILY_SD1, FAMILY_SD2, FAMILY_SD3, FAMILY_SDXL, Family
 from sfumato.images import ImageInput
@@ -66,6 +66,10 @@ class DiffusionParams:
     semantics. ``init_images`` are FLUX.2's extra reference images.
     ``control_image`` guides the model's ControlNet (``model_config.control_net_src``),
     resized to the output size, with ``control_strength`` (0..2, the engine's 0.9).
+    ``preview`` (``"proj"``: the latent projected to RGB, cheap, an eighth of the
+    side; ``"vae"``: a full decode, which the engine runs on every step whatever
+    the interval) puts a PNG of the image as it forms on every
+    ``preview_interval``-th sampling tick (and the last); off by default.
     """
 
     prompt: str
@@ -93,6 +97,8 @@ class DiffusionParams:
     init_images: Sequence[Any] = ()
     control_image: ImageInput | None = None
     control_strength: float = 0.9
+    preview: str | None = None
+    preview_interval: int = 1
 
 
 DEFAULT_CFG_SCALE = 7.0
@@ -327,6 +333,9 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
     if params.mask is not None and params.init_image is None:
         raise InvalidParameterError("mask", "inpainting needs init_image: the mask marks which of its pixels change")
     check_number("control_strength", params.control_strength, 0.0, MAX_CONTROL_STRENGTH)
+    if params.preview is not None:
+        check_choice("preview", params.preview, PREVIEW_MODES)
+    check_int("preview_interval", params.preview_interval, 1, MAX_STEPS)
     check_upscale_repeats("upscale", params.upscale)
     check_hires("hires", params.hires)
     check_loras("loras", params.loras)

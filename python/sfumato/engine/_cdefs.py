@@ -259,10 +259,12 @@ int get_upscale_factor(upscaler_ctx_t* upscaler_ctx);
 CALLBACKS = """
 typedef void (*sd_log_cb_t)(enum sd_log_level_t level, const char* text, void* data);
 typedef void (*sd_progress_cb_t)(int step, int steps, float time, void* data);
-/* DIFFERS: the preview callback is not declared; sfumato does not stream previews. */
+typedef void (*sd_preview_cb_t)(int step, int frame_count, sd_image_t* frames, bool is_noisy, void* data);
 
 void sd_set_log_callback(sd_log_cb_t sd_log_cb, void* data);
 void sd_set_progress_callback(sd_progress_cb_t cb, void* data);
+void sd_set_preview_callback(sd_preview_cb_t cb, enum preview_t mode, int interval,
+                             bool denoised, bool noisy, void* data);
 """
 
 NAMES_AND_SYSTEM = """

@@ -1,6 +1,6 @@
-"""Routing of the engine's process-wide progress and log callbacks.
+"""Routing of the engine's process-wide progress, log and preview callbacks.
 
-The engine keeps one progress and one log callback for the whole process, and
+The engine keeps one callback of each kind for the whole process, and
 calls them long after the call that registered them returned. So the cffi
 callback objects are created once, live at module level for the life of the
 process, and route each event to whatever *listener* the calling thread has
@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+import numpy as np
+
 from sfumato.engine.library import Engine
+from sfumato.engine.requests import ImageArray
 
 logger = logging.getLogger("sfumato.engine")
 
@@ -34,6 +37,9 @@ class Listener(Protocol):
 
     def on_log(self, level: int, message: str) -> None:
         """An engine log line, without the ``file:line -`` prefix."""
+
+    def on_preview(self, step: int, image: ImageArray) -> None:
+        """A preview of sampling step ``step``: an RGB array, copied out of the engine's memory."""
 
 
 _local = threading.local()
@@ -84,12 +90,43 @@ def install(engine: Engine) -> None:
                 if listener is not None and listener.error is None:
                     listener.error = exc
 
+        def on_preview(step: int, count: int, frames: Any, _noisy: bool, _data: Any) -> None:
+            listener = _current()
+            if listener is None or listener.error is not None or count < 1:
+                return
+            try:
+                frame = frames[0]
+                shape = (int(frame.height), int(frame.width), int(frame.channel))
+                size = shape[0] * shape[1] * shape[2]
+                image = np.frombuffer(ffi.buffer(frame.data, size), np.uint8).reshape(shape).copy()
+                listener.on_preview(step, image)
+            except BaseException as exc:  # noqa: BLE001 - must never unwind into C
+                listener.error = exc
+
         progress_cb = ffi.callback("void(int, int, float, void*)", on_progress)
         log_cb = ffi.callback("void(enum sd_log_level_t, const char*, void*)", on_log)
+        preview_cb = ffi.callback("void(int, int, sd_image_t*, bool, void*)", on_preview)
         lib.sd_set_progress_callback(progress_cb, ffi.NULL)
         lib.sd_set_log_callback(log_cb, ffi.NULL)
-        _callbacks[:] = [progress_cb, log_cb]
+        _callbacks[:] = [progress_cb, log_cb, preview_cb]
         _installed_for = engine
+
+
+@contextmanager
+def previews(engine: Engine, mode: str | None) -> Iterator[None]:
+    """Have the engine preview every sampling step of this block in ``mode``
+    (``"proj"``: the latent projected to RGB, cheap; ``"vae"``: a full decode),
+    reported to the thread's listener; ``None`` turns previews off."""
+    ffi, lib = engine.ffi, engine.lib
+    if mode is None:
+        yield
+        return
+    preview_cb = _callbacks[2]
+    lib.sd_set_preview_callback(preview_cb, getattr(lib, f"PREVIEW_{mode.upper()}"), 1, True, False, ffi.NULL)
+    try:
+        yield
+    finally:
+        lib.sd_set_preview_callback(ffi.NULL, lib.PREVIEW_NONE, 1, False, False, ffi.NULL)
 
 
 @contextmanager

@@ -76,6 +76,9 @@ class _LoadLog:
     def on_progress(self, step: int, steps: int, seconds_per_step: float) -> None:
         pass
 
+    def on_preview(self, step: int, image: ImageArray) -> None:
+        pass
+
     def on_log(self, level: int, message: str) -> None:
         if message.startswith("using TAE for encoding / decoding"):
             self.decoder = "taesd"
@@ -260,10 +263,10 @@ class DiffusionContext(NativeHandle):
             p.hires.upscale_tile_size = hires.tile_size
 
         started = time.perf_counter()
-        tracker = PhaseTracker(on_tick, request.batch_count, started)
+        tracker = PhaseTracker(on_tick, request.batch_count, started, request.preview_interval)
         with self._lock:
             self._require_open()
-            with callbacks.listening(tracker):
+            with callbacks.listening(tracker), callbacks.previews(self.engine, request.preview):
                 result = lib.generate_image(handle, p)
                 try:
                     images = self._copy_images(result, request.batch_count)

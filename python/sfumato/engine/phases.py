@@ -10,6 +10,7 @@ from sfumato.engine.requests import (
     PHASE_HIRES,
     PHASE_SAMPLING,
     PHASE_VAE,
+    ImageArray,
     Phase,
     ProgressTick,
     TickCallback,
@@ -27,7 +28,11 @@ class PhaseTracker:
     sfumato requires (the ABI check guards that version).
     """
 
-    def __init__(self, on_tick: TickCallback | None, batch_count: int, started: float) -> None:
+    def __init__(
+        self, on_tick: TickCallback | None, batch_count: int, started: float, preview_interval: int = 1
+    ) -> None:
+        self._preview_interval = preview_interval
+        self._preview: ImageArray | None = None
         self.error: BaseException | None = None
         self._on_tick = on_tick
         self._batch = batch_count
@@ -55,16 +60,27 @@ class PhaseTracker:
     def finish(self) -> None:
         self._account()
 
-    def _tick(self, step: int, total: int, phase: Phase) -> None:
+    def _tick(self, step: int, total: int, phase: Phase, preview: bytes | None = None) -> None:
         if self._on_tick is not None:
-            self._on_tick(ProgressTick(step, total, self._elapsed_ms(), phase))
+            self._on_tick(ProgressTick(step, total, self._elapsed_ms(), phase, preview))
+
+    def on_preview(self, step: int, image: ImageArray) -> None:
+        """The engine previews a step just before it reports the step's progress:
+        keep it for that tick."""
+        self._preview = image
 
     def on_progress(self, step: int, steps: int, seconds_per_step: float) -> None:
         if self._phase not in (PHASE_SAMPLING, PHASE_HIRES) or step <= 0:
             return
         self._last_steps = steps
         self.sampling_steps += 1
-        self._tick(self._images_sampled * steps + step, self._batch * steps, self._phase)
+        preview, self._preview = self._preview, None
+        png = None
+        if preview is not None and (step % self._preview_interval == 0 or step == steps):
+            from sfumato.images import encode_png  # sfumato.images imports the engine package
+
+            png = encode_png(preview)
+        self._tick(self._images_sampled * steps + step, self._batch * steps, self._phase, png)
 
     def on_log(self, level: int, message: str) -> None:
         if message.startswith("get_learned_condition completed"):

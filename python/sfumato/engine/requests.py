@@ -47,15 +47,24 @@ class ProgressTick:
         Milliseconds since the job started.
     phase:
         ``"sampling"``, ``"hires"``, ``"vae"`` or ``"upscale"``.
+    preview:
+        With previews asked for (``preview`` of the request), a PNG of the
+        image as it stands after this sampling step; else ``None``.
     """
 
     step: int
     total_steps: int
     elapsed_ms: float
     phase: Phase = PHASE_SAMPLING
+    preview: bytes | None = None
 
 
 TickCallback = Callable[[ProgressTick], None]
+
+PreviewMode = Literal["proj", "vae"]
+"""How the engine previews a sampling step: ``"proj"`` projects the latent to RGB
+(cheap; an eighth of the image's side), ``"vae"`` decodes it (a full decode per preview)."""
+PREVIEW_MODES: tuple[PreviewMode, ...] = ("proj", "vae")
 
 
 @dataclass
@@ -143,6 +152,8 @@ class ImageRequest:
     ref_images: Sequence[ImageArray] = ()
     vae_tiling: bool = False
     cache_threshold: float | None = None
+    preview: PreviewMode | None = None
+    preview_interval: int = 1
     loras: Sequence[tuple[str, float]] = ()
     hires: HiresParams | None = None
 

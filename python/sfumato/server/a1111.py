@@ -13,7 +13,7 @@ import json
 import math
 import time
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from fastapi import APIRouter, Depends
 from PIL import Image
@@ -41,6 +41,17 @@ PREFIX = "/sdapi/v1"
 
 
 CONTROL_UNIT = "alwayson_scripts.controlnet.args[0]"
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validated(model: type[Model], data: object, prefix: str = "") -> Model:
+    """``data`` as ``model``; its first problem as an error naming the field (``prefix`` + its place)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise InvalidParameterError(f"{prefix}{where}", error["msg"]) from None
 
 
 class ControlUnit(BaseModel):
@@ -131,12 +142,7 @@ class Txt2ImgBody(BaseModel):
         if not enabled:
             return None
         i, unit = enabled[0]
-        try:
-            return ControlUnit.model_validate(unit)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            raise InvalidParameterError(f"{field}[{i}].{where}", error["msg"]) from None
+        return _validated(ControlUnit, unit, f"{field}[{i}].")
 
     def to_params(self) -> DiffusionParams:
         """The SDK's params of this request: ``<lora:name:scale>`` tags become LoRAs,
@@ -178,6 +184,29 @@ class Img2ImgBody(Txt2ImgBody):
             mask=mask,
             strength=self.denoising_strength,
         )
+
+
+class PreviewOptions(BaseModel):
+    """A1111's live-preview settings, with A1111's defaults: previews on, every 10
+    steps. Every ``show_progress_type`` is served by the latent projection: the
+    engine's VAE previews decode on every step whatever the interval, which on a
+    CPU would add a whole decode to each step."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    live_previews_enable: bool = True
+    show_progress_every_n_steps: int = Field(default=10, ge=-1, le=1000)
+    show_progress_type: str = "Approx NN"
+
+    def update(self, other: PreviewOptions) -> None:
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(other, name))
+
+    def params(self) -> dict[str, Any]:
+        """The SDK's preview fields these settings ask for (0 or -1 steps: none while sampling)."""
+        if not self.live_previews_enable or self.show_progress_every_n_steps <= 0:
+            return {}
+        return {"preview": "proj", "preview_interval": self.show_progress_every_n_steps}
 
 
 class ImagesResponse(BaseModel):
@@ -222,11 +251,13 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix=PREFIX)
     extension = APIRouter(prefix="/controlnet")  # the ControlNet extension's own routes
 
+    previews = PreviewOptions()
+
     def plan_for(body: Txt2ImgBody) -> JobPlan:
         unit = body.control_unit()
         return job_plan(
             state,
-            body.to_params(),
+            replace(body.to_params(), **previews.params()),
             model=body.override_settings.get("sd_model_checkpoint"),
             sent_as=body.SENT_AS,
             refiner=body.refiner_checkpoint,
@@ -259,10 +290,16 @@ def router(state: ServerState) -> APIRouter:
         return await run("img2img", body, plan_for(body))
 
     @api.get("/progress", response_model=ProgressResponse, responses=responses())
-    def progress() -> ProgressResponse:
+    def progress(skip_current_image: bool = False) -> ProgressResponse:
+        """The running job's progress, and its latest live preview as ``current_image``
+        (the options ``live_previews_enable`` and ``show_progress_every_n_steps`` govern them)."""
         live = state.runner.live
         if not live:
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
+        preview = state.runner.preview
+        current = None
+        if not skip_current_image and preview is not None and preview.job_id == live["job_id"]:
+            current = base64.b64encode(preview.png).decode()
         tick = live["tick"]
         job = state.store.get(live["job_id"])
         done = (job.progress if job else 0.0) / 100.0
@@ -276,7 +313,7 @@ def router(state: ServerState) -> APIRouter:
                 job=live["job_id"], job_count=1,
                 sampling_step=tick.step if sampling else 0, sampling_steps=tick.total_steps if sampling else 0,
             ),
-            textinfo=job.phase if job else None,
+            textinfo=job.phase if job else None, current_image=current,
         )  # fmt: skip
 
     @api.post("/interrupt", responses=responses())
@@ -350,15 +387,17 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/options", responses=responses())
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": current_model(), "samples_format": "png"}
+        return {"sd_model_checkpoint": current_model(), "samples_format": "png", **previews.model_dump()}
 
     @api.post("/options", responses=responses())
     def set_options(options: dict[str, Any]) -> dict[str, Any]:
-        """Switch the default model (``sd_model_checkpoint``); other options are ignored."""
+        """Switch the default model (``sd_model_checkpoint``) and the live-preview
+        options; other options are ignored."""
         if "sd_model_checkpoint" in options:
             if not isinstance(options["sd_model_checkpoint"], str):
                 raise InvalidParameterError("sd_model_checkpoint", "must be a model name")
             state.runner.default_model = pick_model(state, options["sd_model_checkpoint"], "sd_model_checkpoint")
+        previews.update(_validated(PreviewOptions, {**previews.model_dump(), **options}))
         return {}
 
     @api.post("/extra-single-image", response_model=ExtraSingleImageResponse, responses=responses(409))

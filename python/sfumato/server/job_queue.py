@@ -59,6 +59,8 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = Field(REFINER_SWITCH_AT, ge=0.0, le=1.0)
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    preview: bool = Field(False, description="live previews: 'preview' events on GET /queue/{job_id}/events")
+    preview_interval: int = Field(1, ge=1, le=150, description="a preview every this many sampling steps")
 
     def to_params(self) -> DiffusionParams:
         """The SDK's params of this request; LoRA and upscaler names are the server's folders'."""
@@ -71,6 +73,7 @@ class Txt2ImgRequest(BaseModel):
             prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width, height=self.height,
             steps=self.steps, cfg_scale=self.cfg_scale, sampling_method=sampling_method, scheduler=scheduler,
             seed=self.seed, hires=self.hires.model_dump() if self.hires else None, loras=loras,
+            preview="proj" if self.preview else None, preview_interval=self.preview_interval,
         )  # fmt: skip
 
 
@@ -285,7 +288,14 @@ def router(state: ServerState) -> APIRouter:
         find(job_id)
 
         async def stream() -> AsyncIterator[str]:
+            shown = 0
             async for job in state.follow(job_id, request):
+                preview = state.runner.preview
+                if preview is not None and preview.job_id == job_id and preview.serial > shown:
+                    shown = preview.serial
+                    image = {"job_id": job_id, "step": preview.step, "total_steps": preview.total_steps,
+                             "image": base64.b64encode(preview.png).decode()}  # fmt: skip
+                    yield f"event: preview\ndata: {json.dumps(image)}\n\n"
                 body = {"job_id": job.id, "state": job.state, "progress": job.progress,
                         "current_phase": job.phase, "error": job.error}  # fmt: skip
                 yield f"event: progress\ndata: {json.dumps(body)}\n\n"

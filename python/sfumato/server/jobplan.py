@@ -65,11 +65,14 @@ class Generation:
     loras: tuple[Lora, ...] = ()
     control_image: bytes | None = None
     control_strength: float = 0.9
+    preview: str | None = None
+    preview_interval: int = 1
 
     def _fields(self, image: Callable[[bytes | None], Any]) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
         out.update(init_image=image(self.init_image), mask=image(self.mask))
         out.update(control_image=image(self.control_image), control_strength=self.control_strength)
+        out.update(preview=self.preview, preview_interval=self.preview_interval)
         out.update(loras=[asdict(lora) for lora in self.loras], hires=asdict(self.hires) if self.hires else None)
         return out
 
@@ -92,6 +95,8 @@ class Generation:
             loras=tuple(Lora(**lora) for lora in data.get("loras", ())),
             control_image=_unb64(data.get("control_image")),
             control_strength=data.get("control_strength", cls.control_strength),
+            preview=data.get("preview"),
+            preview_interval=data.get("preview_interval", cls.preview_interval),
         )
 
 

@@ -4,8 +4,11 @@ Both answer ``b64_json`` images when the job ends (they are jobs of the same
 durable queue as every other route). With ``stream: true`` the answer is an
 SSE stream instead: ``image_generation.progress`` / ``image_edit.progress``
 events while the job runs (sfumato's own event type: ``progress`` 0..1,
-``phase``), then one ``image_generation.completed`` / ``image_edit.completed``
-event per image, or one ``error`` event.
+``phase``), with ``partial_images`` (1..3) up to that many
+``image_generation.partial_image`` / ``image_edit.partial_image`` events (a
+preview of the image as it forms: the latent projected to RGB, an eighth of the
+side), then one ``image_generation.completed`` / ``image_edit.completed`` event
+per image, or one ``error`` event.
 
 OpenAI's own model names (``dall-e-*``, ``gpt-image-*``) run the server's
 default model, so that clients work unchanged. ``quality`` picks the number
@@ -65,7 +68,7 @@ class GenerationsBody(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality (default 85)")
     background: Literal["auto", "opaque"] = "auto"
     stream: bool = False
-    partial_images: int = Field(0, ge=0, le=3, description="accepted; sfumato streams progress, not partial images")
+    partial_images: int = Field(0, ge=0, le=3, description="with stream: up to this many partial_image events")
     moderation: str | None = None
     style: str | None = None
     user: str | None = None
@@ -88,11 +91,14 @@ class GenerationsBody(BaseModel):
         sampling_method, scheduler = (None, None) if self.sampler is None else names.sampler(self.sampler, "sampler")
         if self.scheduler is not None:
             scheduler = names.scheduler(self.scheduler, "scheduler")
+        steps = self.steps or QUALITY_STEPS[self.quality]
+        previews = self.stream and self.partial_images > 0  # spread over the steps; the stream sends the first ones
         params = DiffusionParams(
             prompt=self.prompt, negative_prompt=self.negative_prompt, width=size[0], height=size[1],
-            steps=self.steps or QUALITY_STEPS[self.quality], cfg_scale=self.cfg_scale,
+            steps=steps, cfg_scale=self.cfg_scale,
             sampling_method=sampling_method, scheduler=scheduler, seed=self.seed, batch_count=self.n,
-            init_image=init_image, mask=mask,
+            init_image=init_image, mask=mask, preview="proj" if previews else None,
+            preview_interval=max(1, steps // (self.partial_images + 1)),
         )  # fmt: skip
         return params if mask is None else replace(params, strength=1.0)
 
@@ -180,7 +186,16 @@ def router(state: ServerState) -> APIRouter:
             )
 
         async def stream() -> AsyncIterator[str]:
+            partial, shown = 0, 0
             async for job in state.follow(job_id, request):
+                preview = state.runner.preview
+                fresh = preview is not None and preview.job_id == job_id and preview.serial > shown
+                if preview is not None and fresh and partial < body.partial_images:
+                    partial, shown = partial + 1, preview.serial
+                    b64 = base64.b64encode(preview.png).decode()
+                    part = {"type": f"{event}.partial_image", "created_at": int(time.time()), "b64_json": b64,
+                            "partial_image_index": partial - 1, **shape}  # fmt: skip
+                    yield f"event: {event}.partial_image\ndata: {json.dumps(part)}\n\n"
                 if job.state == ERROR or (job.state == CANCELLED and not job.result.get("output_paths")):
                     error = {"message": job.error or job.state, "code": job.state, "job_id": job.id}
                     yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
@@ -224,6 +239,7 @@ def router(state: ServerState) -> APIRouter:
         output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
         background: Annotated[Literal["auto", "opaque"], Form()] = "auto",
         stream: Annotated[bool, Form()] = False,
+        partial_images: Annotated[int, Form(ge=0, le=3)] = 0,
         negative_prompt: Annotated[str, Form()] = "",
         steps: Annotated[int | None, Form(ge=1, le=1000)] = None,
         seed: Annotated[int, Form(ge=-1, le=MAX_SEED)] = -1,
@@ -242,7 +258,7 @@ def router(state: ServerState) -> APIRouter:
             prompt=prompt, model=model, n=n, size=f"{wanted[0]}x{wanted[1]}", quality=quality,
             response_format=response_format, output_format=output_format, output_compression=output_compression,
             background=background, stream=stream, negative_prompt=negative_prompt, steps=steps, seed=seed, user=user,
-            partial_images=0, cfg_scale=7.0, sampler=None,
+            partial_images=partial_images, cfg_scale=7.0, sampler=None,
         )  # fmt: skip
         edit_mask = None
         if mask is not None:

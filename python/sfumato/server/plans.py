@@ -217,6 +217,7 @@ def job_plan(
             init_image=_file_bytes(params.init_image), mask=_file_bytes(params.mask), hires=hires,
             loras=_lora_paths(state, check_loras("loras", params.loras)),
             control_image=_file_bytes(params.control_image), control_strength=params.control_strength,
+            preview=params.preview, preview_interval=params.preview_interval,
         )  # fmt: skip
         refined = None
         if refiner:

@@ -12,6 +12,7 @@ import io
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,17 @@ def encode_output(png: bytes, file_type: str, quality: int) -> bytes:
         return out.getvalue()
 
 
+@dataclass(frozen=True)
+class Preview:
+    """A running job's latest preview: its ``serial`` (1, 2, ...), the sampling step and the PNG."""
+
+    job_id: str
+    serial: int
+    step: int
+    total_steps: int
+    png: bytes
+
+
 class JobRunner:
     """One thread taking jobs from the store; the models it loads stay loaded."""
 
@@ -74,6 +86,9 @@ class JobRunner:
         self._stopping = False
         self._current: tuple[str, DiffusionResult] | None = None
         self.live: dict[str, Any] = {}  # the running job's id and latest tick, for progress routes
+        # The latest preview of the running (or last) job, when it asked for them; kept
+        # after the job ends so that a follower polling slower than the steps still gets one.
+        self.preview: Preview | None = None
         self.default_model: str | None = settings.default_model
         self._thread = threading.Thread(target=self._loop, name="sfumato-server-runner", daemon=True)
 
@@ -174,6 +189,7 @@ class JobRunner:
         work = plan.work
         upscale_only = isinstance(work, Upscale)
         try:
+            self.preview = None
             self.store.progress(job.id, 0.0, "loading model")
             model_id = self.model_id(plan.model, upscaler=upscale_only, control_net=plan.control_net)
             before = self._memory_mb(model_id)
@@ -197,6 +213,9 @@ class JobRunner:
             names = HIRES_PHASES if hires else PHASES
             for tick in result.progress_stream:
                 self.live = {"job_id": job.id, "tick": tick, "started": started}
+                if tick.preview is not None:
+                    serial = self.preview.serial + 1 if self.preview is not None else 1
+                    self.preview = Preview(job.id, serial, tick.step, tick.total_steps, tick.preview)
                 if refining is False and tick.phase == "refiner":
                     refining = True
                 pct = progress_of(tick.phase, tick.step, tick.total_steps, hires, refining)
