@@ -81,6 +81,16 @@ def model_dir() -> Path:
 _cached = models.cached
 
 
+def _model_file(name: str, write: Callable[[Path], object]) -> Callable[[Path], Path]:
+    """A session fixture writing (once) the model file ``name`` of the suite with ``write``."""
+
+    @pytest.fixture(scope="session")
+    def fixture(model_dir: Path) -> Path:
+        return _cached(model_dir, name, write)
+
+    return fixture
+
+
 def _sd_model(version: str, layout: str) -> Callable[[Path], Path]:
     """A session fixture writing (once) an SD ``version`` model as ``layout``:
     ``.gguf`` / ``.safetensors`` all-in-one files, or a ``diffusers`` folder."""
@@ -111,11 +121,9 @@ sd2_safetensors = _sd_model("sd2", ".safetensors")
 sd2_diffusers = _sd_model("sd2", "diffusers")
 
 
-@pytest.fixture(scope="session")
-def sdxl_gguf(model_dir: Path) -> Path:
-    """An all-in-one SDXL checkpoint (full-depth 2.6B UNet, CLIP-L, OpenCLIP-G, VAE) as
-    one GGUF, its large matrices in q4_0 as quantized releases store them (2.6 GB, not 6.9)."""
-    return _cached(model_dir, "sdxl-q4_0.gguf", lambda p: models.write_sd_checkpoint(p, "sdxl", quant="q4_0"))
+sdxl_gguf = _model_file("sdxl-q4_0.gguf", lambda p: models.write_sd_checkpoint(p, "sdxl", quant="q4_0"))
+"""An all-in-one SDXL checkpoint (full-depth 2.6B UNet, CLIP-L, OpenCLIP-G, VAE) as one GGUF, its
+large matrices in q4_0 as quantized releases store them (2.6 GB, not 6.9)."""
 
 
 SDXL_PART_FILES = {"unet": "sdxl-unet-q4_0.gguf", "clip_l": "sdxl-clip_l.safetensors",
@@ -161,16 +169,12 @@ def flux2_headers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {"diffusion": _flux2_part(model_dir, "diffusion"), "llm": qwen, "vae": _flux2_part(model_dir, "vae")}
 
 
-@pytest.fixture(scope="session")
-def t5xxl_gguf(model_dir: Path) -> Path:
-    """T5-XXL's encoder, all 24 layers (the engine builds no fewer), q4_0: SD3's and FLUX.1's text encoder."""
-    return _cached(model_dir, "t5xxl-q4_0.gguf", models.write_t5xxl)
+t5xxl_gguf = _model_file("t5xxl-q4_0.gguf", models.write_t5xxl)
+"""T5-XXL's encoder, all 24 layers (the engine builds no fewer), q4_0: SD3's and FLUX.1's text encoder."""
 
 
-@pytest.fixture(scope="session")
-def sd3_gguf(model_dir: Path) -> Path:
-    """SD3 Medium as ``sd3_medium.safetensors`` holds it: the full MMDiT (q4_0) and its VAE, no text encoders."""
-    return _cached(model_dir, "sd3-medium-q4_0.gguf", models.write_sd3_checkpoint)
+sd3_gguf = _model_file("sd3-medium-q4_0.gguf", models.write_sd3_checkpoint)
+"""SD3 Medium as ``sd3_medium.safetensors`` holds it: the full MMDiT (q4_0) and its VAE, no text encoders."""
 
 
 @pytest.fixture(scope="session")
@@ -182,35 +186,25 @@ def flux1_parts(model_dir: Path) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def taesd(model_dir: Path) -> Path:
-    """TAESD, the tiny autoencoder of SD 1.x / 2.x latents (4.7 MB)."""
-    return _cached(model_dir, "taesd.safetensors", models.write_taesd)
+taesd = _model_file("taesd.safetensors", models.write_taesd)
+"""TAESD, the tiny autoencoder of SD 1.x / 2.x latents (4.7 MB)."""
 
 
-@pytest.fixture(scope="session")
-def sd1_controlnet(model_dir: Path) -> Path:
-    """A ControlNet for the SD 1.x UNet, as the v1.1 releases store it (722 MB, f16)."""
-    return _cached(model_dir, "sd1-controlnet.safetensors", models.write_controlnet)
+sd1_controlnet = _model_file("sd1-controlnet.safetensors", models.write_controlnet)
+"""A ControlNet for the SD 1.x UNet, as the v1.1 releases store it (722 MB, f16)."""
 
 
-@pytest.fixture(scope="session")
-def esrgan_6b(model_dir: Path) -> Path:
-    """The layout of RealESRGAN_x4plus_anime_6B.pth (6 RRDB blocks, x4)."""
-    return _cached(model_dir, "esrgan-6b.pth", lambda p: models.write_esrgan(p, num_block=6))
+esrgan_6b = _model_file("esrgan-6b.pth", lambda p: models.write_esrgan(p, num_block=6))
+"""The layout of RealESRGAN_x4plus_anime_6B.pth (6 RRDB blocks, x4)."""
 
 
-@pytest.fixture(scope="session")
-def esrgan_1b(model_dir: Path) -> Path:
-    """The x4plus layout reduced to one RRDB block: the engine reads the depth
-    from the file, and the upscale tests that compound x16 stay fast."""
-    return _cached(model_dir, "esrgan-1b.pth", lambda p: models.write_esrgan(p, num_block=1))
+esrgan_1b = _model_file("esrgan-1b.pth", lambda p: models.write_esrgan(p, num_block=1))
+"""The x4plus layout reduced to one RRDB block: the engine reads the depth from the file, and the
+upscale tests that compound x16 stay fast."""
 
 
-@pytest.fixture(scope="session")
-def sd1_lora(model_dir: Path) -> Path:
-    """A kohya-layout LoRA on every attention projection of the SD 1.x UNet."""
-    return _cached(model_dir, "sd1-lora.safetensors", models.write_sd1_lora)
+sd1_lora = _model_file("sd1-lora.safetensors", models.write_sd1_lora)
+"""A kohya-layout LoRA on every attention projection of the SD 1.x UNet."""
 
 
 @pytest.fixture(scope="session")
