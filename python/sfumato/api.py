@@ -285,7 +285,6 @@ def load_model(
         has_diffusion=context is not None,
         has_upscaler=upscaler_path is not None,
         size_multiple=FAMILY_SIZE_MULTIPLE.get(info.family, 8),
-        embeddings=embeddings,
         skipped_embeddings=skipped_embeddings,
     )
 

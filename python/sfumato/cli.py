@@ -302,7 +302,6 @@ def _run_job(result: Any, quiet: bool, preview: Path | None = None) -> tuple[lis
         for tick in result.progress_stream:
             bar.update(tick)
             if preview is not None and tick.preview is not None:
-                preview.parent.mkdir(parents=True, exist_ok=True)
                 preview.write_bytes(tick.preview)
     except KeyboardInterrupt:
         result.cancel()
@@ -341,7 +340,10 @@ def _generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
         refiner = {"model_id": refiner_id, "switch_at": args.refiner_switch_at} if refiner_id else None
         result = sfumato.diffusion(model_id, **params, refiner=refiner, timeout=args.timeout)
-        watch = args.output / "sfumato_preview.png" if args.preview else None
+        watch = None
+        if args.preview:
+            args.output.mkdir(parents=True, exist_ok=True)
+            watch = args.output / "sfumato_preview.png"
         outputs, stats = _run_job(result, args.quiet, watch)
     except (JobCancelledError, KeyboardInterrupt):
         if result is not None:  # keep what the job finished before it stopped

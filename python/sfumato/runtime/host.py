@@ -25,7 +25,6 @@ from typing import Literal, Protocol
 from sfumato.engine.requests import ProgressTick
 from sfumato.errors import UnknownModelIdError
 from sfumato.families.detect import ModelInfo
-from sfumato.families.embeddings import Embedding
 from sfumato.params import ModelConfig
 from sfumato.runtime.process import WorkerExitedError, WorkerProcess
 from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
@@ -81,11 +80,9 @@ class LoadedModel:
         Whether the worker holds a diffusion context and an ESRGAN.
     size_multiple:
         What width and height must be multiples of for this family.
-    embeddings:
-        The textual-inversion embeddings of ``model_config.embedding_dir`` its
-        text encoders take, by name.
     skipped_embeddings:
-        The other files of that folder, by name, with why each cannot be used.
+        The files of ``model_config.embedding_dir`` its text encoders cannot
+        take, by name, with why (a prompt that names one is refused).
     """
 
     model_id: str
@@ -94,7 +91,6 @@ class LoadedModel:
     has_diffusion: bool
     has_upscaler: bool
     size_multiple: int = 64
-    embeddings: dict[str, Embedding] = field(default_factory=dict)
     skipped_embeddings: dict[str, str] = field(default_factory=dict)
 
 

@@ -96,7 +96,7 @@ def _hires(state: ServerState, hires: object) -> Hires | None:
                  denoising_strength=config.denoising_strength)  # fmt: skip
 
 
-def _control_net(state: ServerState, requested: str | None, model: Entry | None) -> str:
+def _control_net(state: ServerState, requested: str | None, model: Entry) -> str:
     """The catalog name of the ControlNet a control image needs, checked against the model's family."""
     found = {e.name: e.path for e in state.catalog.controlnets()}
     if requested is None:
@@ -105,7 +105,7 @@ def _control_net(state: ServerState, requested: str | None, model: Entry | None)
     if name not in found:
         have = ", ".join(found) or f"none (the ControlNet folder {state.settings.controlnets_dir} is empty)"
         raise InvalidParameterError("control_net", f"no ControlNet named {requested!r}; available: {have}")
-    if model is not None and model.info is not None:
+    if model.info is not None:
         try:
             check_companion(found[name], "control_net", model.info)
         except InvalidParameterError as exc:
@@ -122,15 +122,20 @@ def _file_bytes(image: ImageInput | None) -> bytes | None:
 
 def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
     """The catalog name to run: the requested one, else the server's default, else the first listed."""
-    available = state.catalog.models()
-    name = requested or state.runner.default_model or (available[0].name if available else None)
-    if name is not None and not any(e.name == name for e in available):
+    return pick_entry(state, requested, field).name
+
+
+def pick_entry(state: ServerState, requested: str | None, field: str = "model") -> Entry:
+    """The catalog entry of :func:`pick_model`'s choice, from one listing of the folder."""
+    available = {e.name: e for e in state.catalog.models()}
+    name = requested or state.runner.default_model or next(iter(available), None)
+    if name is not None and name not in available:
         stem = name.rsplit(" [", 1)[0].rsplit(".", 1)[0]  # A1111 titles: "name.safetensors [hash]"
-        name = stem if any(e.name == stem for e in available) else name
-    if name is None or not any(e.name == name for e in available):
-        have = ", ".join(e.name for e in available) or f"none (the models folder {state.settings.models_dir} is empty)"
+        name = stem if stem in available else name
+    if name is None or name not in available:
+        have = ", ".join(available) or f"none (the models folder {state.settings.models_dir} is empty)"
         raise InvalidParameterError(field, f"no model named {name!r}; available: {have}")
-    return name
+    return available[name]
 
 
 @contextmanager
@@ -202,9 +207,9 @@ def job_plan(
             raise InvalidParameterError(
                 "batch_count", f"asks for {params.batch_count} images; this server allows up to {settings.max_images}"
             )
-        name = pick_model(state, model)
-        entry = state.catalog.model(name)
-        if entry is not None and entry.info is not None and entry.info.family in TEXT_WIDTHS:
+        entry = pick_entry(state, model)
+        name = entry.name
+        if entry.info is not None and entry.info.family in TEXT_WIDTHS:
             skipped = sort_out(*state.catalog.embeddings(), entry.info.family)[1]
             refuse_skipped({"prompt": params.prompt, "negative_prompt": params.negative_prompt}, skipped, repr(name))
         validate_diffusion(params)
