@@ -38,6 +38,21 @@ def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
     assert client.get("/loras").json()["loras"] == [{"name": "ink-style", "scale": 1.0}]
 
 
+def test_limits_are_the_schemas_narrowed_by_the_servers(settings: ServerSettings) -> None:
+    with TestClient(create_app(replace(settings, max_steps=40, max_pixels=256 * 256))) as client:
+        limits = client.get("/limits").json()
+    assert (limits["max_steps"], limits["max_pixels"], limits["side_multiple"]) == (40, 256 * 256, 64)
+    # The request schema's bounds (seed 002's ranges), the steps narrowed to the server's;
+    # a side may reach the pixels over the smallest other side, to a multiple of 64.
+    assert limits["minimum"] == {"steps": 1, "cfg_scale": 0, "width": 64, "height": 64, "seed": -1, "strength": 0}
+    assert limits["maximum"]["steps"] == 40 and limits["maximum"]["cfg_scale"] == 30
+    assert limits["maximum"]["width"] == limits["maximum"]["height"] == 1024  # 1024 x 64 is 256 x 256 pixels
+    seed_002 = {"steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "strength": 0.75,
+                "sampler_name": "DPM++ 2M Karras", "scheduler_type": "karras"}  # fmt: skip
+    assert limits["defaults"] == seed_002
+    assert "Euler a" in limits["samplers"] and "karras" in limits["schedulers"]
+
+
 def test_models_that_need_companion_files_are_not_offered(
     settings: ServerSettings, flux2_headers: dict[str, Path], sdxl_parts: dict[str, Path]
 ) -> None:
@@ -62,6 +77,16 @@ def test_txt2img_job_runs_to_done_with_every_field(client: TestClient) -> None:
     assert Path(done["output_path"]).read_bytes() == jpeg
     assert (done["width"], done["height"], done["file_type"], done["jpeg_quality"]) == (SIZE, SIZE, "jpg", 85)
     assert done["generation_time_sec"] > 0 and done["memory_before_mb"] > 0 and done["memory_after_mb"] > 0
+    # The web page's thumbnail: a PNG of the image, at most the size asked for.
+    thumbnail = client.get(f"/queue/{job_id}/thumbnail", params={"size": 32})
+    assert thumbnail.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(thumbnail.content)) as image, Image.open(io.BytesIO(jpeg)) as full:
+        assert image.size == (32, 32)
+        small = np.asarray(full.convert("RGB").resize((32, 32), Image.Resampling.BOX), dtype=np.int16)
+        assert np.abs(np.asarray(image.convert("RGB"), dtype=np.int16) - small).mean() < 8
+    error_body(client.get(f"/queue/{job_id}/thumbnail", params={"size": 8}), 422, "size")
+    listed = client.get("/queue", params={"limit": 1}).json()["jobs"][0]
+    assert (listed["job_id"], listed["seed"], listed["payload"]) == (job_id, 4, done["payload"])
 
 
 def test_png_output_is_what_the_sdk_makes_with_the_mapped_sampler(client: TestClient, sd1_tiny_gguf: Path) -> None:
@@ -155,6 +180,7 @@ def test_queue_full_cancel_and_events(settings: ServerSettings) -> None:
             assert json.loads(first.removeprefix("data: "))["state"] == "processing"
         cancelled = client.delete(f"/queue/{job_id}").json()
         assert cancelled["state"] == "cancelled"
+        assert error_body(client.get(f"/queue/{job_id}/thumbnail"), 409, "job_id")["code"] == "no_image"
         assert error_body(client.delete(f"/queue/{job_id}"), 409)["code"] == "job_ended"
         error_body(client.get("/queue/no-such-job"), 404, "job_id")
         # The queue has room again; a new job runs on the reloaded model, and its

@@ -5,22 +5,26 @@ plus ``DELETE /queue/{job_id}`` (cancel) and ``GET /queue/{job_id}/events`` (SSE
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sfumato.families.detect import FAMILY_NAMES
-from sfumato.params import MAX_SEED, REFINER_SWITCH_AT, DiffusionParams
+from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, MAX_SEED, REFINER_SWITCH_AT, DiffusionParams
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan
 from sfumato.server.plans import decode_image, job_plan
 from sfumato.server.runner import read_output
+from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import DONE, FINAL, Job
 
@@ -158,10 +162,60 @@ class JobSummary(BaseModel):
     prompt: str
     created: float
     error: str | None = None
+    payload: dict[str, Any] = Field(description="the request's fields as its API took them, images left out")
+    seed: int | None = Field(None, description="the seed the job ran with (a random one drawn), once it is done")
 
 
 class JobList(Success):
     jobs: list[JobSummary]
+
+
+# The fields the web page's form offers, with their bounds read from the request schema.
+FORM_FIELDS = ("steps", "cfg_scale", "width", "height", "seed", "strength", "sampler_name", "scheduler_type")
+THUMBNAIL_SIDE = 128
+
+
+class Limits(Success):
+    """What a form needs to offer only what this server accepts (the web page reads it)."""
+
+    max_pixels: int = Field(description="the largest width x height of one image")
+    max_steps: int
+    max_images: int
+    max_prompt_chars: int
+    side_multiple: int = Field(description="width and height are multiples of this")
+    minimum: dict[str, int | float] = Field(description="the smallest value of each numeric field")
+    maximum: dict[str, int | float] = Field(description="the largest value of each numeric field")
+    defaults: dict[str, Any] = Field(description="what each field is when a request leaves it out")
+    samplers: list[str]
+    schedulers: list[str]
+
+
+def limits(settings: ServerSettings) -> Limits:
+    """The form's bounds: the request schema's, narrowed by the server's own limits."""
+    schema = Img2ImgRequest.model_json_schema()["properties"]
+    fields = {name: schema[name] for name in FORM_FIELDS}
+    maximum = {name: f["maximum"] for name, f in fields.items() if "maximum" in f}
+    maximum["steps"] = min(maximum["steps"], settings.max_steps)
+    # A side may be long while the other is short; the page checks width x height itself.
+    for side in ("width", "height"):
+        longest = min(maximum[side], settings.max_pixels // ANY_FAMILY_SIDE_MULTIPLE)
+        maximum[side] = longest - longest % ANY_FAMILY_SIDE_MULTIPLE
+    return Limits(
+        max_pixels=settings.max_pixels, max_steps=settings.max_steps, max_images=settings.max_images,
+        max_prompt_chars=settings.max_prompt_chars, side_multiple=ANY_FAMILY_SIDE_MULTIPLE,
+        minimum={name: f["minimum"] for name, f in fields.items() if "minimum" in f}, maximum=maximum,
+        defaults={name: f["default"] for name, f in fields.items()},
+        samplers=list(names.SAMPLER_TITLES), schedulers=list(names.SCHEDULER_TITLES),
+    )  # fmt: skip
+
+
+def thumbnail(path: str, side: int) -> bytes:
+    """A PNG of the image at ``path``, its longer side at most ``side`` pixels."""
+    with Image.open(path) as image:
+        image.thumbnail((side, side))
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def plan(state: ServerState, request: Txt2ImgRequest) -> JobPlan:
@@ -262,8 +316,8 @@ def router(state: ServerState) -> APIRouter:
             jobs=[
                 JobSummary(
                     job_id=j.id, kind=j.kind, state=j.state, progress=j.progress, current_phase=j.phase,
-                    prompt=_prompt(j), created=j.created,
-                    error=j.error,
+                    prompt=_prompt(j), created=j.created, error=j.error, payload=j.request["payload"],
+                    seed=j.result.get("seed") if j.state == DONE else None,
                 )
                 for j in state.store.recent(limit)
             ]
@@ -272,6 +326,25 @@ def router(state: ServerState) -> APIRouter:
     @api.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404))
     def queue_status(job_id: str) -> QueueStatusResponse:
         return status_of(find(job_id))
+
+    @api.get("/limits", response_model=Limits, responses=responses())
+    def form_limits() -> Limits:
+        """The bounds of each request field on this server, its defaults, samplers and schedulers."""
+        return limits(state.settings)
+
+    @api.get(
+        "/queue/{job_id}/thumbnail",
+        responses={**responses(404, 409), 200: {"content": {"image/png": {}}, "description": "a small PNG"}},
+    )
+    def job_thumbnail(job_id: str, size: int = Query(THUMBNAIL_SIDE, ge=16, le=512)) -> Response:
+        """The first image of a finished job, its longer side at most ``size`` pixels."""
+        job = find(job_id)
+        if job.state != DONE:
+            raise ApiError(409, "no_image", f"job {job_id!r} has no image: it is {job.state}", "job_id")
+        path = job.result["output_paths"][0]
+        if not Path(path).is_file():
+            raise ApiError(404, "not_found", f"the image of job {job_id!r} is gone from the outputs folder", "job_id")
+        return Response(thumbnail(path, size), media_type="image/png")
 
     @api.delete("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404, 409))
     def cancel(job_id: str) -> QueueStatusResponse:
