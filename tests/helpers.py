@@ -134,3 +134,25 @@ def serving(settings: ServerSettings, *flags: str, log: Path | None = None) -> I
         server.wait(60)
         if log:
             out.close()  # type: ignore[union-attr]
+
+
+CKPT = f"{MODEL}.gguf"  # ComfyUI names checkpoints by file name
+
+
+def default_graph(**changes: Any) -> dict[str, Any]:
+    """ComfyUI's default text-to-image graph in API format, at the test size."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 156680208700286, "steps": 3, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse on a cliff", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }  # fmt: skip
+    for key, value in changes.items():
+        node, _, name = key.partition(".")
+        graph[node]["inputs"][name] = value
+    return graph

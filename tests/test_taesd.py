@@ -4,20 +4,24 @@ does not fit the model's latents is refused by name. SDK, CLI and server."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import sfumato
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 from tests.support import layouts, models
 
-from .helpers import MODEL, SIZE, job_body, run, sfumato_cli, wait_job
+from .helpers import MODEL, SIZE, default_graph, job_body, run, sfumato_cli, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,29 @@ def test_taesd_encodes_img2img_sources(tiny_decoded: str, gradient_image: np.nda
     assert first != other  # the source, encoded by TAESD, shapes the result
 
 
+def test_a_tiny_autoencoder_for_previews_only(sd1_tiny_gguf: Path, taesd: Path, sd1_model: str) -> None:
+    """``taesd_preview_only``: the VAE decodes the image, the tiny autoencoder draws each preview."""
+    config = {"threads": 2, "taesd_src": taesd, "taesd_preview_only": True}
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config=config)
+    try:
+        image, stats, ticks = run(model_id, seed=5, steps=2, preview="tae")
+    finally:
+        sfumato.unload_model(model_id)
+    plain, _, decoded = run(sd1_model, seed=5, steps=2, preview="vae")
+    assert image == plain and stats.decoder == "vae"
+    tiny = [t.preview for t in ticks if t.preview is not None]
+    full = [t.preview for t in decoded if t.preview is not None]
+    assert len(tiny) == len(full) == 2 and tiny != full  # the same latents, decoded by another decoder
+    for png in tiny:
+        assert Image.open(io.BytesIO(png)).size == (SIZE, SIZE)
+    with pytest.raises(sfumato.InvalidParameterError) as caught:
+        run(sd1_model, preview="tae")
+    assert caught.value.field == "preview"
+    with pytest.raises(sfumato.InvalidParameterError) as caught:
+        sfumato.load_model(sd1_tiny_gguf, model_config={"taesd_preview_only": True})
+    assert caught.value.field == "model_config.taesd_preview_only"
+
+
 def test_a_tiny_autoencoder_of_other_latents_or_no_tiny_autoencoder_is_refused(
     sd1_tiny_gguf: Path, sd1_lora: Path, tmp_path: Path
 ) -> None:
@@ -82,12 +109,25 @@ def test_the_cli_decodes_with_taesd(sd1_tiny_gguf: Path, taesd: Path, tmp_path: 
 
 def test_the_server_pairs_a_models_taesd_sidecar(settings: ServerSettings, taesd: Path) -> None:
     (settings.models_dir / f"{MODEL}.taesd.safetensors").symlink_to(taesd)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(replace(settings, preview_method="taesd"))) as client:
         listed = [m["name"] for m in client.get("/models").json()["models"]]
         assert listed == [MODEL]  # the sidecar is not offered as a model
         job_id = client.post("/txt2img", json=job_body(model=MODEL)).json()["job_id"]
         done = wait_job(client, job_id)
         assert (done["state"], done["decoder"]) == ("done", "taesd")
+        # ComfyUI's --preview-method taesd: the websocket's previews are the tiny autoencoder's, full size.
+        with client.websocket_connect("/ws?clientId=tae") as socket:
+            assert socket.receive_json()["type"] == "status"
+            client.post("/prompt", json={"prompt": default_graph(), "client_id": "tae"})
+            frames: list[bytes] = []
+            while True:
+                message = socket.receive()
+                if message.get("bytes"):
+                    frames.append(message["bytes"])
+                elif json.loads(message["text"]) == {"type": "executing", "data": {"node": None,
+                                                     "display_node": None, "prompt_id": ANY}}:  # fmt: skip
+                    break
+        assert frames and all(Image.open(io.BytesIO(f[8:])).size == (SIZE, SIZE) for f in frames)
     (settings.models_dir / f"{MODEL}.taesd.safetensors").unlink()
     with TestClient(create_app(settings)) as client:  # without the sidecar, its VAE decodes
         job_id = client.post("/txt2img", json=job_body(model=MODEL)).json()["job_id"]

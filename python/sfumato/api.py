@@ -259,6 +259,7 @@ def load_model(
             llm_path=named.get("llm"),
             vae_path=named.get("vae"),
             taesd_path=named.get("taesd"),
+            tae_preview_only=config.taesd_preview_only,
             control_net_path=named.get("control_net"),
             embeddings=tuple((e.name, str(e.path)) for e in embeddings.values()),
             n_threads=threads,
@@ -553,7 +554,7 @@ def diffusion(
     own, exactly as a single call with that seed would be. ``control_image``
     (an image in the same forms, resized to the output size) guides a model
     loaded with ``model_config.control_net_src``, scaled by ``control_strength``.
-    ``preview="proj"`` (or ``"vae"``) puts a PNG of the image as it forms on the
+    ``preview="proj"`` (or ``"tae"``, ``"vae"``) puts a PNG of the image as it forms on the
     sampling ticks of the progress stream (``tick.preview``), every
     ``preview_interval`` steps.
     ``refiner``
@@ -621,6 +622,8 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
     """
     prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
     refuse_skipped(prompts, model.skipped_embeddings, "this model")
+    if params.preview == "tae" and model.config.taesd_src is None:
+        raise InvalidParameterError("preview", "'tae' needs a tiny autoencoder: load the model with its taesd_src")
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")

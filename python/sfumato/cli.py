@@ -33,7 +33,7 @@ from sfumato.params import (
     UpscalerConfig,
 )
 from sfumato.presets import PRESETS
-from sfumato.server.settings import ServerSettings
+from sfumato.server.settings import PREVIEW_METHODS, ServerSettings
 
 DEFAULT_MODEL = "SD_V2_1_1B_Q8_0"
 DEFAULT_UPSCALER = "REALESRGAN_X4PLUS"
@@ -83,6 +83,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--taesd", dest="taesd_src", default=_M.taesd_src, help="a tiny autoencoder that decodes in the VAE's place"
+    )
+    group.add_argument(
+        "--taesd-preview-only",
+        action="store_true",
+        default=_M.taesd_preview_only,
+        help="the --taesd autoencoder only draws previews (--preview tae); the VAE decodes the images",
     )
     group.add_argument(
         "--tile-size", type=int, default=_U.tile_size, help=f"ESRGAN tile size (default: {_U.tile_size})"
@@ -223,6 +229,10 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     srv.add_argument("--retention-hours", type=float, default=defaults.retention_s / 3600, help="keep finished jobs")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads per model")
     srv.add_argument(
+        "--preview-method", choices=PREVIEW_METHODS, default=defaults.preview_method,
+        help="live previews of ComfyUI API prompts, as ComfyUI's flag (default: none)",
+    )  # fmt: skip
+    srv.add_argument(
         "--max-pixels", type=int, default=defaults.max_pixels, help="largest width x height one image may have"
     )
     srv.add_argument("--max-steps", type=int, default=defaults.max_steps, help="most sampling steps per image")
@@ -250,6 +260,7 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     else:
         config.update({role.key: getattr(args, role.key) for role in ROLES.values()})
         config["lora_dir"], config["embedding_dir"] = args.lora_dir, args.embedding_dir
+        config["taesd_preview_only"] = args.taesd_preview_only
         if args.upscaler:
             config["upscaler"] = {"model_src": args.upscaler, "tile_size": args.tile_size}
     return config
@@ -388,6 +399,7 @@ def _serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
         retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,
+        preview_method=args.preview_method,
     )  # fmt: skip
     serve(settings, log_level="info" if args.verbose else "warning")
     return 0

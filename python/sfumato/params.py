@@ -67,8 +67,9 @@ class DiffusionParams:
     ``control_image`` guides the model's ControlNet (``model_config.control_net_src``),
     resized to the output size, with ``control_strength`` (0..2, the engine's 0.9).
     ``preview`` (``"proj"``: the latent projected to RGB, cheap, an eighth of the
-    side; ``"vae"``: a full decode, which the engine runs on every step whatever
-    the interval) puts a PNG of the image as it forms on every
+    side; ``"tae"``: the model's tiny autoencoder, ``model_config.taesd_src``;
+    ``"vae"``: a full decode; the engine decodes on every step whatever the
+    interval) puts a PNG of the image as it forms on every
     ``preview_interval``-th sampling tick (and the last); off by default.
     """
 
@@ -385,6 +386,9 @@ class ModelConfig:
         A tiny autoencoder (TAESD for SD 1.x / 2.x, TAESDXL for SDXL, TAESD3 /
         TAEF1 / TAEF2 for the transformers) that decodes latents, and encodes
         img2img sources, in the full VAE's place: much faster, an approximation.
+    taesd_preview_only:
+        With ``taesd_src``: the tiny autoencoder only draws the live previews
+        (``diffusion(preview="tae")``), and the VAE decodes the images.
     lora_dir:
         The folder LoRA names in ``diffusion(loras=...)`` are looked up in.
     embedding_dir:
@@ -410,6 +414,7 @@ class ModelConfig:
     t5xxl_model_src: Any = None
     llm_model_src: Any = None
     taesd_src: Any = None
+    taesd_preview_only: bool = False
     control_net_src: Any = None
     upscaler: UpscalerConfig | None = None
     lora_dir: Any = None
@@ -440,6 +445,9 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
         check_int("model_config.threads", config.threads, 1, 512)
     check_bool("model_config.flash_attn", config.flash_attn)
     check_bool("model_config.conv_direct", config.conv_direct)
+    check_bool("model_config.taesd_preview_only", config.taesd_preview_only)
+    if config.taesd_preview_only and config.taesd_src is None:
+        raise InvalidParameterError("model_config.taesd_preview_only", "needs model_config.taesd_src")
     check_choice("model_config.rng", config.rng, RNG_NAMES)
     if config.weight_type is not None:
         check_choice("model_config.weight_type", config.weight_type, WEIGHT_TYPE_NAMES)

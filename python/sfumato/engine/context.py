@@ -135,6 +135,7 @@ class DiffusionContext(NativeHandle):
         if params.prediction is not None:
             c.prediction = _index(PREDICTION_ENUM, params.prediction, "prediction")
         c.vae_decode_only = params.vae_decode_only
+        c.tae_preview_only = params.tae_preview_only
         # Keep weights resident so the context serves many generations.
         c.free_params_immediately = False
         c.flash_attn = params.flash_attn

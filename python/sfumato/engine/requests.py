@@ -61,10 +61,12 @@ class ProgressTick:
 
 TickCallback = Callable[[ProgressTick], None]
 
-PreviewMode = Literal["proj", "vae"]
+PreviewMode = Literal["proj", "tae", "vae"]
 """How the engine previews a sampling step: ``"proj"`` projects the latent to RGB
-(cheap; an eighth of the image's side), ``"vae"`` decodes it (a full decode per preview)."""
-PREVIEW_MODES: tuple[PreviewMode, ...] = ("proj", "vae")
+(cheap; an eighth of the image's side), ``"tae"`` decodes it with the model's tiny
+autoencoder (``taesd_path``), ``"vae"`` with its decoder (a full decode per preview:
+the tiny autoencoder's when one is loaded)."""
+PREVIEW_MODES: tuple[PreviewMode, ...] = ("proj", "tae", "vae")
 
 
 @dataclass
@@ -84,6 +86,8 @@ class ContextParams:
     llm_path: str | None = None
     vae_path: str | None = None
     taesd_path: str | None = None
+    tae_preview_only: bool = False
+    """With ``taesd_path``: the tiny autoencoder only draws previews; the VAE decodes the images."""
     control_net_path: str | None = None
     embeddings: tuple[tuple[str, str], ...] = ()
     """Textual-inversion embeddings as ``(name, path)``: a prompt word ``name`` takes the file's vectors."""

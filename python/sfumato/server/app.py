@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sfumato.server import a1111, errors, job_queue, openai, param_schema, workers_ai
+from sfumato.server import a1111, comfyui, errors, job_queue, openai, param_schema, workers_ai
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
 from sfumato.server.runner import JobRunner
@@ -130,6 +130,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(openai.router(state))
     app.include_router(param_schema.router(state))
     app.include_router(workers_ai.router(state))
+    app.include_router(comfyui.router(state))
+    app.include_router(comfyui.websocket_router(state))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
+from sfumato.params import DiffusionParams
+
 
 def _b64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode() if data is not None else None
@@ -67,12 +69,15 @@ class Generation:
     control_strength: float = 0.9
     preview: str | None = None
     preview_interval: int = 1
+    clip_skip: int = DiffusionParams.clip_skip
+    guidance: float = DiffusionParams.guidance
 
     def _fields(self, image: Callable[[bytes | None], Any]) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
         out.update(init_image=image(self.init_image), mask=image(self.mask))
         out.update(control_image=image(self.control_image), control_strength=self.control_strength)
         out.update(preview=self.preview, preview_interval=self.preview_interval)
+        out.update(clip_skip=self.clip_skip, guidance=self.guidance)
         out.update(loras=[asdict(lora) for lora in self.loras], hires=asdict(self.hires) if self.hires else None)
         return out
 
@@ -97,6 +102,8 @@ class Generation:
             control_strength=data.get("control_strength", cls.control_strength),
             preview=data.get("preview"),
             preview_interval=data.get("preview_interval", cls.preview_interval),
+            clip_skip=data.get("clip_skip", cls.clip_skip),
+            guidance=data.get("guidance", cls.guidance),
         )
 
 

@@ -40,3 +40,20 @@ def scheduler(name: str, field: str) -> str | None:
     if name.lower() in SCHEDULER_TITLES:
         return SCHEDULER_TITLES[name.lower()] or None
     raise InvalidParameterError(field, f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_NAMES)}")
+
+
+# ComfyUI's sampler names -> the engine's; only names the engine runs are offered.
+COMFY_SAMPLERS: dict[str, str] = {
+    "euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "dpm_2": "dpm2",
+    "dpmpp_2s_ancestral": "dpm++2s_a", "dpmpp_2m": "dpm++2m", "lcm": "lcm", "ipndm": "ipndm", "ipndm_v": "ipndm_v",
+    "ddim": "ddim_trailing", "res_multistep": "res_multistep", "er_sde": "er_sde",
+    # The engine's own, under their engine names (ComfyUI has no such sampler).
+    "tcd": "tcd", "res_2s": "res_2s", "dpm++2mv2": "dpm++2mv2",
+}  # fmt: skip
+
+# ComfyUI's scheduler names -> the engine's; the engine's extras under their own names.
+COMFY_SCHEDULERS: dict[str, str] = {
+    "normal": "discrete", "karras": "karras", "exponential": "exponential", "sgm_uniform": "sgm_uniform",
+    "simple": "simple", "kl_optimal": "kl_optimal",
+    "ays": "ays", "gits": "gits", "smoothstep": "smoothstep", "lcm": "lcm", "bong_tangent": "bong_tangent",
+}  # fmt: skip

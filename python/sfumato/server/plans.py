@@ -222,7 +222,8 @@ def job_plan(
             init_image=_file_bytes(params.init_image), mask=_file_bytes(params.mask), hires=hires,
             loras=_lora_paths(state, check_loras("loras", params.loras)),
             control_image=_file_bytes(params.control_image), control_strength=params.control_strength,
-            preview=params.preview, preview_interval=params.preview_interval,
+            preview=params.preview, preview_interval=params.preview_interval, clip_skip=params.clip_skip,
+            guidance=params.guidance,
         )  # fmt: skip
         refined = None
         if refiner:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
+
+PreviewMethod = Literal["none", "auto", "latent2rgb", "taesd"]
+"""ComfyUI's ``--preview-method`` names."""
+PREVIEW_METHODS: tuple[PreviewMethod, ...] = get_args(PreviewMethod)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class ServerSettings:
         addresses are refused unless allowed; a slower or larger answer fails.
     threads:
         CPU threads per model (``None``: the engine's count of physical cores).
+    preview_method:
+        Live previews of the ComfyUI API's prompts, as ComfyUI's ``--preview-method``:
+        ``none``, ``latent2rgb`` (the latent projected), or ``taesd`` and ``auto`` (the
+        model's tiny autoencoder, its ``NAME.taesd.safetensors`` sidecar, when it has
+        one; else the projection).
     """
 
     host: str = "127.0.0.1"
@@ -62,10 +72,16 @@ class ServerSettings:
     fetch_timeout_s: float = 15.0
     fetch_max_bytes: int = 16 * 2**20
     threads: int | None = None
+    preview_method: PreviewMethod = "none"
 
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def inputs_dir(self) -> Path:
+        """Images uploaded for the ComfyUI API's LoadImage nodes."""
+        return self.data_dir / "inputs"
 
     @property
     def db_path(self) -> Path:

@@ -182,6 +182,21 @@ class JobStore:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
+    def ids_of_kind(self, kind: str, *, since: float = 0.0, active: bool = False) -> list[str]:
+        """The ids of the jobs of ``kind`` accepted after ``since`` (only the queued or
+        running ones if ``active``), oldest first; reads no request."""
+        states = ACTIVE if active else (*ACTIVE, *FINAL)
+        marks = ", ".join("?" * len(states))
+        query = f"SELECT id FROM jobs WHERE kind = ? AND created > ? AND state IN ({marks}) ORDER BY created"
+        with self._lock:
+            return [row["id"] for row in self._db.execute(query, (kind, since, *states)).fetchall()]
+
+    def active_count(self) -> int:
+        """How many jobs are queued or running."""
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", ACTIVE).fetchone()
+        return int(count)
+
     def next_queued(self) -> Job | None:
         """The oldest queued job, marked processing."""
         with self._lock:
