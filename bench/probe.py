@@ -6,8 +6,9 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 
 - ``engine``: sfumato's in-process engine layer (``sfumato.engine``) on a model
   path, with the context options (``wtype``, ``flash_attn``, ``conv_direct``,
-  ``threads``, ``taesd``: a tiny autoencoder's path) and a txt2img request
-  (``size``, ``steps``, ``batch``, ``preview``: a preview mode); on the
+  ``threads``, ``taesd``: a tiny autoencoder's path, ``tae_preview_only``) and a
+  txt2img request (``size``, ``steps``, ``batch``, ``preview``: a preview mode,
+  ``preview_interval``); on the
   engine library ``engine_lib`` if given, else the installed one.
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
@@ -52,6 +53,7 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
         diffusion_conv_direct=config.get("conv_direct", False),
         vae_conv_direct=config.get("conv_direct", False),
         taesd_path=config.get("taesd"),
+        tae_preview_only=config.get("tae_preview_only", False),
     )
     with DiffusionContext(params) as context:
         loaded = time.perf_counter()
@@ -59,7 +61,8 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
         context.generate(ImageRequest(prompt=PROMPT, width=64, height=64, steps=1, seed=SEED))
         size, steps, batch = config["size"], config["steps"], config.get("batch", 1)
         request = ImageRequest(prompt=PROMPT, width=size, height=size, steps=steps, seed=SEED, batch_count=batch,
-                               cfg_scale=7.0, preview=config.get("preview"))  # fmt: skip
+                               cfg_scale=7.0, preview=config.get("preview"),
+                               preview_interval=config.get("preview_interval", 1))  # fmt: skip
         measured = time.perf_counter()
         out = context.generate(request)
         done = time.perf_counter()

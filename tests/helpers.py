@@ -156,3 +156,14 @@ def default_graph(**changes: Any) -> dict[str, Any]:
         node, _, name = key.partition(".")
         graph[node]["inputs"][name] = value
     return graph
+
+
+def wait_history(client: TestClient, prompt_id: str) -> dict[str, Any]:
+    """A ComfyUI prompt's history entry, once it has ended."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        entry = client.get(f"/history/{prompt_id}").json()
+        if entry:
+            return dict(entry[prompt_id])
+        time.sleep(0.1)
+    raise AssertionError(f"prompt {prompt_id} did not end")

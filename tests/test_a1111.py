@@ -7,11 +7,17 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+import sfumato
+from sfumato.server.app import create_app
+from sfumato.server.settings import ServerSettings
 
 from .helpers import MODEL, SIZE, error_body
 
@@ -57,9 +63,11 @@ def test_listings_and_options(client: TestClient) -> None:
     assert [m["model_name"] for m in client.get(f"{API}/sd-models").json()] == [MODEL]
     assert {"Euler a", "DPM++ 2M Karras"} <= {s["name"] for s in client.get(f"{API}/samplers").json()}
     assert "karras" in {s["name"] for s in client.get(f"{API}/schedulers").json()}
-    assert [u["name"] for u in client.get(f"{API}/upscalers").json()] == ["None", "esrgan-x4"]
+    assert [u["name"] for u in client.get(f"{API}/upscalers").json()] == ["None", "Lanczos", "Nearest", "esrgan-x4"]
     assert client.get(f"{API}/loras").json() == []
-    assert client.get(f"{API}/options").json()["sd_model_checkpoint"] == MODEL
+    # One name for the model: sd-models' title is what options' sd_model_checkpoint says.
+    [listed] = client.get(f"{API}/sd-models").json()
+    assert client.get(f"{API}/options").json()["sd_model_checkpoint"] == listed["title"] == f"{MODEL}.gguf"
     error_body(client.post(f"{API}/options", json={"sd_model_checkpoint": "sdxl"}), 422, "sd_model_checkpoint")
     assert client.post(f"{API}/options", json={"sd_model_checkpoint": f"{MODEL}.gguf [abc123]"}).status_code == 200
     error_body(client.post(f"{API}/txt2img", json=_body(width=100)), 422, "width")
@@ -104,3 +112,102 @@ def test_extra_single_image(client: TestClient, gradient_image: np.ndarray) -> N
     )
     big = {"image": _b64_png(np.zeros((2100, 2100, 3), np.uint8)), "upscaler_1": "esrgan-x4", "upscaling_resize": 4}
     error_body(client.post(f"{API}/extra-single-image", json=big), 422, "upscaling_resize")
+
+
+# A1111's latent upscale modes (modules/shared_items.py), every one of which hr_upscaler takes.
+A1111_LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                      "Latent (nearest)", "Latent (nearest-exact)"]  # fmt: skip
+
+
+def test_every_listing_route(client: TestClient, settings: ServerSettings) -> None:
+    get = lambda route: client.get(f"{API}/{route}")  # noqa: E731
+    assert sorted(m["name"] for m in get("latent-upscale-modes").json()) == sorted(A1111_LATENT_MODES)
+    for route in ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "script-info", "extensions"):
+        assert get(route).json() == [], route  # none of these exist here: empty lists, as A1111 with none
+    assert get("scripts").json() == {"txt2img": [], "img2img": []}
+    [esrgan] = get("realesrgan-models").json()
+    assert (esrgan["name"], esrgan["scale"], esrgan["path"]) == (
+        "esrgan-x4",
+        4,
+        str(settings.upscalers_dir / "esrgan-x4.pth"),
+    )
+    memory = get("memory").json()
+    assert memory["ram"]["total"] == psutil.virtual_memory().total
+    assert memory["ram"]["free"] + memory["ram"]["used"] == memory["ram"]["total"] and "error" in memory["cuda"]
+    flags = get("cmd-flags").json()
+    assert flags["ckpt_dir"] == str(settings.models_dir) and flags["lora_dir"] == str(settings.loras_dir)
+    assert client.get("/internal/ping").json() == {}
+    assert client.get("/queue/status").json()["queue_size"] == 0
+    # A model dropped in the folder is listed after refresh-checkpoints (and before it: folders are read each time).
+    (settings.models_dir / "second.gguf").symlink_to((settings.models_dir / f"{MODEL}.gguf").resolve())
+    assert client.post(f"{API}/refresh-checkpoints").status_code == 200
+    assert sorted(m["title"] for m in get("sd-models").json()) == ["second.gguf", f"{MODEL}.gguf"]
+    for route in ("refresh-vae", "refresh-loras", "refresh-embeddings"):
+        assert client.post(f"{API}/{route}").status_code == 200
+    # What sfumato cannot do answers A1111's error shape, saying so.
+    for route in ("interrogate", "skip", "server-kill", "train/embedding", "create/hypernetwork"):
+        refused = client.post(f"{API}/{route}", json={})
+        assert refused.status_code == 400 and set(refused.json()) == {"error", "detail", "body", "errors"}, route
+
+
+def test_unload_and_reload_checkpoint(client: TestClient) -> None:
+    assert client.post(f"{API}/txt2img", json=_body()).status_code == 200
+    loaded = set(sfumato.loaded_models())
+    assert client.post(f"{API}/unload-checkpoint").status_code == 200
+    assert not loaded & set(sfumato.loaded_models())  # its worker ended
+    assert client.post(f"{API}/reload-checkpoint").status_code == 200
+    assert len(set(sfumato.loaded_models()) - loaded) == 1
+
+
+def test_png_info_and_extra_batch_images(client: TestClient, gradient_image: np.ndarray) -> None:
+    text = ("a lighthouse, <lora:ink:0.5>\nat dusk\nNegative prompt: fog\nSteps: 20, Sampler: Euler a, "
+            'CFG scale: 7, Seed: 123, Size: 512x512, Model: v1-5, Lora hashes: "ink: abc, other: def"')  # fmt: skip
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    meta.add_text("Software", "a painter")
+    buffer = io.BytesIO()
+    Image.fromarray(gradient_image).save(buffer, format="PNG", pnginfo=meta)
+    info = client.post(f"{API}/png-info", json={"image": base64.b64encode(buffer.getvalue()).decode()}).json()
+    assert info["info"] == text and info["items"] == {"Software": "a painter"}
+    assert info["parameters"] == {
+        "Prompt": "a lighthouse, <lora:ink:0.5>\nat dusk", "Negative prompt": "fog", "Steps": "20",
+        "Sampler": "Euler a", "CFG scale": "7", "Seed": "123", "Size": "512x512", "Model": "v1-5",
+        "Lora hashes": '"ink: abc, other: def"',
+    }  # fmt: skip
+    plain = client.post(f"{API}/png-info", json={"image": _b64_png(gradient_image)}).json()
+    assert plain == {"info": "", "items": {}, "parameters": {}}
+    images = [
+        {"data": _b64_png(gradient_image[:16, :16]), "name": "a"},
+        {"data": _b64_png(gradient_image), "name": "b"},
+    ]
+    out = client.post(f"{API}/extra-batch-images", json={"imageList": images, "upscaling_resize": 2,
+                                                        "upscaler_1": "Lanczos"}).json()  # fmt: skip
+    assert [_size(i) for i in out["images"]] == [(32, 32), (2 * SIZE, 2 * SIZE)]
+
+
+def test_options_are_stored_durably_and_the_honoured_ones_act(settings: ServerSettings, sd1_tiny_gguf: Path) -> None:
+    written = {"CLIP_stop_at_last_layers": 2, "samples_format": "jpg", "eta_noise_seed_delta": 31337,
+               "an_extension_setting": {"nested": [1, 2]}, "sd_model_checkpoint": f"{MODEL}.gguf"}  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        defaults = client.get(f"{API}/options").json()
+        assert defaults["CLIP_stop_at_last_layers"] == 1 and defaults["samples_format"] == "png"
+        assert defaults["sd_vae"] == "Automatic"
+        assert client.post(f"{API}/options", json=written).status_code == 200
+        error_body(client.post(f"{API}/options", json={"samples_format": "gif"}), 422, "samples_format")
+        error_body(client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": 0}), 422, "CLIP_stop_at_last_layers")
+        out = client.post(f"{API}/txt2img", json=_body()).json()
+        with Image.open(io.BytesIO(base64.b64decode(out["images"][0]))) as image:
+            assert image.format == "JPEG"  # samples_format
+        assert json.loads(out["info"])["clip_skip"] == 2
+        # A request's override_settings win over the stored options.
+        png = client.post(f"{API}/txt2img", json=_body(override_settings={"samples_format": "png"})).json()
+    with TestClient(create_app(settings)) as client:  # a restarted server reads back what was written
+        options = client.get(f"{API}/options").json()
+        assert {k: options[k] for k in written} == written
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2})
+    try:
+        expected = sfumato.diffusion(model_id, prompt="a cat", width=SIZE, height=SIZE, steps=2, seed=3,
+                                     sampling_method="euler", clip_skip=2).outputs.result()  # fmt: skip
+    finally:
+        sfumato.unload_model(model_id)
+    assert [base64.b64decode(png["images"][0])] == expected  # CLIP_stop_at_last_layers 2 is clip skip 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,9 +23,10 @@ from websockets.sync.client import connect
 
 import sfumato
 from sfumato.params import SAMPLING_METHODS, SCHEDULER_NAMES
+from sfumato.server.comfy_graph import compile_prompt
 from sfumato.server.settings import ServerSettings
 
-from .helpers import CKPT, SIZE, default_graph, job_body, png_bytes, serving, wait_job
+from .helpers import CKPT, SIZE, default_graph, job_body, png_bytes, serving, wait_history, wait_job
 
 
 def _sdk_png(model: Path, **params: Any) -> bytes:
@@ -50,16 +50,6 @@ def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
-
-
-def _wait_history(client: TestClient, prompt_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        entry = client.get(f"/history/{prompt_id}").json()
-        if entry:
-            return dict(entry[prompt_id])
-        time.sleep(0.1)
-    raise AssertionError(f"prompt {prompt_id} did not end")
 
 
 def test_default_graph_over_the_websocket(settings: ServerSettings, sd1_tiny_gguf: Path) -> None:
@@ -160,14 +150,14 @@ def test_img2img_and_inpainting_graphs(client: TestClient, gradient_image: np.nd
     inpaint_id = client.post("/prompt", json={"prompt": inpaint}).json()["prompt_id"]
 
     source = gradient_image.astype(np.int16)
-    entry = _wait_history(client, img2img_id)
+    entry = wait_history(client, img2img_id)
     [image] = entry["outputs"]["9"]["images"]
     img2img = _pixels(client.get("/view", params=image).content)
     job = client.get(f"/queue/{img2img_id}").json()  # the job API sees the same job
     assert job["state"] == "done" and job["payload"]["prompt"]["11"]["class_type"] == "VAEEncode"
     assert 0 < np.abs(img2img - source).mean()
 
-    entry = _wait_history(client, inpaint_id)
+    entry = wait_history(client, inpaint_id)
     [image] = entry["outputs"]["9"]["images"]
     out = _pixels(client.get("/view", params=image).content)
     keep, change = np.s_[:, : SIZE // 2], np.s_[:, SIZE // 2 :]
@@ -195,13 +185,80 @@ def test_the_custom_sampling_set_runs_as_the_sdk(client: TestClient, sd1_tiny_gg
     graph["8"]["inputs"]["samples"] = ["25", 1]
     accepted = client.post("/prompt", content=json.dumps({"prompt": graph}))  # no content type at all
     assert accepted.status_code == 200, accepted.text
-    entry = _wait_history(client, accepted.json()["prompt_id"])
+    entry = wait_history(client, accepted.json()["prompt_id"])
     assert set(entry["outputs"]) == {"9", "26"} and entry["outputs"]["26"]["images"][0]["type"] == "temp"
     png = client.get("/view", params=entry["outputs"]["26"]["images"][0]).content
     # BasicGuider: one prompt, no classifier-free guidance (cfg 1).
     expected = _sdk_png(sd1_tiny_gguf, prompt="a lighthouse on a cliff", steps=3, cfg_scale=1.0,
                         sampling_method="dpm++2m", scheduler="karras", seed=77)  # fmt: skip
     assert png == expected
+
+
+def test_clip_skip_and_the_advanced_sampler_run_as_the_sdk(
+    client: TestClient, sd1_tiny_gguf: Path, gradient_image: np.ndarray
+) -> None:
+    """CLIPSetLastLayer -2 is clip skip 2; KSamplerAdvanced from step 1 of 3 on an encoded image is strength 2/3."""
+    _upload(client, "source.png", png_bytes(gradient_image))
+    graph = default_graph(**{"6.clip": ["12", 0], "7.clip": ["12", 0], "8.samples": ["13", 0]})
+    del graph["3"]
+    graph.update({
+        "10": {"class_type": "LoadImage", "inputs": {"image": "source.png"}},
+        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
+        "12": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -2}},
+        "13": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["4", 0], "add_noise": "enable", "noise_seed": 12, "steps": 3, "cfg": 6.5,
+            "sampler_name": "euler_ancestral", "scheduler": "karras", "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["11", 0], "start_at_step": 1, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}},
+    })  # fmt: skip
+    entry = wait_history(client, client.post("/prompt", json={"prompt": graph}).json()["prompt_id"])
+    png = client.get("/view", params=entry["outputs"]["9"]["images"][0]).content
+    expected = _sdk_png(sd1_tiny_gguf, prompt="a lighthouse on a cliff", negative_prompt="text, watermark", steps=3,
+                        cfg_scale=6.5, sampling_method="euler_a", scheduler="karras", seed=12, clip_skip=2,
+                        init_image=png_bytes(gradient_image), strength=2 / 3)  # fmt: skip
+    assert png == expected
+
+
+def test_set_latent_noise_mask_and_an_esrgan_upscale(client: TestClient, gradient_image: np.ndarray) -> None:
+    rgba = np.dstack([gradient_image, np.full((SIZE, SIZE), 255, np.uint8)])
+    rgba[: SIZE // 2, :, 3] = 0  # the top half is transparent: made anew
+    _upload(client, "top.png", png_bytes(rgba))
+    graph = default_graph(**{"3.latent_image": ["12", 0]})
+    graph.update({
+        "10": {"class_type": "LoadImage", "inputs": {"image": "top.png"}},
+        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
+        "12": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["10", 1]}},
+    })  # fmt: skip
+    inpaint_id = client.post("/prompt", json={"prompt": graph}).json()["prompt_id"]
+    upscale = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "top.png"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "esrgan-x4.pth"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "big"}},
+    }
+    upscale_id = client.post("/prompt", json={"prompt": upscale}).json()["prompt_id"]
+    out = _pixels(client.get("/view", params=wait_history(client, inpaint_id)["outputs"]["9"]["images"][0]).content)
+    source = gradient_image.astype(np.int16)
+    keep, change = np.s_[SIZE // 2 :, :], np.s_[: SIZE // 2, :]
+    assert np.abs(out[keep] - source[keep]).max() <= 1
+    assert np.abs(out[change] - source[change]).mean() > 10
+    entry = wait_history(client, upscale_id)
+    big = Image.open(io.BytesIO(client.get("/view", params=entry["outputs"]["4"]["images"][0]).content))
+    assert big.size == (4 * SIZE, 4 * SIZE)
+    # Upscaling what a sampler made is refused by name, not run another way.
+    graph["14"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["8", 0]}}
+    graph["2"] = upscale["2"]
+    graph["9"]["inputs"]["images"] = ["14", 0]
+    [error] = _node_errors(client, graph)["14"]["errors"]
+    assert error["extra_info"]["input_name"] == "image"
+
+
+def test_flux_guidance_reaches_the_plan(client: TestClient) -> None:
+    graph = default_graph(**{"3.positive": ["10", 0]})
+    graph["10"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": 5.0}}
+    compiled = compile_prompt(client.app.state.sfumato, graph)  # type: ignore[attr-defined]
+    assert compiled.plan.generation.guidance == 5.0 and compiled.plan.generation.prompt == "a lighthouse on a cliff"
+    assert (compiled.loader, compiled.sampler, compiled.decoder, compiled.outputs) == ("4", "3", "8", ("9",))
 
 
 def _node_errors(client: TestClient, graph: Any, kind: str = "prompt_outputs_failed_validation") -> dict[str, Any]:
@@ -269,7 +326,7 @@ def test_interrupt_stops_the_running_prompt_and_no_other_apis_job(client: TestCl
     wait_job(client, prompt_id, ("processing",))
     assert [item[1] for item in client.get("/api/queue").json()["queue_running"]] == [prompt_id]
     assert client.post("/api/interrupt", json={"prompt_id": prompt_id}).status_code == 200
-    entry = _wait_history(client, prompt_id)
+    entry = wait_history(client, prompt_id)
     assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
     assert client.get(f"/queue/{prompt_id}").json()["state"] == "cancelled"

@@ -3,6 +3,9 @@ with a bad file, and nothing already loaded disturbed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +251,31 @@ def test_missing_paths_and_registry_constants(tmp_path: Path) -> None:
         name = str(constant)
         with pytest.raises(errors.ModelNotFoundError, match=f"^{name} is not in the model cache.*download https://"):
             sfumato.load_model(constant)  # type: ignore[arg-type]
+
+
+def test_an_unreachable_download_host_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No retries for half a minute: the host is tried once, and the error says why and what to do."""
+    from sfumato.registry import RegistryModel, resolve
+
+    for switch in ("HF_HUB_OFFLINE", "SFUMATO_OFFLINE"):  # the suite keeps downloads off; this test needs them on
+        monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv("SFUMATO_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.sfumato-test.invalid")  # .invalid never resolves (RFC 2606)
+    hub = RegistryModel(name="HUB_FILE", filename="x.gguf", family="sd1", hf_repo="someone/x")
+    direct = RegistryModel(
+        name="DIRECT_FILE", filename="y.pth", family="esrgan", url="https://files.sfumato-test.invalid/y.pth"
+    )
+    for model, host in ((hub, "hub.sfumato-test.invalid"), (direct, "files.sfumato-test.invalid")):
+        with pytest.raises(errors.ModelNotFoundError, match=f"cannot be downloaded: no connection to {host}") as caught:
+            resolve(model)
+        assert f"save it as {tmp_path / model.filename}" in str(caught.value)
+    env = {**os.environ, "SFUMATO_CACHE": str(tmp_path), "HF_ENDPOINT": "https://hub.sfumato-test.invalid"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sfumato", "generate", "--model", "SD_V2_1_1B_Q4_0", "-p", "x", "-o", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "no connection to hub.sfumato-test.invalid" in done.stderr, done.stderr
+    assert "Retrying" not in done.stderr
 
 
 def test_registry_constant_resolves_from_the_cache(esrgan_6b: Path, gradient_image: np.ndarray) -> None:

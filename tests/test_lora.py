@@ -16,7 +16,7 @@ import sfumato
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import MODEL, SIZE, error_body, job_body, sfumato_cli, wait_job
+from .helpers import MODEL, SIZE, default_graph, error_body, job_body, sfumato_cli, wait_history, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,11 @@ def test_server_loras(settings: ServerSettings, sd1_gguf: Path, lora_dir: Path) 
         assert answer.status_code == 200, answer.text
         assert base64.b64decode(answer.json()["images"][0]) == inked
         error_body(client.post("/sdapi/v1/txt2img", json={**a1111, "prompt": "x <lora:ink:lots>"}), 422, "prompt")
+        # ComfyUI's LoraLoader between the checkpoint and the sampler and prompts: the same image.
+        graph = default_graph(**{"3.seed": 4, "3.steps": 2, "3.cfg": 7.0, "3.sampler_name": "dpmpp_2m",
+                                 "3.scheduler": "karras", "6.text": "a lighthouse", "7.text": "",
+                                 "3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})  # fmt: skip
+        graph["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                       "lora_name": "ink.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}  # fmt: skip
+        entry = wait_history(client, client.post("/prompt", json={"prompt": graph}).json()["prompt_id"])
+        assert client.get("/view", params=entry["outputs"]["9"]["images"][0]).content == inked

@@ -63,6 +63,14 @@ def test_models_that_need_companion_files_are_not_offered(
         error_body(client.post("/txt2img", json=job_body(model="klein")), 422, "model")
 
 
+def test_an_empty_models_folder_says_how_to_add_one(settings: ServerSettings, tmp_path: Path) -> None:
+    with TestClient(create_app(replace(settings, models_dir=tmp_path / "nothing-here"))) as client:
+        body = error_body(client.post("/txt2img", json=job_body()), 422, "model")
+        assert body["error"].startswith("model: no model was named") and "--models DIR" in body["error"]
+        named = error_body(client.post("/txt2img", json=job_body(model="sd15")), 422, "model")
+        assert "no model named 'sd15'" in named["error"] and "is empty" in named["error"]
+
+
 def test_txt2img_job_runs_to_done_with_every_field(client: TestClient) -> None:
     accepted = client.post("/txt2img", json=job_body())
     assert accepted.status_code == 200, accepted.text
@@ -213,6 +221,12 @@ def test_api_key(settings: ServerSettings) -> None:
         error_body(client.get("/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert client.get("/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         error_body(client.post("/txt2img", json=job_body()), 401)
+        # HTTP Basic with the key as the password, as A1111 clients send it (any user name).
+        assert client.get("/sdapi/v1/options", auth=("anyone", "s3cret")).status_code == 200
+        assert error_body(client.get("/sdapi/v1/options", auth=("anyone", "wrong")), 401)["code"] == "unauthorized"
+        error_body(client.get("/models", headers={"Authorization": "Basic not-base64!"}), 401)
+        # Health probes need no key.
+        assert client.get("/internal/ping").status_code == client.get("/queue/status").status_code == 200
 
 
 def test_body_limit(settings: ServerSettings) -> None:
@@ -230,11 +244,16 @@ def test_openapi_lists_the_errors_of_every_route(client: TestClient) -> None:
     assert "409" in spec["paths"]["/txt2img"]["post"]["responses"]
 
 
-def test_sfumato_serve_command(settings: ServerSettings) -> None:
-    with serving(settings) as url, urllib.request.urlopen(f"{url}/models", timeout=5) as response:
+def test_sfumato_serve_command(settings: ServerSettings, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    with serving(settings, log=log) as url, urllib.request.urlopen(f"{url}/models", timeout=5) as response:
         models = json.load(response)
     assert [m["name"] for m in models["models"]] == [MODEL]
     assert (settings.data_dir / "jobs.sqlite3").is_file()
+    # It says where it listens and what it offers.
+    said = log.read_text().splitlines()
+    assert said[:2] == [f"sfumato serve: {url}/ (the web page; the APIs under it)",
+                        f"1 model(s) in {settings.models_dir}: {MODEL} (SD 1.x)"]  # fmt: skip
 
 
 # The store as the version before typed plans wrote it: the same table, no user_version,

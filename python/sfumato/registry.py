@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 from sfumato.errors import InvalidModelError, ModelNotFoundError
 
 ENV_CACHE = "SFUMATO_CACHE"
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,18 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "SFUMATO_OFFLINE"))
 
 
+def _unreachable(url: str) -> str | None:
+    """Why ``url``'s host cannot be reached now (``None`` if a connection opens): a
+    download client would retry for half a minute before saying so."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"no connection to {host} ({exc.strerror or exc})"
+    return None
+
+
 def _download(model: RegistryModel, target: Path, on_progress: DownloadProgress | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
@@ -201,6 +216,12 @@ def resolve(model: RegistryModel, on_progress: DownloadProgress | None = None) -
     )
     if _offline():
         raise ModelNotFoundError(f"{model.name} is not in the model cache and downloads are off: {how}")
+    source = model.source_url
+    if model.hf_repo is not None and model.url is None:
+        source = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    why = _unreachable(source)
+    if why is not None:
+        raise ModelNotFoundError(f"{model.name} is not in the model cache and cannot be downloaded: {why}; {how}")
     try:
         _download(model, target, on_progress)
     except Exception as exc:

@@ -7,15 +7,20 @@ the queue limit, FIFO order and ``interrupt`` apply to them too.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import math
+import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
+import psutil
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,6 +28,7 @@ from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.families.embeddings import TEXT_WIDTHS, Embedding, sort_out
 from sfumato.params import (
+    HIRES_UPSCALERS,
     MAX_BATCH,
     MAX_CONTROL_STRENGTH,
     MAX_SEED,
@@ -32,8 +38,8 @@ from sfumato.params import (
 )
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
-from sfumato.server.jobplan import JobPlan, Upscale
-from sfumato.server.plans import decode_image, job_plan, pick_model, prompt_loras
+from sfumato.server.jobplan import FileType, JobPlan, Upscale
+from sfumato.server.plans import decode_image, job_plan, pick_entry, prompt_loras
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
 
@@ -186,21 +192,56 @@ class Img2ImgBody(Txt2ImgBody):
         )
 
 
+# The settings A1111 clients read, with A1111's defaults. sfumato honours sd_model_checkpoint,
+# HonouredOptions' and PreviewOptions' keys; every other key a client writes is stored and
+# read back, and has no effect.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "sd_model_checkpoint": None, "sd_checkpoint_hash": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+    "samples_format": "png", "jpeg_quality": 80, "enable_pnginfo": True, "send_seed": True, "send_size": True,
+    "eta_noise_seed_delta": 0, "eta_ddim": 0.0, "eta_ancestral": 1.0, "s_churn": 0.0, "s_tmin": 0.0,
+    "s_noise": 1.0, "img2img_fix_steps": False, "sd_vae_overrides_per_model_preferences": True,
+    "live_previews_enable": True, "show_progress_every_n_steps": 10, "show_progress_type": "Approx NN",
+    "live_preview_content": "Prompt", "return_grid": True, "do_not_show_images": False, "samples_save": True,
+    "outdir_samples": "", "sd_checkpoints_limit": 1, "upscaler_for_img2img": None,
+}  # fmt: skip
+SAMPLES_FORMATS: dict[str, FileType] = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+
+
+class HonouredOptions(BaseModel):
+    """The options sfumato acts on, checked as a client writes them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12)
+    samples_format: str = "png"
+    jpeg_quality: int = Field(80, ge=1, le=100)
+
+    @field_validator("samples_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value.lower() not in SAMPLES_FORMATS:
+            raise ValueError(f"is {value!r}; sfumato writes {', '.join(SAMPLES_FORMATS)}")
+        return value
+
+    def file_type(self) -> FileType:
+        return SAMPLES_FORMATS[self.samples_format.lower()]
+
+    def clip_skip(self) -> int:
+        """The SDK's clip skip: A1111's 1 (every layer) is the family's own setting."""
+        return DiffusionParams.clip_skip if self.CLIP_stop_at_last_layers <= 1 else self.CLIP_stop_at_last_layers
+
+
 class PreviewOptions(BaseModel):
     """A1111's live-preview settings, with A1111's defaults: previews on, every 10
     steps. Every ``show_progress_type`` is served by the latent projection: the
     engine's VAE previews decode on every step whatever the interval, which on a
     CPU would add a whole decode to each step."""
 
-    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    model_config = ConfigDict(extra="ignore")
 
     live_previews_enable: bool = True
     show_progress_every_n_steps: int = Field(default=10, ge=-1, le=1000)
     show_progress_type: str = "Approx NN"
-
-    def update(self, other: PreviewOptions) -> None:
-        for name in type(self).model_fields:
-            setattr(self, name, getattr(other, name))
 
     def params(self) -> dict[str, Any]:
         """The SDK's preview fields these settings ask for (0 or -1 steps: none while sampling)."""
@@ -232,6 +273,7 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None = None
     textinfo: str | None = None
+    current_task: str | None = None
 
 
 class ExtraSingleImageBody(BaseModel):
@@ -247,22 +289,88 @@ class ExtraSingleImageResponse(BaseModel):
     image: str
 
 
+class BatchImage(BaseModel):
+    data: str = Field(min_length=1, description="base64 image")
+    name: str = ""
+
+
+class ExtraBatchImagesBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    imageList: list[BatchImage] = Field(min_length=1, max_length=16)  # noqa: N815 - A1111's name
+    upscaling_resize: float = Field(2.0, gt=0.0, le=16.0)
+    upscaler_1: str = "None"
+
+
+class ExtraBatchImagesResponse(BaseModel):
+    html_info: str = ""
+    images: list[str]
+
+
+class PngInfoBody(BaseModel):
+    image: str = Field(min_length=1, description="base64 PNG")
+
+
+# Pixel upscalers by A1111's names (no model): the resampling filter each is.
+PIXEL_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS,
+                   "Nearest": Image.Resampling.NEAREST}  # fmt: skip
+
+
+def a1111_error(status: int, message: str) -> JSONResponse:
+    """A1111's error shape, for what sfumato cannot do."""
+    return JSONResponse({"error": "NotSupported", "detail": message,
+                         "body": "", "errors": message}, status_code=status)  # fmt: skip
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """A1111's generation-parameters text (the prompt, ``Negative prompt: ...``, then
+    ``Key: value, ...``) as fields."""
+    lines = text.strip().split("\n")
+    settings = lines.pop() if lines and re.match(r"^\w[\w ]*: ", lines[-1]) and ", " in lines[-1] else ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', settings):
+        out[key.strip()] = value.strip()
+    return out
+
+
 def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix=PREFIX)
     extension = APIRouter(prefix="/controlnet")  # the ControlNet extension's own routes
 
-    previews = PreviewOptions()
+    def options() -> dict[str, Any]:
+        """A1111's settings: its defaults, what clients stored, and the current model's title."""
+        current = state.catalog.model(current_model() or "")
+        return {**OPTION_DEFAULTS, **state.store.options(),
+                "sd_model_checkpoint": current.path.name if current else None}  # fmt: skip
+
+    stored = state.store.options().get("sd_model_checkpoint")
+    if state.settings.default_model is None and isinstance(stored, str):
+        # The model a client chose last, unless the server was started with one.
+        state.runner.default_model = next((e.name for e in state.catalog.models() if stored == e.path.name), None)
 
     def plan_for(body: Txt2ImgBody) -> JobPlan:
         unit = body.control_unit()
+        chosen = {**options(), **body.override_settings}
+        honoured = _validated(HonouredOptions, chosen, "override_settings.")
+        previews = _validated(PreviewOptions, chosen, "override_settings.")
+        extra = {**previews.params(), "clip_skip": honoured.clip_skip()}
         return job_plan(
             state,
-            replace(body.to_params(), **previews.params()),
+            replace(body.to_params(), **extra),
             model=body.override_settings.get("sd_model_checkpoint"),
             sent_as=body.SENT_AS,
             refiner=body.refiner_checkpoint,
             refiner_switch_at=body.refiner_switch_at,
             control_net=unit.model if unit is not None else None,
+            file_type=honoured.file_type(),
+            jpeg_quality=honoured.jpeg_quality,
         )
 
     async def run(kind: str, body: Txt2ImgBody, plan: JobPlan) -> ImagesResponse:
@@ -276,7 +384,7 @@ def router(state: ServerState) -> APIRouter:
             "all_seeds": [job.result.get("seed", 0) + i for i in range(params.batch_count)],
             "width": params.width, "height": params.height, "sampler_name": sampler,
             "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": body.batch_size,
-            "sd_model_name": plan.model, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "sd_model_name": plan.model, "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": params.clip_skip,
             "interrupted": job.state == CANCELLED,
         }  # fmt: skip
         return ImagesResponse(images=images, parameters=payload, info=json.dumps(info))
@@ -313,7 +421,7 @@ def router(state: ServerState) -> APIRouter:
                 job=live["job_id"], job_count=1,
                 sampling_step=tick.step if sampling else 0, sampling_steps=tick.total_steps if sampling else 0,
             ),
-            textinfo=job.phase if job else None, current_image=current,
+            textinfo=job.phase if job else None, current_image=current, current_task=live["job_id"],
         )  # fmt: skip
 
     @api.post("/interrupt", responses=responses())
@@ -326,8 +434,9 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/sd-models", responses=responses())
     def sd_models() -> list[dict[str, Any]]:
+        """The models folder; ``title`` is the name ``options.sd_model_checkpoint`` says."""
         return [
-            {"title": f"{e.path.name}", "model_name": e.name, "hash": None, "sha256": None,
+            {"title": e.path.name, "model_name": e.name, "hash": None, "sha256": None,
              "filename": str(e.path), "config": None}
             for e in state.catalog.models()
         ]  # fmt: skip
@@ -344,9 +453,12 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/upscalers", responses=responses())
     def upscalers() -> list[dict[str, Any]]:
+        """The pixel resamplers, then the ESRGAN files of the upscalers folder."""
         found = [{"name": e.name, "model_name": "ESRGAN", "model_path": str(e.path), "model_url": None, "scale": 4}
                  for e in state.catalog.upscalers()]  # fmt: skip
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}, *found]
+        pixel = [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4 if n != "None"
+                  else 1} for n in PIXEL_UPSCALERS]  # fmt: skip
+        return [*pixel, *found]
 
     @api.get("/loras", responses=responses())
     def loras() -> list[dict[str, Any]]:
@@ -387,51 +499,187 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/options", responses=responses())
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": current_model(), "samples_format": "png", **previews.model_dump()}
+        """A1111's settings store: its defaults for the keys clients read, and every key written."""
+        return options()
 
     @api.post("/options", responses=responses())
-    def set_options(options: dict[str, Any]) -> dict[str, Any]:
-        """Switch the default model (``sd_model_checkpoint``) and the live-preview
-        options; other options are ignored."""
-        if "sd_model_checkpoint" in options:
-            if not isinstance(options["sd_model_checkpoint"], str):
-                raise InvalidParameterError("sd_model_checkpoint", "must be a model name")
-            state.runner.default_model = pick_model(state, options["sd_model_checkpoint"], "sd_model_checkpoint")
-        previews.update(_validated(PreviewOptions, {**previews.model_dump(), **options}))
-        return {}
+    def set_options(written: dict[str, Any]) -> None:
+        """Store the settings given (durably, with the jobs). ``sd_model_checkpoint``
+        switches the default model, and the keys of :class:`HonouredOptions` and
+        :class:`PreviewOptions` take effect; any other key is stored and read back,
+        and has no effect."""
+        merged = {**options(), **written}
+        _validated(HonouredOptions, merged)
+        _validated(PreviewOptions, merged)
+        if "sd_model_checkpoint" in written:
+            if not isinstance(written["sd_model_checkpoint"], str):
+                raise InvalidParameterError("sd_model_checkpoint", "must be a model's title or name")
+            entry = pick_entry(state, written["sd_model_checkpoint"], "sd_model_checkpoint")
+            state.runner.default_model = entry.name
+            written = {**written, "sd_model_checkpoint": entry.path.name}
+        state.store.set_options(written)
 
-    @api.post("/extra-single-image", response_model=ExtraSingleImageResponse, responses=responses(409))
-    async def extra_single_image(body: ExtraSingleImageBody) -> ExtraSingleImageResponse:
-        raw = decode_image(body.image, "image")
+    async def upscaled(raw: bytes, resize: float, upscaler: str, field: str) -> bytes:
+        """``raw`` resized by ``resize`` with ``upscaler`` (an ESRGAN of the folder, run in
+        x4 passes until the factor is reached, then resized to it; or a resampling filter)."""
         with Image.open(io.BytesIO(raw)) as source:
-            size = (round(source.width * body.upscaling_resize), round(source.height * body.upscaling_resize))
-            # x4 passes until the factor is reached; the result is then resized to the exact factor.
-            repeats = max(1, math.ceil(math.log(body.upscaling_resize, 4) - 1e-9))
-            passes = source.width * source.height * 16**repeats if body.upscaler_1 != "None" else 0
+            size = (round(source.width * resize), round(source.height * resize))
+            repeats = max(1, math.ceil(math.log(resize, 4) - 1e-9))
+            passes = source.width * source.height * 16**repeats if upscaler not in PIXEL_UPSCALERS else 0
             largest = max(size[0] * size[1], passes)
         if min(size) < 1 or largest > imaging.MAX_INPUT_PIXELS:
             raise InvalidParameterError(
                 "upscaling_resize", f"would make a {size[0]}x{size[1]} image; sides must be at least 1 and "
                 f"images (the x4 passes included) at most {imaging.MAX_INPUT_PIXELS} pixels",
             )  # fmt: skip
-        if body.upscaler_1 == "None":
-            upscaled = raw
+        if upscaler in PIXEL_UPSCALERS:
+            big = raw
         else:
             found = [e.name for e in state.catalog.upscalers()]
-            if body.upscaler_1 not in found:
-                have = ", ".join(["None", *found])
-                raise InvalidParameterError("upscaler_1", f"no upscaler named {body.upscaler_1!r}; available: {have}")
-            plan = JobPlan(model=body.upscaler_1, work=Upscale(image=raw, repeats=repeats))
-            payload = body.model_dump(exclude={"image"})
+            if upscaler not in found:
+                have = ", ".join([*PIXEL_UPSCALERS, *found])
+                raise InvalidParameterError(field, f"no upscaler named {upscaler!r}; available: {have}")
+            plan = JobPlan(model=upscaler, work=Upscale(image=raw, repeats=repeats))
+            payload = {"upscaling_resize": resize, "upscaler_1": upscaler}
             job = await state.wait_final(state.enqueue("extra-single-image", payload, plan))
             images = output_images(job)
             if job.state != DONE or not images:
                 raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")
-            upscaled = images[0]
-        with Image.open(io.BytesIO(upscaled)) as image:
+            big = images[0]
+        with Image.open(io.BytesIO(big)) as image:
             out = io.BytesIO()
-            image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(out, format="PNG")
-        return ExtraSingleImageResponse(image=base64.b64encode(out.getvalue()).decode())
+            image.convert("RGB").resize(size, PIXEL_UPSCALERS.get(upscaler, Image.Resampling.LANCZOS)).save(
+                out, format="PNG"
+            )
+        return out.getvalue()
+
+    @api.post("/extra-single-image", response_model=ExtraSingleImageResponse, responses=responses(409))
+    async def extra_single_image(body: ExtraSingleImageBody) -> ExtraSingleImageResponse:
+        big = await upscaled(decode_image(body.image, "image"), body.upscaling_resize, body.upscaler_1, "upscaler_1")
+        return ExtraSingleImageResponse(image=base64.b64encode(big).decode())
+
+    @api.post("/extra-batch-images", response_model=ExtraBatchImagesResponse, responses=responses(409))
+    async def extra_batch_images(body: ExtraBatchImagesBody) -> ExtraBatchImagesResponse:
+        out = []
+        for i, item in enumerate(body.imageList):
+            raw = decode_image(item.data, f"imageList[{i}].data")
+            big = await upscaled(raw, body.upscaling_resize, body.upscaler_1, "upscaler_1")
+            out.append(base64.b64encode(big).decode())
+        return ExtraBatchImagesResponse(images=out)
+
+    @api.post("/png-info", responses=responses())
+    def png_info(body: PngInfoBody) -> dict[str, Any]:
+        """The text an image carries; A1111's generation parameters read into fields."""
+        raw = decode_image(body.image, "image")
+        with Image.open(io.BytesIO(raw)) as image:
+            items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        text = items.pop("parameters", "")
+        return {"info": text, "items": items, "parameters": parse_parameters(text) if text else {}}
+
+    @api.get("/latent-upscale-modes", responses=responses())
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        """The latent modes ``hr_upscaler`` takes (the pixel ones are among ``upscalers``)."""
+        return [{"name": name} for name in HIRES_UPSCALERS if name.startswith("Latent")]
+
+    @api.get("/sd-vae", responses=responses())
+    def sd_vae() -> list[dict[str, Any]]:
+        """Separate VAE files: none are paired yet (each model decodes with its own VAE)."""
+        return []
+
+    @api.get("/hypernetworks", responses=responses())
+    def hypernetworks() -> list[dict[str, Any]]:
+        """Hypernetworks do not run in this engine: none."""
+        return []
+
+    @api.get("/face-restorers", responses=responses())
+    def face_restorers() -> list[dict[str, Any]]:
+        """Face restorers (CodeFormer, GFPGAN) do not run in this engine: none."""
+        return []
+
+    @api.get("/realesrgan-models", responses=responses())
+    def realesrgan_models() -> list[dict[str, Any]]:
+        return [{"name": e.name, "path": str(e.path), "scale": 4} for e in state.catalog.upscalers()]
+
+    @api.get("/prompt-styles", responses=responses())
+    def prompt_styles() -> list[dict[str, Any]]:
+        """Saved prompt styles: sfumato keeps none."""
+        return []
+
+    @api.get("/scripts", responses=responses())
+    def scripts() -> dict[str, list[str]]:
+        """Selectable scripts: none (ControlNet comes as ``alwayson_scripts.controlnet``)."""
+        return {"txt2img": [], "img2img": []}
+
+    @api.get("/script-info", responses=responses())
+    def script_info() -> list[dict[str, Any]]:
+        return []
+
+    @api.get("/extensions", responses=responses())
+    def extensions() -> list[dict[str, Any]]:
+        return []
+
+    @api.get("/memory", responses=responses())
+    def memory() -> dict[str, Any]:
+        """This machine's memory (psutil); ``cuda`` says why there is no CUDA figure."""
+        ram = psutil.virtual_memory()
+        return {
+            "ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total},
+            "cuda": {"error": "sfumato's engine runs on the CPU in this build: no CUDA device"},
+        }
+
+    @api.get("/cmd-flags", responses=responses())
+    def cmd_flags() -> dict[str, Any]:
+        """How the server was started, under A1111's flag names where one means the same."""
+        settings = state.settings
+        return {
+            "api": True, "nowebui": False, "listen": settings.host not in ("127.0.0.1", "localhost", "::1"),
+            "port": settings.port, "ckpt_dir": str(settings.models_dir), "lora_dir": str(settings.loras_dir),
+            "esrgan_models_path": str(settings.upscalers_dir), "embeddings_dir": str(settings.embeddings_dir),
+            "controlnet_dir": str(settings.controlnets_dir), "data_dir": str(settings.data_dir),
+            "api_auth": None, "api_server_stop": False,
+        }  # fmt: skip
+
+    def refresh() -> None:
+        """The folders are read on every request (a file's header once per change): nothing to do."""
+
+    for route in ("refresh-checkpoints", "refresh-vae", "refresh-loras", "refresh-embeddings"):
+        api.add_api_route(f"/{route}", refresh, methods=["POST"], responses=responses())
+
+    @api.post("/unload-checkpoint", responses=responses())
+    def unload_checkpoint() -> None:
+        """Unload the models no job is running on (their worker processes end)."""
+        state.runner.unload_idle()
+
+    @api.post("/reload-checkpoint", responses=responses())
+    async def reload_checkpoint() -> None:
+        """Load the current model now, rather than at the next request."""
+        name = current_model()
+        if name is None:
+            raise InvalidParameterError("sd_model_checkpoint", "there is no model to load: the models folder is empty")
+        await asyncio.to_thread(state.runner.model_id, name)
+
+    def not_here(reason: str) -> Callable[[], JSONResponse]:
+        def answer() -> JSONResponse:
+            return a1111_error(400, reason)  # a 4xx: the request is what this server does not do
+
+        return answer
+
+    cannot = {
+        "/interrogate": "sfumato cannot interrogate images (no CLIP or DeepBooru captioner runs here)",
+        "/skip": "sfumato cannot skip one image of a running batch; POST /sdapi/v1/interrupt stops the job "
+                 "and answers the images it finished",
+        "/create/embedding": "sfumato does not train: no embedding can be created here",
+        "/create/hypernetwork": "sfumato does not train: no hypernetwork can be created here",
+        "/train/embedding": "sfumato does not train embeddings",
+        "/train/hypernetwork": "sfumato does not train hypernetworks",
+        "/server-kill": "a client cannot stop the sfumato server; stop the process",
+        "/server-restart": "a client cannot restart the sfumato server; restart the process",
+        "/server-stop": "a client cannot stop the sfumato server; stop the process",
+    }  # fmt: skip
+    for path, reason in cannot.items():
+        api.add_api_route(
+            path, not_here(reason), methods=["POST"], responses={**responses(), 400: {"description": reason}}
+        )
 
     root = APIRouter(dependencies=[Depends(require_key(state.settings))], tags=["AUTOMATIC1111"])
     root.include_router(api)

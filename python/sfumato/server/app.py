@@ -8,6 +8,7 @@ chosen by name from ``settings.models_dir``.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sfumato.families.detect import FAMILY_NAMES
 from sfumato.server import a1111, comfyui, errors, job_queue, openai, param_schema, workers_ai
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
@@ -120,6 +122,18 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         """Health check; never needs the API key."""
         return Hello(ok=True)
 
+    @app.get("/internal/ping", tags=["health"], responses=errors.responses())
+    def ping() -> dict[str, Any]:
+        """A1111's health probe; never needs the API key."""
+        return {}
+
+    @app.get("/queue/status", tags=["health"], responses=errors.responses())
+    def queue_status() -> dict[str, Any]:
+        """Gradio's queue probe, which A1111 front ends call to test a connection; never
+        needs the API key. (A fixed path: job ids are UUIDs, never ``status``.)"""
+        return {"msg": "estimation", "rank": None, "queue_size": store.active_count(), "rank_eta": None,
+                "avg_event_process_time": None, "avg_event_concurrent_process_time": None}  # fmt: skip
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         """The web page: a static shell that needs no key; its data comes from the API."""
@@ -137,7 +151,24 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
 
 def serve(settings: ServerSettings, **uvicorn_options: Any) -> None:
-    """Run the server with uvicorn until interrupted."""
+    """Run the server with uvicorn until interrupted; first say where, and with which models."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **uvicorn_options)
+    app = create_app(settings)
+    print(announcement(app.state.sfumato), file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, **uvicorn_options)
+
+
+def announcement(state: ServerState) -> str:
+    """What ``sfumato serve`` prints at start: its URL, and the models it offers (or how to add one)."""
+    settings = state.settings
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    models = state.catalog.models()  # reads the headers now; the catalog keeps them for the first requests
+    found = f"{len(models)} model(s) in {settings.models_dir}: " + ", ".join(
+        f"{e.name} ({FAMILY_NAMES[e.info.family] if e.info else 'unknown'})" for e in models
+    )
+    if not models:
+        found = (
+            f"no model in {settings.models_dir} yet: put a checkpoint there (.gguf, .safetensors) or use --models DIR"
+        )
+    return f"sfumato serve: http://{host}:{settings.port}/ (the web page; the APIs under it)\n{found}"

@@ -579,11 +579,14 @@ class _Walk:
                                             f"{wanted.max}", name, name, given))  # fmt: skip
         return value
 
-    def entry_name(self, key: str, file_name: str) -> str:
-        """The catalog name of a file a COMBO listed."""
+    def entry_name(self, node_id: str, input_name: str, key: str, file_name: str) -> str:
+        """The catalog name of a file a COMBO listed (refused if it left its folder since)."""
         entries = {"checkpoints": self.state.catalog.models, "loras": self.state.catalog.loras,
                    "upscale_models": self.state.catalog.upscalers}[key]()  # fmt: skip
-        return next(e.name for e in entries if e.path.name == file_name)
+        name = next((e.name for e in entries if e.path.name == file_name), None)
+        if name is None:
+            raise self.refuse(node_id, input_name, f"{file_name!r} is no longer in its folder", file_name)
+        return name
 
 
 # --- node runs -------------------------------------------------------------------------------------
@@ -591,7 +594,7 @@ class _Walk:
 
 @_runs("CheckpointLoaderSimple")
 def _checkpoint(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    name = w.entry_name("checkpoints", v["ckpt_name"])
+    name = w.entry_name(node, "ckpt_name", "checkpoints", v["ckpt_name"])
     return Model(name, node), Clip(name, node), Vae(name, node)
 
 
@@ -609,7 +612,7 @@ def _lora(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     model, clip = v["model"], v["clip"]
     if model.checkpoint != clip.checkpoint:
         raise w.refuse(node, "clip", "the model and the CLIP come from different checkpoints")
-    use = LoraUse(w.entry_name("loras", v["lora_name"]), v["strength_model"], node)
+    use = LoraUse(w.entry_name(node, "lora_name", "loras", v["lora_name"]), v["strength_model"], node)
     return replace(model, loras=(*model.loras, use)), replace(clip, loras=(*clip.loras, use))
 
 
@@ -795,7 +798,7 @@ def _decode(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
 
 @_runs("UpscaleModelLoader")
 def _upscale_model(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    return (UpscaleModel(w.entry_name("upscale_models", v["model_name"]), node),)
+    return (UpscaleModel(w.entry_name(node, "model_name", "upscale_models", v["model_name"]), node),)
 
 
 @_runs("ImageUpscaleWithModel")

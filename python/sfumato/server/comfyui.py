@@ -16,7 +16,6 @@ import itertools
 import json
 import mimetypes
 import platform
-import secrets
 import struct
 import sys
 import time
@@ -34,7 +33,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.server.comfy_graph import GraphError, compile_prompt, object_info
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import check_image
-from sfumato.server.state import ServerState, require_key
+from sfumato.server.state import AUTH_HINT, ServerState, authorized, require_key
 from sfumato.server.store import ACTIVE, CANCELLED, DONE, FINAL, PROCESSING, QUEUED, Job
 
 KIND = "comfyui"
@@ -282,11 +281,9 @@ def websocket_router(state: ServerState) -> APIRouter:
     key = state.settings.api_key
 
     async def ws(websocket: WebSocket) -> None:
-        if key is not None:
-            scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), key.encode()):
-                await websocket.close(code=1008, reason="this server needs 'Authorization: Bearer <api key>'")
-                return
+        if key is not None and not authorized(websocket.headers.get("authorization", ""), key):
+            await websocket.close(code=1008, reason=AUTH_HINT)
+            return
         client_id = websocket.query_params.get("clientId") or uuid.uuid4().hex
         await websocket.accept()
         follower = _Follower(state, websocket, client_id)

@@ -132,7 +132,13 @@ def pick_entry(state: ServerState, requested: str | None, field: str = "model") 
     if name is not None and name not in available:
         stem = name.rsplit(" [", 1)[0].rsplit(".", 1)[0]  # A1111 titles: "name.safetensors [hash]"
         name = stem if stem in available else name
-    if name is None or name not in available:
+    if name is None:
+        raise InvalidParameterError(
+            field,
+            f"no model was named, and the models folder {state.settings.models_dir} holds none to default to: put "
+            "a checkpoint there (.gguf, .safetensors) or start the server with --models DIR",
+        )
+    if name not in available:
         have = ", ".join(available) or f"none (the models folder {state.settings.models_dir} is empty)"
         raise InvalidParameterError(field, f"no model named {name!r}; available: {have}")
     return available[name]

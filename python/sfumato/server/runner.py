@@ -85,6 +85,7 @@ class JobRunner:
         self._wake = threading.Event()
         self._stopping = False
         self._current: tuple[str, DiffusionResult] | None = None
+        self._in_use: set[str] = set()  # the SDK ids of the models the running job uses
         self.live: dict[str, Any] = {}  # the running job's id and latest tick, for progress routes
         # The latest preview of the running (or last) job, when it asked for them; kept
         # after the job ends so that a follower polling slower than the steps still gets one.
@@ -121,9 +122,20 @@ class JobRunner:
         stopped = current is not None and current[0] == job_id and current[1].cancel()
         return self.store.end(job_id, CANCELLED, "cancelled by request") or stopped
 
-    def model_id(self, name: str, upscaler: bool = False, control_net: str | None = None) -> str:
+    def unload_idle(self) -> list[str]:
+        """Unload the loaded models no job is running on (their workers end); returns their keys."""
+        with self._lock:
+            idle = {key: model_id for key, model_id in self._models.items() if model_id not in self._in_use}
+            for key in idle:
+                del self._models[key]
+        for model_id in idle.values():
+            if model_id in sfumato.loaded_models():
+                sfumato.unload_model(model_id)
+        return list(idle)
+
+    def model_id(self, name: str, upscaler: bool = False, control_net: str | None = None, job: bool = False) -> str:
         """The SDK id of a catalog model (or upscaler), with a catalog ControlNet if
-        given, loading it the first time."""
+        given, loading it the first time; ``job``: the running job uses it (it is not idle)."""
         entries = self.catalog.upscalers() if upscaler else self.catalog.models()
         entry = next((e for e in entries if e.name == name), None)
         if entry is None:
@@ -136,6 +148,8 @@ class JobRunner:
         key = f"upscaler:{name}" if upscaler else name if control is None else f"{name}+{control.name}"
         with self._lock:
             model_id = self._models.get(key)
+            if model_id is not None and job:
+                self._in_use.add(model_id)
         if model_id is None or model_id not in sfumato.loaded_models():
             config: dict[str, Any] = {"threads": self.settings.threads}
             if upscaler:
@@ -150,6 +164,8 @@ class JobRunner:
             model_id = sfumato.load_model(entry.path, model_config=config)
             with self._lock:
                 self._models[key] = model_id
+                if job:
+                    self._in_use.add(model_id)
         return model_id
 
     def _loop(self) -> None:
@@ -191,13 +207,14 @@ class JobRunner:
         try:
             self.preview = None
             self.store.progress(job.id, 0.0, "loading model")
-            model_id = self.model_id(plan.model, upscaler=upscale_only, control_net=plan.control_net)
+            model_id = self.model_id(plan.model, upscaler=upscale_only, control_net=plan.control_net, job=True)
             before = self._memory_mb(model_id)
             params = work.sdk_arguments()
             refining: bool | None = None
             if plan.refiner is not None:
                 self.store.progress(job.id, 0.0, "loading refiner")
-                params["refiner"] = {"model_id": self.model_id(plan.refiner.model), "switch_at": plan.refiner.switch_at}
+                refiner_id = self.model_id(plan.refiner.model, job=True)
+                params["refiner"] = {"model_id": refiner_id, "switch_at": plan.refiner.switch_at}
                 refining = False
             started = time.perf_counter()
             if upscale_only:
@@ -236,6 +253,7 @@ class JobRunner:
             self.live = {}
             with self._lock:
                 self._current = None
+                self._in_use.clear()
         elapsed = time.perf_counter() - started
         paths = self._write(job.id, pngs, plan)
         self.store.end(

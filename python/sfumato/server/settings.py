@@ -31,7 +31,8 @@ class ServerSettings:
     queue_size:
         How many jobs may be queued or running at once; more get 409.
     api_key:
-        When set, every route but ``/hello`` needs ``Authorization: Bearer <key>``.
+        When set, every route but ``/hello`` needs it: ``Authorization: Bearer <key>``, or
+        HTTP Basic with the key as the password (as A1111 clients send it).
     retention_s:
         How long finished jobs and their images are kept.
     max_body_bytes, max_prompt_chars:

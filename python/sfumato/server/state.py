@@ -4,6 +4,8 @@ and the ways a route waits on a job."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -84,15 +86,29 @@ def output_images(job: Job) -> list[bytes]:
     return [data for data in found if data is not None]
 
 
+AUTH_HINT = "this server needs 'Authorization: Bearer <api key>' (or HTTP Basic with the key as the password)"
+
+
+def authorized(header: str, key: str) -> bool:
+    """Whether an ``Authorization`` header carries ``key``: as a Bearer token, or as
+    the password of HTTP Basic (any user name), as A1111 clients send it."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            token = base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return secrets.compare_digest(token.strip().encode(), key.encode())
+
+
 def require_key(settings: ServerSettings) -> Callable[[Request], Awaitable[None]]:
-    """A dependency refusing requests without ``Authorization: Bearer <api_key>`` (when one is set)."""
+    """A dependency refusing requests without the API key (when one is set), as
+    Bearer or as HTTP Basic's password."""
 
     async def check(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-            raise ApiError(401, "unauthorized", "this server needs 'Authorization: Bearer <api key>'")
+        if settings.api_key is not None and not authorized(request.headers.get("authorization", ""), settings.api_key):
+            raise ApiError(401, "unauthorized", AUTH_HINT)
 
     return check

@@ -44,12 +44,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created);
+CREATE TABLE IF NOT EXISTS options (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 SCHEMA_VERSION = 2
 """The store's ``PRAGMA user_version``. 0 (or 1): written before stores had a
 version, with untyped plans, which :class:`~sfumato.server.jobplan.JobPlan` reads
-as its version 1; 2: typed plans that carry their own version."""
+as its version 1; 2: typed plans that carry their own version. (The ``options``
+table came later within version 2: it is created when missing, and an older
+sfumato ignores it.)"""
 
 
 class StoreVersionError(SfumatoError):
@@ -181,6 +187,22 @@ class JobStore:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
+
+    def options(self) -> dict[str, Any]:
+        """The settings clients stored (A1111's ``POST /options``), as they wrote them."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM options").fetchall()
+        return {row["key"]: json.loads(row["value"]) for row in rows}
+
+    def set_options(self, values: dict[str, Any]) -> None:
+        """Store settings (JSON values), replacing those of the same keys, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO options (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(key, json.dumps(value)) for key, value in values.items()],
+            )
+            self._db.execute("COMMIT")
 
     def ids_of_kind(self, kind: str, *, since: float = 0.0, active: bool = False) -> list[str]:
         """The ids of the jobs of ``kind`` accepted after ``since`` (only the queued or
