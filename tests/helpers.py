@@ -35,6 +35,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def pixels(image: bytes) -> np.ndarray:
+    """An image file's RGB pixels (to compare images whose files differ in metadata)."""
+    with Image.open(io.BytesIO(image)) as opened:
+        return np.asarray(opened.convert("RGB"))
+
+
 def gradient(side: int) -> np.ndarray:
     """A ``side`` x ``side`` RGB picture with structure in every channel."""
     y, x = np.mgrid[0:side, 0:side]

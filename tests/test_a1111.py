@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import sfumato
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import MODEL, SIZE, error_body
+from .helpers import MODEL, SIZE, default_graph, error_body, pixels, wait_history
 
 API = "/sdapi/v1"
 
@@ -49,6 +50,14 @@ def test_txt2img_batches_and_info(client: TestClient) -> None:
     assert len(set(out["images"])) == 2
     info = json.loads(out["info"])
     assert info["seed"] == 3 and info["all_seeds"] == [3, 4] and info["sd_model_name"] == MODEL
+    # Each PNG carries A1111's generation parameters, as png-info reads them back.
+    for i, image in enumerate(out["images"]):
+        read = client.post(f"{API}/png-info", json={"image": image}).json()
+        assert read["info"] == info["infotexts"][i]
+        fields = read["parameters"]
+        assert (fields["Prompt"], fields["Seed"], fields["Steps"], fields["Sampler"], fields["Size"]) == (
+            "a cat", str(3 + i), "2", "Euler a", f"{SIZE}x{SIZE}")  # fmt: skip
+        assert fields["Model"] == MODEL and fields["CFG scale"] == "7.0"
     assert out["parameters"]["sampler_name"] == "Euler a" and out["parameters"]["batch_size"] == 2
 
 
@@ -172,7 +181,7 @@ def test_png_info_and_extra_batch_images(client: TestClient, gradient_image: np.
     assert info["parameters"] == {
         "Prompt": "a lighthouse, <lora:ink:0.5>\nat dusk", "Negative prompt": "fog", "Steps": "20",
         "Sampler": "Euler a", "CFG scale": "7", "Seed": "123", "Size": "512x512", "Model": "v1-5",
-        "Lora hashes": '"ink: abc, other: def"',
+        "Lora hashes": "ink: abc, other: def",
     }  # fmt: skip
     plain = client.post(f"{API}/png-info", json={"image": _b64_png(gradient_image)}).json()
     assert plain == {"info": "", "items": {}, "parameters": {}}
@@ -210,4 +219,57 @@ def test_options_are_stored_durably_and_the_honoured_ones_act(settings: ServerSe
                                      sampling_method="euler", clip_skip=2).outputs.result()  # fmt: skip
     finally:
         sfumato.unload_model(model_id)
-    assert [base64.b64decode(png["images"][0])] == expected  # CLIP_stop_at_last_layers 2 is clip skip 2
+    # CLIP_stop_at_last_layers 2 is clip skip 2 (the A1111 PNG adds its infotext: compare pixels)
+    assert np.array_equal(pixels(base64.b64decode(png["images"][0])), pixels(expected[0]))
+
+
+def test_a_vae_of_the_vaes_folder(
+    settings: ServerSettings, sdxl_parts: dict[str, Path], flux2_headers: dict[str, Path], sd1_tiny_gguf: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """``sd_vae`` (options or override_settings) and ComfyUI's VAELoader decode with a file of
+    ``--vaes``: SDXL's VAE has SD 1.x's latents; FLUX.2's 32-channel one is refused by name."""
+    settings = replace(settings, vaes_dir=tmp_path / "vaes")
+    settings.vaes_dir.mkdir()
+    (settings.vaes_dir / "xl-vae.safetensors").symlink_to(sdxl_parts["vae"])
+    (settings.vaes_dir / "flux2-vae.safetensors").symlink_to(flux2_headers["vae"])
+    with TestClient(create_app(settings)) as client:
+        listed = client.get(f"{API}/sd-vae").json()
+        assert listed == [{"model_name": n, "filename": str(settings.vaes_dir / n)}
+                          for n in ("flux2-vae.safetensors", "xl-vae.safetensors")]  # fmt: skip
+
+        def image(**fields: Any) -> bytes:
+            response = client.post(f"{API}/txt2img", json=_body(**fields))
+            assert response.status_code == 200, response.text
+            return base64.b64decode(response.json()["images"][0])
+
+        own = image()
+        other = image(override_settings={"sd_vae": "xl-vae.safetensors"})
+        assert other != own
+        bad = error_body(
+            client.post(f"{API}/txt2img", json=_body(override_settings={"sd_vae": "flux2-vae.safetensors"})), 422
+        )
+        assert bad["field"] == "override_settings.sd_vae" and "32" in bad["error"]
+        assert client.post(f"{API}/options", json={"sd_vae": "xl-vae.safetensors"}).status_code == 200
+        assert image() == other
+        error_body(client.post(f"{API}/options", json={"sd_vae": "nope.safetensors"}), 422, "sd_vae")
+        assert client.post(f"{API}/options", json={"sd_vae": "Automatic"}).status_code == 200
+        assert image() == own  # switching back reloads the model with its own VAE
+
+        graph = default_graph(**{"3.seed": 3, "3.steps": 2, "8.vae": ["30", 0]})
+        graph["30"] = {"class_type": "VAELoader", "inputs": {"vae_name": "xl-vae.safetensors"}}
+        entry = wait_history(client, client.post("/prompt", json={"prompt": graph}).json()["prompt_id"])
+        comfy = client.get("/view", params=entry["outputs"]["9"]["images"][0]).content
+        graph["30"]["inputs"]["vae_name"] = "flux2-vae.safetensors"
+        refused = client.post("/prompt", json={"prompt": graph}).json()["node_errors"]
+        assert refused["30"]["errors"][0]["extra_info"]["input_name"] == "vae_name"
+    model_id = sfumato.load_model(sd1_tiny_gguf, model_config={"threads": 2, "vae_model_src": sdxl_parts["vae"]})
+    try:
+        a1111 = sfumato.diffusion(model_id, prompt="a cat", width=SIZE, height=SIZE, steps=2, seed=3,
+                                  sampling_method="euler").outputs.result()  # fmt: skip
+        comfy_sdk = sfumato.diffusion(model_id, prompt="a lighthouse on a cliff", negative_prompt="text, watermark",
+                                      width=SIZE, height=SIZE, steps=2, seed=3, cfg_scale=8.0,
+                                      sampling_method="euler", scheduler="discrete").outputs.result()  # fmt: skip
+    finally:
+        sfumato.unload_model(model_id)
+    assert np.array_equal(pixels(other), pixels(a1111[0])) and [comfy] == comfy_sdk

@@ -218,6 +218,9 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
         "--controlnets", type=Path, default=defaults.controlnets_dir, help="ControlNet folder (./controlnets)"
     )
     srv.add_argument(
+        "--vaes", type=Path, default=defaults.vaes_dir, help="separate VAE files models may decode with (./vaes)"
+    )
+    srv.add_argument(
         "--embeddings", type=Path, default=defaults.embeddings_dir, help="textual-inversion embeddings (./embeddings)"
     )
     srv.add_argument(
@@ -394,7 +397,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise SfumatoError(f"--queue-size must be at least 1, got {args.queue_size}")
     settings = ServerSettings(
         host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers,
-        embeddings_dir=args.embeddings, controlnets_dir=args.controlnets, data_dir=args.data,
+        embeddings_dir=args.embeddings, controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data,
         default_model=args.default_model,
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
         retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,

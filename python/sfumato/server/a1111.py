@@ -16,14 +16,16 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import psutil
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+import sfumato
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
 from sfumato.families.embeddings import TEXT_WIDTHS, Embedding, sort_out
@@ -38,7 +40,7 @@ from sfumato.params import (
 )
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
-from sfumato.server.jobplan import FileType, JobPlan, Upscale
+from sfumato.server.jobplan import FileType, Generation, JobPlan, Upscale
 from sfumato.server.plans import decode_image, job_plan, pick_entry, prompt_loras
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
@@ -125,6 +127,7 @@ class Txt2ImgBody(BaseModel):
         "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
         "hires.denoising_strength": "denoising_strength", "control_net": f"{CONTROL_UNIT}.model",
         "control_image": f"{CONTROL_UNIT}.image", "control_strength": f"{CONTROL_UNIT}.weight",
+        "vae": "override_settings.sd_vae",
     }  # fmt: skip
 
     def control_unit(self) -> ControlUnit | None:
@@ -205,6 +208,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "outdir_samples": "", "sd_checkpoints_limit": 1, "upscaler_for_img2img": None,
 }  # fmt: skip
 SAMPLES_FORMATS: dict[str, FileType] = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+OWN_VAE = ("Automatic", "None", "")  # sd_vae values that keep the model's own VAE
 
 
 class HonouredOptions(BaseModel):
@@ -215,6 +219,7 @@ class HonouredOptions(BaseModel):
     CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12)
     samples_format: str = "png"
     jpeg_quality: int = Field(80, ge=1, le=100)
+    sd_vae: str = "Automatic"
 
     @field_validator("samples_format")
     @classmethod
@@ -225,6 +230,10 @@ class HonouredOptions(BaseModel):
 
     def file_type(self) -> FileType:
         return SAMPLES_FORMATS[self.samples_format.lower()]
+
+    def vae(self) -> str | None:
+        """A VAE of the VAEs folder to decode with, or ``None``: the model's own."""
+        return None if self.sd_vae in OWN_VAE else self.sd_vae
 
     def clip_skip(self) -> int:
         """The SDK's clip skip: A1111's 1 (every layer) is the family's own setting."""
@@ -322,6 +331,40 @@ def a1111_error(status: int, message: str) -> JSONResponse:
                          "body": "", "errors": message}, status_code=status)  # fmt: skip
 
 
+def infotext(params: Generation, seed: int, sampler: str, scheduler: str | None, model: str, img2img: bool) -> str:
+    """A1111's generation-parameters text of one image: the prompt, ``Negative prompt:``,
+    then ``Key: value, ...`` (a value with a comma or colon quoted), as its PNGs carry it."""
+    fields: dict[str, Any] = {
+        "Steps": params.steps, "Sampler": sampler, "Schedule type": scheduler or "Automatic",
+        "CFG scale": params.cfg_scale, "Seed": seed, "Size": f"{params.width}x{params.height}", "Model": model,
+    }  # fmt: skip
+    if params.clip_skip > 1:
+        fields["Clip skip"] = params.clip_skip
+    if img2img:
+        fields["Denoising strength"] = params.strength
+    if params.hires is not None:
+        upscaler = params.hires.upscaler
+        fields.update({"Hires upscale": params.hires.scale, "Hires steps": params.hires.steps,
+                       "Hires upscaler": upscaler if upscaler in HIRES_UPSCALERS else Path(upscaler).stem,
+                       "Denoising strength": params.hires.denoising_strength})  # fmt: skip
+    fields["Version"] = f"sfumato {sfumato.__version__}"
+    quoted = (json.dumps(str(v)) if any(c in str(v) for c in ',:"\n') else str(v) for v in fields.values())
+    lines = [params.prompt, *([f"Negative prompt: {params.negative_prompt}"] if params.negative_prompt else [])]
+    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in zip(fields, quoted, strict=True))])
+
+
+def with_infotext(data: bytes, text: str) -> bytes:
+    """A PNG with A1111's ``parameters`` text chunk added (other formats as they are)."""
+    if not data.startswith(b"\x89PNG"):
+        return data
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    with Image.open(io.BytesIO(data)) as image:
+        out = io.BytesIO()
+        image.save(out, format="PNG", pnginfo=meta)
+    return out.getvalue()
+
+
 def parse_parameters(text: str) -> dict[str, Any]:
     """A1111's generation-parameters text (the prompt, ``Negative prompt: ...``, then
     ``Key: value, ...``) as fields."""
@@ -336,7 +379,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
         (negative if in_negative else prompt).append(line)
     out: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', settings):
-        out[key.strip()] = value.strip()
+        value = value.strip()
+        out[key.strip()] = json.loads(value) if value.startswith('"') else value
     return out
 
 
@@ -369,6 +413,7 @@ def router(state: ServerState) -> APIRouter:
             refiner=body.refiner_checkpoint,
             refiner_switch_at=body.refiner_switch_at,
             control_net=unit.model if unit is not None else None,
+            vae=honoured.vae(),
             file_type=honoured.file_type(),
             jpeg_quality=honoured.jpeg_quality,
         )
@@ -376,16 +421,19 @@ def router(state: ServerState) -> APIRouter:
     async def run(kind: str, body: Txt2ImgBody, plan: JobPlan) -> ImagesResponse:
         payload = body.model_dump(exclude={"init_images", "mask"})
         job = await state.wait_final(state.enqueue(kind, payload, plan))
-        images = [base64.b64encode(i).decode() for i in output_images(job)] if body.send_images else []
         params = plan.generation
         sampler = body.sampler_name or body.sampler_index
+        texts = [infotext(params, job.result.get("seed", params.seed) + i, sampler, body.scheduler, plan.model,
+                          kind == "img2img") for i in range(params.batch_count)]  # fmt: skip
+        made = [with_infotext(data, text) for data, text in zip(output_images(job), texts, strict=False)]
+        images = [base64.b64encode(data).decode() for data in made] if body.send_images else []
         info = {
             "prompt": params.prompt, "negative_prompt": params.negative_prompt, "seed": job.result.get("seed"),
             "all_seeds": [job.result.get("seed", 0) + i for i in range(params.batch_count)],
             "width": params.width, "height": params.height, "sampler_name": sampler,
             "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": body.batch_size,
             "sd_model_name": plan.model, "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": params.clip_skip,
-            "interrupted": job.state == CANCELLED,
+            "interrupted": job.state == CANCELLED, "infotexts": texts[: len(made)],
         }  # fmt: skip
         return ImagesResponse(images=images, parameters=payload, info=json.dumps(info))
 
@@ -509,8 +557,11 @@ def router(state: ServerState) -> APIRouter:
         :class:`PreviewOptions` take effect; any other key is stored and read back,
         and has no effect."""
         merged = {**options(), **written}
-        _validated(HonouredOptions, merged)
+        vae = _validated(HonouredOptions, merged).vae()
         _validated(PreviewOptions, merged)
+        if vae is not None and state.catalog.vae(vae) is None:
+            have = ", ".join([*OWN_VAE[:2], *(e.path.name for e in state.catalog.vaes())])
+            raise InvalidParameterError("sd_vae", f"no VAE named {vae!r}; available: {have}")
         if "sd_model_checkpoint" in written:
             if not isinstance(written["sd_model_checkpoint"], str):
                 raise InvalidParameterError("sd_model_checkpoint", "must be a model's title or name")
@@ -583,8 +634,8 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/sd-vae", responses=responses())
     def sd_vae() -> list[dict[str, Any]]:
-        """Separate VAE files: none are paired yet (each model decodes with its own VAE)."""
-        return []
+        """The VAEs folder: files ``sd_vae`` (or ``override_settings.sd_vae``) may name."""
+        return [{"model_name": e.path.name, "filename": str(e.path)} for e in state.catalog.vaes()]
 
     @api.get("/hypernetworks", responses=responses())
     def hypernetworks() -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class Catalog:
             settings.upscalers_dir,
         )
         self.embeddings_dir, self.controlnets_dir = settings.embeddings_dir, settings.controlnets_dir
+        self.vaes_dir = settings.vaes_dir
         self._embeddings: dict[tuple[Path, float], Embedding | NotAnEmbeddingError] = {}
         self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
         self._lock = threading.Lock()  # concurrent first requests read each header once
@@ -114,6 +115,14 @@ class Catalog:
     def controlnets(self) -> list[Entry]:
         """The ControlNet files of ``controlnets_dir`` (checked against a model when a request pairs them)."""
         return [Entry(p.stem, p) for p in self._candidates(self.controlnets_dir) if p.is_file()]
+
+    def vaes(self) -> list[Entry]:
+        """The VAE files of ``vaes_dir`` (checked against a model when a request pairs them)."""
+        return [Entry(p.stem, p) for p in self._candidates(self.vaes_dir) if p.is_file()]
+
+    def vae(self, name: str) -> Entry | None:
+        """A VAE by its name or its file name."""
+        return next((e for e in self.vaes() if name in (e.name, e.path.name)), None)
 
     def loras(self) -> list[Entry]:
         """The LoRA files of ``loras_dir``."""

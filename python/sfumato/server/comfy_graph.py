@@ -111,7 +111,7 @@ NODES: dict[str, Node] = {
     ),
     "VAELoader": Node(
         {"vae_name": Input("COMBO", choices="vae")}, ("VAE",), ("VAE",), "loaders", "Load VAE",
-        "Separate VAE files; none are served yet (a checkpoint decodes with its own VAE).",
+        "A VAE of the VAEs folder, decoding (and encoding) in the checkpoint's own VAE's place.",
     ),
     "LoraLoader": Node(
         {"model": _LINK("MODEL"), "clip": _LINK("CLIP"), "lora_name": Input("COMBO", choices="loras"),
@@ -234,6 +234,8 @@ def choices(state: ServerState, key: str) -> list[str]:
         return [e.path.name for e in catalog.loras()]
     if key == "upscale_models":
         return [e.path.name for e in catalog.upscalers()]
+    if key == "vae":
+        return [e.path.name for e in catalog.vaes()]
     if key == "input_images":
         return input_images(state.settings.inputs_dir)
     if key == "samplers":
@@ -248,7 +250,7 @@ def choices(state: ServerState, key: str) -> list[str]:
         return ["default"]
     if key == "clip_types":
         return ["stable_diffusion"]
-    return []  # diffusion_models, text_encoders, vae: none are served yet
+    return []  # diffusion_models, text_encoders: none are served yet
 
 
 def input_images(folder: Path) -> list[str]:
@@ -310,8 +312,9 @@ class Clip:
 
 @dataclass(frozen=True)
 class Vae:
-    checkpoint: str
+    checkpoint: str | None  # the checkpoint's own VAE, or (None) a file of the VAEs folder
     node: str
+    file: str | None = None  # that file's catalog name
 
 
 @dataclass(frozen=True)
@@ -598,7 +601,15 @@ def _checkpoint(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     return Model(name, node), Clip(name, node), Vae(name, node)
 
 
-@_runs("UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
+@_runs("VAELoader")
+def _vae_file(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    found = w.state.catalog.vae(v["vae_name"])
+    if found is None:
+        raise w.refuse(node, "vae_name", f"{v['vae_name']!r} is no longer in its folder", v["vae_name"])
+    return (Vae(None, node, found.name),)
+
+
+@_runs("UNETLoader", "CLIPLoader", "DualCLIPLoader")
 def _not_served(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     # Unreachable while their lists are empty: every value is "not in list".
     raise w.refuse(node, None, "separate model files are not served yet")
@@ -791,9 +802,12 @@ def _decode(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     latent: Latent = v["samples"]
     if latent.sampled is None:
         raise w.refuse(node, "samples", "nothing samples this latent (a KSampler between)")
-    if v["vae"].checkpoint != latent.sampled.model.checkpoint:
-        raise w.refuse(node, "vae", "sfumato decodes with the sampling checkpoint's own VAE")
-    return (Decoded(latent, v["vae"], node),)
+    vae: Vae = v["vae"]
+    if vae.file is None and vae.checkpoint != latent.sampled.model.checkpoint:
+        raise w.refuse(node, "vae", "a checkpoint's VAE decodes only that checkpoint's latents (or use a VAELoader)")
+    if latent.vae is not None and latent.vae.file != vae.file:
+        raise w.refuse(node, "vae", "the engine encodes and decodes with one VAE: give VAEEncode the same one")
+    return (Decoded(latent, vae, node),)
 
 
 @_runs("UpscaleModelLoader")
@@ -934,8 +948,10 @@ def _generation(state: ServerState, decoded: Decoded, walk: _Walk) -> JobPlan | 
         loras=[{"name": lora.name, "scale": lora.scale} for lora in s.model.loras], clip_skip=clip.clip_skip,
         preview=_preview(state, s.model.checkpoint),
     )  # fmt: skip
+    if decoded.vae.file is not None:
+        origin["vae"] = (decoded.vae.node, "vae_name")
     try:
-        return job_plan(state, params, model=s.model.checkpoint)
+        return job_plan(state, params, model=s.model.checkpoint, vae=decoded.vae.file)
     except InvalidParameterError as exc:
         node, input_name = origin.get(exc.field, (s.node, exc.field))
         walk.refuse(node, input_name, exc.message)

@@ -158,6 +158,9 @@ class JobPlan:
     control_net:
         The catalog name of the ControlNet the model loads with, for the
         generation's ``control_image``.
+    vae:
+        The catalog name of a VAE file the model loads with, decoding (and
+        encoding) in its own VAE's place.
     file_type, jpeg_quality:
         How the outputs folder keeps the images.
     """
@@ -169,6 +172,7 @@ class JobPlan:
     work: Generation | Upscale
     refiner: Refiner | None = None
     control_net: str | None = None
+    vae: str | None = None
     file_type: FileType = "png"
     jpeg_quality: int = 85
 
@@ -201,6 +205,8 @@ class JobPlan:
             out["refiner"] = asdict(self.refiner)
         if self.control_net is not None:
             out["control_net"] = self.control_net
+        if self.vae is not None:
+            out["vae"] = self.vae
         return out
 
     @classmethod
@@ -226,7 +232,8 @@ class JobPlan:
                 model, work = data["model"], Generation.from_json(data["params"])
             return cls(
                 model=model, work=work, refiner=Refiner(**refiner) if refiner else None,
-                control_net=data.get("control_net"), file_type=data["file_type"], jpeg_quality=data["jpeg_quality"],
+                control_net=data.get("control_net"), vae=data.get("vae"), file_type=data["file_type"],
+                jpeg_quality=data["jpeg_quality"],
             )  # fmt: skip
         except (KeyError, TypeError, binascii.Error) as exc:
             message = f"the stored plan is not a version-{version} plan: {type(exc).__name__}: {exc}"

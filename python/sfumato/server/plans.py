@@ -113,6 +113,23 @@ def _control_net(state: ServerState, requested: str | None, model: Entry) -> str
     return name
 
 
+def _vae(state: ServerState, requested: str, model: Entry) -> str:
+    """The catalog name of a VAE of the VAEs folder, checked against the model's latents."""
+    found = state.catalog.vae(requested)
+    if found is None:
+        have = (
+            ", ".join(e.path.name for e in state.catalog.vaes())
+            or f"none (the VAE folder {state.settings.vaes_dir} is empty)"
+        )
+        raise InvalidParameterError("vae", f"no VAE named {requested!r}; available: {have}")
+    if model.info is not None:
+        try:
+            check_companion(found.path, "vae", model.info)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("vae", exc.message) from None
+    return found.name
+
+
 def _file_bytes(image: ImageInput | None) -> bytes | None:
     """An image of a request's params: the file bytes each schema decoded and checked."""
     if image is None or isinstance(image, bytes):
@@ -164,6 +181,7 @@ def job_plan(
     refiner: str | None = None,
     refiner_switch_at: float = REFINER_SWITCH_AT,
     control_net: str | None = None,
+    vae: str | None = None,
     file_type: FileType = "png",
     jpeg_quality: int = 85,
 ) -> JobPlan:
@@ -173,7 +191,8 @@ def job_plan(
     upscaler folders; ``model`` and ``refiner`` (seed 002's ``refiner_checkpoint``,
     which refines from ``refiner_switch_at`` on) are catalog names, ``None``
     taking the server's default model; ``control_net`` names a ControlNet of the
-    ControlNet folder for ``params.control_image``. The server's limits apply here.
+    ControlNet folder for ``params.control_image``, and ``vae`` a VAE of the VAEs
+    folder that replaces the model's own. The server's limits apply here.
     ``sent_as`` maps the SDK's names of fields to the request's (``{"steps":
     "num_steps"}``), so that an error names the field the client sent.
 
@@ -239,5 +258,6 @@ def job_plan(
             )
         control = _control_net(state, control_net, entry) if params.control_image is not None else None
         return JobPlan(
-            model=name, work=work, refiner=refined, control_net=control, file_type=file_type, jpeg_quality=jpeg_quality
-        )
+            model=name, work=work, refiner=refined, control_net=control, vae=_vae(state, vae, entry) if vae else None,
+            file_type=file_type, jpeg_quality=jpeg_quality,
+        )  # fmt: skip

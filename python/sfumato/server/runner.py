@@ -12,6 +12,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,12 @@ class JobRunner:
         stopped = current is not None and current[0] == job_id and current[1].cancel()
         return self.store.end(job_id, CANCELLED, "cancelled by request") or stopped
 
-    def unload_idle(self) -> list[str]:
-        """Unload the loaded models no job is running on (their workers end); returns their keys."""
+    def unload_idle(self, which: Callable[[str], bool] = lambda key: True) -> list[str]:
+        """Unload the loaded models no job is running on (of those whose key ``which``
+        accepts); their workers end. Returns their keys."""
         with self._lock:
-            idle = {key: model_id for key, model_id in self._models.items() if model_id not in self._in_use}
+            idle = {key: model_id for key, model_id in self._models.items()
+                    if model_id not in self._in_use and which(key)}  # fmt: skip
             for key in idle:
                 del self._models[key]
         for model_id in idle.values():
@@ -133,9 +136,14 @@ class JobRunner:
                 sfumato.unload_model(model_id)
         return list(idle)
 
-    def model_id(self, name: str, upscaler: bool = False, control_net: str | None = None, job: bool = False) -> str:
-        """The SDK id of a catalog model (or upscaler), with a catalog ControlNet if
-        given, loading it the first time; ``job``: the running job uses it (it is not idle)."""
+    def model_id(
+        self, name: str, upscaler: bool = False, control_net: str | None = None, vae: str | None = None,
+        job: bool = False,
+    ) -> str:  # fmt: skip
+        """The SDK id of a catalog model (or upscaler), with a catalog ControlNet and
+        VAE if given, loading it the first time; ``job``: the running job uses it (it
+        is not idle). Loading a model with another VAE unloads its idle worker with
+        the previous one: switching the VAE reloads the model."""
         entries = self.catalog.upscalers() if upscaler else self.catalog.models()
         entry = next((e for e in entries if e.name == name), None)
         if entry is None:
@@ -145,7 +153,13 @@ class JobRunner:
             control = next((e for e in self.catalog.controlnets() if e.name == control_net), None)
             if control is None:
                 raise SfumatoError(f"ControlNet {control_net!r} is no longer in its folder")
-        key = f"upscaler:{name}" if upscaler else name if control is None else f"{name}+{control.name}"
+        paired = None
+        if vae is not None:
+            paired = self.catalog.vae(vae)
+            if paired is None:
+                raise SfumatoError(f"VAE {vae!r} is no longer in its folder")
+        base = f"upscaler:{name}" if upscaler else name if control is None else f"{name}+{control.name}"
+        key = base if paired is None else f"{base}|vae:{paired.name}"
         with self._lock:
             model_id = self._models.get(key)
             if model_id is not None and job:
@@ -159,8 +173,11 @@ class JobRunner:
                     config["taesd_src"] = tiny
                 if control is not None:
                     config["control_net_src"] = control.path
+                if paired is not None:
+                    config["vae_model_src"] = paired.path
                 if entry.info is not None and entry.info.family in TEXT_WIDTHS and self.catalog.embeddings_dir.is_dir():
                     config["embedding_dir"] = self.catalog.embeddings_dir
+            self.unload_idle(lambda other: other != key and other.split("|vae:")[0] == base)
             model_id = sfumato.load_model(entry.path, model_config=config)
             with self._lock:
                 self._models[key] = model_id
@@ -207,7 +224,9 @@ class JobRunner:
         try:
             self.preview = None
             self.store.progress(job.id, 0.0, "loading model")
-            model_id = self.model_id(plan.model, upscaler=upscale_only, control_net=plan.control_net, job=True)
+            model_id = self.model_id(
+                plan.model, upscaler=upscale_only, control_net=plan.control_net, vae=plan.vae, job=True
+            )
             before = self._memory_mb(model_id)
             params = work.sdk_arguments()
             refining: bool | None = None

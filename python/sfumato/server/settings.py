@@ -22,6 +22,9 @@ class ServerSettings:
     embeddings_dir:
         Textual-inversion embeddings: each SD 1.x, SD 2.x and SDXL model loads
         the ones its text encoders take; a prompt uses one by saying its name.
+    vaes_dir:
+        Separate VAE files a model can decode with instead of its own (A1111's
+        ``sd_vae``, ComfyUI's ``VAELoader``).
     controlnets_dir:
         ControlNets that requests pair with a model by name (A1111's ``alwayson_scripts.controlnet``).
     data_dir:
@@ -59,6 +62,7 @@ class ServerSettings:
     upscalers_dir: Path = Path("upscalers")
     embeddings_dir: Path = Path("embeddings")
     controlnets_dir: Path = Path("controlnets")
+    vaes_dir: Path = Path("vaes")
     data_dir: Path = Path("sfumato-data")
     default_model: str | None = None
     queue_size: int = 64
