@@ -637,37 +637,27 @@ def router(state: ServerState) -> APIRouter:
         """The VAEs folder: files ``sd_vae`` (or ``override_settings.sd_vae``) may name."""
         return [{"model_name": e.path.name, "filename": str(e.path)} for e in state.catalog.vaes()]
 
-    @api.get("/hypernetworks", responses=responses())
-    def hypernetworks() -> list[dict[str, Any]]:
-        """Hypernetworks do not run in this engine: none."""
-        return []
-
-    @api.get("/face-restorers", responses=responses())
-    def face_restorers() -> list[dict[str, Any]]:
-        """Face restorers (CodeFormer, GFPGAN) do not run in this engine: none."""
-        return []
-
     @api.get("/realesrgan-models", responses=responses())
     def realesrgan_models() -> list[dict[str, Any]]:
         return [{"name": e.name, "path": str(e.path), "scale": 4} for e in state.catalog.upscalers()]
-
-    @api.get("/prompt-styles", responses=responses())
-    def prompt_styles() -> list[dict[str, Any]]:
-        """Saved prompt styles: sfumato keeps none."""
-        return []
 
     @api.get("/scripts", responses=responses())
     def scripts() -> dict[str, list[str]]:
         """Selectable scripts: none (ControlNet comes as ``alwayson_scripts.controlnet``)."""
         return {"txt2img": [], "img2img": []}
 
-    @api.get("/script-info", responses=responses())
-    def script_info() -> list[dict[str, Any]]:
+    def none() -> list[dict[str, Any]]:
         return []
 
-    @api.get("/extensions", responses=responses())
-    def extensions() -> list[dict[str, Any]]:
-        return []
+    empty = {
+        "hypernetworks": "Hypernetworks do not run in this engine: none.",
+        "face-restorers": "Face restorers (CodeFormer, GFPGAN) do not run in this engine: none.",
+        "prompt-styles": "Saved prompt styles: sfumato keeps none.",
+        "script-info": "Selectable scripts' arguments: there are no such scripts.",
+        "extensions": "A1111 extensions: sfumato has none (ControlNet's routes are its own).",
+    }
+    for route, description in empty.items():
+        api.add_api_route(f"/{route}", none, methods=["GET"], responses=responses(), description=description)
 
     @api.get("/memory", responses=responses())
     def memory() -> dict[str, Any]:
