@@ -139,7 +139,7 @@ def test_each_schema_turns_its_defaults_into_the_sdk_params() -> None:
 
 
 def test_every_renamed_field_names_a_field_the_client_sends() -> None:
-    sdk = {f.name for f in fields(DiffusionParams)} | {"model", "control_net"}  # and the plan's model choices
+    sdk = {f.name for f in fields(DiffusionParams)} | {"model", "control_net", "vae"}  # and the plan's model choices
     for path in SPECIFIED_DEFAULTS:
         schema = _schema(path)
         sent_as: dict[str, str] = getattr(schema, "SENT_AS", {})
