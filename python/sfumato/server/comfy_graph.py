@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 from sfumato.errors import InvalidParameterError
 from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, MAX_SEED, MAX_SIDE, DiffusionParams
 from sfumato.server import names
-from sfumato.server.catalog import taesd_sidecar
+from sfumato.server.catalog import Catalog, Entry, taesd_sidecar
 from sfumato.server.jobplan import JobPlan, Upscale
 from sfumato.server.plans import check_image, job_plan
 from sfumato.server.state import ServerState
@@ -225,17 +225,22 @@ NODES: dict[str, Node] = {
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
+MODEL_FOLDERS = ("checkpoints", "loras", "upscale_models")
+"""ComfyUI's model folders that name the server's (``GET /api/models``)."""
+
+
+def folder_entries(catalog: Catalog, folder: str) -> list[Entry]:
+    """The catalog entries of a ComfyUI model folder (``checkpoints``, ``loras``,
+    ``upscale_models``, ``vae``); a COMBO lists them by file name."""
+    listing = {"checkpoints": catalog.models, "loras": catalog.loras, "upscale_models": catalog.upscalers,
+               "vae": catalog.vaes}  # fmt: skip
+    return listing[folder]()
+
+
 def choices(state: ServerState, key: str) -> list[str]:
     """The values a ``COMBO`` input takes now (folders are read each time)."""
-    catalog = state.catalog
-    if key == "checkpoints":
-        return [e.path.name for e in catalog.models()]
-    if key == "loras":
-        return [e.path.name for e in catalog.loras()]
-    if key == "upscale_models":
-        return [e.path.name for e in catalog.upscalers()]
-    if key == "vae":
-        return [e.path.name for e in catalog.vaes()]
+    if key in (*MODEL_FOLDERS, "vae"):
+        return [e.path.name for e in folder_entries(state.catalog, key)]
     if key == "input_images":
         return input_images(state.settings.inputs_dir)
     if key == "samplers":
@@ -584,9 +589,7 @@ class _Walk:
 
     def entry_name(self, node_id: str, input_name: str, key: str, file_name: str) -> str:
         """The catalog name of a file a COMBO listed (refused if it left its folder since)."""
-        entries = {"checkpoints": self.state.catalog.models, "loras": self.state.catalog.loras,
-                   "upscale_models": self.state.catalog.upscalers}[key]()  # fmt: skip
-        name = next((e.name for e in entries if e.path.name == file_name), None)
+        name = next((e.name for e in folder_entries(self.state.catalog, key) if e.path.name == file_name), None)
         if name is None:
             raise self.refuse(node_id, input_name, f"{file_name!r} is no longer in its folder", file_name)
         return name

@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 import sfumato
 from sfumato.errors import InvalidParameterError
-from sfumato.server.comfy_graph import GraphError, compile_prompt, object_info
+from sfumato.server.comfy_graph import MODEL_FOLDERS, GraphError, compile_prompt, folder_entries, object_info
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import check_image
 from sfumato.server.state import AUTH_HINT, ServerState, authorized, require_key
@@ -246,14 +246,14 @@ def router(state: ServerState) -> APIRouter:
         }  # fmt: skip
 
     def model_folders() -> list[str]:
-        return ["checkpoints", "loras", "upscale_models"]
+        return list(MODEL_FOLDERS)
 
     def models_in(folder: str) -> list[str]:
-        listing = {"checkpoints": state.catalog.models, "loras": state.catalog.loras,
-                   "upscale_models": state.catalog.upscalers}  # fmt: skip
-        if folder not in listing:
-            raise ApiError(404, "not_found", f"no model folder {folder!r}; there are {', '.join(listing)}", "folder")
-        return [e.path.name for e in listing[folder]()]
+        if folder not in MODEL_FOLDERS:
+            raise ApiError(
+                404, "not_found", f"no model folder {folder!r}; there are {', '.join(MODEL_FOLDERS)}", "folder"
+            )
+        return [e.path.name for e in folder_entries(state.catalog, folder)]
 
     def embeddings() -> list[str]:
         return [e.name for e in state.catalog.embeddings()[0]]
