@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.numpy import save_file
 
 import sfumato
 from sfumato.runtime.protocol import LoadSpec
@@ -171,6 +172,18 @@ def flux2_headers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 t5xxl_gguf = _model_file("t5xxl-q4_0.gguf", models.write_t5xxl)
 """T5-XXL's encoder, all 24 layers (the engine builds no fewer), q4_0: SD3's and FLUX.1's text encoder."""
+
+
+@pytest.fixture(scope="session")
+def t5_header(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A T5-XXL file as far as header checks go: its names and 4096-wide embedding, a few rows."""
+    path = tmp_path_factory.mktemp("t5") / "t5xxl.safetensors"
+    tensors = {
+        "shared.weight": np.zeros((8, 4096), np.float16),
+        "encoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((8, 4096), np.float16),
+    }
+    save_file(tensors, str(path))
+    return path
 
 
 sd3_gguf = _model_file("sd3-medium-q4_0.gguf", models.write_sd3_checkpoint)

@@ -26,7 +26,7 @@ from sfumato.params import SAMPLING_METHODS, SCHEDULER_NAMES
 from sfumato.server.comfy_graph import compile_prompt
 from sfumato.server.settings import ServerSettings
 
-from .helpers import CKPT, SIZE, default_graph, job_body, png_bytes, serving, wait_history, wait_job
+from .helpers import CKPT, SIZE, default_graph, job_body, png_bytes, run, serving, wait_history, wait_job
 
 
 def _sdk_png(model: Path, **params: Any) -> bytes:
@@ -245,12 +245,35 @@ def test_set_latent_noise_mask_and_an_esrgan_upscale(client: TestClient, gradien
     entry = wait_history(client, upscale_id)
     big = Image.open(io.BytesIO(client.get("/view", params=entry["outputs"]["4"]["images"][0]).content))
     assert big.size == (4 * SIZE, 4 * SIZE)
-    # Upscaling what a sampler made is refused by name, not run another way.
+
+
+def test_an_esrgan_upscales_the_generation(
+    client: TestClient, settings: ServerSettings, sd1_model: str, esrgan_1b: Path
+) -> None:
+    """ImageUpscaleWithModel on a VAEDecode: the model runs paired with the upscaler, as
+    the SDK's ``diffusion(upscale=...)`` (the session's model is paired with the same file)."""
+    graph = default_graph(**{"9.images": ["14", 0]})
+    graph["2"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "esrgan-x4.pth"}}
     graph["14"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["8", 0]}}
-    graph["2"] = upscale["2"]
-    graph["9"]["inputs"]["images"] = ["14", 0]
-    [error] = _node_errors(client, graph)["14"]["errors"]
-    assert error["extra_info"]["input_name"] == "image"
+    accepted = client.post("/prompt", json={"prompt": graph})
+    assert accepted.status_code == 200, accepted.text
+    entry = wait_history(client, accepted.json()["prompt_id"])
+    png = client.get("/view", params=entry["outputs"]["9"]["images"][0]).content
+    [expected], _, _ = run(sd1_model, prompt="a lighthouse on a cliff", negative_prompt="text, watermark", steps=3,
+                           cfg_scale=8.0, sampling_method="euler", scheduler="discrete", seed=156680208700286,
+                           width=SIZE, height=SIZE, upscale=True)  # fmt: skip
+    assert _pixels(png).shape == (4 * SIZE, 4 * SIZE, 3)
+    assert np.array_equal(_pixels(png), _pixels(expected))
+    # Twice is two passes of one upscaler; another upscaler on the same image is refused by name.
+    graph["15"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["14", 0]}}
+    graph["9"]["inputs"]["images"] = ["15", 0]
+    compiled = compile_prompt(client.app.state.sfumato, graph)  # type: ignore[attr-defined]
+    assert (compiled.plan.generation.upscale, compiled.plan.esrgan, compiled.upscaler) == (2, "esrgan-x4", "15")
+    (settings.upscalers_dir / "other-x4.pth").symlink_to(esrgan_1b)
+    graph["16"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "other-x4.pth"}}
+    graph["15"]["inputs"]["upscale_model"] = ["16", 0]
+    [error] = _node_errors(client, graph)["15"]["errors"]
+    assert error["extra_info"]["input_name"] == "upscale_model" and "esrgan-x4" in error["details"]
 
 
 def test_flux_guidance_reaches_the_plan(client: TestClient) -> None:
@@ -343,7 +366,7 @@ def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
                                                                                     "max": 10000}]  # fmt: skip
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [CKPT]
     assert info["UpscaleModelLoader"]["input"]["required"]["model_name"][0] == ["esrgan-x4.pth"]
-    assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == []  # read by clients; none served yet
+    assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == []  # no models config here
     assert info["SaveImage"]["output_node"] is True and info["CheckpointLoaderSimple"]["output"] == ["MODEL", "CLIP",
                                                                                                      "VAE"]  # fmt: skip
     assert client.get("/object_info/KSampler").json().keys() == {"KSampler"}
@@ -351,7 +374,8 @@ def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
     stats = client.get("/system_stats").json()
     assert stats["system"]["ram_total"] > 0 and stats["devices"][0]["type"] == "cpu"
     assert client.get("/api/queue").json() == {"queue_running": [], "queue_pending": []}
-    assert client.get("/api/models").json() == ["checkpoints", "loras", "upscale_models"]
+    folders = ["checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "upscale_models"]
+    assert client.get("/api/models").json() == folders
     assert client.get("/api/models/checkpoints").json() == [CKPT]
     assert client.get("/embeddings").json() == []
     # The job-queue API keeps its own /queue and /models.

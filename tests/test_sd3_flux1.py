@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
@@ -48,18 +47,6 @@ def _flux1_config(
     }  # fmt: skip
     config.update(overrides)
     return config
-
-
-@pytest.fixture(scope="module")
-def t5_header(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A T5-XXL file as far as header checks go: its names and 4096-wide embedding, a few rows."""
-    path = tmp_path_factory.mktemp("t5") / "t5xxl.safetensors"
-    tensors = {
-        "shared.weight": np.zeros((8, 4096), np.float16),
-        "encoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((8, 4096), np.float16),
-    }
-    save_file(tensors, str(path))
-    return path
 
 
 # --- SD3 --------------------------------------------------------------------

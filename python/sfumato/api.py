@@ -137,28 +137,44 @@ def _detect_family(path: Path, field: str, expected: tuple[str, ...], hint: str)
     return info
 
 
-def _companions(config: ModelConfig, info: ModelInfo) -> dict[str, Path]:
-    """Resolve and check the companion files ``config`` names for the model of ``info``."""
+def companion_files(
+    sources: Mapping[str, Any],
+    info: ModelInfo,
+    key: Callable[[str], str] = lambda role: f"model_config.{ROLES[role].key}",
+) -> dict[str, Path]:
+    """Resolve and check the companion files ``sources`` (role -> path or registry
+    constant) names for the model of ``info``; ``key`` names a role's field in errors.
+
+    Raises
+    ------
+    InvalidParameterError
+        For a required companion missing, one the model does not take, or one of the wrong kind.
+    ModelNotFoundError
+        For a path that does not exist.
+    """
     files = family_files(info)
     family = FAMILY_NAMES[info.family]
     found: dict[str, Path] = {}
     for role in ROLES.values():
-        source = getattr(config, role.key)
+        source = sources.get(role.name)
         if source is None:
             if role.name in files.required:
                 what = "a diffusion model alone" if info.split else f"a {family} checkpoint without its {role.label}"
                 raise InvalidParameterError(
-                    f"model_config.{role.key}", f"required: {info.path} is {what}; pass its {role.label} here"
+                    key(role.name), f"required: {info.path} is {what}; pass its {role.label} here"
                 )
             continue
         if role.name not in files.accepted:
-            takes = ", ".join(f"{ROLES[r].key} ({ROLES[r].label})" for r in files.accepted)
+            takes = ", ".join(f"{key(r)} ({ROLES[r].label})" for r in files.accepted)
             why = (
                 f"{info.path} carries its own {role.label}" if role.name in info.carries else f"{family} takes {takes}"
             )
-            raise InvalidParameterError(f"model_config.{role.key}", f"not used: {why}")
-        path, _ = resolve_source(source, f"model_config.{role.key}")
-        check_companion(path, role.name, info)
+            raise InvalidParameterError(key(role.name), f"not used: {why}")
+        path, _ = resolve_source(source, key(role.name))
+        try:
+            check_companion(path, role.name, info)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(key(role.name), exc.message) from None
         found[role.name] = path.resolve()
     return found
 
@@ -237,7 +253,7 @@ def load_model(
         info = _detect_family(
             path, "model_src", DIFFUSION_FAMILIES, "load ESRGAN upscalers with model_config={'mode': 'upscale'}"
         )
-        companions = _companions(config, info)
+        companions = companion_files({r.name: getattr(config, r.key) for r in ROLES.values()}, info)
         prediction = PREDICTION_NAMES[config.prediction]
         if prediction is None and registered is not None:
             prediction = registered.prediction

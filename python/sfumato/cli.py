@@ -218,6 +218,10 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
         "--controlnets", type=Path, default=defaults.controlnets_dir, help="ControlNet folder (./controlnets)"
     )
     srv.add_argument(
+        "--config", type=Path, default=None, metavar="TOML",
+        help="models config: models made of several files, per-model defaults (default: models.toml in --models)",
+    )  # fmt: skip
+    srv.add_argument(
         "--vaes", type=Path, default=defaults.vaes_dir, help="separate VAE files models may decode with (./vaes)"
     )
     srv.add_argument(
@@ -398,7 +402,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers,
         embeddings_dir=args.embeddings, controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data,
-        default_model=args.default_model,
+        models_config=args.config, default_model=args.default_model,
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
         retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,

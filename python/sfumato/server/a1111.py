@@ -41,7 +41,7 @@ from sfumato.params import (
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import FileType, Generation, JobPlan, Upscale
-from sfumato.server.plans import decode_image, job_plan, pick_entry, prompt_loras
+from sfumato.server.plans import decode_image, job_plan, left_unset, pick_entry, prompt_loras
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
 
@@ -127,8 +127,12 @@ class Txt2ImgBody(BaseModel):
         "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
         "hires.denoising_strength": "denoising_strength", "control_net": f"{CONTROL_UNIT}.model",
         "control_image": f"{CONTROL_UNIT}.image", "control_strength": f"{CONTROL_UNIT}.weight",
-        "vae": "override_settings.sd_vae",
+        "vae": "override_settings.sd_vae", "sampling_method": "sampler_name",
     }  # fmt: skip
+
+    def sent_fields(self) -> set[str]:
+        """The fields the client sent; the legacy ``sampler_index`` counts as ``sampler_name``."""
+        return self.model_fields_set | ({"sampler_name"} if "sampler_index" in self.model_fields_set else set())
 
     def control_unit(self) -> ControlUnit | None:
         """The enabled unit of ``alwayson_scripts.controlnet``, if any.
@@ -331,11 +335,11 @@ def a1111_error(status: int, message: str) -> JSONResponse:
                          "body": "", "errors": message}, status_code=status)  # fmt: skip
 
 
-def infotext(params: Generation, seed: int, sampler: str, scheduler: str | None, model: str, img2img: bool) -> str:
+def infotext(params: Generation, seed: int, sampler: str, scheduler: str, model: str, img2img: bool) -> str:
     """A1111's generation-parameters text of one image: the prompt, ``Negative prompt:``,
     then ``Key: value, ...`` (a value with a comma or colon quoted), as its PNGs carry it."""
     fields: dict[str, Any] = {
-        "Steps": params.steps, "Sampler": sampler, "Schedule type": scheduler or "Automatic",
+        "Steps": params.steps, "Sampler": sampler, "Schedule type": scheduler,
         "CFG scale": params.cfg_scale, "Seed": seed, "Size": f"{params.width}x{params.height}", "Model": model,
     }  # fmt: skip
     if params.clip_skip > 1:
@@ -392,12 +396,12 @@ def router(state: ServerState) -> APIRouter:
         """A1111's settings: its defaults, what clients stored, and the current model's title."""
         current = state.catalog.model(current_model() or "")
         return {**OPTION_DEFAULTS, **state.store.options(),
-                "sd_model_checkpoint": current.path.name if current else None}  # fmt: skip
+                "sd_model_checkpoint": current.file_name if current else None}  # fmt: skip
 
     stored = state.store.options().get("sd_model_checkpoint")
     if state.settings.default_model is None and isinstance(stored, str):
         # The model a client chose last, unless the server was started with one.
-        state.runner.default_model = next((e.name for e in state.catalog.models() if stored == e.path.name), None)
+        state.runner.default_model = next((e.name for e in state.catalog.models() if stored == e.file_name), None)
 
     def plan_for(body: Txt2ImgBody) -> JobPlan:
         unit = body.control_unit()
@@ -410,6 +414,7 @@ def router(state: ServerState) -> APIRouter:
             replace(body.to_params(), **extra),
             model=body.override_settings.get("sd_model_checkpoint"),
             sent_as=body.SENT_AS,
+            unset=left_unset(body.sent_fields(), body.SENT_AS, body.sampler_name or body.sampler_index),
             refiner=body.refiner_checkpoint,
             refiner_switch_at=body.refiner_switch_at,
             control_net=unit.model if unit is not None else None,
@@ -422,8 +427,15 @@ def router(state: ServerState) -> APIRouter:
         payload = body.model_dump(exclude={"init_images", "mask"})
         job = await state.wait_final(state.enqueue(kind, payload, plan))
         params = plan.generation
-        sampler = body.sampler_name or body.sampler_index
-        texts = [infotext(params, job.result.get("seed", params.seed) + i, sampler, body.scheduler, plan.model,
+        # What ran: the request's names, or those of the model's configured defaults.
+        sent = body.sent_fields()
+        sampler = (
+            body.sampler_name or body.sampler_index
+            if "sampler_name" in sent
+            else names.sampler_title(params.sampling_method)
+        )
+        scheduler = body.scheduler or names.scheduler_title(params.scheduler)
+        texts = [infotext(params, job.result.get("seed", params.seed) + i, sampler, scheduler, plan.model,
                           kind == "img2img") for i in range(params.batch_count)]  # fmt: skip
         made = [with_infotext(data, text) for data, text in zip(output_images(job), texts, strict=False)]
         images = [base64.b64encode(data).decode() for data in made] if body.send_images else []
@@ -484,7 +496,7 @@ def router(state: ServerState) -> APIRouter:
     def sd_models() -> list[dict[str, Any]]:
         """The models folder; ``title`` is the name ``options.sd_model_checkpoint`` says."""
         return [
-            {"title": e.path.name, "model_name": e.name, "hash": None, "sha256": None,
+            {"title": e.file_name, "model_name": e.name, "hash": None, "sha256": None,
              "filename": str(e.path), "config": None}
             for e in state.catalog.models()
         ]  # fmt: skip
@@ -567,7 +579,7 @@ def router(state: ServerState) -> APIRouter:
                 raise InvalidParameterError("sd_model_checkpoint", "must be a model's title or name")
             entry = pick_entry(state, written["sd_model_checkpoint"], "sd_model_checkpoint")
             state.runner.default_model = entry.name
-            written = {**written, "sd_model_checkpoint": entry.path.name}
+            written = {**written, "sd_model_checkpoint": entry.file_name}
         state.store.set_options(written)
 
     async def upscaled(raw: bytes, resize: float, upscaler: str, field: str) -> bytes:

@@ -81,10 +81,17 @@ def _purge(state: ServerState) -> None:
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    """A server for ``settings`` (the embedded defaults when ``None``)."""
+    """A server for ``settings`` (the embedded defaults when ``None``).
+
+    Raises
+    ------
+    ModelsConfigError
+        When the models config cannot be served (naming its file, model and key).
+    """
     settings = settings or ServerSettings()
-    store = JobStore(settings.db_path, settings.queue_size)
     catalog = Catalog(settings)
+    catalog.configured()  # a broken models config stops the server before it starts
+    store = JobStore(settings.db_path, settings.queue_size)
     state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings))
     stop = threading.Event()
 
@@ -164,7 +171,9 @@ def announcement(state: ServerState) -> str:
     settings = state.settings
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     models = state.catalog.models()  # reads the headers now; the catalog keeps them for the first requests
-    found = f"{len(models)} model(s) in {settings.models_dir}: " + ", ".join(
+    config = settings.models_config_path
+    where = f"{settings.models_dir} and {config}" if config.is_file() else str(settings.models_dir)
+    found = f"{len(models)} model(s) in {where}: " + ", ".join(
         f"{e.name} ({FAMILY_NAMES[e.info.family] if e.info else 'unknown'})" for e in models
     )
     if not models:

@@ -6,7 +6,9 @@ here, never joined onto a path, so no name can reach outside its folder.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,10 @@ from sfumato.families.companions import family_files
 from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
 from sfumato.families.embeddings import Embedding, NotAnEmbeddingError, read_embedding
 from sfumato.families.embeddings import scan as scan_embeddings
+from sfumato.server.models_config import ConfiguredModel, ModelsConfigError, read_models_config
 from sfumato.server.settings import ServerSettings
+
+logger = logging.getLogger("sfumato.server")
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
 TAESD_SIDECAR = ".taesd.safetensors"
@@ -31,11 +36,27 @@ def taesd_sidecar(model: Path) -> Path:
 
 @dataclass(frozen=True)
 class Entry:
-    """A usable file (or diffusers folder): its name, path and detected family."""
+    """A usable file (or diffusers folder): its name, path and detected family; a
+    model of the models config carries its ``config`` (companions and defaults)."""
 
     name: str
     path: Path
     info: ModelInfo | None = None
+    config: ConfiguredModel | None = None
+
+    @property
+    def file_name(self) -> str:
+        """How clients that list files name it (A1111's titles, ComfyUI's lists): the
+        file's name, or a configured model's own name, since it is several files."""
+        return self.config.name if self.config is not None else self.path.name
+
+    @property
+    def taesd(self) -> Path | None:
+        """The tiny autoencoder a model decodes with: the config's, else its sidecar file."""
+        if self.config is not None and "taesd" in self.config.companions:
+            return self.config.companions["taesd"]
+        tiny = taesd_sidecar(self.path)
+        return tiny if tiny.is_file() else None
 
 
 class Catalog:
@@ -49,6 +70,8 @@ class Catalog:
         )
         self.embeddings_dir, self.controlnets_dir = settings.embeddings_dir, settings.controlnets_dir
         self.vaes_dir = settings.vaes_dir
+        self.settings = settings
+        self._config: tuple[float, dict[str, ConfiguredModel]] | None = None
         self._embeddings: dict[tuple[Path, float], Embedding | NotAnEmbeddingError] = {}
         self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
         self._lock = threading.Lock()  # concurrent first requests read each header once
@@ -72,18 +95,51 @@ class Catalog:
             if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (p.is_dir() and (p / "unet").is_dir())
         )  # fmt: skip
 
+    def configured(self) -> dict[str, ConfiguredModel]:
+        """The models of the models config, read again when the file changes. An
+        edit that breaks it is logged, and the models read before stay served.
+
+        Raises
+        ------
+        ModelsConfigError
+            When the config named by ``--config`` is missing, or is broken on its first read.
+        """
+        path = self.settings.models_config_path
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            if self.settings.models_config is not None:
+                raise ModelsConfigError(path, None, None, "no such file (given as the models config)") from None
+            return {}
+        with self._lock:
+            if self._config is not None and self._config[0] == mtime:
+                return self._config[1]
+            try:
+                found = read_models_config(path, max_steps=self.settings.max_steps, max_pixels=self.settings.max_pixels)
+            except ModelsConfigError as exc:
+                if self._config is None:
+                    raise
+                logger.error("%s; the models read before stay served until it is fixed", exc)
+                self._config = (mtime, self._config[1])
+                return self._config[1]
+            self._config = (mtime, found)
+            return found
+
     def models(self) -> list[Entry]:
-        """The diffusion models of ``models_dir`` that load alone: a diffusion
-        model that needs companion files (a split SDXL UNet, a FLUX transformer)
-        has no way to name them through these APIs, so it is not offered."""
+        """The diffusion models of ``models_dir`` that load alone, then the models
+        of the models config (which also names the ones that need companion files:
+        a split SDXL UNet, an SD3 or FLUX transformer). A configured model takes
+        the place of a file of its name."""
+        configured = self.configured()
         out = []
         for path in self._candidates(self.models_dir):
-            if path.name.endswith(TAESD_SIDECAR):
+            name = path.stem if path.is_file() else path.name
+            if path.name.endswith(TAESD_SIDECAR) or name in configured:
                 continue
             info = self._detect(path)
             if info is not None and info.family != FAMILY_ESRGAN and not family_files(info).required:
-                out.append(Entry(path.stem if path.is_file() else path.name, path, info))
-        return out
+                out.append(Entry(name, path, info))
+        return out + [Entry(m.name, m.path, m.info, m) for m in configured.values()]
 
     def upscalers(self) -> list[Entry]:
         """The ESRGAN models of ``upscalers_dir``."""
@@ -123,6 +179,12 @@ class Catalog:
     def vae(self, name: str) -> Entry | None:
         """A VAE by its name or its file name."""
         return next((e for e in self.vaes() if name in (e.name, e.path.name)), None)
+
+    def companions(self, roles: Collection[str]) -> list[Entry]:
+        """The files the models config names in ``roles`` (each file once), by file name."""
+        found = {path: None for model in self.configured().values()
+                 for role, path in model.companions.items() if role in roles}  # fmt: skip
+        return [Entry(path.name, path) for path in sorted(found, key=lambda p: p.name)]
 
     def loras(self) -> list[Entry]:
         """The LoRA files of ``loras_dir``."""

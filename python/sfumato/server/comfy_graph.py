@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 from sfumato.errors import InvalidParameterError
 from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, MAX_SEED, MAX_SIDE, DiffusionParams
 from sfumato.server import names
-from sfumato.server.catalog import Catalog, Entry, taesd_sidecar
+from sfumato.server.catalog import Catalog, Entry
 from sfumato.server.jobplan import JobPlan, Upscale
 from sfumato.server.plans import check_image, job_plan
 from sfumato.server.state import ServerState
@@ -96,22 +96,29 @@ NODES: dict[str, Node] = {
     "UNETLoader": Node(
         {"unet_name": Input("COMBO", choices="diffusion_models"), "weight_dtype": Input("COMBO", choices="dtypes")},
         ("MODEL",), ("MODEL",), "advanced/loaders", "Load Diffusion Model",
-        "Diffusion-only files; none are served yet (they need a models config).",
+        "A model of the models config made of several files (a UNet or transformer alone, and its companions).",
     ),
     "CLIPLoader": Node(
         {"clip_name": Input("COMBO", choices="text_encoders"), "type": Input("COMBO", choices="clip_types")},
         ("CLIP",), ("CLIP",), "advanced/loaders", "Load CLIP",
-        "Separate text encoders; none are served yet (they need a models config).",
+        "The text encoder the models config names for the model it prompts.",
     ),
     "DualCLIPLoader": Node(
         {"clip_name1": Input("COMBO", choices="text_encoders"), "clip_name2": Input("COMBO", choices="text_encoders"),
-         "type": Input("COMBO", choices="clip_types")},
+         "type": Input("COMBO", choices="dual_clip_types")},
         ("CLIP",), ("CLIP",), "advanced/loaders", "DualCLIPLoader",
-        "Separate text encoders; none are served yet (they need a models config).",
+        "The two text encoders the models config names for the model they prompt.",
+    ),
+    "TripleCLIPLoader": Node(
+        {"clip_name1": Input("COMBO", choices="text_encoders"), "clip_name2": Input("COMBO", choices="text_encoders"),
+         "clip_name3": Input("COMBO", choices="text_encoders")},
+        ("CLIP",), ("CLIP",), "advanced/loaders", "TripleCLIPLoader",
+        "SD3's three text encoders, as the models config names them.",
     ),
     "VAELoader": Node(
         {"vae_name": Input("COMBO", choices="vae")}, ("VAE",), ("VAE",), "loaders", "Load VAE",
-        "A VAE of the VAEs folder, decoding (and encoding) in the checkpoint's own VAE's place.",
+        "A VAE of the VAEs folder, decoding (and encoding) in the checkpoint's own VAE's place; or the VAE the "
+        "models config names for a model.",
     ),
     "LoraLoader": Node(
         {"model": _LINK("MODEL"), "clip": _LINK("CLIP"), "lora_name": Input("COMBO", choices="loras"),
@@ -225,22 +232,32 @@ NODES: dict[str, Node] = {
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
-MODEL_FOLDERS = ("checkpoints", "loras", "upscale_models")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "upscale_models")
 """ComfyUI's model folders that name the server's (``GET /api/models``)."""
+
+TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl", "llm")
 
 
 def folder_entries(catalog: Catalog, folder: str) -> list[Entry]:
-    """The catalog entries of a ComfyUI model folder (``checkpoints``, ``loras``,
-    ``upscale_models``, ``vae``); a COMBO lists them by file name."""
-    listing = {"checkpoints": catalog.models, "loras": catalog.loras, "upscale_models": catalog.upscalers,
-               "vae": catalog.vaes}  # fmt: skip
+    """The catalog entries of a ComfyUI model folder; a COMBO lists them by
+    :attr:`Entry.file_name`. ``checkpoints`` holds every model (a configured one
+    loads with its companions), ``diffusion_models`` the configured models made of
+    several files, ``text_encoders`` and ``vae`` (beside the VAEs folder's) the
+    companion files the models config names."""
+    if folder == "diffusion_models":
+        return [e for e in catalog.models() if e.config is not None and e.config.info.split]
+    if folder == "text_encoders":
+        return catalog.companions(TEXT_ENCODERS)
+    if folder == "vae":
+        return [*catalog.vaes(), *catalog.companions(("vae",))]
+    listing = {"checkpoints": catalog.models, "loras": catalog.loras, "upscale_models": catalog.upscalers}
     return listing[folder]()
 
 
 def choices(state: ServerState, key: str) -> list[str]:
     """The values a ``COMBO`` input takes now (folders are read each time)."""
-    if key in (*MODEL_FOLDERS, "vae"):
-        return [e.path.name for e in folder_entries(state.catalog, key)]
+    if key in MODEL_FOLDERS:
+        return list(dict.fromkeys(e.file_name for e in folder_entries(state.catalog, key)))
     if key == "input_images":
         return input_images(state.settings.inputs_dir)
     if key == "samplers":
@@ -254,8 +271,10 @@ def choices(state: ServerState, key: str) -> list[str]:
     if key == "dtypes":
         return ["default"]
     if key == "clip_types":
-        return ["stable_diffusion"]
-    return []  # diffusion_models, text_encoders: none are served yet
+        return ["stable_diffusion", "sd3", "flux2"]
+    if key == "dual_clip_types":
+        return ["sdxl", "sd3", "flux"]
+    return []
 
 
 def input_images(folder: Path) -> list[str]:
@@ -304,22 +323,25 @@ class Model:
     checkpoint: str  # the catalog name
     node: str
     loras: tuple[LoraUse, ...] = ()
+    input: str = "ckpt_name"  # the loader's input naming it
 
 
 @dataclass(frozen=True)
 class Clip:
-    checkpoint: str
+    checkpoint: str | None  # None: the separate text encoders of a CLIP loader
     node: str
     loras: tuple[LoraUse, ...] = ()
     clip_skip: int = DiffusionParams.clip_skip
     clip_skip_node: str | None = None
+    encoders: frozenset[str] = frozenset()  # those encoders' file names
 
 
 @dataclass(frozen=True)
 class Vae:
-    checkpoint: str | None  # the checkpoint's own VAE, or (None) a file of the VAEs folder
+    checkpoint: str | None  # the checkpoint's own VAE, or (None) a VAELoader's file
     node: str
-    file: str | None = None  # that file's catalog name
+    file: str | None = None  # a file of the VAEs folder: its catalog name
+    companion: str | None = None  # or a VAE the models config names: its file name
 
 
 @dataclass(frozen=True)
@@ -392,9 +414,10 @@ class UpscaleModel:
 
 @dataclass(frozen=True)
 class Upscaled:
-    image: Picture
+    image: Picture | Decoded  # a loaded image, or the prompt's generation
     upscaler: UpscaleModel
     node: str
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -589,7 +612,7 @@ class _Walk:
 
     def entry_name(self, node_id: str, input_name: str, key: str, file_name: str) -> str:
         """The catalog name of a file a COMBO listed (refused if it left its folder since)."""
-        name = next((e.name for e in folder_entries(self.state.catalog, key) if e.path.name == file_name), None)
+        name = next((e.name for e in folder_entries(self.state.catalog, key) if e.file_name == file_name), None)
         if name is None:
             raise self.refuse(node_id, input_name, f"{file_name!r} is no longer in its folder", file_name)
         return name
@@ -606,16 +629,38 @@ def _checkpoint(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
 
 @_runs("VAELoader")
 def _vae_file(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    found = w.state.catalog.vae(v["vae_name"])
-    if found is None:
-        raise w.refuse(node, "vae_name", f"{v['vae_name']!r} is no longer in its folder", v["vae_name"])
-    return (Vae(None, node, found.name),)
+    name = v["vae_name"]
+    found = w.state.catalog.vae(name)
+    if found is not None:
+        return (Vae(None, node, found.name),)
+    if any(e.file_name == name for e in w.state.catalog.companions(("vae",))):
+        return (Vae(None, node, companion=name),)
+    raise w.refuse(node, "vae_name", f"{name!r} is no longer in its folder or the models config", name)
 
 
-@_runs("UNETLoader", "CLIPLoader", "DualCLIPLoader")
-def _not_served(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    # Unreachable while their lists are empty: every value is "not in list".
-    raise w.refuse(node, None, "separate model files are not served yet")
+@_runs("UNETLoader")
+def _unet(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    return (Model(w.entry_name(node, "unet_name", "diffusion_models", v["unet_name"]), node, input="unet_name"),)
+
+
+@_runs("CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader")
+def _clip_files(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    files = frozenset(value for name, value in v.items() if name.startswith("clip_name"))
+    return (Clip(None, node, encoders=files),)
+
+
+def _clip_mismatch(w: _Walk, clip: Clip, model: Model) -> str | None:
+    """Why ``clip`` cannot prompt ``model`` (``None`` when it can): a checkpoint's own
+    CLIP prompts only that checkpoint, and separate text encoders only the configured
+    model that names exactly those files."""
+    if clip.checkpoint is not None:
+        return None if clip.checkpoint == model.checkpoint else "the prompt is encoded by another checkpoint's CLIP"
+    entry = w.state.catalog.model(model.checkpoint)
+    wanted = entry.config.encoder_files() if entry is not None and entry.config is not None else frozenset()
+    if clip.encoders == wanted:
+        return None
+    takes = ", ".join(sorted(wanted)) or "the text encoders in its own file (CheckpointLoaderSimple)"
+    return f"sfumato runs {model.checkpoint!r} with the text encoders of its models config: {takes}"
 
 
 @_runs("LoraLoader")
@@ -624,8 +669,8 @@ def _lora(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
         raise w.refuse(node, "strength_clip", "the engine applies a LoRA at one strength to the model and its text "
                        f"encoders: make it strength_model's ({v['strength_model']})", v["strength_clip"])  # fmt: skip
     model, clip = v["model"], v["clip"]
-    if model.checkpoint != clip.checkpoint:
-        raise w.refuse(node, "clip", "the model and the CLIP come from different checkpoints")
+    if (why := _clip_mismatch(w, clip, model)) is not None:
+        raise w.refuse(node, "clip", why)
     use = LoraUse(w.entry_name(node, "lora_name", "loras", v["lora_name"]), v["strength_model"], node)
     return replace(model, loras=(*model.loras, use)), replace(clip, loras=(*clip.loras, use))
 
@@ -722,8 +767,9 @@ def _sampled(w: _Walk, node: str, latent: Latent, sampling: Sampling) -> Latent:
         raise w.refuse(node, "denoise", "an empty latent is sampled from pure noise: denoise must be 1 (for image "
                        "to image, VAEEncode a LoadImage)", sampling.denoise)  # fmt: skip
     for side, conditioning in (("positive", sampling.positive), ("negative", sampling.negative)):
-        if conditioning is not None and conditioning.clip.checkpoint != sampling.model.checkpoint:
-            raise w.refuse(node, side, "the prompt is encoded by another checkpoint's CLIP than the model's")
+        why = _clip_mismatch(w, conditioning.clip, sampling.model) if conditioning is not None else None
+        if why is not None:
+            raise w.refuse(node, side, why)
         if conditioning is not None and conditioning.clip.loras != sampling.model.loras:
             raise w.refuse(node, side, "the engine applies each LoRA to the model and its text encoders alike: "
                            "load the LoRAs on both (LoraLoader)")  # fmt: skip
@@ -806,7 +852,15 @@ def _decode(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     if latent.sampled is None:
         raise w.refuse(node, "samples", "nothing samples this latent (a KSampler between)")
     vae: Vae = v["vae"]
-    if vae.file is None and vae.checkpoint != latent.sampled.model.checkpoint:
+    model = latent.sampled.model.checkpoint
+    if vae.companion is not None:
+        entry = w.state.catalog.model(model)
+        own = entry.config.companions.get("vae") if entry is not None and entry.config is not None else None
+        if own is None or own.name != vae.companion:
+            takes = f"its VAE is {own.name}" if own is not None else "it has no VAE there"
+            raise w.refuse(node, "vae", f"{vae.companion} is a VAE of the models config that {model!r} does not "
+                           f"name ({takes}); a VAE of the VAEs folder decodes any model")  # fmt: skip
+    elif vae.file is None and vae.checkpoint != model:
         raise w.refuse(node, "vae", "a checkpoint's VAE decodes only that checkpoint's latents (or use a VAELoader)")
     if latent.vae is not None and latent.vae.file != vae.file:
         raise w.refuse(node, "vae", "the engine encodes and decodes with one VAE: give VAEEncode the same one")
@@ -820,10 +874,15 @@ def _upscale_model(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
 
 @_runs("ImageUpscaleWithModel")
 def _upscale(w: _Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    if not isinstance(v["image"], Picture):
-        raise w.refuse(node, "image", "sfumato upscales a loaded image (LoadImage); upscaling a generated one is "
-                       "not supported yet")  # fmt: skip
-    return (Upscaled(v["image"], v["upscale_model"], node),)
+    image, model = v["image"], v["upscale_model"]
+    if isinstance(image, Upscaled):  # again: one more pass, with the same model
+        if image.upscaler.name != model.name:
+            raise w.refuse(node, "upscale_model", f"the engine runs one upscaler per image; the image was upscaled "
+                           f"with {image.upscaler.name!r} (node {image.upscaler.node})")  # fmt: skip
+        return (replace(image, node=node, repeats=image.repeats + 1),)
+    if not isinstance(image, (Picture, Decoded)):
+        raise w.refuse(node, "image", "sfumato upscales a loaded image (LoadImage) or the prompt's generation")
+    return (Upscaled(image, model, node),)
 
 
 @_runs("SaveImage", "PreviewImage")
@@ -844,6 +903,7 @@ class Compiled:
     sampler: str | None  # the node that samples (None for an upscale)
     decoder: str | None
     class_types: dict[str, str]
+    upscaler: str | None = None  # the node upscaling the generation
 
 
 def compile_prompt(state: ServerState, graph: object) -> Compiled:
@@ -887,15 +947,19 @@ def compile_prompt(state: ServerState, graph: object) -> Compiled:
         elif not isinstance(image, (Decoded, Upscaled)):
             walk.refuse(node_id, "images", "nothing is generated: save a VAEDecode's or an upscale's images")
     _raise_for(walk, outputs)
-    if isinstance(first_image, Upscaled):
-        plan = JobPlan(model=first_image.upscaler.name, work=Upscale(image=first_image.image.data))
-        return Compiled(plan, tuple(outputs), first_image.upscaler.node, None, None, class_types)
-    assert isinstance(first_image, Decoded) and first_image.latent.sampled is not None
-    sampling = first_image.latent.sampled
-    generation = _generation(state, first_image, walk)
+    upscaled = first_image if isinstance(first_image, Upscaled) else None
+    if upscaled is not None and isinstance(upscaled.image, Picture):
+        work = Upscale(image=upscaled.image.data, repeats=upscaled.repeats)
+        plan = JobPlan(model=upscaled.upscaler.name, work=work)
+        return Compiled(plan, tuple(outputs), upscaled.upscaler.node, None, None, class_types)
+    decoded = upscaled.image if upscaled is not None else first_image
+    assert isinstance(decoded, Decoded) and decoded.latent.sampled is not None
+    sampling = decoded.latent.sampled
+    generation = _generation(state, decoded, walk, upscaled)
     _raise_for(walk, outputs)
     assert generation is not None
-    return Compiled(generation, tuple(outputs), sampling.model.node, sampling.node, first_image.node, class_types)
+    return Compiled(generation, tuple(outputs), sampling.model.node, sampling.node, decoded.node, class_types,
+                    upscaled.node if upscaled is not None else None)  # fmt: skip
 
 
 def _raise_for(walk: _Walk, outputs: list[str]) -> None:
@@ -913,12 +977,13 @@ def _preview(state: ServerState, checkpoint: str) -> str | None:
     if method == "none":
         return None
     entry = next((e for e in state.catalog.models() if e.name == checkpoint), None)
-    tiny = entry is not None and taesd_sidecar(entry.path).is_file()
+    tiny = entry is not None and entry.taesd is not None
     return "tae" if tiny and method in ("taesd", "auto") else "proj"
 
 
-def _generation(state: ServerState, decoded: Decoded, walk: _Walk) -> JobPlan | None:
-    """The checked plan of a decoded sampling; ``None`` with the error recorded on its node."""
+def _generation(state: ServerState, decoded: Decoded, walk: _Walk, upscaled: Upscaled | None) -> JobPlan | None:
+    """The checked plan of a decoded sampling (and its ESRGAN passes, when ``upscaled``);
+    ``None`` with the error recorded on its node."""
     latent = decoded.latent
     s = latent.sampled
     assert s is not None
@@ -926,7 +991,7 @@ def _generation(state: ServerState, decoded: Decoded, walk: _Walk) -> JobPlan | 
     origin: dict[str, tuple[str, str]] = {
         "prompt": (s.positive.node, "text"), "width": (latent.node, latent.size_input),
         "height": (latent.node, "height" if latent.size_input == "width" else latent.size_input),
-        "batch_count": (latent.node, "batch_size"), "model": (s.model.node, "ckpt_name"), **s.origin,
+        "batch_count": (latent.node, "batch_size"), "model": (s.model.node, s.model.input), **s.origin,
     }  # fmt: skip
     if s.negative is not None:
         origin["negative_prompt"] = (s.negative.node, "text")
@@ -950,11 +1015,15 @@ def _generation(state: ServerState, decoded: Decoded, walk: _Walk) -> JobPlan | 
         strength=s.denoise if latent.init is not None else DiffusionParams.strength,
         loras=[{"name": lora.name, "scale": lora.scale} for lora in s.model.loras], clip_skip=clip.clip_skip,
         preview=_preview(state, s.model.checkpoint),
+        upscale={"repeats": upscaled.repeats} if upscaled is not None else None,
     )  # fmt: skip
     if decoded.vae.file is not None:
         origin["vae"] = (decoded.vae.node, "vae_name")
+    if upscaled is not None:
+        origin["upscale"] = (upscaled.upscaler.node, "model_name")
+    esrgan = upscaled.upscaler.name if upscaled is not None else None
     try:
-        return job_plan(state, params, model=s.model.checkpoint, vae=decoded.vae.file)
+        return job_plan(state, params, model=s.model.checkpoint, vae=decoded.vae.file, esrgan=esrgan)
     except InvalidParameterError as exc:
         node, input_name = origin.get(exc.field, (s.node, exc.field))
         walk.refuse(node, input_name, exc.message)

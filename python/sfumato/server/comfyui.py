@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 import sfumato
 from sfumato.errors import InvalidParameterError
-from sfumato.server.comfy_graph import MODEL_FOLDERS, GraphError, compile_prompt, folder_entries, object_info
+from sfumato.server.comfy_graph import MODEL_FOLDERS, GraphError, choices, compile_prompt, object_info
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import check_image
 from sfumato.server.state import AUTH_HINT, ServerState, authorized, require_key
@@ -61,6 +61,8 @@ def _node_at(payload: dict[str, Any], phase: str) -> str:
     """The node a job's phase runs, for ``executing`` messages."""
     if phase == "decoding" and payload["decoder"]:
         return str(payload["decoder"])
+    if phase == "upscaling" and payload.get("upscaler"):  # ESRGAN passes over the generation
+        return str(payload["upscaler"])
     if phase in ("generation", "initial generation", "upscaling", "refining") and payload["sampler"]:
         return str(payload["sampler"])
     return str(payload["loader"])
@@ -147,6 +149,7 @@ def router(state: ServerState) -> APIRouter:
             "prompt": body["prompt"], "client_id": client_id if isinstance(client_id, str) else None,
             "extra_data": extra, "number": number, "outputs": list(compiled.outputs), "loader": compiled.loader,
             "sampler": compiled.sampler, "decoder": compiled.decoder, "class_types": compiled.class_types,
+            "upscaler": compiled.upscaler,
         }  # fmt: skip
         job_id = state.enqueue(KIND, payload, compiled.plan)
         return {"prompt_id": job_id, "number": number, "node_errors": {}}
@@ -253,7 +256,7 @@ def router(state: ServerState) -> APIRouter:
             raise ApiError(
                 404, "not_found", f"no model folder {folder!r}; there are {', '.join(MODEL_FOLDERS)}", "folder"
             )
-        return [e.path.name for e in folder_entries(state.catalog, folder)]
+        return choices(state, folder)
 
     def embeddings() -> list[str]:
         return [e.name for e in state.catalog.embeddings()[0]]

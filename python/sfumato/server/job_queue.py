@@ -10,7 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -22,7 +22,7 @@ from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, MAX_SEED, REFINER_SWITCH_AT
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan
-from sfumato.server.plans import decode_image, job_plan
+from sfumato.server.plans import decode_image, job_plan, left_unset
 from sfumato.server.runner import read_output
 from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState, require_key
@@ -65,6 +65,9 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     preview: bool = Field(False, description="live previews: 'preview' events on GET /queue/{job_id}/events")
     preview_interval: int = Field(1, ge=1, le=150, description="a preview every this many sampling steps")
+
+    # The SDK's names of fields -> this request's, for errors raised under the SDK's.
+    SENT_AS: ClassVar[dict[str, str]] = {"sampling_method": "sampler_name", "scheduler": "scheduler_type"}
 
     def to_params(self) -> DiffusionParams:
         """The SDK's params of this request; LoRA and upscaler names are the server's folders'."""
@@ -230,6 +233,8 @@ def plan(state: ServerState, request: Txt2ImgRequest) -> JobPlan:
         state,
         request.to_params(),
         model=request.model,
+        sent_as=request.SENT_AS,
+        unset=left_unset(request.model_fields_set, request.SENT_AS, request.sampler_name),
         refiner=request.refiner_checkpoint,
         refiner_switch_at=request.refiner_switch_at,
         file_type=request.fileType,

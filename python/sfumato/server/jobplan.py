@@ -71,6 +71,8 @@ class Generation:
     preview_interval: int = 1
     clip_skip: int = DiffusionParams.clip_skip
     guidance: float = DiffusionParams.guidance
+    upscale: int = 0
+    """ESRGAN passes over the decoded images (the plan's ``esrgan``)."""
 
     def _fields(self, image: Callable[[bytes | None], Any]) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
@@ -78,6 +80,7 @@ class Generation:
         out.update(control_image=image(self.control_image), control_strength=self.control_strength)
         out.update(preview=self.preview, preview_interval=self.preview_interval)
         out.update(clip_skip=self.clip_skip, guidance=self.guidance)
+        out["upscale"] = {"repeats": self.upscale} if self.upscale else None
         out.update(loras=[asdict(lora) for lora in self.loras], hires=asdict(self.hires) if self.hires else None)
         return out
 
@@ -104,6 +107,7 @@ class Generation:
             preview_interval=data.get("preview_interval", cls.preview_interval),
             clip_skip=data.get("clip_skip", cls.clip_skip),
             guidance=data.get("guidance", cls.guidance),
+            upscale=(data.get("upscale") or {}).get("repeats", 0),
         )
 
 
@@ -161,6 +165,9 @@ class JobPlan:
     vae:
         The catalog name of a VAE file the model loads with, decoding (and
         encoding) in its own VAE's place.
+    esrgan:
+        The catalog name of the upscaler the model loads paired with, for the
+        generation's ``upscale`` passes.
     file_type, jpeg_quality:
         How the outputs folder keeps the images.
     """
@@ -173,6 +180,7 @@ class JobPlan:
     refiner: Refiner | None = None
     control_net: str | None = None
     vae: str | None = None
+    esrgan: str | None = None
     file_type: FileType = "png"
     jpeg_quality: int = 85
 
@@ -207,6 +215,8 @@ class JobPlan:
             out["control_net"] = self.control_net
         if self.vae is not None:
             out["vae"] = self.vae
+        if self.esrgan is not None:
+            out["esrgan"] = self.esrgan
         return out
 
     @classmethod
@@ -232,7 +242,8 @@ class JobPlan:
                 model, work = data["model"], Generation.from_json(data["params"])
             return cls(
                 model=model, work=work, refiner=Refiner(**refiner) if refiner else None,
-                control_net=data.get("control_net"), vae=data.get("vae"), file_type=data["file_type"],
+                control_net=data.get("control_net"), vae=data.get("vae"), esrgan=data.get("esrgan"),
+                file_type=data["file_type"],
                 jpeg_quality=data["jpeg_quality"],
             )  # fmt: skip
         except (KeyError, TypeError, binascii.Error) as exc:

@@ -42,6 +42,19 @@ def scheduler(name: str, field: str) -> str | None:
     raise InvalidParameterError(field, f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_NAMES)}")
 
 
+def sampler_title(method: str | None) -> str:
+    """The display name of an engine sampling method (its engine name where no title is
+    only that method; "Automatic" for the engine's choice)."""
+    titles = (title for title, (engine, implied) in SAMPLER_TITLES.items() if engine == method and implied is None)
+    return next(titles, method or "Automatic")
+
+
+def scheduler_title(name: str | None) -> str:
+    """The display name of an engine scheduler ("Automatic" for the engine's choice)."""
+    titles = (title for title, engine in SCHEDULER_TITLES.items() if engine == (name or ""))
+    return next(titles, name or "automatic").title()
+
+
 # ComfyUI's sampler names -> the engine's; only names the engine runs are offered.
 COMFY_SAMPLERS: dict[str, str] = {
     "euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "dpm_2": "dpm2",

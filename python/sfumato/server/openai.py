@@ -39,7 +39,7 @@ from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, DEFAULT_SIZE, MAX_SEED, Dif
 from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import FileType, JobPlan
-from sfumato.server.plans import check_image, job_plan
+from sfumato.server.plans import check_image, job_plan, left_unset
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import CANCELLED, ERROR
 
@@ -81,7 +81,13 @@ class GenerationsBody(BaseModel):
     scheduler: str | None = None
 
     # The SDK's names of fields -> this request's, for errors raised under the SDK's.
-    SENT_AS: ClassVar[dict[str, str]] = {"batch_count": "n", "width": "size", "height": "size"}
+    SENT_AS: ClassVar[dict[str, str]] = {
+        "batch_count": "n", "width": "size", "height": "size", "sampling_method": "sampler",
+    }  # fmt: skip
+
+    def sent_fields(self) -> set[str]:
+        """The fields the client sent; ``quality`` sets the steps."""
+        return self.model_fields_set | ({"steps"} if "quality" in self.model_fields_set else set())
 
     def to_params(
         self, size: tuple[int, int], init_image: bytes | None = None, mask: bytes | None = None
@@ -166,6 +172,7 @@ def router(state: ServerState) -> APIRouter:
             body.to_params(size, init, mask),
             model=model,
             sent_as=body.SENT_AS,
+            unset=left_unset(body.sent_fields(), body.SENT_AS, body.sampler),
             file_type=_file_type(body.output_format),
             jpeg_quality=quality,
         )

@@ -22,7 +22,7 @@ import sfumato
 from sfumato.params import DiffusionParams
 from sfumato.server.errors import responses
 from sfumato.server.fetch import fetch_image
-from sfumato.server.plans import job_plan
+from sfumato.server.plans import job_plan, left_unset
 from sfumato.server.state import ServerState, require_key
 
 SIDES = (320, 384, 448, 512, 640, 768)
@@ -132,7 +132,8 @@ def router(state: ServerState) -> APIRouter:
     def diffusion(body: DiffusionBody) -> Created:
         """Queue a job (201 with its ``uid``); 409 when the backlog is full."""
         init = fetch_image(body.url_upload, state.settings) if body.url_upload else None
-        plan = job_plan(state, body.to_params(init), model=body.model, sent_as=body.SENT_AS)
+        unset = left_unset(body.model_fields_set, body.SENT_AS)
+        plan = job_plan(state, body.to_params(init), model=body.model, sent_as=body.SENT_AS, unset=unset)
         job_id = state.enqueue("diffusion", body.model_dump(), plan)
         created = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return Created(data={"uid": job_id, "created_at": created})

@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from sfumato import images as imaging
@@ -29,10 +30,13 @@ from sfumato.params import (
     check_loras,
     check_number,
     check_side,
+    check_upscale_repeats,
     validate_diffusion,
 )
+from sfumato.server import names
 from sfumato.server.catalog import Entry
 from sfumato.server.jobplan import FileType, Generation, Hires, JobPlan, Lora, Refiner
+from sfumato.server.models_config import DEFAULTED_FIELDS
 from sfumato.server.state import ServerState
 
 
@@ -161,6 +165,28 @@ def pick_entry(state: ServerState, requested: str | None, field: str = "model") 
     return available[name]
 
 
+def left_unset(sent: Collection[str], sent_as: Mapping[str, str], sampler: str | None = None) -> frozenset[str]:
+    """The fields a model's configured defaults may fill: those of
+    :data:`DEFAULTED_FIELDS` whose request field (``sent_as`` renames the SDK's
+    names) is not among the fields the client ``sent``. A ``sampler`` the client
+    sent whose title names a scheduler ("DPM++ 2M Karras") sets the scheduler too."""
+    unset = {f for f in DEFAULTED_FIELDS if sent_as.get(f, f) not in sent}
+    if sampler is not None and "sampling_method" not in unset and names.sampler(sampler, "sampler")[1] is not None:
+        unset.discard("scheduler")
+    return frozenset(unset)
+
+
+def with_defaults(params: DiffusionParams, entry: Entry, unset: Collection[str]) -> DiffusionParams:
+    """``params`` with the configured defaults of the model of ``entry`` in the fields
+    the client left ``unset``. When the model sets a sampler or a scheduler and the
+    request chose neither, the scheduler is the model's (or the engine's for its family)."""
+    defaults = entry.config.defaults if entry.config is not None else {}
+    filled = {f: value for f, value in defaults.items() if f in unset}
+    if {"sampling_method", "scheduler"} <= set(unset) and {"sampling_method", "scheduler"} & set(defaults):
+        filled["scheduler"] = defaults.get("scheduler")
+    return replace(params, **filled) if filled else params
+
+
 @contextmanager
 def _named_as_sent(sent_as: Mapping[str, str]) -> Iterator[None]:
     """Re-raise an :class:`InvalidParameterError` under the request's name for its field."""
@@ -182,8 +208,10 @@ def job_plan(
     refiner_switch_at: float = REFINER_SWITCH_AT,
     control_net: str | None = None,
     vae: str | None = None,
+    esrgan: str | None = None,
     file_type: FileType = "png",
     jpeg_quality: int = 85,
+    unset: Collection[str] = (),
 ) -> JobPlan:
     """A checked plan for the params a request's schema made (its ``to_params()``).
 
@@ -191,10 +219,13 @@ def job_plan(
     upscaler folders; ``model`` and ``refiner`` (seed 002's ``refiner_checkpoint``,
     which refines from ``refiner_switch_at`` on) are catalog names, ``None``
     taking the server's default model; ``control_net`` names a ControlNet of the
-    ControlNet folder for ``params.control_image``, and ``vae`` a VAE of the VAEs
-    folder that replaces the model's own. The server's limits apply here.
+    ControlNet folder for ``params.control_image``, ``vae`` a VAE of the VAEs
+    folder that replaces the model's own, and ``esrgan`` the upscaler of the
+    upscalers folder that runs ``params.upscale``'s passes. The server's limits apply here.
     ``sent_as`` maps the SDK's names of fields to the request's (``{"steps":
     "num_steps"}``), so that an error names the field the client sent.
+    ``unset`` names the fields the client left out (:func:`left_unset`): a
+    model of the models config fills them with its defaults.
 
     Raises
     ------
@@ -203,6 +234,8 @@ def job_plan(
     """
     with _named_as_sent(sent_as or {}):
         settings = state.settings
+        entry = pick_entry(state, model)
+        params = with_defaults(params, entry, unset)
         limit = settings.max_prompt_chars
         for key, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
             if len(text) > limit:
@@ -232,7 +265,6 @@ def job_plan(
             raise InvalidParameterError(
                 "batch_count", f"asks for {params.batch_count} images; this server allows up to {settings.max_images}"
             )
-        entry = pick_entry(state, model)
         name = entry.name
         if entry.info is not None and entry.info.family in TEXT_WIDTHS:
             skipped = sort_out(*state.catalog.embeddings(), entry.info.family)[1]
@@ -248,8 +280,12 @@ def job_plan(
             loras=_lora_paths(state, check_loras("loras", params.loras)),
             control_image=_file_bytes(params.control_image), control_strength=params.control_strength,
             preview=params.preview, preview_interval=params.preview_interval, clip_skip=params.clip_skip,
-            guidance=params.guidance,
+            guidance=params.guidance, upscale=check_upscale_repeats("upscale", params.upscale),
         )  # fmt: skip
+        if work.upscale and esrgan not in {e.name for e in state.catalog.upscalers()}:
+            have = ", ".join(e.name for e in state.catalog.upscalers()) or "none"
+            raise InvalidParameterError("upscale", f"needs an upscaler of the upscalers folder, not {esrgan!r}; "
+                                        f"available: {have}")  # fmt: skip
         refined = None
         if refiner:
             refined = Refiner(
@@ -259,5 +295,5 @@ def job_plan(
         control = _control_net(state, control_net, entry) if params.control_image is not None else None
         return JobPlan(
             model=name, work=work, refiner=refined, control_net=control, vae=_vae(state, vae, entry) if vae else None,
-            file_type=file_type, jpeg_quality=jpeg_quality,
+            esrgan=esrgan if work.upscale else None, file_type=file_type, jpeg_quality=jpeg_quality,
         )  # fmt: skip

@@ -23,7 +23,7 @@ import sfumato
 from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.families.embeddings import TEXT_WIDTHS
 from sfumato.results import DiffusionResult
-from sfumato.server.catalog import Catalog, taesd_sidecar
+from sfumato.server.catalog import Catalog
 from sfumato.server.jobplan import Generation, JobPlan, PlanVersionError, Upscale
 from sfumato.server.settings import ServerSettings
 from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore
@@ -138,12 +138,13 @@ class JobRunner:
 
     def model_id(
         self, name: str, upscaler: bool = False, control_net: str | None = None, vae: str | None = None,
-        job: bool = False,
+        esrgan: str | None = None, job: bool = False,
     ) -> str:  # fmt: skip
-        """The SDK id of a catalog model (or upscaler), with a catalog ControlNet and
-        VAE if given, loading it the first time; ``job``: the running job uses it (it
-        is not idle). Loading a model with another VAE unloads its idle worker with
-        the previous one: switching the VAE reloads the model."""
+        """The SDK id of a catalog model (or upscaler), with a catalog ControlNet, VAE
+        and paired upscaler (``esrgan``) if given, loading it the first time; ``job``:
+        the running job uses it (it is not idle). Loading a model with another VAE (or
+        upscaler) unloads its idle worker with the previous one: switching the VAE
+        reloads the model."""
         entries = self.catalog.upscalers() if upscaler else self.catalog.models()
         entry = next((e for e in entries if e.name == name), None)
         if entry is None:
@@ -158,8 +159,13 @@ class JobRunner:
             paired = self.catalog.vae(vae)
             if paired is None:
                 raise SfumatoError(f"VAE {vae!r} is no longer in its folder")
+        esrgan_entry = None
+        if esrgan is not None:
+            esrgan_entry = next((e for e in self.catalog.upscalers() if e.name == esrgan), None)
+            if esrgan_entry is None:
+                raise SfumatoError(f"upscaler {esrgan!r} is no longer in its folder")
         base = f"upscaler:{name}" if upscaler else name if control is None else f"{name}+{control.name}"
-        key = base if paired is None else f"{base}|vae:{paired.name}"
+        key = base + (f"|vae:{paired.name}" if paired else "") + (f"|up:{esrgan_entry.name}" if esrgan_entry else "")
         with self._lock:
             model_id = self._models.get(key)
             if model_id is not None and job:
@@ -169,15 +175,19 @@ class JobRunner:
             if upscaler:
                 config["mode"] = "upscale"
             else:
-                if (tiny := taesd_sidecar(entry.path)).is_file():
-                    config["taesd_src"] = tiny
+                if entry.config is not None:
+                    config.update(entry.config.load_config())
+                if entry.taesd is not None:
+                    config["taesd_src"] = entry.taesd
                 if control is not None:
                     config["control_net_src"] = control.path
                 if paired is not None:
                     config["vae_model_src"] = paired.path
+                if esrgan_entry is not None:
+                    config["upscaler"] = {"model_src": esrgan_entry.path}
                 if entry.info is not None and entry.info.family in TEXT_WIDTHS and self.catalog.embeddings_dir.is_dir():
                     config["embedding_dir"] = self.catalog.embeddings_dir
-            self.unload_idle(lambda other: other != key and other.split("|vae:")[0] == base)
+            self.unload_idle(lambda other: other != key and other.split("|")[0] == base)
             model_id = sfumato.load_model(entry.path, model_config=config)
             with self._lock:
                 self._models[key] = model_id
@@ -225,7 +235,12 @@ class JobRunner:
             self.preview = None
             self.store.progress(job.id, 0.0, "loading model")
             model_id = self.model_id(
-                plan.model, upscaler=upscale_only, control_net=plan.control_net, vae=plan.vae, job=True
+                plan.model,
+                upscaler=upscale_only,
+                control_net=plan.control_net,
+                vae=plan.vae,
+                esrgan=plan.esrgan,
+                job=True,
             )
             before = self._memory_mb(model_id)
             params = work.sdk_arguments()

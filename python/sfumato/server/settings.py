@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+CONFIG_NAME = "models.toml"
+"""The models config read from the models folder when none is named."""
+
 PreviewMethod = Literal["none", "auto", "latent2rgb", "taesd"]
 """ComfyUI's ``--preview-method`` names."""
 PREVIEW_METHODS: tuple[PreviewMethod, ...] = get_args(PreviewMethod)
@@ -22,6 +25,9 @@ class ServerSettings:
     embeddings_dir:
         Textual-inversion embeddings: each SD 1.x, SD 2.x and SDXL model loads
         the ones its text encoders take; a prompt uses one by saying its name.
+    models_config:
+        The models config (TOML): models made of several files, and per-model
+        defaults. ``None`` reads ``models.toml`` in ``models_dir`` when it is there.
     vaes_dir:
         Separate VAE files a model can decode with instead of its own (A1111's
         ``sd_vae``, ComfyUI's ``VAELoader``).
@@ -63,6 +69,7 @@ class ServerSettings:
     embeddings_dir: Path = Path("embeddings")
     controlnets_dir: Path = Path("controlnets")
     vaes_dir: Path = Path("vaes")
+    models_config: Path | None = None
     data_dir: Path = Path("sfumato-data")
     default_model: str | None = None
     queue_size: int = 64
@@ -78,6 +85,11 @@ class ServerSettings:
     fetch_max_bytes: int = 16 * 2**20
     threads: int | None = None
     preview_method: PreviewMethod = "none"
+
+    @property
+    def models_config_path(self) -> Path:
+        """The models config read: ``models_config``, else ``models.toml`` in the models folder."""
+        return self.models_config if self.models_config is not None else self.models_dir / CONFIG_NAME
 
     @property
     def outputs_dir(self) -> Path:

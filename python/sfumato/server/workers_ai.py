@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sfumato.errors import InvalidParameterError
 from sfumato.params import DEFAULT_SIZE, MAX_SEED, DiffusionParams
 from sfumato.server.errors import ApiError, responses
-from sfumato.server.plans import check_image, decode_image, job_plan
+from sfumato.server.plans import check_image, decode_image, job_plan, left_unset
 from sfumato.server.state import ServerState, output_images, require_key
 from sfumato.server.store import DONE
 
@@ -76,8 +76,9 @@ def router(state: ServerState) -> APIRouter:
 
     async def run(model: str, body: RunBody) -> Response:
         plan = job_plan(
-            state, body.to_params(), model=None if model.startswith("@cf/") else model, sent_as=body.SENT_AS
-        )
+            state, body.to_params(), model=None if model.startswith("@cf/") else model, sent_as=body.SENT_AS,
+            unset=left_unset(body.model_fields_set, body.SENT_AS),
+        )  # fmt: skip
         payload = body.model_dump(exclude={"image", "image_b64", "mask"})
         job = await state.wait_final(state.enqueue("run", payload, plan))
         images = output_images(job)
