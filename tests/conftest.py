@@ -21,6 +21,7 @@ from sfumato.runtime.protocol import LoadSpec
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 from tests.support import models
+from tests.support.postgres import PostgresServer
 
 from .helpers import MODEL, ROOT, SIZE, CaptureSpec
 
@@ -37,6 +38,17 @@ def _offline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server started for the session (Debian's binaries; a Unix socket, no TCP)."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture

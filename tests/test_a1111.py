@@ -160,12 +160,14 @@ def test_every_listing_route(client: TestClient, settings: ServerSettings) -> No
 
 
 def test_unload_and_reload_checkpoint(client: TestClient) -> None:
+    others = set(sfumato.loaded_models())  # the session's own SDK models, if earlier tests loaded them
     assert client.post(f"{API}/txt2img", json=_body()).status_code == 200
-    loaded = set(sfumato.loaded_models())
+    loaded = set(sfumato.loaded_models()) - others
+    assert len(loaded) == 1
     assert client.post(f"{API}/unload-checkpoint").status_code == 200
     assert not loaded & set(sfumato.loaded_models())  # its worker ended
     assert client.post(f"{API}/reload-checkpoint").status_code == 200
-    assert len(set(sfumato.loaded_models()) - loaded) == 1
+    assert len(set(sfumato.loaded_models()) - loaded - others) == 1
 
 
 def test_png_info_and_extra_batch_images(client: TestClient, gradient_image: np.ndarray) -> None:

@@ -230,6 +230,10 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     srv.add_argument(
         "--data", type=Path, default=defaults.data_dir, help="job store and outputs/ folder (default: ./sfumato-data)"
     )
+    srv.add_argument(
+        "--store", default=None, metavar="URL",
+        help="the job store: postgresql://... (or set SFUMATO_STORE); default: SQLite in --data",
+    )  # fmt: skip
     srv.add_argument("--default-model", default=None, help="model name used when a request names none")
     srv.add_argument("--queue-size", type=int, default=defaults.queue_size, help="max jobs waiting or running")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SFUMATO_API_KEY)")
@@ -403,6 +407,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers,
         embeddings_dir=args.embeddings, controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data,
         models_config=args.config, default_model=args.default_model,
+        store=args.store or os.environ.get("SFUMATO_STORE"),
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
         retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,

@@ -28,7 +28,8 @@ from sfumato.server.errors import error_response
 from sfumato.server.runner import JobRunner
 from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState
-from sfumato.server.store import JobStore
+from sfumato.server.store import StoreInUseError, StoreUnavailableError, open_store
+from sfumato.server.store_pg import describe
 
 logger = logging.getLogger("sfumato.server")
 PURGE_EVERY_S = 60.0
@@ -91,20 +92,31 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     catalog = Catalog(settings)
     catalog.configured()  # a broken models config stops the server before it starts
-    store = JobStore(settings.db_path, settings.queue_size)
+    store = open_store(settings.store, settings.db_path, settings.queue_size)
+    try:
+        store.hold_exclusive()
+    except StoreInUseError:
+        store.close()
+        raise
     state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings))
     stop = threading.Event()
 
     def purge_loop() -> None:
         while not stop.wait(PURGE_EVERY_S):
-            _purge(state)
+            try:
+                _purge(state)
+            except StoreUnavailableError as exc:
+                logger.warning("retention: %s; trying again later", exc)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        requeued = store.recover()
-        if requeued:
-            logger.info("queued again %d job(s) that were running when the server stopped", requeued)
-        _purge(state)
+        try:
+            requeued = store.recover()
+            if requeued:
+                logger.info("queued again %d job(s) that were running when the server stopped", requeued)
+            _purge(state)
+        except StoreUnavailableError as exc:  # the routes answer 503 until it is back
+            logger.error("%s", exc)
         # Read the model headers now, not while the first requests wait.
         catalog.models()
         catalog.upscalers()
@@ -180,4 +192,5 @@ def announcement(state: ServerState) -> str:
         found = (
             f"no model in {settings.models_dir} yet: put a checkpoint there (.gguf, .safetensors) or use --models DIR"
         )
-    return f"sfumato serve: http://{host}:{settings.port}/ (the web page; the APIs under it)\n{found}"
+    jobs = f"jobs in {describe(settings.store)}" if settings.store else f"jobs in {settings.db_path}"
+    return f"sfumato serve: http://{host}:{settings.port}/ (the web page; the APIs under it)\n{found}\n{jobs}"

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sfumato.errors import InvalidModelError, InvalidParameterError, SfumatoError
+from sfumato.server.store import StoreUnavailableError
 
 
 class ErrorBody(BaseModel):
@@ -44,8 +45,9 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "Bad request", 401: "Missing or wrong API key", 404: "Not found", 409: "The queue is full",
         413: "Request body too large", 422: "Invalid field", 429: "Too many requests", 500: "Internal error",
+        503: "The job store's database cannot be reached",
     }  # fmt: skip
-    return {c: {"model": ErrorBody, "description": text.get(c, "Error")} for c in (401, 413, 422, 500, *codes)}
+    return {c: {"model": ErrorBody, "description": text.get(c, "Error")} for c in (401, 413, 422, 500, 503, *codes)}
 
 
 def install(app: FastAPI) -> None:
@@ -62,6 +64,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidModelError)
     async def invalid_model(_request: Request, exc: InvalidModelError) -> JSONResponse:
         return error_response(422, "invalid_model", str(exc), "model")
+
+    @app.exception_handler(StoreUnavailableError)
+    async def store_unavailable(_request: Request, exc: StoreUnavailableError) -> JSONResponse:
+        return error_response(503, "store_unavailable", str(exc))
 
     @app.exception_handler(SfumatoError)
     async def sfumato_error(_request: Request, exc: SfumatoError) -> JSONResponse:

@@ -26,9 +26,12 @@ from sfumato.results import DiffusionResult
 from sfumato.server.catalog import Catalog
 from sfumato.server.jobplan import Generation, JobPlan, PlanVersionError, Upscale
 from sfumato.server.settings import ServerSettings
-from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore
+from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore, StoreUnavailableError
 
 logger = logging.getLogger("sfumato.server")
+
+STORE_RETRY_S = 2.0
+"""How often the runner tries a store it cannot reach."""
 
 # Seed 002's phase names, from the SDK's tick phases; with hires fix, seed 002
 # reports "initial generation" (0-50%) and then "upscaling" (50-100%).
@@ -196,17 +199,31 @@ class JobRunner:
         return model_id
 
     def _loop(self) -> None:
+        down = False
         while not self._stopping:
-            job = self.store.next_queued()
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
             try:
-                self._run(job)
-            except Exception as exc:  # the job fails; the server goes on
-                logger.exception("job %s failed", job.id)
-                self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}")
+                job = self.store.next_queued()
+                if down:
+                    logger.warning("the job store is reachable again; taking jobs")
+                    down = False
+                if job is None:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                try:
+                    self._run(job)
+                except StoreUnavailableError:
+                    raise
+                except Exception as exc:  # the job fails; the server goes on
+                    logger.exception("job %s failed", job.id)
+                    self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}")
+            except StoreUnavailableError as exc:
+                # A job it was running stays 'processing' there, and is queued again at the next start.
+                if not down:
+                    logger.error("%s; trying again every %.0f s", exc, STORE_RETRY_S)
+                    down = True
+                self._wake.wait(STORE_RETRY_S)
+                self._wake.clear()
 
     def _write(self, job_id: str, pngs: list[bytes], plan: JobPlan) -> list[str]:
         """Save a job's images in the outputs folder as the plan asks; returns their paths."""
@@ -280,6 +297,8 @@ class JobRunner:
                 paths = self._write(job.id, exc.outputs, plan)
                 self.store.end(job.id, CANCELLED, str(exc), result={"output_paths": paths} if paths else None)
             return
+        except StoreUnavailableError:
+            raise  # the job stays where the store has it; the loop waits for the store
         except SfumatoError as exc:
             self.store.end(job.id, ERROR, str(exc))
             return

@@ -35,6 +35,9 @@ class ServerSettings:
         ControlNets that requests pair with a model by name (A1111's ``alwayson_scripts.controlnet``).
     data_dir:
         Where the job store (``jobs.sqlite3``) and the ``outputs/`` folder live.
+    store:
+        The job store: ``None`` for the SQLite file in ``data_dir``, or a
+        ``postgresql://`` URL (``pip install "sfumato[postgres]"``).
     default_model:
         The model used when a request names none (default: the first one listed).
     queue_size:
@@ -71,6 +74,7 @@ class ServerSettings:
     vaes_dir: Path = Path("vaes")
     models_config: Path | None = None
     data_dir: Path = Path("sfumato-data")
+    store: str | None = None
     default_model: str | None = None
     queue_size: int = 64
     api_key: str | None = None
