@@ -159,6 +159,47 @@ def test_every_listing_route(client: TestClient, settings: ServerSettings) -> No
         assert refused.status_code == 400 and set(refused.json()) == {"error", "detail", "body", "errors"}, route
 
 
+def _as(user: str) -> dict[str, str]:
+    """HTTP Basic headers of an A1111 client started with ``--api-auth USER:password``."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:password".encode()).decode()}
+
+
+def _sampling_step(client: TestClient, user: str) -> int:
+    return int(client.get(f"{API}/progress", headers=_as(user)).json()["state"]["sampling_step"])
+
+
+def test_progress_and_interrupt_reach_only_the_clients_own_jobs(client: TestClient) -> None:
+    """They name no job: a client (its Basic-auth user, else its address) sees and stops
+    only the A1111 jobs it sent, never another client's or another API's."""
+    other_api = client.post("/txt2img", json={"prompt": "x", "width": SIZE, "height": SIZE, "steps": 150}).json()
+    while client.get(f"/queue/{other_api['job_id']}").json()["state"] != "processing":
+        time.sleep(0.05)
+    assert client.post(f"{API}/interrupt", headers=_as("alice")).status_code == 200
+    assert client.get(f"{API}/progress", headers=_as("alice")).json()["state"]["job"] == ""
+    time.sleep(0.5)
+    assert client.get(f"/queue/{other_api['job_id']}").json()["state"] == "processing"  # not A1111's to stop
+    client.delete(f"/queue/{other_api['job_id']}")
+    answer: dict[str, Any] = {}
+    caller = threading.Thread(
+        target=lambda: answer.update(r=client.post(f"{API}/txt2img", json=_body(steps=150), headers=_as("alice")))
+    )
+    caller.start()
+    deadline = time.monotonic() + 120
+    while _sampling_step(client, "alice") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    bob = client.get(f"{API}/progress", headers=_as("bob")).json()
+    assert (bob["progress"], bob["state"]["job"], bob["current_task"]) == (0.0, "", None)
+    assert client.post(f"{API}/interrupt", headers=_as("bob")).status_code == 200
+    seen = _sampling_step(client, "alice")
+    while _sampling_step(client, "alice") <= seen + 1:  # alice's job goes on
+        assert time.monotonic() < deadline and caller.is_alive()
+        time.sleep(0.05)
+    assert client.post(f"{API}/interrupt", headers=_as("alice")).status_code == 200
+    caller.join(60)
+    assert json.loads(answer["r"].json()["info"])["interrupted"] is True
+
+
 def test_unload_and_reload_checkpoint(client: TestClient) -> None:
     others = set(sfumato.loaded_models())  # the session's own SDK models, if earlier tests loaded them
     assert client.post(f"{API}/txt2img", json=_body()).status_code == 200

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import psutil
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -42,7 +42,7 @@ from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import FileType, Generation, JobPlan, Upscale
 from sfumato.server.plans import decode_image, job_plan, left_unset, pick_entry, prompt_loras
-from sfumato.server.state import ServerState, output_images, require_key
+from sfumato.server.state import ServerState, client_key, output_images, require_key
 from sfumato.server.store import CANCELLED, DONE
 
 PREFIX = "/sdapi/v1"
@@ -388,9 +388,19 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return out
 
 
+def owner_of(request: Request) -> str:
+    """The scope of a request's A1111 jobs: ``progress`` and ``interrupt`` see only the
+    jobs that the same client (:func:`client_key`) sent through this API."""
+    return f"a1111|{client_key(request)}"
+
+
 def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix=PREFIX)
     extension = APIRouter(prefix="/controlnet")  # the ControlNet extension's own routes
+
+    def owns(job_id: str, owner: str) -> bool:
+        job = state.store.get(job_id)
+        return job is not None and job.request.get("owner") == owner
 
     def options() -> dict[str, Any]:
         """A1111's settings: its defaults, what clients stored, and the current model's title."""
@@ -423,9 +433,9 @@ def router(state: ServerState) -> APIRouter:
             jpeg_quality=honoured.jpeg_quality,
         )
 
-    async def run(kind: str, body: Txt2ImgBody, plan: JobPlan) -> ImagesResponse:
+    async def run(kind: str, body: Txt2ImgBody, plan: JobPlan, owner: str) -> ImagesResponse:
         payload = body.model_dump(exclude={"init_images", "mask"})
-        job = await state.wait_final(state.enqueue(kind, payload, plan))
+        job = await state.wait_final(state.enqueue(kind, payload, plan, owner))
         params = plan.generation
         # What ran: the request's names, or those of the model's configured defaults.
         sent = body.sent_fields()
@@ -450,19 +460,21 @@ def router(state: ServerState) -> APIRouter:
         return ImagesResponse(images=images, parameters=payload, info=json.dumps(info))
 
     @api.post("/txt2img", response_model=ImagesResponse, responses=responses(409))
-    async def txt2img(body: Txt2ImgBody) -> ImagesResponse:
-        return await run("txt2img", body, plan_for(body))
+    async def txt2img(body: Txt2ImgBody, owner: str = Depends(owner_of)) -> ImagesResponse:
+        return await run("txt2img", body, plan_for(body), owner)
 
     @api.post("/img2img", response_model=ImagesResponse, responses=responses(409))
-    async def img2img(body: Img2ImgBody) -> ImagesResponse:
-        return await run("img2img", body, plan_for(body))
+    async def img2img(body: Img2ImgBody, owner: str = Depends(owner_of)) -> ImagesResponse:
+        return await run("img2img", body, plan_for(body), owner)
 
     @api.get("/progress", response_model=ProgressResponse, responses=responses())
-    def progress(skip_current_image: bool = False) -> ProgressResponse:
-        """The running job's progress, and its latest live preview as ``current_image``
-        (the options ``live_previews_enable`` and ``show_progress_every_n_steps`` govern them)."""
+    def progress(skip_current_image: bool = False, owner: str = Depends(owner_of)) -> ProgressResponse:
+        """The progress of this client's running A1111 job (its Basic-auth user, else its
+        address; another client's or API's job is not shown), and its latest live preview
+        as ``current_image`` (the options ``live_previews_enable`` and
+        ``show_progress_every_n_steps`` govern them)."""
         live = state.runner.live
-        if not live:
+        if not live or not owns(live["job_id"], owner):
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
         preview = state.runner.preview
         current = None
@@ -485,10 +497,11 @@ def router(state: ServerState) -> APIRouter:
         )  # fmt: skip
 
     @api.post("/interrupt", responses=responses())
-    def interrupt() -> dict[str, Any]:
-        """Stop the running job; an A1111 request waiting on it gets the images it finished."""
+    def interrupt(owner: str = Depends(owner_of)) -> dict[str, Any]:
+        """Stop this client's running A1111 job (never another client's or another API's);
+        the A1111 request waiting on it gets the images it finished."""
         live = state.runner.live
-        if live:
+        if live and owns(live["job_id"], owner):
             state.runner.cancel(live["job_id"])
         return {}
 
@@ -582,7 +595,7 @@ def router(state: ServerState) -> APIRouter:
             written = {**written, "sd_model_checkpoint": entry.file_name}
         state.store.set_options(written)
 
-    async def upscaled(raw: bytes, resize: float, upscaler: str, field: str) -> bytes:
+    async def upscaled(raw: bytes, resize: float, upscaler: str, field: str, owner: str) -> bytes:
         """``raw`` resized by ``resize`` with ``upscaler`` (an ESRGAN of the folder, run in
         x4 passes until the factor is reached, then resized to it; or a resampling filter)."""
         with Image.open(io.BytesIO(raw)) as source:
@@ -604,7 +617,7 @@ def router(state: ServerState) -> APIRouter:
                 raise InvalidParameterError(field, f"no upscaler named {upscaler!r}; available: {have}")
             plan = JobPlan(model=upscaler, work=Upscale(image=raw, repeats=repeats))
             payload = {"upscaling_resize": resize, "upscaler_1": upscaler}
-            job = await state.wait_final(state.enqueue("extra-single-image", payload, plan))
+            job = await state.wait_final(state.enqueue("extra-single-image", payload, plan, owner))
             images = output_images(job)
             if job.state != DONE or not images:
                 raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")
@@ -617,16 +630,21 @@ def router(state: ServerState) -> APIRouter:
         return out.getvalue()
 
     @api.post("/extra-single-image", response_model=ExtraSingleImageResponse, responses=responses(409))
-    async def extra_single_image(body: ExtraSingleImageBody) -> ExtraSingleImageResponse:
-        big = await upscaled(decode_image(body.image, "image"), body.upscaling_resize, body.upscaler_1, "upscaler_1")
+    async def extra_single_image(
+        body: ExtraSingleImageBody, owner: str = Depends(owner_of)
+    ) -> ExtraSingleImageResponse:
+        image = decode_image(body.image, "image")
+        big = await upscaled(image, body.upscaling_resize, body.upscaler_1, "upscaler_1", owner)
         return ExtraSingleImageResponse(image=base64.b64encode(big).decode())
 
     @api.post("/extra-batch-images", response_model=ExtraBatchImagesResponse, responses=responses(409))
-    async def extra_batch_images(body: ExtraBatchImagesBody) -> ExtraBatchImagesResponse:
+    async def extra_batch_images(
+        body: ExtraBatchImagesBody, owner: str = Depends(owner_of)
+    ) -> ExtraBatchImagesResponse:
         out = []
         for i, item in enumerate(body.imageList):
             raw = decode_image(item.data, f"imageList[{i}].data")
-            big = await upscaled(raw, body.upscaling_resize, body.upscaler_1, "upscaler_1")
+            big = await upscaled(raw, body.upscaling_resize, body.upscaler_1, "upscaler_1", owner)
             out.append(base64.b64encode(big).decode())
         return ExtraBatchImagesResponse(images=out)
 

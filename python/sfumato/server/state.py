@@ -30,8 +30,9 @@ class ServerState:
     catalog: Catalog
     runner: JobRunner
 
-    def enqueue(self, kind: str, payload: dict[str, Any], plan: JobPlan) -> str:
-        """Store a checked job and wake the runner; returns the job id.
+    def enqueue(self, kind: str, payload: dict[str, Any], plan: JobPlan, owner: str | None = None) -> str:
+        """Store a checked job and wake the runner; returns the job id. ``owner``
+        scopes the routes that name no job (A1111's ``progress`` and ``interrupt``).
 
         Raises
         ------
@@ -39,7 +40,8 @@ class ServerState:
             409 when the queue is full.
         """
         try:
-            job = self.store.add(kind, {"payload": payload, "plan": plan.to_json()})
+            request = {"payload": payload, "plan": plan.to_json(), **({"owner": owner} if owner else {})}
+            job = self.store.add(kind, request)
         except QueueFullError as exc:
             raise ApiError(409, "queue_full", str(exc)) from None
         self.runner.wake()
@@ -101,6 +103,19 @@ def authorized(header: str, key: str) -> bool:
     elif scheme.lower() != "bearer":
         return False
     return secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+def client_key(request: Request) -> str:
+    """Who sent a request, for the routes that name no job: the user name of HTTP Basic
+    auth when there is one (A1111 clients send ``user:password``), else the client's
+    address."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return "user:" + base64.b64decode(token.strip(), validate=True).decode().partition(":")[0]
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+    return "host:" + (request.client.host if request.client is not None else "")
 
 
 def require_key(settings: ServerSettings) -> Callable[[Request], Awaitable[None]]:
