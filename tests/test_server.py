@@ -329,3 +329,24 @@ def test_a_plan_survives_its_json_round_trip(client: TestClient, settings: Serve
     plan = JobPlan.from_json(stored)
     assert plan.to_json() == stored and JobPlan.from_json(plan.to_json()) == plan
     assert plan.generation.init_image is not None and plan.generation.hires is not None
+
+
+def test_metrics_count_the_queue_in_prometheus_format(client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        response = client.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(response.text) for s in family.samples}  # fmt: skip
+
+    before = scrape()
+    assert before[("sfumato_workers", ())] == 1 and before[("sfumato_queue_depth", ())] == 0
+    done = wait_job(client, client.post("/txt2img", json=job_body()).json()["job_id"])
+    assert done["state"] == "done"
+    after = scrape()
+    assert after[("sfumato_jobs", (("state", "done"),))] == before[("sfumato_jobs", (("state", "done"),))] + 1
+    claims = ("sfumato_claim_latency_seconds_count", ())
+    assert after[claims] == before[claims] + 1
+    assert after[("sfumato_claim_latency_seconds_sum", ())] >= 0
+    assert after[("sfumato_jobs", (("state", "queued"),))] == 0

@@ -68,6 +68,7 @@ def test_jobs_are_accepted_read_and_listed(opener: Opener) -> None:
     assert store.ids_of_kind("comfyui", since=before) == [second.id] and store.active_count() == 2
     assert store.end(second.id, DONE, result={"output_paths": []})
     assert store.ids_of_kind("comfyui", active=True) == [] and store.ids_of_kind("comfyui") == [second.id]
+    assert store.counts_by_state() == {QUEUED: 1, DONE: 1}
 
 
 def test_the_queue_limit_holds_across_front_ends(opener: Opener) -> None:

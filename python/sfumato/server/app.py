@@ -18,13 +18,15 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfumato.families.detect import FAMILY_NAMES
-from sfumato.server import a1111, comfyui, errors, job_queue, openai, param_schema, workers_ai
+from sfumato.server import a1111, comfyui, errors, job_queue, metrics, openai, param_schema, workers_ai
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
+from sfumato.server.metrics import claim_latency
 from sfumato.server.runner import JobRunner
 from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState
@@ -98,7 +100,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     except StoreInUseError:
         store.close()
         raise
-    state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings))
+    registry = CollectorRegistry()
+    state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings, claim_latency(registry)))
     stop = threading.Event()
 
     def purge_loop() -> None:
@@ -165,6 +168,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(workers_ai.router(state))
     app.include_router(comfyui.router(state))
     app.include_router(comfyui.websocket_router(state))
+    app.include_router(metrics.router(state, registry))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from prometheus_client import Histogram
 
 import sfumato
 from sfumato.errors import JobCancelledError, SfumatoError
@@ -82,8 +83,11 @@ class Preview:
 class JobRunner:
     """One thread taking jobs from the store; the models it loads stay loaded."""
 
-    def __init__(self, store: JobStore, catalog: Catalog, settings: ServerSettings) -> None:
-        self.store, self.catalog, self.settings = store, catalog, settings
+    def __init__(
+        self, store: JobStore, catalog: Catalog, settings: ServerSettings, claimed: Histogram | None = None
+    ) -> None:
+        """``claimed`` observes each job's seconds from acceptance to its claim."""
+        self.store, self.catalog, self.settings, self.claimed = store, catalog, settings, claimed
         self._models: dict[str, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -99,6 +103,11 @@ class JobRunner:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the runner is taking jobs."""
+        return self._thread.is_alive() and not self._stopping
 
     def wake(self) -> None:
         """A job was added."""
@@ -210,6 +219,8 @@ class JobRunner:
                     self._wake.wait(1.0)
                     self._wake.clear()
                     continue
+                if self.claimed is not None and job.started is not None:
+                    self.claimed.observe(max(0.0, job.started - job.created))
                 try:
                     self._run(job)
                 except StoreUnavailableError:

@@ -224,6 +224,12 @@ class JobStore(ABC):
         query = f"SELECT id FROM jobs WHERE kind = ? AND created > ? AND state IN ({marks}) ORDER BY created"
         return [row["id"] for row in self._rows(query, (kind, since, *states))[0]]
 
+    def counts_by_state(self) -> dict[str, int]:
+        """How many jobs the store holds in each state (states with none are left out)."""
+        return {
+            row["state"]: int(row["n"]) for row in self._rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")[0]
+        }
+
     def active_count(self) -> int:
         """How many jobs are queued or running."""
         [row] = self._rows("SELECT COUNT(*) AS n FROM jobs WHERE state IN (?, ?)", ACTIVE)[0]
@@ -303,10 +309,11 @@ class SqliteJobStore(JobStore):
             rows = run("SELECT * FROM jobs WHERE state = ? ORDER BY created LIMIT 1", (QUEUED,))
             if not rows:
                 return None
+            started = time.time()
             run("UPDATE jobs SET state = ?, phase = ?, started = ? WHERE id = ?",
-                (PROCESSING, "starting", time.time(), rows[0]["id"]))  # fmt: skip
+                (PROCESSING, "starting", started, rows[0]["id"]))  # fmt: skip
         job = _job(rows[0])
-        job.state = PROCESSING
+        job.state, job.phase, job.started = PROCESSING, "starting", started
         return job
 
 
