@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from sfumato.cli import main
 from sfumato.server.app import announcement, create_app
+from sfumato.server.comfy_graph import compile_prompt
 from sfumato.server.jobplan import JobPlan
 from sfumato.server.models_config import ModelsConfigError, read_models_config
 from sfumato.server.openai import QUALITY_STEPS
@@ -124,6 +125,26 @@ def test_every_family_is_listed_by_every_api(family_folder: Path, tmp_path: Path
         assert client.get("/api/models/text_encoders").json() == encoders
         assert required["VAELoader"]["vae_name"][0] == ["ae.safetensors", "flux2-vae.safetensors",
                                                        "sdxl-vae.safetensors"]  # fmt: skip
+
+
+def test_comfyui_loaders_must_name_the_models_own_files(family_folder: Path, tmp_path: Path) -> None:
+    """A CLIP loader prompts a configured model only with exactly its text encoders, and
+    a VAELoader's config VAE decodes only the model that names it (no engine runs)."""
+    clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen3-4b.gguf", "type": "flux2"}}
+    good = _comfy_graph(_split_loaders("klein", clip, "flux2-vae.safetensors"), ["10", 0], ["11", 0], ["12", 0],
+                        seed=1, **ONE_STEP)  # fmt: skip
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        compiled = compile_prompt(client.app.state.sfumato, good)  # type: ignore[attr-defined]
+        assert (compiled.plan.model, compiled.plan.vae, compiled.loader) == ("klein", None, "10")
+        assert compiled.plan.generation.steps == 1  # the graph's own, not the config's 4
+        wrong_clip = {**good, "11": {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors",
+                                                                            "type": "stable_diffusion"}}}  # fmt: skip
+        errors = client.post("/prompt", json={"prompt": wrong_clip}).json()["node_errors"]
+        [error] = errors["3"]["errors"]
+        assert error["extra_info"]["input_name"] == "positive" and "qwen3-4b.gguf" in error["details"]
+        wrong_vae = {**good, "12": {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl-vae.safetensors"}}}
+        [error] = client.post("/prompt", json={"prompt": wrong_vae}).json()["node_errors"]["8"]["errors"]
+        assert error["extra_info"]["input_name"] == "vae" and "flux2-vae.safetensors" in error["details"]
 
 
 def test_a_configs_models_carry_their_files_and_defaults(family_folder: Path) -> None:
