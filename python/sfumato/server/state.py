@@ -91,15 +91,28 @@ def output_images(job: Job) -> list[bytes]:
 AUTH_HINT = "this server needs 'Authorization: Bearer <api key>' (or HTTP Basic with the key as the password)"
 
 
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """The user name and password of an HTTP Basic ``Authorization`` header (``None``
+    for another scheme or a token that does not decode)."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user, password
+
+
 def authorized(header: str, key: str) -> bool:
     """Whether an ``Authorization`` header carries ``key``: as a Bearer token, or as
     the password of HTTP Basic (any user name), as A1111 clients send it."""
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() == "basic":
-        try:
-            token = base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
+        credentials = basic_credentials(header)
+        if credentials is None:
             return False
+        token = credentials[1]
     elif scheme.lower() != "bearer":
         return False
     return secrets.compare_digest(token.strip().encode(), key.encode())
@@ -109,12 +122,9 @@ def client_key(request: Request) -> str:
     """Who sent a request, for the routes that name no job: the user name of HTTP Basic
     auth when there is one (A1111 clients send ``user:password``), else the client's
     address."""
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            return "user:" + base64.b64decode(token.strip(), validate=True).decode().partition(":")[0]
-        except (binascii.Error, UnicodeDecodeError):
-            pass
+    credentials = basic_credentials(request.headers.get("authorization", ""))
+    if credentials is not None:
+        return "user:" + credentials[0]
     return "host:" + (request.client.host if request.client is not None else "")
 
 
