@@ -40,6 +40,7 @@ CASE_ORDER = (
     "scaling",
     "taesd",
     "previews",
+    "queue",
 )
 
 

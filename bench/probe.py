@@ -13,6 +13,9 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
+- ``queue``: the job store's claims, no engine: ``jobs`` queued jobs on ``store``
+  (a ``postgresql://`` URL, or ``None`` for SQLite in ``folder``) claimed and ended
+  by ``connections`` threads, each a worker with a connection of its own.
 """
 
 from __future__ import annotations
@@ -140,7 +143,49 @@ def upscale(config: dict[str, Any]) -> dict[str, float]:
     return {"upscale_s": done - loaded, "load_s": loaded - started, "out_mp": megapixels}
 
 
-KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale}
+def queue(config: dict[str, Any]) -> dict[str, float]:
+    import threading
+
+    from sfumato.server.store import DONE, open_store
+
+    def opened() -> Any:
+        return open_store(config["store"], Path(config["folder"]) / "jobs.sqlite3", config["jobs"] + 1)
+
+    filler = opened()
+    for i in range(config["jobs"]):
+        filler.add("txt2img", {"payload": {"i": i}}, "m")
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        store, mine = opened(), []
+        while True:
+            began = time.perf_counter()
+            job = store.claim(f"w{n}", ["m"], ["m"])
+            mine.append(time.perf_counter() - began)
+            if job is None:
+                break
+            store.end(job.id, DONE, result={}, claim=job.claim, images=[b"x" * 1024])
+        store.close()
+        with lock:
+            latencies.extend(mine[:-1])  # the last one found the queue empty
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(config["connections"])]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    counts = filler.counts_by_state()
+    filler.close()
+    assert counts == {DONE: config["jobs"]}, counts  # each job claimed and ended once
+    ms = np.array(latencies) * 1000
+    return {"jobs_per_s": config["jobs"] / elapsed, "claim_p50_ms": float(np.percentile(ms, 50)),
+            "claim_p99_ms": float(np.percentile(ms, 99))}  # fmt: skip
+
+
+KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale, "queue": queue}
 
 
 def main() -> None:

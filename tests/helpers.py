@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -93,6 +94,19 @@ def wait_job(
             return status
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not reach {states}: {status}")
+
+
+def sse_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """A job's server-sent events (``GET /queue/{id}/events``) to its end, as (event, data)."""
+    out = []
+    with client.stream("GET", f"/queue/{job_id}/events") as stream:
+        name = ""
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                out.append((name, json.loads(line.removeprefix("data: "))))
+    return out
 
 
 def error_body(response: Any, status: int, field: str | None = None) -> dict[str, Any]:

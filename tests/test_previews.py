@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 from typing import Any
 
@@ -20,7 +19,7 @@ from PIL import Image
 
 import sfumato
 
-from .helpers import SIZE, job_body, run, sfumato_cli, wait_job
+from .helpers import SIZE, job_body, run, sfumato_cli, sse_events, wait_job
 
 
 def _size(png: bytes) -> tuple[int, int]:
@@ -61,28 +60,16 @@ def test_the_cli_writes_the_latest_preview(sd1_tiny_gguf: Any, tmp_path: Any) ->
     assert _size((tmp_path / "sfumato_preview.png").read_bytes()) == (SIZE // 8, SIZE // 8)
 
 
-def _events(client: TestClient, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    with client.stream("GET", f"/queue/{job_id}/events") as stream:
-        name = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                out.append((name, json.loads(line.removeprefix("data: "))))
-    return out
-
-
 def test_job_queue_events_carry_previews(client: TestClient) -> None:
     job_id = client.post("/txt2img", json=job_body(steps=6, preview=True, fileType="png")).json()["job_id"]
-    events = _events(client, job_id)
+    events = sse_events(client, job_id)
     previews = [data for name, data in events if name == "preview"]
     assert previews and all(p["job_id"] == job_id and 1 <= p["step"] <= 6 for p in previews)
     assert [p["step"] for p in previews] == sorted({p["step"] for p in previews})
     assert _size(base64.b64decode(previews[-1]["image"])) == (SIZE // 8, SIZE // 8)
     assert events[-1][0] == "progress" and events[-1][1]["state"] == "done"
     plain = client.post("/txt2img", json=job_body(steps=6, fileType="png")).json()["job_id"]
-    assert not [name for name, _ in _events(client, plain) if name == "preview"]
+    assert not [name for name, _ in sse_events(client, plain) if name == "preview"]
     assert wait_job(client, plain)["image"] == wait_job(client, job_id)["image"]
 
 

@@ -211,34 +211,17 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     defaults = ServerSettings()
     srv.add_argument("--host", default=defaults.host, help=f"default: {defaults.host}")
     srv.add_argument("--port", type=int, default=defaults.port, help=f"default: {defaults.port}")
-    srv.add_argument("--models", type=Path, default=defaults.models_dir, help="models folder (default: ./models)")
-    srv.add_argument("--loras", type=Path, default=defaults.loras_dir, help="LoRA folder (default: ./loras)")
-    srv.add_argument("--upscalers", type=Path, default=defaults.upscalers_dir, help="default: ./upscalers")
+    wrk = sub.add_parser("worker", help="run jobs from a PostgreSQL job store that sfumato serve front ends share")
+    for command in (srv, wrk):
+        _folder_flags(command, defaults)
     srv.add_argument(
-        "--controlnets", type=Path, default=defaults.controlnets_dir, help="ControlNet folder (./controlnets)"
-    )
-    srv.add_argument(
-        "--config", type=Path, default=None, metavar="TOML",
-        help="models config: models made of several files, per-model defaults (default: models.toml in --models)",
-    )  # fmt: skip
-    srv.add_argument(
-        "--vaes", type=Path, default=defaults.vaes_dir, help="separate VAE files models may decode with (./vaes)"
-    )
-    srv.add_argument(
-        "--embeddings", type=Path, default=defaults.embeddings_dir, help="textual-inversion embeddings (./embeddings)"
-    )
-    srv.add_argument(
-        "--data", type=Path, default=defaults.data_dir, help="job store and outputs/ folder (default: ./sfumato-data)"
-    )
-    srv.add_argument(
-        "--store", default=None, metavar="URL",
-        help="the job store: postgresql://... (or set SFUMATO_STORE); default: SQLite in --data",
+        "--workers", type=int, choices=(0, 1), default=defaults.workers,
+        help="1: run jobs in this server (default); 0: a front end for sfumato worker processes (PostgreSQL only)",
     )  # fmt: skip
     srv.add_argument("--default-model", default=None, help="model name used when a request names none")
     srv.add_argument("--queue-size", type=int, default=defaults.queue_size, help="max jobs waiting or running")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SFUMATO_API_KEY)")
     srv.add_argument("--retention-hours", type=float, default=defaults.retention_s / 3600, help="keep finished jobs")
-    srv.add_argument("--threads", type=int, default=None, help="CPU threads per model")
     srv.add_argument(
         "--preview-method", choices=PREVIEW_METHODS, default=defaults.preview_method,
         help="live previews of ComfyUI API prompts, as ComfyUI's flag (default: none)",
@@ -258,6 +241,38 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     info.add_argument("--json", action="store_true")
     sub.add_parser("models", help="list the registry constants and whether they are cached")
     return parser
+
+
+def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) -> None:
+    """The flags ``serve`` and ``worker`` share: the folders, the store, the lease, threads."""
+    command.add_argument("--models", type=Path, default=defaults.models_dir, help="models folder (default: ./models)")
+    command.add_argument("--loras", type=Path, default=defaults.loras_dir, help="LoRA folder (default: ./loras)")
+    command.add_argument("--upscalers", type=Path, default=defaults.upscalers_dir, help="default: ./upscalers")
+    command.add_argument(
+        "--controlnets", type=Path, default=defaults.controlnets_dir, help="ControlNet folder (./controlnets)"
+    )
+    command.add_argument(
+        "--config", type=Path, default=None, metavar="TOML",
+        help="models config: models made of several files, per-model defaults (default: models.toml in --models)",
+    )  # fmt: skip
+    command.add_argument(
+        "--vaes", type=Path, default=defaults.vaes_dir, help="separate VAE files models may decode with (./vaes)"
+    )
+    command.add_argument(
+        "--embeddings", type=Path, default=defaults.embeddings_dir, help="textual-inversion embeddings (./embeddings)"
+    )
+    command.add_argument(
+        "--data", type=Path, default=defaults.data_dir, help="job store and outputs/ folder (default: ./sfumato-data)"
+    )
+    command.add_argument(
+        "--store", default=None, metavar="URL",
+        help="the job store: postgresql://... (or set SFUMATO_STORE); default: SQLite in --data",
+    )  # fmt: skip
+    command.add_argument(
+        "--lease", type=float, default=defaults.lease_s, metavar="SECONDS",
+        help=f"how long a worker's claim holds without its heartbeat (default: {defaults.lease_s:g})",
+    )  # fmt: skip
+    command.add_argument("--threads", type=int, default=None, help="CPU threads per model")
 
 
 def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -396,6 +411,17 @@ def _upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
+    """The settings of ``serve`` or ``worker`` from their shared flags (and ``more``)."""
+    import os
+
+    return ServerSettings(
+        models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers, embeddings_dir=args.embeddings,
+        controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data, models_config=args.config,
+        store=args.store or os.environ.get("SFUMATO_STORE"), lease_s=args.lease, threads=args.threads, **more,
+    )  # fmt: skip
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -403,17 +429,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.queue_size < 1:
         raise SfumatoError(f"--queue-size must be at least 1, got {args.queue_size}")
-    settings = ServerSettings(
-        host=args.host, port=args.port, models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers,
-        embeddings_dir=args.embeddings, controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data,
-        models_config=args.config, default_model=args.default_model,
-        store=args.store or os.environ.get("SFUMATO_STORE"),
+    settings = _settings(
+        args, host=args.host, port=args.port, default_model=args.default_model, workers=args.workers,
         queue_size=args.queue_size, api_key=args.api_key or os.environ.get("SFUMATO_API_KEY"),
-        retention_s=args.retention_hours * 3600, threads=args.threads, max_pixels=args.max_pixels,
+        retention_s=args.retention_hours * 3600, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, allow_private_urls=args.allow_private_urls,
         preview_method=args.preview_method,
     )  # fmt: skip
     serve(settings, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from sfumato.server.worker import work
+
+    logging.getLogger("sfumato").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    work(_settings(args))
     return 0
 
 
@@ -487,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sfumato`` command; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
-    handlers = {"generate": _generate, "upscale": _upscale, "serve": _serve, "info": _info, "models": _models}
+    handlers = {"generate": _generate, "upscale": _upscale, "serve": _serve, "worker": _worker, "info": _info,
+                "models": _models}  # fmt: skip
     try:
         return handlers[args.command](args)
     except SfumatoError as exc:

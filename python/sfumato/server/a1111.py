@@ -42,8 +42,8 @@ from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import FileType, Generation, JobPlan, Upscale
 from sfumato.server.plans import decode_image, job_plan, left_unset, pick_entry, prompt_loras
-from sfumato.server.state import ServerState, client_key, output_images, require_key
-from sfumato.server.store import CANCELLED, DONE
+from sfumato.server.state import ServerState, client_key, require_key
+from sfumato.server.store import CANCELLED, DONE, PROCESSING
 
 PREFIX = "/sdapi/v1"
 
@@ -398,10 +398,6 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix=PREFIX)
     extension = APIRouter(prefix="/controlnet")  # the ControlNet extension's own routes
 
-    def owns(job_id: str, owner: str) -> bool:
-        job = state.store.get(job_id)
-        return job is not None and job.request.get("owner") == owner
-
     def options() -> dict[str, Any]:
         """A1111's settings: its defaults, what clients stored, and the current model's title."""
         current = state.catalog.model(current_model() or "")
@@ -447,7 +443,7 @@ def router(state: ServerState) -> APIRouter:
         scheduler = body.scheduler or names.scheduler_title(params.scheduler)
         texts = [infotext(params, job.result.get("seed", params.seed) + i, sampler, scheduler, plan.model,
                           kind == "img2img") for i in range(params.batch_count)]  # fmt: skip
-        made = [with_infotext(data, text) for data, text in zip(output_images(job), texts, strict=False)]
+        made = [with_infotext(data, text) for data, text in zip(state.images(job), texts, strict=False)]
         images = [base64.b64encode(data).decode() for data in made] if body.send_images else []
         info = {
             "prompt": params.prompt, "negative_prompt": params.negative_prompt, "seed": job.result.get("seed"),
@@ -473,45 +469,43 @@ def router(state: ServerState) -> APIRouter:
         address; another client's or API's job is not shown), and its latest live preview
         as ``current_image`` (the options ``live_previews_enable`` and
         ``show_progress_every_n_steps`` govern them)."""
-        live = state.runner.live
-        if not live or not owns(live["job_id"], owner):
+        jobs = state.store.active_of(owner)
+        job = jobs[0] if jobs and jobs[0].state == PROCESSING else None
+        if job is None:  # none of its jobs runs, on any worker
             return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
-        preview = state.runner.preview
+        step, steps = state.sampling_step(job) or (0, 0)  # from whichever worker runs it
+        preview = state.preview(job.id)
         current = None
-        if not skip_current_image and preview is not None and preview.job_id == live["job_id"]:
+        if not skip_current_image and preview is not None:
             current = base64.b64encode(preview.png).decode()
-        tick = live["tick"]
-        job = state.store.get(live["job_id"])
-        done = (job.progress if job else 0.0) / 100.0
-        elapsed = time.perf_counter() - live["started"]
+        done = job.progress / 100.0
+        elapsed = max(0.0, time.time() - (job.started or time.time()))
         eta = elapsed / done - elapsed if done > 0 else 0.0
-        sampling = tick.phase in ("sampling", "hires")
         return ProgressResponse(
             progress=done,
             eta_relative=round(eta, 2),
-            state=ProgressState(
-                job=live["job_id"], job_count=1,
-                sampling_step=tick.step if sampling else 0, sampling_steps=tick.total_steps if sampling else 0,
-            ),
-            textinfo=job.phase if job else None, current_image=current, current_task=live["job_id"],
+            state=ProgressState(job=job.id, job_count=1, sampling_step=step, sampling_steps=steps),
+            textinfo=job.phase, current_image=current, current_task=job.id,
         )  # fmt: skip
 
     @api.post("/interrupt", responses=responses())
     def interrupt(owner: str = Depends(owner_of)) -> dict[str, Any]:
         """Stop this client's running A1111 job (never another client's or another API's);
         the A1111 request waiting on it gets the images it finished."""
-        live = state.runner.live
-        if live and owns(live["job_id"], owner):
-            state.runner.cancel(live["job_id"])
+        for job in state.store.active_of(owner):
+            if job.state == PROCESSING:  # on whichever worker runs it
+                state.runner.cancel(job.id)
         return {}
 
     @api.get("/sd-models", responses=responses())
     def sd_models() -> list[dict[str, Any]]:
-        """The models folder; ``title`` is the name ``options.sd_model_checkpoint`` says."""
+        """The models folder; ``title`` is the name ``options.sd_model_checkpoint`` says,
+        ``sha256`` (and ``hash``, its first 10 digits) once a worker hashed the file."""
         return [
-            {"title": e.file_name, "model_name": e.name, "hash": None, "sha256": None,
+            {"title": e.file_name, "model_name": e.name, "hash": sha[:10] if sha else None, "sha256": sha,
              "filename": str(e.path), "config": None}
             for e in state.catalog.models()
+            for sha in [state.catalog.identity(e, compute=False)]
         ]  # fmt: skip
 
     @api.get("/samplers", responses=responses())
@@ -618,7 +612,7 @@ def router(state: ServerState) -> APIRouter:
             plan = JobPlan(model=upscaler, work=Upscale(image=raw, repeats=repeats))
             payload = {"upscaling_resize": resize, "upscaler_1": upscaler}
             job = await state.wait_final(state.enqueue("extra-single-image", payload, plan, owner))
-            images = output_images(job)
+            images = state.images(job)
             if job.state != DONE or not images:
                 raise ApiError(409, "job_ended", f"the upscale ended {job.state}: {job.error}")
             big = images[0]

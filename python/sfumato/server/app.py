@@ -16,12 +16,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sfumato.errors import SfumatoError
 from sfumato.families.detect import FAMILY_NAMES
 from sfumato.server import a1111, comfyui, errors, job_queue, metrics, openai, param_schema, workers_ai
 from sfumato.server.catalog import Catalog
@@ -29,12 +30,12 @@ from sfumato.server.errors import error_response
 from sfumato.server.metrics import claim_latency
 from sfumato.server.runner import JobRunner
 from sfumato.server.settings import ServerSettings
-from sfumato.server.state import ServerState
-from sfumato.server.store import StoreInUseError, StoreUnavailableError, open_store
+from sfumato.server.state import ServerState, require_key
+from sfumato.server.store import StoreUnavailableError, WorkerInfo, open_store
 from sfumato.server.store_pg import describe
 
 logger = logging.getLogger("sfumato.server")
-PURGE_EVERY_S = 60.0
+PURGE_EVERY_S = 10.0
 PAGE = resources.files("sfumato.server").joinpath("page.html").read_text(encoding="utf-8")
 
 
@@ -78,9 +79,21 @@ class Hello(BaseModel):
 
 
 def _purge(state: ServerState) -> None:
+    """Retention (the images in the store and this machine's files), and the jobs of lost
+    workers back to the queue."""
     for job in state.store.purge(state.settings.retention_s):
         for path in job.result.get("output_paths", []):
             Path(path).unlink(missing_ok=True)
+    again, lost = state.store.expire()
+    if again or lost:
+        logger.warning("queued again %d job(s) whose workers were lost; %d failed as lost", again, lost)
+
+
+class WorkersResponse(BaseModel):
+    """The live workers: where each runs, the models it serves (with their sha256 on a
+    shared store) and has loaded, and its load."""
+
+    workers: list[WorkerInfo]
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -92,16 +105,16 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         When the models config cannot be served (naming its file, model and key).
     """
     settings = settings or ServerSettings()
+    if settings.workers not in (0, 1):
+        raise SfumatoError(f"--workers: {settings.workers} is not allowed: 1 (run jobs here) or 0 (a front end)")
+    if settings.workers == 0 and not settings.store:
+        raise SfumatoError("--workers 0: a front end needs a store that workers share: --store postgresql://...")
     catalog = Catalog(settings)
     catalog.configured()  # a broken models config stops the server before it starts
     store = open_store(settings.store, settings.db_path, settings.queue_size)
-    try:
-        store.hold_exclusive()
-    except StoreInUseError:
-        store.close()
-        raise
     registry = CollectorRegistry()
-    state = ServerState(settings, store, catalog, JobRunner(store, catalog, settings, claim_latency(registry)))
+    runner = JobRunner(store, catalog, settings, claim_latency(registry), settings.lease_s)
+    state = ServerState(settings, store, catalog, runner)
     stop = threading.Event()
 
     def purge_loop() -> None:
@@ -114,21 +127,24 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
-            requeued = store.recover()
-            if requeued:
-                logger.info("queued again %d job(s) that were running when the server stopped", requeued)
+            if settings.workers:
+                requeued = store.recover()
+                if requeued:
+                    logger.info("queued again %d job(s) whose worker stopped while running them", requeued)
             _purge(state)
         except StoreUnavailableError as exc:  # the routes answer 503 until it is back
             logger.error("%s", exc)
         # Read the model headers now, not while the first requests wait.
         catalog.models()
         catalog.upscalers()
-        state.runner.start()
+        if settings.workers:
+            state.runner.start()
         purger = threading.Thread(target=purge_loop, name="sfumato-purge", daemon=True)
         purger.start()
         yield
         stop.set()
-        state.runner.stop()
+        if settings.workers:
+            state.runner.stop()
         store.close()
 
     app = FastAPI(
@@ -155,6 +171,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         needs the API key. (A fixed path: job ids are UUIDs, never ``status``.)"""
         return {"msg": "estimation", "rank": None, "queue_size": store.active_count(), "rank_eta": None,
                 "avg_event_process_time": None, "avg_event_concurrent_process_time": None}  # fmt: skip
+
+    @app.get("/workers", response_model=WorkersResponse, tags=["operations"], responses=errors.responses(),
+             dependencies=[Depends(require_key(settings))])  # fmt: skip
+    def workers() -> WorkersResponse:
+        """The live workers (this server's own, and ``sfumato worker`` processes on the
+        same store): their models, those loaded, and their load."""
+        return WorkersResponse(workers=store.workers(settings.lease_s))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:

@@ -6,7 +6,10 @@ here, never joined onto a path, so no name can reach outside its folder.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from sfumato.families.companions import family_files
 from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
 from sfumato.families.embeddings import Embedding, NotAnEmbeddingError, read_embedding
 from sfumato.families.embeddings import scan as scan_embeddings
+from sfumato.registry import cache_dir
 from sfumato.server.models_config import ConfiguredModel, ModelsConfigError, read_models_config
 from sfumato.server.settings import ServerSettings
 
@@ -24,6 +28,50 @@ logger = logging.getLogger("sfumato.server")
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
 TAESD_SIDECAR = ".taesd.safetensors"
+UPSCALER = "upscaler:"
+"""How a worker registers an upscaler, and how an upscale job names its model to route it."""
+HASHES = "sha256.json"
+"""The file of known hashes in the model cache folder, by file path, size and mtime."""
+
+_hashes_lock = threading.Lock()
+_hashes_seen: dict[str, str] = {}  # this process's, so that a heartbeat reads no file
+
+
+def _known_hashes() -> dict[str, str]:
+    try:
+        found = json.loads((cache_dir() / HASHES).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def file_sha256(path: Path, compute: bool = True) -> str | None:
+    """A file's sha256 (A1111's model hash), computed once per version of the file (its
+    path, size and mtime) and kept in the model cache folder; ``None`` when not known
+    yet and not ``compute``."""
+    real = path.resolve()
+    stat = real.stat()
+    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+    with _hashes_lock:
+        known = _hashes_seen.get(key) or _known_hashes().get(key)
+        if known is not None:
+            _hashes_seen[key] = known
+    if known is not None or not compute:
+        return known
+    digest = hashlib.sha256()
+    with open(real, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _hashes_lock:  # other processes may write it too: each write replaces it whole
+        _hashes_seen[key] = value
+        known_now = {**_known_hashes(), key: value}
+        target = cache_dir() / HASHES
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = target.with_name(f"{HASHES}.{os.getpid()}.{threading.get_ident()}")
+        scratch.write_text(json.dumps(known_now, indent=0))
+        os.replace(scratch, target)
+    return value
 
 
 def taesd_sidecar(model: Path) -> Path:
@@ -192,3 +240,24 @@ class Catalog:
 
     def model(self, name: str) -> Entry | None:
         return next((e for e in self.models() if e.name == name), None)
+
+    def entry(self, route: str) -> Entry | None:
+        """The model or (``upscaler:NAME``) upscaler a job's route names."""
+        if route.startswith(UPSCALER):
+            return next((e for e in self.upscalers() if e.name == route.removeprefix(UPSCALER)), None)
+        return self.model(route)
+
+    def identity(self, entry: Entry, compute: bool = True) -> str | None:
+        """What a model is, whatever its name: the sha256 of its file; for a diffusers
+        folder or a configured model of several files, the sha256 of its files' hashes
+        in order. ``None`` when not known yet and not ``compute``."""
+        if entry.config is not None:
+            files = [entry.path, *(entry.config.companions[role] for role in sorted(entry.config.companions))]
+        elif entry.path.is_dir():
+            files = sorted(p for p in entry.path.rglob("*") if p.is_file())
+        else:
+            return file_sha256(entry.path, compute)
+        parts = [file_sha256(file, compute) for file in files]
+        if any(part is None for part in parts):
+            return None
+        return hashlib.sha256("\n".join(f"{p}" for p in parts).encode()).hexdigest()

@@ -26,20 +26,19 @@ from typing import Any
 
 import psutil
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 import sfumato
 from sfumato.errors import InvalidParameterError
 from sfumato.server.comfy_graph import MODEL_FOLDERS, GraphError, choices, compile_prompt, object_info
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import check_image
-from sfumato.server.state import AUTH_HINT, ServerState, authorized, require_key
+from sfumato.server.state import AUTH_HINT, ServerState, authorized, require_key, stored_images
 from sfumato.server.store import ACTIVE, CANCELLED, DONE, FINAL, PROCESSING, QUEUED, Job
 
 KIND = "comfyui"
 POLL_S = 0.1
 PREVIEW_IMAGE, PNG = 1, 2  # ComfyUI's binary event type and image type
-SAMPLING_PHASES = ("sampling", "hires", "refiner")
 
 
 def _ms(seconds: float | None) -> int:
@@ -166,15 +165,26 @@ def router(state: ServerState) -> APIRouter:
             return {}
         return {job.id: _history_entry(job)}
 
-    def view(filename: str, type: str = "output", subfolder: str = "") -> FileResponse:
-        """An output image (``type`` output or temp) or an uploaded one (``type`` input)."""
+    def view(filename: str, type: str = "output", subfolder: str = "") -> Response:
+        """An output image (``type`` output or temp), from the job store whichever machine
+        made it, or an uploaded one (``type`` input)."""
         if type not in ("output", "temp", "input"):
             raise InvalidParameterError("type", f"is {type!r}; use output, temp or input")
-        folder = settings.inputs_dir if type == "input" else settings.outputs_dir
-        path = _inside(folder, subfolder if type == "input" else "", filename, "filename")
+        missing = ApiError(404, "not_found", f"no {type} image named {filename!r}", "filename")
+        media = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        if type != "input":
+            _inside(settings.outputs_dir, "", filename, "filename")  # refuses paths
+            stem = PurePosixPath(filename).stem
+            job = store.get(stem[:36])
+            index = stem[37:] if stem[36:37] == "-" else "0" if len(stem) == 36 else ""
+            images = stored_images(store, job) if job is not None and index.isdigit() else []
+            image = images[int(index)] if index.isdigit() and int(index) < len(images) else None
+            if image is None:
+                raise missing
+            return Response(image, media_type=media)
+        path = _inside(settings.inputs_dir, subfolder, filename, "filename")
         if not path.is_file():
-            raise ApiError(404, "not_found", f"no {type} image named {filename!r}", "filename")
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            raise missing
         return FileResponse(path, media_type=media)
 
     async def upload_image(
@@ -264,7 +274,7 @@ def router(state: ServerState) -> APIRouter:
     add("/prompt", prompt, "POST")
     add("/history", history, "GET")
     add("/history/{prompt_id}", history_of, "GET")
-    add("/view", view, "GET", response_class=FileResponse)
+    add("/view", view, "GET", response_class=Response)
     add("/upload/image", upload_image, "POST")
     add("/object_info", nodes, "GET")
     add("/object_info/{node_class}", node, "GET")
@@ -360,18 +370,17 @@ class _Follower:
         if node != shown:
             self.followed[job.id] = node
             await self.send("executing", {"node": node, "display_node": node, "prompt_id": job.id})
-        live = self.state.runner.live
-        tick = live.get("tick") if live.get("job_id") == job.id else None
-        if tick is not None and tick.phase in SAMPLING_PHASES and self.steps.get(job.id) != tick.step:
-            self.steps[job.id] = tick.step
-            await self.send("progress", {"value": tick.step, "max": tick.total_steps, "prompt_id": job.id,
+        step = self.state.sampling_step(job)
+        if step is not None and self.steps.get(job.id) != step[0]:
+            self.steps[job.id] = step[0]
+            await self.send("progress", {"value": step[0], "max": step[1], "prompt_id": job.id,
                                          "node": payload["sampler"] or node})  # fmt: skip
         await self._preview(job)
 
     async def _preview(self, job: Job) -> None:
         """The job's latest preview, if this client has not seen it: ComfyUI's binary frame."""
-        preview = self.state.runner.preview
-        if preview is not None and preview.job_id == job.id and preview.serial > self.previews.get(job.id, 0):
+        preview = self.state.preview(job.id)
+        if preview is not None and preview.serial > self.previews.get(job.id, 0):
             self.previews[job.id] = preview.serial
             await self.websocket.send_bytes(struct.pack(">II", PREVIEW_IMAGE, PNG) + preview.png)
 

@@ -9,7 +9,6 @@ import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -23,10 +22,9 @@ from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import JobPlan
 from sfumato.server.plans import decode_image, job_plan, left_unset
-from sfumato.server.runner import read_output
 from sfumato.server.settings import ServerSettings
-from sfumato.server.state import ServerState, require_key
-from sfumato.server.store import DONE, FINAL, Job
+from sfumato.server.state import ServerState, require_key, stored_images
+from sfumato.server.store import DONE, FINAL, Job, JobStore
 
 
 class LoRA(BaseModel):
@@ -212,9 +210,9 @@ def limits(settings: ServerSettings) -> Limits:
     )  # fmt: skip
 
 
-def thumbnail(path: str, side: int) -> bytes:
-    """A PNG of the image at ``path``, its longer side at most ``side`` pixels."""
-    with Image.open(path) as image:
+def thumbnail(data: bytes, side: int) -> bytes:
+    """A PNG of the image ``data``, its longer side at most ``side`` pixels."""
+    with Image.open(io.BytesIO(data)) as image:
         image.thumbnail((side, side))
         out = io.BytesIO()
         image.save(out, format="PNG")
@@ -247,7 +245,7 @@ def _prompt(job: Job) -> str:
     return JobPlan.stored_prompt(job.request["plan"])
 
 
-def status_of(job: Job) -> QueueStatusResponse:
+def status_of(store: JobStore, job: Job) -> QueueStatusResponse:
     """Seed 002's queue status of a job; the image and payload once it is done."""
     out = QueueStatusResponse(
         status="error" if job.state == "error" else "success",
@@ -260,7 +258,7 @@ def status_of(job: Job) -> QueueStatusResponse:
     if job.state == DONE:
         result = job.result
         paths = result["output_paths"]
-        images = [base64.b64encode(data).decode() if data is not None else None for data in map(read_output, paths)]
+        images = [base64.b64encode(data).decode() if data is not None else None for data in stored_images(store, job)]
         out.payload = job.request["payload"]
         out.image, out.output_path = images[0], paths[0]
         for key in ("width", "height", "file_type", "jpeg_quality", "generation_time_sec",
@@ -330,7 +328,7 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404))
     def queue_status(job_id: str) -> QueueStatusResponse:
-        return status_of(find(job_id))
+        return status_of(state.store, find(job_id))
 
     @api.get("/limits", response_model=Limits, responses=responses())
     def form_limits() -> Limits:
@@ -346,17 +344,17 @@ def router(state: ServerState) -> APIRouter:
         job = find(job_id)
         if job.state != DONE:
             raise ApiError(409, "no_image", f"job {job_id!r} has no image: it is {job.state}", "job_id")
-        path = job.result["output_paths"][0]
-        if not Path(path).is_file():
+        image = next(iter(stored_images(state.store, job)), None)
+        if image is None:
             raise ApiError(404, "not_found", f"the image of job {job_id!r} is gone from the outputs folder", "job_id")
-        return Response(thumbnail(path, size), media_type="image/png")
+        return Response(thumbnail(image, size), media_type="image/png")
 
     @api.delete("/queue/{job_id}", response_model=QueueStatusResponse, responses=responses(404, 409))
     def cancel(job_id: str) -> QueueStatusResponse:
         job = find(job_id)
         if job.state in FINAL or not state.runner.cancel(job_id):
             raise ApiError(409, "job_ended", f"job {job_id!r} has ended already ({find(job_id).state})", "job_id")
-        return status_of(find(job_id))
+        return status_of(state.store, find(job_id))
 
     @api.get(
         "/queue/{job_id}/events",
@@ -368,8 +366,8 @@ def router(state: ServerState) -> APIRouter:
         async def stream() -> AsyncIterator[str]:
             shown = 0
             async for job in state.follow(job_id, request):
-                preview = state.runner.preview
-                if preview is not None and preview.job_id == job_id and preview.serial > shown:
+                preview = state.preview(job_id)
+                if preview is not None and preview.serial > shown:
                     shown = preview.serial
                     image = {"job_id": job_id, "step": preview.step, "total_steps": preview.total_steps,
                              "image": base64.b64encode(preview.png).decode()}  # fmt: skip

@@ -32,7 +32,7 @@ def claim_latency(registry: CollectorRegistry) -> Histogram:
 
 
 class QueueCollector(Collector):
-    """Jobs by state, the queue's depth and the runners taking jobs, read at each scrape."""
+    """Jobs by state, the queue's depth and the live workers, read from the store at each scrape."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -44,8 +44,8 @@ class QueueCollector(Collector):
             jobs.add_metric([name], counts.get(name, 0))
         yield jobs
         yield GaugeMetricFamily("sfumato_queue_depth", "Jobs waiting to be claimed", value=counts.get(QUEUED, 0))
-        running = 1 if self.state.runner.running else 0
-        yield GaugeMetricFamily("sfumato_workers", "Runners taking jobs (this server's own)", value=running)
+        live = len(self.state.store.workers(self.state.settings.lease_s))
+        yield GaugeMetricFamily("sfumato_workers", "Live workers on this job store (on every machine)", value=live)
 
 
 def router(state: ServerState, registry: CollectorRegistry) -> APIRouter:

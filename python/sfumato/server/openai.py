@@ -40,7 +40,7 @@ from sfumato.server import names
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobplan import FileType, JobPlan
 from sfumato.server.plans import check_image, job_plan, left_unset
-from sfumato.server.state import ServerState, output_images, require_key
+from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import CANCELLED, ERROR
 
 PREFIX = "/v1/images"
@@ -184,7 +184,7 @@ def router(state: ServerState) -> APIRouter:
         event = "image_generation" if kind == "generations" else "image_edit"
         if not body.stream:
             job = await state.wait_final(job_id)
-            images = output_images(job)
+            images = state.images(job)
             if job.state == CANCELLED and not images:
                 raise ApiError(409, "job_cancelled", job.error or "the job was cancelled", "job_id")
             data = [ImageData(b64_json=base64.b64encode(i).decode()) for i in images]
@@ -195,8 +195,8 @@ def router(state: ServerState) -> APIRouter:
         async def stream() -> AsyncIterator[str]:
             partial, shown = 0, 0
             async for job in state.follow(job_id, request):
-                preview = state.runner.preview
-                fresh = preview is not None and preview.job_id == job_id and preview.serial > shown
+                preview = state.preview(job_id)
+                fresh = preview is not None and preview.serial > shown
                 if preview is not None and fresh and partial < body.partial_images:
                     partial, shown = partial + 1, preview.serial
                     b64 = base64.b64encode(preview.png).decode()
@@ -213,7 +213,7 @@ def router(state: ServerState) -> APIRouter:
                             "progress": round(job.progress / 100, 3), "phase": job.phase}  # fmt: skip
                     yield f"event: {event}.progress\ndata: {json.dumps(tick)}\n\n"
                     continue
-                for data in output_images(job):
+                for data in state.images(job):
                     b64 = base64.b64encode(data).decode()
                     done = {"type": f"{event}.completed", "created_at": now, "b64_json": b64, **shape}
                     yield f"event: {event}.completed\ndata: {json.dumps(done)}\n\n"

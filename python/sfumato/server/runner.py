@@ -1,19 +1,24 @@
-"""Runs the stored jobs, oldest first, on the SDK (a worker process per model).
+"""Runs the stored jobs, oldest first, on the SDK (a worker process per model): the
+worker of ``sfumato worker``, and the one inside ``sfumato serve``.
 
-The store is the queue: the runner takes the oldest queued job, marks it
-processing, reports its progress into the store as it runs, and writes its
-outcome there. A job that is running when the server stops stays marked
-processing, and :meth:`JobStore.recover` queues it again at the next start.
+The store is the queue: the runner claims the oldest queued job for a model it
+serves, under a lease its heartbeat renews, reports its progress into the store
+as it runs, and writes its outcome and images there. Its writes count only while
+its claim owns the job: a job cancelled by request, or taken back because its
+lease ran out, stops at the next step. A runner that stops gives its running job
+back to the queue; one that dies leaves it to the lease's end.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +29,22 @@ import sfumato
 from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.families.embeddings import TEXT_WIDTHS
 from sfumato.results import DiffusionResult
-from sfumato.server.catalog import Catalog
+from sfumato.server.catalog import UPSCALER, Catalog
 from sfumato.server.jobplan import Generation, JobPlan, PlanVersionError, Upscale
 from sfumato.server.settings import ServerSettings
-from sfumato.server.store import CANCELLED, DONE, ERROR, Job, JobStore, StoreUnavailableError
+from sfumato.server.store import (
+    CANCEL_CHANNEL,
+    CANCELLED,
+    DONE,
+    ERROR,
+    LEASE_S,
+    Claim,
+    Job,
+    JobStore,
+    Preview,
+    StoreUnavailableError,
+    WorkerInfo,
+)
 
 logger = logging.getLogger("sfumato.server")
 
@@ -41,6 +58,8 @@ PHASES = {
     "sampling": "generation", "hires": "upscaling", "vae": "decoding", "upscale": "upscaling", "refiner": "refining",
 }  # fmt: skip
 HIRES_PHASES = {**PHASES, "sampling": "initial generation", "vae": "upscaling"}
+SAMPLING_PHASES = ("sampling", "hires", "refiner")
+"""The SDK's tick phases that count sampling steps."""
 
 
 def progress_of(phase: str, step: int, total: int, hires: bool = False, refining: bool | None = None) -> float:
@@ -69,25 +88,33 @@ def encode_output(png: bytes, file_type: str, quality: int) -> bytes:
         return out.getvalue()
 
 
-@dataclass(frozen=True)
-class Preview:
-    """A running job's latest preview: its ``serial`` (1, 2, ...), the sampling step and the PNG."""
-
-    job_id: str
-    serial: int
-    step: int
-    total_steps: int
-    png: bytes
+def route_of(plan: JobPlan) -> str:
+    """The model name that routes a job to the workers that serve it."""
+    return UPSCALER + plan.model if isinstance(plan.work, Upscale) else plan.model
 
 
 class JobRunner:
-    """One thread taking jobs from the store; the models it loads stay loaded."""
+    """A worker: one thread taking jobs from the store, a heartbeat renewing its
+    registration and leases, and (on PostgreSQL) a listener for new jobs and
+    cancels. The models it loads stay loaded."""
 
     def __init__(
-        self, store: JobStore, catalog: Catalog, settings: ServerSettings, claimed: Histogram | None = None
+        self,
+        store: JobStore,
+        catalog: Catalog,
+        settings: ServerSettings,
+        claimed: Histogram | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
-        """``claimed`` observes each job's seconds from acceptance to its claim."""
+        """``claimed`` observes each job's seconds from acceptance to its claim;
+        ``lease_s``: how long a claim holds without a heartbeat."""
         self.store, self.catalog, self.settings, self.claimed = store, catalog, settings, claimed
+        self.lease_s = lease_s
+        host = socket.gethostname()
+        self.id = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.host, self.started = host, time.time()
+        self._claim: Claim | None = None  # the running job's
+        self._idle_note: str | None = None
         self._models: dict[str, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -100,9 +127,91 @@ class JobRunner:
         self.preview: Preview | None = None
         self.default_model: str | None = settings.default_model
         self._thread = threading.Thread(target=self._loop, name="sfumato-server-runner", daemon=True)
+        self._beat_stop = threading.Event()
+        self._beats = threading.Thread(target=self._heartbeats, name="sfumato-heartbeat", daemon=True)
+        self._listener: threading.Thread | None = None
+        listen = getattr(store, "listen", None)
+        if listen is not None:
+            self._listener = threading.Thread(
+                target=listen, args=(self._heard, self._beat_stop), name="sfumato-listen", daemon=True
+            )
 
     def start(self) -> None:
+        """Register and take jobs (once the store can be reached)."""
+        try:
+            self._beat()
+        except StoreUnavailableError as exc:  # the heartbeat registers it once the store is back
+            logger.error("worker %s: %s; trying again", self.id, exc)
         self._thread.start()
+        self._beats.start()
+        if self._listener is not None:
+            self._listener.start()
+
+    def served(self) -> tuple[list[str], list[str]]:
+        """The models this worker can serve (an upscaler as ``upscaler:NAME``) and those it has loaded."""
+        models = [e.name for e in self.catalog.models()] + [UPSCALER + e.name for e in self.catalog.upscalers()]
+        with self._lock:
+            keys = list(self._models)
+        loaded = {key.split("|")[0].split("+")[0] for key in keys}
+        return models, sorted(loaded & set(models))
+
+    def info(self) -> WorkerInfo:
+        """This worker as it registers; on a shared store, with its models' identities
+        (each file hashed once, then known from the cache)."""
+        models, loaded = self.served()
+        note = None if models else f"no model in {self.settings.models_dir}: it takes no job"
+        identities = {}
+        for name in models if self.store.shared else ():
+            entry = self.catalog.entry(name)
+            identity = self.catalog.identity(entry) if entry is not None else None
+            if identity is not None:
+                identities[name] = identity
+        return WorkerInfo(
+            id=self.id, host=self.host, pid=os.getpid(), started=self.started, last_seen=time.time(),
+            running=int(self._claim is not None), slots=1, models=tuple(models), loaded=tuple(loaded), note=note,
+            identities=identities,
+        )  # fmt: skip
+
+    def _beat(self) -> None:
+        """Register, renew the running job's lease, stop it if it is no longer ours, and
+        send back to the queue the jobs of lost workers."""
+        info = self.info()
+        if info.note != self._idle_note:
+            if info.note:
+                logger.warning("worker %s: %s", self.id, info.note)
+            self._idle_note = info.note
+        with self._lock:
+            before = self._claim
+        held = self.store.heartbeat(info, self.lease_s)
+        with self._lock:
+            current, claim = self._current, self._claim
+        if current is not None and claim is not None and claim is before and current[0] not in held:
+            _give_up(current[0], current[1])
+        again, lost = self.store.expire()
+        if again or lost:
+            logger.warning("queued again %d job(s) whose workers were lost; %d failed as lost", again, lost)
+            self._wake.set()
+
+    def _heartbeats(self) -> None:
+        down = False
+        while not self._beat_stop.wait(self.lease_s / 3):
+            try:
+                self._beat()
+                down = False
+            except StoreUnavailableError as exc:
+                if not down:
+                    logger.error("heartbeat: %s; trying again", exc)
+                    down = True
+
+    def _heard(self, channel: str, payload: str) -> None:
+        """A notification: a new job wakes the loop; a cancel stops the job it names here."""
+        if channel == CANCEL_CHANNEL:
+            with self._lock:
+                current = self._current
+            if current is not None and current[0] == payload:
+                current[1].cancel()
+        else:
+            self._wake.set()
 
     @property
     def running(self) -> bool:
@@ -114,26 +223,32 @@ class JobRunner:
         self._wake.set()
 
     def stop(self) -> None:
-        """Stop taking jobs and stop the running one; it stays 'processing' in the
-        store and is queued again when the server starts next."""
+        """Stop taking jobs and stop the running one, which goes back to the queue
+        (not counted as an attempt); leave the workers' registry."""
         self._stopping = True
         self._wake.set()
+        self._beat_stop.set()
         with self._lock:
             current = self._current
         if current is not None:
             current[1].cancel()
         if self._thread.is_alive():
             self._thread.join(30)
+        try:
+            self.store.unregister(self.id)
+        except StoreUnavailableError as exc:  # its leases run out instead
+            logger.warning("worker %s could not leave the registry: %s", self.id, exc)
         for model_id in self._models.values():
             if model_id in sfumato.loaded_models():
                 sfumato.unload_model(model_id)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job; returns whether it was active."""
+        """Cancel a queued or running job, wherever it runs; returns whether it was active."""
+        ended = self.store.end(job_id, CANCELLED, "cancelled by request")  # other workers hear of it
         with self._lock:
             current = self._current
         stopped = current is not None and current[0] == job_id and current[1].cancel()
-        return self.store.end(job_id, CANCELLED, "cancelled by request") or stopped
+        return ended or stopped
 
     def unload_idle(self, which: Callable[[str], bool] = lambda key: True) -> list[str]:
         """Unload the loaded models no job is running on (of those whose key ``which``
@@ -211,7 +326,8 @@ class JobRunner:
         down = False
         while not self._stopping:
             try:
-                job = self.store.next_queued()
+                models, loaded = self.served()
+                job = self.store.claim(self.id, models, loaded, self.lease_s) if models else None
                 if down:
                     logger.warning("the job store is reachable again; taking jobs")
                     down = False
@@ -221,47 +337,54 @@ class JobRunner:
                     continue
                 if self.claimed is not None and job.started is not None:
                     self.claimed.observe(max(0.0, job.started - job.created))
+                with self._lock:
+                    self._claim = job.claim
                 try:
-                    self._run(job)
+                    self._run(job, job.claim)
                 except StoreUnavailableError:
                     raise
                 except Exception as exc:  # the job fails; the server goes on
                     logger.exception("job %s failed", job.id)
-                    self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}")
+                    self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}", claim=job.claim)
+                finally:
+                    with self._lock:
+                        self._claim = None
             except StoreUnavailableError as exc:
-                # A job it was running stays 'processing' there, and is queued again at the next start.
+                # A job it was running stays 'processing' there, until its lease runs out.
                 if not down:
                     logger.error("%s; trying again every %.0f s", exc, STORE_RETRY_S)
                     down = True
                 self._wake.wait(STORE_RETRY_S)
                 self._wake.clear()
 
-    def _write(self, job_id: str, pngs: list[bytes], plan: JobPlan) -> list[str]:
-        """Save a job's images in the outputs folder as the plan asks; returns their paths."""
+    def _write(self, job_id: str, pngs: list[bytes], plan: JobPlan) -> tuple[list[str], list[bytes]]:
+        """Encode a job's images as the plan asks and save them in this machine's outputs
+        folder; returns their paths and bytes (which the store keeps for every front end)."""
         file_type, quality = plan.file_type, plan.jpeg_quality
         self.settings.outputs_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
+        paths, encoded = [], []
         for i, png in enumerate(pngs):
-            path = self.settings.outputs_dir / (f"{job_id}.{file_type}" if i == 0 else f"{job_id}-{i}.{file_type}")
-            path.write_bytes(encode_output(png, file_type, quality))
+            path = self.settings.outputs_dir / output_name(job_id, i, file_type)
+            encoded.append(encode_output(png, file_type, quality))
+            path.write_bytes(encoded[-1])
             paths.append(str(path))
-        return paths
+        return paths, encoded
 
     def _memory_mb(self, model_id: str) -> float:
         status = next((s for s in sfumato.models_info() if s.model_id == model_id), None)
         return round(status.rss_bytes / 2**20, 2) if status else 0.0
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, claim: Claim) -> None:
         try:
             plan = JobPlan.from_json(job.request["plan"])
         except PlanVersionError as exc:
-            self.store.end(job.id, ERROR, str(exc))
+            self.store.end(job.id, ERROR, str(exc), claim=claim)
             return
         work = plan.work
         upscale_only = isinstance(work, Upscale)
         try:
             self.preview = None
-            self.store.progress(job.id, 0.0, "loading model")
+            self.store.progress(job.id, 0.0, "loading model", claim)
             model_id = self.model_id(
                 plan.model,
                 upscaler=upscale_only,
@@ -274,7 +397,7 @@ class JobRunner:
             params = work.sdk_arguments()
             refining: bool | None = None
             if plan.refiner is not None:
-                self.store.progress(job.id, 0.0, "loading refiner")
+                self.store.progress(job.id, 0.0, "loading refiner", claim)
                 refiner_id = self.model_id(plan.refiner.model, job=True)
                 params["refiner"] = {"model_id": refiner_id, "switch_at": plan.refiner.switch_at}
                 refining = False
@@ -285,9 +408,9 @@ class JobRunner:
                 result = sfumato.diffusion(model_id, **params)
             with self._lock:
                 self._current = (job.id, result)
-            if self._stopping:
-                result.cancel()
-            last = -1.0
+            if self._stopping or not self.store.progress(job.id, 0.0, "starting", claim):
+                result.cancel()  # stopping, or cancelled while its model loaded
+            last, step = -1.0, 0
             hires = isinstance(work, Generation) and work.hires is not None
             names = HIRES_PHASES if hires else PHASES
             for tick in result.progress_stream:
@@ -295,23 +418,31 @@ class JobRunner:
                 if tick.preview is not None:
                     serial = self.preview.serial + 1 if self.preview is not None else 1
                     self.preview = Preview(job.id, serial, tick.step, tick.total_steps, tick.preview)
+                    if self.store.shared:  # front ends on other machines show it too
+                        self.store.put_preview(self.preview)
                 if refining is False and tick.phase == "refiner":
                     refining = True
                 pct = progress_of(tick.phase, tick.step, tick.total_steps, hires, refining)
-                if pct - last >= 1.0 or tick.step == tick.total_steps:
-                    self.store.progress(job.id, pct, names.get(tick.phase, tick.phase))
+                sampling = tick.phase in SAMPLING_PHASES
+                if pct - last >= 1.0 or tick.step == tick.total_steps or (sampling and tick.step != step):
+                    step = tick.step if sampling else 0
+                    steps = tick.total_steps if sampling else 0
+                    if not self.store.progress(job.id, pct, names.get(tick.phase, tick.phase), claim, step, steps):
+                        _give_up(job.id, result)
                     last = pct
             pngs = result.outputs.result()
             stats = result.stats.result()
         except JobCancelledError as exc:
-            if not self._stopping:  # keep the images it finished
-                paths = self._write(job.id, exc.outputs, plan)
-                self.store.end(job.id, CANCELLED, str(exc), result={"output_paths": paths} if paths else None)
+            if not self._stopping:  # keep the images it finished (refused if the job is no longer its)
+                paths, encoded = self._write(job.id, exc.outputs, plan)
+                result_of = {"output_paths": paths} if paths else None
+                if not self.store.end(job.id, CANCELLED, str(exc), result=result_of, claim=claim, images=encoded):
+                    _discard(job.id, paths)
             return
         except StoreUnavailableError:
             raise  # the job stays where the store has it; the loop waits for the store
         except SfumatoError as exc:
-            self.store.end(job.id, ERROR, str(exc))
+            self.store.end(job.id, ERROR, str(exc), claim=claim)
             return
         finally:
             self.live = {}
@@ -319,10 +450,12 @@ class JobRunner:
                 self._current = None
                 self._in_use.clear()
         elapsed = time.perf_counter() - started
-        paths = self._write(job.id, pngs, plan)
-        self.store.end(
+        paths, encoded = self._write(job.id, pngs, plan)
+        accepted = self.store.end(
             job.id,
             DONE,
+            claim=claim,
+            images=encoded,
             result={
                 "output_paths": paths,
                 "width": stats.width,
@@ -334,11 +467,27 @@ class JobRunner:
                 "memory_before_mb": before,
                 "memory_after_mb": self._memory_mb(model_id),
                 "decoder": stats.decoder,
+                "worker": self.id,
             },
         )
+        if not accepted:
+            _discard(job.id, paths)
 
 
-def read_output(path: str) -> bytes | None:
-    """An output file's bytes, or ``None`` once retention removed it."""
-    file = Path(path)
-    return file.read_bytes() if file.is_file() else None
+def _give_up(job_id: str, result: DiffusionResult) -> None:
+    """Stop a job this worker no longer holds (cancelled by request, or taken back when its
+    lease ran out): nothing it writes for it counts any more."""
+    if result.cancel():
+        logger.warning("job %s is no longer this worker's (cancelled, or its lease ran out): stopping it", job_id)
+
+
+def _discard(job_id: str, paths: list[str]) -> None:
+    """A result the store refused (the job is no longer this worker's): its files go."""
+    logger.warning("job %s: the store refused this worker's result: the job is no longer its", job_id)
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
+def output_name(job_id: str, index: int, file_type: str) -> str:
+    """The file name of a job's ``index``-th image (ComfyUI's ``/view`` names it so)."""
+    return f"{job_id}.{file_type}" if index == 0 else f"{job_id}-{index}.{file_type}"

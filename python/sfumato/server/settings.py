@@ -38,6 +38,13 @@ class ServerSettings:
     store:
         The job store: ``None`` for the SQLite file in ``data_dir``, or a
         ``postgresql://`` URL (``pip install "sfumato[postgres]"``).
+    workers:
+        How many workers run jobs inside the server: 1 (one job at a time, the
+        models staying loaded), or 0 for a front end that only accepts and serves
+        jobs that ``sfumato worker`` processes run (PostgreSQL only).
+    lease_s:
+        How long a worker's claim on a job holds without its heartbeat (every
+        third of it); a job whose lease runs out is queued again.
     default_model:
         The model used when a request names none (default: the first one listed).
     queue_size:
@@ -75,6 +82,8 @@ class ServerSettings:
     models_config: Path | None = None
     data_dir: Path = Path("sfumato-data")
     store: str | None = None
+    workers: int = 1
+    lease_s: float = 30.0
     default_model: str | None = None
     queue_size: int = 64
     api_key: str | None = None

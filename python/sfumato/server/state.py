@@ -7,8 +7,10 @@ import asyncio
 import base64
 import binascii
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -16,9 +18,9 @@ from fastapi import Request
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import ApiError
 from sfumato.server.jobplan import JobPlan
-from sfumato.server.runner import JobRunner, read_output
+from sfumato.server.runner import SAMPLING_PHASES, JobRunner, route_of
 from sfumato.server.settings import ServerSettings
-from sfumato.server.store import ERROR, FINAL, Job, JobStore, QueueFullError
+from sfumato.server.store import CANCELLED, ERROR, FINAL, Job, JobStore, Preview, QueueFullError
 
 POLL_S = 0.1
 
@@ -37,15 +39,58 @@ class ServerState:
         Raises
         ------
         ApiError
-            409 when the queue is full.
+            409 when the queue is full; 503 on a front end (``workers`` 0) when no
+            live worker serves the job's model.
         """
+        route = route_of(plan)
+        entry = self.catalog.entry(route) if self.store.shared else None
+        identity = self.catalog.identity(entry) if entry is not None else None
+        if self.settings.workers == 0:
+            self._check_served(route, identity)
         try:
-            request = {"payload": payload, "plan": plan.to_json(), **({"owner": owner} if owner else {})}
-            job = self.store.add(kind, request)
+            job = self.store.add(kind, {"payload": payload, "plan": plan.to_json()}, route, owner, identity)
         except QueueFullError as exc:
             raise ApiError(409, "queue_full", str(exc)) from None
         self.runner.wake()
         return job.id
+
+    def _check_served(self, route: str, identity: str | None) -> None:
+        """On a front end: refuse a job no live worker can run (none has the model, or
+        only another file under its name), rather than queue it for ever."""
+        live = self.store.workers(self.settings.lease_s)
+        named = [worker for worker in live if route in worker.models]
+        if any(identity is None or worker.identities.get(route) == identity for worker in named):
+            return
+        if named:
+            theirs = sorted({str(worker.identities.get(route, "not hashed yet"))[:10] for worker in named})
+            detail = (
+                f"the live workers' {route!r} is another file (sha256 {', '.join(theirs)}) than this front end's "
+                f"(sha256 {str(identity)[:10]})"
+            )
+        else:
+            served = sorted({model for worker in live for model in worker.models})
+            detail = (
+                f"no live worker serves model {route!r}; the {len(live)} live worker(s) serve: "
+                f"{', '.join(served) or 'nothing'} (start sfumato worker with it in its --models folder)"
+            )
+        raise ApiError(503, "no_worker", detail, "model")
+
+    def preview(self, job_id: str) -> Preview | None:
+        """A job's latest live preview: from this server's own worker when it runs the job,
+        else (a shared store) as the worker on another machine stored it."""
+        preview = self.runner.preview
+        if preview is not None and preview.job_id == job_id:
+            return preview
+        return self.store.preview(job_id) if self.store.shared else None
+
+    def sampling_step(self, job: Job) -> tuple[int, int] | None:
+        """The sampling step a running job is at and its steps (``None`` outside sampling):
+        this server's worker's latest tick, else the step its worker stored."""
+        live = self.runner.live
+        tick = live.get("tick") if live.get("job_id") == job.id else None
+        if tick is not None:
+            return (tick.step, tick.total_steps) if tick.phase in SAMPLING_PHASES else None
+        return (job.step, job.steps) if job.steps else None
 
     def find(self, job_id: str) -> Job:
         """The job with ``job_id``; 404 when there is none."""
@@ -77,15 +122,29 @@ class ServerState:
             job = seen
         if job.state not in FINAL:
             raise ApiError(500, "job_lost", f"job {job_id} left the store before it ended")
+        while job.state == CANCELLED and job.lease_until is not None and job.lease_until > time.time():
+            # Cancelled while running: its worker, on whichever machine, still adds the
+            # images it finished; wait for that (or for its lease to run out).
+            await asyncio.sleep(POLL_S)
+            job = self.store.get(job_id) or job
         return job
 
+    def images(self, job: Job) -> list[bytes]:
+        """The images a job made (a cancelled job's finished ones), from the store, which
+        any front end reads whichever machine ran it; a failed job is a 500."""
+        if job.state == ERROR:
+            raise ApiError(500, "generation_failed", job.error or "the job failed")
+        return [data for data in stored_images(self.store, job) if data is not None]
 
-def output_images(job: Job) -> list[bytes]:
-    """The images a job wrote (a cancelled job's finished ones); a failed job is a 500."""
-    if job.state == ERROR:
-        raise ApiError(500, "generation_failed", job.error or "the job failed")
-    found = (read_output(path) for path in job.result.get("output_paths", []))
-    return [data for data in found if data is not None]
+
+def stored_images(store: JobStore, job: Job) -> list[bytes | None]:
+    """A job's images from the store; for a job an older sfumato ran, its files (``None``
+    for one retention removed)."""
+    images: list[bytes | None] = list(store.images(job.id))
+    if images:
+        return images
+    files = [Path(path) for path in job.result.get("output_paths", [])]
+    return [file.read_bytes() if file.is_file() else None for file in files]
 
 
 AUTH_HINT = "this server needs 'Authorization: Bearer <api key>' (or HTTP Basic with the key as the password)"

@@ -1,10 +1,17 @@
 """The durable job store: one SQLite file (the standard library's ``sqlite3``), or a
-PostgreSQL database that several front ends share (:mod:`sfumato.server.store_pg`).
+PostgreSQL database that several front ends and workers share
+(:mod:`sfumato.server.store_pg`).
 
 Every accepted job is written before its id is returned, and every change of
 state is committed at once, so a restarted server finds its jobs as they were:
-queued ones run, finished ones keep their results, and a job that was running
-when the server stopped is queued again (it restarts from the beginning).
+queued ones run, finished ones keep their results and images, and a job that was
+running when its worker stopped is queued again (it restarts from the beginning).
+
+Workers claim jobs under a lease (:meth:`JobStore.claim`) that their heartbeat
+renews; a job whose lease runs out goes back to the queue with one more attempt
+(:meth:`JobStore.expire`), and a worker's progress and result count only while
+its claim (worker id and attempt) still owns the job, so a late result from a
+worker presumed dead is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,15 +60,86 @@ CREATE TABLE IF NOT EXISTS options (
     value TEXT NOT NULL
 );
 """
-"""The tables of both stores: SQLite's ``REAL`` is PostgreSQL's ``DOUBLE PRECISION``."""
+"""The tables of both stores as version 2 had them: SQLite's ``REAL`` is
+PostgreSQL's ``DOUBLE PRECISION``, its ``BLOB`` PostgreSQL's ``BYTEA``."""
 
-SCHEMA_VERSION = 2
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    3: (
+        "ALTER TABLE jobs ADD COLUMN model TEXT",
+        "ALTER TABLE jobs ADD COLUMN worker TEXT",
+        "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN lease_until {real}",
+        "ALTER TABLE jobs ADD COLUMN owner TEXT",
+        "ALTER TABLE jobs ADD COLUMN identity TEXT",
+        "ALTER TABLE jobs ADD COLUMN step INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker)",
+        """CREATE TABLE IF NOT EXISTS workers (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started {real} NOT NULL,
+            last_seen {real} NOT NULL,
+            running INTEGER NOT NULL DEFAULT 0,
+            slots INTEGER NOT NULL DEFAULT 1,
+            note TEXT
+        )""",
+        """CREATE TABLE IF NOT EXISTS worker_models (
+            worker TEXT NOT NULL,
+            model TEXT NOT NULL,
+            identity TEXT,
+            loaded INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (worker, model)
+        )""",
+        """CREATE TABLE IF NOT EXISTS images (
+            job_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (job_id, idx)
+        )""",
+        """CREATE TABLE IF NOT EXISTS previews (
+            job_id TEXT PRIMARY KEY,
+            serial INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            steps INTEGER NOT NULL,
+            png {blob} NOT NULL
+        )""",
+    ),
+}
+"""What each schema version adds to the one before, applied in order to an older
+store (and to a new one, after :data:`_SCHEMA`)."""
+
+SCHEMA_VERSION = max(MIGRATIONS)
 """The store's schema version (SQLite's ``PRAGMA user_version``, PostgreSQL's
 ``sfumato_schema`` table). 0 (or 1): written before stores had a version, with
 untyped plans, which :class:`~sfumato.server.jobplan.JobPlan` reads as its
-version 1; 2: typed plans that carry their own version. (The ``options`` table
-came later within version 2: it is created when missing, and an older sfumato
-ignores it.)"""
+version 1; 2: typed plans that carry their own version (the ``options`` table
+came later within it: it is created when missing); 3: workers, leases, attempts,
+the sampling step, and the images and latest previews in the store."""
+
+LEASE_S = 30.0
+"""How long a claim holds a job without its worker's heartbeat (which renews it every third of that)."""
+MAX_ATTEMPTS = 3
+"""How many workers may lose a job before it fails as lost."""
+CLAIM_DELAY_S = 1.5
+"""How long a job waits for a worker that has its model loaded before one that would load it may claim it."""
+FORGET_AFTER_S = 24 * 3600.0
+"""When a worker unseen for so long leaves the registry."""
+WAKE_CHANNEL = "sfumato_jobs"
+"""The ``NOTIFY`` channel of new (and requeued) jobs; the payload names the job's model."""
+CANCEL_CHANNEL = "sfumato_cancel"
+"""The ``NOTIFY`` channel of jobs cancelled by request; the payload is the job id."""
+_REQUEUE = "state = ?, phase = ?, progress = 0, started = NULL, worker = NULL, lease_until = NULL"
+
+
+def migrations(version: int, real: str, blob: str) -> list[str]:
+    """The statements that bring a store of ``version`` to :data:`SCHEMA_VERSION`."""
+    return [
+        statement.format(real=real, blob=blob)
+        for target in sorted(MIGRATIONS)
+        if target > version
+        for statement in MIGRATIONS[target]
+    ]
 
 
 class StoreVersionError(SfumatoError):
@@ -77,8 +155,43 @@ class StoreUnavailableError(SfumatoError):
     later call tries again."""
 
 
-class StoreInUseError(StoreUnavailableError):
-    """Another server runs jobs from this database (one per database, for now)."""
+@dataclass(frozen=True)
+class Preview:
+    """A running job's latest preview: its ``serial`` (1, 2, ...), the sampling step and the PNG."""
+
+    job_id: str
+    serial: int
+    step: int
+    total_steps: int
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who holds a running job: its worker and the attempt (the job's ``attempts`` at the
+    claim). A write fenced by a claim changes the job only while that claim owns it."""
+
+    worker: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker as it registered: where it runs, the models it can serve (by catalog
+    name; an upscaler as ``upscaler:NAME``) and their ``identities`` (sha256, on a
+    shared store), those it has loaded, and its load."""
+
+    id: str
+    host: str
+    pid: int
+    started: float
+    last_seen: float
+    running: int
+    slots: int
+    models: tuple[str, ...]
+    loaded: tuple[str, ...]
+    note: str | None = None
+    identities: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +211,17 @@ class Job:
         Why it failed or was cancelled.
     result:
         What a finished job produced (output paths, sizes, times).
+    model, identity:
+        The catalog name of the model it runs, which routes it to the workers
+        that serve it (``None``: any worker), and the sha256 of the file the
+        front end that accepted it has under that name (``None``: any).
+    worker, attempts, lease_until:
+        The worker holding it (while it runs), how many times it was claimed,
+        and until when the claim holds without a heartbeat.
+    owner:
+        Who sent it, for the routes that name no job (A1111's ``progress`` and ``interrupt``).
+    step, steps:
+        The sampling step it is at, of how many (0 outside sampling).
     """
 
     id: str
@@ -111,6 +235,20 @@ class Job:
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
+    model: str | None = None
+    worker: str | None = None
+    attempts: int = 0
+    lease_until: float | None = None
+    owner: str | None = None
+    identity: str | None = None
+    step: int = 0
+    steps: int = 0
+
+    @property
+    def claim(self) -> Claim:
+        """The claim of a job just claimed."""
+        assert self.worker is not None, self.id
+        return Claim(self.worker, self.attempts)
 
 
 def _job(row: Mapping[str, Any]) -> Job:
@@ -126,7 +264,20 @@ def _job(row: Mapping[str, Any]) -> Job:
         created=row["created"],
         started=row["started"],
         finished=row["finished"],
+        model=row["model"],
+        worker=row["worker"],
+        attempts=row["attempts"],
+        lease_until=row["lease_until"],
+        owner=row["owner"],
+        identity=row["identity"],
+        step=row["step"],
+        steps=row["steps"],
     )
+
+
+def _fence(claim: Claim | None) -> tuple[str, tuple[Any, ...]]:
+    """The condition (and its parameters) under which a write by ``claim`` counts."""
+    return (" AND worker = ? AND attempts = ?", (claim.worker, claim.attempt)) if claim else ("", ())
 
 
 Row = Mapping[str, Any]
@@ -156,35 +307,147 @@ class JobStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def hold_exclusive(self) -> None:  # noqa: B027 - SQLite's file belongs to one machine's server
-        """Make this store the only server's of its database, for as long as it is open.
+    shared = False
+    """Whether processes on several machines share the store; its database then tells
+    them of new jobs and cancels (PostgreSQL's ``NOTIFY``)."""
 
-        Raises
-        ------
-        StoreInUseError
-            When another server holds it.
-        """
+    def _notify(self, run: Callable[[str, Sequence[Any]], list[Row]], channel: str, payload: str) -> None:
+        if self.shared:  # delivered when the transaction commits
+            run("SELECT pg_notify(?, ?)", (channel, payload))
 
     @abstractmethod
-    def next_queued(self) -> Job | None:
-        """The oldest queued job, marked processing (each job is claimed once)."""
+    def _claim(self, where: str, params: Sequence[Any], assign: str, values: Sequence[Any]) -> Row | None:
+        """Set ``assign`` on the oldest job matching ``where``, claimed by no one else; its row after."""
+
+    def claim(
+        self,
+        worker: str,
+        models: Collection[str] | None = None,
+        loaded: Collection[str] = (),
+        lease_s: float = LEASE_S,
+    ) -> Job | None:
+        """The oldest queued job ``worker`` can run, marked processing under its lease
+        (each job is claimed once). ``models``: the models it serves (``None``: any);
+        a job for one of them it has not ``loaded`` waits :data:`CLAIM_DELAY_S` when
+        another live worker has that model loaded, which then gets it first. A job that
+        names its model's identity goes only to a worker that registered that identity."""
+        now = time.time()
+        where, params = "state = ?", list[Any]([QUEUED])
+        if models is not None:
+            marks = ", ".join("?" * len(models))
+            where += f" AND (model IS NULL OR model IN ({marks}))" if models else " AND model IS NULL"
+            params += list(models)
+        held = ", ".join("?" * len(loaded))
+        where += (
+            f" AND (model IS NULL{f' OR model IN ({held})' if loaded else ''} OR created < ? OR NOT EXISTS ("
+            "SELECT 1 FROM worker_models m JOIN workers w ON w.id = m.worker"
+            " WHERE m.model = jobs.model AND m.loaded = 1 AND w.id <> ? AND w.last_seen > ?))"
+        )
+        params += [*loaded, now - CLAIM_DELAY_S, worker, now - lease_s]
+        where += (  # the same file as the front end's that accepted it, not only the same name
+            " AND (identity IS NULL OR EXISTS (SELECT 1 FROM worker_models i"
+            " WHERE i.worker = ? AND i.model = jobs.model AND i.identity = jobs.identity))"
+        )
+        params.append(worker)
+        assign = "state = ?, phase = ?, started = ?, worker = ?, attempts = attempts + 1, lease_until = ?"
+        row = self._claim(where, params, assign, (PROCESSING, "starting", now, worker, now + lease_s))
+        return _job(row) if row is not None else None
+
+    def heartbeat(self, worker: WorkerInfo, lease_s: float = LEASE_S) -> set[str]:
+        """Register ``worker`` (or renew its registration) and the leases of its running
+        jobs; returns the ids of the jobs it still holds (a job cancelled or taken
+        from it is no longer among them)."""
+        now = time.time()
+        with self._transaction() as run:
+            run("DELETE FROM workers WHERE id = ?", (worker.id,))
+            run("INSERT INTO workers (id, host, pid, started, last_seen, running, slots, note) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?)", (worker.id, worker.host, worker.pid, worker.started, now, worker.running,
+                                             worker.slots, worker.note))  # fmt: skip
+            run("DELETE FROM worker_models WHERE worker = ?", (worker.id,))
+            for model in worker.models:
+                run("INSERT INTO worker_models (worker, model, identity, loaded) VALUES (?, ?, ?, ?)",
+                    (worker.id, model, worker.identities.get(model), int(model in worker.loaded)))  # fmt: skip
+            run("UPDATE jobs SET lease_until = ? WHERE worker = ? AND state = ?",
+                (now + lease_s, worker.id, PROCESSING))  # fmt: skip
+            rows = run("SELECT id FROM jobs WHERE worker = ? AND state = ?", (worker.id, PROCESSING))
+        return {row["id"] for row in rows}
+
+    def unregister(self, worker: str) -> int:
+        """A worker that stops: its running jobs go back to the queue (not counted as
+        lost attempts) and it leaves the registry. Returns how many jobs it gave back."""
+        with self._transaction() as run:
+            rows = run("SELECT id FROM jobs WHERE worker = ? AND state = ?", (worker, PROCESSING))
+            run(f"UPDATE jobs SET {_REQUEUE}, attempts = attempts - 1 WHERE worker = ? AND state = ?",
+                (QUEUED, QUEUED, worker, PROCESSING))  # fmt: skip
+            run("DELETE FROM worker_models WHERE worker = ?", (worker,))
+            run("DELETE FROM workers WHERE id = ?", (worker,))
+            if rows:
+                self._notify(run, WAKE_CHANNEL, "")
+        return len(rows)
+
+    def workers(self, lease_s: float = LEASE_S) -> list[WorkerInfo]:
+        """The live workers (seen within a lease), oldest first, with their models."""
+        rows = self._rows("SELECT * FROM workers WHERE last_seen > ? ORDER BY started, id", (time.time() - lease_s,))[0]
+        models: dict[str, list[Row]] = {}
+        for row in self._rows("SELECT * FROM worker_models ORDER BY model")[0]:
+            models.setdefault(row["worker"], []).append(row)
+        return [
+            WorkerInfo(
+                id=row["id"], host=row["host"], pid=row["pid"], started=row["started"], last_seen=row["last_seen"],
+                running=row["running"], slots=row["slots"], note=row["note"],
+                models=tuple(m["model"] for m in models.get(row["id"], [])),
+                loaded=tuple(m["model"] for m in models.get(row["id"], []) if m["loaded"]),
+                identities={m["model"]: m["identity"] for m in models.get(row["id"], []) if m["identity"]},
+            )
+            for row in rows
+        ]  # fmt: skip
+
+    def expire(self, everything: bool = False) -> tuple[int, int]:
+        """Jobs whose lease ran out (``everything``: every running job) go back to the
+        queue, or fail as lost past :data:`MAX_ATTEMPTS`; returns (queued again, failed)."""
+        now = time.time()
+        lapsed = "state = ?" if everything else "state = ? AND (lease_until IS NULL OR lease_until < ?)"
+        params: tuple[Any, ...] = (PROCESSING,) if everything else (PROCESSING, now)
+        with self._transaction() as run:
+            again = run(f"SELECT id FROM jobs WHERE {lapsed} AND attempts < ?", (*params, MAX_ATTEMPTS))
+            lost = run(f"SELECT id FROM jobs WHERE {lapsed} AND attempts >= ?", (*params, MAX_ATTEMPTS))
+            run(f"UPDATE jobs SET {_REQUEUE} WHERE {lapsed} AND attempts < ?", (QUEUED, QUEUED, *params, MAX_ATTEMPTS))
+            run(
+                f"UPDATE jobs SET state = ?, phase = ?, error = ?, finished = ?, lease_until = NULL WHERE {lapsed} "
+                "AND attempts >= ?",
+                (ERROR, ERROR, f"worker lost: the workers running this job stopped answering {MAX_ATTEMPTS} times",
+                 now, *params, MAX_ATTEMPTS),
+            )  # fmt: skip
+            run("DELETE FROM worker_models WHERE worker IN (SELECT id FROM workers WHERE last_seen < ?)",
+                (now - FORGET_AFTER_S,))  # fmt: skip
+            run("DELETE FROM workers WHERE last_seen < ?", (now - FORGET_AFTER_S,))
+            if again:
+                self._notify(run, WAKE_CHANNEL, "")
+        return len(again), len(lost)
 
     def recover(self) -> int:
-        """Queue again the jobs that were running when the server stopped; returns how many."""
-        return self._rows(
-            "UPDATE jobs SET state = ?, phase = ?, progress = 0, started = NULL WHERE state = ?",
-            (QUEUED, QUEUED, PROCESSING),
-        )[1]
+        """At a server's start: queue again the jobs whose workers were lost (their
+        leases ran out), never those a live worker holds; returns how many."""
+        return self.expire()[0]
 
-    def add(self, kind: str, request: dict[str, Any]) -> Job:
-        """Accept a job.
+    def add(
+        self,
+        kind: str,
+        request: dict[str, Any],
+        model: str | None = None,
+        owner: str | None = None,
+        identity: str | None = None,
+    ) -> Job:
+        """Accept a job for ``model`` (the workers that serve it run it; ``None``: any),
+        that file of it when ``identity`` names it (its sha256), sent by ``owner``.
 
         Raises
         ------
         QueueFullError
             When ``max_active`` jobs are queued or running already.
         """
-        job = Job(id=str(uuid.uuid4()), kind=kind, request=request, created=time.time())
+        job = Job(id=str(uuid.uuid4()), kind=kind, request=request, created=time.time(), model=model, owner=owner,
+                  identity=identity)  # fmt: skip
         with self._transaction() as run:
             [row] = run("SELECT COUNT(*) AS n FROM jobs WHERE state IN (?, ?)", ACTIVE)
             if row["n"] >= self.max_active:
@@ -192,9 +455,11 @@ class JobStore(ABC):
                     f"the queue is full: {row['n']} jobs are waiting or running, the limit is {self.max_active}"
                 )
             run(
-                "INSERT INTO jobs (id, kind, request, state, phase, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (job.id, kind, json.dumps(request), QUEUED, QUEUED, job.created),
+                "INSERT INTO jobs (id, kind, request, state, phase, created, model, owner, identity)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, kind, json.dumps(request), QUEUED, QUEUED, job.created, model, owner, identity),
             )
+            self._notify(run, WAKE_CHANNEL, model or "")
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -224,6 +489,15 @@ class JobStore(ABC):
         query = f"SELECT id FROM jobs WHERE kind = ? AND created > ? AND state IN ({marks}) ORDER BY created"
         return [row["id"] for row in self._rows(query, (kind, since, *states))[0]]
 
+    def active_of(self, owner: str) -> list[Job]:
+        """The queued and running jobs ``owner`` sent: the running ones first, then oldest first."""
+        rows = self._rows(
+            "SELECT * FROM jobs WHERE owner = ? AND state IN (?, ?) ORDER BY CASE WHEN state = ? THEN 0 ELSE 1 END, "
+            "created",
+            (owner, *ACTIVE, PROCESSING),
+        )[0]
+        return [_job(row) for row in rows]
+
     def counts_by_state(self) -> dict[str, int]:
         """How many jobs the store holds in each state (states with none are left out)."""
         return {
@@ -235,29 +509,85 @@ class JobStore(ABC):
         [row] = self._rows("SELECT COUNT(*) AS n FROM jobs WHERE state IN (?, ?)", ACTIVE)[0]
         return int(row["n"])
 
-    def progress(self, job_id: str, progress: float, phase: str) -> None:
-        self._rows(
-            "UPDATE jobs SET progress = ?, phase = ? WHERE id = ? AND state = ?", (progress, phase, job_id, PROCESSING)
-        )
-
-    def end(self, job_id: str, state: JobState, error: str | None = None, result: dict[str, Any] | None = None) -> bool:
-        """Put an active job in a final state; returns whether it was still active."""
-        assert state in FINAL, state
+    def progress(
+        self, job_id: str, progress: float, phase: str, claim: Claim | None = None, step: int = 0, steps: int = 0
+    ) -> bool:
+        """Record a running job's progress (and sampling ``step`` of ``steps``); returns whether
+        it counted (``claim``: only while that claim owns the job, so ``False`` tells its
+        worker to stop)."""
+        fence, owner = _fence(claim)
         return (
             self._rows(
-                "UPDATE jobs SET state = ?, phase = ?, error = ?, result = ?, finished = ?,"
-                " progress = CASE WHEN ? = 'done' THEN 100 ELSE progress END WHERE id = ? AND state IN (?, ?)",
-                (state, state, error, json.dumps(result or {}), time.time(), state, job_id, *ACTIVE),
+                f"UPDATE jobs SET progress = ?, phase = ?, step = ?, steps = ? WHERE id = ? AND state = ?{fence}",
+                (progress, phase, step, steps, job_id, PROCESSING, *owner),
             )[1]
             == 1
         )
 
-    def purge(self, older_than_s: float) -> list[Job]:
-        """Delete the finished jobs older than ``older_than_s``; returns them (their files go too)."""
-        cutoff = time.time() - older_than_s
+    def put_preview(self, preview: Preview) -> None:
+        """Keep a running job's latest preview, for the front ends of other machines."""
+        self._rows(
+            "INSERT INTO previews (job_id, serial, step, steps, png) VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_id) DO "
+            "UPDATE SET serial = excluded.serial, step = excluded.step, steps = excluded.steps, png = excluded.png",
+            (preview.job_id, preview.serial, preview.step, preview.total_steps, preview.png),
+        )
+
+    def preview(self, job_id: str) -> Preview | None:
+        """A job's latest preview (kept until retention removes the job)."""
+        rows = self._rows("SELECT * FROM previews WHERE job_id = ?", (job_id,))[0]
+        if not rows:
+            return None
+        row = rows[0]
+        return Preview(job_id, row["serial"], row["step"], row["steps"], bytes(row["png"]))
+
+    def end(
+        self,
+        job_id: str,
+        state: JobState,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        claim: Claim | None = None,
+        images: Sequence[bytes] = (),
+    ) -> bool:
+        """Put an active job in a final state, with its ``images``; returns whether it was
+        still active. A worker's end (with its ``claim``) counts only while the claim owns
+        the job; its end of a job cancelled by request keeps the images it finished."""
+        assert state in FINAL, state
+        fence, owner = _fence(claim)
+        states = (*ACTIVE, CANCELLED) if claim is not None and state == CANCELLED else ACTIVE
+        marks = ", ".join("?" * len(states))
         with self._transaction() as run:
-            rows = run("SELECT * FROM jobs WHERE state IN (?, ?, ?) AND finished < ?", (*FINAL, cutoff))
-            run("DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished < ?", (*FINAL, cutoff))
+            which = f"id = ? AND state IN ({marks}){fence}"
+            ended = run(f"SELECT id FROM jobs WHERE {which}", (job_id, *states, *owner))
+            # A cancel by request leaves the running job's lease: until its worker's own end
+            # (with the images it finished) clears it, or the lease runs out, more may come.
+            lease = ", lease_until = NULL" if claim is not None else ""
+            run(
+                f"UPDATE jobs SET state = ?, phase = ?, error = ?, result = ?, finished = ?{lease},"
+                f" progress = CASE WHEN ? = 'done' THEN 100 ELSE progress END WHERE {which}",
+                (state, state, error, json.dumps(result or {}), time.time(), state, job_id, *states, *owner),
+            )
+            if ended:
+                for i, data in enumerate(images):
+                    run("INSERT INTO images (job_id, idx, data) VALUES (?, ?, ?)", (job_id, i, data))
+                if claim is None and state == CANCELLED:
+                    self._notify(run, CANCEL_CHANNEL, job_id)
+        return bool(ended)
+
+    def images(self, job_id: str) -> list[bytes]:
+        """The images a job stored, in order."""
+        rows = self._rows("SELECT data FROM images WHERE job_id = ? ORDER BY idx", (job_id,))[0]
+        return [bytes(row["data"]) for row in rows]
+
+    def purge(self, older_than_s: float) -> list[Job]:
+        """Delete the finished jobs older than ``older_than_s``, their images and previews; returns them."""
+        cutoff = time.time() - older_than_s
+        old = "state IN (?, ?, ?) AND finished < ?"
+        with self._transaction() as run:
+            rows = run(f"SELECT * FROM jobs WHERE {old}", (*FINAL, cutoff))
+            for table in ("images", "previews"):
+                run(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE {old})", (*FINAL, cutoff))
+            run(f"DELETE FROM jobs WHERE {old}", (*FINAL, cutoff))
         return [_job(r) for r in rows]
 
 
@@ -281,7 +611,16 @@ class SqliteJobStore(JobStore):
             )
         self._db.executescript(_SCHEMA.format(real="REAL"))
         if version < SCHEMA_VERSION:
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("BEGIN IMMEDIATE")  # another process may be migrating it too
+            try:
+                (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                for statement in migrations(version, real="REAL", blob="BLOB"):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -304,17 +643,18 @@ class SqliteJobStore(JobStore):
                 raise
             self._db.execute("COMMIT")
 
-    def next_queued(self) -> Job | None:
-        with self._transaction() as run:
-            rows = run("SELECT * FROM jobs WHERE state = ? ORDER BY created LIMIT 1", (QUEUED,))
+    def _claim(self, where: str, params: Sequence[Any], assign: str, values: Sequence[Any]) -> Row | None:
+        with self._transaction() as run:  # the write lock: no other process claims meanwhile
+            rows = run(f"SELECT id FROM jobs WHERE {where} ORDER BY created LIMIT 1", params)
             if not rows:
                 return None
-            started = time.time()
-            run("UPDATE jobs SET state = ?, phase = ?, started = ? WHERE id = ?",
-                (PROCESSING, "starting", started, rows[0]["id"]))  # fmt: skip
-        job = _job(rows[0])
-        job.state, job.phase, job.started = PROCESSING, "starting", started
-        return job
+            run(f"UPDATE jobs SET {assign} WHERE id = ?", (*values, rows[0]["id"]))
+            return run("SELECT * FROM jobs WHERE id = ?", (rows[0]["id"],))[0]
+
+    def recover(self) -> int:
+        """Queue again every job that was running: the file belongs to one machine's
+        server, and no other worker runs its jobs."""
+        return self.expire(everything=True)[0]
 
 
 def open_store(spec: str | None, sqlite_path: Path, max_active: int) -> JobStore:

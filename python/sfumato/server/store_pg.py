@@ -1,9 +1,11 @@
 """The job store on PostgreSQL (psycopg 3, ``pip install "sfumato[postgres]"``).
 
 The same tables and behaviour as the SQLite store; what PostgreSQL adds is that
-several front ends may share it: a job is accepted under a transaction-scoped
-advisory lock, so that no two front ends overfill the queue, and claimed with
-``FOR UPDATE SKIP LOCKED``, so that each job is claimed once.
+several front ends and workers, on any machines, may share it: a job is accepted
+under a transaction-scoped advisory lock, so that no two front ends overfill the
+queue, and claimed with ``FOR UPDATE SKIP LOCKED``, so that each job is claimed
+once. New jobs and cancels are announced with ``NOTIFY`` (:meth:`PostgresJobStore.listen`);
+progress and images go through the tables, since a notification holds about 8 KB.
 
 A database that cannot be reached raises :class:`StoreUnavailableError` (the
 routes answer 503) and is connected again by the next call. The URL may carry a
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -22,16 +23,14 @@ from typing import TYPE_CHECKING, Any
 from sfumato.errors import SfumatoError
 from sfumato.server.store import (
     _SCHEMA,
-    PROCESSING,
-    QUEUED,
+    CANCEL_CHANNEL,
     SCHEMA_VERSION,
-    Job,
+    WAKE_CHANNEL,
     JobStore,
     Row,
-    StoreInUseError,
     StoreUnavailableError,
     StoreVersionError,
-    _job,
+    migrations,
 )
 
 if TYPE_CHECKING:
@@ -45,8 +44,9 @@ ACCEPTED = (
     "kept in PGPASSFILE or the environment, SFUMATO_STORE), or no --store for SQLite in the --data folder"
 )
 QUEUE_LOCK = 0x5F_756D_6174  # the advisory lock key of the queue's writes ("sfumato"-ish)
-SERVER_LOCK = QUEUE_LOCK + 1  # held by the one server that runs this database's jobs
 CONNECT_TIMEOUT_S = 5
+RETRY_S = 2.0
+"""How often a listener tries a database it lost."""
 
 
 class StoreSpecError(SfumatoError):
@@ -88,6 +88,8 @@ class PostgresJobStore(JobStore):
     """Jobs in a PostgreSQL database, one connection per store (calls are serialized
     within a process; other processes share the database)."""
 
+    shared = True
+
     def __init__(self, url: str, max_active: int) -> None:
         self.where = describe(url)
         self._psycopg = _psycopg()
@@ -95,7 +97,6 @@ class PostgresJobStore(JobStore):
         self.max_active = max_active
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
-        self._exclusive = False
         try:
             with self._lock:
                 self._connection()
@@ -122,36 +123,11 @@ class PostgresJobStore(JobStore):
             raise self._unavailable(exc) from None
         try:
             self._prepare(conn)
-            if self._exclusive:
-                self._take_server_lock(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return conn
-
-    def _take_server_lock(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS held", (SERVER_LOCK,)).fetchone()
-        if row is None or not row["held"]:
-            raise StoreInUseError(
-                f"another sfumato serve runs the jobs of {self.where}: one server per database until workers "
-                "share one (a second would queue again the jobs the first is running)"
-            )
-
-    def hold_exclusive(self) -> None:
-        """Hold a session advisory lock (taken again on each new connection) that a second
-        server on this database cannot take."""
-        self._exclusive = True
-        try:
-            with self._lock:
-                if self._conn is not None and not self._conn.closed and not self._conn.broken:
-                    self._take_server_lock(self._conn)
-                else:
-                    self._connection()
-        except StoreInUseError:
-            raise
-        except StoreUnavailableError:
-            pass  # taken at the first connection
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
         """Create the tables, or check a database an earlier sfumato wrote."""
@@ -166,7 +142,10 @@ class PostgresJobStore(JobStore):
                     f"this one reads versions up to {SCHEMA_VERSION}"
                 )
             conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
-            if version is None:
+            if version != SCHEMA_VERSION:
+                for statement in migrations(version or 0, real="DOUBLE PRECISION", blob="BYTEA"):
+                    conn.execute(statement)
+                conn.execute("DELETE FROM sfumato_schema")
                 conn.execute("INSERT INTO sfumato_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
 
     def close(self) -> None:
@@ -201,11 +180,35 @@ class PostgresJobStore(JobStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (QUEUE_LOCK,))  # the queue's writes, one at a time
             yield run
 
-    def next_queued(self) -> Job | None:
+    def _claim(self, where: str, params: Sequence[Any], assign: str, values: Sequence[Any]) -> Row | None:
         claim = (
-            "UPDATE jobs SET state = %s, phase = %s, started = %s WHERE id = (SELECT id FROM jobs WHERE state = %s "
-            "ORDER BY created LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *"
-        )
+            f"UPDATE jobs SET {assign} WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created LIMIT 1 "
+            "FOR UPDATE SKIP LOCKED) RETURNING *"
+        ).replace("?", "%s")
         with self._connected() as conn:
-            row = conn.execute(claim, (PROCESSING, "starting", time.time(), QUEUED)).fetchone()
-        return _job(row) if row is not None else None
+            row: Row | None = conn.execute(claim, (*values, *params)).fetchone()
+        return row
+
+    def listen(self, heard: Callable[[str, str], None], stop: threading.Event) -> None:
+        """Call ``heard(channel, payload)`` for each new job (:data:`WAKE_CHANNEL`) and each
+        job cancelled by request (:data:`CANCEL_CHANNEL`) until ``stop`` is set; on its own
+        connection, connected again (with a log line) when the database is lost. Blocks."""
+        driver = self._psycopg
+        down = False
+        while not stop.is_set():
+            try:
+                with driver.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                    conn.execute(f"LISTEN {WAKE_CHANNEL}")
+                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    if down:
+                        logger.warning("listening to %s again", self.where)
+                        down = False
+                    heard(WAKE_CHANNEL, "")  # whatever was announced while not listening
+                    while not stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            heard(note.channel, note.payload)
+            except driver.OperationalError as exc:
+                if not down:
+                    logger.error("%s; listening again in %.0f s", self._unavailable(exc), RETRY_S)
+                    down = True
+                stop.wait(RETRY_S)

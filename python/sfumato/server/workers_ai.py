@@ -22,7 +22,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.params import DEFAULT_SIZE, MAX_SEED, DiffusionParams
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.plans import check_image, decode_image, job_plan, left_unset
-from sfumato.server.state import ServerState, output_images, require_key
+from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import DONE
 
 Byte = Annotated[int, Field(ge=0, le=255)]
@@ -81,7 +81,7 @@ def router(state: ServerState) -> APIRouter:
         )  # fmt: skip
         payload = body.model_dump(exclude={"image", "image_b64", "mask"})
         job = await state.wait_final(state.enqueue("run", payload, plan))
-        images = output_images(job)
+        images = state.images(job)
         if job.state != DONE or not images:
             raise ApiError(409, "job_ended", f"the job ended {job.state}: {job.error}", "job_id")
         return Response(images[0], media_type="image/png", headers={"X-Sfumato-Job": job.id})

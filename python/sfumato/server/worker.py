@@ -1,0 +1,80 @@
+"""``sfumato worker``: a process on any machine that runs the jobs of a PostgreSQL job
+store that ``sfumato serve`` front ends share.
+
+It registers itself (id, host, the models in its folders, those it has loaded),
+claims only jobs for models it serves, preferring those it has loaded, renews its
+leases while a job runs, and stores each job's images in the database, so that
+any front end serves them. SIGTERM or Ctrl-C stops it: its running job goes back
+to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from sfumato.errors import SfumatoError
+from sfumato.server.catalog import Catalog
+from sfumato.server.runner import JobRunner
+from sfumato.server.settings import ServerSettings
+from sfumato.server.store import open_store
+from sfumato.server.store_pg import URL_SCHEMES, describe
+
+logger = logging.getLogger("sfumato.server")
+
+
+def check(settings: ServerSettings) -> None:
+    """Refuse, naming the flag, what a worker cannot run with.
+
+    Raises
+    ------
+    SfumatoError
+        For a store that is not PostgreSQL, or a lease that is not positive.
+    """
+    if not settings.store or not settings.store.startswith(URL_SCHEMES):
+        raise SfumatoError(
+            "--store: sfumato worker takes jobs from a PostgreSQL store that sfumato serve front ends share: "
+            "--store postgresql://... (or SFUMATO_STORE)"
+        )
+    if not settings.lease_s > 0:
+        raise SfumatoError(f"--lease: must be a positive number of seconds, got {settings.lease_s:g}")
+
+
+def work(settings: ServerSettings, stop: threading.Event | None = None) -> None:
+    """Run a worker until ``stop`` is set (by default: until SIGTERM or SIGINT).
+
+    Raises
+    ------
+    SfumatoError
+        For settings a worker cannot run with (:func:`check`), a malformed store
+        URL, or a models config that cannot be served.
+    """
+    check(settings)
+    catalog = Catalog(settings)
+    catalog.configured()
+    store = open_store(settings.store, settings.db_path, settings.queue_size)
+    runner = JobRunner(store, catalog, settings, lease_s=settings.lease_s)
+    if stop is None:
+        stop = threading.Event()
+
+        def stopping(_signal: int, _frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, stopping)
+        signal.signal(signal.SIGINT, stopping)
+    models, _loaded = runner.served()
+    print(
+        f"sfumato worker {runner.id}: jobs from {describe(settings.store or '')}\n"
+        f"{len(models)} model(s) served from {settings.models_dir}: {', '.join(models) or 'none (it takes no job)'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    runner.start()
+    try:
+        stop.wait()
+    finally:
+        runner.stop()
+        store.close()
