@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +192,105 @@ def wait_history(client: TestClient, prompt_id: str) -> dict[str, Any]:
             return dict(entry[prompt_id])
         time.sleep(0.1)
     raise AssertionError(f"prompt {prompt_id} did not end")
+
+
+CLIENTS, REQUESTS = 20, 200
+
+
+@dataclass
+class LoadReport:
+    """What a load test saw: responses by (kind, status), latencies, the jobs accepted and
+    how each ended, the failures (5xx, or a 4xx other than 409/429), and its durations."""
+
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"generate": [], "poll": [], "cancel": []})
+    accepted: list[str] = field(default_factory=list)
+    ended: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    sent_s: float = 0.0
+    drained_s: float = 0.0
+
+    def summary(self) -> str:
+        def spread(values: list[float]) -> str:
+            values = sorted(values)
+            p95 = values[int(0.95 * (len(values) - 1))]
+            median = statistics.median(values)
+            return f"median {median * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {values[-1] * 1000:.0f} ms"
+
+        outcomes = Counter(s["state"] for s in self.ended.values())
+        return (
+            f"\n{sum(self.statuses.values())} requests from {CLIENTS} clients in {self.sent_s:.1f} s; "
+            f"all {len(self.accepted)} accepted jobs ended after {self.drained_s:.1f} s: {dict(outcomes)}\n"
+            f"responses: {dict(sorted(self.statuses.items()))}\n"
+            + "\n".join(f"{kind} latency: {spread(values)}" for kind, values in self.latencies.items() if values)
+        )
+
+    def check(self) -> None:
+        """Every request answered without a 5xx, jobs were accepted and done, and every
+        accepted job ended, with a reason when it did not finish."""
+        assert sum(self.statuses.values()) == REQUESTS
+        assert not self.failures, self.failures
+        assert self.statuses[("generate", 200)] > 0
+        assert Counter(s["state"] for s in self.ended.values())["done"] > 0
+        for status in self.ended.values():
+            assert status["state"] == "done" or status["error"], status
+
+
+def load_test(urls: list[str]) -> LoadReport:
+    """``CLIENTS`` clients on loopback, each sending its share of ``REQUESTS`` to one of
+    ``urls`` (in turn) with pauses: generations (one step), polls and cancels of its own
+    jobs; then every accepted job is followed to its end."""
+    report = LoadReport()
+    lock = threading.Lock()
+
+    def client_loop(number: int) -> None:
+        rng = random.Random(number)
+        mine: list[str] = []
+        with httpx.Client(base_url=urls[number % len(urls)], timeout=120) as http:
+            for i in range(REQUESTS // CLIENTS):
+                roll = rng.random()
+                started = time.perf_counter()
+                if not mine or roll < 0.45:
+                    kind = "generate"
+                    body = {"prompt": f"client {number} job {i}", "width": SIZE, "height": SIZE, "steps": 1,
+                            "seed": number * 100 + i, "fileType": "png"}  # fmt: skip
+                    response = http.post("/txt2img", json=body)
+                    if response.status_code == 200:
+                        mine.append(response.json()["job_id"])
+                elif roll < 0.8:
+                    kind = "poll"
+                    response = http.get(f"/queue/{rng.choice(mine)}")
+                else:
+                    kind = "cancel"
+                    response = http.delete(f"/queue/{rng.choice(mine)}")
+                elapsed = time.perf_counter() - started
+                with lock:
+                    report.statuses[(kind, response.status_code)] += 1
+                    report.latencies[kind].append(elapsed)
+                    if response.status_code >= 500 or (
+                        response.status_code >= 400 and response.status_code not in (409, 429)
+                    ):
+                        report.failures.append(f"{kind} {response.status_code} {response.text[:200]}")
+                time.sleep(rng.uniform(0.0, 0.2))
+        with lock:
+            report.accepted.extend(mine)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report.sent_s = time.perf_counter() - began
+    with httpx.Client(base_url=urls[0], timeout=30) as http:
+        deadline = time.monotonic() + 600
+        while len(report.ended) < len(report.accepted):
+            assert time.monotonic() < deadline, f"{len(report.accepted) - len(report.ended)} jobs never ended"
+            for job_id in report.accepted:
+                if job_id not in report.ended:
+                    status = http.get(f"/queue/{job_id}").json()
+                    if status["state"] in ("done", "cancelled", "error"):
+                        report.ended[job_id] = status
+            time.sleep(0.5)
+    report.drained_s = time.perf_counter() - began
+    return report

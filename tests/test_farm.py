@@ -1,7 +1,8 @@
 """Many machines, one queue: ``sfumato serve --workers 0`` front ends and ``sfumato worker``
 processes on one PostgreSQL the suite starts, each an OS process of its own with its own
 folders, on the suite's model. Workers are killed, stopped past their lease and
-resumed, front ends killed and replaced; no job is lost and no late result counts.
+resumed, front ends killed and replaced, the database restarted, two front ends put
+under load; no job is lost and no late result counts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import hashlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ import httpx
 import pytest
 
 from sfumato.cli import main
-from tests.support.farm import LONG, Farm, Process, ended, live_workers, running, status, submit, until
+from tests.support.farm import LEASE, LONG, Farm, Process, ended, live_workers, running, status, submit, until
+from tests.support.postgres import PostgresServer
 
-from .helpers import MODEL, SIZE, job_body, pixels, sse_events
+from .helpers import MODEL, SIZE, job_body, load_test, pixels, sse_events
 
 
 @pytest.fixture
@@ -175,3 +178,53 @@ def test_a_worker_and_a_front_end_refuse_what_they_cannot_run(
     assert "--lease: must be a positive number of seconds, got 0" in capsys.readouterr().err
     assert main(["serve", "--workers", "0", *data]) == 2
     assert "--workers 0: a front end needs a store that workers share" in capsys.readouterr().err
+
+
+def test_two_front_ends_under_load(farm: Farm) -> None:
+    """20 clients, 200 requests (generations, polls, cancels) through two front ends onto
+    two workers: no 5xx, nothing lost, every accepted job ends."""
+    workers = [farm.worker("w1"), farm.worker("w2")]
+    ends = [farm.front_end(f"api-{i}", (MODEL,), "--queue-size", "12") for i in range(2)]
+    until(lambda: live_workers(ends[0][1], 2), "two workers registered", *workers)
+    report = load_test([str(client.base_url) for _, client in ends])
+    print(report.summary())
+    report.check()
+    assert report.statuses[("generate", 409)] > 0  # the queue limit held across both front ends
+    runs = {farm.row(job_id)["result"].get("worker") for job_id, s in report.ended.items() if s["state"] == "done"}
+    assert len(runs) == 2  # both workers ran jobs
+
+
+def test_the_database_restarting_loses_nothing(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
+    """``pg_ctl -m immediate stop`` under a running farm, then start: every accepted job
+    completes, and the worker and the front end reconnect by themselves."""
+    own = PostgresServer()  # its own server, to stop and start
+    farm = Farm("", tmp_path, sd1_tiny_gguf, [])
+    try:
+        own.start()
+        farm.url = own.new_database()
+        worker = farm.worker("w1")
+        _, api = farm.front_end("api")
+        until(lambda: live_workers(api, 1), "the worker registered", worker)
+        ids = [submit(api, steps=LONG if i == 0 else 2, seed=70 + i) for i in range(3)]
+        until(lambda: running(api, ids[0]), "the first job started")
+        own.stop("immediate")
+        down = api.get(f"/queue/{ids[0]}")
+        assert down.status_code == 503 and down.json()["code"] == "store_unavailable", down.text
+        time.sleep(LEASE)  # the database stays away for a lease
+        own.start()
+        for job_id in ids:
+            done = until(lambda job_id=job_id: _ended_or_none(api, job_id), f"job {job_id} ended", worker)
+            assert done["state"] == "done", done
+        assert "cannot be reached" in worker.text()  # it said so, and carried on
+        assert submit(api, seed=80) and live_workers(api, 1)
+    finally:
+        farm.stop()
+        own.remove()
+
+
+def _ended_or_none(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
+    """The job once it ended; ``None`` while it runs or while the front end answers 503."""
+    response = client.get(f"/queue/{job_id}")
+    if response.status_code == 503:
+        return None
+    return ended(client, job_id)

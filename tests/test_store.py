@@ -217,14 +217,23 @@ def test_heartbeats_renew_leases_and_a_stopping_worker_gives_its_job_back(opener
     claims = [store.claim("w", lease_s=0.3), store.claim("w", lease_s=0.3)]
     for _ in range(3):
         time.sleep(0.15)
-        held = store.heartbeat(_worker("w", ()), lease_s=0.3)
+        held = store.heartbeat(_worker("w", ()), lease_s=0.3, holding=[kept, cancelled])
         assert store.expire() == (0, 0)  # renewed in time
     assert held == {kept, cancelled}
     assert store.end(cancelled, CANCELLED, "cancelled by request")  # a front end's cancel
-    assert store.heartbeat(_worker("w", ()), lease_s=0.3) == {kept}  # the worker learns it is no longer its
+    both = [kept, cancelled]
+    assert store.heartbeat(_worker("w", ()), lease_s=0.3, holding=both) == {kept}  # no longer its
     # The cancelled job keeps the images its worker finished.
     assert claims[1] is not None and store.end(cancelled, CANCELLED, "stopped", claim=claims[1].claim, images=[b"x"])
     assert store.images(cancelled) == [b"x"]
+    # A job the worker claimed but no longer runs (it lost the store meanwhile) is not renewed.
+    orphan = store.add("txt2img", {}).id
+    assert store.claim("w", lease_s=0.2) is not None
+    time.sleep(0.3)
+    assert store.heartbeat(_worker("w", ()), lease_s=0.3, holding=[kept]) == {kept}
+    assert store.expire() == (1, 0)
+    back_again = store.get(orphan)
+    assert back_again is not None and back_again.state == QUEUED
     assert store.unregister("w") == 1 and store.workers() == []
     back = store.get(kept)
     assert back is not None and (back.state, back.attempts) == (QUEUED, 0)  # not counted as lost

@@ -97,13 +97,14 @@ class Farm:
         for process in self.processes:
             process.stop()
 
-    def front_end(self, name: str, models: tuple[str, ...] = (MODEL,)) -> tuple[Process, httpx.Client]:
-        """A front end (no worker of its own) and a client of it, once it answers."""
+    def front_end(self, name: str, models: tuple[str, ...] = (MODEL,), *flags: str) -> tuple[Process, httpx.Client]:
+        """A front end (no worker of its own; more ``flags`` for ``sfumato serve``) and a
+        client of it, once it answers."""
         home = self.folder(name, models)
         port = free_port()
         process = self._start(
             name, "serve", "--workers", "0", "--store", self.url, "--port", str(port), "--models",
-            str(home / "models"), "--data", str(home / "data"), "--lease", str(LEASE),
+            str(home / "models"), "--data", str(home / "data"), "--lease", str(LEASE), *flags,
         )  # fmt: skip
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
         until(lambda: _answers(client), f"front end {name} did not answer", process)

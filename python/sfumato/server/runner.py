@@ -114,6 +114,7 @@ class JobRunner:
         self.id = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.host, self.started = host, time.time()
         self._claim: Claim | None = None  # the running job's
+        self._holding: str | None = None  # its id
         self._idle_note: str | None = None
         self._models: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -181,8 +182,8 @@ class JobRunner:
                 logger.warning("worker %s: %s", self.id, info.note)
             self._idle_note = info.note
         with self._lock:
-            before = self._claim
-        held = self.store.heartbeat(info, self.lease_s)
+            before, holding = self._claim, self._holding
+        held = self.store.heartbeat(info, self.lease_s, [holding] if holding else [])
         with self._lock:
             current, claim = self._current, self._claim
         if current is not None and claim is not None and claim is before and current[0] not in held:
@@ -327,7 +328,10 @@ class JobRunner:
         while not self._stopping:
             try:
                 models, loaded = self.served()
-                job = self.store.claim(self.id, models, loaded, self.lease_s) if models else None
+                # On one machine's store this is the only worker: it takes every job, and
+                # fails one whose model left its folder; on a shared one, only its models'.
+                serves = models if self.store.shared else None
+                job = self.store.claim(self.id, serves, loaded, self.lease_s) if serves != [] else None
                 if down:
                     logger.warning("the job store is reachable again; taking jobs")
                     down = False
@@ -338,7 +342,7 @@ class JobRunner:
                 if self.claimed is not None and job.started is not None:
                     self.claimed.observe(max(0.0, job.started - job.created))
                 with self._lock:
-                    self._claim = job.claim
+                    self._claim, self._holding = job.claim, job.id
                 try:
                     self._run(job, job.claim)
                 except StoreUnavailableError:
@@ -348,7 +352,7 @@ class JobRunner:
                     self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}", claim=job.claim)
                 finally:
                     with self._lock:
-                        self._claim = None
+                        self._claim, self._holding = None, None
             except StoreUnavailableError as exc:
                 # A job it was running stays 'processing' there, until its lease runs out.
                 if not down:
@@ -440,7 +444,13 @@ class JobRunner:
                     _discard(job.id, paths)
             return
         except StoreUnavailableError:
-            raise  # the job stays where the store has it; the loop waits for the store
+            # Its outcome could not be written: stop it; the store has it running until its
+            # lease runs out, and then it runs again (here or elsewhere).
+            with self._lock:
+                current = self._current
+            if current is not None:
+                current[1].cancel()
+            raise
         except SfumatoError as exc:
             self.store.end(job.id, ERROR, str(exc), claim=claim)
             return

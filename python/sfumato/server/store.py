@@ -353,11 +353,13 @@ class JobStore(ABC):
         row = self._claim(where, params, assign, (PROCESSING, "starting", now, worker, now + lease_s))
         return _job(row) if row is not None else None
 
-    def heartbeat(self, worker: WorkerInfo, lease_s: float = LEASE_S) -> set[str]:
-        """Register ``worker`` (or renew its registration) and the leases of its running
-        jobs; returns the ids of the jobs it still holds (a job cancelled or taken
-        from it is no longer among them)."""
+    def heartbeat(self, worker: WorkerInfo, lease_s: float = LEASE_S, holding: Collection[str] = ()) -> set[str]:
+        """Register ``worker`` (or renew its registration) and the leases of the jobs it is
+        ``holding`` (running now); returns those it still holds (a job cancelled or taken
+        from it is no longer among them). A job it claimed but no longer runs (it lost
+        the store meanwhile) is left to its lease's end."""
         now = time.time()
+        mine = ", ".join("?" * len(holding)) or "NULL"
         with self._transaction() as run:
             run("DELETE FROM workers WHERE id = ?", (worker.id,))
             run("INSERT INTO workers (id, host, pid, started, last_seen, running, slots, note) VALUES "
@@ -367,9 +369,9 @@ class JobStore(ABC):
             for model in worker.models:
                 run("INSERT INTO worker_models (worker, model, identity, loaded) VALUES (?, ?, ?, ?)",
                     (worker.id, model, worker.identities.get(model), int(model in worker.loaded)))  # fmt: skip
-            run("UPDATE jobs SET lease_until = ? WHERE worker = ? AND state = ?",
-                (now + lease_s, worker.id, PROCESSING))  # fmt: skip
-            rows = run("SELECT id FROM jobs WHERE worker = ? AND state = ?", (worker.id, PROCESSING))
+            held = f"worker = ? AND state = ? AND id IN ({mine})"
+            run(f"UPDATE jobs SET lease_until = ? WHERE {held}", (now + lease_s, worker.id, PROCESSING, *holding))
+            rows = run(f"SELECT id FROM jobs WHERE {held}", (worker.id, PROCESSING, *holding))
         return {row["id"] for row in rows}
 
     def unregister(self, worker: str) -> int:
