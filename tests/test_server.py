@@ -293,7 +293,7 @@ def test_jobs_a_store_held_before_plans_had_a_version_run_after_the_upgrade(sett
     _write_old_store(settings.db_path, {"old-1": _old_plan("an old lighthouse"), "later-1": later})
     with TestClient(create_app(settings)) as client:
         done = wait_job(client, "old-1")
-        assert done["state"] == "done", done
+        assert done["state"] == "done", done["error"]
         with Image.open(io.BytesIO(base64.b64decode(done["image"]))) as image:
             assert (image.format, image.size) == ("PNG", (SIZE, SIZE))
         refused = wait_job(client, "later-1")
@@ -350,3 +350,19 @@ def test_metrics_count_the_queue_in_prometheus_format(client: TestClient) -> Non
     assert after[claims] == before[claims] + 1
     assert after[("sfumato_claim_latency_seconds_sum", ())] >= 0
     assert after[("sfumato_jobs", (("state", "queued"),))] == 0
+
+
+def test_a_queued_job_whose_model_left_its_folder_fails_naming_it(settings: ServerSettings) -> None:
+    """On one machine the server's worker takes every job, so a job whose model file was
+    removed while it waited fails by name instead of waiting for ever."""
+    second = settings.models_dir / "second.gguf"
+    second.symlink_to((settings.models_dir / f"{MODEL}.gguf").resolve())
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/txt2img", json=job_body(steps=12, model=MODEL)).json()["job_id"]
+        orphan = client.post("/txt2img", json=job_body(model="second")).json()["job_id"]
+        wait_job(client, first, states=("processing",))
+        second.unlink()
+        failed = wait_job(client, orphan)
+        assert failed["state"] == "error" and failed["error"] == "model 'second' is no longer in its folder"
+        done = wait_job(client, first)
+        assert done["state"] == "done", done["error"]
