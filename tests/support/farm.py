@@ -163,7 +163,7 @@ def status(client: httpx.Client, job_id: str) -> dict[str, Any]:
 def running(client: httpx.Client, job_id: str) -> bool:
     """Whether the job is past its first sampling step."""
     now = status(client, job_id)
-    assert now["state"] in ("queued", "processing"), now
+    return bool(now["state"] == "processing" and now["progress"] > 0)
     return now["state"] == "processing" and now["progress"] > 0
 
 
