@@ -119,7 +119,7 @@ def test_jobs_go_to_the_workers_that_have_their_model(farm: Farm) -> None:
     workers = [farm.worker("w1", (MODEL,)), farm.worker("w2", ("other-sd1",)), farm.worker("empty", ()),
                farm.worker("w3", (), other_file="third-sd1")]  # fmt: skip
     _, api = farm.front_end("api", (*both, "third-sd1"))
-    listed = until(lambda: live_workers(api, 4), "four workers registered", *workers)
+    listed = until(lambda: _hashed(live_workers(api, 4)), "four workers registered with their models' sha256", *workers)
     by_pid = {w["pid"]: w for w in listed}
     assert [by_pid[p.pid]["models"] for p in workers] == [[MODEL], ["other-sd1"], [], ["third-sd1"]]
     assert by_pid[workers[2].pid]["note"].endswith("it takes no job")
@@ -228,3 +228,8 @@ def _ended_or_none(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
     if response.status_code == 503:
         return None
     return ended(client, job_id)
+
+
+def _hashed(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The workers, once each has registered the sha256 of every model it serves."""
+    return workers if all(len(w["identities"]) == len(w["models"]) for w in workers) else []

@@ -138,7 +138,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         catalog.models()
         catalog.upscalers()
         if settings.workers:
-            state.runner.start()
+            state.runner.start()  # on a shared store, it hashes the models in the background
+        elif store.shared:  # a front end names each job's file by its hash: known before the first job
+            threading.Thread(target=catalog.hash_all, name="sfumato-hash", daemon=True).start()
         purger = threading.Thread(target=purge_loop, name="sfumato-purge", daemon=True)
         purger.start()
         yield

@@ -247,6 +247,14 @@ class Catalog:
             return next((e for e in self.upscalers() if e.name == route.removeprefix(UPSCALER)), None)
         return self.model(route)
 
+    def hash_all(self) -> None:
+        """Compute (or find in the cache) every model's and upscaler's identity."""
+        for entry in [*self.models(), *self.upscalers()]:
+            try:
+                self.identity(entry)
+            except OSError as exc:
+                logger.warning("cannot hash %s: %s", entry.path, exc)
+
     def identity(self, entry: Entry, compute: bool = True) -> str | None:
         """What a model is, whatever its name: the sha256 of its file; for a diffusers
         folder or a configured model of several files, the sha256 of its files' hashes

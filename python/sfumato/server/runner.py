@@ -147,6 +147,27 @@ class JobRunner:
         self._beats.start()
         if self._listener is not None:
             self._listener.start()
+        if self.store.shared:
+            threading.Thread(target=self._hashing, name="sfumato-hash", daemon=True).start()
+
+    def _hashing(self) -> None:
+        """Hash the models it serves (each file once; new files as they come), then register
+        their identities: a job that names one waits for a worker that has it, and
+        hashing a large file never holds up the heartbeat."""
+        while not self._beat_stop.is_set():
+            entries = [self.catalog.entry(name) for name in self.served()[0]]
+            new = [e for e in entries if e is not None and self.catalog.identity(e, compute=False) is None]
+            for entry in new:
+                try:
+                    self.catalog.identity(entry)
+                except OSError as exc:  # removed or unreadable meanwhile: not registered
+                    logger.warning("worker %s cannot hash %s: %s", self.id, entry.path, exc)
+            if new:
+                try:
+                    self._beat()
+                except StoreUnavailableError:
+                    pass  # the heartbeat registers them once the store is back
+            self._beat_stop.wait(self.lease_s / 3)
 
     def served(self) -> tuple[list[str], list[str]]:
         """The models this worker can serve (an upscaler as ``upscaler:NAME``) and those it has loaded."""
@@ -157,14 +178,14 @@ class JobRunner:
         return models, sorted(loaded & set(models))
 
     def info(self) -> WorkerInfo:
-        """This worker as it registers; on a shared store, with its models' identities
-        (each file hashed once, then known from the cache)."""
+        """This worker as it registers; on a shared store, with the identities of its
+        models hashed so far."""
         models, loaded = self.served()
         note = None if models else f"no model in {self.settings.models_dir}: it takes no job"
         identities = {}
         for name in models if self.store.shared else ():
             entry = self.catalog.entry(name)
-            identity = self.catalog.identity(entry) if entry is not None else None
+            identity = self.catalog.identity(entry, compute=False) if entry is not None else None
             if identity is not None:
                 identities[name] = identity
         return WorkerInfo(
