@@ -7,8 +7,9 @@
 - cancel to next job: from a front end's ``DELETE /queue/{id}`` to the worker's
   claim of the next job, over the time of one sampling step (``sfumato worker``
   and ``sfumato serve --workers 0`` processes, the suite's tiny SD 1.x model);
-- two CPU workers (``--threads 1`` each) against one (``--threads 2``): the time
-  to run the same jobs.
+- two CPU workers (``--threads 1`` each), and one worker running two jobs at once
+  (``--jobs-per-device 2``, ``--threads 1``), against one worker running one job at a
+  time (``--threads 2``): the time to run the same jobs (two models, in turn).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from pytest_benchmark.fixture import BenchmarkFixture
+from tests.helpers import MODEL
 from tests.support import models
 from tests.support.farm import LONG, Farm, ended, live_workers, running, status, submit, until
 from tests.support.postgres import PostgresServer
@@ -61,12 +63,17 @@ def _cancel_to_next(farm: Farm) -> tuple[float, float]:
     return statistics.median(gaps), step_s
 
 
-def _batch_time(farm: Farm, workers: int) -> float:
-    """Seconds from the first job's acceptance to the last one's end, ``BATCH_JOBS`` jobs."""
-    started = [farm.worker(f"w{i}", threads=2 // workers) for i in range(workers)]
-    _, api = farm.front_end("api")
+def _batch_time(farm: Farm, workers: int, jobs_per_device: int = 1) -> float:
+    """Seconds from the first job's acceptance to the last one's end, ``BATCH_JOBS`` jobs
+    (half of them on a second name of the model, so that two jobs can run at once)."""
+    threads = 2 // (workers * jobs_per_device)
+    models = (MODEL, "second")
+    started = [
+        farm.worker(f"w{i}", models, None, threads, "--jobs-per-device", str(jobs_per_device)) for i in range(workers)
+    ]
+    _, api = farm.front_end("api", models)
     until(lambda: live_workers(api, workers), "the workers registered", *started)
-    ids = [submit(api, steps=4, seed=i) for i in range(BATCH_JOBS)]
+    ids = [submit(api, steps=4, seed=i, model=models[i % 2]) for i in range(BATCH_JOBS)]
     for job in ids:
         assert until(lambda job=job: ended(api, job), "a batch job")["state"] == "done"
     rows = [farm.row(job) for job in ids]
@@ -96,10 +103,10 @@ def test_queue(benchmark: BenchmarkFixture, probe: Probe, tmp_path: Path) -> Non
                 figures["cancel"] = dict(zip(("gap_s", "step_s"), _cancel_to_next(farm), strict=True))
             finally:
                 farm.stop()
-            for workers in (1, 2):
-                farm = _farm(postgres, tmp_path / f"batch-{workers}")
+            for workers, jobs in ((1, 1), (2, 1), (1, 2)):
+                farm = _farm(postgres, tmp_path / f"batch-{workers}-{jobs}")
                 try:
-                    figures[f"batch {workers}"] = {"seconds": _batch_time(farm, workers)}
+                    figures[f"batch {workers} {jobs}"] = {"seconds": _batch_time(farm, workers, jobs)}
                 finally:
                     farm.stop()
 
@@ -116,14 +123,19 @@ def test_queue(benchmark: BenchmarkFixture, probe: Probe, tmp_path: Path) -> Non
     rows.append({"what": "cancel to next job's claim", "figure": f"{fmt(cancel['gap_s'], 3)} s",
                  "ratio": f"{fmt(cancel['gap_s'] / cancel['step_s'])} steps",
                  "detail": f"one step {fmt(cancel['step_s'], 3)} s; median of {REPEATS}"})  # fmt: skip
-    one_worker, two_workers = figures["batch 1"]["seconds"], figures["batch 2"]["seconds"]
-    rows.append({"what": f"{BATCH_JOBS} jobs, two workers x 1 thread", "figure": f"{fmt(two_workers)} s",
-                 "ratio": f"{fmt(one_worker / two_workers)}x the speed of one",
-                 "detail": f"one worker x 2 threads: {fmt(one_worker)} s"})  # fmt: skip
+    one_worker = figures["batch 1 1"]["seconds"]
+    for key, what in (
+        ("batch 2 1", "two workers x 1 thread"),
+        ("batch 1 2", "one worker, 2 jobs per device x 1 thread"),
+    ):
+        seconds = figures[key]["seconds"]
+        rows.append({"what": f"{BATCH_JOBS} jobs, {what}", "figure": f"{fmt(seconds)} s",
+                     "ratio": f"{fmt(one_worker / seconds)}x the speed of one",
+                     "detail": f"one worker, 1 job at a time x 2 threads: {fmt(one_worker)} s"})  # fmt: skip
     write_result(
         "queue", rows,
         f"The job queue: {JOBS} jobs claimed and ended (with a 1 KB image each) per configuration, each in its own "
         "process; the ratio is over one PostgreSQL connection. Then sfumato worker and serve --workers 0 processes "
         "on the tiny SD 1.x model (64x64).",
     )  # fmt: skip
-    assert cancel["gap_s"] > 0 and one_worker > 0 and two_workers > 0
+    assert cancel["gap_s"] > 0 and all(f["seconds"] > 0 for k, f in figures.items() if k.startswith("batch"))

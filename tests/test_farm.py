@@ -176,6 +176,8 @@ def test_a_worker_and_a_front_end_refuse_what_they_cannot_run(
     assert "sfumato: error: --store: sfumato worker takes jobs from a PostgreSQL store" in capsys.readouterr().err
     assert main(["worker", "--store", "postgresql://u@/db?host=/nowhere", "--lease", "0", *data]) == 2
     assert "--lease: must be a positive number of seconds, got 0" in capsys.readouterr().err
+    assert main(["serve", "--jobs-per-device", "0", *data]) == 2
+    assert "--jobs-per-device: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["serve", "--workers", "0", *data]) == 2
     assert "--workers 0: a front end needs a store that workers share" in capsys.readouterr().err
 

@@ -366,3 +366,24 @@ def test_a_queued_job_whose_model_left_its_folder_fails_naming_it(settings: Serv
         assert failed["state"] == "error" and failed["error"] == "model 'second' is no longer in its folder"
         done = wait_job(client, first)
         assert done["state"] == "done", done["error"]
+
+
+def test_jobs_per_device_runs_two_models_at_once(settings: ServerSettings) -> None:
+    """``jobs_per_device=2``: the server's worker runs a job of each model side by side
+    (each model in its engine process); with the default, one waits for the other."""
+    (settings.models_dir / "second.gguf").symlink_to((settings.models_dir / f"{MODEL}.gguf").resolve())
+    for jobs, together in ((2, True), (1, False)):
+        with TestClient(create_app(replace(settings, jobs_per_device=jobs))) as client:
+            ids = [
+                client.post("/txt2img", json=job_body(steps=16, model=m)).json()["job_id"] for m in (MODEL, "second")
+            ]
+            wait_job(client, ids[0], states=("processing",))
+            states = {client.get(f"/queue/{i}").json()["state"] for i in ids}
+            deadline = time.monotonic() + 60
+            while together and states != {"processing"} and time.monotonic() < deadline:
+                time.sleep(0.05)
+                states = {client.get(f"/queue/{i}").json()["state"] for i in ids}
+            assert (states == {"processing"}) is together, states
+            [worker] = client.get("/workers").json()["workers"]
+            assert worker["slots"] == jobs
+            assert all(wait_job(client, i)["state"] == "done" for i in ids)

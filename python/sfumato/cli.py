@@ -272,6 +272,10 @@ def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) ->
         "--lease", type=float, default=defaults.lease_s, metavar="SECONDS",
         help=f"how long a worker's claim holds without its heartbeat (default: {defaults.lease_s:g})",
     )  # fmt: skip
+    command.add_argument(
+        "--jobs-per-device", type=int, default=defaults.jobs_per_device, metavar="N",
+        help=f"jobs run at once on this worker's device (default: {defaults.jobs_per_device})",
+    )  # fmt: skip
     command.add_argument("--threads", type=int, default=None, help="CPU threads per model")
 
 
@@ -418,7 +422,8 @@ def _settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
     return ServerSettings(
         models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers, embeddings_dir=args.embeddings,
         controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data, models_config=args.config,
-        store=args.store or os.environ.get("SFUMATO_STORE"), lease_s=args.lease, threads=args.threads, **more,
+        store=args.store or os.environ.get("SFUMATO_STORE"), lease_s=args.lease, threads=args.threads,
+        jobs_per_device=args.jobs_per_device, **more,
     )  # fmt: skip
 
 

@@ -84,12 +84,14 @@ class Farm:
         return home
 
     def worker(
-        self, name: str, models: tuple[str, ...] = (MODEL,), other_file: str | None = None, threads: int = 1
-    ) -> Process:
+        self, name: str, models: tuple[str, ...] = (MODEL,), other_file: str | None = None, threads: int = 1,
+        *flags: str,
+    ) -> Process:  # fmt: skip
+        """A worker (more ``flags`` for ``sfumato worker``)."""
         home = self.folder(name, models, other_file)
         return self._start(
             name, "worker", "--store", self.url, "--models", str(home / "models"), "--data", str(home / "data"),
-            "--upscalers", str(home / "upscalers"), "--lease", str(LEASE), "--threads", str(threads),
+            "--upscalers", str(home / "upscalers"), "--lease", str(LEASE), "--threads", str(threads), *flags,
         )  # fmt: skip
 
     def stop(self) -> None:

@@ -28,7 +28,7 @@ from sfumato.server import a1111, comfyui, errors, job_queue, metrics, openai, p
 from sfumato.server.catalog import Catalog
 from sfumato.server.errors import error_response
 from sfumato.server.metrics import claim_latency
-from sfumato.server.runner import JobRunner
+from sfumato.server.runner import JobRunner, check_runner
 from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState, require_key
 from sfumato.server.store import StoreUnavailableError, WorkerInfo, open_store
@@ -109,11 +109,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         raise SfumatoError(f"--workers: {settings.workers} is not allowed: 1 (run jobs here) or 0 (a front end)")
     if settings.workers == 0 and not settings.store:
         raise SfumatoError("--workers 0: a front end needs a store that workers share: --store postgresql://...")
+    check_runner(settings)
     catalog = Catalog(settings)
     catalog.configured()  # a broken models config stops the server before it starts
     store = open_store(settings.store, settings.db_path, settings.queue_size)
     registry = CollectorRegistry()
-    runner = JobRunner(store, catalog, settings, claim_latency(registry), settings.lease_s)
+    runner = JobRunner(store, catalog, settings, claim_latency(registry), settings.lease_s, settings.jobs_per_device)
     state = ServerState(settings, store, catalog, runner)
     stop = threading.Event()
 

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +89,43 @@ def encode_output(png: bytes, file_type: str, quality: int) -> bytes:
         return out.getvalue()
 
 
+def check_runner(settings: ServerSettings) -> None:
+    """Refuse, naming the flag, a lease or a job count a worker cannot run with.
+
+    Raises
+    ------
+    SfumatoError
+        For a lease that is not a positive number of seconds, or fewer than one job at once.
+    """
+    if not settings.lease_s > 0:
+        raise SfumatoError(f"--lease: must be a positive number of seconds, got {settings.lease_s:g}")
+    if settings.jobs_per_device < 1:
+        raise SfumatoError(f"--jobs-per-device: must be at least 1, got {settings.jobs_per_device}")
+
+
 def route_of(plan: JobPlan) -> str:
     """The model name that routes a job to the workers that serve it."""
     return UPSCALER + plan.model if isinstance(plan.work, Upscale) else plan.model
 
 
+@dataclass
+class _Slot:
+    """One of a worker's job threads: the job it holds (its claim and id), the generation
+    once started, the models it uses, and its latest tick and preview (the preview kept
+    after the job ends, so that a follower polling slower than the steps still gets one)."""
+
+    claim: Claim | None = None
+    job_id: str | None = None
+    result: DiffusionResult | None = None
+    in_use: set[str] = field(default_factory=set)
+    live: dict[str, Any] = field(default_factory=dict)
+    preview: Preview | None = None
+
+
 class JobRunner:
-    """A worker: one thread taking jobs from the store, a heartbeat renewing its
-    registration and leases, and (on PostgreSQL) a listener for new jobs and
-    cancels. The models it loads stay loaded."""
+    """A worker: ``jobs`` threads taking jobs from the store (one each at a time), a
+    heartbeat renewing its registration and leases, and (on PostgreSQL) a listener for
+    new jobs and cancels. The models it loads stay loaded."""
 
     def __init__(
         self,
@@ -105,29 +134,27 @@ class JobRunner:
         settings: ServerSettings,
         claimed: Histogram | None = None,
         lease_s: float = LEASE_S,
+        jobs: int = 1,
     ) -> None:
         """``claimed`` observes each job's seconds from acceptance to its claim;
-        ``lease_s``: how long a claim holds without a heartbeat."""
+        ``lease_s``: how long a claim holds without a heartbeat; ``jobs``: how many jobs
+        it runs at once."""
         self.store, self.catalog, self.settings, self.claimed = store, catalog, settings, claimed
         self.lease_s = lease_s
         host = socket.gethostname()
         self.id = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.host, self.started = host, time.time()
-        self._claim: Claim | None = None  # the running job's
-        self._holding: str | None = None  # its id
+        self._slots = [_Slot() for _ in range(jobs)]
         self._idle_note: str | None = None
         self._models: dict[str, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._current: tuple[str, DiffusionResult] | None = None
-        self._in_use: set[str] = set()  # the SDK ids of the models the running job uses
-        self.live: dict[str, Any] = {}  # the running job's id and latest tick, for progress routes
-        # The latest preview of the running (or last) job, when it asked for them; kept
-        # after the job ends so that a follower polling slower than the steps still gets one.
-        self.preview: Preview | None = None
         self.default_model: str | None = settings.default_model
-        self._thread = threading.Thread(target=self._loop, name="sfumato-server-runner", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, args=(slot,), name=f"sfumato-runner-{i}", daemon=True)
+            for i, slot in enumerate(self._slots)
+        ]
         self._beat_stop = threading.Event()
         self._beats = threading.Thread(target=self._heartbeats, name="sfumato-heartbeat", daemon=True)
         self._listener: threading.Thread | None = None
@@ -143,7 +170,8 @@ class JobRunner:
             self._beat()
         except StoreUnavailableError as exc:  # the heartbeat registers it once the store is back
             logger.error("worker %s: %s; trying again", self.id, exc)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         self._beats.start()
         if self._listener is not None:
             self._listener.start()
@@ -190,28 +218,31 @@ class JobRunner:
                 identities[name] = identity
         return WorkerInfo(
             id=self.id, host=self.host, pid=os.getpid(), started=self.started, last_seen=time.time(),
-            running=int(self._claim is not None), slots=1, models=tuple(models), loaded=tuple(loaded), note=note,
+            running=sum(slot.claim is not None for slot in self._slots), slots=len(self._slots), models=tuple(models),
+            loaded=tuple(loaded), note=note,
             identities=identities,
         )  # fmt: skip
 
     def _beat(self) -> None:
-        """Register, renew the running job's lease, stop it if it is no longer ours, and
-        send back to the queue the jobs of lost workers."""
+        """Register, renew the running jobs' leases, stop those no longer ours, and send
+        back to the queue the jobs of lost workers."""
         info = self.info()
         if info.note != self._idle_note:
             if info.note:
                 logger.warning("worker %s: %s", self.id, info.note)
             self._idle_note = info.note
         with self._lock:
-            before, holding = self._claim, self._holding
-        held = self.store.heartbeat(info, self.lease_s, [holding] if holding else [])
+            before = [(slot.claim, slot.job_id) for slot in self._slots]
+        held = self.store.heartbeat(info, self.lease_s, [job_id for _, job_id in before if job_id])
         with self._lock:
-            current, claim = self._current, self._claim
-        if current is not None and claim is not None and claim is before and current[0] not in held:
-            _give_up(current[0], current[1])
-        again, lost = self.store.expire()
-        if again or lost:
-            logger.warning("queued again %d job(s) whose workers were lost; %d failed as lost", again, lost)
+            taken = [(slot.job_id, slot.result) for slot, (claim, job_id) in zip(self._slots, before, strict=True)
+                     if claim is not None and slot.claim is claim and job_id not in held]  # fmt: skip
+        for job_id, result in taken:
+            if job_id is not None and result is not None:
+                _give_up(job_id, result)
+        again, failed = self.store.expire()
+        if again or failed:
+            logger.warning("queued again %d job(s) whose workers were lost; %d failed as lost", again, failed)
             self._wake.set()
 
     def _heartbeats(self) -> None:
@@ -228,17 +259,31 @@ class JobRunner:
     def _heard(self, channel: str, payload: str) -> None:
         """A notification: a new job wakes the loop; a cancel stops the job it names here."""
         if channel == CANCEL_CHANNEL:
-            with self._lock:
-                current = self._current
-            if current is not None and current[0] == payload:
-                current[1].cancel()
+            result = self._result_of(payload)
+            if result is not None:
+                result.cancel()
         else:
             self._wake.set()
+
+    def _result_of(self, job_id: str) -> DiffusionResult | None:
+        """The generation of a job running here."""
+        with self._lock:
+            return next((slot.result for slot in self._slots if slot.job_id == job_id), None)
+
+    def tick_of(self, job_id: str) -> Any:
+        """The latest progress tick of a job running here (``None`` elsewhere)."""
+        with self._lock:
+            return next((slot.live.get("tick") for slot in self._slots if slot.live.get("job_id") == job_id), None)
+
+    def preview_of(self, job_id: str) -> Preview | None:
+        """The latest preview of a job that runs (or last ran) here."""
+        with self._lock:
+            return next((s.preview for s in self._slots if s.preview is not None and s.preview.job_id == job_id), None)
 
     @property
     def running(self) -> bool:
         """Whether the runner is taking jobs."""
-        return self._thread.is_alive() and not self._stopping
+        return any(thread.is_alive() for thread in self._threads) and not self._stopping
 
     def wake(self) -> None:
         """A job was added."""
@@ -251,11 +296,12 @@ class JobRunner:
         self._wake.set()
         self._beat_stop.set()
         with self._lock:
-            current = self._current
-        if current is not None:
-            current[1].cancel()
-        if self._thread.is_alive():
-            self._thread.join(30)
+            running = [slot.result for slot in self._slots if slot.result is not None]
+        for result in running:
+            result.cancel()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(30)
         try:
             self.store.unregister(self.id)
         except StoreUnavailableError as exc:  # its leases run out instead
@@ -267,17 +313,17 @@ class JobRunner:
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job, wherever it runs; returns whether it was active."""
         ended = self.store.end(job_id, CANCELLED, "cancelled by request")  # other workers hear of it
-        with self._lock:
-            current = self._current
-        stopped = current is not None and current[0] == job_id and current[1].cancel()
+        result = self._result_of(job_id)
+        stopped = result is not None and result.cancel()
         return ended or stopped
 
     def unload_idle(self, which: Callable[[str], bool] = lambda key: True) -> list[str]:
         """Unload the loaded models no job is running on (of those whose key ``which``
         accepts); their workers end. Returns their keys."""
         with self._lock:
+            busy = set().union(*(slot.in_use for slot in self._slots))
             idle = {key: model_id for key, model_id in self._models.items()
-                    if model_id not in self._in_use and which(key)}  # fmt: skip
+                    if model_id not in busy and which(key)}  # fmt: skip
             for key in idle:
                 del self._models[key]
         for model_id in idle.values():
@@ -287,11 +333,11 @@ class JobRunner:
 
     def model_id(
         self, name: str, upscaler: bool = False, control_net: str | None = None, vae: str | None = None,
-        esrgan: str | None = None, job: bool = False,
+        esrgan: str | None = None, job: _Slot | None = None,
     ) -> str:  # fmt: skip
         """The SDK id of a catalog model (or upscaler), with a catalog ControlNet, VAE
         and paired upscaler (``esrgan``) if given, loading it the first time; ``job``:
-        the running job uses it (it is not idle). Loading a model with another VAE (or
+        the slot whose running job uses it (it is not idle). Loading a model with another VAE (or
         upscaler) unloads its idle worker with the previous one: switching the VAE
         reloads the model."""
         entries = self.catalog.upscalers() if upscaler else self.catalog.models()
@@ -317,8 +363,8 @@ class JobRunner:
         key = base + (f"|vae:{paired.name}" if paired else "") + (f"|up:{esrgan_entry.name}" if esrgan_entry else "")
         with self._lock:
             model_id = self._models.get(key)
-            if model_id is not None and job:
-                self._in_use.add(model_id)
+            if model_id is not None and job is not None:
+                job.in_use.add(model_id)
         if model_id is None or model_id not in sfumato.loaded_models():
             config: dict[str, Any] = {"threads": self.settings.threads}
             if upscaler:
@@ -340,11 +386,11 @@ class JobRunner:
             model_id = sfumato.load_model(entry.path, model_config=config)
             with self._lock:
                 self._models[key] = model_id
-                if job:
-                    self._in_use.add(model_id)
+                if job is not None:
+                    job.in_use.add(model_id)
         return model_id
 
-    def _loop(self) -> None:
+    def _loop(self, slot: _Slot) -> None:
         down = False
         while not self._stopping:
             try:
@@ -363,9 +409,9 @@ class JobRunner:
                 if self.claimed is not None and job.started is not None:
                     self.claimed.observe(max(0.0, job.started - job.created))
                 with self._lock:
-                    self._claim, self._holding = job.claim, job.id
+                    slot.claim, slot.job_id = job.claim, job.id
                 try:
-                    self._run(job, job.claim)
+                    self._run(job, job.claim, slot)
                 except StoreUnavailableError:
                     raise
                 except Exception as exc:  # the job fails; the server goes on
@@ -373,7 +419,7 @@ class JobRunner:
                     self.store.end(job.id, ERROR, f"internal error: {type(exc).__name__}: {exc}", claim=job.claim)
                 finally:
                     with self._lock:
-                        self._claim, self._holding = None, None
+                        slot.claim, slot.job_id = None, None
             except StoreUnavailableError as exc:
                 # A job it was running stays 'processing' there, until its lease runs out.
                 if not down:
@@ -399,7 +445,7 @@ class JobRunner:
         status = next((s for s in sfumato.models_info() if s.model_id == model_id), None)
         return round(status.rss_bytes / 2**20, 2) if status else 0.0
 
-    def _run(self, job: Job, claim: Claim) -> None:
+    def _run(self, job: Job, claim: Claim, slot: _Slot) -> None:
         try:
             plan = JobPlan.from_json(job.request["plan"])
         except PlanVersionError as exc:
@@ -408,7 +454,7 @@ class JobRunner:
         work = plan.work
         upscale_only = isinstance(work, Upscale)
         try:
-            self.preview = None
+            slot.preview = None
             self.store.progress(job.id, 0.0, "loading model", claim)
             model_id = self.model_id(
                 plan.model,
@@ -416,14 +462,14 @@ class JobRunner:
                 control_net=plan.control_net,
                 vae=plan.vae,
                 esrgan=plan.esrgan,
-                job=True,
+                job=slot,
             )
             before = self._memory_mb(model_id)
             params = work.sdk_arguments()
             refining: bool | None = None
             if plan.refiner is not None:
                 self.store.progress(job.id, 0.0, "loading refiner", claim)
-                refiner_id = self.model_id(plan.refiner.model, job=True)
+                refiner_id = self.model_id(plan.refiner.model, job=slot)
                 params["refiner"] = {"model_id": refiner_id, "switch_at": plan.refiner.switch_at}
                 refining = False
             started = time.perf_counter()
@@ -432,19 +478,19 @@ class JobRunner:
             else:
                 result = sfumato.diffusion(model_id, **params)
             with self._lock:
-                self._current = (job.id, result)
+                slot.result = result
             if self._stopping or not self.store.progress(job.id, 0.0, "starting", claim):
                 result.cancel()  # stopping, or cancelled while its model loaded
             last, step = -1.0, 0
             hires = isinstance(work, Generation) and work.hires is not None
             names = HIRES_PHASES if hires else PHASES
             for tick in result.progress_stream:
-                self.live = {"job_id": job.id, "tick": tick, "started": started}
+                slot.live = {"job_id": job.id, "tick": tick, "started": started}
                 if tick.preview is not None:
-                    serial = self.preview.serial + 1 if self.preview is not None else 1
-                    self.preview = Preview(job.id, serial, tick.step, tick.total_steps, tick.preview)
+                    serial = slot.preview.serial + 1 if slot.preview is not None else 1
+                    slot.preview = Preview(job.id, serial, tick.step, tick.total_steps, tick.preview)
                     if self.store.shared:  # front ends on other machines show it too
-                        self.store.put_preview(self.preview)
+                        self.store.put_preview(slot.preview)
                 if refining is False and tick.phase == "refiner":
                     refining = True
                 pct = progress_of(tick.phase, tick.step, tick.total_steps, hires, refining)
@@ -467,19 +513,16 @@ class JobRunner:
         except StoreUnavailableError:
             # Its outcome could not be written: stop it; the store has it running until its
             # lease runs out, and then it runs again (here or elsewhere).
-            with self._lock:
-                current = self._current
-            if current is not None:
-                current[1].cancel()
+            if slot.result is not None:
+                slot.result.cancel()
             raise
         except SfumatoError as exc:
             self.store.end(job.id, ERROR, str(exc), claim=claim)
             return
         finally:
-            self.live = {}
             with self._lock:
-                self._current = None
-                self._in_use.clear()
+                slot.live, slot.result = {}, None
+                slot.in_use.clear()
         elapsed = time.perf_counter() - started
         paths, encoded = self._write(job.id, pngs, plan)
         accepted = self.store.end(

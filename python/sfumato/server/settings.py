@@ -45,6 +45,10 @@ class ServerSettings:
     lease_s:
         How long a worker's claim on a job holds without its heartbeat (every
         third of it); a job whose lease runs out is queued again.
+    jobs_per_device:
+        How many jobs a worker runs at once on its device. 1 (the default): on a
+        CPU two jobs at once share the same cores and run no faster, and each
+        holds its memory; run one worker per device to use several.
     default_model:
         The model used when a request names none (default: the first one listed).
     queue_size:
@@ -84,6 +88,7 @@ class ServerSettings:
     store: str | None = None
     workers: int = 1
     lease_s: float = 30.0
+    jobs_per_device: int = 1
     default_model: str | None = None
     queue_size: int = 64
     api_key: str | None = None

@@ -78,16 +78,15 @@ class ServerState:
     def preview(self, job_id: str) -> Preview | None:
         """A job's latest live preview: from this server's own worker when it runs the job,
         else (a shared store) as the worker on another machine stored it."""
-        preview = self.runner.preview
-        if preview is not None and preview.job_id == job_id:
+        preview = self.runner.preview_of(job_id)
+        if preview is not None:
             return preview
         return self.store.preview(job_id) if self.store.shared else None
 
     def sampling_step(self, job: Job) -> tuple[int, int] | None:
         """The sampling step a running job is at and its steps (``None`` outside sampling):
         this server's worker's latest tick, else the step its worker stored."""
-        live = self.runner.live
-        tick = live.get("tick") if live.get("job_id") == job.id else None
+        tick = self.runner.tick_of(job.id)
         if tick is not None:
             return (tick.step, tick.total_steps) if tick.phase in SAMPLING_PHASES else None
         return (job.step, job.steps) if job.steps else None

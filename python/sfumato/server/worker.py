@@ -18,7 +18,7 @@ from types import FrameType
 
 from sfumato.errors import SfumatoError
 from sfumato.server.catalog import Catalog
-from sfumato.server.runner import JobRunner
+from sfumato.server.runner import JobRunner, check_runner
 from sfumato.server.settings import ServerSettings
 from sfumato.server.store import open_store
 from sfumato.server.store_pg import URL_SCHEMES, describe
@@ -32,15 +32,14 @@ def check(settings: ServerSettings) -> None:
     Raises
     ------
     SfumatoError
-        For a store that is not PostgreSQL, or a lease that is not positive.
+        For a store that is not PostgreSQL, a lease or a job count that is not positive.
     """
     if not settings.store or not settings.store.startswith(URL_SCHEMES):
         raise SfumatoError(
             "--store: sfumato worker takes jobs from a PostgreSQL store that sfumato serve front ends share: "
             "--store postgresql://... (or SFUMATO_STORE)"
         )
-    if not settings.lease_s > 0:
-        raise SfumatoError(f"--lease: must be a positive number of seconds, got {settings.lease_s:g}")
+    check_runner(settings)
 
 
 def work(settings: ServerSettings, stop: threading.Event | None = None) -> None:
@@ -56,7 +55,7 @@ def work(settings: ServerSettings, stop: threading.Event | None = None) -> None:
     catalog = Catalog(settings)
     catalog.configured()
     store = open_store(settings.store, settings.db_path, settings.queue_size)
-    runner = JobRunner(store, catalog, settings, lease_s=settings.lease_s)
+    runner = JobRunner(store, catalog, settings, lease_s=settings.lease_s, jobs=settings.jobs_per_device)
     if stop is None:
         stop = threading.Event()
 
