@@ -34,6 +34,33 @@ SIZE = 64  # the smallest side an SD UNet takes (three 2x downsamples of an 8x l
 MODEL = "tiny-sd1"  # the model's name in the server fixtures' folders
 
 
+# Pixel parity, on the 0..255 image: at most 2 levels anywhere and a PSNR of at least
+# 50 dB (tests/test_parity.py says where the thresholds come from).
+MAX_ABS, MIN_PSNR = 2, 50.0
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    """(max abs difference, PSNR in dB) of two uint8 images."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    delta = a.astype(np.float64) - b.astype(np.float64)
+    mse = float(np.mean(delta**2))
+    return int(np.abs(delta).max()), float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Both parity thresholds met."""
+    max_abs, psnr = difference(ours, ref)
+    print(f"parity: max abs {max_abs}, PSNR {psnr:.2f} dB")
+    assert max_abs <= MAX_ABS and psnr >= MIN_PSNR, f"max abs {max_abs} (<= {MAX_ABS}), PSNR {psnr:.2f} dB"
+
+
+def assert_far(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Both parity thresholds missed (a negative control)."""
+    max_abs, psnr = difference(ours, ref)
+    print(f"apart: max abs {max_abs}, PSNR {psnr:.2f} dB")
+    assert max_abs > MAX_ABS and psnr < MIN_PSNR, f"max abs {max_abs}, PSNR {psnr:.2f} dB: indistinguishable"
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     """The PNG file of a uint8 image array."""
     buffer = io.BytesIO()

@@ -37,6 +37,8 @@ from .helpers import ROOT, SIZE, sfumato_cli
 WHEEL_ENV = "SFUMATO_TEST_WHEEL"
 PORTABLE_FLOOR = ("AVX", "AVX2", "FMA", "F16C", "BMI2")
 ENGINE_IN_WHEEL = "sfumato/engine/lib/libstable-diffusion.so"
+# ggml as shared libraries, and the backends as modules sfumato loads by path.
+GGML_IN_WHEEL = ("libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-vulkan.so")
 
 
 def _run(args: list[str], timeout: float = 900, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -109,6 +111,11 @@ def test_info_reports_the_build_and_what_the_library_holds() -> None:
     assert options["GGML_NATIVE"] == "OFF"
     assert all(options[f"GGML_{name}"] == "ON" for name in PORTABLE_FLOOR)
     assert options["GGML_AVX512"] == "OFF"
+    assert options["GGML_BACKEND_DL"] == "ON" and options["SD_VULKAN"] == "ON"
+    assert build["flavour"] == "cpu+vulkan" and build["backends"] == ["cpu", "vulkan"]
+    modules = info["modules"]
+    assert isinstance(modules, list)
+    assert {m["name"]: m["loaded"] for m in modules} == {"cpu": True, "vulkan": True}
     # What the library itself says it was compiled with (the registry, not the record).
     cpu = _cpu_features(info)
     assert all(cpu.get(name) == "1" for name in (*PORTABLE_FLOOR, "LLAMAFILE", "OPENMP")), cpu
@@ -137,6 +144,7 @@ def test_the_wheel_carries_the_engine_its_record_and_licences(engine_wheel: Path
     with zipfile.ZipFile(engine_wheel) as wheel:
         names = wheel.namelist()
         assert ENGINE_IN_WHEEL in names
+        assert {f"sfumato/engine/lib/{name}" for name in GGML_IN_WHEEL} <= set(names), names
         record = json.loads(wheel.read("sfumato/engine/lib/build.json"))
         (metadata,) = (n for n in names if n.endswith(".dist-info/METADATA"))
         # What every install pulls in (an extra's requirements carry an ``extra ==`` marker).
@@ -216,17 +224,21 @@ def test_libraries_load_only_from_the_package(wheel_venv: Path, sd1_tiny_gguf: P
     assert any(name.startswith("libgomp") for name in grafted), grafted
     stray = tmp_path / "stray"
     stray.mkdir()
-    for name in ("libstable-diffusion.so", "libgomp.so.1", *grafted):
+    for name in ("libstable-diffusion.so", "libgomp.so.1", *GGML_IN_WHEEL, *grafted):
         _stray_library(stray, name)
     marker = tmp_path / "marker"
     env = {**os.environ, "LD_LIBRARY_PATH": str(stray), "STRAY_MARKER": str(marker)}
     env.pop("SFUMATO_ENGINE_LIB", None)
 
     # From the strays' folder, with them on LD_LIBRARY_PATH, sfumato loads none of them:
-    # not as the engine, and not as the engine's dependencies (its DT_RPATH comes first).
+    # not as the engine, not as the engine's dependencies (its DT_RPATH comes first), and
+    # not as backend modules (loaded by path; ggml never searches its default paths).
     assert "(RPATH)" in _checked(["readelf", "-d", str(engine)]).stdout
     info = _info(wheel_venv / "python", env=env, cwd=stray)
     assert info["library"] == str(engine)
+    modules = info["modules"]
+    assert isinstance(modules, list) and modules
+    assert all(m["loaded"] and Path(m["path"]).parent == engine.parent for m in modules), modules
     _generate(wheel_venv / "sfumato", sd1_tiny_gguf, tmp_path / "out", env=env, cwd=stray)
     assert not marker.exists()
 
@@ -261,8 +273,10 @@ def _qemu(cpu: str, venv_bin: Path, *args: str, timeout: float = 1500) -> subpro
     qemu = shutil.which("qemu-x86_64")
     assert qemu, "qemu-x86_64 is missing: install Debian's qemu-user (.ci/run does)"
     # The worker processes of the SDK would run natively (no binfmt for the host's own
-    # architecture), so the generation runs in process, through the engine layer.
-    return _run([qemu, "-cpu", cpu, str(venv_bin / "python"), *args], timeout=timeout)
+    # architecture), so the generation runs in process, through the engine layer, on the
+    # CPU module alone (what is tested is the CPU floor, not lavapipe under emulation).
+    env = {**os.environ, "SFUMATO_BACKENDS": "cpu"}
+    return _run([qemu, "-cpu", cpu, str(venv_bin / "python"), *args], timeout=timeout, env=env)
 
 
 def test_the_portable_build_runs_on_an_avx2_cpu_without_avx512(

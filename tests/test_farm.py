@@ -178,6 +178,8 @@ def test_a_worker_and_a_front_end_refuse_what_they_cannot_run(
     assert "--lease: must be a positive number of seconds, got 0" in capsys.readouterr().err
     assert main(["serve", "--jobs-per-device", "0", *data]) == 2
     assert "--jobs-per-device: must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--device", "CUDA9", *data]) == 2
+    assert "--device: 'CUDA9' is not available; the engine at" in capsys.readouterr().err
     assert main(["serve", "--workers", "0", *data]) == 2
     assert "--workers 0: a front end needs a store that workers share" in capsys.readouterr().err
 

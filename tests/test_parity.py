@@ -39,9 +39,9 @@ import pytest
 
 import sfumato
 from sfumato.images import decode_png
+from tests.helpers import assert_close, assert_far
 from tests.support.reference import SD1Reference, cached_reference_folder, sd1_token_ids, torch_noise
 
-MAX_ABS, MIN_PSNR = 2, 50.0
 THREADS = 2
 PROMPT = "a photo of a cat"
 # 10 euler steps: the "discrete" timesteps 999, 888, ..., 0 are whole numbers,
@@ -49,27 +49,6 @@ PROMPT = "a photo of a cat"
 RUN: dict[str, Any] = {"width": 64, "height": 64, "steps": 10, "cfg_scale": 7.0, "seed": 42}
 
 pytestmark = pytest.mark.slow
-
-
-def difference(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> tuple[int, float]:
-    """(max abs difference, PSNR in dB) of two uint8 images."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    delta = a.astype(np.float64) - b.astype(np.float64)
-    mse = float(np.mean(delta**2))
-    return int(np.abs(delta).max()), 10 * np.log10(255.0**2 / max(mse, 1e-12))
-
-
-def assert_close(ours: npt.NDArray[np.uint8], ref: npt.NDArray[np.uint8]) -> None:
-    max_abs, psnr = difference(ours, ref)
-    print(f"parity: max abs {max_abs}, PSNR {psnr:.2f} dB")
-    assert max_abs <= MAX_ABS and psnr >= MIN_PSNR, f"max abs {max_abs} (<= {MAX_ABS}), PSNR {psnr:.2f} dB"
-
-
-def assert_far(ours: npt.NDArray[np.uint8], ref: npt.NDArray[np.uint8]) -> None:
-    """A broken mapping must miss both thresholds."""
-    max_abs, psnr = difference(ours, ref)
-    print(f"apart: max abs {max_abs}, PSNR {psnr:.2f} dB")
-    assert max_abs > MAX_ABS and psnr < MIN_PSNR, f"max abs {max_abs}, PSNR {psnr:.2f} dB: indistinguishable"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import pytest
 
 import sfumato
 from sfumato import errors
-from sfumato.runtime.process import device_env
 
 from .helpers import SIZE, run
 
@@ -318,39 +317,6 @@ def test_a_byte_budget_never_evicts_a_busy_model(sd1_worker: str, esrgan_1b: Pat
 def test_budget_values_are_checked() -> None:
     with pytest.raises(errors.InvalidParameterError, match="max_loaded_models"):
         sfumato.set_memory_budget(max_loaded_models=0)
-
-
-# -- devices ---------------------------------------------------------------------
-
-
-def test_device_environment_is_set_before_the_engine_opens(esrgan_1b: Path) -> None:
-    model_id = sfumato.load_model(esrgan_1b, model_config={"mode": "upscale", "device": "cpu", "threads": 1})
-    try:
-        status = _status(model_id)
-        assert status.device == "cpu" and status.engine_device == "CPU"
-        environ = psutil.Process(status.pid).environ()
-        for key, value in device_env("cpu").items():
-            assert environ[key] == value
-    finally:
-        _unload_all(model_id)
-
-
-def test_device_env_maps_backend_names() -> None:
-    assert device_env("auto") == {} and device_env("gpu") == {}
-    assert device_env("CUDA1") == {"CUDA_VISIBLE_DEVICES": "1"}
-    assert device_env("Vulkan2") == {"SD_VK_DEVICE": "2"}
-    assert device_env("cpu")["CUDA_VISIBLE_DEVICES"] == "-1"
-
-
-def test_asking_for_a_device_the_build_lacks_is_a_clear_error(esrgan_1b: Path) -> None:
-    has_gpu = any(d.type in ("gpu", "igpu") for d in sfumato.list_devices())
-    absent = ["CUDA9", "Vulkan9"] + ([] if has_gpu else ["gpu", "CUDA0", "Vulkan0"])
-    for device in absent:
-        with pytest.raises(errors.InvalidParameterError, match=rf"model_config\.device: '{device}' is not available"):
-            sfumato.load_model(esrgan_1b, model_config={"mode": "upscale", "device": device})
-        if not has_gpu:  # the CPU-only build says how to get a GPU one
-            with pytest.raises(errors.InvalidParameterError, match=r"no GPU backend: build .*SFUMATO_ENGINE_LIB"):
-                sfumato.load_model(esrgan_1b, model_config={"mode": "upscale", "device": device})
 
 
 _HOLDER = """

@@ -26,7 +26,7 @@ from PIL import Image
 
 from sfumato import images as imaging
 from sfumato.chain import RefinerPlan, run_with_refiner
-from sfumato.engine.devices import check_device
+from sfumato.engine.devices import check_device, device_env
 from sfumato.engine.requests import (
     PHASE_CONDITIONING,
     PHASE_HIRES,
@@ -84,7 +84,6 @@ from sfumato.registry import REGISTRY, RegistryModel, cache_dir, resolve
 from sfumato.results import DiffusionResult, DiffusionStats
 from sfumato.runtime.host import REASON_CANCELLED, CancelReason, HostJob, LoadedModel, ModelHost
 from sfumato.runtime.pool import Budget, ModelPool
-from sfumato.runtime.process import device_env
 from sfumato.runtime.protocol import ImageDone, JobDone, LoadSpec, Ready, RunJob
 
 ModelSource = Union[str, "os.PathLike[str]", RegistryModel]
@@ -234,7 +233,7 @@ def load_model(
     if model_type != "diffusion":
         raise InvalidParameterError("model_type", f"must be 'diffusion', got {model_type!r}")
     config = parse_model_config(model_config)
-    check_device(config.device)
+    device = check_device(config.device)
     report = on_progress or (lambda _p: None)
     path, registered = resolve_source(model_src, "model_src", lambda pct: report(LoadProgress(pct, "download")))
     report(LoadProgress(0.0, "load"))
@@ -283,6 +282,10 @@ def load_model(
             prediction=prediction,
             flash_attn=config.flash_attn,
             diffusion_flash_attn=config.flash_attn,
+            offload_params_to_cpu=config.offload_to_cpu,
+            keep_clip_on_cpu=config.keep_clip_on_cpu,
+            keep_vae_on_cpu=config.keep_vae_on_cpu,
+            max_vram=float(config.max_vram),
             diffusion_conv_direct=config.conv_direct,
             vae_conv_direct=config.conv_direct,
             rng=config.rng,
@@ -294,7 +297,7 @@ def load_model(
         threads=threads,
         tile_size=tile,
     )
-    env = device_env(config.device)
+    env = device_env(device)
     model = LoadedModel(
         model_id=spec.model_id,
         info=info,
@@ -480,6 +483,7 @@ class _Report:
             total_pixels=sum(w * h for w, h in self.sizes.values()),
             width=width,
             height=height,
+            device=ready.device,
         )
         if self.upscale_only:
             stats = DiffusionStats(**common, postprocess_ms=done.generation_ms + done.postprocess_ms)  # type: ignore[arg-type]

@@ -277,6 +277,11 @@ def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) ->
         help=f"jobs run at once on this worker's device (default: {defaults.jobs_per_device})",
     )  # fmt: skip
     command.add_argument("--threads", type=int, default=None, help="CPU threads per model")
+    command.add_argument(
+        "--device", default=defaults.device,
+        help="the device models run on: auto, cpu, gpu or an engine device name such as Vulkan0 "
+        f"(default: {defaults.device}; a models config may set one per model)",
+    )  # fmt: skip
 
 
 def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -423,7 +428,7 @@ def _settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
         models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers, embeddings_dir=args.embeddings,
         controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data, models_config=args.config,
         store=args.store or os.environ.get("SFUMATO_STORE"), lease_s=args.lease, threads=args.threads,
-        jobs_per_device=args.jobs_per_device, **more,
+        jobs_per_device=args.jobs_per_device, device=args.device, **more,
     )  # fmt: skip
 
 
@@ -470,6 +475,9 @@ def engine_info() -> dict[str, Any]:
         "llamafile": llamafile_enabled(features),
         "physical_cores": engine.physical_cores,
         "system_info": " ".join(engine.system_info.split()),
+        "modules": [
+            {"name": m.name, "path": str(m.path), "loaded": m.loaded, "error": m.error} for m in engine.modules
+        ],
         "devices": [asdict(d) for d in list_devices(engine)],
     }
 
@@ -495,9 +503,16 @@ def _info(args: argparse.Namespace) -> int:
     print(f"llamafile:      {'on' if info['llamafile'] else 'off'}")
     print(f"physical cores: {info['physical_cores']}")
     print(f"system info:    {info['system_info']}")
+    if info["modules"]:
+        print("backend modules:")
+        for m in info["modules"]:
+            state = "loaded" if m["loaded"] else f"not loaded: {m['error']}"
+            print(f"  {m['name']:<10} {state} ({m['path']})")
     print("devices:")
     for d in info["devices"]:
-        print(f"  {d['name']:<10} {d['type']:<6} {d['description']} ({d['memory_total'] / 2**30:.1f} GiB)")
+        memory = f"{d['memory_free'] / 2**30:.1f} of {d['memory_total'] / 2**30:.1f} GiB free"
+        kind = d["type"] + (", software: used only by name" if d["software"] else "")
+        print(f"  {d['name']:<10} {d['description']} ({kind}; {memory})")
     return 0
 
 

@@ -366,7 +366,17 @@ class ModelConfig:
     threads:
         CPU threads; ``None`` uses the engine's count of physical cores.
     flash_attn:
-        Flash attention. Off by default: on CPU it made sampling slower here.
+        Flash attention. Off by default on every backend: on the CPU it made sampling
+        slower here; on GPUs it was never measured, and off is the engine's default.
+    offload_to_cpu:
+        Keep the weights in RAM and copy each part to the device when it runs (the
+        engine's ``offload_params_to_cpu``): less VRAM, slower steps.
+    keep_clip_on_cpu, keep_vae_on_cpu:
+        Run the text encoders, or the VAE, on the CPU while the rest runs on the
+        model's device (the engine's options of those names).
+    max_vram:
+        GiB of device memory a graph may take before the engine runs it in
+        segments (the engine's ``max_vram``); 0 (the default) never splits.
     conv_direct:
         The engine's direct convolutions (UNet and VAE) instead of im2col + matmul.
     rng:
@@ -404,6 +414,10 @@ class ModelConfig:
     device: str = "auto"
     threads: int | None = None
     flash_attn: bool = False
+    offload_to_cpu: bool = False
+    keep_clip_on_cpu: bool = False
+    keep_vae_on_cpu: bool = False
+    max_vram: float = 0.0
     conv_direct: bool = False
     rng: str = "cuda"
     weight_type: str | None = None
@@ -444,6 +458,9 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
     if config.threads is not None:
         check_int("model_config.threads", config.threads, 1, 512)
     check_bool("model_config.flash_attn", config.flash_attn)
+    for name in ("offload_to_cpu", "keep_clip_on_cpu", "keep_vae_on_cpu"):
+        check_bool(f"model_config.{name}", getattr(config, name))
+    check_number("model_config.max_vram", config.max_vram, 0.0, 1e6)
     check_bool("model_config.conv_direct", config.conv_direct)
     check_bool("model_config.taesd_preview_only", config.taesd_preview_only)
     if config.taesd_preview_only and config.taesd_src is None:

@@ -49,6 +49,9 @@ class DiffusionStats:
     decoder:
         What decoded the latents, as the engine reported at load: ``"vae"``, or
         ``"taesd"`` for the tiny autoencoder of ``model_config.taesd_src``.
+    device:
+        The engine device the model ran on (``"CPU"``, ``"Vulkan0"``), as the
+        engine's log reported it when the model loaded.
     """
 
     model_load_ms: float | None = None
@@ -68,6 +71,7 @@ class DiffusionStats:
     postprocess_ms: float | None = None
     steps_per_second: float | None = None
     decoder: str | None = None
+    device: str | None = None
 
 
 class Pending(Generic[T]):

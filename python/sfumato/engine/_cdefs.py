@@ -308,6 +308,8 @@ size_t ggml_backend_reg_count(void);
 ggml_backend_reg_t ggml_backend_reg_get(size_t index);
 const char* ggml_backend_reg_name(ggml_backend_reg_t reg);
 void* ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char* name);
+/* A backend module (a GGML_BACKEND_DL build) loaded by its path; NULL when it cannot load. */
+ggml_backend_reg_t ggml_backend_load(const char* path);
 """
 
 ALL = "\n".join(

@@ -26,7 +26,9 @@ class EngineBuild:
     Attributes
     ----------
     flavour:
-        ``"cpu"`` (the backends this library carries).
+        The backends this build carries, joined: ``"cpu"``, ``"cpu+vulkan"``.
+    backends:
+        Its backend modules by name (``"cpu"``, ``"vulkan"``).
     native:
         Whether it was built for the building machine's CPU (``SFUMATO_NATIVE``)
         rather than the portable floor.
@@ -39,6 +41,7 @@ class EngineBuild:
     """
 
     flavour: str
+    backends: tuple[str, ...]
     native: bool
     engine_version: str
     engine_sha256: str
@@ -63,6 +66,7 @@ def read_build(library: Path) -> EngineBuild | None:
     try:
         return EngineBuild(
             flavour=str(data["flavour"]),
+            backends=tuple(str(b) for b in data.get("backends", str(data["flavour"]).split("+"))),
             native=bool(data["native"]),
             engine_version=str(data["engine"]["version"]),
             engine_sha256=str(data["engine"]["sha256"]),

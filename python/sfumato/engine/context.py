@@ -66,12 +66,19 @@ Decoder = Literal["vae", "taesd"]
 """What turns latents into pixels (and images into latents): the full VAE or the tiny autoencoder."""
 
 
+# The engine's log lines naming the device its main backend was created on.
+_BACKEND_LINE = "Initializing backend: "
+_CPU_FALLBACK_LINE = "loading CPU backend"
+
+
 class _LoadLog:
-    """Reads the engine's load log for what it chose: the decoder it built."""
+    """Reads the engine's load log for what it chose: the device its backend runs
+    on and the decoder it built."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.decoder: Decoder | None = None
+        self.device: str | None = None
 
     def on_progress(self, step: int, steps: int, seconds_per_step: float) -> None:
         pass
@@ -80,7 +87,11 @@ class _LoadLog:
         pass
 
     def on_log(self, level: int, message: str) -> None:
-        if message.startswith("using TAE for encoding / decoding"):
+        if message.startswith(_BACKEND_LINE) and message[len(_BACKEND_LINE) :].strip():
+            self.device = message[len(_BACKEND_LINE) :].strip()
+        elif message.startswith(_CPU_FALLBACK_LINE):
+            self.device = "CPU"
+        elif message.startswith("using TAE for encoding / decoding"):
             self.decoder = "taesd"
         elif message.startswith("using VAE for encoding / decoding"):
             self.decoder = "vae"
@@ -145,6 +156,7 @@ class DiffusionContext(NativeHandle):
         c.offload_params_to_cpu = params.offload_params_to_cpu
         c.keep_clip_on_cpu = params.keep_clip_on_cpu
         c.keep_vae_on_cpu = params.keep_vae_on_cpu
+        c.max_vram = params.max_vram
         c.enable_mmap = params.enable_mmap
         c.lora_apply_mode = _index(LORA_APPLY_MODES, params.lora_apply_mode, "lora_apply_mode")
         self.n_threads = int(c.n_threads)
@@ -153,6 +165,9 @@ class DiffusionContext(NativeHandle):
             handle = lib.new_sd_ctx(c)
         self.decoder: Decoder | None = load.decoder
         """The decoder the engine reported building (``None`` if it did not say)."""
+        self.device: str | None = load.device
+        """The device the engine reported creating its backend on (``"CPU"``,
+        ``"Vulkan0"``), from its own log; ``None`` if it did not say."""
         if handle == ffi.NULL:
             raise EngineError(
                 "the engine could not load the model "
@@ -341,8 +356,11 @@ class UpscalerContext(NativeHandle):
         ffi, lib = self._engine.ffi, self._engine.lib
         callbacks.install(self._engine)
         threads = n_threads if n_threads > 0 else int(lib.sd_get_num_physical_cores())
-        with callbacks.listening(None):
+        load = _LoadLog()
+        with callbacks.listening(load):
             handle = lib.new_upscaler_ctx(model_path.encode(), offload_params_to_cpu, conv_direct, threads, tile_size)
+        self.device: str | None = load.device
+        """The device the engine reported creating the upscaler's backend on."""
         if handle == ffi.NULL:
             raise EngineError(f"the engine could not load the upscaler {model_path}; see the 'sfumato.engine' log")
         self._handle = handle

@@ -16,6 +16,14 @@ resolve through its DT_RPATH first (``$ORIGIN``, and auditwheel's
 ``sfumato.libs`` in a repaired wheel), which the loader searches before
 ``LD_LIBRARY_PATH``.
 
+A library built with ggml's dynamic backends (sfumato's own build) carries its
+backends as modules beside it (``libggml-cpu.so``, ``libggml-vulkan.so``). They
+are loaded by their paths right after the library opens, the CPU module first
+(:func:`load_backends`), so the engine never scans ggml's default search paths
+(the executable's folder, the current directory). ``SFUMATO_BACKENDS`` (a comma
+list such as ``cpu,vulkan``) limits which are loaded; a model's worker process
+gets the list its device needs.
+
 Opening the library runs an ABI check (:func:`check_abi`): structs are filled
 by the engine's own ``*_init`` functions and by us, printed back by the engine's
 ``*_to_str`` functions, and compared with what our declarations hold. A layout
@@ -43,6 +51,7 @@ from sfumato.errors import EngineABIError, EngineNotFoundError
 ENGINE_DISTRIBUTION = "stable-diffusion-cpp-python"
 ENGINE_VERSION_REQUIRED = "0.4.7"
 ENV_LIBRARY = "SFUMATO_ENGINE_LIB"
+ENV_BACKENDS = "SFUMATO_BACKENDS"
 
 # Where sfumato's build installs the engine, relative to site-packages.
 PACKAGE_LIBRARY_DIR = "sfumato/engine/lib"
@@ -66,8 +75,116 @@ SCHEDULER_ENUM: tuple[str, ...] = (
 PREDICTION_ENUM: tuple[str, ...] = ("eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
 
 
+_MODULE_PATTERNS = {"linux": ("libggml-", ".so"), "darwin": ("libggml-", ".so"), "win32": ("ggml-", ".dll")}
+# ggml's own libraries, which are not backend modules.
+_NOT_MODULES = {"base"}
+
+
 def _library_file_name() -> str:
     return _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
+
+
+@dataclass(frozen=True)
+class BackendModule:
+    """One backend module beside the engine library.
+
+    Attributes
+    ----------
+    name:
+        ``"cpu"``, ``"vulkan"``, ``"cuda"``: the module's file name without ggml's affixes.
+    path:
+        Its absolute path.
+    loaded:
+        Whether this process loaded it.
+    error:
+        Why it did not load (the dynamic loader's words), ``"not requested"`` when
+        ``SFUMATO_BACKENDS`` left it out, ``None`` when it loaded.
+    """
+
+    name: str
+    path: Path
+    loaded: bool
+    error: str | None = None
+
+
+def backend_modules(library: Path) -> dict[str, Path]:
+    """The backend modules in the engine library's folder, by name (none for a
+    library with its backends linked in)."""
+    prefix, suffix = _MODULE_PATTERNS.get(sys.platform, _MODULE_PATTERNS["linux"])
+    found: dict[str, Path] = {}
+    for path in sorted(library.parent.glob(f"{prefix}*{suffix}")):
+        name = path.name[len(prefix) : -len(suffix)]
+        if name not in _NOT_MODULES:
+            found[name] = path
+    return found
+
+
+def requested_backends() -> set[str] | None:
+    """The modules ``SFUMATO_BACKENDS`` asks for (the CPU always), or ``None``: all."""
+    raw = os.environ.get(ENV_BACKENDS, "").strip()
+    if not raw:
+        return None
+    return {part.strip().lower() for part in raw.split(",") if part.strip()} | {"cpu"}
+
+
+def _why_not_loadable(path: Path) -> str:
+    """The dynamic loader's reason a module does not open (a missing driver library)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_LAZY)
+    except OSError as exc:
+        return str(exc)
+    return "ggml rejected it (its ggml_backend_init returned no backend; see the engine log)"
+
+
+# The CPU module's handle, kept open for the life of the process.
+_cpu_module: Any = None
+
+
+def _open_cpu_module(library: Path) -> None:
+    """Open the CPU backend module with its symbols global, before the engine library.
+
+    With dynamic backends the engine still calls the CPU backend's feature functions
+    (``ggml_cpu_has_avx``...) directly, and nothing links them: they must be in the
+    process's global scope when the engine library is opened.
+    """
+    global _cpu_module
+    cpu = backend_modules(library).get("cpu")
+    if cpu is not None and _cpu_module is None:
+        import ctypes
+
+        _cpu_module = ctypes.CDLL(str(cpu), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+
+
+def load_backends(ffi: cffi.FFI, lib: Any, library: Path) -> tuple[BackendModule, ...]:
+    """Load the backend modules beside ``library`` by their paths, the CPU first.
+
+    Raises
+    ------
+    EngineNotFoundError
+        When the library has modules but its CPU module does not load.
+    """
+    modules = backend_modules(library)
+    if not modules:
+        return ()
+    wanted = requested_backends()
+    order = sorted(modules, key=lambda name: (name != "cpu", name))
+    if order[0] != "cpu":
+        raise EngineNotFoundError(f"the engine at {library} has backend modules ({', '.join(order)}) but no CPU one")
+    result = []
+    for name in order:
+        path = modules[name]
+        if wanted is not None and name not in wanted:
+            result.append(BackendModule(name, path, False, "not requested"))
+            continue
+        if lib.ggml_backend_load(str(path).encode()) == ffi.NULL:
+            result.append(BackendModule(name, path, False, _why_not_loadable(path)))
+            continue
+        result.append(BackendModule(name, path, True))
+    if not result[0].loaded:
+        raise EngineNotFoundError(f"the engine's CPU backend {result[0].path} does not load: {result[0].error}")
+    return tuple(result)
 
 
 def package_library() -> Path | None:
@@ -143,11 +260,15 @@ class Engine:
         The library opened in ABI mode.
     path:
         Where the library was loaded from.
+    modules:
+        Its backend modules and whether each loaded (empty when its backends
+        are linked in).
     """
 
     ffi: cffi.FFI
     lib: Any
     path: Path
+    modules: tuple[BackendModule, ...] = ()
 
     def string(self, pointer: Any) -> str:
         """Decode a ``const char*`` owned by the engine (never freed here)."""
@@ -433,6 +554,7 @@ def load_engine() -> Engine:
             path = locate_library()
             ffi = make_ffi()
             try:
+                _open_cpu_module(path)
                 lib = ffi.dlopen(str(path))
             except OSError as exc:
                 raise EngineNotFoundError(f"cannot open the engine library {path}: {exc}") from exc
@@ -440,5 +562,5 @@ def load_engine() -> Engine:
                 check_abi(ffi, lib)
             except AttributeError as exc:  # cffi's answer for a symbol the library lacks
                 raise EngineABIError(f"{path} is not a stable-diffusion.cpp engine library: {exc}") from exc
-            _engine = Engine(ffi=ffi, lib=lib, path=path)
+            _engine = Engine(ffi=ffi, lib=lib, path=path, modules=load_backends(ffi, lib, path))
         return _engine

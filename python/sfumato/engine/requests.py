@@ -103,6 +103,7 @@ class ContextParams:
     offload_params_to_cpu: bool = False
     keep_clip_on_cpu: bool = False
     keep_vae_on_cpu: bool = False
+    max_vram: float = 0.0
     enable_mmap: bool = False
     # LoRAs are applied in the graph, never merged into the weights: merging and
     # unmerging between requests drifts the weights (a request without a LoRA

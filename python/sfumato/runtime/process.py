@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -49,26 +48,6 @@ class WorkerExitedError(Exception):
     def crash(self, model_id: str, during: str = "running this job") -> EngineCrashedError:
         """The error a caller sees for this death."""
         return EngineCrashedError(model_id, self.signal, None if self.signal else self.returncode, during)
-
-
-def device_env(device: str) -> dict[str, str]:
-    """The environment that makes the engine's default backend ``device``.
-
-    The engine takes the first GPU its backends report, else the CPU, and
-    reads ``SD_VK_DEVICE`` to pick a Vulkan device; the backends honour their
-    visible-device variables. ``auto`` and ``gpu`` change nothing.
-    """
-    if device.lower() == "cpu":
-        return {"CUDA_VISIBLE_DEVICES": "-1", "HIP_VISIBLE_DEVICES": "-1", "GGML_VK_VISIBLE_DEVICES": ""}
-    match = re.fullmatch(r"(CUDA|ROCm|HIP|Vulkan)(\d+)", device)
-    if match is None:
-        return {}
-    backend, index = match.groups()
-    if backend == "Vulkan":
-        return {"SD_VK_DEVICE": index}
-    if backend == "CUDA":
-        return {"CUDA_VISIBLE_DEVICES": index}
-    return {"HIP_VISIBLE_DEVICES": index}
 
 
 class WorkerProcess:

@@ -26,7 +26,6 @@ import psutil
 
 from sfumato import images as imaging
 from sfumato.engine.context import DiffusionContext, UpscalerContext
-from sfumato.engine.devices import list_devices
 from sfumato.engine.requests import PHASE_HIRES, PHASE_SAMPLING, PHASE_UPSCALE, PHASE_VAE, ImageArray, ProgressTick
 from sfumato.errors import EngineError, SfumatoError
 from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
@@ -38,17 +37,6 @@ logger = logging.getLogger("sfumato.runtime.worker")
 
 def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
-
-
-def engine_device() -> str:
-    """The device the engine's default backend takes in this process: the first
-    GPU, else the first integrated GPU, else the CPU (the engine's own order)."""
-    devices = list_devices()
-    for kind in ("gpu", "igpu", "cpu"):
-        for device in devices:
-            if device.type == kind:
-                return device.name
-    return "CPU"
 
 
 class Worker:
@@ -63,6 +51,13 @@ class Worker:
             self.upscaler = UpscalerContext(
                 spec.upscaler_path, n_threads=spec.threads, tile_size=spec.tile_size, parent=self.diffusion
             )
+
+    @property
+    def device(self) -> str | None:
+        """The device the engine reported running this model on."""
+        if self.diffusion is not None and self.diffusion.device is not None:
+            return self.diffusion.device
+        return self.upscaler.device if self.upscaler is not None else None
 
     def close(self) -> None:
         if self.upscaler is not None:
@@ -146,7 +141,8 @@ def serve(conn: Connection) -> None:
         conn.send(JobFailed(_portable(exc)))
         return
     decoder = worker.diffusion.decoder if worker.diffusion is not None else None
-    conn.send(Ready(os.getpid(), engine_device(), _ms(started), psutil.Process().memory_info().rss, decoder))
+    device = worker.device or "unknown (the engine did not report it)"
+    conn.send(Ready(os.getpid(), device, _ms(started), psutil.Process().memory_info().rss, decoder))
     try:
         while True:
             try:

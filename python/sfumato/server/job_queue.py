@@ -150,6 +150,7 @@ class QueueStatusResponse(Success):
     memory_before_mb: float | None = None
     memory_after_mb: float | None = None
     decoder: str | None = Field(default=None, description="what decoded the latents: 'vae', or 'taesd'")
+    device: str | None = Field(default=None, description="the engine device the job ran on ('CPU', 'Vulkan0')")
     images: list[str] | None = Field(default=None, description="every image of a job that made several (base64)")
     output_paths: list[str] | None = None
 
@@ -262,7 +263,7 @@ def status_of(store: JobStore, job: Job) -> QueueStatusResponse:
         out.payload = job.request["payload"]
         out.image, out.output_path = images[0], paths[0]
         for key in ("width", "height", "file_type", "jpeg_quality", "generation_time_sec",
-                    "memory_before_mb", "memory_after_mb", "decoder"):  # fmt: skip
+                    "memory_before_mb", "memory_after_mb", "decoder", "device"):  # fmt: skip
             setattr(out, key, result.get(key))
         if len(paths) > 1:
             out.output_paths = paths

@@ -54,7 +54,7 @@ COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
-MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", *DEFAULT_KEYS)
+MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "device", *DEFAULT_KEYS)
 
 DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The :class:`~sfumato.params.DiffusionParams` fields a model's defaults fill."""
@@ -85,6 +85,8 @@ class ConfiguredModel:
         Role (``clip_l``, ``llm``, ``vae``, ...) -> file.
     prediction:
         ``model_config.prediction``.
+    device:
+        ``model_config.device`` for this model (``None``: the server's ``--device``).
     defaults:
         :data:`DEFAULTED_FIELDS` -> the value a request that leaves the field out takes.
     """
@@ -95,11 +97,14 @@ class ConfiguredModel:
     companions: Mapping[str, Path] = field(default_factory=dict)
     prediction: str = ModelConfig.prediction
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    device: str | None = None
 
     def load_config(self) -> dict[str, Any]:
         """Its ``model_config`` keys for :func:`sfumato.load_model`."""
         out: dict[str, Any] = {ROLES[role].key: path for role, path in self.companions.items()}
         out["prediction"] = self.prediction
+        if self.device is not None:
+            out["device"] = self.device
         return out
 
     def encoder_files(self) -> frozenset[str]:
@@ -165,9 +170,13 @@ def _model(config: Path, name: str, table: dict[str, Any], max_steps: int, max_p
         companion_files(files, info, key=lambda role: role)  # the SDK's checks, as load_model makes them
         prediction = check_choice("prediction", table.get("prediction", ModelConfig.prediction), PREDICTION_NAMES)
         defaults = _defaults(table, max_steps, max_pixels)
+        device = table.get("device")
+        if device is not None and (not isinstance(device, str) or not device):
+            # Its availability is the worker's to check, at load: a front end may have no GPU.
+            raise InvalidParameterError("device", f"must be 'auto', 'cpu', 'gpu' or a device name, got {device!r}")
     except InvalidParameterError as exc:
         raise ModelsConfigError(config, name, exc.field, exc.message) from None
-    return ConfiguredModel(name, path, info, files, prediction, defaults)
+    return ConfiguredModel(name, path, info, files, prediction, defaults, device)
 
 
 def _defaults(table: Mapping[str, Any], max_steps: int, max_pixels: int) -> dict[str, Any]:

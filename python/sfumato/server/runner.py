@@ -27,7 +27,8 @@ from PIL import Image
 from prometheus_client import Histogram
 
 import sfumato
-from sfumato.errors import JobCancelledError, SfumatoError
+from sfumato.engine.devices import check_device
+from sfumato.errors import InvalidParameterError, JobCancelledError, SfumatoError
 from sfumato.families.embeddings import TEXT_WIDTHS
 from sfumato.results import DiffusionResult
 from sfumato.server.catalog import UPSCALER, Catalog
@@ -95,12 +96,18 @@ def check_runner(settings: ServerSettings) -> None:
     Raises
     ------
     SfumatoError
-        For a lease that is not a positive number of seconds, or fewer than one job at once.
+        For a lease that is not a positive number of seconds, fewer than one job at once,
+        or a ``--device`` this machine does not have.
     """
     if not settings.lease_s > 0:
         raise SfumatoError(f"--lease: must be a positive number of seconds, got {settings.lease_s:g}")
     if settings.jobs_per_device < 1:
         raise SfumatoError(f"--jobs-per-device: must be at least 1, got {settings.jobs_per_device}")
+    if settings.workers > 0:  # a front end runs no model: its machine's devices do not matter
+        try:
+            check_device(settings.device)
+        except InvalidParameterError as exc:
+            raise SfumatoError(f"--device: {exc.message}") from None
 
 
 def route_of(plan: JobPlan) -> str:
@@ -366,7 +373,7 @@ class JobRunner:
             if model_id is not None and job is not None:
                 job.in_use.add(model_id)
         if model_id is None or model_id not in sfumato.loaded_models():
-            config: dict[str, Any] = {"threads": self.settings.threads}
+            config: dict[str, Any] = {"threads": self.settings.threads, "device": self.settings.device}
             if upscaler:
                 config["mode"] = "upscale"
             else:
@@ -541,6 +548,7 @@ class JobRunner:
                 "memory_before_mb": before,
                 "memory_after_mb": self._memory_mb(model_id),
                 "decoder": stats.decoder,
+                "device": stats.device,
                 "worker": self.id,
             },
         )

@@ -49,6 +49,9 @@ class ServerSettings:
         How many jobs a worker runs at once on its device. 1 (the default): on a
         CPU two jobs at once share the same cores and run no faster, and each
         holds its memory; run one worker per device to use several.
+    device:
+        The device models run on (``model_config.device``: ``auto``, ``cpu``, ``gpu``
+        or an engine device name); a models config's ``device`` key overrides it per model.
     default_model:
         The model used when a request names none (default: the first one listed).
     queue_size:
@@ -89,6 +92,7 @@ class ServerSettings:
     workers: int = 1
     lease_s: float = 30.0
     jobs_per_device: int = 1
+    device: str = "auto"
     default_model: str | None = None
     queue_size: int = 64
     api_key: str | None = None
