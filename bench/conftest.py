@@ -41,6 +41,7 @@ CASE_ORDER = (
     "taesd",
     "previews",
     "queue",
+    "devices",
 )
 
 
@@ -52,6 +53,12 @@ def _model_dir() -> Path:
 def sd1_gguf() -> Path:
     """A full-size SD 1.x model (859M-parameter UNet) as one GGUF file, f16."""
     return models.cached(_model_dir(), "sd1.gguf", lambda p: models.write_sd_checkpoint(p, "sd1"))
+
+
+@pytest.fixture(scope="session")
+def sd1_tiny_gguf() -> Path:
+    """BK-SDM-Tiny's SD 1.x layout (a third of the UNet) as one GGUF file, f16."""
+    return models.cached(_model_dir(), "sd1-tiny.gguf", lambda p: models.write_sd_checkpoint(p, "sd1-tiny"))
 
 
 @pytest.fixture(scope="session")

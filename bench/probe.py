@@ -9,7 +9,8 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
   ``threads``, ``taesd``: a tiny autoencoder's path, ``tae_preview_only``) and a
   txt2img request (``size``, ``steps``, ``batch``, ``preview``: a preview mode,
   ``preview_interval``); on the
-  engine library ``engine_lib`` if given, else the installed one.
+  engine library ``engine_lib`` if given, else the installed one; ``env`` sets
+  environment variables before the library opens (the backend modules and device).
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
@@ -43,7 +44,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def engine(config: dict[str, Any]) -> dict[str, float]:
+def engine(config: dict[str, Any]) -> dict[str, Any]:
     from sfumato.engine import ContextParams, DiffusionContext, ImageRequest
 
     started = time.perf_counter()
@@ -70,6 +71,7 @@ def engine(config: dict[str, Any]) -> dict[str, float]:
         out = context.generate(request)
         done = time.perf_counter()
     return {
+        "device": context.device,  # the engine's own report
         "step_s": out.phase_ms["sampling"] / 1000.0 / out.sampling_steps,
         "vae_s": out.phase_ms["vae"] / 1000.0 / batch,
         "conditioning_s": out.phase_ms.get("conditioning", 0.0) / 1000.0,
@@ -192,6 +194,7 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     if "engine_lib" in config:  # another build of the engine, chosen before the library opens
         os.environ["SFUMATO_ENGINE_LIB"] = config["engine_lib"]
+    os.environ.update(config.get("env", {}))
     figures = KINDS[config["kind"]](config)
     figures["peak_rss_mb"] = _peak_rss_mb()
     print("PROBE " + json.dumps(figures), flush=True)

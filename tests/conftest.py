@@ -25,11 +25,6 @@ from tests.support.postgres import PostgresServer
 
 from .helpers import MODEL, ROOT, SIZE, CaptureSpec
 
-# The suite's Vulkan device is Mesa's software driver, lavapipe (.ci/run installs
-# mesa-vulkan-drivers): ggml lists a CPU-type Vulkan device only when
-# GGML_VK_VISIBLE_DEVICES names it, as a user would. Set before any engine opens.
-os.environ.setdefault("GGML_VK_VISIBLE_DEVICES", "0")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -192,6 +192,19 @@ def _embeddings(config: ModelConfig, info: ModelInfo) -> tuple[dict[str, Embeddi
     return sort_out(*scan_embeddings(config.embedding_dir), info.family)
 
 
+# Bits per weight of the types a model may be converted to at load (``weight_type``).
+_WEIGHT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "q5_1": 6.0, "q4_0": 4.5,
+                "q4_1": 5.0, "q4_k": 4.5, "q6_k": 6.5625}  # fmt: skip
+
+
+def weight_bytes(file_bytes: int, weight_type: str | None) -> int:
+    """A model's weights in memory: its files' size, scaled by ``weight_type``'s bits
+    per weight over 16 when it is converted at load (releases are f16 files)."""
+    if weight_type is None:
+        return file_bytes
+    return int(file_bytes * _WEIGHT_BITS.get(weight_type.lower(), 16.0) / 16.0)
+
+
 def _file_bytes(path: Path | None) -> int:
     if path is None:
         return 0
@@ -306,6 +319,11 @@ def load_model(
         has_upscaler=upscaler_path is not None,
         size_multiple=FAMILY_SIZE_MULTIPLE.get(info.family, 8),
         skipped_embeddings=skipped_embeddings,
+        device=device.name,
+        device_bytes=device.memory_total,
+        weight_bytes=weight_bytes(
+            sum(_file_bytes(p) for p in {path, upscaler_path, *companions.values()}), config.weight_type
+        ),
     )
 
     def create() -> ModelHost:
@@ -314,8 +332,7 @@ def load_model(
         return host
 
     key = (repr(dataclasses.replace(spec, model_id="")), tuple(sorted(env.items())))
-    estimate = sum(_file_bytes(p) for p in (path, upscaler_path, *companions.values()))
-    model_id, _ = _pool.acquire(key, spec.model_id, create, estimate)
+    model_id, _ = _pool.acquire(key, spec.model_id, create, model.weight_bytes)
     report(LoadProgress(100.0, "load"))
     return model_id
 
@@ -429,17 +446,30 @@ def models_info() -> list[ModelStatus]:
     return out
 
 
-def set_memory_budget(max_loaded_models: int | None = None, max_loaded_bytes: int | None = None) -> None:
-    """Limit what stays in memory: when a model is about to load (or reload)
-    and the limit would be passed, the least recently used idle models are
-    evicted first. Bytes are the workers' resident memory. ``None`` lifts a
-    limit. The defaults come from ``SFUMATO_MAX_LOADED_MODELS`` and
-    ``SFUMATO_MAX_LOADED_BYTES``."""
+def set_memory_budget(
+    max_loaded_models: int | None = None, max_loaded_bytes: int | None = None, device: str | None = None
+) -> None:
+    """Limit what stays in a device's memory: when a model is about to load (or
+    reload) there and the limit would be passed, the least recently used idle
+    models of that device are evicted first; a model that cannot fit even so is
+    refused (:class:`~sfumato.errors.InsufficientMemoryError`). Busy models are
+    never evicted.
+
+    ``device`` names one device (``"CPU"``, ``"Vulkan0"``); ``None`` sets the budget
+    of every device without one of its own. Bytes are the workers' resident memory
+    on the CPU and the weights' estimate on a GPU; ``None`` lifts a limit (the bytes
+    limit is then the device's memory). The defaults come from
+    ``SFUMATO_MAX_LOADED_MODELS`` and ``SFUMATO_MAX_LOADED_BYTES``."""
     if max_loaded_models is not None:
         check_int("max_loaded_models", max_loaded_models, 1, 1 << 16)
     if max_loaded_bytes is not None:
         check_int("max_loaded_bytes", max_loaded_bytes, 1, 1 << 62)
-    _pool.budget = Budget(max_loaded_models, max_loaded_bytes)
+    budget = Budget(max_loaded_models, max_loaded_bytes)
+    if device is None:
+        _pool.budget = budget
+        _pool.device_budgets.clear()
+    else:
+        _pool.device_budgets[check_device(device).name] = budget
 
 
 def _elapsed_ms(since: float) -> float:

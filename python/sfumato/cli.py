@@ -57,6 +57,18 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--conv-direct", action="store_true", default=_M.conv_direct, help="direct convolutions in the UNet and VAE"
     )
+    group.add_argument(
+        "--offload-to-cpu", action="store_true", default=_M.offload_to_cpu,
+        help="keep the weights in RAM, each part copied to the device when it runs",
+    )  # fmt: skip
+    group.add_argument(
+        "--keep-clip-on-cpu", action="store_true", default=_M.keep_clip_on_cpu, help="text encoders on the CPU"
+    )
+    group.add_argument("--keep-vae-on-cpu", action="store_true", default=_M.keep_vae_on_cpu, help="the VAE on the CPU")
+    group.add_argument(
+        "--max-vram", type=float, default=_M.max_vram, metavar="GIB",
+        help="device memory a graph may take before the engine splits it (default: 0, never)",
+    )  # fmt: skip
     group.add_argument("--rng", choices=RNG_NAMES, default=_M.rng, help="noise generator (cpu: as torch on CPU)")
     group.add_argument(
         "--weight-type", choices=WEIGHT_TYPE_NAMES, default=_M.weight_type, help="convert weights at load"
@@ -288,7 +300,9 @@ def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "mode": mode, "device": args.device, "threads": args.threads, "flash_attn": args.flash_attn,
         "conv_direct": args.conv_direct, "rng": args.rng, "weight_type": args.weight_type,
-        "prediction": args.prediction,
+        "prediction": args.prediction, "offload_to_cpu": args.offload_to_cpu,
+        "keep_clip_on_cpu": args.keep_clip_on_cpu, "keep_vae_on_cpu": args.keep_vae_on_cpu,
+        "max_vram": args.max_vram,
     }  # fmt: skip
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}

@@ -61,6 +61,11 @@ class UnknownModelIdError(SfumatoError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class InsufficientMemoryError(SfumatoError, MemoryError):
+    """A model does not fit its device's memory budget, even with every idle model
+    of that device evicted; the message names the model, the device and the sizes."""
+
+
 class ClosedError(SfumatoError, RuntimeError):
     """A native handle was used after ``close()``."""
 

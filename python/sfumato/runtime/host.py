@@ -83,6 +83,13 @@ class LoadedModel:
     skipped_embeddings:
         The files of ``model_config.embedding_dir`` its text encoders cannot
         take, by name, with why (a prompt that names one is refused).
+    device:
+        The engine device it runs on (``"CPU"``, ``"Vulkan0"``): its memory budget's.
+    device_bytes:
+        That device's memory (RAM for the CPU, VRAM for a GPU), the default budget.
+    weight_bytes:
+        Its weights' size in memory, estimated before it loads from its files and
+        ``weight_type``.
     """
 
     model_id: str
@@ -92,6 +99,9 @@ class LoadedModel:
     has_upscaler: bool
     size_multiple: int = 64
     skipped_embeddings: dict[str, str] = field(default_factory=dict)
+    device: str = "CPU"
+    device_bytes: int = 0
+    weight_bytes: int = 0
 
 
 class ModelHost:

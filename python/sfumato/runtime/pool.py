@@ -1,11 +1,16 @@
-"""Model residency: reuse of identical loads, reference counts, and a memory budget.
+"""Model residency: reuse of identical loads, reference counts, and a memory
+budget per device.
 
 Loading the same source with the same config again returns the same model id
 and counts one more reference; the model is unloaded when the last reference
-is. A budget (``max_loaded_models`` and/or ``max_loaded_bytes`` of worker
-memory) is kept by evicting the least recently used idle model from memory
-before another one loads. An evicted model keeps its id: its next job loads it
-again, in a new worker.
+is. Each device has a budget (``max_loaded_models`` and ``max_loaded_bytes``; the
+bytes default to the device's memory: RAM for the CPU, VRAM for a GPU). Before a
+model loads, the least recently used idle models *of its device* are evicted until
+it fits; when it cannot fit even so (its own size, or busy models), the load is
+refused with :class:`~sfumato.errors.InsufficientMemoryError`. A busy model is
+never evicted. An evicted model keeps its id: its next job loads it again, in a
+new worker. A model's size is its worker's resident memory on the CPU, and its
+weights' estimate on a GPU (whose memory the process's RSS does not show).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from sfumato.errors import InvalidParameterError, UnknownModelIdError
+from sfumato.errors import InsufficientMemoryError, InvalidParameterError, UnknownModelIdError
 from sfumato.runtime.host import ModelHost
 
 logger = logging.getLogger("sfumato.runtime")
@@ -52,6 +57,8 @@ class ModelPool:
 
     def __init__(self, budget: Budget | None = None) -> None:
         self.budget = budget or Budget()
+        """The budget of every device without one of its own."""
+        self.device_budgets: dict[str, Budget] = {}
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()
         self._hosts: dict[str, ModelHost] = {}
@@ -125,23 +132,33 @@ class ModelPool:
         with self._lock:
             return self._refs.get(model_id, 0)
 
+    def budget_of(self, device: str) -> Budget:
+        """The budget ``device`` is held to."""
+        with self._lock:
+            return self.device_budgets.get(device, self.budget)
+
     def _size(self, host: ModelHost) -> int:
-        if host.ready is not None:
+        if host.model.device == "CPU" and host.ready is not None:
             return host.ready.rss_bytes
         with self._lock:
             return self._estimates.get(host.model.model_id, 0)
 
     def make_room(self, incoming: ModelHost) -> None:
-        """Evict least recently used idle models until ``incoming`` fits the budget.
+        """Evict least recently used idle models of ``incoming``'s device until it fits
+        that device's budget. Called before a worker starts.
 
-        Called before a worker starts. Busy models are never evicted: when only
-        busy ones remain, the budget is exceeded for a while and a warning says so.
+        Raises
+        ------
+        InsufficientMemoryError
+            When it does not fit even so: it is larger than the budget, or the
+            models that would have to go are busy (never evicted).
         """
-        limit_models, limit_bytes = self.budget.max_loaded_models, self.budget.max_loaded_bytes
-        if limit_models is None and limit_bytes is None:
-            return
+        device = incoming.model.device
+        budget = self.budget_of(device)
+        limit_models = budget.max_loaded_models
+        limit_bytes = budget.max_loaded_bytes or incoming.model.device_bytes or None
         with self._lock:
-            others = [h for h in self._hosts.values() if h is not incoming and h.resident]
+            others = [h for h in self._hosts.values() if h is not incoming and h.resident and h.model.device == device]
         others.sort(key=lambda h: h.last_used)
         need = self._size(incoming)
 
@@ -156,7 +173,20 @@ class ModelPool:
             if host.evict():
                 others.remove(host)
         if over():
-            logger.warning(
-                "memory budget exceeded: %d model(s) resident besides %s, none idle to evict",
-                len(others), incoming.model.model_id,
-            )  # fmt: skip
+            held = sum(map(self._size, others))
+            limits = [f"{limit_models} model(s)"] if limit_models is not None else []
+            limits += [f"{_mib(limit_bytes)}"] if limit_bytes is not None else []
+            if limit_bytes is not None and need > limit_bytes:
+                why = "it is larger than the budget"
+            else:
+                busy = ", ".join(h.model.model_id for h in others)
+                why = f"{len(others)} busy model(s) hold {_mib(held)} there ({busy}), and a busy model is never evicted"
+            raise InsufficientMemoryError(
+                f"model {incoming.model.model_id} ({_mib(need)}) does not fit {device}'s memory budget of "
+                f"{' and '.join(limits)}: {why}; raise the budget (set_memory_budget, SFUMATO_MAX_LOADED_BYTES), "
+                "unload a model or choose another device"
+            )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
