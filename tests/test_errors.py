@@ -165,8 +165,11 @@ def test_invalid_model_config(sd1_gguf: Path, config: dict[str, Any], field: str
     assert info.value.field == field
 
 
-def test_gpu_on_a_cpu_build_names_the_fix(sd1_gguf: Path) -> None:
-    with pytest.raises(errors.InvalidParameterError, match=r"no GPU backend: .*-DSD_CUDA=ON.*SFUMATO_ENGINE_LIB"):
+def test_gpu_without_a_gpu_names_the_devices_there_are(sd1_gguf: Path) -> None:
+    with pytest.raises(
+        errors.InvalidParameterError,
+        match=r"'gpu' asks for a hardware GPU and there is none; the engine at .* has: CPU",
+    ):
         sfumato.load_model(sd1_gguf, model_config={"device": "gpu"})
 
 

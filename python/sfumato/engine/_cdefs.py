@@ -310,6 +310,10 @@ const char* ggml_backend_reg_name(ggml_backend_reg_t reg);
 void* ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char* name);
 /* A backend module (a GGML_BACKEND_DL build) loaded by its path; NULL when it cannot load. */
 ggml_backend_reg_t ggml_backend_load(const char* path);
+/* From ggml.h: ggml's own log (module loading, device discovery) until the engine sets
+   its own; the level is enum ggml_log_level (1 debug, 2 info, 3 warn, 4 error, 5 cont). */
+typedef void (*ggml_log_callback)(int level, const char* text, void* user_data);
+void ggml_log_set(ggml_log_callback log_callback, void* user_data);
 """
 
 ALL = "\n".join(

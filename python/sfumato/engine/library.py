@@ -34,6 +34,7 @@ or silent corruption later.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import sys
 import threading
@@ -135,7 +136,10 @@ def _why_not_loadable(path: Path) -> str:
         ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_LAZY)
     except OSError as exc:
         return str(exc)
-    return "ggml rejected it (its ggml_backend_init returned no backend; see the engine log)"
+    return (
+        "ggml refused it on this machine (for the CPU module: a CPU without the instruction sets it "
+        "was built for, AVX2 and FMA; for a GPU module: no usable device or driver)"
+    )
 
 
 # The CPU module's handle, kept open for the life of the process.
@@ -155,6 +159,30 @@ def _open_cpu_module(library: Path) -> None:
         import ctypes
 
         _cpu_module = ctypes.CDLL(str(cpu), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+
+
+# ggml's log levels (enum ggml_log_level) as logging's; 5 continues the previous line.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_ggml_log: list[Any] = []  # the callback, alive as long as the process
+
+
+def _route_ggml_log(ffi: cffi.FFI, lib: Any) -> None:
+    """Send ggml's own log lines (module loading, device discovery) to the
+    ``sfumato.engine`` logger instead of stderr, until the engine sets its own."""
+    logger = logging.getLogger("sfumato.engine")
+    previous = [logging.INFO]
+
+    def on_log(level: int, text: Any, _data: Any) -> None:
+        try:
+            message = bytes(ffi.string(text)).decode("utf-8", "replace").rstrip("\n")
+            previous[0] = _GGML_LEVELS.get(int(level), previous[0])
+            if message.strip():
+                logger.log(previous[0], "%s", message)
+        except BaseException:  # noqa: BLE001 - must never unwind into C
+            pass
+
+    _ggml_log[:] = [ffi.callback("ggml_log_callback", on_log)]
+    lib.ggml_log_set(_ggml_log[0], ffi.NULL)
 
 
 def load_backends(ffi: cffi.FFI, lib: Any, library: Path) -> tuple[BackendModule, ...]:
@@ -562,5 +590,6 @@ def load_engine() -> Engine:
                 check_abi(ffi, lib)
             except AttributeError as exc:  # cffi's answer for a symbol the library lacks
                 raise EngineABIError(f"{path} is not a stable-diffusion.cpp engine library: {exc}") from exc
+            _route_ggml_log(ffi, lib)
             _engine = Engine(ffi=ffi, lib=lib, path=path, modules=load_backends(ffi, lib, path))
         return _engine
