@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, cast
 
+import gguf
 from PIL import Image
 
 from sfumato import images as imaging
@@ -192,17 +193,14 @@ def _embeddings(config: ModelConfig, info: ModelInfo) -> tuple[dict[str, Embeddi
     return sort_out(*scan_embeddings(config.embedding_dir), info.family)
 
 
-# Bits per weight of the types a model may be converted to at load (``weight_type``).
-_WEIGHT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "q5_1": 6.0, "q4_0": 4.5,
-                "q4_1": 5.0, "q4_k": 4.5, "q6_k": 6.5625}  # fmt: skip
-
-
 def weight_bytes(file_bytes: int, weight_type: str | None) -> int:
     """A model's weights in memory: its files' size, scaled by ``weight_type``'s bits
-    per weight over 16 when it is converted at load (releases are f16 files)."""
+    per weight (gguf's block sizes) over 16 when it is converted at load (releases are
+    f16 files)."""
     if weight_type is None:
         return file_bytes
-    return int(file_bytes * _WEIGHT_BITS.get(weight_type.lower(), 16.0) / 16.0)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[weight_type.upper()]]
+    return int(file_bytes * (size * 8 / block) / 16.0)
 
 
 def _file_bytes(path: Path | None) -> int:

@@ -146,7 +146,7 @@ def _why_not_loadable(path: Path) -> str:
 _cpu_module: Any = None
 
 
-def _open_cpu_module(library: Path) -> None:
+def _open_cpu_module(modules: dict[str, Path]) -> None:
     """Open the CPU backend module with its symbols global, before the engine library.
 
     With dynamic backends the engine still calls the CPU backend's feature functions
@@ -154,7 +154,7 @@ def _open_cpu_module(library: Path) -> None:
     process's global scope when the engine library is opened.
     """
     global _cpu_module
-    cpu = backend_modules(library).get("cpu")
+    cpu = modules.get("cpu")
     if cpu is not None and _cpu_module is None:
         import ctypes
 
@@ -185,15 +185,14 @@ def _route_ggml_log(ffi: cffi.FFI, lib: Any) -> None:
     lib.ggml_log_set(_ggml_log[0], ffi.NULL)
 
 
-def load_backends(ffi: cffi.FFI, lib: Any, library: Path) -> tuple[BackendModule, ...]:
-    """Load the backend modules beside ``library`` by their paths, the CPU first.
+def load_backends(ffi: cffi.FFI, lib: Any, library: Path, modules: dict[str, Path]) -> tuple[BackendModule, ...]:
+    """Load ``modules`` (:func:`backend_modules` of ``library``) by their paths, the CPU first.
 
     Raises
     ------
     EngineNotFoundError
         When the library has modules but its CPU module does not load.
     """
-    modules = backend_modules(library)
     if not modules:
         return ()
     wanted = requested_backends()
@@ -582,7 +581,8 @@ def load_engine() -> Engine:
             path = locate_library()
             ffi = make_ffi()
             try:
-                _open_cpu_module(path)
+                modules = backend_modules(path)
+                _open_cpu_module(modules)
                 lib = ffi.dlopen(str(path))
             except OSError as exc:
                 raise EngineNotFoundError(f"cannot open the engine library {path}: {exc}") from exc
@@ -591,5 +591,5 @@ def load_engine() -> Engine:
             except AttributeError as exc:  # cffi's answer for a symbol the library lacks
                 raise EngineABIError(f"{path} is not a stable-diffusion.cpp engine library: {exc}") from exc
             _route_ggml_log(ffi, lib)
-            _engine = Engine(ffi=ffi, lib=lib, path=path, modules=load_backends(ffi, lib, path))
+            _engine = Engine(ffi=ffi, lib=lib, path=path, modules=load_backends(ffi, lib, path, modules))
         return _engine

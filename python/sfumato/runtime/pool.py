@@ -15,7 +15,6 @@ weights' estimate on a GPU (whose memory the process's RSS does not show).
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable, Hashable
@@ -23,8 +22,6 @@ from dataclasses import dataclass
 
 from sfumato.errors import InsufficientMemoryError, InvalidParameterError, UnknownModelIdError
 from sfumato.runtime.host import ModelHost
-
-logger = logging.getLogger("sfumato.runtime")
 
 
 def _env_int(name: str) -> int | None:
