@@ -42,6 +42,7 @@ CASE_ORDER = (
     "previews",
     "queue",
     "devices",
+    "cpu_variants",
 )
 
 

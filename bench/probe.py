@@ -46,6 +46,7 @@ def _peak_rss_mb() -> float:
 
 def engine(config: dict[str, Any]) -> dict[str, Any]:
     from sfumato.engine import ContextParams, DiffusionContext, ImageRequest
+    from sfumato.engine.library import load_engine
 
     started = time.perf_counter()
     params = ContextParams(
@@ -70,8 +71,10 @@ def engine(config: dict[str, Any]) -> dict[str, Any]:
         measured = time.perf_counter()
         out = context.generate(request)
         done = time.perf_counter()
+    choice = load_engine().cpu_choice  # this process's CPU variant
     return {
         "device": context.device,  # the engine's own report
+        "cpu_variant": choice.variant if choice is not None else None,
         "step_s": out.phase_ms["sampling"] / 1000.0 / out.sampling_steps,
         "vae_s": out.phase_ms["vae"] / 1000.0 / batch,
         "conditioning_s": out.phase_ms.get("conditioning", 0.0) / 1000.0,

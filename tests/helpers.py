@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import socket
 import statistics
@@ -96,6 +97,41 @@ def sfumato_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> su
     return subprocess.run(
         [sys.executable, "-m", "sfumato", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
     )
+
+
+_SDK_PRELUDE = """
+import json, logging, sys
+from pathlib import Path
+import sfumato
+from sfumato import errors
+from sfumato.images import decode_png
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+logging.getLogger("sfumato").setLevel(logging.DEBUG)  # the workers log at this level too
+args = json.loads(sys.argv[1])
+out = Path(args["out"])
+def status(model_id):
+    return next(s for s in sfumato.models_info() if s.model_id == model_id)
+def unload(model_id):
+    while model_id in sfumato.loaded_models():
+        sfumato.unload_model(model_id)
+"""
+
+
+def sdk_script(script: str, tmp_path: Path, env: Mapping[str, str], **args: Any) -> tuple[Any, str]:
+    """Run an SDK ``script`` in a process of its own, with ``env`` over this one's
+    (``SFUMATO_BACKENDS``, ``GGML_VK_VISIBLE_DEVICES`` and ``SFUMATO_CPU_VARIANT`` from
+    ``env`` only). The script sees ``args`` (with ``out``: ``tmp_path``), ``status`` and
+    ``unload``; its workers log to stderr. Returns the JSON it prints last and its stderr
+    (the engines' log)."""
+    unset = ("SFUMATO_BACKENDS", "GGML_VK_VISIBLE_DEVICES", "SFUMATO_CPU_VARIANT")
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    environ.update(env)
+    done = subprocess.run(
+        [sys.executable, "-c", _SDK_PRELUDE + script, json.dumps({**args, "out": str(tmp_path)})],
+        env=environ, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 def run(model_id: str, **params: object) -> tuple[list[bytes], sfumato.DiffusionStats, list[sfumato.ProgressTick]]:

@@ -12,11 +12,7 @@ the parity thresholds, and its speed says nothing about a GPU's.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ from sfumato.engine.devices import Device, device_env, list_devices
 from sfumato.engine.library import load_engine
 from sfumato.images import decode_png, encode_png
 
-from .helpers import SIZE, assert_close, assert_far
+from .helpers import SIZE, assert_close, assert_far, sdk_script
 
 VULKAN = "Vulkan0"
 # ggml's Vulkan shaders compute in f16 where the device has it (lavapipe does), the CPU
@@ -39,43 +35,22 @@ VULKAN = "Vulkan0"
 # it computes what the CPU computes, in another order.
 F32_SHADERS = {"GGML_VK_DISABLE_F16": "1"}
 
-_PRELUDE = """
-import json, logging, sys
-from pathlib import Path
-import sfumato
-from sfumato import errors
-from sfumato.images import decode_png
-logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-logging.getLogger("sfumato").setLevel(logging.DEBUG)  # the workers log at this level too
-args = json.loads(sys.argv[1])
-out = Path(args["out"])
-def status(model_id):
-    return next(s for s in sfumato.models_info() if s.model_id == model_id)
-def unload(model_id):
-    while model_id in sfumato.loaded_models():
-        sfumato.unload_model(model_id)
-"""
-
 
 def _with_lavapipe(script: str, tmp_path: Path, env: dict[str, str] | None = None, **args: Any) -> tuple[Any, str]:
-    """Run ``script`` (after :data:`_PRELUDE`) in a process that shows lavapipe as
-    ``Vulkan0``; returns the JSON it prints last and its stderr (the engine's log)."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("SFUMATO_BACKENDS", "GGML_VK_VISIBLE_DEVICES")}
-    environ.update({"GGML_VK_VISIBLE_DEVICES": "0", **(env or {})})
-    done = subprocess.run(
-        [sys.executable, "-c", _PRELUDE + script, json.dumps({**args, "out": str(tmp_path)})],
-        env=environ, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, f"{done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    """Run an SDK ``script`` (:func:`~tests.helpers.sdk_script`) in a process that shows
+    lavapipe as ``Vulkan0``."""
+    return sdk_script(script, tmp_path, {"GGML_VK_VISIBLE_DEVICES": "0", **(env or {})}, **args)
 
 
 def test_the_build_loads_its_modules_by_path_and_lavapipe_only_when_named(tmp_path: Path) -> None:
     engine = load_engine()
     modules = {m.name: m for m in engine.modules}
-    assert set(modules) == {"cpu", "vulkan"}, modules
-    assert all(m.path.parent == engine.path.parent and m.loaded for m in modules.values()), modules
     assert engine.build is not None and engine.build.backends == ("cpu", "vulkan")
+    variants = {f"cpu-{v}" for v in engine.build.cpu_variants}
+    assert set(modules) == {*variants, "vulkan"} and len(variants) >= 2, modules
+    assert all(m.path.parent == engine.path.parent for m in modules.values()), modules
+    # One CPU variant loaded (sfumato chose it), and the Vulkan module.
+    assert {name for name, m in modules.items() if m.loaded} == {f"cpu-{engine.cpu_choice.variant}", "vulkan"}
     # Named by nobody, ggml's Vulkan backend shows no CPU-type device: the CPU alone.
     assert [d.name for d in list_devices(engine)] == ["CPU"]
 

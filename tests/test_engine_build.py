@@ -18,6 +18,7 @@ checkout without it, one that the session builds with ``pip wheel`` and
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import re
@@ -37,8 +38,12 @@ from .helpers import ROOT, SIZE, sfumato_cli
 WHEEL_ENV = "SFUMATO_TEST_WHEEL"
 PORTABLE_FLOOR = ("AVX", "AVX2", "FMA", "F16C", "BMI2")
 ENGINE_IN_WHEEL = "sfumato/engine/lib/libstable-diffusion.so"
+# The CPU variants the build ships (CMakeLists.txt, SFUMATO_CPU_VARIANTS), Haswell the floor.
+CPU_VARIANTS = ("haswell", "skylakex", "zen4")
 # ggml as shared libraries, and the backends as modules sfumato loads by path.
-GGML_IN_WHEEL = ("libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-vulkan.so")
+GGML_IN_WHEEL = (
+    "libggml.so", "libggml-base.so", *(f"libggml-cpu-{v}.so" for v in CPU_VARIANTS), "libggml-vulkan.so"
+)  # fmt: skip
 
 
 def _run(args: list[str], timeout: float = 900, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -99,7 +104,9 @@ def _cpu_features(info: Mapping[str, object]) -> dict[str, str]:
 
 
 def test_info_reports_the_build_and_what_the_library_holds() -> None:
-    info = _info(sys.executable)
+    # The floor variant, named: what it reports is the floor's (the probe's choice is
+    # tests/test_cpu_variants.py's).
+    info = _info(sys.executable, env={**os.environ, "SFUMATO_CPU_VARIANT": "haswell"})
     build = info["build"]
     assert isinstance(build, dict)
     assert build["native"] is False
@@ -108,14 +115,15 @@ def test_info_reports_the_build_and_what_the_library_holds() -> None:
     options = build["options"]
     assert options["GGML_LLAMAFILE"] == "ON"
     assert options["GGML_OPENMP"] == "ON"
-    assert options["GGML_NATIVE"] == "OFF"
-    assert all(options[f"GGML_{name}"] == "ON" for name in PORTABLE_FLOOR)
-    assert options["GGML_AVX512"] == "OFF"
+    assert options["GGML_NATIVE"] == "OFF" and options["GGML_CPU_ALL_VARIANTS"] == "ON"
     assert options["GGML_BACKEND_DL"] == "ON" and options["SD_VULKAN"] == "ON"
     assert build["flavour"] == "cpu+vulkan" and build["backends"] == ["cpu", "vulkan"]
+    assert build["cpu_variants"] == list(CPU_VARIANTS)
     modules = info["modules"]
     assert isinstance(modules, list)
-    assert {m["name"]: m["loaded"] for m in modules} == {"cpu": True, "vulkan": True}
+    assert {m["name"]: m["loaded"] for m in modules} == {
+        "cpu-haswell": True, "cpu-skylakex": False, "cpu-zen4": False, "vulkan": True
+    }  # fmt: skip
     # What the library itself says it was compiled with (the registry, not the record).
     cpu = _cpu_features(info)
     assert all(cpu.get(name) == "1" for name in (*PORTABLE_FLOOR, "LLAMAFILE", "OPENMP")), cpu
@@ -127,6 +135,7 @@ def test_info_reports_the_build_and_what_the_library_holds() -> None:
     assert "llamafile:      on" in text.stdout
     assert "-DGGML_LLAMAFILE=ON" in text.stdout
     assert re.search(r"CPU features:.* AVX2 .*LLAMAFILE", text.stdout), text.stdout
+    assert re.search(r"cpu variant: +\w+ \(", text.stdout), text.stdout
 
 
 def test_the_wheel_is_a_manylinux_wheel_for_every_python3(engine_wheel: Path) -> None:
@@ -238,7 +247,10 @@ def test_libraries_load_only_from_the_package(wheel_venv: Path, sd1_tiny_gguf: P
     assert info["library"] == str(engine)
     modules = info["modules"]
     assert isinstance(modules, list) and modules
-    assert all(m["loaded"] and Path(m["path"]).parent == engine.parent for m in modules), modules
+    assert all(Path(m["path"]).parent == engine.parent for m in modules), modules
+    cpu_variant = info["cpu_variant"]
+    assert isinstance(cpu_variant, dict)
+    assert {m["name"] for m in modules if m["loaded"]} == {f"cpu-{cpu_variant['variant']}", "vulkan"}, modules
     _generate(wheel_venv / "sfumato", sd1_tiny_gguf, tmp_path / "out", env=env, cwd=stray)
     assert not marker.exists()
 
@@ -269,14 +281,16 @@ Image.fromarray(out.images[0]).save(sys.argv[2])
 """
 
 
-def _qemu(cpu: str, venv_bin: Path, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+def _qemu(
+    cpu: str, venv_bin: Path, *args: str, timeout: float = 1500, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     qemu = shutil.which("qemu-x86_64")
     assert qemu, "qemu-x86_64 is missing: install Debian's qemu-user (.ci/run does)"
     # The worker processes of the SDK would run natively (no binfmt for the host's own
     # architecture), so the generation runs in process, through the engine layer, on the
     # CPU module alone (what is tested is the CPU floor, not lavapipe under emulation).
-    env = {**os.environ, "SFUMATO_BACKENDS": "cpu"}
-    return _run([qemu, "-cpu", cpu, str(venv_bin / "python"), *args], timeout=timeout, env=env)
+    environ = {**os.environ, "SFUMATO_BACKENDS": "cpu", **(env or {})}
+    return _run([qemu, "-cpu", cpu, str(venv_bin / "python"), *args], timeout=timeout, env=environ)
 
 
 def test_the_portable_build_runs_on_an_avx2_cpu_without_avx512(
@@ -284,7 +298,13 @@ def test_the_portable_build_runs_on_an_avx2_cpu_without_avx512(
 ) -> None:
     info = _qemu("Haswell", wheel_venv, "-m", "sfumato", "info", "--json")
     assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)["llamafile"] is True
+    found = json.loads(info.stdout)
+    assert found["llamafile"] is True
+    # Of the build's CPU variants, an AVX2 CPU runs the floor alone: no probe to make.
+    assert found["cpu_variant"] == {"variant": "haswell", "how": "only variant this CPU runs", "timings": []}
+    named = _qemu("Haswell", wheel_venv, "-m", "sfumato", "info", env={"SFUMATO_CPU_VARIANT": "zen4"})
+    assert named.returncode == 2
+    assert "SFUMATO_CPU_VARIANT: 'zen4' needs instruction sets this CPU lacks; it runs ['haswell']" in named.stderr
 
     script = GENERATE_IN_PROCESS.format(size=SIZE)
     png = tmp_path / "haswell.png"
@@ -297,6 +317,46 @@ def test_the_portable_build_runs_on_an_avx2_cpu_without_avx512(
     # module's own check refuses the machine, and sfumato says so (no illegal instruction).
     below = _qemu("Nehalem", wheel_venv, "-c", script, str(sd1_tiny_gguf), str(tmp_path / "nehalem.png"), str(taesd))
     assert below.returncode == 1, (below.returncode, below.stderr[-2000:])
-    assert "libggml-cpu.so does not load: ggml refused it on this machine (for the CPU module: a CPU without" in (
+    assert "libggml-cpu-haswell.so does not load: ggml refused it on this machine (for the CPU module: a CPU" in (
         below.stderr
     ), below.stderr[-2000:]
+
+
+CUDA_WHEEL_ENV = "SFUMATO_TEST_CUDA_WHEEL"
+
+
+@pytest.mark.cuda
+def test_an_install_with_cuda_works_on_a_machine_without_a_driver(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
+    given = os.environ.get(CUDA_WHEEL_ENV)
+    assert given, f"-m cuda needs {CUDA_WHEEL_ENV}: a wheel built by scripts/build-cuda-wheel"
+    wheel = Path(given)
+    assert ctypes.util.find_library("cuda") is None, "this test is about a machine without the CUDA driver"
+    venv = tmp_path / "env"
+    _checked([sys.executable, "-m", "venv", str(venv)])
+    python, env = venv / "bin" / "python", {k: v for k, v in os.environ.items() if k != "SFUMATO_ENGINE_LIB"}
+    _checked([str(python), "-m", "pip", "install", "--only-binary", ":all:", str(wheel)], timeout=1800)
+
+    def cuda_module() -> dict[str, object]:
+        info = _info(python, env=env, cwd=tmp_path)
+        build = info["build"]
+        assert isinstance(build, dict) and build["flavour"] == "cpu+cuda", build
+        devices = info["devices"]
+        assert isinstance(devices, list) and [d["name"] for d in devices] == ["CPU"], devices
+        modules = info["modules"]
+        assert isinstance(modules, list)
+        (cuda,) = (m for m in modules if m["name"] == "cuda")
+        assert isinstance(cuda, dict)
+        return cuda
+
+    # Without the `cuda` extra, NVIDIA's runtime is missing: the module does not load, and
+    # sfumato says why in the loader's words; the CPU serves.
+    cuda = cuda_module()
+    assert cuda["loaded"] is False and "libcudart.so.13" in str(cuda["error"]), cuda
+    _generate(venv / "bin" / "sfumato", sd1_tiny_gguf, tmp_path / "without-runtime", env=env)
+
+    # With it (NVIDIA's wheels), the module loads and finds no device: no driver here.
+    _checked([str(python), "-m", "pip", "install", "--only-binary", ":all:", f"{wheel}[cuda]"], timeout=1800)
+    cuda = cuda_module()
+    assert cuda["loaded"] is True and cuda["devices"] == 0, cuda
+    assert str(cuda["error"]).startswith("no device"), cuda
+    _generate(venv / "bin" / "sfumato", sd1_tiny_gguf, tmp_path / "with-runtime", env=env)

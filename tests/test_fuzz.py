@@ -15,7 +15,7 @@ from sfumato.server.settings import ServerSettings
 from .helpers import serving
 
 HOOKS = Path(__file__).with_name("fuzz_hooks.py")
-FUZZ_SECONDS = int(os.environ.get("SFUMATO_FUZZ_SECONDS", "150"))
+FUZZ_SECONDS = int(os.environ.get("SFUMATO_FUZZ_SECONDS", "90"))
 # Jobs stay cheap on the 2-core CI machine: 128x128 at most, 2 steps, 2 images.
 LIMITS = ("--queue-size", "4", "--max-pixels", str(128 * 128), "--max-steps", "2", "--max-images", "2")
 

@@ -162,13 +162,15 @@ def test_a_configs_models_carry_their_files_and_defaults(family_folder: Path) ->
     assert found["flux1-dev"].encoder_files() == {"clip_l.safetensors", "t5xxl.safetensors"}
 
 
-def test_a_models_device_is_its_model_config_device(family_folder: Path) -> None:
+def test_a_models_device_and_cpu_variant_are_its_model_config_keys(family_folder: Path) -> None:
     config = family_folder / "devices.toml"
-    config.write_text('[models.on-vulkan]\nfile = "tiny-sd1.gguf"\ndevice = "Vulkan0"\n'
+    config.write_text('[models.on-vulkan]\nfile = "tiny-sd1.gguf"\ndevice = "Vulkan0"\ncpu_variant = "haswell"\n'
                       '[models.anywhere]\nfile = "tiny-sd1.gguf"\n')  # fmt: skip
     found = read_models_config(config, **LIMITS)
     assert found["on-vulkan"].load_config()["device"] == "Vulkan0"
-    assert "device" not in found["anywhere"].load_config()  # the server's --device applies
+    assert found["on-vulkan"].load_config()["cpu_variant"] == "haswell"
+    # The server's --device applies, and the probe's CPU variant.
+    assert not {"device", "cpu_variant"} & set(found["anywhere"].load_config())
 
 
 @pytest.mark.parametrize(
@@ -203,6 +205,7 @@ def test_a_models_device_is_its_model_config_device(family_folder: Path) -> None
         ('file = "tiny-sd1.gguf"\ncfg = 5', "cfg", "unknown key"),
         ('file = "tiny-sd1.gguf"\nprediction = "x0"', "prediction", "must be one of"),
         ('file = "tiny-sd1.gguf"\ndevice = 3', "device", "must be 'auto', 'cpu', 'gpu' or a device name"),
+        ('file = "tiny-sd1.gguf"\ncpu_variant = ""', "cpu_variant", "must be 'auto' or a CPU variant's name"),
     ],
 )
 def test_a_config_error_names_the_file_the_model_and_the_key(

@@ -27,7 +27,9 @@ from PIL import Image
 
 from sfumato import images as imaging
 from sfumato.chain import RefinerPlan, run_with_refiner
+from sfumato.engine.cpu_variants import ENV_CPU_VARIANT, check_variant, variant_modules
 from sfumato.engine.devices import check_device, device_env
+from sfumato.engine.library import load_engine
 from sfumato.engine.requests import (
     PHASE_CONDITIONING,
     PHASE_HIRES,
@@ -245,6 +247,9 @@ def load_model(
         raise InvalidParameterError("model_type", f"must be 'diffusion', got {model_type!r}")
     config = parse_model_config(model_config)
     device = check_device(config.device)
+    cpu_variant = check_variant(
+        config.cpu_variant, variant_modules({m.name: m.path for m in load_engine().modules}), "model_config.cpu_variant"
+    )
     report = on_progress or (lambda _p: None)
     path, registered = resolve_source(model_src, "model_src", lambda pct: report(LoadProgress(pct, "download")))
     report(LoadProgress(0.0, "load"))
@@ -309,6 +314,8 @@ def load_model(
         tile_size=tile,
     )
     env = device_env(device)
+    if cpu_variant is not None:
+        env[ENV_CPU_VARIANT] = cpu_variant
     model = LoadedModel(
         model_id=spec.model_id,
         info=info,

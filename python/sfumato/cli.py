@@ -50,6 +50,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", default=_M.device, help=f"auto, cpu, gpu or an engine device name (default: {_M.device})"
     )
+    group.add_argument(
+        "--cpu-variant", default=_M.cpu_variant,
+        help="the engine build's CPU variant (haswell, skylakex, zen4) or auto: the fastest by a probe (default)",
+    )  # fmt: skip
     group.add_argument("--threads", type=int, default=_M.threads, help="CPU threads (default: physical cores)")
     group.add_argument(
         "--flash-attn", action="store_true", default=_M.flash_attn, help="flash attention (slower on CPU)"
@@ -298,7 +302,8 @@ def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) ->
 
 def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "mode": mode, "device": args.device, "threads": args.threads, "flash_attn": args.flash_attn,
+        "mode": mode, "device": args.device, "cpu_variant": args.cpu_variant, "threads": args.threads,
+        "flash_attn": args.flash_attn,
         "conv_direct": args.conv_direct, "rng": args.rng, "weight_type": args.weight_type,
         "prediction": args.prediction, "offload_to_cpu": args.offload_to_cpu,
         "keep_clip_on_cpu": args.keep_clip_on_cpu, "keep_vae_on_cpu": args.keep_vae_on_cpu,
@@ -490,8 +495,10 @@ def engine_info() -> dict[str, Any]:
         "physical_cores": engine.physical_cores,
         "system_info": " ".join(engine.system_info.split()),
         "modules": [
-            {"name": m.name, "path": str(m.path), "loaded": m.loaded, "error": m.error} for m in engine.modules
+            {"name": m.name, "path": str(m.path), "loaded": m.loaded, "error": m.error, "devices": m.devices}
+            for m in engine.modules
         ],
+        "cpu_variant": asdict(engine.cpu_choice) if engine.cpu_choice is not None else None,
         "devices": [asdict(d) for d in list_devices(engine)],
     }
 
@@ -520,8 +527,21 @@ def _info(args: argparse.Namespace) -> int:
     if info["modules"]:
         print("backend modules:")
         for m in info["modules"]:
-            state = "loaded" if m["loaded"] else f"not loaded: {m['error']}"
-            print(f"  {m['name']:<10} {state} ({m['path']})")
+            state = "loaded" if m["loaded"] else "not loaded"
+            state += f": {m['error']}" if m["error"] else ""
+            print(f"  {m['name']:<14} {state} ({m['path']})")
+    choice = info["cpu_variant"]
+    if choice is not None:
+        print(f"cpu variant:    {choice['variant']} ({choice['how']})")
+        for t in choice["timings"]:
+            if t["error"] is not None:
+                print(f"  {t['variant']:<14} {t['error']}")
+            else:
+                total = t["attention_s"] + t["conv_s"]
+                print(
+                    f"  {t['variant']:<14} {total * 1000:8.1f} ms (attention {t['attention_s'] * 1000:.1f} ms, "
+                    f"3x3 conv {t['conv_s'] * 1000:.1f} ms)"
+                )
     print("devices:")
     for d in info["devices"]:
         memory = f"{d['memory_free'] / 2**30:.1f} of {d['memory_total'] / 2**30:.1f} GiB free"

@@ -363,6 +363,10 @@ class ModelConfig:
         ``"diffusion"``, or ``"upscale"`` for a standalone ESRGAN ``model_src``.
     device:
         ``"auto"``, ``"cpu"``, ``"gpu"``, or an engine device name (``"CUDA0"``).
+    cpu_variant:
+        The engine build's CPU variant the model's worker runs (``"haswell"``,
+        ``"skylakex"``, ``"zen4"``), or ``"auto"`` (the default): the one a timed
+        probe found fastest on this machine (``SFUMATO_CPU_VARIANT`` otherwise).
     threads:
         CPU threads; ``None`` uses the engine's count of physical cores.
     flash_attn:
@@ -412,6 +416,7 @@ class ModelConfig:
 
     mode: str = "diffusion"
     device: str = "auto"
+    cpu_variant: str = "auto"
     threads: int | None = None
     flash_attn: bool = False
     offload_to_cpu: bool = False
@@ -454,6 +459,10 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
     if not isinstance(config.device, str) or not config.device:
         raise InvalidParameterError(
             "model_config.device", f"must be 'auto', 'cpu', 'gpu' or a device name, got {config.device!r}"
+        )
+    if not isinstance(config.cpu_variant, str) or not config.cpu_variant:
+        raise InvalidParameterError(
+            "model_config.cpu_variant", f"must be 'auto' or a CPU variant's name, got {config.cpu_variant!r}"
         )
     if config.threads is not None:
         check_int("model_config.threads", config.threads, 1, 512)

@@ -308,12 +308,47 @@ size_t ggml_backend_reg_count(void);
 ggml_backend_reg_t ggml_backend_reg_get(size_t index);
 const char* ggml_backend_reg_name(ggml_backend_reg_t reg);
 void* ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char* name);
+size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
 /* A backend module (a GGML_BACKEND_DL build) loaded by its path; NULL when it cannot load. */
 ggml_backend_reg_t ggml_backend_load(const char* path);
 /* From ggml.h: ggml's own log (module loading, device discovery) until the engine sets
    its own; the level is enum ggml_log_level (1 debug, 2 info, 3 warn, 4 error, 5 cont). */
 typedef void (*ggml_log_callback)(int level, const char* text, void* user_data);
 void ggml_log_set(ggml_log_callback log_callback, void* user_data);
+"""
+
+GGML_GRAPH = """
+/* From ggml.h, ggml-alloc.h and ggml-backend.h: enough of ggml's graph API to time a few
+   operations on one backend (the CPU variants' probe). Types are enum ggml_type's numbers
+   (0 f32, 1 f16); ggml_backend_graph_compute returns enum ggml_status (0 success). */
+struct ggml_init_params { size_t mem_size; void* mem_buffer; bool no_alloc; };
+struct ggml_context;
+struct ggml_tensor;
+struct ggml_cgraph;
+typedef struct ggml_backend* ggml_backend_t;
+typedef struct ggml_backend_buffer* ggml_backend_buffer_t;
+typedef void (*ggml_backend_set_n_threads_t)(ggml_backend_t backend, int n_threads);
+struct ggml_context* ggml_init(struct ggml_init_params params);
+void ggml_free(struct ggml_context* ctx);
+size_t ggml_tensor_overhead(void);
+size_t ggml_graph_overhead(void);
+size_t ggml_nbytes(const struct ggml_tensor* tensor);
+struct ggml_tensor* ggml_new_tensor_4d(struct ggml_context* ctx, int type, int64_t ne0, int64_t ne1,
+                                       int64_t ne2, int64_t ne3);
+struct ggml_tensor* ggml_mul_mat(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b);
+struct ggml_tensor* ggml_soft_max_ext(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* mask,
+                                      float scale, float max_bias);
+struct ggml_tensor* ggml_conv_2d(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b,
+                                 int s0, int s1, int p0, int p1, int d0, int d1);
+struct ggml_cgraph* ggml_new_graph(struct ggml_context* ctx);
+void ggml_build_forward_expand(struct ggml_cgraph* cgraph, struct ggml_tensor* tensor);
+ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
+ggml_backend_t ggml_backend_dev_init(ggml_backend_dev_t device, const char* params);
+ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors(struct ggml_context* ctx, ggml_backend_t backend);
+void ggml_backend_tensor_set(struct ggml_tensor* tensor, const void* data, size_t offset, size_t size);
+int ggml_backend_graph_compute(ggml_backend_t backend, struct ggml_cgraph* cgraph);
+void ggml_backend_buffer_free(ggml_backend_buffer_t buffer);
+void ggml_backend_free(ggml_backend_t backend);
 """
 
 ALL = "\n".join(

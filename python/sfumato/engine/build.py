@@ -29,6 +29,9 @@ class EngineBuild:
         The backends this build carries, joined: ``"cpu"``, ``"cpu+vulkan"``.
     backends:
         Its backend modules by name (``"cpu"``, ``"vulkan"``).
+    cpu_variants:
+        The CPU variants it carries (``"haswell"``, ``"skylakex"``, ``"zen4"``), each a
+        module; none for a build with a single CPU module.
     native:
         Whether it was built for the building machine's CPU (``SFUMATO_NATIVE``)
         rather than the portable floor.
@@ -42,6 +45,7 @@ class EngineBuild:
 
     flavour: str
     backends: tuple[str, ...]
+    cpu_variants: tuple[str, ...]
     native: bool
     engine_version: str
     engine_sha256: str
@@ -67,6 +71,7 @@ def read_build(library: Path) -> EngineBuild | None:
         return EngineBuild(
             flavour=str(data["flavour"]),
             backends=tuple(str(b) for b in data.get("backends", str(data["flavour"]).split("+"))),
+            cpu_variants=tuple(str(v) for v in data.get("cpu_variants", ())),
             native=bool(data["native"]),
             engine_version=str(data["engine"]["version"]),
             engine_sha256=str(data["engine"]["sha256"]),

@@ -67,8 +67,9 @@ def list_devices(engine: Engine | None = None) -> list[Device]:
 
 def _have(engine: Engine, devices: list[Device]) -> str:
     listed = ", ".join(f"{d.name} ({d.description}{', software' if d.software else ''})" for d in devices) or "none"
-    skipped = [f"{m.name} ({m.error})" for m in engine.modules if not m.loaded]
-    unloaded = f"; modules not loaded: {'; '.join(skipped)}" if skipped else ""
+    # The GPU modules that give no device, and why (the CPU variants not chosen are no news).
+    skipped = [f"{m.name} ({m.error})" for m in engine.modules if m.error and not m.name.startswith("cpu")]
+    unloaded = f"; modules without a device: {'; '.join(skipped)}" if skipped else ""
     return f"the engine at {engine.path} has: {listed}{unloaded}"
 
 

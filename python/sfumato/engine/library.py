@@ -17,12 +17,13 @@ resolve through its DT_RPATH first (``$ORIGIN``, and auditwheel's
 ``LD_LIBRARY_PATH``.
 
 A library built with ggml's dynamic backends (sfumato's own build) carries its
-backends as modules beside it (``libggml-cpu.so``, ``libggml-vulkan.so``). They
-are loaded by their paths right after the library opens, the CPU module first
-(:func:`load_backends`), so the engine never scans ggml's default search paths
-(the executable's folder, the current directory). ``SFUMATO_BACKENDS`` (a comma
-list such as ``cpu,vulkan``) limits which are loaded; a model's worker process
-gets the list its device needs.
+backends as modules beside it (``libggml-cpu-haswell.so`` and the other CPU
+variants, ``libggml-vulkan.so``). One CPU variant is chosen by measurement
+(:mod:`sfumato.engine.cpu_variants`). The modules are loaded by their paths right
+after the library opens, the CPU module first (:func:`load_backends`), so the
+engine never scans ggml's default search paths (the executable's folder, the
+current directory). ``SFUMATO_BACKENDS`` (a comma list such as ``cpu,vulkan``)
+limits which are loaded; a model's worker process gets the list its device needs.
 
 Opening the library runs an ABI check (:func:`check_abi`): structs are filled
 by the engine's own ``*_init`` functions and by us, printed back by the engine's
@@ -47,7 +48,9 @@ import cffi
 
 from sfumato.engine import _cdefs
 from sfumato.engine.build import EngineBuild, read_build
+from sfumato.engine.cpu_variants import CACHE_FILE, CpuChoice, choose_variant
 from sfumato.errors import EngineABIError, EngineNotFoundError
+from sfumato.registry import cache_dir
 
 ENGINE_DISTRIBUTION = "stable-diffusion-cpp-python"
 ENGINE_VERSION_REQUIRED = "0.4.7"
@@ -92,20 +95,26 @@ class BackendModule:
     Attributes
     ----------
     name:
-        ``"cpu"``, ``"vulkan"``, ``"cuda"``: the module's file name without ggml's affixes.
+        ``"cpu-haswell"`` (a CPU variant), ``"cpu"`` (a build's single CPU module),
+        ``"vulkan"``, ``"cuda"``: the module's file name without ggml's affixes.
     path:
         Its absolute path.
     loaded:
         Whether this process loaded it.
     error:
         Why it did not load (the dynamic loader's words), ``"not requested"`` when
-        ``SFUMATO_BACKENDS`` left it out, ``None`` when it loaded.
+        ``SFUMATO_BACKENDS`` left it out, ``"another CPU variant was chosen"``; for a
+        loaded GPU module without a device, ``"no device"`` and ggml's last warning
+        (a machine without the driver); else ``None``.
+    devices:
+        How many devices the loaded module registered.
     """
 
     name: str
     path: Path
     loaded: bool
     error: str | None = None
+    devices: int = 0
 
 
 def backend_modules(library: Path) -> dict[str, Path]:
@@ -146,7 +155,7 @@ def _why_not_loadable(path: Path) -> str:
 _cpu_module: Any = None
 
 
-def _open_cpu_module(modules: dict[str, Path]) -> None:
+def _open_cpu_module(path: Path) -> None:
     """Open the CPU backend module with its symbols global, before the engine library.
 
     With dynamic backends the engine still calls the CPU backend's feature functions
@@ -154,16 +163,20 @@ def _open_cpu_module(modules: dict[str, Path]) -> None:
     process's global scope when the engine library is opened.
     """
     global _cpu_module
-    cpu = modules.get("cpu")
-    if cpu is not None and _cpu_module is None:
+    if _cpu_module is None:
         import ctypes
 
-        _cpu_module = ctypes.CDLL(str(cpu), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        _cpu_module = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+
+
+def _is_cpu(name: str) -> bool:
+    return name == "cpu" or name.startswith("cpu-")
 
 
 # ggml's log levels (enum ggml_log_level) as logging's; 5 continues the previous line.
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _ggml_log: list[Any] = []  # the callback, alive as long as the process
+_ggml_warnings: list[str] = []  # ggml's warnings and errors while a module loads
 
 
 def _route_ggml_log(ffi: cffi.FFI, lib: Any) -> None:
@@ -178,6 +191,8 @@ def _route_ggml_log(ffi: cffi.FFI, lib: Any) -> None:
             previous[0] = _GGML_LEVELS.get(int(level), previous[0])
             if message.strip():
                 logger.log(previous[0], "%s", message)
+                if previous[0] >= logging.WARNING:
+                    _ggml_warnings[:] = [*_ggml_warnings[-9:], message.strip()]
         except BaseException:  # noqa: BLE001 - must never unwind into C
             pass
 
@@ -185,8 +200,11 @@ def _route_ggml_log(ffi: cffi.FFI, lib: Any) -> None:
     lib.ggml_log_set(_ggml_log[0], ffi.NULL)
 
 
-def load_backends(ffi: cffi.FFI, lib: Any, library: Path, modules: dict[str, Path]) -> tuple[BackendModule, ...]:
-    """Load ``modules`` (:func:`backend_modules` of ``library``) by their paths, the CPU first.
+def load_backends(
+    ffi: cffi.FFI, lib: Any, library: Path, modules: dict[str, Path], cpu: str = "cpu"
+) -> tuple[BackendModule, ...]:
+    """Load ``modules`` (:func:`backend_modules` of ``library``) by their paths, the CPU
+    module named ``cpu`` first; the other CPU variants are not loaded.
 
     Raises
     ------
@@ -195,20 +213,26 @@ def load_backends(ffi: cffi.FFI, lib: Any, library: Path, modules: dict[str, Pat
     """
     if not modules:
         return ()
+    if cpu not in modules:
+        raise EngineNotFoundError(f"the engine at {library} has backend modules ({', '.join(modules)}) but no CPU one")
     wanted = requested_backends()
-    order = sorted(modules, key=lambda name: (name != "cpu", name))
-    if order[0] != "cpu":
-        raise EngineNotFoundError(f"the engine at {library} has backend modules ({', '.join(order)}) but no CPU one")
     result = []
-    for name in order:
+    for name in sorted(modules, key=lambda name: (name != cpu, not _is_cpu(name), name)):
         path = modules[name]
-        if wanted is not None and name not in wanted:
+        if name != cpu and _is_cpu(name):
+            result.append(BackendModule(name, path, False, "another CPU variant was chosen"))
+            continue
+        if name != cpu and wanted is not None and name not in wanted:
             result.append(BackendModule(name, path, False, "not requested"))
             continue
-        if lib.ggml_backend_load(str(path).encode()) == ffi.NULL:
+        _ggml_warnings.clear()
+        reg = lib.ggml_backend_load(str(path).encode())
+        if reg == ffi.NULL:
             result.append(BackendModule(name, path, False, _why_not_loadable(path)))
             continue
-        result.append(BackendModule(name, path, True))
+        devices = int(lib.ggml_backend_reg_dev_count(reg))
+        why = None if devices else ": ".join(["no device", *_ggml_warnings[-1:]])
+        result.append(BackendModule(name, path, True, why, devices))
     if not result[0].loaded:
         raise EngineNotFoundError(f"the engine's CPU backend {result[0].path} does not load: {result[0].error}")
     return tuple(result)
@@ -290,12 +314,16 @@ class Engine:
     modules:
         Its backend modules and whether each loaded (empty when its backends
         are linked in).
+    cpu_choice:
+        The CPU variant this process runs and how it was chosen (``None`` for a
+        build with a single CPU module).
     """
 
     ffi: cffi.FFI
     lib: Any
     path: Path
     modules: tuple[BackendModule, ...] = ()
+    cpu_choice: CpuChoice | None = None
 
     def string(self, pointer: Any) -> str:
         """Decode a ``const char*`` owned by the engine (never freed here)."""
@@ -582,7 +610,10 @@ def load_engine() -> Engine:
             ffi = make_ffi()
             try:
                 modules = backend_modules(path)
-                _open_cpu_module(modules)
+                choice = choose_variant(modules, cache_dir() / CACHE_FILE)
+                cpu = f"cpu-{choice.variant}" if choice is not None else "cpu"
+                if cpu in modules:
+                    _open_cpu_module(modules[cpu])
                 lib = ffi.dlopen(str(path))
             except OSError as exc:
                 raise EngineNotFoundError(f"cannot open the engine library {path}: {exc}") from exc
@@ -591,5 +622,6 @@ def load_engine() -> Engine:
             except AttributeError as exc:  # cffi's answer for a symbol the library lacks
                 raise EngineABIError(f"{path} is not a stable-diffusion.cpp engine library: {exc}") from exc
             _route_ggml_log(ffi, lib)
-            _engine = Engine(ffi=ffi, lib=lib, path=path, modules=load_backends(ffi, lib, path, modules))
+            loaded = load_backends(ffi, lib, path, modules, cpu)
+            _engine = Engine(ffi=ffi, lib=lib, path=path, modules=loaded, cpu_choice=choice)
         return _engine

@@ -54,7 +54,7 @@ COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
-MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "device", *DEFAULT_KEYS)
+MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "device", "cpu_variant", *DEFAULT_KEYS)
 
 DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The :class:`~sfumato.params.DiffusionParams` fields a model's defaults fill."""
@@ -87,6 +87,8 @@ class ConfiguredModel:
         ``model_config.prediction``.
     device:
         ``model_config.device`` for this model (``None``: the server's ``--device``).
+    cpu_variant:
+        ``model_config.cpu_variant`` for this model (``None``: ``auto``).
     defaults:
         :data:`DEFAULTED_FIELDS` -> the value a request that leaves the field out takes.
     """
@@ -98,6 +100,7 @@ class ConfiguredModel:
     prediction: str = ModelConfig.prediction
     defaults: Mapping[str, Any] = field(default_factory=dict)
     device: str | None = None
+    cpu_variant: str | None = None
 
     def load_config(self) -> dict[str, Any]:
         """Its ``model_config`` keys for :func:`sfumato.load_model`."""
@@ -105,6 +108,8 @@ class ConfiguredModel:
         out["prediction"] = self.prediction
         if self.device is not None:
             out["device"] = self.device
+        if self.cpu_variant is not None:
+            out["cpu_variant"] = self.cpu_variant
         return out
 
     def encoder_files(self) -> frozenset[str]:
@@ -170,13 +175,16 @@ def _model(config: Path, name: str, table: dict[str, Any], max_steps: int, max_p
         companion_files(files, info, key=lambda role: role)  # the SDK's checks, as load_model makes them
         prediction = check_choice("prediction", table.get("prediction", ModelConfig.prediction), PREDICTION_NAMES)
         defaults = _defaults(table, max_steps, max_pixels)
-        device = table.get("device")
+        # Their availability is the worker's to check, at load: a front end may have no GPU,
+        # and another engine build.
+        device, cpu_variant = table.get("device"), table.get("cpu_variant")
         if device is not None and (not isinstance(device, str) or not device):
-            # Its availability is the worker's to check, at load: a front end may have no GPU.
             raise InvalidParameterError("device", f"must be 'auto', 'cpu', 'gpu' or a device name, got {device!r}")
+        if cpu_variant is not None and (not isinstance(cpu_variant, str) or not cpu_variant):
+            raise InvalidParameterError("cpu_variant", f"must be 'auto' or a CPU variant's name, got {cpu_variant!r}")
     except InvalidParameterError as exc:
         raise ModelsConfigError(config, name, exc.field, exc.message) from None
-    return ConfiguredModel(name, path, info, files, prediction, defaults, device)
+    return ConfiguredModel(name, path, info, files, prediction, defaults, device, cpu_variant)
 
 
 def _defaults(table: Mapping[str, Any], max_steps: int, max_pixels: int) -> dict[str, Any]:

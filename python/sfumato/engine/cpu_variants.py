@@ -1,0 +1,246 @@
+"""Choosing the CPU backend module by measurement.
+
+sfumato's engine build carries several of ggml's x86-64 CPU variants as modules
+(``libggml-cpu-haswell.so``, ``libggml-cpu-skylakex.so``...). ggml ranks them by
+the instruction sets a CPU has, and the variant with the most is not always the
+fastest on SD's shapes: with AVX-512, ggml's f32 dot product steps 64 floats at a
+time, and SD's attention heads of 40 fall to the scalar tail. So a process picks
+its variant by measurement:
+
+- ``SFUMATO_CPU_VARIANT`` (or a model's ``model_config.cpu_variant``, which sets
+  it for the model's worker) names one, or ``auto``;
+- else the choice remembered in sfumato's cache for this CPU (its model name and
+  flags) and these modules (their sha256);
+- else a short probe: each variant, in a process of its own with a time limit,
+  times SD-shaped work (an attention with heads of 40 over a 32x32 latent's
+  tokens, a 3x3 convolution of 320 channels over a 64x64 latent) on ggml's own
+  graph API; the fastest is chosen and remembered. A variant this CPU cannot run
+  (ggml's own check, the module's ``ggml_backend_score``) is left out. One process probes at a time
+  (a file lock); the others wait for its answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sfumato.errors import InvalidParameterError
+
+ENV_CPU_VARIANT = "SFUMATO_CPU_VARIANT"
+CACHE_FILE = "cpu-variants.json"
+# Each variant's probe process gets this long (a start, a warm-up and the repeats).
+PROBE_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class VariantTiming:
+    """One variant's probe.
+
+    Attributes
+    ----------
+    variant:
+        The variant's name (``"haswell"``).
+    attention_s, conv_s:
+        The fastest of its timed runs of each graph, in seconds; ``None`` when it did not run.
+    error:
+        Why it did not run (ggml refused it on this CPU, the time limit), else ``None``.
+    """
+
+    variant: str
+    attention_s: float | None = None
+    conv_s: float | None = None
+    error: str | None = None
+
+    @property
+    def total_s(self) -> float:
+        """Both graphs' time; infinite when the variant did not run."""
+        if self.attention_s is None or self.conv_s is None:
+            return math.inf
+        return self.attention_s + self.conv_s
+
+
+@dataclass(frozen=True)
+class CpuChoice:
+    """The CPU variant a process runs, and why.
+
+    Attributes
+    ----------
+    variant:
+        The chosen variant's name.
+    how:
+        ``"probe"`` (measured now), ``"cached probe"`` (measured before on this CPU and
+        build), ``"SFUMATO_CPU_VARIANT"`` (named), or ``"only variant this CPU runs"``.
+    timings:
+        The probe's timings, when there was one.
+    """
+
+    variant: str
+    how: str
+    timings: tuple[VariantTiming, ...] = ()
+
+
+def variant_modules(modules: dict[str, Path]) -> dict[str, Path]:
+    """The CPU variants among backend modules (named ``cpu-<variant>``), by variant name."""
+    return {name[len("cpu-") :]: path for name, path in modules.items() if name.startswith("cpu-")}
+
+
+def check_variant(value: object, variants: dict[str, Path], field: str) -> str | None:
+    """``value`` as a variant name of ``variants``, ``None`` for ``auto``.
+
+    Raises
+    ------
+    InvalidParameterError
+        When it names no variant of this build.
+    """
+    if value == "auto" or value is None:
+        return None
+    if not isinstance(value, str) or value not in variants:
+        what = "'auto' and this engine build's CPU variants" if variants else "'auto' (this build has one CPU module)"
+        raise InvalidParameterError(field, f"must be one of {['auto', *variants]}: {what}; got {value!r}")
+    return value
+
+
+def runs_here(module: Path) -> bool:
+    """Whether ggml's own check (the module's ``ggml_backend_score``) accepts this CPU.
+
+    The module is opened with its symbols local, as ggml's loader opens it; a module
+    without the check is taken to run.
+    """
+    import ctypes
+
+    handle = ctypes.CDLL(str(module), mode=os.RTLD_LOCAL | os.RTLD_NOW)
+    score = getattr(handle, "ggml_backend_score", None)
+    return score is None or int(score()) > 0
+
+
+def choose_variant(modules: dict[str, Path], cache: Path) -> CpuChoice | None:
+    """The CPU variant for this process among ``modules``; ``None`` when the build has
+    no variants (a single CPU module).
+
+    Raises
+    ------
+    InvalidParameterError
+        When ``SFUMATO_CPU_VARIANT`` names no variant of this build, or one this CPU cannot run.
+    """
+    variants = variant_modules(modules)
+    if not variants:
+        return None
+    named = check_variant(os.environ.get(ENV_CPU_VARIANT, "auto").strip() or "auto", variants, ENV_CPU_VARIANT)
+    runnable = {name: path for name, path in variants.items() if runs_here(path)}
+    if named is not None:
+        if named not in runnable:
+            raise InvalidParameterError(
+                ENV_CPU_VARIANT,
+                f"{named!r} needs instruction sets this CPU lacks; it runs {sorted(runnable) or 'none of them'}",
+            )
+        return CpuChoice(named, ENV_CPU_VARIANT)
+    if len(runnable) <= 1:
+        # None runnable: the floor, which then fails to load naming the reason.
+        return CpuChoice(next(iter(runnable or variants)), "only variant this CPU runs")
+    key = cache_key(runnable)
+    with _locked(cache.with_suffix(".lock")):
+        known = _read(cache)
+        if key in known:
+            entry = known[key]
+            return CpuChoice(entry["variant"], "cached probe", tuple(VariantTiming(**t) for t in entry["timings"]))
+        choice = probe(runnable)
+        known[key] = {
+            "variant": choice.variant,
+            "cpu": _cpu_identity()[0],
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timings": [asdict(t) for t in choice.timings],
+        }
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=1) + "\n")
+        partial.replace(cache)
+        return choice
+
+
+def probe(variants: dict[str, Path]) -> CpuChoice:
+    """Time each variant in a process of its own and choose the fastest.
+
+    When none ran, the first (the build's floor, in ggml's order) is chosen.
+    """
+    timings = tuple(probe_variant(name, path) for name, path in variants.items())
+    fastest = min(timings, key=lambda t: t.total_s)
+    return CpuChoice(fastest.variant if math.isfinite(fastest.total_s) else next(iter(variants)), "probe", timings)
+
+
+def probe_variant(name: str, module: Path, timeout_s: float = PROBE_TIMEOUT_S) -> VariantTiming:
+    """Run one variant's probe in a process of its own (``python -m sfumato.engine.cpu_probe``)."""
+    command = [sys.executable, "-m", "sfumato.engine.cpu_probe", str(module), str(physical_cores())]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return VariantTiming(name, error=f"the probe ran past its limit of {timeout_s:g} s")
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return VariantTiming(name, error=f"the probe failed: {tail}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return VariantTiming(name, result.get("attention_s"), result.get("conv_s"), result.get("error"))
+
+
+def cache_key(variants: dict[str, Path]) -> str:
+    """What a remembered choice is valid for: this CPU's model and flags, and the modules' contents."""
+    model, flags = _cpu_identity()
+    modules = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(variants.items())}
+    text = json.dumps({"cpu": model, "flags": flags, "modules": modules}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def physical_cores() -> int:
+    """Physical cores of the CPUs this process may run on (hyperthreads counted once)."""
+    cores: set[str] = set()
+    for cpu in os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ():
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        with contextlib.suppress(OSError):
+            cores.add(siblings.read_text().strip())
+    return len(cores) or os.cpu_count() or 1
+
+
+def _cpu_identity() -> tuple[str, str]:
+    """The CPU's model name and feature flags, as ``/proc/cpuinfo`` states them."""
+    found: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            found.setdefault(key.strip(), value.strip())
+    flags = " ".join(sorted(found.get("flags", "").split()))
+    return found.get("model name") or platform.processor() or platform.machine(), flags
+
+
+def _read(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: two first processes may both probe
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
