@@ -113,6 +113,9 @@ def test_the_probe_chooses_the_fastest_runnable_variant_once_per_cpu_and_build(t
         module.write(b"\0")
     assert _info(cache, copy / library.name)["cpu_variant"]["how"] == "probe"
 
+    # A cache that cannot be written: the process probes and runs; nothing is remembered.
+    assert _info({"SFUMATO_CACHE": "/proc/no-cache-here"})["cpu_variant"]["how"] == "probe"
+
 
 def test_a_variant_is_named_by_the_environment_or_refused_by_name(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
     cache = {"SFUMATO_CACHE": str(tmp_path)}

@@ -348,10 +348,12 @@ def test_an_install_with_cuda_works_on_a_machine_without_a_driver(sd1_tiny_gguf:
         assert isinstance(cuda, dict)
         return cuda
 
-    # Without the `cuda` extra, NVIDIA's runtime is missing: the module does not load, and
-    # sfumato says why in the loader's words; the CPU serves.
+    # Without the `cuda` extra, NVIDIA's runtime is missing (cuBLAS at least; a system
+    # toolkit on the loader's path may hold cudart): the module does not load, and sfumato
+    # says why in the loader's words; the CPU serves.
     cuda = cuda_module()
-    assert cuda["loaded"] is False and "libcudart.so.13" in str(cuda["error"]), cuda
+    assert cuda["loaded"] is False, cuda
+    assert re.search(r"lib(cudart|cublas)\.so\.13: cannot open shared object file", str(cuda["error"])), cuda
     _generate(venv / "bin" / "sfumato", sd1_tiny_gguf, tmp_path / "without-runtime", env=env)
 
     # With it (NVIDIA's wheels), the module loads and finds no device: no driver here.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from sfumato.errors import InvalidParameterError
+
+logger = logging.getLogger(__name__)
 
 ENV_CPU_VARIANT = "SFUMATO_CPU_VARIANT"
 CACHE_FILE = "cpu-variants.json"
@@ -80,7 +83,8 @@ class CpuChoice:
         The chosen variant's name.
     how:
         ``"probe"`` (measured now), ``"cached probe"`` (measured before on this CPU and
-        build), ``"SFUMATO_CPU_VARIANT"`` (named), or ``"only variant this CPU runs"``.
+        build), ``"SFUMATO_CPU_VARIANT"`` (named), ``"only variant this CPU runs"``, or
+        ``"no variant this CPU runs"`` (the floor, which then does not load).
     timings:
         The probe's timings, when there was one.
     """
@@ -145,15 +149,17 @@ def choose_variant(modules: dict[str, Path], cache: Path) -> CpuChoice | None:
                 f"{named!r} needs instruction sets this CPU lacks; it runs {sorted(runnable) or 'none of them'}",
             )
         return CpuChoice(named, ENV_CPU_VARIANT)
-    if len(runnable) <= 1:
-        # None runnable: the floor, which then fails to load naming the reason.
-        return CpuChoice(next(iter(runnable or variants)), "only variant this CPU runs")
+    if not runnable:  # the floor, which then fails to load naming the reason
+        return CpuChoice(next(iter(variants)), "no variant this CPU runs")
+    if len(runnable) == 1:
+        return CpuChoice(next(iter(runnable)), "only variant this CPU runs")
     key = cache_key(runnable)
     with _locked(cache.with_suffix(".lock")):
         known = _read(cache)
-        if key in known:
-            entry = known[key]
-            return CpuChoice(entry["variant"], "cached probe", tuple(VariantTiming(**t) for t in entry["timings"]))
+        entry = known.get(key)
+        if isinstance(entry, dict) and entry.get("variant") in runnable:
+            with contextlib.suppress(KeyError, TypeError):  # else a damaged entry: probe again
+                return CpuChoice(entry["variant"], "cached probe", tuple(VariantTiming(**t) for t in entry["timings"]))
         choice = probe(runnable)
         known[key] = {
             "variant": choice.variant,
@@ -161,10 +167,13 @@ def choose_variant(modules: dict[str, Path], cache: Path) -> CpuChoice | None:
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timings": [asdict(t) for t in choice.timings],
         }
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(known, indent=1) + "\n")
-        partial.replace(cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(known, indent=1) + "\n")
+            partial.replace(cache)
+        except OSError as exc:  # a read-only cache: the choice holds for this process
+            logger.warning("cannot remember the CPU variant in %s (%s): the next process probes again", cache, exc)
         return choice
 
 
@@ -232,13 +241,16 @@ def _read(cache: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One process at a time past this point, where advisory locks and the folder allow."""
     try:
         import fcntl
-    except ImportError:  # no advisory locks here: two first processes may both probe
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    except (ImportError, OSError):  # no locks here: two first processes may both probe
         yield
         return
-    with path.open("a") as handle:
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -602,6 +602,9 @@ def load_engine() -> Engine:
     EngineABIError
         When its struct layouts differ from sfumato's declarations, or it lacks
         a function they declare.
+    InvalidParameterError
+        When ``SFUMATO_CPU_VARIANT`` names a CPU variant the build lacks or this CPU
+        cannot run.
     """
     global _engine
     with _lock:
