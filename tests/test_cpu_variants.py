@@ -102,12 +102,17 @@ def test_the_probe_chooses_the_fastest_runnable_variant_once_per_cpu_and_build(t
 
     # The key is the modules' contents, not their path: a copy of the build is the same
     # build; a module changed (a byte appended: it still loads) is another, probed again.
+    # (The copy keeps the install's layout: a repaired wheel's libraries find the grafted
+    # ones in sfumato.libs beside the package.)
     library = Path(first["library"])
-    copy = tmp_path / "lib"
-    copy.mkdir()
+    copy = tmp_path / "site" / "sfumato" / "engine" / "lib"
+    copy.mkdir(parents=True)
     for path in library.parent.iterdir():
         if path.name != "libggml-vulkan.so":
             shutil.copy2(path, copy / path.name)
+    grafted = library.parents[3] / "sfumato.libs"
+    if grafted.is_dir():
+        shutil.copytree(grafted, tmp_path / "site" / "sfumato.libs")
     assert _info(cache, copy / library.name)["cpu_variant"]["how"] == "cached probe"
     with (copy / f"libggml-cpu-{runnable[-1]}.so").open("ab") as module:
         module.write(b"\0")
