@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,32 @@ def test_ctrl_c_cancels_the_job_and_leaves_no_worker_behind(sd1_tiny_gguf: Path,
     assert "interrupted; the job was cancelled" in rest
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
+
+def test_ctrl_c_at_any_moment_ends_the_cli_with_130_and_no_worker(sd1_tiny_gguf: Path, tmp_path: Path) -> None:
+    """Interrupts at random moments of a short job: while the model loads, in the first
+    steps, while the VAE decodes, as it writes its files."""
+    moments = random.Random(20261206)
+    outcomes: list[int] = []
+    for attempt in range(8):
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "sfumato", "generate", "-m", str(sd1_tiny_gguf), "-W", str(SIZE), "-H", str(SIZE),
+             "--steps", "6", "--threads", "2", "-o", str(tmp_path / str(attempt))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        workers: list[psutil.Process] = []
+        while not workers and cli.poll() is None:  # the model starts loading in its worker
+            workers = psutil.Process(cli.pid).children(recursive=True)
+        time.sleep(moments.uniform(0.0, 2.5))
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+        finished = cli.returncode == 0 and '"total_steps": 6' in out
+        assert cli.returncode == 130 or finished, (attempt, cli.returncode, err[-2000:])
+        if cli.returncode == 130:
+            assert "interrupted; the job was cancelled" in err
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), attempt
+        outcomes.append(cli.returncode)
+    assert outcomes.count(130) >= 4, outcomes  # most of the moments fall inside the job
 
 def test_upscale_command(esrgan_1b: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
     source = tmp_path / "small.png"

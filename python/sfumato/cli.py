@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -358,16 +360,45 @@ class _ProgressBar:
             self._bar = None
 
 
+# Set by the CLI's Ctrl-C handler (_on_ctrl_c) and never cleared: the raise of a
+# KeyboardInterrupt can be swallowed (Python ignores exceptions raised in __del__
+# methods and other finalizers, where a signal handler may run), the flag cannot.
+_interrupted = threading.Event()
+# How often a job's progress loop looks at that flag while no tick arrives.
+_INTERRUPT_POLL_S = 0.1
+
+
+def _on_ctrl_c(_signum: int, _frame: Any) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _check_interrupt() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C whose first raise was swallowed."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def _run_job(result: Any, quiet: bool, preview: Path | None = None) -> tuple[list[bytes], Any]:
     """Show the job's progress (and write each preview to ``preview``) and return its
     outputs and stats. Ctrl-C cancels the job (its worker stops at once) before the
     interrupt goes on."""
     bar = _ProgressBar(not quiet)
+    stream = result.progress_stream
     try:
-        for tick in result.progress_stream:
+        index = 0
+        while True:
+            _check_interrupt()
+            tick = stream.next_tick(index, _INTERRUPT_POLL_S)
+            if tick is None:
+                if stream.ended:
+                    break
+                continue
+            index += 1
             bar.update(tick)
             if preview is not None and tick.preview is not None:
                 preview.write_bytes(tick.preview)
+        _check_interrupt()
     except KeyboardInterrupt:
         result.cancel()
         raise
@@ -574,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s")
     handlers = {"generate": _generate, "upscale": _upscale, "serve": _serve, "worker": _worker, "info": _info,
                 "models": _models}  # fmt: skip
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return handlers[args.command](args)
     except SfumatoError as exc:

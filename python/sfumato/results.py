@@ -127,20 +127,28 @@ class ProgressStream:
         with self._cond:
             return list(self._ticks)
 
-    def _wait(self, index: int) -> ProgressTick | None:
+    @property
+    def ended(self) -> bool:
+        """Whether the job has ended (no tick comes after the ones there are)."""
         with self._cond:
-            self._cond.wait_for(lambda: index < len(self._ticks) or self._closed)
+            return self._closed
+
+    def next_tick(self, index: int, timeout: float | None = None) -> ProgressTick | None:
+        """Tick number ``index`` (from 0), waiting for it; ``None`` when the job ended
+        without it, or when ``timeout`` seconds passed first (:attr:`ended` tells which)."""
+        with self._cond:
+            self._cond.wait_for(lambda: index < len(self._ticks) or self._closed, timeout)
             return self._ticks[index] if index < len(self._ticks) else None
 
     def __iter__(self) -> Iterator[ProgressTick]:
         index = 0
-        while (tick := self._wait(index)) is not None:
+        while (tick := self.next_tick(index)) is not None:
             yield tick
             index += 1
 
     async def __aiter__(self) -> AsyncIterator[ProgressTick]:
         index = 0
-        while (tick := await asyncio.to_thread(self._wait, index)) is not None:
+        while (tick := await asyncio.to_thread(self.next_tick, index)) is not None:
             yield tick
             index += 1
 

@@ -188,6 +188,8 @@ class ModelHost:
             with self._cond:
                 if self._worker is worker:
                     self._worker = None
+            worker.kill()  # a wait cut short (Ctrl-C) leaves no worker loading on its own
+            worker.close()
             raise
         return worker
 

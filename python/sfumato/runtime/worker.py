@@ -181,8 +181,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m sfumato.runtime.worker FD (started by sfumato, not by hand)", file=sys.stderr)
         return 2
-    # Ctrl-C in a terminal reaches the whole process group; the SDK process
-    # decides what happens to the job (it cancels it), so the worker ignores it.
+    # The worker runs in a session of its own (runtime/process.py), out of reach of a
+    # terminal's Ctrl-C; a SIGINT sent to it by hand is ignored too: the SDK process
+    # decides what happens to the job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
     level = os.environ.get("SFUMATO_WORKER_LOG_LEVEL", "")
