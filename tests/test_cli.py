@@ -30,6 +30,9 @@ def test_info_reports_engine_library_and_devices() -> None:
     assert Path(info["library"]).is_file()
     assert "AVX" in info["system_info"] or "NEON" in info["system_info"]
     assert any(d["type"] == "cpu" for d in info["devices"])
+    # sfumato's own kernels run in the CPU module this process chose (csrc/).
+    assert info["kernels"] == {"choice": "sfumato", "running": info["modules"][0]["kernels"]}
+    assert "conv_2d" in info["kernels"]["running"]
     text = sfumato_cli("info")
     assert "library:" in text.stdout and "devices:" in text.stdout
 
@@ -135,6 +138,7 @@ def test_ctrl_c_at_any_moment_ends_the_cli_with_130_and_no_worker(sd1_tiny_gguf:
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), attempt
         outcomes.append(cli.returncode)
     assert outcomes.count(130) >= 4, outcomes  # most of the moments fall inside the job
+
 
 def test_upscale_command(esrgan_1b: Path, gradient_image: np.ndarray, tmp_path: Path) -> None:
     source = tmp_path / "small.png"

@@ -508,10 +508,16 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _module_info(module: Any) -> dict[str, Any]:
+    names = ("name", "loaded", "error", "devices", "kernels")
+    return {"path": str(module.path), **{name: getattr(module, name) for name in names}}
+
+
 def engine_info() -> dict[str, Any]:
     """What ``sfumato info`` reports, as a dict."""
     from sfumato.engine.build import backend_features, llamafile_enabled
     from sfumato.engine.devices import list_devices
+    from sfumato.engine.kernels import kernels_choice
     from sfumato.engine.library import ENGINE_VERSION_REQUIRED, load_engine
 
     engine = load_engine()
@@ -525,10 +531,8 @@ def engine_info() -> dict[str, Any]:
         "llamafile": llamafile_enabled(features),
         "physical_cores": engine.physical_cores,
         "system_info": " ".join(engine.system_info.split()),
-        "modules": [
-            {"name": m.name, "path": str(m.path), "loaded": m.loaded, "error": m.error, "devices": m.devices}
-            for m in engine.modules
-        ],
+        "modules": [_module_info(m) for m in engine.modules],
+        "kernels": {"choice": kernels_choice(), "running": engine.cpu_kernels},
         "cpu_variant": asdict(engine.cpu_choice) if engine.cpu_choice is not None else None,
         "devices": [asdict(d) for d in list_devices(engine)],
     }
@@ -561,6 +565,12 @@ def _info(args: argparse.Namespace) -> int:
             state = "loaded" if m["loaded"] else "not loaded"
             state += f": {m['error']}" if m["error"] else ""
             print(f"  {m['name']:<14} {state} ({m['path']})")
+            if m["kernels"]:
+                listed = ", ".join(f"{op} ({isa})" for op, isa in m["kernels"].items())
+                print(f"  {'':<14} sfumato kernels: {listed}")
+    running = info["kernels"]["running"]
+    which = ", ".join(running) if running else "none: ggml's own run"
+    print(f"kernels:        {which} (SFUMATO_KERNELS={info['kernels']['choice']})")
     choice = info["cpu_variant"]
     if choice is not None:
         print(f"cpu variant:    {choice['variant']} ({choice['how']})")

@@ -340,15 +340,27 @@ struct ggml_tensor* ggml_soft_max_ext(struct ggml_context* ctx, struct ggml_tens
                                       float scale, float max_bias);
 struct ggml_tensor* ggml_conv_2d(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b,
                                  int s0, int s1, int p0, int p1, int d0, int d1);
+struct ggml_tensor* ggml_conv_2d_direct(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b,
+                                        int s0, int s1, int p0, int p1, int d0, int d1);
 struct ggml_cgraph* ggml_new_graph(struct ggml_context* ctx);
 void ggml_build_forward_expand(struct ggml_cgraph* cgraph, struct ggml_tensor* tensor);
 ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
 ggml_backend_t ggml_backend_dev_init(ggml_backend_dev_t device, const char* params);
 ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors(struct ggml_context* ctx, ggml_backend_t backend);
 void ggml_backend_tensor_set(struct ggml_tensor* tensor, const void* data, size_t offset, size_t size);
+void ggml_backend_tensor_get(const struct ggml_tensor* tensor, void* data, size_t offset, size_t size);
 int ggml_backend_graph_compute(ggml_backend_t backend, struct ggml_cgraph* cgraph);
 void ggml_backend_buffer_free(ggml_backend_buffer_t buffer);
 void ggml_backend_free(ggml_backend_t backend);
+"""
+
+SFUMATO_KERNELS = """
+/* sfumato's own (csrc/kernels.h), exported by each CPU module sfumato builds: which of
+   its kernels the module carries ("conv_2d:avx512,..."), and the switch between them and
+   ggml's own (SFUMATO_KERNELS=ggml at start, or set at run time). */
+const char* sfumato_kernels(void);
+int sfumato_kernels_enabled(void);
+void sfumato_kernels_set_enabled(int enabled);
 """
 
 ALL = "\n".join(

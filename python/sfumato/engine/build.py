@@ -32,6 +32,9 @@ class EngineBuild:
     cpu_variants:
         The CPU variants it carries (``"haswell"``, ``"skylakex"``, ``"zen4"``), each a
         module; none for a build with a single CPU module.
+    kernels:
+        The ggml operations sfumato's own kernels (``csrc/``) take over in its CPU
+        modules (``"conv_2d"``).
     native:
         Whether it was built for the building machine's CPU (``SFUMATO_NATIVE``)
         rather than the portable floor.
@@ -53,6 +56,7 @@ class EngineBuild:
     compiler: str
     build_type: str
     system: str
+    kernels: tuple[str, ...] = ()
 
 
 def read_build(library: Path) -> EngineBuild | None:
@@ -72,6 +76,7 @@ def read_build(library: Path) -> EngineBuild | None:
             flavour=str(data["flavour"]),
             backends=tuple(str(b) for b in data.get("backends", str(data["flavour"]).split("+"))),
             cpu_variants=tuple(str(v) for v in data.get("cpu_variants", ())),
+            kernels=tuple(str(k) for k in data.get("kernels", ())),
             native=bool(data["native"]),
             engine_version=str(data["engine"]["version"]),
             engine_sha256=str(data["engine"]["sha256"]),

@@ -151,8 +151,9 @@ class DiffusionContext(NativeHandle):
         c.free_params_immediately = False
         c.flash_attn = params.flash_attn
         c.diffusion_flash_attn = params.diffusion_flash_attn
-        c.diffusion_conv_direct = params.diffusion_conv_direct
-        c.vae_conv_direct = params.vae_conv_direct
+        direct = self._engine.direct_convolutions
+        c.diffusion_conv_direct = params.diffusion_conv_direct or direct
+        c.vae_conv_direct = params.vae_conv_direct or direct
         c.offload_params_to_cpu = params.offload_params_to_cpu
         c.keep_clip_on_cpu = params.keep_clip_on_cpu
         c.keep_vae_on_cpu = params.keep_vae_on_cpu
@@ -358,7 +359,13 @@ class UpscalerContext(NativeHandle):
         threads = n_threads if n_threads > 0 else int(lib.sd_get_num_physical_cores())
         load = _LoadLog()
         with callbacks.listening(load):
-            handle = lib.new_upscaler_ctx(model_path.encode(), offload_params_to_cpu, conv_direct, threads, tile_size)
+            handle = lib.new_upscaler_ctx(
+                model_path.encode(),
+                offload_params_to_cpu,
+                conv_direct or self._engine.direct_convolutions,
+                threads,
+                tile_size,
+            )
         self.device: str | None = load.device
         """The device the engine reported creating the upscaler's backend on."""
         if handle == ffi.NULL:

@@ -1,8 +1,9 @@
 """The CPU variants' probe, one variant per process (:mod:`sfumato.engine.cpu_variants`
 runs it): ``python -m sfumato.engine.cpu_probe MODULE THREADS`` loads one CPU module
 through ggml's own library (no engine), times an attention with heads of 40 over a
-32x32 latent's tokens and a 3x3 convolution of 320 channels over a 64x64 latent on
-ggml's graph API, and prints the fastest of a few runs of each as JSON.
+32x32 latent's tokens and a 3x3 convolution of 320 channels over a 64x64 latent (direct,
+through sfumato's kernel, where the engine will run it so) on ggml's graph API, and
+prints the fastest of a few runs of each as JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sfumato.engine import _cdefs
+from sfumato.engine.kernels import CONV_2D, kernels_choice, module_kernels
 
 # Repeats of each timed graph stop after this long, or after _REPEATS runs.
 _REPEAT_BUDGET_S = 1.0
@@ -81,10 +83,14 @@ def _run_probe(module: Path, threads: int) -> dict[str, Any]:
         weights = lib.ggml_soft_max_ext(ctx, lib.ggml_mul_mat(ctx, k, q), ffi.NULL, 1 / math.sqrt(head), 0.0)
         return [(q, np.float32), (k, np.float32), (v, np.float32)], lib.ggml_mul_mat(ctx, v, weights)
 
+    # The convolution as the engine will run it: direct when sfumato's kernel takes it.
+    direct = kernels_choice() == "sfumato" and CONV_2D in module_kernels(module)
+    conv_2d = lib.ggml_conv_2d_direct if direct else lib.ggml_conv_2d
+
     def conv(ctx: Any) -> tuple[list[tuple[Any, Any]], Any]:
         kernel = lib.ggml_new_tensor_4d(ctx, _F16, 3, 3, 320, 320)
         latent = lib.ggml_new_tensor_4d(ctx, _F32, 64, 64, 320, 1)
-        return [(kernel, np.float16), (latent, np.float32)], lib.ggml_conv_2d(ctx, kernel, latent, 1, 1, 1, 1, 1, 1)
+        return [(kernel, np.float16), (latent, np.float32)], conv_2d(ctx, kernel, latent, 1, 1, 1, 1, 1, 1)
 
     try:
         return {

@@ -13,8 +13,9 @@ its variant by measurement:
   flags) and these modules (their sha256);
 - else a short probe: each variant, in a process of its own with a time limit,
   times SD-shaped work (an attention with heads of 40 over a 32x32 latent's
-  tokens, a 3x3 convolution of 320 channels over a 64x64 latent) on ggml's own
-  graph API; the fastest is chosen and remembered. A variant this CPU cannot run
+  tokens, a 3x3 convolution of 320 channels over a 64x64 latent, run as the engine
+  runs it: direct, through sfumato's kernel, unless ``SFUMATO_KERNELS=ggml``) on
+  ggml's own graph API; the fastest is chosen and remembered. A variant this CPU cannot run
   (ggml's own check, the module's ``ggml_backend_score``) is left out. One process probes at a time
   (a file lock); the others wait for its answer.
 """
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.kernels import kernels_choice
 from sfumato.errors import InvalidParameterError
 
 logger = logging.getLogger(__name__)
@@ -203,10 +205,11 @@ def probe_variant(name: str, module: Path, timeout_s: float = PROBE_TIMEOUT_S) -
 
 
 def cache_key(variants: dict[str, Path]) -> str:
-    """What a remembered choice is valid for: this CPU's model and flags, and the modules' contents."""
+    """What a remembered choice is valid for: this CPU's model and flags, the modules'
+    contents, and whose kernels run (``SFUMATO_KERNELS``)."""
     model, flags = _cpu_identity()
     modules = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(variants.items())}
-    text = json.dumps({"cpu": model, "flags": flags, "modules": modules}, sort_keys=True)
+    text = json.dumps({"cpu": model, "flags": flags, "modules": modules, "kernels": kernels_choice()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -39,7 +39,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ import cffi
 from sfumato.engine import _cdefs
 from sfumato.engine.build import EngineBuild, read_build
 from sfumato.engine.cpu_variants import CACHE_FILE, CpuChoice, choose_variant
+from sfumato.engine.kernels import CONV_2D, kernels_choice, module_kernels
 from sfumato.errors import EngineABIError, EngineNotFoundError
 from sfumato.registry import cache_dir
 
@@ -108,6 +109,9 @@ class BackendModule:
         (a machine without the driver); else ``None``.
     devices:
         How many devices the loaded module registered.
+    kernels:
+        For a CPU module, the operations sfumato's own kernels take in it, with
+        their instruction set (``{"conv_2d": "avx512"}``; :mod:`sfumato.engine.kernels`).
     """
 
     name: str
@@ -115,6 +119,7 @@ class BackendModule:
     loaded: bool
     error: str | None = None
     devices: int = 0
+    kernels: dict[str, str] = field(default_factory=dict)
 
 
 def backend_modules(library: Path) -> dict[str, Path]:
@@ -219,8 +224,9 @@ def load_backends(
     result = []
     for name in sorted(modules, key=lambda name: (name != cpu, not _is_cpu(name), name)):
         path = modules[name]
+        kernels = module_kernels(path) if _is_cpu(name) else {}
         if name != cpu and _is_cpu(name):
-            result.append(BackendModule(name, path, False, "another CPU variant was chosen"))
+            result.append(BackendModule(name, path, False, "another CPU variant was chosen", kernels=kernels))
             continue
         if name != cpu and wanted is not None and name not in wanted:
             result.append(BackendModule(name, path, False, "not requested"))
@@ -232,7 +238,7 @@ def load_backends(
             continue
         devices = int(lib.ggml_backend_reg_dev_count(reg))
         why = None if devices else ": ".join(["no device", *_ggml_warnings[-1:]])
-        result.append(BackendModule(name, path, True, why, devices))
+        result.append(BackendModule(name, path, True, why, devices, kernels))
     if not result[0].loaded:
         raise EngineNotFoundError(f"the engine's CPU backend {result[0].path} does not load: {result[0].error}")
     return tuple(result)
@@ -324,6 +330,26 @@ class Engine:
     path: Path
     modules: tuple[BackendModule, ...] = ()
     cpu_choice: CpuChoice | None = None
+
+    @property
+    def cpu_kernels(self) -> dict[str, str]:
+        """sfumato's own kernels that run in this process's CPU module, with their
+        instruction set (``{"conv_2d": "avx512"}``); empty when ggml's own run
+        (``SFUMATO_KERNELS=ggml``, or a library without sfumato's kernels)."""
+        if kernels_choice() == "ggml" or not self.modules or not _is_cpu(self.modules[0].name):
+            return {}
+        return dict(self.modules[0].kernels)
+
+    @property
+    def gpu_devices(self) -> int:
+        """How many GPU devices this process's loaded backend modules registered."""
+        return sum(m.devices for m in self.modules if m.loaded and not _is_cpu(m.name))
+
+    @property
+    def direct_convolutions(self) -> bool:
+        """Whether contexts ask the engine for direct convolutions (CONV_2D ops): when
+        sfumato's CONV_2D kernel runs them on the CPU, and no GPU device is loaded."""
+        return CONV_2D in self.cpu_kernels and self.gpu_devices == 0
 
     def string(self, pointer: Any) -> str:
         """Decode a ``const char*`` owned by the engine (never freed here)."""
@@ -604,11 +630,12 @@ def load_engine() -> Engine:
         a function they declare.
     InvalidParameterError
         When ``SFUMATO_CPU_VARIANT`` names a CPU variant the build lacks or this CPU
-        cannot run.
+        cannot run, or ``SFUMATO_KERNELS`` is neither ``sfumato`` nor ``ggml``.
     """
     global _engine
     with _lock:
         if _engine is None:
+            kernels_choice()  # a bad SFUMATO_KERNELS is refused before anything opens
             path = locate_library()
             ffi = make_ffi()
             try:

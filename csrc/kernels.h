@@ -1,0 +1,33 @@
+/* sfumato's own CPU kernels, compiled into each of ggml's CPU variant modules.
+ *
+ * Each kernel file defines a ggml-cpu op function under its original name (the build
+ * renames ggml's own definition to <name>_ggml with a compile definition on the ggml
+ * source file that holds it) and hands every case it does not take to that renamed
+ * original. The switch below turns every kernel off at once (SFUMATO_KERNELS=ggml). */
+#pragma once
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Whether sfumato's kernels run (1) or ggml's own (0). Read once from SFUMATO_KERNELS
+ * ("ggml" turns them off), then settable for tests and benchmarks. */
+int sfumato_kernels_enabled(void);
+void sfumato_kernels_set_enabled(int enabled);
+
+/* The kernels this module carries, as "op:isa" items separated by commas (a static
+ * string: safe to read on any CPU, without running the module's vector code). */
+const char * sfumato_kernels(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+/* The instruction set the kernels of this module are compiled for (the variant's flags). */
+#if defined(__AVX512F__)
+#define SFUMATO_KERNEL_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SFUMATO_KERNEL_ISA "avx2"
+#else
+#define SFUMATO_KERNEL_ISA ""
+#endif

@@ -1,0 +1,63 @@
+"""sfumato's own CPU kernels (``csrc/``), which its engine build compiles into every CPU
+variant module, and the switch between them and ggml's own.
+
+Each CPU module sfumato builds exports ``sfumato_kernels()`` (the operations it takes
+over, with the instruction set they were compiled for: ``"conv_2d:avx512"``) and the
+switch ``sfumato_kernels_set_enabled()``. ``SFUMATO_KERNELS`` chooses at start:
+``sfumato`` (the default) or ``ggml``, which runs ggml's own kernels everywhere, for
+comparison and as an escape hatch.
+
+What a kernel changes in the engine's graph: with sfumato's CONV_2D, the engine is
+asked for direct convolutions (its conv-direct option) on the CPU, in the UNet (or
+DiT), the VAE and ESRGAN, so no patch matrix (im2col) is written to memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sfumato.engine import _cdefs
+from sfumato.errors import InvalidParameterError
+
+ENV_KERNELS = "SFUMATO_KERNELS"
+KERNEL_CHOICES = ("sfumato", "ggml")
+CONV_2D = "conv_2d"
+
+
+def kernels_choice() -> str:
+    """``SFUMATO_KERNELS``: ``"sfumato"`` (also when unset) or ``"ggml"``.
+
+    Raises
+    ------
+    InvalidParameterError
+        When it names anything else.
+    """
+    value = os.environ.get(ENV_KERNELS, "").strip() or "sfumato"
+    if value not in KERNEL_CHOICES:
+        raise InvalidParameterError(ENV_KERNELS, f"must be one of {list(KERNEL_CHOICES)}, got {value!r}")
+    return value
+
+
+def module_kernels(module: Path) -> dict[str, str]:
+    """The operations a CPU module's own kernels take, with their instruction set
+    (``{"conv_2d": "avx512"}``); empty for a module without sfumato's kernels.
+
+    Reading the list runs none of the module's vector code: it answers on any CPU.
+    """
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(_cdefs.SFUMATO_KERNELS)
+    lib = ffi.dlopen(str(module))
+    try:
+        listed = bytes(ffi.string(lib.sfumato_kernels())).decode()
+    except AttributeError:  # cffi's answer for a symbol the module lacks: ggml's own build
+        return {}
+    finally:
+        ffi.dlclose(lib)
+    found = {}
+    for item in filter(None, listed.split(",")):
+        op, _, isa = item.partition(":")
+        found[op] = isa
+    return found

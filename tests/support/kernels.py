@@ -1,0 +1,170 @@
+"""sfumato's CPU kernels against ggml's own, in one CPU module, in a process of its own.
+
+``python -m tests.support.kernels MODULE THREADS [CASE...]`` loads one CPU variant
+module through ggml's library (no engine), runs each case's graph twice, with
+sfumato's kernels and with ggml's own (the module's ``sfumato_kernels_set_enabled``),
+on the same random inputs, computes the same operation in float64 with numpy, and
+prints one JSON line per case: the largest error of each side against float64,
+relative to the largest output magnitude. A process per module: a variant the CPU
+cannot run never loads in the test's own process, and the haswell module runs under
+``qemu-x86_64 -cpu Haswell`` this way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfumato.engine import _cdefs
+
+_F32, _F16 = 0, 1
+_GGML = "libggml.so"
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One CONV_2D: input ``[n, ic, h, w]``, kernel ``[oc, ic, kh, kw]`` of ``weights`` type."""
+
+    name: str
+    n: int
+    ic: int
+    h: int
+    w: int
+    oc: int
+    kh: int
+    kw: int
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    weights: str = "f16"
+
+
+# The convolutions of the UNets and VAEs of SD 1.x / 2.x, SDXL, SD3 and FLUX (3x3 with
+# padding 1, 1x1 projections and skips, stride-2 downsampling, few-channel inputs and
+# outputs), at small spatial sizes, and odd shapes that exercise every edge of the tiling.
+CONV_CASES: tuple[ConvCase, ...] = (
+    ConvCase("unet conv_in 4->320", 2, 4, 16, 16, 320, 3, 3, pad=(1, 1)),
+    ConvCase("unet resnet 320->320", 2, 320, 12, 12, 320, 3, 3, pad=(1, 1)),
+    ConvCase("unet downsample 320 stride 2", 2, 320, 12, 12, 320, 3, 3, stride=(2, 2), pad=(1, 1)),
+    ConvCase("unet skip 320->640 1x1", 2, 320, 8, 8, 640, 1, 1),
+    ConvCase("unet deep 1280 at 2x2 (channel split)", 2, 1280, 2, 2, 1280, 3, 3, pad=(1, 1)),
+    ConvCase("unet conv_out 320->4", 2, 320, 8, 8, 4, 3, 3, pad=(1, 1)),
+    ConvCase("sd vae post_quant 4->4 1x1", 1, 4, 8, 8, 4, 1, 1),
+    ConvCase("sd vae conv_in 4->512", 1, 4, 8, 8, 512, 3, 3, pad=(1, 1)),
+    ConvCase("vae 16-channel latent 16->512 (sd3, flux)", 1, 16, 8, 8, 512, 3, 3, pad=(1, 1)),
+    ConvCase("vae skip 512->256 1x1", 1, 512, 10, 10, 256, 1, 1),
+    ConvCase("vae conv_out 128->3", 1, 128, 20, 20, 3, 3, 3, pad=(1, 1)),
+    ConvCase("f32 weights", 2, 24, 9, 11, 40, 3, 3, pad=(1, 1), weights="f32"),
+    ConvCase("odd: 7x5, 3->13, 5x3 kernel, pad 2/1", 3, 3, 5, 7, 13, 5, 3, pad=(1, 2)),
+    ConvCase("odd: stride 2x3, dilation 2, no pad", 2, 17, 13, 19, 29, 3, 3, stride=(2, 3), dilation=(2, 2)),
+    ConvCase("odd: one pixel out, many channels", 1, 300, 3, 3, 70, 3, 3),
+    ConvCase("odd: wide row crossing tiles", 1, 8, 3, 97, 16, 3, 3, pad=(1, 1)),
+)
+
+
+def _reference(x: np.ndarray, k: np.ndarray, case: ConvCase) -> np.ndarray:
+    """The convolution in float64: ``x`` ``[n, ic, h, w]``, ``k`` ``[oc, ic, kh, kw]``."""
+    (sy, sx), (py, px), (dy, dx) = case.stride[::-1], case.pad[::-1], case.dilation[::-1]
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (py, py), (px, px)))
+    oh = (case.h + 2 * py - dy * (case.kh - 1) - 1) // sy + 1
+    ow = (case.w + 2 * px - dx * (case.kw - 1) - 1) // sx + 1
+    out = np.zeros((case.n, case.oc, oh, ow))
+    weights = k.astype(np.float64)
+    for ky in range(case.kh):
+        for kx in range(case.kw):
+            patch = padded[:, :, ky * dy : ky * dy + sy * (oh - 1) + 1 : sy, kx * dx : kx * dx + sx * (ow - 1) + 1 : sx]
+            out += np.einsum("nchw,oc->nohw", patch, weights[:, :, ky, kx])
+    return out
+
+
+class Module:
+    """One CPU module loaded through ggml's library, with a CPU backend on it."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import cffi
+
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(_cdefs.GGML_DEVICES + _cdefs.GGML_REGISTRY + _cdefs.GGML_GRAPH)
+        self.lib: Any = self.ffi.dlopen(str(path.parent / _GGML))
+        reg = self.lib.ggml_backend_load(str(path).encode())
+        if reg == self.ffi.NULL:
+            raise RuntimeError(f"ggml refused {path.name} on this CPU")
+        self.backend = self.lib.ggml_backend_dev_init(self.lib.ggml_backend_reg_dev_get(reg, 0), self.ffi.NULL)
+        set_threads = self.lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+        self.ffi.cast("ggml_backend_set_n_threads_t", set_threads)(self.backend, threads)
+        # The same module again by path: the loader hands back the instance ggml opened.
+        kernels_ffi = cffi.FFI()
+        kernels_ffi.cdef(_cdefs.SFUMATO_KERNELS)
+        self.kernels: Any = kernels_ffi.dlopen(str(path))
+        self.kernels_ffi = kernels_ffi
+
+    def carried(self) -> str:
+        return bytes(self.kernels_ffi.string(self.kernels.sfumato_kernels())).decode()
+
+    def conv_2d(self, x: np.ndarray, k: np.ndarray, case: ConvCase, sfumato: bool) -> np.ndarray:
+        """``ggml_conv_2d_direct`` of ``x`` with ``k`` on this module, with either kernel."""
+        ffi, lib = self.ffi, self.lib
+        params = ffi.new("struct ggml_init_params *")
+        params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
+        params.no_alloc = True
+        ctx = lib.ggml_init(params[0])
+        try:
+            kt = _F16 if case.weights == "f16" else _F32
+            kernel = lib.ggml_new_tensor_4d(ctx, kt, case.kw, case.kh, case.ic, case.oc)
+            image = lib.ggml_new_tensor_4d(ctx, _F32, case.w, case.h, case.ic, case.n)
+            out = lib.ggml_conv_2d_direct(ctx, kernel, image, *case.stride, *case.pad, *case.dilation)
+            graph = lib.ggml_new_graph(ctx)
+            lib.ggml_build_forward_expand(graph, out)
+            buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+            try:
+                weights = np.ascontiguousarray(k.astype(np.float16 if kt == _F16 else np.float32))
+                lib.ggml_backend_tensor_set(kernel, ffi.from_buffer(weights), 0, weights.nbytes)
+                pixels = np.ascontiguousarray(x, dtype=np.float32)
+                lib.ggml_backend_tensor_set(image, ffi.from_buffer(pixels), 0, pixels.nbytes)
+                self.kernels.sfumato_kernels_set_enabled(1 if sfumato else 0)
+                if lib.ggml_backend_graph_compute(self.backend, graph) != 0:
+                    raise RuntimeError("ggml_backend_graph_compute failed")
+                result = np.empty(lib.ggml_nbytes(out) // 4, dtype=np.float32)
+                lib.ggml_backend_tensor_get(out, ffi.from_buffer(result), 0, result.nbytes)
+                return result
+            finally:
+                lib.ggml_backend_buffer_free(buffer)
+        finally:
+            lib.ggml_free(ctx)
+
+
+def check_conv(module: Module, case: ConvCase, seed: int = 0) -> dict[str, Any]:
+    """Both kernels' largest error against float64, relative to the output's largest magnitude."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((case.n, case.ic, case.h, case.w)).astype(np.float32)
+    k = (rng.standard_normal((case.oc, case.ic, case.kh, case.kw)) / np.sqrt(case.ic * case.kh * case.kw)).astype(
+        np.float16 if case.weights == "f16" else np.float32
+    )
+    reference = _reference(x, k, case).ravel()
+    scale = float(np.abs(reference).max())
+    errors = {}
+    for side in ("sfumato", "ggml"):
+        got = module.conv_2d(x, k, case, sfumato=side == "sfumato")
+        assert got.shape == reference.shape, (got.shape, reference.shape)
+        errors[side] = float(np.abs(got - reference).max()) / scale
+    return {"case": case.name, "sfumato_error": errors["sfumato"], "ggml_error": errors["ggml"]}
+
+
+def main(argv: list[str]) -> int:
+    """``python -m tests.support.kernels MODULE THREADS [CASE...]``: JSON lines on stdout."""
+    module = Module(Path(argv[0]), int(argv[1]))
+    wanted = set(argv[2:])
+    print(json.dumps({"kernels": module.carried()}), flush=True)
+    for case in CONV_CASES:
+        if not wanted or case.name in wanted:
+            print(json.dumps({**check_conv(module, case), "shape": asdict(case)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

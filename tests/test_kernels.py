@@ -1,0 +1,102 @@
+"""sfumato's own CPU kernels (``csrc/``) against ggml's own, on random tensors.
+
+Each CPU variant module this CPU runs is loaded in a process of its own
+(``tests/support/kernels.py``) and runs every case twice, with sfumato's kernel and
+with ggml's, on the same inputs; both are measured against the operation in float64.
+The haswell module also runs under ``qemu-x86_64 -cpu Haswell`` (AVX2, no AVX-512),
+single ops on small tensors, one thread.
+
+Tolerances: sfumato's CONV_2D multiplies and sums in f32 (f16 weights are widened
+exactly), so it must land within 1e-5 of float64, relative to the output's largest
+magnitude; ggml's own rounds the input to f16 first, which shows as errors of about
+2e-4, and sfumato's must be the smaller wherever the weights are f16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sfumato.engine.cpu_variants import runs_here, variant_modules
+from sfumato.engine.kernels import module_kernels
+from sfumato.engine.library import backend_modules, locate_library
+from tests.support.kernels import CONV_CASES
+
+from .helpers import ROOT
+
+EXACT = 1e-5
+F16_INPUT_ROUNDING = 5e-5  # ggml's own CONV_2D is at least this far off: it rounds the input to f16
+
+
+def _variants() -> dict[str, Path]:
+    return variant_modules(backend_modules(locate_library()))
+
+
+def _check(command: list[str], timeout: float) -> tuple[str, list[dict[str, Any]]]:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return str(lines[0]["kernels"]), lines[1:]
+
+
+def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
+    assert len(results) == cases
+    for r in results:
+        assert r["sfumato_error"] <= EXACT, r
+        if r["shape"]["weights"] == "f16":
+            assert r["ggml_error"] >= F16_INPUT_ROUNDING, r  # the comparison sees two different kernels
+            assert r["sfumato_error"] < r["ggml_error"], r
+
+
+def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
+    variants = _variants()
+    assert variants, "sfumato's build ships CPU variant modules"
+    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512"}
+    for name, path in variants.items():
+        assert module_kernels(path) == {"conv_2d": isa[name]}, name
+
+
+@pytest.mark.parametrize("variant", ["haswell", "skylakex", "zen4"])
+def test_conv_2d_against_ggml_and_float64(variant: str) -> None:
+    module = _variants()[variant]
+    if not runs_here(module):
+        pytest.fail(f"this CPU cannot run the {variant} module: run the kernel tests on a CPU with AVX-512")
+    carried, results = _check([sys.executable, "-m", "tests.support.kernels", str(module), "2"], timeout=300)
+    assert carried.startswith("conv_2d:")
+    _assert_exact(results, len(CONV_CASES))
+
+
+# Under emulation every instruction costs tens of native ones: the smaller cases only.
+EMULATED_CASES = [c.name for c in CONV_CASES if c.n * c.ic * c.h * c.w * c.oc * c.kh * c.kw < 3_000_000]
+
+
+def test_conv_2d_of_the_haswell_module_on_an_emulated_avx2_cpu() -> None:
+    qemu = shutil.which("qemu-x86_64")
+    assert qemu, "qemu-x86_64 is missing: install Debian's qemu-user (.ci/run does)"
+    module = _variants()["haswell"]
+    command = [qemu, "-cpu", "Haswell", sys.executable, "-m", "tests.support.kernels", str(module), "1"]
+    carried, results = _check([*command, *EMULATED_CASES], timeout=600)
+    assert carried == "conv_2d:avx2"
+    _assert_exact(results, len(EMULATED_CASES))
+
+
+def test_sfumato_kernels_ggml_runs_ggml_own_and_a_bad_value_is_refused_by_name() -> None:
+    def info(choice: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sfumato", "info", "--json"], capture_output=True, text=True, timeout=300,
+            check=False, env={**os.environ, "SFUMATO_KERNELS": choice},
+        )  # fmt: skip
+
+    ggml = info("ggml")
+    assert ggml.returncode == 0, ggml.stderr
+    assert json.loads(ggml.stdout)["kernels"] == {"choice": "ggml", "running": {}}
+    bad = info("fast")
+    assert bad.returncode == 2
+    assert "SFUMATO_KERNELS: must be one of ['sfumato', 'ggml'], got 'fast'" in bad.stderr
