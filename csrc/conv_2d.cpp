@@ -22,97 +22,23 @@
 #include "ggml-cpu-impl.h"
 #include "ops.h"
 
+#include "gemm_tile.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
-#define SFUMATO_CONV_2D 1
-#include <immintrin.h>
-#endif
-
 extern "C" void ggml_compute_forward_conv_2d_ggml(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 
-#if SFUMATO_CONV_2D
+#if SFUMATO_GEMM_TILE
 
 namespace {
 
-#if defined(__AVX512F__)
-using vf = __m512;
-constexpr int VL = 16;
-constexpr int MR = 12;  // output channels per micro-tile
-constexpr int NV = 2;   // vectors of pixels per micro-tile: 24 accumulators of 32 registers
-inline vf vzero() { return _mm512_setzero_ps(); }
-inline vf vset1(float x) { return _mm512_set1_ps(x); }
-inline vf vload(const float * p) { return _mm512_loadu_ps(p); }
-inline void vstore(float * p, vf v) { _mm512_storeu_ps(p, v); }
-inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-inline void f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (src + i))));
-    }
-    for (; i < n; ++i) {
-        dst[i] = _cvtsh_ss(src[i]);
-    }
-}
-#else
-using vf = __m256;
-constexpr int VL = 8;
-constexpr int MR = 6;
-constexpr int NV = 2;  // 12 accumulators of 16 registers
-inline vf vzero() { return _mm256_setzero_ps(); }
-inline vf vset1(float x) { return _mm256_set1_ps(x); }
-inline vf vload(const float * p) { return _mm256_loadu_ps(p); }
-inline void vstore(float * p, vf v) { _mm256_storeu_ps(p, v); }
-inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-inline void f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (src + i))));
-    }
-    for (; i < n; ++i) {
-        dst[i] = _cvtsh_ss(src[i]);
-    }
-}
-#endif
+using namespace sfumato;
 
-constexpr int NR = NV * VL;      // pixels per micro-tile
 constexpr int NR_BLOCK = 8;      // micro-tiles of pixels packed together
 constexpr int64_t KC_MAX = 256;  // rows of k packed at a time
 constexpr int64_t KC_MIN = 16;
-
-// acc ? C += A*B : C = A*B for one MR x NR tile; A packed [kc][MR], B packed [kc][NR].
-inline void micro_kernel(int64_t kc, const float * a, const float * b, float * c, int64_t ldc, bool acc) {
-    vf s[MR][NV];
-    for (int r = 0; r < MR; ++r) {
-        for (int j = 0; j < NV; ++j) {
-            s[r][j] = vzero();
-        }
-    }
-    for (int64_t k = 0; k < kc; ++k) {
-        vf x[NV];
-        for (int j = 0; j < NV; ++j) {
-            x[j] = vload(b + j * VL);
-        }
-        for (int r = 0; r < MR; ++r) {
-            const vf w = vset1(a[r]);
-            for (int j = 0; j < NV; ++j) {
-                s[r][j] = vfma(w, x[j], s[r][j]);
-            }
-        }
-        a += MR;
-        b += NR;
-    }
-    for (int r = 0; r < MR; ++r) {
-        for (int j = 0; j < NV; ++j) {
-            float * p = c + r * ldc + j * VL;
-            vstore(p, acc ? vadd(s[r][j], vload(p)) : s[r][j]);
-        }
-    }
-}
 
 struct Shape {
     int64_t ic, oc, iw, ih, kw, kh, ow, oh, n;
@@ -232,8 +158,6 @@ void output_tile(const Shape & s, const float * a, const float * b, int64_t kc, 
     }
 }
 
-size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t) 63; }
-
 bool takes(const ggml_tensor * dst) {
     const ggml_tensor * kernel = dst->src[0];
     const ggml_tensor * src = dst->src[1];
@@ -339,10 +263,10 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
 
 }  // namespace
 
-#endif  // SFUMATO_CONV_2D
+#endif  // SFUMATO_GEMM_TILE
 
 extern "C" void ggml_compute_forward_conv_2d(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-#if SFUMATO_CONV_2D
+#if SFUMATO_GEMM_TILE
     if (!params->use_ref && sfumato_kernels_enabled() && takes(dst) && conv_2d(params, dst)) {
         return;
     }

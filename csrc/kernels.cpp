@@ -26,7 +26,7 @@ extern "C" void sfumato_kernels_set_enabled(int enabled) {
 
 extern "C" const char * sfumato_kernels(void) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
-    return "conv_2d:" SFUMATO_KERNEL_ISA;
+    return "conv_2d:" SFUMATO_KERNEL_ISA ",mul_mat:" SFUMATO_KERNEL_ISA;
 #else
     return "";
 #endif

@@ -6,10 +6,11 @@ with ggml's, on the same inputs; both are measured against the operation in floa
 The haswell module also runs under ``qemu-x86_64 -cpu Haswell`` (AVX2, no AVX-512),
 single ops on small tensors, one thread.
 
-Tolerances: sfumato's CONV_2D multiplies and sums in f32 (f16 weights are widened
-exactly), so it must land within 1e-5 of float64, relative to the output's largest
-magnitude; ggml's own rounds the input to f16 first, which shows as errors of about
-2e-4, and sfumato's must be the smaller wherever the weights are f16.
+Tolerances: sfumato's CONV_2D and MUL_MAT multiply and sum in f32 (f16 weights are
+widened exactly), so they must land within 1e-5 of float64, relative to the output's
+largest magnitude; ggml's own round the input (the activations) to f16 first wherever
+the weights are f16, which shows as errors of about 2e-4, and sfumato's must be the
+smaller there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 from sfumato.engine.cpu_variants import runs_here, variant_modules
 from sfumato.engine.kernels import module_kernels
 from sfumato.engine.library import backend_modules, locate_library
-from tests.support.kernels import CONV_CASES
+from tests.support.kernels import CONV_CASES, MAT_CASES
 
 from .helpers import ROOT
 
@@ -60,30 +61,33 @@ def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
     assert variants, "sfumato's build ships CPU variant modules"
     isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512"}
     for name, path in variants.items():
-        assert module_kernels(path) == {"conv_2d": isa[name]}, name
+        assert module_kernels(path) == {"conv_2d": isa[name], "mul_mat": isa[name]}, name
 
 
 @pytest.mark.parametrize("variant", ["haswell", "skylakex", "zen4"])
-def test_conv_2d_against_ggml_and_float64(variant: str) -> None:
+def test_conv_2d_and_mul_mat_against_ggml_and_float64(variant: str) -> None:
     module = _variants()[variant]
     if not runs_here(module):
         pytest.fail(f"this CPU cannot run the {variant} module: run the kernel tests on a CPU with AVX-512")
     carried, results = _check([sys.executable, "-m", "tests.support.kernels", str(module), "2"], timeout=300)
     assert carried.startswith("conv_2d:")
-    _assert_exact(results, len(CONV_CASES))
+    _assert_exact(results, len(CONV_CASES) + len(MAT_CASES))
 
 
 # Under emulation every instruction costs tens of native ones: the smaller cases only.
-EMULATED_CASES = [c.name for c in CONV_CASES if c.n * c.ic * c.h * c.w * c.oc * c.kh * c.kw < 3_000_000]
+EMULATED_CASES = [
+    *(c.name for c in CONV_CASES if c.n * c.ic * c.h * c.w * c.oc * c.kh * c.kw < 3_000_000),
+    *(c.name for c in MAT_CASES if c.m * c.n * c.k * c.batch < 3_000_000),
+]
 
 
-def test_conv_2d_of_the_haswell_module_on_an_emulated_avx2_cpu() -> None:
+def test_the_haswell_module_kernels_on_an_emulated_avx2_cpu() -> None:
     qemu = shutil.which("qemu-x86_64")
     assert qemu, "qemu-x86_64 is missing: install Debian's qemu-user (.ci/run does)"
     module = _variants()["haswell"]
     command = [qemu, "-cpu", "Haswell", sys.executable, "-m", "tests.support.kernels", str(module), "1"]
     carried, results = _check([*command, *EMULATED_CASES], timeout=600)
-    assert carried == "conv_2d:avx2"
+    assert carried == "conv_2d:avx2,mul_mat:avx2"
     _assert_exact(results, len(EMULATED_CASES))
 
 

@@ -1,7 +1,8 @@
 """sfumato's CPU kernels against ggml's own, in one CPU module, in a process of its own.
 
 ``python -m tests.support.kernels MODULE THREADS [CASE...]`` loads one CPU variant
-module through ggml's library (no engine), runs each case's graph twice, with
+module through ggml's library (no engine), runs each case's graph (a CONV_2D or a
+MUL_MAT) twice, with
 sfumato's kernels and with ggml's own (the module's ``sfumato_kernels_set_enabled``),
 on the same random inputs, computes the same operation in float64 with numpy, and
 prints one JSON line per case: the largest error of each side against float64,
@@ -64,6 +65,43 @@ CONV_CASES: tuple[ConvCase, ...] = (
     ConvCase("odd: stride 2x3, dilation 2, no pad", 2, 17, 13, 19, 29, 3, 3, stride=(2, 3), dilation=(2, 2)),
     ConvCase("odd: one pixel out, many channels", 1, 300, 3, 3, 70, 3, 3),
     ConvCase("odd: wide row crossing tiles", 1, 8, 3, 97, 16, 3, 3, pad=(1, 1)),
+)
+
+
+@dataclass(frozen=True)
+class MatCase:
+    """One MUL_MAT: ``a`` ``[batch_a, m, k]`` of ``weights`` type times ``b`` ``[batch, n, k]``
+    (f32) into ``[batch, n, m]``; ``a``'s batch broadcasts over ``b``'s."""
+
+    name: str
+    m: int
+    n: int
+    k: int
+    batch: int = 1
+    batch_a: int = 1
+    weights: str = "f16"
+
+
+# The matrix products of the UNets' and DiTs' linear layers (f16 weights, tokens x
+# channels), attention's two products (f32 on both sides, one slice a head: scores with
+# k the head size 40, 64, 80, 128; values with k the tokens), text encoders, and odd
+# shapes for every edge of the tiling.
+MAT_CASES: tuple[MatCase, ...] = (
+    MatCase("linear 320->320, 2x64 tokens", 320, 128, 320),
+    MatCase("geglu 320->2560", 2560, 96, 320),
+    MatCase("ff out 1280->320", 320, 64, 1280),
+    MatCase("deep linear 1280->1280, 2x16 tokens", 1280, 32, 1280),
+    MatCase("text encoder 768->3072, 77 tokens", 3072, 77, 768),
+    MatCase("time embedding, one row", 1280, 1, 320),
+    MatCase("f32 weights", 200, 50, 96, weights="f32"),
+    MatCase("attention scores, head 40", 256, 256, 40, batch=4, batch_a=4, weights="f32"),
+    MatCase("attention scores, head 64", 144, 144, 64, batch=2, batch_a=2, weights="f32"),
+    MatCase("attention scores, head 80", 100, 100, 80, batch=2, batch_a=2, weights="f32"),
+    MatCase("attention scores, head 128", 64, 64, 128, batch=2, batch_a=2, weights="f32"),
+    MatCase("attention values, head 40", 40, 256, 256, batch=4, batch_a=4, weights="f32"),
+    MatCase("broadcast weights over a batch", 96, 33, 72, batch=3),
+    MatCase("odd: 37 x 29 x 300", 37, 29, 300),
+    MatCase("odd: k of 3", 50, 70, 3),
 )
 
 
@@ -138,6 +176,54 @@ class Module:
             lib.ggml_free(ctx)
 
 
+def _mul_mat(module: Module, a: np.ndarray, b: np.ndarray, case: MatCase, sfumato: bool) -> np.ndarray:
+    """``ggml_mul_mat(a, b)`` on ``module`` with either kernel."""
+    ffi, lib = module.ffi, module.lib
+    params = ffi.new("struct ggml_init_params *")
+    params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
+    params.no_alloc = True
+    ctx = lib.ggml_init(params[0])
+    try:
+        at = _F16 if case.weights == "f16" else _F32
+        ta = lib.ggml_new_tensor_4d(ctx, at, case.k, case.m, case.batch_a, 1)
+        tb = lib.ggml_new_tensor_4d(ctx, _F32, case.k, case.n, case.batch, 1)
+        out = lib.ggml_mul_mat(ctx, ta, tb)
+        graph = lib.ggml_new_graph(ctx)
+        lib.ggml_build_forward_expand(graph, out)
+        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, module.backend)
+        try:
+            for tensor, array in ((ta, a), (tb, b)):
+                lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
+            module.kernels.sfumato_kernels_set_enabled(1 if sfumato else 0)
+            if lib.ggml_backend_graph_compute(module.backend, graph) != 0:
+                raise RuntimeError("ggml_backend_graph_compute failed")
+            result = np.empty(lib.ggml_nbytes(out) // 4, dtype=np.float32)
+            lib.ggml_backend_tensor_get(out, ffi.from_buffer(result), 0, result.nbytes)
+            return result
+        finally:
+            lib.ggml_backend_buffer_free(buffer)
+    finally:
+        lib.ggml_free(ctx)
+
+
+def check_mul_mat(module: Module, case: MatCase, seed: int = 0) -> dict[str, Any]:
+    """Both kernels' largest error against float64, relative to the output's largest magnitude."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k)).astype(
+        np.float16 if case.weights == "f16" else np.float32
+    )
+    b = rng.standard_normal((case.batch, case.n, case.k)).astype(np.float32)
+    reference = np.einsum("bmk,bnk->bnm", np.repeat(a.astype(np.float64), case.batch // case.batch_a, axis=0), b)
+    reference = reference.ravel()
+    scale = float(np.abs(reference).max())
+    errors = {}
+    for side in ("sfumato", "ggml"):
+        got = _mul_mat(module, a, b, case, sfumato=side == "sfumato")
+        assert got.shape == reference.shape, (got.shape, reference.shape)
+        errors[side] = float(np.abs(got - reference).max()) / scale
+    return {"case": case.name, "sfumato_error": errors["sfumato"], "ggml_error": errors["ggml"]}
+
+
 def check_conv(module: Module, case: ConvCase, seed: int = 0) -> dict[str, Any]:
     """Both kernels' largest error against float64, relative to the output's largest magnitude."""
     rng = np.random.default_rng(seed)
@@ -162,7 +248,10 @@ def main(argv: list[str]) -> int:
     print(json.dumps({"kernels": module.carried()}), flush=True)
     for case in CONV_CASES:
         if not wanted or case.name in wanted:
-            print(json.dumps({**check_conv(module, case), "shape": asdict(case)}), flush=True)
+            print(json.dumps({**check_conv(module, case), "op": "conv_2d", "shape": asdict(case)}), flush=True)
+    for mat in MAT_CASES:
+        if not wanted or mat.name in wanted:
+            print(json.dumps({**check_mul_mat(module, mat), "op": "mul_mat", "shape": asdict(mat)}), flush=True)
     return 0
 
 

@@ -1,0 +1,167 @@
+/* MUL_MAT's GEMM: llamafile_sgemm, the entry ggml's mul_mat offers a whole matrix product
+ * to before it converts the activations to the weights' type.
+ *
+ * Takes: A (the weights, src0) F16 or F32, B (the activations, src1) F32, C F32, rows of
+ * each contiguous in k:  C[j*ldc + i] = sum_l A[i*lda + l] * B[j*ldb + l]  for i < m,
+ * j < n. Products and sums are f32, f16 weights widened exactly: the activations are
+ * never rounded to f16 (ggml's own path converts them to f16 first, then multiplies in
+ * f16). Everything else goes to llamafile's own, renamed llamafile_sgemm_ggml by the
+ * build (which then declines f16 x f32, and ggml converts and calls it again).
+ *
+ * Each thread packs its own operands into buffers of its own: a chunk of IC weight rows
+ * as f32 panels of NR, then MR activation rows at a time, and runs the register tile
+ * (gemm_tile.h) with weight rows along the vector lanes, so each C row is written with
+ * full vectors. Threads take disjoint runs of activation rows, or of weight rows when
+ * there are too few activation rows to share. */
+#include "kernels.h"
+
+#include "ggml.h"
+#include "ggml-cpu-impl.h"
+#include "llamafile/sgemm.h"
+
+#include "gemm_tile.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+extern "C" bool llamafile_sgemm_ggml(const struct ggml_compute_params * params, int64_t m, int64_t n, int64_t k,
+                                     const void * A, int64_t lda, const void * B, int64_t ldb, void * C, int64_t ldc,
+                                     int Atype, int Btype, int Ctype);
+
+#if SFUMATO_GEMM_TILE
+
+namespace {
+
+using namespace sfumato;
+
+constexpr int64_t KC = 256;           // k per packed block
+constexpr int64_t IC = 16 * NR;       // weight rows per packed chunk
+constexpr int64_t SPLIT_ROWS = 4;     // activation panels per thread, at least, to share them
+
+struct Gemm {
+    int64_t m, n, k, lda, ldb, ldc;
+    const void * a;
+    bool a_f16;
+    const float * b;
+    float * c;
+};
+
+// Weight rows [i0, i0 + tiles*NR) x [k0, k0 + kc) into panels [tile][kc][NR], zeros past m.
+void pack_weights(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t kc, float * out, float * row) {
+    for (int64_t t = 0; t < tiles; ++t) {
+        float * panel = out + t * kc * NR;
+        for (int r = 0; r < NR; ++r) {
+            const int64_t i = i0 + t * NR + r;
+            if (i >= g.m) {
+                for (int64_t l = 0; l < kc; ++l) {
+                    panel[l * NR + r] = 0.0f;
+                }
+                continue;
+            }
+            const float * src;
+            if (g.a_f16) {
+                f16_to_f32((const ggml_fp16_t *) g.a + i * g.lda + k0, row, kc);
+                src = row;
+            } else {
+                src = (const float *) g.a + i * g.lda + k0;
+            }
+            for (int64_t l = 0; l < kc; ++l) {
+                panel[l * NR + r] = src[l];
+            }
+        }
+    }
+}
+
+// Activation rows [j0, j0 + MR) x [k0, k0 + kc) into [kc][MR], zeros past n.
+void pack_activations(const Gemm & g, int64_t j0, int64_t k0, int64_t kc, float * out) {
+    for (int r = 0; r < MR; ++r) {
+        const int64_t j = j0 + r;
+        if (j >= g.n) {
+            for (int64_t l = 0; l < kc; ++l) {
+                out[l * MR + r] = 0.0f;
+            }
+            continue;
+        }
+        const float * src = g.b + j * g.ldb + k0;
+        for (int64_t l = 0; l < kc; ++l) {
+            out[l * MR + r] = src[l];
+        }
+    }
+}
+
+void output_tile(const Gemm & g, const float * act, const float * weights, int64_t kc, int64_t j0, int64_t i0,
+                 bool acc) {
+    if (j0 + MR <= g.n && i0 + NR <= g.m) {
+        micro_kernel(kc, act, weights, g.c + j0 * g.ldc + i0, g.ldc, acc);
+        return;
+    }
+    alignas(64) float tile[MR * NR];
+    micro_kernel(kc, act, weights, tile, NR, false);
+    for (int r = 0; r < MR && j0 + r < g.n; ++r) {
+        float * out = g.c + (j0 + r) * g.ldc + i0;
+        for (int q = 0; q < NR && i0 + q < g.m; ++q) {
+            out[q] = acc ? out[q] + tile[r * NR + q] : tile[r * NR + q];
+        }
+    }
+}
+
+// Buffers of this thread, kept for the next op (ggml's threads live as long as its pool).
+struct Scratch {
+    std::vector<float> weights, activations, row;
+};
+thread_local Scratch t_scratch;
+
+void gemm(const ggml_compute_params * params, const Gemm & g) {
+    const int ith = params->ith, nth = params->nth;
+    const int64_t panels = (g.n + MR - 1) / MR;
+    const int64_t tiles = (g.m + NR - 1) / NR;
+    int64_t p0 = 0, p1 = panels, t0 = 0, t1 = tiles;
+    if (panels >= SPLIT_ROWS * nth || tiles < nth) {
+        p0 = panels * ith / nth;
+        p1 = panels * (ith + 1) / nth;
+    } else {
+        t0 = tiles * ith / nth;
+        t1 = tiles * (ith + 1) / nth;
+    }
+    if (p0 >= p1 || t0 >= t1) {
+        return;
+    }
+    const int64_t kc_max = std::min(KC, g.k);
+    const int64_t chunk_tiles = IC / NR;
+    Scratch & s = t_scratch;
+    s.weights.resize(chunk_tiles * kc_max * NR);
+    s.activations.resize(kc_max * MR);
+    s.row.resize(kc_max);
+    for (int64_t k0 = 0; k0 < g.k; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, g.k - k0);
+        for (int64_t tb = t0; tb < t1; tb += chunk_tiles) {
+            const int64_t nt = std::min(chunk_tiles, t1 - tb);
+            pack_weights(g, tb * NR, nt, k0, kc, s.weights.data(), s.row.data());
+            for (int64_t p = p0; p < p1; ++p) {
+                pack_activations(g, p * MR, k0, kc, s.activations.data());
+                for (int64_t t = 0; t < nt; ++t) {
+                    output_tile(g, s.activations.data(), s.weights.data() + t * kc * NR, kc, p * MR, (tb + t) * NR,
+                                k0 > 0);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#endif  // SFUMATO_GEMM_TILE
+
+extern "C" bool llamafile_sgemm(const struct ggml_compute_params * params, int64_t m, int64_t n, int64_t k,
+                                const void * A, int64_t lda, const void * B, int64_t ldb, void * C, int64_t ldc,
+                                int Atype, int Btype, int Ctype) {
+#if SFUMATO_GEMM_TILE
+    if (!params->use_ref && sfumato_kernels_enabled() && (Atype == GGML_TYPE_F16 || Atype == GGML_TYPE_F32) &&
+        Btype == GGML_TYPE_F32 && Ctype == GGML_TYPE_F32 && m > 0 && n > 0 && k > 0) {
+        gemm(params, Gemm{m, n, k, lda, ldb, ldc, A, Atype == GGML_TYPE_F16, (const float *) B, (float *) C});
+        return true;
+    }
+#endif
+    return llamafile_sgemm_ggml(params, m, n, k, A, lda, B, ldb, C, ldc, Atype, Btype, Ctype);
+}
