@@ -43,6 +43,7 @@ CASE_ORDER = (
     "queue",
     "devices",
     "cpu_variants",
+    "cpu_kernels",
 )
 
 

@@ -102,3 +102,19 @@ def cpu_description() -> str:
             flags = set(value.split())
     simd = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
     return f"{model} ({os.cpu_count()} CPUs, {simd})"
+
+
+# The instruction sets that decide the kernels' speed, as /proc/cpuinfo names them.
+KERNEL_ISA = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16", "amx_int8")  # fmt: skip
+
+
+def isa_flags() -> str:
+    """Which of :data:`KERNEL_ISA` this CPU has, for the results' headers."""
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return " ".join(flag for flag in KERNEL_ISA if flag in flags) or "none of them"

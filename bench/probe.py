@@ -12,7 +12,8 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
   engine library ``engine_lib`` if given, else the installed one; ``env`` sets
   environment variables before the library opens (the backend modules and device).
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
-  fp32) on a diffusers folder, with ``attention_slicing`` / ``channels_last``.
+  fp32, or its UNet and VAE in bf16 with ``dtype: "bf16"``) on a diffusers folder, with
+  ``attention_slicing`` / ``channels_last``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
 - ``queue``: the job store's claims, no engine: ``jobs`` queued jobs on ``store``
   (a ``postgresql://`` URL, or ``None`` for SQLite in ``folder``) claimed and ended
@@ -89,6 +90,9 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
 
     started = time.perf_counter()
     ref = SD1Reference(Path(config["model"]), threads=config["threads"])
+    dtype = torch.bfloat16 if config.get("dtype") == "bf16" else torch.float32
+    ref.unet.to(dtype)  # the text encoder stays fp32: its output is cast below
+    ref.vae.to(dtype)
     if config.get("channels_last"):
         ref.unet.to(memory_format=torch.channels_last)
         ref.vae.to(memory_format=torch.channels_last)
@@ -101,8 +105,8 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
     with torch.no_grad():
         # Warm-up (one step at 64x64 and a decode, like the engine probe).
         pipe(
-            prompt_embeds=ref.encode_ids(ids),
-            negative_prompt_embeds=ref.encode_ids(ids),
+            prompt_embeds=ref.encode_ids(ids).to(dtype),
+            negative_prompt_embeds=ref.encode_ids(ids).to(dtype),
             width=64,
             height=64,
             num_inference_steps=1,
@@ -110,7 +114,7 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
             output_type="np",
         )
         t0 = time.perf_counter()
-        cond, uncond = ref.encode_ids(ids), ref.encode_ids(ids)
+        cond, uncond = ref.encode_ids(ids).to(dtype), ref.encode_ids(ids).to(dtype)
         t1 = time.perf_counter()
         latents = pipe(
             prompt_embeds=cond,
@@ -119,7 +123,7 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
             height=size,
             num_inference_steps=steps,
             guidance_scale=7.0,
-            latents=torch_noise(SEED, (1, 4, size // 8, size // 8)),
+            latents=torch_noise(SEED, (1, 4, size // 8, size // 8)).to(dtype),
             output_type="latent",
         ).images
         t2 = time.perf_counter()

@@ -39,6 +39,7 @@ using namespace sfumato;
 constexpr int NR_BLOCK = 8;      // micro-tiles of pixels packed together
 constexpr int64_t KC_MAX = 256;  // rows of k packed at a time
 constexpr int64_t KC_MIN = 16;
+constexpr int64_t ROW_PAD = 16;
 
 struct Shape {
     int64_t ic, oc, iw, ih, kw, kh, ow, oh, n;
@@ -112,29 +113,20 @@ void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, 
     }
 }
 
-// w[oc0 .. oc0 + panels*MR, k0 .. k0+kc] into a, [panel][kc][MR], f32, zeros past oc_end.
+// w[oc0 .. oc0 + panels*MR, k0 .. k0+kc] into a as f32 rows ROW_PAD floats longer than kc
+// (rows a power of two apart would share cache sets), zeros past oc_end: a widening copy
+// of contiguous rows, which the micro-kernel reads as they are.
 void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int64_t oc_end, int64_t panels, int64_t k0,
-                  int64_t kc, float * a, float * row_f32) {
-    for (int64_t pi = 0; pi < panels; ++pi) {
-        float * panel = a + pi * kc * MR;
-        for (int r = 0; r < MR; ++r) {
-            const int64_t oc = oc0 + pi * MR + r;
-            if (oc >= oc_end) {
-                for (int64_t k = 0; k < kc; ++k) {
-                    panel[k * MR + r] = 0.0f;
-                }
-                continue;
-            }
-            const float * row;
-            if (kernel->type == GGML_TYPE_F16) {
-                f16_to_f32((const ggml_fp16_t *) kernel->data + oc * s.k + k0, row_f32, kc);
-                row = row_f32;
-            } else {
-                row = (const float *) kernel->data + oc * s.k + k0;
-            }
-            for (int64_t k = 0; k < kc; ++k) {
-                panel[k * MR + r] = row[k];
-            }
+                  int64_t kc, float * a) {
+    for (int64_t row = 0; row < panels * MR; ++row) {
+        const int64_t oc = oc0 + row;
+        float * out = a + row * (kc + ROW_PAD);
+        if (oc >= oc_end) {
+            std::memset(out, 0, sizeof(float) * kc);
+        } else if (kernel->type == GGML_TYPE_F16) {
+            f16_to_f32((const ggml_fp16_t *) kernel->data + oc * s.k + k0, out, kc);
+        } else {
+            std::memcpy(out, (const float *) kernel->data + oc * s.k + k0, sizeof(float) * kc);
         }
     }
 }
@@ -143,12 +135,14 @@ void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int6
 void output_tile(const Shape & s, const float * a, const float * b, int64_t kc, float * dst, int64_t oc, int64_t oc_end,
                  int64_t p0, bool acc) {
     const int64_t n = p0 / s.ohw, q = p0 % s.ohw;
-    if (oc + MR <= oc_end && q + NR <= s.ohw) {  // whole, in one image: straight into the output
-        micro_kernel(kc, a, b, dst + (n * s.oc + oc) * s.ohw + q, s.ohw, acc);
+    const int64_t cols = std::min<int64_t>(NR, s.p - p0);
+    if (q + cols <= s.ohw) {  // in one image: straight into the output
+        const int rows = (int) std::min<int64_t>(MR, oc_end - oc);
+        micro_kernel(kc, a, kc + ROW_PAD, b, dst + (n * s.oc + oc) * s.ohw + q, s.ohw, acc, rows, (int) cols);
         return;
     }
     alignas(64) float tile[MR * NR];
-    micro_kernel(kc, a, b, tile, NR, false);
+    micro_kernel(kc, a, kc + ROW_PAD, b, tile, NR, false);
     for (int r = 0; r < MR && oc + r < oc_end; ++r) {
         for (int j = 0; j < NR && p0 + j < s.p; ++j) {
             const int64_t p = p0 + j;
@@ -172,8 +166,8 @@ bool takes(const ggml_tensor * dst) {
 int64_t block_rows(const ggml_compute_params * params, int64_t oc_panels, int64_t k) {
     const size_t share = (params->wsize / params->nth) & ~(size_t) 63;
     for (int64_t kc = std::min(KC_MAX, k); kc >= std::min(KC_MIN, k); kc /= 2) {
-        const size_t need = aligned(sizeof(float) * oc_panels * MR * kc) + aligned(sizeof(float) * NR_BLOCK * NR * kc) +
-                            aligned(sizeof(float) * kc) + 64;
+        const size_t need =
+            aligned(sizeof(float) * oc_panels * MR * (kc + ROW_PAD)) + aligned(sizeof(float) * NR_BLOCK * NR * kc) + 64;
         if (need <= share) {
             return kc;
         }
@@ -234,8 +228,7 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
     char * base = (char *) params->wdata + ((params->wsize / nth) & ~(size_t) 63) * ith;
     base = (char *) (((uintptr_t) base + 63) & ~(uintptr_t) 63);
     float * a = (float *) base;
-    float * b = (float *) (base + aligned(sizeof(float) * n_panels * MR * kc_max));
-    float * row_f32 = (float *) ((char *) b + aligned(sizeof(float) * NR_BLOCK * NR * kc_max));
+    float * b = (float *) (base + aligned(sizeof(float) * n_panels * MR * (kc_max + ROW_PAD)));
 
     const char * src_data = (const char *) src->data;
     float * out = (float *) dst->data;
@@ -243,7 +236,7 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
     int nruns[NR_BLOCK];
     for (int64_t k0 = 0; k0 < s.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, s.k - k0);
-        pack_weights(s, kernel, oc0, oc_end, n_panels, k0, kc, a, row_f32);
+        pack_weights(s, kernel, oc0, oc_end, n_panels, k0, kc, a);
         for (int64_t tb = t0; tb < t1; tb += NR_BLOCK) {
             const int nt = (int) std::min<int64_t>(NR_BLOCK, t1 - tb);
             for (int t = 0; t < nt; ++t) {
@@ -252,7 +245,7 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
             }
             for (int64_t pi = 0; pi < n_panels; ++pi) {
                 for (int t = 0; t < nt; ++t) {
-                    output_tile(s, a + pi * kc * MR, b + t * kc * NR, kc, out, oc0 + pi * MR, oc_end, (tb + t) * NR,
+                    output_tile(s, a + pi * MR * (kc + ROW_PAD), b + t * kc * NR, kc, out, oc0 + pi * MR, oc_end, (tb + t) * NR,
                                 k0 > 0);
                 }
             }

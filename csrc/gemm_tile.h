@@ -32,6 +32,9 @@ inline vf vload(const float * p) { return _mm512_loadu_ps(p); }
 inline void vstore(float * p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+// The first n (< VL) lanes.
+inline vf vload_first(const float * p, int n) { return _mm512_maskz_loadu_ps((__mmask16) ((1u << n) - 1), p); }
+inline void vstore_first(float * p, vf v, int n) { _mm512_mask_storeu_ps(p, (__mmask16) ((1u << n) - 1), v); }
 inline void f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -52,6 +55,10 @@ inline vf vload(const float * p) { return _mm256_loadu_ps(p); }
 inline void vstore(float * p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline __m256i first_lanes(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+// The first n (< VL) lanes.
+inline vf vload_first(const float * p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+inline void vstore_first(float * p, vf v, int n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
 inline void f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -65,9 +72,15 @@ inline void f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
 
 constexpr int NR = NV * VL;  // columns per micro-tile
 
-// acc ? C += A*B : C = A*B for one MR x NR tile of C (rows ldc apart); A packed [kc][MR]
-// (broadcast), B packed [kc][NR] (vector loads); f32 products and sums, in k order.
-inline void micro_kernel(int64_t kc, const float * a, const float * b, float * c, int64_t ldc, bool acc) {
+// acc ? C += A*B : C = A*B for the first `rows` x `cols` of one MR x NR tile of C (rows
+// ldc apart; the rest is computed and dropped): A is MR rows of k (lda apart; each value
+// broadcast), B is packed [kc][NR] (vector loads); f32 products and sums, in k order.
+inline void micro_kernel(int64_t kc, const float * a, int64_t lda, const float * b, float * c, int64_t ldc, bool acc,
+                         int rows = MR, int cols = NR) {
+    const float * row[MR];
+    for (int r = 0; r < MR; ++r) {
+        row[r] = a + r * lda;
+    }
     vf s[MR][NV];
     for (int r = 0; r < MR; ++r) {
         for (int j = 0; j < NV; ++j) {
@@ -80,18 +93,22 @@ inline void micro_kernel(int64_t kc, const float * a, const float * b, float * c
             x[j] = vload(b + j * VL);
         }
         for (int r = 0; r < MR; ++r) {
-            const vf w = vset1(a[r]);
+            const vf w = vset1(row[r][k]);
             for (int j = 0; j < NV; ++j) {
                 s[r][j] = vfma(w, x[j], s[r][j]);
             }
         }
-        a += MR;
         b += NR;
     }
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < MR && r < rows; ++r) {
         for (int j = 0; j < NV; ++j) {
             float * p = c + r * ldc + j * VL;
-            vstore(p, acc ? vadd(s[r][j], vload(p)) : s[r][j]);
+            const int lanes = cols - j * VL;
+            if (lanes >= VL) {
+                vstore(p, acc ? vadd(s[r][j], vload(p)) : s[r][j]);
+            } else if (lanes > 0) {
+                vstore_first(p, acc ? vadd(s[r][j], vload_first(p, lanes)) : s[r][j], lanes);
+            }
         }
     }
 }

@@ -8,11 +8,11 @@
  * f16). Everything else goes to llamafile's own, renamed llamafile_sgemm_ggml by the
  * build (which then declines f16 x f32, and ggml converts and calls it again).
  *
- * Each thread packs its own operands into buffers of its own: a chunk of IC weight rows
- * as f32 panels of NR, then MR activation rows at a time, and runs the register tile
- * (gemm_tile.h) with weight rows along the vector lanes, so each C row is written with
- * full vectors. Threads take disjoint runs of activation rows, or of weight rows when
- * there are too few activation rows to share. */
+ * Each thread packs a chunk of IC weight rows at a time as f32 panels of NR into a buffer
+ * of its own and runs the register tile (gemm_tile.h) with weight rows along the vector
+ * lanes, so each C row is written with full vectors, and MR activation rows at a time
+ * as its broadcast operand. Threads take disjoint runs of activation rows, or of
+ * weight rows when there are fewer activation rows than weight rows to share. */
 #include "kernels.h"
 
 #include "ggml.h"
@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 extern "C" bool llamafile_sgemm_ggml(const struct ggml_compute_params * params, int64_t m, int64_t n, int64_t k,
@@ -73,37 +74,23 @@ void pack_weights(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t
     }
 }
 
-// Activation rows [j0, j0 + MR) x [k0, k0 + kc) into [kc][MR], zeros past n.
+// Activation rows [j0, j0 + MR) x [k0, k0 + kc) copied as MR rows ROW_PAD floats longer
+// than kc (rows a power of two apart in memory would share cache sets), zeros past n.
+constexpr int64_t ROW_PAD = 16;
 void pack_activations(const Gemm & g, int64_t j0, int64_t k0, int64_t kc, float * out) {
     for (int r = 0; r < MR; ++r) {
-        const int64_t j = j0 + r;
-        if (j >= g.n) {
-            for (int64_t l = 0; l < kc; ++l) {
-                out[l * MR + r] = 0.0f;
-            }
-            continue;
-        }
-        const float * src = g.b + j * g.ldb + k0;
-        for (int64_t l = 0; l < kc; ++l) {
-            out[l * MR + r] = src[l];
+        if (j0 + r < g.n) {
+            std::memcpy(out + r * (kc + ROW_PAD), g.b + (j0 + r) * g.ldb + k0, sizeof(float) * kc);
+        } else {
+            std::memset(out + r * (kc + ROW_PAD), 0, sizeof(float) * kc);
         }
     }
 }
 
-void output_tile(const Gemm & g, const float * act, const float * weights, int64_t kc, int64_t j0, int64_t i0,
-                 bool acc) {
-    if (j0 + MR <= g.n && i0 + NR <= g.m) {
-        micro_kernel(kc, act, weights, g.c + j0 * g.ldc + i0, g.ldc, acc);
-        return;
-    }
-    alignas(64) float tile[MR * NR];
-    micro_kernel(kc, act, weights, tile, NR, false);
-    for (int r = 0; r < MR && j0 + r < g.n; ++r) {
-        float * out = g.c + (j0 + r) * g.ldc + i0;
-        for (int q = 0; q < NR && i0 + q < g.m; ++q) {
-            out[q] = acc ? out[q] + tile[r * NR + q] : tile[r * NR + q];
-        }
-    }
+void output_tile(const Gemm & g, const float * act, int64_t lda, const float * weights, int64_t kc, int64_t j0,
+                 int64_t i0, bool acc) {
+    const int rows = (int) std::min<int64_t>(MR, g.n - j0), cols = (int) std::min<int64_t>(NR, g.m - i0);
+    micro_kernel(kc, act, lda, weights, g.c + j0 * g.ldc + i0, g.ldc, acc, rows, cols);
 }
 
 // Buffers of this thread, kept for the next op (ggml's threads live as long as its pool).
@@ -116,8 +103,10 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     const int ith = params->ith, nth = params->nth;
     const int64_t panels = (g.n + MR - 1) / MR;
     const int64_t tiles = (g.m + NR - 1) / NR;
+    // Threads share activation rows when there are many (each then widens all the
+    // weights), else weight rows (each widening only its own).
     int64_t p0 = 0, p1 = panels, t0 = 0, t1 = tiles;
-    if (panels >= SPLIT_ROWS * nth || tiles < nth) {
+    if ((panels >= SPLIT_ROWS * nth && g.n >= g.m) || tiles < nth) {
         p0 = panels * ith / nth;
         p1 = panels * (ith + 1) / nth;
     } else {
@@ -131,7 +120,7 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     const int64_t chunk_tiles = IC / NR;
     Scratch & s = t_scratch;
     s.weights.resize(chunk_tiles * kc_max * NR);
-    s.activations.resize(kc_max * MR);
+    s.activations.resize((kc_max + ROW_PAD) * MR);
     s.row.resize(kc_max);
     for (int64_t k0 = 0; k0 < g.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, g.k - k0);
@@ -141,8 +130,8 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
             for (int64_t p = p0; p < p1; ++p) {
                 pack_activations(g, p * MR, k0, kc, s.activations.data());
                 for (int64_t t = 0; t < nt; ++t) {
-                    output_tile(g, s.activations.data(), s.weights.data() + t * kc * NR, kc, p * MR, (tb + t) * NR,
-                                k0 > 0);
+                    output_tile(g, s.activations.data(), kc + ROW_PAD, s.weights.data() + t * kc * NR, kc, p * MR,
+                                (tb + t) * NR, k0 > 0);
                 }
             }
         }

@@ -1,0 +1,70 @@
+"""sfumato's own CPU kernels (``csrc/``) against diffusers on identical random SD 1.x
+weights: seconds per sampling step (CFG, batch 2 through the UNet), seconds per VAE
+decode and peak RSS at 256 and 512, each configuration in its own process, in one run.
+
+Rows: sfumato with its kernels on the variant its probe chooses and on each variant this
+CPU runs (``SFUMATO_CPU_VARIANT``), sfumato with ggml's own kernels
+(``SFUMATO_KERNELS=ggml``: what the engine ran before), diffusers fp32 and diffusers with
+its UNet and VAE in bf16. sfumato loads the fp32 folder as f16 weights (what a user's f16
+checkpoint gives); its kernels compute in f32. Ratios are diffusers fp32 / the row: above
+1, the row is faster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from sfumato.engine.cpu_variants import runs_here, variant_modules
+from sfumato.engine.library import load_engine
+
+from . import engines
+from .conftest import SIZES, Probe, fmt, write_result
+from .test_engine_options import engine_config, steps_for
+
+
+def test_sfumato_kernels_against_diffusers(benchmark: BenchmarkFixture, probe: Probe, sd1_fp32_folder: Path) -> None:
+    engine = load_engine()
+    modules = variant_modules({m.name: m.path for m in engine.modules})
+    variants = [name for name, path in modules.items() if runs_here(path)]
+    configs: dict[str, dict[str, Any]] = {"sfumato (probe's variant)": {}}
+    configs.update({f"sfumato {v}": {"env": {"SFUMATO_CPU_VARIANT": v}} for v in variants})
+    configs["ggml's own kernels"] = {"env": {"SFUMATO_KERNELS": "ggml"}}
+    references: dict[str, dict[str, Any]] = {"diffusers fp32": {}, "diffusers bf16": {"dtype": "bf16"}}
+    figures: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def measure_all() -> None:
+        for size in SIZES:
+            for name, changes in configs.items():
+                figures[name, size] = probe(**engine_config(sd1_fp32_folder, size, **changes))
+            for name, options in references.items():
+                config = {"kind": "diffusers", "model": str(sd1_fp32_folder), "size": size, "threads": 2}
+                figures[name, size] = probe(**config, steps=steps_for(size), **options)
+
+    benchmark.pedantic(measure_all, rounds=1, iterations=1)
+    rows: list[dict[str, object]] = []
+    for size in SIZES:
+        base = figures["diffusers fp32", size]
+        for name in [*configs, *references]:
+            f = figures[name, size]
+            variant = f" ({f['cpu_variant']})" if name.endswith("variant)") or name.startswith("ggml") else ""
+            rows.append({
+                "size": size,
+                "implementation": name + variant,
+                "s/step": fmt(f["step_s"]),
+                "VAE s": fmt(f["vae_s"]),
+                "peak RSS MB": round(f["peak_rss_mb"]),
+                "step: fp32 / row": fmt(base["step_s"] / f["step_s"]),
+                "VAE: fp32 / row": fmt(base["vae_s"] / f["vae_s"]),
+            })  # fmt: skip
+    benchmark.extra_info["figures"] = {f"{n} @ {s}": v for (n, s), v in figures.items()}
+    write_result(
+        "cpu_kernels",
+        rows,
+        f"sfumato's kernels against diffusers on {engines.cpu_description()}, ISA flags: {engines.isa_flags()}; "
+        "2 threads, SD 1.x layout on "
+        f"identical random weights; steps per run: {', '.join(f'{steps_for(s)} at {s}' for s in SIZES)}; "
+        "each row in its own process. Above 1 in the ratio columns: the row is faster than diffusers fp32.",
+    )
