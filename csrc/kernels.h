@@ -15,6 +15,10 @@ extern "C" {
 int sfumato_kernels_enabled(void);
 void sfumato_kernels_set_enabled(int enabled);
 
+/* A process-wide request to stop: every graph this module runs stops at its next
+ * operation while it is set (csrc/graph_compute.cpp). */
+void sfumato_cancel_set(int requested);
+
 /* The kernels this module carries, as "op:isa" items separated by commas (a static
  * string: safe to read on any CPU, without running the module's vector code). */
 const char * sfumato_kernels(void);

@@ -369,10 +369,9 @@ def cancel(model_id: str, *, queued: bool = False) -> int:
     jobs too). Each ends with :class:`~sfumato.errors.JobCancelledError`.
     Returns how many jobs were cancelled."""
     host = _host(model_id)
-    count = int(host.cancel_running())
-    if queued:
-        count += host.cancel_queued()
-    return count
+    # The queued jobs first: a stopped job's worker takes the next one at once.
+    count = host.cancel_queued() if queued else 0
+    return count + int(host.cancel_running())
 
 
 def loaded_models() -> list[str]:

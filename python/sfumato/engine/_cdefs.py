@@ -361,6 +361,9 @@ SFUMATO_KERNELS = """
 const char* sfumato_kernels(void);
 int sfumato_kernels_enabled(void);
 void sfumato_kernels_set_enabled(int enabled);
+/* A process-wide request that stops every graph the module runs at its next operation,
+   until it is cleared (a cancel that keeps the model loaded). */
+void sfumato_cancel_set(int requested);
 """
 
 ALL = "\n".join(

@@ -351,6 +351,32 @@ class Engine:
         sfumato's CONV_2D kernel runs them on the CPU, and no GPU device is loaded."""
         return CONV_2D in self.cpu_kernels and self.gpu_devices == 0
 
+    @cached_property
+    def _cancel_hook(self) -> Any:
+        """The CPU module's process-wide cancel request (sfumato's build), else ``None``."""
+        if not self.modules or not _is_cpu(self.modules[0].name):
+            return None
+        ffi = cffi.FFI()
+        ffi.cdef(_cdefs.SFUMATO_KERNELS)
+        module = ffi.dlopen(str(self.modules[0].path))  # the instance ggml loaded, by its path
+        try:
+            module.sfumato_cancel_set  # noqa: B018 - cffi resolves the symbol here, or raises
+        except AttributeError:
+            return None
+        return module
+
+    @property
+    def can_cancel(self) -> bool:
+        """Whether :meth:`request_cancel` stops a running generation: on the CPU backend
+        of sfumato's own build (a GPU backend runs its graphs elsewhere)."""
+        return self._cancel_hook is not None and self.gpu_devices == 0
+
+    def request_cancel(self, requested: bool = True) -> None:
+        """Stop every graph the CPU backend runs at its next operation, until called
+        with ``False``: the running generation fails, its contexts stay loaded."""
+        if self._cancel_hook is not None:
+            self._cancel_hook.sfumato_cancel_set(1 if requested else 0)
+
     def string(self, pointer: Any) -> str:
         """Decode a ``const char*`` owned by the engine (never freed here)."""
         if pointer == self.ffi.NULL:

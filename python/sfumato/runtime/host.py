@@ -27,7 +27,18 @@ from sfumato.errors import UnknownModelIdError
 from sfumato.families.detect import ModelInfo
 from sfumato.params import ModelConfig
 from sfumato.runtime.process import WorkerExitedError, WorkerProcess
-from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
+from sfumato.runtime.protocol import (
+    Accepted,
+    CancelJob,
+    ImageDone,
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    LoadSpec,
+    Ready,
+    RunJob,
+    Tick,
+)
 
 logger = logging.getLogger("sfumato.runtime")
 
@@ -37,8 +48,10 @@ REASON_CANCELLED: CancelReason = "cancelled"
 REASON_TIMEOUT: CancelReason = "timeout"
 REASON_UNLOADED: CancelReason = "unloaded"
 
-# The longest a cancel waits for the killed worker's job to be reported ended.
+# The longest a cancel waits for the stopped job to be reported ended.
 CANCEL_WAIT_S = 10.0
+# How long a worker asked to stop a job (keeping its model) may take before it is killed.
+SOFT_CANCEL_S = 5.0
 
 
 class JobEvents(Protocol):
@@ -219,7 +232,7 @@ class ModelHost:
             elif job.state == "running" and job.cancel_reason is None:
                 job.cancel_reason = reason
                 if self._worker is not None:
-                    self._worker.kill()
+                    self._stop(job, self._worker)
                 if wait:
                     self._cond.wait_for(lambda: job.state == "ended", CANCEL_WAIT_S)
                 return True
@@ -227,6 +240,28 @@ class ModelHost:
                 return False
         job.events.cancelled(reason)
         return True
+
+    def _stop(self, job: HostJob, worker: WorkerProcess) -> None:
+        """Stop ``job``'s run: ask a worker that can stop it with its model kept
+        (:attr:`Ready.soft_cancel`), and kill the worker if the job has not ended
+        :data:`SOFT_CANCEL_S` later; kill any other worker at once."""
+        if worker.ready is None or not worker.ready.soft_cancel:
+            worker.kill()
+            return
+        try:
+            worker.send(CancelJob())
+        except WorkerExitedError:
+            return  # gone already: the dispatcher reports the job
+
+        def too_late() -> None:
+            with self._cond:
+                if job.state == "running" and self._worker is worker:
+                    logger.warning("the job did not stop within %s s of its cancel; ending its worker", SOFT_CANCEL_S)
+                    worker.kill()
+
+        timer = threading.Timer(SOFT_CANCEL_S, too_late)
+        timer.daemon = True
+        timer.start()
 
     def cancel_running(self, reason: CancelReason = REASON_CANCELLED) -> bool:
         """Cancel the running job, if there is one."""
@@ -373,7 +408,10 @@ class ModelHost:
             else:
                 job.state = "ended"
                 self._cond.notify_all()
-        gone = reason is not None or isinstance(end, WorkerExitedError)
+        # A job stopped by its cancel (JobCancelled, or a job that ended anyway) leaves a
+        # worker that can take the next job; a cancel that had to kill it does not.
+        soft = worker.ready is not None and worker.ready.soft_cancel and worker.alive()
+        gone = isinstance(end, WorkerExitedError) or (reason is not None and not soft)
         if job.state == "queued":
             logger.warning("the worker of model %s died before taking a job; sending it again", self.model.model_id)
         elif reason is not None:
@@ -386,6 +424,8 @@ class ModelHost:
             job.events.failed(error)
         elif isinstance(end, JobFailed):
             job.events.failed(end.error)
+        elif isinstance(end, JobCancelled):  # only ever sent after a cancel, which set the reason
+            job.events.cancelled(REASON_CANCELLED)
         else:
             assert isinstance(end, JobDone) and self.ready is not None, end
             job.events.finished(end, self.ready)

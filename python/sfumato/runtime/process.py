@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
 
@@ -80,6 +81,7 @@ class WorkerProcess:
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
         self.ready: Ready | None = None
         self.send(spec)
 
@@ -123,8 +125,10 @@ class WorkerProcess:
         return message
 
     def send(self, message: object) -> None:
+        """Send ``message``; one sender at a time (a cancel may come from any thread)."""
         try:
-            self._conn.send(message)
+            with self._send_lock:
+                self._conn.send(message)
         except OSError:
             raise self._died() from None
 

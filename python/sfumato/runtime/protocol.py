@@ -31,14 +31,17 @@ class LoadSpec:
 @dataclass(frozen=True)
 class Ready:
     """The worker loaded its model: its pid, the engine device it runs on, the
-    load time, its resident memory after loading, and the decoder the engine
-    built (``"vae"`` or ``"taesd"``; ``None`` for an upscaler alone)."""
+    load time, its resident memory after loading, the decoder the engine built
+    (``"vae"`` or ``"taesd"``; ``None`` for an upscaler alone), and whether a
+    :class:`CancelJob` stops its jobs with the model kept loaded (on the CPU, with
+    sfumato's engine build; else a cancel ends the worker)."""
 
     pid: int
     device: str
     load_ms: float
     rss_bytes: int
     decoder: str | None = None
+    soft_cancel: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,18 @@ class RunJob:
     request: ImageRequest | None = None
     image: ImageArray | None = None
     repeats: int = 0
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """Stop the running job and keep the model (sent while a job runs, to a worker
+    whose :class:`Ready` said ``soft_cancel``; ignored when no job runs). The worker
+    ends that job with :class:`JobCancelled`."""
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    """The running job stopped on a :class:`CancelJob`; the worker takes the next one."""
 
 
 @dataclass(frozen=True)

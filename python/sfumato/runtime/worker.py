@@ -5,8 +5,10 @@ Started by :class:`sfumato.runtime.process.WorkerProcess` as
 pair. It reads a :class:`~sfumato.runtime.protocol.LoadSpec`, loads, answers
 :class:`~sfumato.runtime.protocol.Ready`, then runs one job per
 :class:`~sfumato.runtime.protocol.RunJob` until it reads ``None`` or the
-parent goes away. Engine aborts and kills end only this process; the parent
-sees the pipe close and reads the exit signal.
+parent goes away; a :class:`~sfumato.runtime.protocol.CancelJob` stops the
+running job within one graph operation on the CPU, the model kept loaded.
+Engine aborts and kills end only this process; the parent sees the pipe close
+and reads the exit signal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -26,9 +29,21 @@ import psutil
 
 from sfumato import images as imaging
 from sfumato.engine.context import DiffusionContext, UpscalerContext
+from sfumato.engine.library import Engine, load_engine
 from sfumato.engine.requests import PHASE_HIRES, PHASE_SAMPLING, PHASE_UPSCALE, PHASE_VAE, ImageArray, ProgressTick
 from sfumato.errors import EngineError, SfumatoError
-from sfumato.runtime.protocol import Accepted, ImageDone, JobDone, JobFailed, LoadSpec, Ready, RunJob, Tick
+from sfumato.runtime.protocol import (
+    Accepted,
+    CancelJob,
+    ImageDone,
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    LoadSpec,
+    Ready,
+    RunJob,
+    Tick,
+)
 
 Send = Callable[[object], None]
 
@@ -66,20 +81,23 @@ class Worker:
             self.diffusion.close()
 
     def _upscale(
-        self, picture: ImageArray, repeats: int, first: int, total: int, since: float, send: Send
+        self, picture: ImageArray, repeats: int, first: int, total: int, since: float, send: Send, inbox: _Inbox
     ) -> ImageArray:
         for r in range(repeats):
             assert self.upscaler is not None
+            if inbox.cancelled:
+                break  # between two passes: an ESRGAN pass is never stopped midway
             picture = self.upscaler.upscale(picture)
             send(Tick(ProgressTick(first + r + 1, total, _ms(since), PHASE_UPSCALE)))
         return picture
 
-    def run(self, job: RunJob, send: Send) -> JobDone:
-        """Run ``job``, sending its ticks and each image as soon as it is done."""
+    def run(self, job: RunJob, send: Send, inbox: _Inbox) -> JobDone:
+        """Run ``job``, sending its ticks and each image as soon as it is done; a
+        cancel in ``inbox`` stops it."""
         started = time.perf_counter()
         if job.request is None:
             assert job.image is not None
-            picture = self._upscale(job.image, job.repeats, 0, job.repeats, started, send)
+            picture = self._upscale(job.image, job.repeats, 0, job.repeats, started, send, inbox)
             generation_ms = _ms(started)
             png = imaging.encode_png(picture)
             send(ImageDone(0, png, picture.shape[1], picture.shape[0]))
@@ -93,6 +111,7 @@ class Worker:
         for i in range(count):
 
             def renumber(tick: ProgressTick, i: int = i) -> None:
+                inbox.abortable(True)  # past the conditioning: sampling and decoding stop cleanly
                 if tick.phase in (PHASE_SAMPLING, PHASE_HIRES):
                     step, total = i * tick.total_steps + tick.step, count * tick.total_steps
                 elif tick.phase == PHASE_VAE:
@@ -101,14 +120,19 @@ class Worker:
                     step, total = tick.step, tick.total_steps
                 send(Tick(dataclasses.replace(tick, step=step, total_steps=total)))
 
-            out = self.diffusion.generate(
-                dataclasses.replace(request, seed=request.seed + i, batch_count=1), on_tick=renumber
-            )
+            if inbox.cancelled:
+                break  # a cancel between two images of a batch: the images done are kept
+            try:
+                out = self.diffusion.generate(
+                    dataclasses.replace(request, seed=request.seed + i, batch_count=1), on_tick=renumber
+                )
+            finally:
+                inbox.abortable(False)
             post_start = time.perf_counter()
             picture = out.images[0]
             if request.mask_image is not None and request.init_image is not None:
                 picture = imaging.composite(picture, request.init_image, request.mask_image)
-            picture = self._upscale(picture, job.repeats, i * job.repeats, count * job.repeats, started, send)
+            picture = self._upscale(picture, job.repeats, i * job.repeats, count * job.repeats, started, send, inbox)
             png = imaging.encode_png(picture)
             for phase, ms in out.phase_ms.items():
                 done.phase_ms[phase] = done.phase_ms.get(phase, 0.0) + ms
@@ -131,6 +155,74 @@ def _portable(error: BaseException) -> BaseException:
     return error
 
 
+class _Inbox:
+    """The pipe from the SDK process, read on a thread of its own so that a
+    :class:`CancelJob` reaches the engine while a job runs in the main thread.
+
+    A cancel marks the running job; the engine is asked to stop (every graph stops at
+    its next operation) only while the job is past its conditioning, in sampling or
+    decoding, whose failure the engine returns from cleanly (a text encoder stopped
+    midway ends the engine's process). :meth:`job_ended` clears it all and says
+    whether the job was cancelled, atomically with respect to the reader, so a cancel
+    for a job that had already ended never stops the next.
+    """
+
+    def __init__(self, conn: Connection, engine: Engine) -> None:
+        self._conn = conn
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._running = False
+        self._cancelled = False
+        self._abortable = False
+        self._messages: queue.SimpleQueue[object] = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="sfumato-worker-inbox", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                message = None  # the parent went away
+            if isinstance(message, CancelJob):
+                with self._lock:
+                    if self._running and not self._cancelled:
+                        self._cancelled = True
+                        if self._abortable:
+                            self._engine.request_cancel()
+                continue
+            self._messages.put(message)
+            if message is None:
+                return
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the running job was cancelled (checked between images and passes)."""
+        with self._lock:
+            return self._cancelled
+
+    def abortable(self, now: bool) -> None:
+        """Say whether the engine call in progress may be stopped midway."""
+        with self._lock:
+            self._abortable = now
+            if self._cancelled:
+                self._engine.request_cancel(now)
+
+    def next_job(self) -> RunJob | None:
+        """The next job, marked running; ``None``: stop."""
+        job = self._messages.get()
+        with self._lock:
+            self._running = job is not None
+        return job  # type: ignore[return-value]
+
+    def job_ended(self) -> bool:
+        """End the running job; whether a :class:`CancelJob` stopped it."""
+        with self._lock:
+            cancelled, self._cancelled, self._running, self._abortable = self._cancelled, False, False, False
+            if cancelled:
+                self._engine.request_cancel(False)
+        return cancelled
+
+
 def serve(conn: Connection) -> None:
     """Load what the parent asks, then run its jobs until told to stop."""
     spec: LoadSpec = conn.recv()
@@ -142,22 +234,21 @@ def serve(conn: Connection) -> None:
         return
     decoder = worker.diffusion.decoder if worker.diffusion is not None else None
     device = worker.device or "unknown (the engine did not report it)"
-    conn.send(Ready(os.getpid(), device, _ms(started), psutil.Process().memory_info().rss, decoder))
+    engine = load_engine()
+    rss = psutil.Process().memory_info().rss
+    conn.send(Ready(os.getpid(), device, _ms(started), rss, decoder, soft_cancel=engine.can_cancel))
+    inbox = _Inbox(conn, engine)
     try:
-        while True:
-            try:
-                job = conn.recv()
-            except EOFError:
-                return  # the parent went away
-            if job is None:
-                return
+        while (job := inbox.next_job()) is not None:
             conn.send(Accepted())
             try:
-                result: object = worker.run(job, conn.send)
+                result: object = worker.run(job, conn.send, inbox)
             except Exception as exc:  # the job fails, the worker goes on
                 if not isinstance(exc, SfumatoError):
                     logger.exception("job failed in the worker of model %s", spec.model_id)
                 result = JobFailed(_portable(exc))
+            if inbox.job_ended():
+                result = JobCancelled()
             conn.send(result)
     finally:
         worker.close()
