@@ -44,6 +44,7 @@ CASE_ORDER = (
     "devices",
     "cpu_variants",
     "cpu_kernels",
+    "cancel",
 )
 
 

@@ -15,6 +15,10 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
   fp32, or its UNet and VAE in bf16 with ``dtype: "bf16"``) on a diffusers folder, with
   ``attention_slicing`` / ``channels_last``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
+- ``cancel``: a cancel mid-step through the SDK at ``size`` (``mode`` ``soft``: the
+  worker stops the job and keeps the model; ``kill``: the fallback that ends the worker),
+  then the next job: the cancel's latency, and the time to the next job's start and to
+  its first step (medians of ``repeats``).
 - ``queue``: the job store's claims, no engine: ``jobs`` queued jobs on ``store``
   (a ``postgresql://`` URL, or ``None`` for SQLite in ``folder``) claimed and ended
   by ``connections`` threads, each a worker with a connection of its own.
@@ -197,7 +201,44 @@ def queue(config: dict[str, Any]) -> dict[str, float]:
             "claim_p99_ms": float(np.percentile(ms, 99))}  # fmt: skip
 
 
-KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale, "queue": queue}
+def cancel(config: dict[str, Any]) -> dict[str, float]:
+    import dataclasses
+
+    import sfumato
+    from sfumato.api import _pool
+
+    model = sfumato.load_model(config["model"], model_config={"threads": config["threads"]})
+    size = config["size"]
+
+    def first_step(result: Any) -> None:
+        for tick in result.progress_stream:
+            if tick.phase == "sampling":
+                return
+
+    figures: dict[str, list[float]] = {"cancel_s": [], "to_next_start_s": [], "to_next_step_s": []}
+    for attempt in range(config.get("repeats", 2)):
+        if config["mode"] == "kill":  # the fallback: the worker says it cannot stop a job itself
+            worker = _pool.get(model)._worker
+            assert worker is not None and worker.ready is not None
+            worker.ready = dataclasses.replace(worker.ready, soft_cancel=False)
+        running = sfumato.diffusion(model, prompt=PROMPT, width=size, height=size, steps=30, seed=SEED + attempt)
+        first_step(running)
+        asked = time.perf_counter()
+        running.cancel()
+        figures["cancel_s"].append(time.perf_counter() - asked)
+        asked = time.perf_counter()
+        following = sfumato.diffusion(model, prompt=PROMPT, width=size, height=size, steps=30, seed=SEED)
+        while following.state == "queued":
+            time.sleep(0.002)
+        figures["to_next_start_s"].append(time.perf_counter() - asked)
+        first_step(following)
+        figures["to_next_step_s"].append(time.perf_counter() - asked)
+        following.cancel()
+    sfumato.unload_model(model)
+    return {name: float(np.median(values)) for name, values in figures.items()}
+
+
+KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale, "queue": queue, "cancel": cancel}
 
 
 def main() -> None:

@@ -200,6 +200,26 @@ def test_queue_full_cancel_and_events(settings: ServerSettings) -> None:
         assert states[-1] == "done" and "processing" in states
 
 
+def test_a_cancel_mid_step_at_512_keeps_the_worker_and_its_model(settings: ServerSettings) -> None:
+    with TestClient(create_app(settings)) as client:
+        wait_job(client, client.post("/txt2img", json=job_body()).json()["job_id"])  # the model is loaded
+        (before,) = sfumato.models_info()
+        job_id = client.post("/txt2img", json=job_body(width=512, height=512, steps=30)).json()["job_id"]
+        deadline = time.monotonic() + 300
+        while (status := client.get(f"/queue/{job_id}").json())["progress"] <= 0:  # in its sampling steps
+            assert status["state"] in ("pending", "processing") and time.monotonic() < deadline, status
+            time.sleep(0.05)
+        asked = time.perf_counter()
+        assert client.delete(f"/queue/{job_id}").json()["state"] == "cancelled"
+        print(f"cancel at 512 took {(time.perf_counter() - asked) * 1000:.0f} ms")
+        asked = time.perf_counter()
+        assert wait_job(client, client.post("/txt2img", json=job_body()).json()["job_id"])["state"] == "done"
+        print(f"from the cancel to the next job's end: {time.perf_counter() - asked:.2f} s")
+        # The same worker ran the next job on the model it kept: no reload, no restart.
+        (after,) = sfumato.models_info()
+        assert (after.pid, after.restarts, after.resident) == (before.pid, 0, True)
+
+
 def test_jobs_survive_a_restart_of_the_server(settings: ServerSettings) -> None:
     with TestClient(create_app(settings)) as first:
         finished = first.post("/txt2img", json=job_body(fileType="png")).json()["job_id"]

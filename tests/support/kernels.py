@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from sfumato.engine import _cdefs
 
 _F32, _F16 = 0, 1
 _GGML = "libggml.so"
+# Makes a one-op graph in a ggml context: its inputs with their arrays, and its output.
+Build = Callable[[Any, Any], tuple[list[tuple[Any, np.ndarray]], Any]]
 
 
 @dataclass(frozen=True)
@@ -144,26 +147,22 @@ class Module:
     def carried(self) -> str:
         return bytes(self.kernels_ffi.string(self.kernels.sfumato_kernels())).decode()
 
-    def conv_2d(self, x: np.ndarray, k: np.ndarray, case: ConvCase, sfumato: bool) -> np.ndarray:
-        """``ggml_conv_2d_direct`` of ``x`` with ``k`` on this module, with either kernel."""
+    def run(self, build: Build, sfumato: bool) -> np.ndarray:
+        """The output of the one-op graph ``build(ctx)`` makes (its inputs set from their
+        arrays), run with sfumato's kernels or ggml's own."""
         ffi, lib = self.ffi, self.lib
         params = ffi.new("struct ggml_init_params *")
         params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
         params.no_alloc = True
         ctx = lib.ggml_init(params[0])
         try:
-            kt = _F16 if case.weights == "f16" else _F32
-            kernel = lib.ggml_new_tensor_4d(ctx, kt, case.kw, case.kh, case.ic, case.oc)
-            image = lib.ggml_new_tensor_4d(ctx, _F32, case.w, case.h, case.ic, case.n)
-            out = lib.ggml_conv_2d_direct(ctx, kernel, image, *case.stride, *case.pad, *case.dilation)
+            inputs, out = build(lib, ctx)
             graph = lib.ggml_new_graph(ctx)
             lib.ggml_build_forward_expand(graph, out)
             buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
             try:
-                weights = np.ascontiguousarray(k.astype(np.float16 if kt == _F16 else np.float32))
-                lib.ggml_backend_tensor_set(kernel, ffi.from_buffer(weights), 0, weights.nbytes)
-                pixels = np.ascontiguousarray(x, dtype=np.float32)
-                lib.ggml_backend_tensor_set(image, ffi.from_buffer(pixels), 0, pixels.nbytes)
+                for tensor, array in inputs:
+                    lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
                 self.kernels.sfumato_kernels_set_enabled(1 if sfumato else 0)
                 if lib.ggml_backend_graph_compute(self.backend, graph) != 0:
                     raise RuntimeError("ggml_backend_graph_compute failed")
@@ -176,69 +175,52 @@ class Module:
             lib.ggml_free(ctx)
 
 
-def _mul_mat(module: Module, a: np.ndarray, b: np.ndarray, case: MatCase, sfumato: bool) -> np.ndarray:
-    """``ggml_mul_mat(a, b)`` on ``module`` with either kernel."""
-    ffi, lib = module.ffi, module.lib
-    params = ffi.new("struct ggml_init_params *")
-    params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
-    params.no_alloc = True
-    ctx = lib.ggml_init(params[0])
-    try:
-        at = _F16 if case.weights == "f16" else _F32
-        ta = lib.ggml_new_tensor_4d(ctx, at, case.k, case.m, case.batch_a, 1)
-        tb = lib.ggml_new_tensor_4d(ctx, _F32, case.k, case.n, case.batch, 1)
-        out = lib.ggml_mul_mat(ctx, ta, tb)
-        graph = lib.ggml_new_graph(ctx)
-        lib.ggml_build_forward_expand(graph, out)
-        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, module.backend)
-        try:
-            for tensor, array in ((ta, a), (tb, b)):
-                lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
-            module.kernels.sfumato_kernels_set_enabled(1 if sfumato else 0)
-            if lib.ggml_backend_graph_compute(module.backend, graph) != 0:
-                raise RuntimeError("ggml_backend_graph_compute failed")
-            result = np.empty(lib.ggml_nbytes(out) // 4, dtype=np.float32)
-            lib.ggml_backend_tensor_get(out, ffi.from_buffer(result), 0, result.nbytes)
-            return result
-        finally:
-            lib.ggml_backend_buffer_free(buffer)
-    finally:
-        lib.ggml_free(ctx)
-
-
-def check_mul_mat(module: Module, case: MatCase, seed: int = 0) -> dict[str, Any]:
-    """Both kernels' largest error against float64, relative to the output's largest magnitude."""
-    rng = np.random.default_rng(seed)
-    a = (rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k)).astype(
-        np.float16 if case.weights == "f16" else np.float32
-    )
-    b = rng.standard_normal((case.batch, case.n, case.k)).astype(np.float32)
-    reference = np.einsum("bmk,bnk->bnm", np.repeat(a.astype(np.float64), case.batch // case.batch_a, axis=0), b)
+def _errors(module: Module, build: Build, reference: np.ndarray) -> dict[str, float]:
+    """Both kernels' largest error against ``reference``, relative to its largest magnitude."""
     reference = reference.ravel()
     scale = float(np.abs(reference).max())
     errors = {}
     for side in ("sfumato", "ggml"):
-        got = _mul_mat(module, a, b, case, sfumato=side == "sfumato")
+        got = module.run(build, sfumato=side == "sfumato")
         assert got.shape == reference.shape, (got.shape, reference.shape)
-        errors[side] = float(np.abs(got - reference).max()) / scale
-    return {"case": case.name, "sfumato_error": errors["sfumato"], "ggml_error": errors["ggml"]}
+        errors[f"{side}_error"] = float(np.abs(got - reference).max()) / scale
+    return errors
 
 
 def check_conv(module: Module, case: ConvCase, seed: int = 0) -> dict[str, Any]:
-    """Both kernels' largest error against float64, relative to the output's largest magnitude."""
+    """``ggml_conv_2d_direct`` with both kernels against float64."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((case.n, case.ic, case.h, case.w)).astype(np.float32)
     k = (rng.standard_normal((case.oc, case.ic, case.kh, case.kw)) / np.sqrt(case.ic * case.kh * case.kw)).astype(
         np.float16 if case.weights == "f16" else np.float32
     )
-    reference = _reference(x, k, case).ravel()
-    scale = float(np.abs(reference).max())
-    errors = {}
-    for side in ("sfumato", "ggml"):
-        got = module.conv_2d(x, k, case, sfumato=side == "sfumato")
-        assert got.shape == reference.shape, (got.shape, reference.shape)
-        errors[side] = float(np.abs(got - reference).max()) / scale
-    return {"case": case.name, "sfumato_error": errors["sfumato"], "ggml_error": errors["ggml"]}
+
+    def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
+        kt = _F16 if case.weights == "f16" else _F32
+        kernel = lib.ggml_new_tensor_4d(ctx, kt, case.kw, case.kh, case.ic, case.oc)
+        image = lib.ggml_new_tensor_4d(ctx, _F32, case.w, case.h, case.ic, case.n)
+        out = lib.ggml_conv_2d_direct(ctx, kernel, image, *case.stride, *case.pad, *case.dilation)
+        return [(kernel, k), (image, x)], out
+
+    return {"case": case.name, **_errors(module, build, _reference(x, k, case))}
+
+
+def check_mul_mat(module: Module, case: MatCase, seed: int = 0) -> dict[str, Any]:
+    """``ggml_mul_mat`` with both kernels against float64."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k)).astype(
+        np.float16 if case.weights == "f16" else np.float32
+    )
+    b = rng.standard_normal((case.batch, case.n, case.k)).astype(np.float32)
+
+    def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
+        at = _F16 if case.weights == "f16" else _F32
+        ta = lib.ggml_new_tensor_4d(ctx, at, case.k, case.m, case.batch_a, 1)
+        tb = lib.ggml_new_tensor_4d(ctx, _F32, case.k, case.n, case.batch, 1)
+        return [(ta, a), (tb, b)], lib.ggml_mul_mat(ctx, ta, tb)
+
+    reference = np.einsum("bmk,bnk->bnm", np.repeat(a.astype(np.float64), case.batch // case.batch_a, axis=0), b)
+    return {"case": case.name, **_errors(module, build, reference)}
 
 
 def main(argv: list[str]) -> int:
