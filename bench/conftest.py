@@ -33,6 +33,7 @@ SIZES = (64, 128) if QUICK else (256, 512)
 CASE_ORDER = (
     "engine_build",
     "engine_profile",
+    "kernels_profile",
     "binding_overhead",
     "engine_options",
     "diffusers",
