@@ -69,11 +69,6 @@ class WorkerProcess:
                 # The worker logs to the inherited stderr at the level sfumato logs at here.
                 env={**os.environ, **env, LOG_LEVEL_ENV: str(logging.getLogger("sfumato").getEffectiveLevel())},
                 stdin=subprocess.DEVNULL,
-                # A session of its own: Ctrl-C in a terminal (SIGINT to the foreground
-                # process group) never reaches the worker, however early in its start-up;
-                # the SDK process decides what happens to the job. The worker still ends
-                # with its parent (the pipe closes; it watches its parent too).
-                start_new_session=True,
             )
         except BaseException:
             ours.close()

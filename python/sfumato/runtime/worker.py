@@ -272,9 +272,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m sfumato.runtime.worker FD (started by sfumato, not by hand)", file=sys.stderr)
         return 2
-    # The worker runs in a session of its own (runtime/process.py), out of reach of a
-    # terminal's Ctrl-C; a SIGINT sent to it by hand is ignored too: the SDK process
-    # decides what happens to the job.
+    # Ctrl-C in a terminal reaches the whole process group; the SDK process decides
+    # what happens to the job (it cancels it), so the worker ignores it. (It stays in
+    # its parent's group: a signal to a machine's process group, SIGSTOP or SIGKILL,
+    # reaches its workers too.) One that lands before this line ends the worker while
+    # it starts; the SDK process, interrupted too, reports and cleans up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
     level = os.environ.get("SFUMATO_WORKER_LOG_LEVEL", "")
