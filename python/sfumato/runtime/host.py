@@ -72,7 +72,7 @@ class HostJob:
     run: RunJob
     events: JobEvents
     timeout: float | None = None
-    state: str = "queued"  # queued -> running -> ended
+    state: str = "queued"  # queued -> running -> ending (being reported) -> ended
     cancel_reason: CancelReason | None = None
     resent: bool = False
 
@@ -401,18 +401,18 @@ class ModelHost:
         with self._cond:
             reason = job.cancel_reason
             resend = reason is None and not accepted and not job.resent and not self._closed
-            if resend and isinstance(end, WorkerExitedError):
+            requeued = resend and isinstance(end, WorkerExitedError)
+            if requeued:
                 job.resent = True
                 job.state = "queued"
                 self._queue.appendleft(job)
             else:
-                job.state = "ended"
-                self._cond.notify_all()
+                job.state = "ending"  # a cancel from now on is too late; one before waits for the report
         # A job stopped by its cancel (JobCancelled, or a job that ended anyway) leaves a
         # worker that can take the next job; a cancel that had to kill it does not.
         soft = worker.ready is not None and worker.ready.soft_cancel and worker.alive()
         gone = isinstance(end, WorkerExitedError) or (reason is not None and not soft)
-        if job.state == "queued":
+        if requeued:
             logger.warning("the worker of model %s died before taking a job; sending it again", self.model.model_id)
         elif reason is not None:
             # A cancel that raced the job's last message still wins: the
@@ -429,6 +429,10 @@ class ModelHost:
         else:
             assert isinstance(end, JobDone) and self.ready is not None, end
             job.events.finished(end, self.ready)
+        if not requeued:
+            with self._cond:  # reported: a waiting cancel returns with the job's final state
+                job.state = "ended"
+                self._cond.notify_all()
         if gone:
             self._drop(worker)  # after the report: reaping a large worker takes a while
         return gone
