@@ -32,7 +32,6 @@ def test_cancel_keeps_the_model(benchmark: BenchmarkFixture, probe: Probe, sd1_g
             "cancel latency ms": fmt(f["cancel_s"] * 1000, 0),
             "to the next job's start s": fmt(f["to_next_start_s"]),
             "to its first step s": fmt(f["to_next_step_s"]),
-            "peak RSS MB": round(f["peak_rss_mb"]),
         }
         for name, f in figures.items()
     ]
