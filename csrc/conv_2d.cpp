@@ -1,6 +1,6 @@
 /* CONV_2D (ggml_conv_2d_direct, the engine's conv-direct graph) as a tiled implicit GEMM.
  *
- * Takes: kernel [KW, KH, IC, OC] F16 or F32, contiguous; input [W, H, IC, N] F32 with
+ * Takes: kernel [KW, KH, IC, OC] F16, BF16 or F32, contiguous; input [W, H, IC, N] F32 with
  * unit stride along W; output [OW, OH, OC, N] F32, contiguous; any stride, padding and
  * dilation. Everything else (and every case on a module built without AVX2+FMA+F16C)
  * goes to ggml's own function, renamed ggml_compute_forward_conv_2d_ggml by the build.
@@ -9,9 +9,11 @@
  * and p = (n, oh, ow). No patch matrix is ever written whole: each thread packs a block
  * of KC rows of x for NR_BLOCK tiles of NR pixels at a time (a few hundred KB, in the
  * op's own work buffer) and the weights' KC columns for its output channels, converted
- * to f32 (f16 -> f32 is exact), then runs a register-tiled MR x NR micro-kernel over
- * them. Products and sums are f32 throughout: ggml's own CONV_2D rounds the input to the
- * kernel's type (f16) first, this kernel does not.
+ * to f32 (f16 and bf16 -> f32 are exact), then runs a register-tiled MR x NR micro-kernel
+ * over them. Products and sums are f32 throughout: ggml's own CONV_2D rounds the input to
+ * the kernel's type (f16) first, this kernel does not. In the bf16 mode (a module with
+ * AVX512-BF16, SFUMATO_PRECISION=bf16) both operands are packed as bf16 instead, and the
+ * bf16 tile sums their products in f32.
  *
  * Threads (ggml's ith/nth) take disjoint parts of the output: runs of pixel tiles, or
  * runs of output-channel panels when there are too few pixels to share; each packs its
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 extern "C" void ggml_compute_forward_conv_2d_ggml(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 
@@ -113,36 +116,62 @@ void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, 
     }
 }
 
-// w[oc0 .. oc0 + panels*MR, k0 .. k0+kc] into a as f32 rows ROW_PAD floats longer than kc
-// (rows a power of two apart would share cache sets), zeros past oc_end: a widening copy
-// of contiguous rows, which the micro-kernel reads as they are.
+// Elements of k per packed weight row: kc (even in the bf16 mode, a zero appended), then
+// ROW_PAD more (rows a power of two apart would share cache sets).
+int64_t row_len(int64_t kc, bool bf16) { return (bf16 ? (kc + 1) & ~(int64_t) 1 : kc) + ROW_PAD; }
+
+// w[oc0 .. oc0 + panels*MR, k0 .. k0+kc] into a as rows row_len(kc) apart, zeros past
+// oc_end: f32 rows (a widening copy), or bf16 rows in the bf16 mode.
 void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int64_t oc_end, int64_t panels, int64_t k0,
-                  int64_t kc, float * a) {
+                  int64_t kc, bool bf16, void * a) {
+    const int64_t len = row_len(kc, bf16);
+    const size_t esize = ggml_type_size(kernel->type);
     for (int64_t row = 0; row < panels * MR; ++row) {
         const int64_t oc = oc0 + row;
-        float * out = a + row * (kc + ROW_PAD);
-        if (oc >= oc_end) {
-            std::memset(out, 0, sizeof(float) * kc);
-        } else if (kernel->type == GGML_TYPE_F16) {
-            f16_to_f32((const ggml_fp16_t *) kernel->data + oc * s.k + k0, out, kc);
-        } else {
-            std::memcpy(out, (const float *) kernel->data + oc * s.k + k0, sizeof(float) * kc);
+        const void * src = (const char *) kernel->data + (oc * s.k + k0) * esize;
+        if (!bf16) {
+            float * out = (float *) a + row * len;
+            if (oc >= oc_end) {
+                std::memset(out, 0, sizeof(float) * kc);
+            } else {
+                widen(kernel->type, src, out, kc);
+            }
+            continue;
         }
+#if SFUMATO_BF16_TILE
+        thread_local std::vector<float> wide;
+        uint16_t * out = (uint16_t *) a + row * len;
+        if (oc >= oc_end) {
+            std::memset(out, 0, sizeof(uint16_t) * (len - ROW_PAD));
+            continue;
+        }
+        if (kernel->type == GGML_TYPE_BF16) {
+            std::memcpy(out, src, sizeof(uint16_t) * kc);
+        } else {
+            wide.resize(kc);
+            widen(kernel->type, src, wide.data(), kc);
+            f32_to_bf16(wide.data(), out, kc);
+        }
+        if (kc % 2 != 0) {
+            out[kc] = 0;
+        }
+#endif
     }
 }
 
-// The output tile (panel of MR channels from oc, NR pixels from p0): C += or = A*B.
-void output_tile(const Shape & s, const float * a, const float * b, int64_t kc, float * dst, int64_t oc, int64_t oc_end,
-                 int64_t p0, bool acc) {
+// The output tile (panel of MR channels from oc, NR pixels from p0): C += or = A*B, where
+// run(c, ldc, acc, rows, cols) computes the tile of A*B into c.
+template <typename Tile>
+void output_tile(const Shape & s, const Tile & run, float * dst, int64_t oc, int64_t oc_end, int64_t p0, bool acc) {
     const int64_t n = p0 / s.ohw, q = p0 % s.ohw;
     const int64_t cols = std::min<int64_t>(NR, s.p - p0);
     if (q + cols <= s.ohw) {  // in one image: straight into the output
         const int rows = (int) std::min<int64_t>(MR, oc_end - oc);
-        micro_kernel(kc, a, kc + ROW_PAD, b, dst + (n * s.oc + oc) * s.ohw + q, s.ohw, acc, rows, (int) cols);
+        run(dst + (n * s.oc + oc) * s.ohw + q, s.ohw, acc, rows, (int) cols);
         return;
     }
     alignas(64) float tile[MR * NR];
-    micro_kernel(kc, a, kc + ROW_PAD, b, tile, NR, false);
+    run(tile, NR, false, MR, NR);
     for (int r = 0; r < MR && oc + r < oc_end; ++r) {
         for (int j = 0; j < NR && p0 + j < s.p; ++j) {
             const int64_t p = p0 + j;
@@ -155,7 +184,8 @@ void output_tile(const Shape & s, const float * a, const float * b, int64_t kc, 
 bool takes(const ggml_tensor * dst) {
     const ggml_tensor * kernel = dst->src[0];
     const ggml_tensor * src = dst->src[1];
-    return (kernel->type == GGML_TYPE_F16 || kernel->type == GGML_TYPE_F32) && ggml_is_contiguous(kernel) &&
+    return (kernel->type == GGML_TYPE_F16 || kernel->type == GGML_TYPE_BF16 || kernel->type == GGML_TYPE_F32) &&
+           ggml_is_contiguous(kernel) &&
            src->type == GGML_TYPE_F32 && src->nb[0] == sizeof(float) && dst->type == GGML_TYPE_F32 &&
            ggml_is_contiguous(dst) && kernel->ne[2] == src->ne[2] && dst->ne[2] == kernel->ne[3] &&
            dst->ne[3] == src->ne[3];
@@ -163,12 +193,21 @@ bool takes(const ggml_tensor * dst) {
 
 // Whether the shape runs here, and the rows of k per block that fit a thread's share of
 // the work buffer (0: it does not fit; ggml's own function runs then).
-int64_t block_rows(const ggml_compute_params * params, int64_t oc_panels, int64_t k) {
+// The buffers of a thread: its packed weights, then its packed input.
+struct Buffers {
+    size_t weights, input;
+};
+Buffers buffer_bytes(int64_t oc_panels, int64_t kc, bool bf16) {
+    const size_t esize = bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t input_rows = bf16 ? (kc + 1) & ~(int64_t) 1 : kc;
+    return {aligned(esize * oc_panels * MR * row_len(kc, bf16)), aligned(esize * NR_BLOCK * NR * input_rows)};
+}
+
+int64_t block_rows(const ggml_compute_params * params, int64_t oc_panels, int64_t k, bool bf16) {
     const size_t share = (params->wsize / params->nth) & ~(size_t) 63;
     for (int64_t kc = std::min(KC_MAX, k); kc >= std::min(KC_MIN, k); kc /= 2) {
-        const size_t need =
-            aligned(sizeof(float) * oc_panels * MR * (kc + ROW_PAD)) + aligned(sizeof(float) * NR_BLOCK * NR * kc) + 64;
-        if (need <= share) {
+        const Buffers need = buffer_bytes(oc_panels, kc, bf16);
+        if (need.weights + need.input + 64 <= share) {
             return kc;
         }
     }
@@ -215,7 +254,12 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
         panel1 = panels * (ith + 1) / nth;
     }
     const int64_t my_panels = split_pixels ? panels : (panels + nth - 1) / nth;  // the largest share: same for all
-    const int64_t kc_max = block_rows(params, my_panels, s.k);
+#if SFUMATO_BF16_TILE
+    const bool bf16 = sfumato_bf16_enabled() != 0;
+#else
+    const bool bf16 = false;
+#endif
+    const int64_t kc_max = block_rows(params, my_panels, s.k, bf16);
     if (kc_max == 0) {
         return false;  // every thread decides the same from the same numbers
     }
@@ -227,8 +271,9 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
 
     char * base = (char *) params->wdata + ((params->wsize / nth) & ~(size_t) 63) * ith;
     base = (char *) (((uintptr_t) base + 63) & ~(uintptr_t) 63);
-    float * a = (float *) base;
-    float * b = (float *) (base + aligned(sizeof(float) * n_panels * MR * (kc_max + ROW_PAD)));
+    void * a = base;
+    char * b = base + buffer_bytes(n_panels, kc_max, bf16).weights;
+    thread_local std::vector<float> tile_input;  // the bf16 mode's one tile of f32 input
 
     const char * src_data = (const char *) src->data;
     float * out = (float *) dst->data;
@@ -236,17 +281,41 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
     int nruns[NR_BLOCK];
     for (int64_t k0 = 0; k0 < s.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, s.k - k0);
-        pack_weights(s, kernel, oc0, oc_end, n_panels, k0, kc, a);
+        const int64_t lda = row_len(kc, bf16);
+        pack_weights(s, kernel, oc0, oc_end, n_panels, k0, kc, bf16, a);
         for (int64_t tb = t0; tb < t1; tb += NR_BLOCK) {
             const int nt = (int) std::min<int64_t>(NR_BLOCK, t1 - tb);
             for (int t = 0; t < nt; ++t) {
                 nruns[t] = tile_runs(s, (tb + t) * NR, runs[t]);
-                pack_input(s, src_data, runs[t], nruns[t], k0, kc, b + t * kc * NR);
+                if (!bf16) {
+                    pack_input(s, src_data, runs[t], nruns[t], k0, kc, (float *) b + t * kc * NR);
+                    continue;
+                }
+#if SFUMATO_BF16_TILE
+                tile_input.resize(kc * NR);
+                pack_input(s, src_data, runs[t], nruns[t], k0, kc, tile_input.data());
+                pair_rows_bf16(tile_input.data(), kc, (uint16_t *) b + t * (lda - ROW_PAD) * NR);
+#endif
             }
             for (int64_t pi = 0; pi < n_panels; ++pi) {
                 for (int t = 0; t < nt; ++t) {
-                    output_tile(s, a + pi * MR * (kc + ROW_PAD), b + t * kc * NR, kc, out, oc0 + pi * MR, oc_end, (tb + t) * NR,
-                                k0 > 0);
+                    const int64_t oc = oc0 + pi * MR, p0 = (tb + t) * NR;
+                    if (!bf16) {
+                        const float * pa = (const float *) a + pi * MR * lda;
+                        const float * pb = (const float *) b + t * kc * NR;
+                        output_tile(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
+                            micro_kernel(kc, pa, lda, pb, c, ldc, acc, rows, cols);
+                        }, out, oc, oc_end, p0, k0 > 0);
+                        continue;
+                    }
+#if SFUMATO_BF16_TILE
+                    const int64_t kce = lda - ROW_PAD;
+                    const uint16_t * pa = (const uint16_t *) a + pi * MR * lda;
+                    const uint16_t * pb = (const uint16_t *) b + t * kce * NR;
+                    output_tile(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
+                        micro_kernel_bf16(kce, pa, lda, pb, c, ldc, acc, rows, cols);
+                    }, out, oc, oc_end, p0, k0 > 0);
+#endif
                 }
             }
         }

@@ -9,12 +9,17 @@
 #include "ggml.h"
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #define SFUMATO_GEMM_TILE 1
 #include <immintrin.h>
 #else
 #define SFUMATO_GEMM_TILE 0
+#endif
+
+#if !SFUMATO_GEMM_TILE
+#define SFUMATO_BF16_TILE 0
 #endif
 
 #if SFUMATO_GEMM_TILE
@@ -72,6 +77,41 @@ inline void f16_to_f32(const ggml_fp16_t * src, float * dst, int64_t n) {
 
 constexpr int NR = NV * VL;  // columns per micro-tile
 
+// bf16 to f32, exactly (bf16 is the upper half of an f32).
+inline void bf16_to_f32(const ggml_bf16_t * src, float * dst, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t bits = (uint32_t) src[i].bits << 16;
+        std::memcpy(dst + i, &bits, sizeof(float));
+    }
+}
+
+// n values of a row of an F16, BF16 or F32 tensor as f32 (exact).
+inline void widen(ggml_type type, const void * src, float * dst, int64_t n) {
+    if (type == GGML_TYPE_F16) {
+        f16_to_f32((const ggml_fp16_t *) src, dst, n);
+    } else if (type == GGML_TYPE_BF16) {
+        bf16_to_f32((const ggml_bf16_t *) src, dst, n);
+    } else {
+        std::memcpy(dst, src, sizeof(float) * n);
+    }
+}
+
+// The first `rows` x `cols` of an MR x NR tile of sums s into C (rows ldc apart): C = s,
+// or C += s when acc.
+inline void store_tile(vf (&s)[MR][NV], float * c, int64_t ldc, bool acc, int rows, int cols) {
+    for (int r = 0; r < MR && r < rows; ++r) {
+        for (int j = 0; j < NV; ++j) {
+            float * p = c + r * ldc + j * VL;
+            const int lanes = cols - j * VL;
+            if (lanes >= VL) {
+                vstore(p, acc ? vadd(s[r][j], vload(p)) : s[r][j]);
+            } else if (lanes > 0) {
+                vstore_first(p, acc ? vadd(s[r][j], vload_first(p, lanes)) : s[r][j], lanes);
+            }
+        }
+    }
+}
+
 // acc ? C += A*B : C = A*B for the first `rows` x `cols` of one MR x NR tile of C (rows
 // ldc apart; the rest is computed and dropped): A is MR rows of k (lda apart; each value
 // broadcast), B is packed [kc][NR] (vector loads); f32 products and sums, in k order.
@@ -100,20 +140,78 @@ inline void micro_kernel(int64_t kc, const float * a, int64_t lda, const float *
         }
         b += NR;
     }
-    for (int r = 0; r < MR && r < rows; ++r) {
-        for (int j = 0; j < NV; ++j) {
-            float * p = c + r * ldc + j * VL;
-            const int lanes = cols - j * VL;
-            if (lanes >= VL) {
-                vstore(p, acc ? vadd(s[r][j], vload(p)) : s[r][j]);
-            } else if (lanes > 0) {
-                vstore_first(p, acc ? vadd(s[r][j], vload_first(p, lanes)) : s[r][j], lanes);
-            }
-        }
-    }
+    store_tile(s, c, ldc, acc, rows, cols);
 }
 
 inline size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t) 63; }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* The bf16 mode (SFUMATO_PRECISION=bf16): the same tile with both operands rounded to
+ * bf16 (to nearest, ties to even) and multiplied by pairs with AVX512-BF16's VDPBF16PS,
+ * which adds each pair's exact products into f32 sums. A is MR rows of bf16 (lda
+ * apart; k and k+1 broadcast together as one 32-bit value), B is packed [kc/2][NR][2]
+ * (the pairs of each column side by side); kc is even (packing pads with a zero). */
+#define SFUMATO_BF16_TILE 1
+
+inline void micro_kernel_bf16(int64_t kc, const uint16_t * a, int64_t lda, const uint16_t * b, float * c, int64_t ldc,
+                              bool acc, int rows = MR, int cols = NR) {
+    const uint16_t * row[MR];
+    for (int r = 0; r < MR; ++r) {
+        row[r] = a + r * lda;
+    }
+    vf s[MR][NV];
+    for (int r = 0; r < MR; ++r) {
+        for (int j = 0; j < NV; ++j) {
+            s[r][j] = vzero();
+        }
+    }
+    for (int64_t k = 0; k < kc; k += 2) {
+        __m512bh x[NV];
+        for (int j = 0; j < NV; ++j) {
+            x[j] = (__m512bh) _mm512_loadu_si512(b + j * 2 * VL);
+        }
+        for (int r = 0; r < MR; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, row[r] + k, sizeof(pair));
+            const __m512bh w = (__m512bh) _mm512_set1_epi32(pair);
+            for (int j = 0; j < NV; ++j) {
+                s[r][j] = _mm512_dpbf16_ps(s[r][j], w, x[j]);
+            }
+        }
+        b += 2 * NR;
+    }
+    store_tile(s, c, ldc, acc, rows, cols);
+}
+
+// n f32 values to bf16, rounded to nearest (ties to even).
+inline void f32_to_bf16(const float * src, uint16_t * dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        _mm256_storeu_si256((__m256i *) (dst + i), (__m256i) _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+    }
+    if (i < n) {
+        const __mmask16 m = (__mmask16) ((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(dst + i, m, (__m256i) _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i)));
+    }
+}
+
+// B packed [kc][NR] f32 into [kc/2][NR][2] bf16 (kc rounded up to even: a zero row).
+inline void pair_rows_bf16(const float * b, int64_t kc, uint16_t * out) {
+    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_load_si512(order);
+    for (int64_t k = 0; k < kc; k += 2, b += 2 * NR, out += 2 * NR) {
+        for (int j = 0; j < NV; ++j) {
+            const vf lo = vload(b + j * VL);
+            const vf hi = k + 1 < kc ? vload(b + NR + j * VL) : vzero();
+            const __m512i both = (__m512i) _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 values, then hi's
+            _mm512_storeu_si512(out + j * 2 * VL, _mm512_permutexvar_epi16(idx, both));
+        }
+    }
+}
+#else
+#define SFUMATO_BF16_TILE 0
+#endif
 
 }  // namespace sfumato
 

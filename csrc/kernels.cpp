@@ -2,19 +2,27 @@
  * prints (csrc/kernels.h). */
 #include "kernels.h"
 
+#include "gemm_tile.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 
 namespace {
 std::atomic<int> g_enabled{-1};  // -1: SFUMATO_KERNELS not read yet
+std::atomic<int> g_bf16{-1};     // -1: SFUMATO_PRECISION not read yet
+
+// 1 when the variable `name` is set to `value`.
+int env_is(const char * name, const char * value) {
+    const char * set = std::getenv(name);
+    return set != nullptr && std::strcmp(set, value) == 0 ? 1 : 0;
+}
 }  // namespace
 
 extern "C" int sfumato_kernels_enabled(void) {
     int enabled = g_enabled.load(std::memory_order_relaxed);
     if (enabled < 0) {
-        const char * choice = std::getenv("SFUMATO_KERNELS");
-        enabled = (choice != nullptr && std::strcmp(choice, "ggml") == 0) ? 0 : 1;
+        enabled = 1 - env_is("SFUMATO_KERNELS", "ggml");
         g_enabled.store(enabled, std::memory_order_relaxed);
     }
     return enabled;
@@ -24,8 +32,23 @@ extern "C" void sfumato_kernels_set_enabled(int enabled) {
     g_enabled.store(enabled ? 1 : 0, std::memory_order_relaxed);
 }
 
+extern "C" int sfumato_bf16_enabled(void) {
+    int enabled = g_bf16.load(std::memory_order_relaxed);
+    if (enabled < 0) {
+        enabled = env_is("SFUMATO_PRECISION", "bf16");
+        g_bf16.store(enabled, std::memory_order_relaxed);
+    }
+    return enabled;
+}
+
+extern "C" void sfumato_bf16_set_enabled(int enabled) {
+    g_bf16.store(enabled ? 1 : 0, std::memory_order_relaxed);
+}
+
 extern "C" const char * sfumato_kernels(void) {
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if SFUMATO_BF16_TILE
+    return "conv_2d:" SFUMATO_KERNEL_ISA "+bf16,mul_mat:" SFUMATO_KERNEL_ISA "+bf16";
+#elif SFUMATO_GEMM_TILE
     return "conv_2d:" SFUMATO_KERNEL_ISA ",mul_mat:" SFUMATO_KERNEL_ISA;
 #else
     return "";

@@ -15,11 +15,18 @@ extern "C" {
 int sfumato_kernels_enabled(void);
 void sfumato_kernels_set_enabled(int enabled);
 
+/* Whether the bf16 mode is on (1): products of bf16-rounded operands, summed in f32, in
+ * the modules whose kernels carry it (SFUMATO_BF16_TILE). Read once from
+ * SFUMATO_PRECISION ("bf16" turns it on; "exact", the default, off), then settable. */
+int sfumato_bf16_enabled(void);
+void sfumato_bf16_set_enabled(int enabled);
+
 /* A process-wide request to stop: every graph this module runs stops at its next
  * operation while it is set (csrc/graph_compute.cpp). */
 void sfumato_cancel_set(int requested);
 
-/* The kernels this module carries, as "op:isa" items separated by commas (a static
+/* The kernels this module carries, as "op:isa" items separated by commas ("+bf16" after
+ * the isa where the op has the bf16 mode too) (a static
  * string: safe to read on any CPU, without running the module's vector code). */
 const char * sfumato_kernels(void);
 

@@ -1,11 +1,12 @@
 /* MUL_MAT's GEMM: llamafile_sgemm, the entry ggml's mul_mat offers a whole matrix product
  * to before it converts the activations to the weights' type.
  *
- * Takes: A (the weights, src0) F16 or F32, B (the activations, src1) F32, C F32, rows of
- * each contiguous in k:  C[j*ldc + i] = sum_l A[i*lda + l] * B[j*ldb + l]  for i < m,
- * j < n. Products and sums are f32, f16 weights widened exactly: the activations are
- * never rounded to f16 (ggml's own path converts them to f16 first, then multiplies in
- * f16). Everything else goes to llamafile's own, renamed llamafile_sgemm_ggml by the
+ * Takes: A (the weights, src0) F16, BF16 or F32, B (the activations, src1) F32, C F32,
+ * rows of each contiguous in k:  C[j*ldc + i] = sum_l A[i*lda + l] * B[j*ldb + l]  for
+ * i < m, j < n. Products and sums are f32, f16 and bf16 weights widened exactly: the
+ * activations are never rounded to f16 (ggml's own path converts them to the weights'
+ * type first). In the bf16 mode (SFUMATO_PRECISION=bf16, a module with AVX512-BF16) both
+ * operands are rounded to bf16 as they are packed, and the bf16 tile sums in f32. Everything else goes to llamafile's own, renamed llamafile_sgemm_ggml by the
  * build (which then declines f16 x f32, and ggml converts and calls it again).
  *
  * Each thread packs a chunk of IC weight rows at a time as f32 panels of NR into a buffer
@@ -43,7 +44,7 @@ constexpr int64_t SPLIT_ROWS = 4;     // activation panels per thread, at least,
 struct Gemm {
     int64_t m, n, k, lda, ldb, ldc;
     const void * a;
-    bool a_f16;
+    ggml_type a_type;
     const float * b;
     float * c;
 };
@@ -60,12 +61,11 @@ void pack_weights(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t
                 }
                 continue;
             }
-            const float * src;
-            if (g.a_f16) {
-                f16_to_f32((const ggml_fp16_t *) g.a + i * g.lda + k0, row, kc);
-                src = row;
-            } else {
+            const float * src = row;
+            if (g.a_type == GGML_TYPE_F32) {
                 src = (const float *) g.a + i * g.lda + k0;
+            } else {
+                widen(g.a_type, (const char *) g.a + (i * g.lda + k0) * ggml_type_size(g.a_type), row, kc);
             }
             for (int64_t l = 0; l < kc; ++l) {
                 panel[l * NR + r] = src[l];
@@ -96,8 +96,40 @@ void output_tile(const Gemm & g, const float * act, int64_t lda, const float * w
 // Buffers of this thread, kept for the next op (ggml's threads live as long as its pool).
 struct Scratch {
     std::vector<float> weights, activations, row;
+    std::vector<uint16_t> weights_bf16, activations_bf16;  // the bf16 mode's operands
 };
 thread_local Scratch t_scratch;
+
+#if SFUMATO_BF16_TILE
+// The bf16 mode's products for activation panels [p0, p1) and the chunk's nt weight tiles
+// from tb, packed as f32 in s.weights: both rounded to bf16 and paired along k.
+void bf16_panels(const Gemm & g, int64_t p0, int64_t p1, int64_t tb, int64_t nt, int64_t k0, int64_t kc, Scratch & s) {
+    const int64_t kce = (kc + 1) & ~(int64_t) 1, lda = kce + ROW_PAD;
+    for (int64_t t = 0; t < nt; ++t) {
+        pair_rows_bf16(s.weights.data() + t * kc * NR, kc, s.weights_bf16.data() + t * kce * NR);
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t j0 = p * MR;
+        for (int r = 0; r < MR; ++r) {
+            uint16_t * out = s.activations_bf16.data() + r * lda;
+            if (j0 + r < g.n) {
+                f32_to_bf16(g.b + (j0 + r) * g.ldb + k0, out, kc);
+                if (kc < kce) {
+                    out[kc] = 0;
+                }
+            } else {
+                std::memset(out, 0, sizeof(uint16_t) * kce);
+            }
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+            const int64_t i0 = (tb + t) * NR;
+            const int rows = (int) std::min<int64_t>(MR, g.n - j0), cols = (int) std::min<int64_t>(NR, g.m - i0);
+            micro_kernel_bf16(kce, s.activations_bf16.data(), lda, s.weights_bf16.data() + t * kce * NR,
+                              g.c + j0 * g.ldc + i0, g.ldc, k0 > 0, rows, cols);
+        }
+    }
+}
+#endif
 
 void gemm(const ggml_compute_params * params, const Gemm & g) {
     const int ith = params->ith, nth = params->nth;
@@ -122,11 +154,27 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     s.weights.resize(chunk_tiles * kc_max * NR);
     s.activations.resize((kc_max + ROW_PAD) * MR);
     s.row.resize(kc_max);
+#if SFUMATO_BF16_TILE
+    const bool bf16 = sfumato_bf16_enabled() != 0;
+    const int64_t kce_max = (kc_max + 1) & ~(int64_t) 1;  // k rounded up to pairs
+    if (bf16) {
+        s.weights_bf16.resize(chunk_tiles * kce_max * NR);
+        s.activations_bf16.resize((kce_max + ROW_PAD) * MR);
+    }
+#else
+    const bool bf16 = false;
+#endif
     for (int64_t k0 = 0; k0 < g.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, g.k - k0);
         for (int64_t tb = t0; tb < t1; tb += chunk_tiles) {
             const int64_t nt = std::min(chunk_tiles, t1 - tb);
             pack_weights(g, tb * NR, nt, k0, kc, s.weights.data(), s.row.data());
+            if (bf16) {
+#if SFUMATO_BF16_TILE
+                bf16_panels(g, p0, p1, tb, nt, k0, kc, s);
+#endif
+                continue;
+            }
             for (int64_t p = p0; p < p1; ++p) {
                 pack_activations(g, p * MR, k0, kc, s.activations.data());
                 for (int64_t t = 0; t < nt; ++t) {
@@ -146,9 +194,10 @@ extern "C" bool llamafile_sgemm(const struct ggml_compute_params * params, int64
                                 const void * A, int64_t lda, const void * B, int64_t ldb, void * C, int64_t ldc,
                                 int Atype, int Btype, int Ctype) {
 #if SFUMATO_GEMM_TILE
-    if (!params->use_ref && sfumato_kernels_enabled() && (Atype == GGML_TYPE_F16 || Atype == GGML_TYPE_F32) &&
+    if (!params->use_ref && sfumato_kernels_enabled() &&
+        (Atype == GGML_TYPE_F16 || Atype == GGML_TYPE_BF16 || Atype == GGML_TYPE_F32) &&
         Btype == GGML_TYPE_F32 && Ctype == GGML_TYPE_F32 && m > 0 && n > 0 && k > 0) {
-        gemm(params, Gemm{m, n, k, lda, ldb, ldc, A, Atype == GGML_TYPE_F16, (const float *) B, (float *) C});
+        gemm(params, Gemm{m, n, k, lda, ldb, ldc, A, (ggml_type) Atype, (const float *) B, (float *) C});
         return true;
     }
 #endif

@@ -119,11 +119,11 @@ def unload(model_id):
 
 def sdk_script(script: str, tmp_path: Path, env: Mapping[str, str], **args: Any) -> tuple[Any, str]:
     """Run an SDK ``script`` in a process of its own, with ``env`` over this one's
-    (``SFUMATO_BACKENDS``, ``GGML_VK_VISIBLE_DEVICES`` and ``SFUMATO_CPU_VARIANT`` from
-    ``env`` only). The script sees ``args`` (with ``out``: ``tmp_path``), ``status`` and
+    (``SFUMATO_BACKENDS``, ``GGML_VK_VISIBLE_DEVICES``, ``SFUMATO_CPU_VARIANT`` and
+    ``SFUMATO_PRECISION`` from ``env`` only). The script sees ``args`` (with ``out``: ``tmp_path``), ``status`` and
     ``unload``; its workers log to stderr. Returns the JSON it prints last and its stderr
     (the engines' log)."""
-    unset = ("SFUMATO_BACKENDS", "GGML_VK_VISIBLE_DEVICES", "SFUMATO_CPU_VARIANT")
+    unset = ("SFUMATO_BACKENDS", "GGML_VK_VISIBLE_DEVICES", "SFUMATO_CPU_VARIANT", "SFUMATO_PRECISION")
     environ = {k: v for k, v in os.environ.items() if k not in unset}
     environ.update(env)
     done = subprocess.run(

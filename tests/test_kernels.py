@@ -6,11 +6,16 @@ with ggml's, on the same inputs; both are measured against the operation in floa
 The haswell module also runs under ``qemu-x86_64 -cpu Haswell`` (AVX2, no AVX-512),
 single ops on small tensors, one thread.
 
-Tolerances: sfumato's CONV_2D and MUL_MAT multiply and sum in f32 (f16 weights are
-widened exactly), so they must land within 1e-5 of float64, relative to the output's
+Tolerances: sfumato's CONV_2D and MUL_MAT multiply and sum in f32 (f16 and bf16 weights
+are widened exactly), so they must land within 1e-5 of float64, relative to the output's
 largest magnitude; ggml's own round the input (the activations) to f16 first wherever
 the weights are f16, which shows as errors of about 2e-4, and sfumato's must be the
 smaller there.
+
+The bf16 mode (the variants with AVX512-BF16): its products are exact and its sums f32,
+so it must land within 1e-5 of float64 over the operands rounded to bf16 (to nearest,
+ties to even, as numpy computes it here), and its distance from the unrounded float64
+must be what rounding 8-bit mantissas gives: 1e-4 to 1e-2 of the output's magnitude.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sfumato.engine.cpu_variants import runs_here, variant_modules
+import pytest
+
+from sfumato.engine.cpu_variants import BF16_FLAGS, bf16_variants, cpu_identity, runs_here, variant_modules
 from sfumato.engine.kernels import module_kernels
 from sfumato.engine.library import backend_modules, locate_library
+from sfumato.errors import InvalidParameterError
 from tests.support.kernels import CONV_CASES, MAT_CASES
 
 from .helpers import ROOT
 
 EXACT = 1e-5
+BF16_ROUNDING = (1e-4, 1e-2)  # bf16's 8-bit mantissas move a product's operands by up to 2^-9
 F16_INPUT_ROUNDING = 5e-5  # ggml's own CONV_2D is at least this far off: it rounds the input to f16
 
 
@@ -57,7 +66,7 @@ def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
 def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
     variants = _variants()
     assert variants, "sfumato's build ships CPU variant modules"
-    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512"}
+    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512+bf16"}
     for name, path in variants.items():
         assert module_kernels(path) == {"conv_2d": isa[name], "mul_mat": isa[name]}, name
 
@@ -72,6 +81,24 @@ def test_conv_2d_and_mul_mat_against_ggml_and_float64_on_every_variant_this_cpu_
         carried, results = _check([sys.executable, "-m", "tests.support.kernels", str(module), "2"], timeout=300)
         assert carried.startswith("conv_2d:"), name
         _assert_exact(results, len(CONV_CASES) + len(MAT_CASES))
+
+
+def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_refusal() -> None:
+    runnable = {name: path for name, path in _variants().items() if runs_here(path)}
+    model, flags = cpu_identity()
+    if not set(BF16_FLAGS) & set(flags.split()):
+        with pytest.raises(InvalidParameterError, match="'bf16' needs a CPU with AVX512-BF16 or AMX-BF16"):
+            bf16_variants(runnable, "model_config.precision")
+        return
+    carriers = bf16_variants(runnable, "model_config.precision")
+    print(f"{model}: variants with the bf16 mode: {sorted(carriers)}")
+    for name, module in carriers.items():
+        command = [sys.executable, "-m", "tests.support.kernels", str(module), "2", "--bf16"]
+        _, results = _check(command, timeout=300)
+        assert len(results) == len(CONV_CASES) + len(MAT_CASES), name
+        for r in results:
+            assert r["bf16_error"] <= EXACT, r
+            assert BF16_ROUNDING[0] <= r["bf16_vs_exact"] <= BF16_ROUNDING[1], r
 
 
 # Under emulation every instruction costs tens of native ones: the smaller cases only.

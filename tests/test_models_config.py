@@ -162,15 +162,20 @@ def test_a_configs_models_carry_their_files_and_defaults(family_folder: Path) ->
     assert found["flux1-dev"].encoder_files() == {"clip_l.safetensors", "t5xxl.safetensors"}
 
 
-def test_a_models_device_and_cpu_variant_are_its_model_config_keys(family_folder: Path) -> None:
+def test_a_models_device_cpu_variant_and_precision_are_its_model_config_keys(family_folder: Path) -> None:
     config = family_folder / "devices.toml"
     config.write_text('[models.on-vulkan]\nfile = "tiny-sd1.gguf"\ndevice = "Vulkan0"\ncpu_variant = "haswell"\n'
+                      '[models.bf16]\nfile = "tiny-sd1.gguf"\nprecision = "bf16"\n'
                       '[models.anywhere]\nfile = "tiny-sd1.gguf"\n')  # fmt: skip
     found = read_models_config(config, **LIMITS)
     assert found["on-vulkan"].load_config()["device"] == "Vulkan0"
     assert found["on-vulkan"].load_config()["cpu_variant"] == "haswell"
-    # The server's --device applies, and the probe's CPU variant.
-    assert not {"device", "cpu_variant"} & set(found["anywhere"].load_config())
+    assert found["bf16"].load_config()["precision"] == "bf16"
+    # The server's --device and --precision apply, and the probe's CPU variant.
+    assert not {"device", "cpu_variant", "precision"} & set(found["anywhere"].load_config())
+    config.write_text('[models.half]\nfile = "tiny-sd1.gguf"\nprecision = "fp16"\n')
+    with pytest.raises(ModelsConfigError, match=r"models\.half.*precision.*must be one of \['exact', 'bf16'\]"):
+        read_models_config(config, **LIMITS)
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,9 @@ from PIL import Image
 
 from sfumato import images as imaging
 from sfumato.chain import RefinerPlan, run_with_refiner
-from sfumato.engine.cpu_variants import ENV_CPU_VARIANT, check_variant, variant_modules
-from sfumato.engine.devices import check_device, device_env
+from sfumato.engine.cpu_variants import ENV_CPU_VARIANT, bf16_variants, check_variant, variant_modules
+from sfumato.engine.devices import Device, check_device, device_env
+from sfumato.engine.kernels import ENV_PRECISION
 from sfumato.engine.library import load_engine
 from sfumato.engine.requests import (
     PHASE_CONDITIONING,
@@ -195,6 +196,28 @@ def _embeddings(config: ModelConfig, info: ModelInfo) -> tuple[dict[str, Embeddi
     return sort_out(*scan_embeddings(config.embedding_dir), info.family)
 
 
+def check_precision(precision: str, device: Device, variants: dict[str, Path], cpu_variant: str | None) -> None:
+    """Refuse ``model_config.precision='bf16'`` where it cannot run: a GPU device, a CPU
+    without AVX512-BF16 or AMX-BF16, or a named CPU variant without the bf16 kernels.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming ``model_config.precision`` (or ``model_config.cpu_variant``) and why.
+    """
+    if precision != "bf16":
+        return
+    if device.type != "cpu":
+        raise InvalidParameterError(
+            "model_config.precision", f"'bf16' is a mode of sfumato's CPU kernels, and this model runs on {device.name}"
+        )
+    carriers = bf16_variants(variants, "model_config.precision")
+    if cpu_variant is not None and cpu_variant not in carriers:
+        raise InvalidParameterError(
+            "model_config.cpu_variant", f"{cpu_variant!r} has no bf16 kernels; precision 'bf16' runs {sorted(carriers)}"
+        )
+
+
 def weight_bytes(file_bytes: int, weight_type: str | None) -> int:
     """A model's weights in memory: its files' size, scaled by ``weight_type``'s bits
     per weight (gguf's block sizes) over 16 when it is converted at load (releases are
@@ -247,9 +270,12 @@ def load_model(
         raise InvalidParameterError("model_type", f"must be 'diffusion', got {model_type!r}")
     config = parse_model_config(model_config)
     device = check_device(config.device)
-    cpu_variant = check_variant(
-        config.cpu_variant, variant_modules({m.name: m.path for m in load_engine().modules}), "model_config.cpu_variant"
-    )
+    variants = variant_modules({m.name: m.path for m in load_engine().modules})
+    cpu_variant = check_variant(config.cpu_variant, variants, "model_config.cpu_variant")
+    weight_type = config.weight_type
+    check_precision(config.precision, device, variants, cpu_variant)
+    if config.precision == "bf16":
+        weight_type = weight_type or "bf16"
     report = on_progress or (lambda _p: None)
     path, registered = resolve_source(model_src, "model_src", lambda pct: report(LoadProgress(pct, "download")))
     report(LoadProgress(0.0, "load"))
@@ -294,7 +320,7 @@ def load_model(
             control_net_path=named.get("control_net"),
             embeddings=tuple((e.name, str(e.path)) for e in embeddings.values()),
             n_threads=threads,
-            wtype=config.weight_type,
+            wtype=weight_type,
             prediction=prediction,
             flash_attn=config.flash_attn,
             diffusion_flash_attn=config.flash_attn,
@@ -316,6 +342,7 @@ def load_model(
     env = device_env(device)
     if cpu_variant is not None:
         env[ENV_CPU_VARIANT] = cpu_variant
+    env[ENV_PRECISION] = config.precision
     model = LoadedModel(
         model_id=spec.model_id,
         info=info,
@@ -327,7 +354,7 @@ def load_model(
         device=device.name,
         device_bytes=device.memory_total,
         weight_bytes=weight_bytes(
-            sum(_file_bytes(p) for p in {path, upscaler_path, *companions.values()}), config.weight_type
+            sum(_file_bytes(p) for p in {path, upscaler_path, *companions.values()}), weight_type
         ),
     )
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.kernels import PRECISIONS
 from sfumato.engine.requests import PREVIEW_MODES
 from sfumato.errors import JobCancelledError, SfumatoError
 from sfumato.families.companions import ROLES
@@ -79,6 +80,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--weight-type", choices=WEIGHT_TYPE_NAMES, default=_M.weight_type, help="convert weights at load"
     )
+    group.add_argument(
+        "--precision", choices=PRECISIONS, default=_M.precision,
+        help="CPU arithmetic: exact (f32) or bf16 (CPUs with AVX512-BF16 or AMX; weights converted to bf16)",
+    )  # fmt: skip
     group.add_argument("--prediction", choices=list(PREDICTION_NAMES), default=_M.prediction)
     group.add_argument("--vae", dest="vae_model_src", default=_M.vae_model_src, help="a separate VAE file")
     group.add_argument(
@@ -300,13 +305,18 @@ def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) ->
         help="the device models run on: auto, cpu, gpu or an engine device name such as Vulkan0 "
         f"(default: {defaults.device}; a models config may set one per model)",
     )  # fmt: skip
+    command.add_argument(
+        "--precision", choices=PRECISIONS, default=defaults.precision,
+        help="the CPU kernels' arithmetic: exact (f32, the default) or bf16 (CPUs with AVX512-BF16 or AMX-BF16; "
+        "a models config may set it per model)",
+    )  # fmt: skip
 
 
 def _model_config(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "mode": mode, "device": args.device, "cpu_variant": args.cpu_variant, "threads": args.threads,
         "flash_attn": args.flash_attn,
-        "conv_direct": args.conv_direct, "rng": args.rng, "weight_type": args.weight_type,
+        "conv_direct": args.conv_direct, "rng": args.rng, "weight_type": args.weight_type, "precision": args.precision,
         "prediction": args.prediction, "offload_to_cpu": args.offload_to_cpu,
         "keep_clip_on_cpu": args.keep_clip_on_cpu, "keep_vae_on_cpu": args.keep_vae_on_cpu,
         "max_vram": args.max_vram,
@@ -478,7 +488,7 @@ def _settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
         models_dir=args.models, loras_dir=args.loras, upscalers_dir=args.upscalers, embeddings_dir=args.embeddings,
         controlnets_dir=args.controlnets, vaes_dir=args.vaes, data_dir=args.data, models_config=args.config,
         store=args.store or os.environ.get("SFUMATO_STORE"), lease_s=args.lease, threads=args.threads,
-        jobs_per_device=args.jobs_per_device, device=args.device, **more,
+        jobs_per_device=args.jobs_per_device, device=args.device, precision=args.precision, **more,
     )  # fmt: skip
 
 

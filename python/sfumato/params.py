@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.kernels import PRECISIONS
 from sfumato.engine.library import SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
 from sfumato.engine.requests import PREVIEW_MODES, RNG_TYPES
 from sfumato.errors import InvalidParameterError
@@ -388,7 +389,13 @@ class ModelConfig:
         CUDA device draws for the same seed, ``"cpu"`` what a seeded torch CPU
         generator draws (diffusers on CPU), ``"std_default"`` the C++ library's own.
     weight_type:
-        Convert weights to this type at load (``None`` keeps the file's types).
+        Convert weights to this type at load (``None`` keeps the file's types, or
+        converts them to bf16 where ``precision`` is ``"bf16"``).
+    precision:
+        The CPU kernels' arithmetic: ``"exact"`` (the default) multiplies and sums in
+        f32; ``"bf16"`` rounds each product's operands to bf16 and sums in f32, as
+        PyTorch's bf16 does, with the weights converted to bf16 once at load. ``"bf16"``
+        needs a CPU with AVX512-BF16 or AMX-BF16 and a CPU device; it is refused elsewhere.
     prediction:
         ``"auto"`` (detect) or one of :data:`PREDICTION_NAMES`.
     vae_model_src, clip_l_model_src, clip_g_model_src, t5xxl_model_src, llm_model_src:
@@ -426,6 +433,7 @@ class ModelConfig:
     conv_direct: bool = False
     rng: str = "cuda"
     weight_type: str | None = None
+    precision: str = "exact"
     prediction: str = "auto"
     vae_model_src: Any = None
     clip_l_model_src: Any = None
@@ -477,6 +485,7 @@ def parse_model_config(raw: ModelConfig | Mapping[str, Any] | None) -> ModelConf
     check_choice("model_config.rng", config.rng, RNG_NAMES)
     if config.weight_type is not None:
         check_choice("model_config.weight_type", config.weight_type, WEIGHT_TYPE_NAMES)
+    check_choice("model_config.precision", config.precision, PRECISIONS)
     check_choice("model_config.prediction", config.prediction, PREDICTION_NAMES)
     upscaler = config.upscaler
     if upscaler is not None and not isinstance(upscaler, UpscalerConfig):

@@ -1,12 +1,14 @@
 """sfumato's CPU kernels against ggml's own, in one CPU module, in a process of its own.
 
-``python -m tests.support.kernels MODULE THREADS [CASE...]`` loads one CPU variant
-module through ggml's library (no engine), runs each case's graph (a CONV_2D or a
-MUL_MAT) twice, with
-sfumato's kernels and with ggml's own (the module's ``sfumato_kernels_set_enabled``),
-on the same random inputs, computes the same operation in float64 with numpy, and
-prints one JSON line per case: the largest error of each side against float64,
-relative to the largest output magnitude. A process per module: a variant the CPU
+``python -m tests.support.kernels MODULE THREADS [--bf16] [CASE...]`` loads one CPU
+variant module through ggml's library (no engine), runs each case's graph (a CONV_2D or
+a MUL_MAT) twice, with sfumato's kernels and with ggml's own (the module's
+``sfumato_kernels_set_enabled``), on the same random inputs, computes the same
+operation in float64 with numpy, and prints one JSON line per case: the largest error
+of each side against float64, relative to the largest output magnitude. With
+``--bf16`` it runs sfumato's kernels in their bf16 mode instead, against float64 over
+the operands rounded to bf16 as the mode rounds them, and against float64 over the
+operands as they are. A process per module: a variant the CPU
 cannot run never loads in the test's own process, and the haswell module runs under
 ``qemu-x86_64 -cpu Haswell`` this way.
 """
@@ -24,7 +26,8 @@ import numpy as np
 
 from sfumato.engine import _cdefs
 
-_F32, _F16 = 0, 1
+_F32, _F16, _BF16 = 0, 1, 30
+_TYPES = {"f32": _F32, "f16": _F16, "bf16": _BF16}
 _GGML = "libggml.so"
 # Makes a one-op graph in a ggml context: its inputs with their arrays, and its output.
 Build = Callable[[Any, Any], tuple[list[tuple[Any, np.ndarray]], Any]]
@@ -64,6 +67,7 @@ CONV_CASES: tuple[ConvCase, ...] = (
     ConvCase("vae skip 512->256 1x1", 1, 512, 10, 10, 256, 1, 1),
     ConvCase("vae conv_out 128->3", 1, 128, 20, 20, 3, 3, 3, pad=(1, 1)),
     ConvCase("f32 weights", 2, 24, 9, 11, 40, 3, 3, pad=(1, 1), weights="f32"),
+    ConvCase("bf16 weights, 32 channels", 2, 32, 9, 11, 40, 3, 3, pad=(1, 1), weights="bf16"),
     ConvCase("odd: 7x5, 3->13, 5x3 kernel, pad 2/1", 3, 3, 5, 7, 13, 5, 3, pad=(1, 2)),
     ConvCase("odd: stride 2x3, dilation 2, no pad", 2, 17, 13, 19, 29, 3, 3, stride=(2, 3), dilation=(2, 2)),
     ConvCase("odd: one pixel out, many channels", 1, 300, 3, 3, 70, 3, 3),
@@ -97,6 +101,7 @@ MAT_CASES: tuple[MatCase, ...] = (
     MatCase("text encoder 768->3072, 77 tokens", 3072, 77, 768),
     MatCase("time embedding, one row", 1280, 1, 320),
     MatCase("f32 weights", 200, 50, 96, weights="f32"),
+    MatCase("bf16 weights", 200, 50, 96, weights="bf16"),
     MatCase("attention scores, head 40", 256, 256, 40, batch=4, batch_a=4, weights="f32"),
     MatCase("attention scores, head 64", 144, 144, 64, batch=2, batch_a=2, weights="f32"),
     MatCase("attention scores, head 80", 100, 100, 80, batch=2, batch_a=2, weights="f32"),
@@ -106,6 +111,25 @@ MAT_CASES: tuple[MatCase, ...] = (
     MatCase("odd: 37 x 29 x 300", 37, 29, 300),
     MatCase("odd: k of 3", 50, 70, 3),
 )
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to bf16 (to nearest, ties to even), as bf16's 16 bits."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to bf16, as float32 (exactly the bf16 values)."""
+    return (bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+
+
+def _weights(values: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Random weights as the tensor's data of type ``kind``, and their exact values."""
+    if kind == "bf16":
+        return bf16_bits(values), bf16_round(values)
+    data = values.astype(np.float16 if kind == "f16" else np.float32)
+    return data, data.astype(np.float32)
 
 
 def _reference(x: np.ndarray, k: np.ndarray, case: ConvCase) -> np.ndarray:
@@ -147,9 +171,9 @@ class Module:
     def carried(self) -> str:
         return bytes(self.kernels_ffi.string(self.kernels.sfumato_kernels())).decode()
 
-    def run(self, build: Build, sfumato: bool) -> np.ndarray:
+    def run(self, build: Build, sfumato: bool, bf16: bool = False) -> np.ndarray:
         """The output of the one-op graph ``build(ctx)`` makes (its inputs set from their
-        arrays), run with sfumato's kernels or ggml's own."""
+        arrays), run with sfumato's kernels (in their bf16 mode when ``bf16``) or ggml's own."""
         ffi, lib = self.ffi, self.lib
         params = ffi.new("struct ggml_init_params *")
         params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
@@ -164,6 +188,7 @@ class Module:
                 for tensor, array in inputs:
                     lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
                 self.kernels.sfumato_kernels_set_enabled(1 if sfumato else 0)
+                self.kernels.sfumato_bf16_set_enabled(1 if bf16 else 0)
                 if lib.ggml_backend_graph_compute(self.backend, graph) != 0:
                     raise RuntimeError("ggml_backend_graph_compute failed")
                 result = np.empty(lib.ggml_nbytes(out) // 4, dtype=np.float32)
@@ -175,65 +200,84 @@ class Module:
             lib.ggml_free(ctx)
 
 
-def _errors(module: Module, build: Build, reference: np.ndarray) -> dict[str, float]:
-    """Both kernels' largest error against ``reference``, relative to its largest magnitude."""
+def _error(got: np.ndarray, reference: np.ndarray) -> float:
+    """The largest error of ``got`` against ``reference``, relative to its largest magnitude."""
     reference = reference.ravel()
-    scale = float(np.abs(reference).max())
-    errors = {}
-    for side in ("sfumato", "ggml"):
-        got = module.run(build, sfumato=side == "sfumato")
-        assert got.shape == reference.shape, (got.shape, reference.shape)
-        errors[f"{side}_error"] = float(np.abs(got - reference).max()) / scale
-    return errors
+    assert got.shape == reference.shape, (got.shape, reference.shape)
+    return float(np.abs(got - reference).max()) / float(np.abs(reference).max())
 
 
-def check_conv(module: Module, case: ConvCase, seed: int = 0) -> dict[str, Any]:
-    """``ggml_conv_2d_direct`` with both kernels against float64."""
+def _errors(
+    module: Module, build: Build, compute: Callable[[bool], np.ndarray], bf16: bool, ggml: bool = True
+) -> dict[str, float]:
+    """Exact mode: both kernels' errors against ``compute(False)``, the operation in float64
+    (sfumato's alone where ggml has no kernel: ``ggml`` false). bf16 mode: sfumato's
+    against ``compute(True)``, float64 over bf16-rounded operands, and against ``compute(False)``."""
+    exact = compute(False)
+    if bf16:
+        got = module.run(build, sfumato=True, bf16=True)
+        return {"bf16_error": _error(got, compute(True)), "bf16_vs_exact": _error(got, exact)}
+    sides = ("sfumato", "ggml") if ggml else ("sfumato",)
+    return {f"{side}_error": _error(module.run(build, sfumato=side == "sfumato"), exact) for side in sides}
+
+
+def _operand(x: np.ndarray, rounded: bool) -> np.ndarray:
+    return (bf16_round(x) if rounded else x).astype(np.float64)
+
+
+def check_conv(module: Module, case: ConvCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
+    """``ggml_conv_2d_direct`` with both kernels (or sfumato's bf16 mode) against float64."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((case.n, case.ic, case.h, case.w)).astype(np.float32)
-    k = (rng.standard_normal((case.oc, case.ic, case.kh, case.kw)) / np.sqrt(case.ic * case.kh * case.kw)).astype(
-        np.float16 if case.weights == "f16" else np.float32
+    k, k_values = _weights(
+        rng.standard_normal((case.oc, case.ic, case.kh, case.kw)) / np.sqrt(case.ic * case.kh * case.kw), case.weights
     )
 
     def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
-        kt = _F16 if case.weights == "f16" else _F32
-        kernel = lib.ggml_new_tensor_4d(ctx, kt, case.kw, case.kh, case.ic, case.oc)
+        kernel = lib.ggml_new_tensor_4d(ctx, _TYPES[case.weights], case.kw, case.kh, case.ic, case.oc)
         image = lib.ggml_new_tensor_4d(ctx, _F32, case.w, case.h, case.ic, case.n)
         out = lib.ggml_conv_2d_direct(ctx, kernel, image, *case.stride, *case.pad, *case.dilation)
         return [(kernel, k), (image, x)], out
 
-    return {"case": case.name, **_errors(module, build, _reference(x, k, case))}
+    def compute(rounded: bool) -> np.ndarray:
+        return _reference(_operand(x, rounded), _operand(k_values, rounded), case)
+
+    # ggml's own CONV_2D takes f16 and f32 kernels only (it stops the process on others).
+    return {"case": case.name, **_errors(module, build, compute, bf16, ggml=case.weights != "bf16")}
 
 
-def check_mul_mat(module: Module, case: MatCase, seed: int = 0) -> dict[str, Any]:
-    """``ggml_mul_mat`` with both kernels against float64."""
+def check_mul_mat(module: Module, case: MatCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
+    """``ggml_mul_mat`` with both kernels (or sfumato's bf16 mode) against float64."""
     rng = np.random.default_rng(seed)
-    a = (rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k)).astype(
-        np.float16 if case.weights == "f16" else np.float32
-    )
+    a, a_values = _weights(rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k), case.weights)
     b = rng.standard_normal((case.batch, case.n, case.k)).astype(np.float32)
 
     def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
-        at = _F16 if case.weights == "f16" else _F32
-        ta = lib.ggml_new_tensor_4d(ctx, at, case.k, case.m, case.batch_a, 1)
+        ta = lib.ggml_new_tensor_4d(ctx, _TYPES[case.weights], case.k, case.m, case.batch_a, 1)
         tb = lib.ggml_new_tensor_4d(ctx, _F32, case.k, case.n, case.batch, 1)
         return [(ta, a), (tb, b)], lib.ggml_mul_mat(ctx, ta, tb)
 
-    reference = np.einsum("bmk,bnk->bnm", np.repeat(a.astype(np.float64), case.batch // case.batch_a, axis=0), b)
-    return {"case": case.name, **_errors(module, build, reference)}
+    def compute(rounded: bool) -> np.ndarray:
+        weights = np.repeat(_operand(a_values, rounded), case.batch // case.batch_a, axis=0)
+        return np.einsum("bmk,bnk->bnm", weights, _operand(b, rounded))
+
+    return {"case": case.name, **_errors(module, build, compute, bf16)}
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tests.support.kernels MODULE THREADS [CASE...]``: JSON lines on stdout."""
+    """``python -m tests.support.kernels MODULE THREADS [--bf16] [CASE...]``: JSON lines on stdout."""
     module = Module(Path(argv[0]), int(argv[1]))
-    wanted = set(argv[2:])
+    bf16 = "--bf16" in argv[2:]
+    wanted = set(argv[2:]) - {"--bf16"}
     print(json.dumps({"kernels": module.carried()}), flush=True)
     for case in CONV_CASES:
         if not wanted or case.name in wanted:
-            print(json.dumps({**check_conv(module, case), "op": "conv_2d", "shape": asdict(case)}), flush=True)
+            result = check_conv(module, case, bf16=bf16)
+            print(json.dumps({**result, "op": "conv_2d", "shape": asdict(case)}), flush=True)
     for mat in MAT_CASES:
         if not wanted or mat.name in wanted:
-            print(json.dumps({**check_mul_mat(module, mat), "op": "mul_mat", "shape": asdict(mat)}), flush=True)
+            result = check_mul_mat(module, mat, bf16=bf16)
+            print(json.dumps({**result, "op": "mul_mat", "shape": asdict(mat)}), flush=True)
     return 0
 
 

@@ -361,6 +361,10 @@ SFUMATO_KERNELS = """
 const char* sfumato_kernels(void);
 int sfumato_kernels_enabled(void);
 void sfumato_kernels_set_enabled(int enabled);
+/* The bf16 mode of the modules whose kernels carry it ("+bf16"): SFUMATO_PRECISION=bf16 at
+   start, or set at run time. */
+int sfumato_bf16_enabled(void);
+void sfumato_bf16_set_enabled(int enabled);
 /* A process-wide request that stops every graph the module runs at its next operation,
    until it is cleared (a cancel that keeps the model loaded). */
 void sfumato_cancel_set(int requested);

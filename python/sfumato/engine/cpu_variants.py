@@ -37,13 +37,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sfumato.engine.kernels import kernels_choice
+from sfumato.engine.kernels import ENV_KERNELS, ENV_PRECISION, carries_bf16, kernels_choice, precision_choice
 from sfumato.errors import InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
 ENV_CPU_VARIANT = "SFUMATO_CPU_VARIANT"
 CACHE_FILE = "cpu-variants.json"
+# The CPU flags (as /proc/cpuinfo names them) of which the bf16 mode needs one.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # Each variant's probe process gets this long (a start, a warm-up and the repeats).
 PROBE_TIMEOUT_S = 60.0
 
@@ -130,6 +132,30 @@ def runs_here(module: Path) -> bool:
     return score is None or int(score()) > 0
 
 
+def bf16_variants(variants: dict[str, Path], field: str) -> dict[str, Path]:
+    """The variants among ``variants`` that this CPU runs and whose kernels have the
+    bf16 mode.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming ``field``, when the CPU has neither AVX512-BF16 nor AMX-BF16, when
+        ``SFUMATO_KERNELS=ggml`` turns sfumato's kernels off, or when no module of this
+        build has the mode.
+    """
+    model, flags = cpu_identity()
+    if not set(BF16_FLAGS) & set(flags.split()):
+        raise InvalidParameterError(
+            field, f"'bf16' needs a CPU with AVX512-BF16 or AMX-BF16, and this one ({model}) has neither; use 'exact'"
+        )
+    if kernels_choice() != "sfumato":
+        raise InvalidParameterError(field, f"'bf16' runs sfumato's kernels, and {ENV_KERNELS}=ggml turns them off")
+    found = {name: path for name, path in variants.items() if carries_bf16(path) and runs_here(path)}
+    if not found:
+        raise InvalidParameterError(field, "'bf16' needs a CPU module with sfumato's bf16 kernels; this build has none")
+    return found
+
+
 def choose_variant(modules: dict[str, Path], cache: Path) -> CpuChoice | None:
     """The CPU variant for this process among ``modules``; ``None`` when the build has
     no variants (a single CPU module).
@@ -144,6 +170,12 @@ def choose_variant(modules: dict[str, Path], cache: Path) -> CpuChoice | None:
         return None
     named = check_variant(os.environ.get(ENV_CPU_VARIANT, "auto").strip() or "auto", variants, ENV_CPU_VARIANT)
     runnable = {name: path for name, path in variants.items() if runs_here(path)}
+    if precision_choice() == "bf16":
+        runnable = bf16_variants(runnable, ENV_PRECISION)
+        if named is not None and named not in runnable:
+            raise InvalidParameterError(
+                ENV_CPU_VARIANT, f"{named!r} has no bf16 kernels; {ENV_PRECISION}=bf16 runs {sorted(runnable)}"
+            )
     if named is not None:
         if named not in runnable:
             raise InvalidParameterError(
@@ -165,7 +197,7 @@ def choose_variant(modules: dict[str, Path], cache: Path) -> CpuChoice | None:
         choice = probe(runnable)
         known[key] = {
             "variant": choice.variant,
-            "cpu": _cpu_identity()[0],
+            "cpu": cpu_identity()[0],
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timings": [asdict(t) for t in choice.timings],
         }
@@ -207,7 +239,7 @@ def probe_variant(name: str, module: Path, timeout_s: float = PROBE_TIMEOUT_S) -
 def cache_key(variants: dict[str, Path]) -> str:
     """What a remembered choice is valid for: this CPU's model and flags, the modules'
     contents, and whose kernels run (``SFUMATO_KERNELS``)."""
-    model, flags = _cpu_identity()
+    model, flags = cpu_identity()
     modules = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(variants.items())}
     text = json.dumps({"cpu": model, "flags": flags, "modules": modules, "kernels": kernels_choice()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -223,7 +255,7 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def _cpu_identity() -> tuple[str, str]:
+def cpu_identity() -> tuple[str, str]:
     """The CPU's model name and feature flags, as ``/proc/cpuinfo`` states them."""
     found: dict[str, str] = {}
     with contextlib.suppress(OSError):

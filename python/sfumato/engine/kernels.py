@@ -2,10 +2,16 @@
 variant module, and the switch between them and ggml's own.
 
 Each CPU module sfumato builds exports ``sfumato_kernels()`` (the operations it takes
-over, with the instruction set they were compiled for: ``"conv_2d:avx512"``) and the
-switch ``sfumato_kernels_set_enabled()``. ``SFUMATO_KERNELS`` chooses at start:
-``sfumato`` (the default) or ``ggml``, which runs ggml's own kernels everywhere, for
-comparison and as an escape hatch.
+over, with the instruction set they were compiled for: ``"conv_2d:avx512"``, and
+``"+bf16"`` where the operation has the bf16 mode too) and the switch
+``sfumato_kernels_set_enabled()``. ``SFUMATO_KERNELS`` chooses at start: ``sfumato``
+(the default) or ``ggml``, which runs ggml's own kernels everywhere, for comparison and
+as an escape hatch.
+
+The bf16 mode (``model_config.precision="bf16"``, which sets ``SFUMATO_PRECISION`` for
+the model's worker): the kernels round both operands of each product to bf16 and sum
+in f32, with AVX512-BF16's pair products, and the weights are converted to bf16 once,
+at load. The default, ``exact``, multiplies and sums in f32.
 
 What a kernel changes in the engine's graph: with sfumato's CONV_2D, the engine is
 asked for direct convolutions (its conv-direct option) on the CPU, in the UNet (or
@@ -23,6 +29,9 @@ from sfumato.errors import InvalidParameterError
 ENV_KERNELS = "SFUMATO_KERNELS"
 KERNEL_CHOICES = ("sfumato", "ggml")
 CONV_2D = "conv_2d"
+ENV_PRECISION = "SFUMATO_PRECISION"
+PRECISIONS = ("exact", "bf16")
+BF16 = "+bf16"  # the mark of an operation's bf16 mode in a module's list
 
 
 def kernels_choice() -> str:
@@ -37,6 +46,25 @@ def kernels_choice() -> str:
     if value not in KERNEL_CHOICES:
         raise InvalidParameterError(ENV_KERNELS, f"must be one of {list(KERNEL_CHOICES)}, got {value!r}")
     return value
+
+
+def precision_choice() -> str:
+    """``SFUMATO_PRECISION``: ``"exact"`` (also when unset) or ``"bf16"``.
+
+    Raises
+    ------
+    InvalidParameterError
+        When it names anything else.
+    """
+    value = os.environ.get(ENV_PRECISION, "").strip() or "exact"
+    if value not in PRECISIONS:
+        raise InvalidParameterError(ENV_PRECISION, f"must be one of {list(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def carries_bf16(module: Path) -> bool:
+    """Whether a CPU module's kernels have the bf16 mode."""
+    return any(isa.endswith(BF16) for isa in module_kernels(module).values())
 
 
 def module_kernels(module: Path) -> dict[str, str]:

@@ -49,7 +49,7 @@ import cffi
 from sfumato.engine import _cdefs
 from sfumato.engine.build import EngineBuild, read_build
 from sfumato.engine.cpu_variants import CACHE_FILE, CpuChoice, choose_variant
-from sfumato.engine.kernels import CONV_2D, kernels_choice, module_kernels
+from sfumato.engine.kernels import CONV_2D, kernels_choice, module_kernels, precision_choice
 from sfumato.errors import EngineABIError, EngineNotFoundError
 from sfumato.registry import cache_dir
 
@@ -656,12 +656,14 @@ def load_engine() -> Engine:
         a function they declare.
     InvalidParameterError
         When ``SFUMATO_CPU_VARIANT`` names a CPU variant the build lacks or this CPU
-        cannot run, or ``SFUMATO_KERNELS`` is neither ``sfumato`` nor ``ggml``.
+        cannot run, ``SFUMATO_KERNELS`` is neither ``sfumato`` nor ``ggml``, or
+        ``SFUMATO_PRECISION`` is neither ``exact`` nor ``bf16`` (or ``bf16`` where it cannot run).
     """
     global _engine
     with _lock:
         if _engine is None:
-            kernels_choice()  # a bad SFUMATO_KERNELS is refused before anything opens
+            kernels_choice()  # a bad SFUMATO_KERNELS or SFUMATO_PRECISION is refused before anything opens
+            precision_choice()
             path = locate_library()
             ffi = make_ffi()
             try:

@@ -29,6 +29,7 @@ from typing import Any
 
 from sfumato import presets
 from sfumato.api import companion_files
+from sfumato.engine.kernels import PRECISIONS
 from sfumato.errors import InvalidModelError, InvalidParameterError, SfumatoError
 from sfumato.families.companions import ROLES
 from sfumato.families.detect import DIFFUSION_FAMILIES, FAMILY_NAMES, ModelInfo, detect
@@ -54,7 +55,7 @@ COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
-MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "device", "cpu_variant", *DEFAULT_KEYS)
+MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "device", "cpu_variant", "precision", *DEFAULT_KEYS)
 
 DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The :class:`~sfumato.params.DiffusionParams` fields a model's defaults fill."""
@@ -89,6 +90,8 @@ class ConfiguredModel:
         ``model_config.device`` for this model (``None``: the server's ``--device``).
     cpu_variant:
         ``model_config.cpu_variant`` for this model (``None``: ``auto``).
+    precision:
+        ``model_config.precision`` for this model (``None``: the server's ``--precision``).
     defaults:
         :data:`DEFAULTED_FIELDS` -> the value a request that leaves the field out takes.
     """
@@ -101,6 +104,7 @@ class ConfiguredModel:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     device: str | None = None
     cpu_variant: str | None = None
+    precision: str | None = None
 
     def load_config(self) -> dict[str, Any]:
         """Its ``model_config`` keys for :func:`sfumato.load_model`."""
@@ -110,6 +114,8 @@ class ConfiguredModel:
             out["device"] = self.device
         if self.cpu_variant is not None:
             out["cpu_variant"] = self.cpu_variant
+        if self.precision is not None:
+            out["precision"] = self.precision
         return out
 
     def encoder_files(self) -> frozenset[str]:
@@ -182,9 +188,12 @@ def _model(config: Path, name: str, table: dict[str, Any], max_steps: int, max_p
             raise InvalidParameterError("device", f"must be 'auto', 'cpu', 'gpu' or a device name, got {device!r}")
         if cpu_variant is not None and (not isinstance(cpu_variant, str) or not cpu_variant):
             raise InvalidParameterError("cpu_variant", f"must be 'auto' or a CPU variant's name, got {cpu_variant!r}")
+        precision = table.get("precision")
+        if precision is not None:
+            check_choice("precision", precision, PRECISIONS)
     except InvalidParameterError as exc:
         raise ModelsConfigError(config, name, exc.field, exc.message) from None
-    return ConfiguredModel(name, path, info, files, prediction, defaults, device, cpu_variant)
+    return ConfiguredModel(name, path, info, files, prediction, defaults, device, cpu_variant, precision)
 
 
 def _defaults(table: Mapping[str, Any], max_steps: int, max_pixels: int) -> dict[str, Any]:

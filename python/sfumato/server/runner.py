@@ -27,7 +27,10 @@ from PIL import Image
 from prometheus_client import Histogram
 
 import sfumato
+from sfumato.api import check_precision
+from sfumato.engine.cpu_variants import variant_modules
 from sfumato.engine.devices import check_device
+from sfumato.engine.library import backend_modules, locate_library
 from sfumato.errors import InvalidParameterError, JobCancelledError, SfumatoError
 from sfumato.families.embeddings import TEXT_WIDTHS
 from sfumato.results import DiffusionResult
@@ -97,7 +100,7 @@ def check_runner(settings: ServerSettings) -> None:
     ------
     SfumatoError
         For a lease that is not a positive number of seconds, fewer than one job at once,
-        or a ``--device`` this machine does not have.
+        a ``--device`` this machine does not have, or a ``--precision`` it cannot run.
     """
     if not settings.lease_s > 0:
         raise SfumatoError(f"--lease: must be a positive number of seconds, got {settings.lease_s:g}")
@@ -105,9 +108,13 @@ def check_runner(settings: ServerSettings) -> None:
         raise SfumatoError(f"--jobs-per-device: must be at least 1, got {settings.jobs_per_device}")
     if settings.workers > 0:  # a front end runs no model: its machine's devices do not matter
         try:
-            check_device(settings.device)
+            device = check_device(settings.device)
         except InvalidParameterError as exc:
             raise SfumatoError(f"--device: {exc.message}") from None
+        try:
+            check_precision(settings.precision, device, variant_modules(backend_modules(locate_library())), None)
+        except InvalidParameterError as exc:
+            raise SfumatoError(f"--precision: {exc.message}") from None
 
 
 def route_of(plan: JobPlan) -> str:
@@ -373,7 +380,11 @@ class JobRunner:
             if model_id is not None and job is not None:
                 job.in_use.add(model_id)
         if model_id is None or model_id not in sfumato.loaded_models():
-            config: dict[str, Any] = {"threads": self.settings.threads, "device": self.settings.device}
+            config: dict[str, Any] = {
+                "threads": self.settings.threads,
+                "device": self.settings.device,
+                "precision": self.settings.precision,
+            }
             if upscaler:
                 config["mode"] = "upscale"
             else:

@@ -52,6 +52,9 @@ class ServerSettings:
     device:
         The device models run on (``model_config.device``: ``auto``, ``cpu``, ``gpu``
         or an engine device name); a models config's ``device`` key overrides it per model.
+    precision:
+        The CPU kernels' arithmetic for the models (``model_config.precision``:
+        ``exact`` or ``bf16``); a models config's ``precision`` key overrides it per model.
     default_model:
         The model used when a request names none (default: the first one listed).
     queue_size:
@@ -93,6 +96,7 @@ class ServerSettings:
     lease_s: float = 30.0
     jobs_per_device: int = 1
     device: str = "auto"
+    precision: str = "exact"
     default_model: str | None = None
     queue_size: int = 64
     api_key: str | None = None
