@@ -34,7 +34,7 @@ from sfumato.engine.cpu_variants import BF16_FLAGS, bf16_variants, cpu_identity,
 from sfumato.engine.kernels import module_kernels
 from sfumato.engine.library import backend_modules, locate_library
 from sfumato.errors import InvalidParameterError
-from tests.support.kernels import CONV_CASES, MAT_CASES
+from tests.support.kernels import ATTN_CASES, CONV_CASES, MAT_CASES
 
 from .helpers import ROOT
 
@@ -58,7 +58,7 @@ def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
     assert len(results) == cases
     for r in results:
         assert r["sfumato_error"] <= EXACT, r
-        if r["shape"]["weights"] == "f16":
+        if r["shape"].get("weights") == "f16":
             assert r["ggml_error"] >= F16_INPUT_ROUNDING, r  # the comparison sees two different kernels
             assert r["sfumato_error"] < r["ggml_error"], r
 
@@ -66,9 +66,14 @@ def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
 def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
     variants = _variants()
     assert variants, "sfumato's build ships CPU variant modules"
-    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512+bf16"}
+    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512"}
+    bf16 = {"haswell": "", "skylakex": "", "zen4": "+bf16"}  # the bf16 mode needs AVX512-BF16
     for name, path in variants.items():
-        assert module_kernels(path) == {"conv_2d": isa[name], "mul_mat": isa[name]}, name
+        assert module_kernels(path) == {
+            "conv_2d": isa[name] + bf16[name],
+            "mul_mat": isa[name] + bf16[name],
+            "flash_attn_ext": isa[name],
+        }, name
 
 
 def test_conv_2d_and_mul_mat_against_ggml_and_float64_on_every_variant_this_cpu_runs() -> None:
@@ -80,7 +85,7 @@ def test_conv_2d_and_mul_mat_against_ggml_and_float64_on_every_variant_this_cpu_
     for name, module in runnable.items():
         carried, results = _check([sys.executable, "-m", "tests.support.kernels", str(module), "2"], timeout=300)
         assert carried.startswith("conv_2d:"), name
-        _assert_exact(results, len(CONV_CASES) + len(MAT_CASES))
+        _assert_exact(results, len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES))
 
 
 def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_refusal() -> None:
@@ -105,6 +110,7 @@ def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_r
 EMULATED_CASES = [
     *(c.name for c in CONV_CASES if c.n * c.ic * c.h * c.w * c.oc * c.kh * c.kw < 3_000_000),
     *(c.name for c in MAT_CASES if c.m * c.n * c.k * c.batch < 3_000_000),
+    *(c.name for c in ATTN_CASES if c.d * c.lq * (c.lk + c.pad) * c.heads * c.batch < 3_000_000),
 ]
 
 
@@ -114,7 +120,7 @@ def test_the_haswell_module_kernels_on_an_emulated_avx2_cpu() -> None:
     module = _variants()["haswell"]
     command = [qemu, "-cpu", "Haswell", sys.executable, "-m", "tests.support.kernels", str(module), "1"]
     carried, results = _check([*command, *EMULATED_CASES], timeout=600)
-    assert carried == "conv_2d:avx2,mul_mat:avx2"
+    assert carried == "conv_2d:avx2,mul_mat:avx2,flash_attn_ext:avx2"
     _assert_exact(results, len(EMULATED_CASES))
 
 

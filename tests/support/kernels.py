@@ -27,6 +27,7 @@ import numpy as np
 from sfumato.engine import _cdefs
 
 _F32, _F16, _BF16 = 0, 1, 30
+_PREC_F32 = 10  # enum ggml_prec: the op's f32 accumulators
 _TYPES = {"f32": _F32, "f16": _F16, "bf16": _BF16}
 _GGML = "libggml.so"
 # Makes a one-op graph in a ggml context: its inputs with their arrays, and its output.
@@ -110,6 +111,39 @@ MAT_CASES: tuple[MatCase, ...] = (
     MatCase("broadcast weights over a batch", 96, 33, 72, batch=3),
     MatCase("odd: 37 x 29 x 300", 37, 29, 300),
     MatCase("odd: k of 3", 50, 70, 3),
+)
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    """One FLASH_ATTN_EXT: ``heads`` heads of ``lq`` queries against ``lk`` keys of width
+    ``d`` (``kv_heads`` of them, shared as grouped-query attention shares them), K and V
+    of ``kv`` type; ``pad`` keys more, masked out with -inf as the engine pads keys to a
+    multiple of 256."""
+
+    name: str
+    d: int
+    lq: int
+    lk: int
+    heads: int
+    batch: int = 1
+    kv_heads: int = 0  # 0: as many as heads
+    pad: int = 0
+    kv: str = "f16"
+
+
+# The attentions of SD 1.x (heads of 40), SD 2.x / SDXL (64), SD 1.x's deeper levels (80),
+# SD3 / FLUX (128); cross-attention against 77 text tokens, padded to 256 keys as the
+# engine pads them; and odd shapes for every edge of the query blocks.
+ATTN_CASES: tuple[AttnCase, ...] = (
+    AttnCase("self-attention, head 40", 40, 256, 256, 8, batch=2),
+    AttnCase("self-attention, head 64", 64, 144, 144, 4),
+    AttnCase("self-attention, head 80", 80, 100, 100, 4),
+    AttnCase("self-attention, head 128", 128, 96, 96, 2),
+    AttnCase("cross-attention, 77 tokens padded to 256", 40, 64, 77, 8, pad=179),
+    AttnCase("f32 keys and values", 40, 50, 60, 2, kv="f32"),
+    AttnCase("grouped heads: 4 over 2", 64, 40, 48, 4, kv_heads=2),
+    AttnCase("odd: 37 queries, 50 keys, head 24", 24, 37, 50, 3),
 )
 
 
@@ -264,6 +298,44 @@ def check_mul_mat(module: Module, case: MatCase, seed: int = 0, bf16: bool = Fal
     return {"case": case.name, **_errors(module, build, compute, bf16)}
 
 
+def check_attention(module: Module, case: AttnCase, seed: int = 0) -> dict[str, Any]:
+    """``ggml_flash_attn_ext`` with both kernels against float64: softmax(scale q k^T + mask) v."""
+    rng = np.random.default_rng(seed)
+    kv_heads = case.kv_heads or case.heads
+    keys = case.lk + case.pad
+    q = rng.standard_normal((case.batch, case.heads, case.lq, case.d)).astype(np.float32)
+    k, k_values = _weights(rng.standard_normal((case.batch, kv_heads, keys, case.d)), case.kv)
+    v, v_values = _weights(rng.standard_normal((case.batch, kv_heads, keys, case.d)), case.kv)
+    mask = np.zeros((case.lq, keys), dtype=np.float16)
+    mask[:, case.lk :] = -np.inf
+    scale = 1.0 / np.sqrt(case.d)
+
+    def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
+        tq = lib.ggml_new_tensor_4d(ctx, _F32, case.d, case.lq, case.heads, case.batch)
+        tk = lib.ggml_new_tensor_4d(ctx, _TYPES[case.kv], case.d, keys, kv_heads, case.batch)
+        tv = lib.ggml_new_tensor_4d(ctx, _TYPES[case.kv], case.d, keys, kv_heads, case.batch)
+        inputs = [(tq, q), (tk, k), (tv, v)]
+        tm = module.ffi.NULL
+        if case.pad:
+            tm = lib.ggml_new_tensor_4d(ctx, _F16, keys, case.lq, 1, 1)
+            inputs.append((tm, mask))
+        out = lib.ggml_flash_attn_ext(ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
+        lib.ggml_flash_attn_ext_set_prec(out, _PREC_F32)
+        return inputs, out
+
+    def compute(rounded: bool) -> np.ndarray:
+        group = case.heads // kv_heads
+        keys64 = np.repeat(k_values.astype(np.float64), group, axis=1)
+        values64 = np.repeat(v_values.astype(np.float64), group, axis=1)
+        scores = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), keys64) * scale + mask.astype(np.float64)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out = np.einsum("bhqk,bhkd->bhqd", weights, values64)
+        return out.transpose(0, 2, 1, 3)  # ggml's output: [batch, query, head, d]
+
+    return {"case": case.name, **_errors(module, build, compute, bf16=False)}
+
+
 def main(argv: list[str]) -> int:
     """``python -m tests.support.kernels MODULE THREADS [--bf16] [CASE...]``: JSON lines on stdout."""
     module = Module(Path(argv[0]), int(argv[1]))
@@ -278,6 +350,10 @@ def main(argv: list[str]) -> int:
         if not wanted or mat.name in wanted:
             result = check_mul_mat(module, mat, bf16=bf16)
             print(json.dumps({**result, "op": "mul_mat", "shape": asdict(mat)}), flush=True)
+    for attn in () if bf16 else ATTN_CASES:  # attention has no bf16 mode: f32 in both
+        if not wanted or attn.name in wanted:
+            result = check_attention(module, attn)
+            print(json.dumps({**result, "op": "flash_attn_ext", "shape": asdict(attn)}), flush=True)
     return 0
 
 

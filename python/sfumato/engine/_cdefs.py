@@ -338,6 +338,10 @@ struct ggml_tensor* ggml_new_tensor_4d(struct ggml_context* ctx, int type, int64
 struct ggml_tensor* ggml_mul_mat(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b);
 struct ggml_tensor* ggml_soft_max_ext(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* mask,
                                       float scale, float max_bias);
+struct ggml_tensor* ggml_flash_attn_ext(struct ggml_context* ctx, struct ggml_tensor* q, struct ggml_tensor* k,
+                                       struct ggml_tensor* v, struct ggml_tensor* mask, float scale, float max_bias,
+                                       float logit_softcap);
+void ggml_flash_attn_ext_set_prec(struct ggml_tensor* a, int prec);
 struct ggml_tensor* ggml_conv_2d(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b,
                                  int s0, int s1, int p0, int p1, int d0, int d1);
 struct ggml_tensor* ggml_conv_2d_direct(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b,

@@ -150,7 +150,7 @@ class DiffusionContext(NativeHandle):
         # Keep weights resident so the context serves many generations.
         c.free_params_immediately = False
         c.flash_attn = params.flash_attn
-        c.diffusion_flash_attn = params.diffusion_flash_attn
+        c.diffusion_flash_attn = params.diffusion_flash_attn or self._engine.fused_attention
         direct = self._engine.direct_convolutions
         c.diffusion_conv_direct = params.diffusion_conv_direct or direct
         c.vae_conv_direct = params.vae_conv_direct or direct

@@ -15,7 +15,9 @@ at load. The default, ``exact``, multiplies and sums in f32.
 
 What a kernel changes in the engine's graph: with sfumato's CONV_2D, the engine is
 asked for direct convolutions (its conv-direct option) on the CPU, in the UNet (or
-DiT), the VAE and ESRGAN, so no patch matrix (im2col) is written to memory.
+DiT), the VAE and ESRGAN, so no patch matrix (im2col) is written to memory; with its
+FLASH_ATTN_EXT, for the diffusion model's flash attention, so no head's score matrix is
+(the engine's flash-attention graph hands keys and values over as f16).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sfumato.errors import InvalidParameterError
 ENV_KERNELS = "SFUMATO_KERNELS"
 KERNEL_CHOICES = ("sfumato", "ggml")
 CONV_2D = "conv_2d"
+FLASH_ATTN_EXT = "flash_attn_ext"
 ENV_PRECISION = "SFUMATO_PRECISION"
 PRECISIONS = ("exact", "bf16")
 BF16 = "+bf16"  # the mark of an operation's bf16 mode in a module's list

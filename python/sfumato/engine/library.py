@@ -49,7 +49,7 @@ import cffi
 from sfumato.engine import _cdefs
 from sfumato.engine.build import EngineBuild, read_build
 from sfumato.engine.cpu_variants import CACHE_FILE, CpuChoice, choose_variant
-from sfumato.engine.kernels import CONV_2D, kernels_choice, module_kernels, precision_choice
+from sfumato.engine.kernels import CONV_2D, FLASH_ATTN_EXT, kernels_choice, module_kernels, precision_choice
 from sfumato.errors import EngineABIError, EngineNotFoundError
 from sfumato.registry import cache_dir
 
@@ -350,6 +350,13 @@ class Engine:
         """Whether contexts ask the engine for direct convolutions (CONV_2D ops): when
         sfumato's CONV_2D kernel runs them on the CPU, and no GPU device is loaded."""
         return CONV_2D in self.cpu_kernels and self.gpu_devices == 0
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether contexts ask the engine for the diffusion model's flash attention
+        (FLASH_ATTN_EXT ops): when sfumato's kernel runs them on the CPU, and no GPU
+        device is loaded."""
+        return FLASH_ATTN_EXT in self.cpu_kernels and self.gpu_devices == 0
 
     @cached_property
     def _cancel_hook(self) -> Any:

@@ -1,0 +1,265 @@
+/* FLASH_ATTN_EXT (the engine's flash-attention graph): softmax(scale * Q K^T + mask) V
+ * without the score matrix of a whole head ever reaching memory.
+ *
+ * Takes: q [D, Lq, H, N] F32 (rows contiguous), k [D, Lk, Hk, Nk] and v [Dv, Lk, Hv, Nv]
+ * F16, BF16 or F32 (rows contiguous; heads and batches broadcast as ggml's own does),
+ * an optional F16 mask [Lk, >= Lq, Hm, Nm] (added to the scaled scores, broadcast over
+ * heads and batches), no ALiBi bias, no logit soft-cap, no attention sinks; output
+ * [Dv, H, Lq, N] F32, contiguous. Everything else goes to ggml's own function, renamed
+ * ggml_compute_forward_flash_attn_ext_ggml by the build.
+ *
+ * The work is cut into blocks of NR queries of one head. Each thread takes a run of
+ * blocks; for each head it meets, it widens K to f32 rows and V to f32 columns (V^T),
+ * once. A block then runs as two GEMMs on the register tile of gemm_tile.h, with the
+ * scores of its queries against every key (Lk x NR floats, a few hundred KB: in the
+ * core's L2) in between:
+ *   S^T = K Q^T            (the queries packed as the tile's vector operand, scale folded in)
+ *   P^T = exp(S^T - max)   (per query: a column of S^T, NR queries in vector lanes)
+ *   O^T = V^T P^T          (S^T is already laid out as the tile's packed operand)
+ * and each output row is O^T's column divided by its query's sum. The whole row of
+ * scores is at hand, so the softmax needs no running rescale. Products and sums are f32;
+ * exp is a degree-6 polynomial after range reduction (relative error about 2e-7). */
+#include "kernels.h"
+
+#include "ggml.h"
+#include "ggml-cpu-impl.h"
+#include "ops.h"
+
+#include "gemm_tile.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+extern "C" void ggml_compute_forward_flash_attn_ext_ggml(const struct ggml_compute_params * params,
+                                                         struct ggml_tensor * dst);
+
+#if SFUMATO_GEMM_TILE
+
+namespace {
+
+using namespace sfumato;
+
+constexpr int64_t ROW_PAD = 16;  // floats after each V^T row (rows a power of two apart share cache sets)
+
+#if defined(__AVX512F__)
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline float vreduce_max(vf a) { return _mm512_reduce_max_ps(a); }
+// e^x for x <= 0 (scores minus their maximum); 0 far below.
+inline vf vexp(vf x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    vf p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#else
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline float vreduce_max(vf a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+inline vf vexp(vf x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // 2^n stays a normal float
+    const vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    vf p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+struct Attention {
+    ggml_tensor * dst;
+    const ggml_tensor *q, *k, *v, *mask;
+    int64_t d, dv, lq, lk, heads, batch;
+    float scale;
+};
+
+bool takes(const ggml_tensor * dst) {
+    const ggml_tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2], *mask = dst->src[3];
+    float max_bias = 0.0f, softcap = 0.0f;
+    std::memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    std::memcpy(&softcap, (const float *) dst->op_params + 2, sizeof(float));
+    auto rows_of = [](const ggml_tensor * t) {
+        return (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 || t->type == GGML_TYPE_F32) &&
+               t->nb[0] == ggml_type_size(t->type);
+    };
+    return dst->src[4] == nullptr && max_bias == 0.0f && softcap == 0.0f && q->type == GGML_TYPE_F32 &&
+           q->nb[0] == sizeof(float) && rows_of(k) && rows_of(v) && k->ne[0] == q->ne[0] && v->ne[1] == k->ne[1] &&
+           q->ne[2] % k->ne[2] == 0 && q->ne[2] % v->ne[2] == 0 && q->ne[3] % k->ne[3] == 0 &&
+           q->ne[3] % v->ne[3] == 0 && (mask == nullptr || (mask->type == GGML_TYPE_F16 && mask->ne[0] >= k->ne[1] &&
+                                                          mask->ne[1] >= q->ne[1])) &&
+           dst->type == GGML_TYPE_F32 && ggml_is_contiguous(dst) && dst->ne[0] == v->ne[0] &&
+           dst->ne[1] == q->ne[2] && dst->ne[2] == q->ne[1] && dst->ne[3] == q->ne[3];
+}
+
+// One thread's buffers, kept for the next op (ggml's threads live as long as its pool).
+struct Scratch {
+    std::vector<float> k, vt, qt, st, ot, row;
+    int64_t head = -1, batch = -1;  // whose K and V^T the buffers hold
+};
+thread_local Scratch t_scratch;
+
+// K of (head h, batch n) as f32 rows [lk][d], and V as f32 columns [dv][lk + ROW_PAD].
+void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
+    const int64_t hk = h / (a.heads / a.k->ne[2]), nk = n / (a.batch / a.k->ne[3]);
+    const int64_t hv = h / (a.heads / a.v->ne[2]), nv = n / (a.batch / a.v->ne[3]);
+    const int64_t ldv = a.lk + ROW_PAD;
+    // MR rows more of each: the tile reads whole panels of MR rows (and drops the extra).
+    s.k.resize((a.lk + MR) * a.d);
+    s.vt.resize((a.dv + MR) * ldv);
+    s.row.resize(a.dv);
+    for (int64_t j = 0; j < a.lk; ++j) {
+        const char * krow = (const char *) a.k->data + j * a.k->nb[1] + hk * a.k->nb[2] + nk * a.k->nb[3];
+        widen(a.k->type, krow, s.k.data() + j * a.d, a.d);
+        const char * vrow = (const char *) a.v->data + j * a.v->nb[1] + hv * a.v->nb[2] + nv * a.v->nb[3];
+        widen(a.v->type, vrow, s.row.data(), a.dv);
+        for (int64_t c = 0; c < a.dv; ++c) {
+            s.vt[c * ldv + j] = s.row[c];
+        }
+    }
+}
+
+// The NR queries from q0 of (head h, batch n) into their output rows.
+void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
+    const int64_t nq = std::min<int64_t>(NR, a.lq - q0);
+    const int64_t ldv = a.lk + ROW_PAD;
+    // Q^T, scaled: [d][NR], zeros past the last query.
+    s.qt.assign(a.d * NR, 0.0f);
+    for (int64_t j = 0; j < nq; ++j) {
+        const float * qrow = (const float *) ((const char *) a.q->data + (q0 + j) * a.q->nb[1] + h * a.q->nb[2] +
+                                              n * a.q->nb[3]);
+        for (int64_t c = 0; c < a.d; ++c) {
+            s.qt[c * NR + j] = qrow[c] * a.scale;
+        }
+    }
+    // S^T = K Q^T: [lk][NR].
+    s.st.resize(a.lk * NR);
+    for (int64_t j0 = 0; j0 < a.lk; j0 += MR) {
+        const int rows = (int) std::min<int64_t>(MR, a.lk - j0);
+        micro_kernel(a.d, s.k.data() + j0 * a.d, a.d, s.qt.data(), s.st.data() + j0 * NR, NR, false, rows, NR);
+    }
+    if (a.mask != nullptr) {
+        for (int64_t j = 0; j < nq; ++j) {
+            const ggml_fp16_t * m = (const ggml_fp16_t *) ((const char *) a.mask->data + (q0 + j) * a.mask->nb[1] +
+                                                           (h % a.mask->ne[2]) * a.mask->nb[2] +
+                                                           (n % a.mask->ne[3]) * a.mask->nb[3]);
+            for (int64_t key = 0; key < a.lk; ++key) {
+                s.st[key * NR + j] += _cvtsh_ss(m[key]);
+            }
+        }
+    }
+    // Per query: its maximum over the keys, then e^(s - max) in place, and the sum.
+    vf hi[NV], sum[NV];
+    for (int v = 0; v < NV; ++v) {
+        hi[v] = vset1(-INFINITY);
+        sum[v] = vzero();
+    }
+    for (int64_t key = 0; key < a.lk; ++key) {
+        for (int v = 0; v < NV; ++v) {
+            hi[v] = vmax(hi[v], vload(s.st.data() + key * NR + v * VL));
+        }
+    }
+    for (int v = 0; v < NV; ++v) {  // a query every key of which is masked out: its row becomes 0
+        alignas(64) float lanes[VL];
+        vstore(lanes, hi[v]);
+        for (float & x : lanes) {
+            x = std::isinf(x) ? 0.0f : x;
+        }
+        hi[v] = vload(lanes);
+    }
+    for (int64_t key = 0; key < a.lk; ++key) {
+        for (int v = 0; v < NV; ++v) {
+            float * p = s.st.data() + key * NR + v * VL;
+            const vf e = vexp(vsub(vload(p), hi[v]));
+            vstore(p, e);
+            sum[v] = vadd(sum[v], e);
+        }
+    }
+    // O^T = V^T P^T: [dv][NR], then each query's column over its sum into its output row.
+    s.ot.resize(a.dv * NR);
+    for (int64_t c0 = 0; c0 < a.dv; c0 += MR) {
+        const int rows = (int) std::min<int64_t>(MR, a.dv - c0);
+        micro_kernel(a.lk, s.vt.data() + c0 * ldv, ldv, s.st.data(), s.ot.data() + c0 * NR, NR, false, rows, NR);
+    }
+    alignas(64) float total[NR];
+    for (int v = 0; v < NV; ++v) {
+        vstore(total + v * VL, sum[v]);
+    }
+    for (int64_t j = 0; j < nq; ++j) {
+        const float inv = total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
+        float * out = (float *) a.dst->data + ((n * a.lq + q0 + j) * a.heads + h) * a.dv;
+        for (int64_t c = 0; c < a.dv; ++c) {
+            out[c] = s.ot[c * NR + j] * inv;
+        }
+    }
+}
+
+void flash_attn(const ggml_compute_params * params, ggml_tensor * dst) {
+    Attention a{};
+    a.dst = dst;
+    a.q = dst->src[0];
+    a.k = dst->src[1];
+    a.v = dst->src[2];
+    a.mask = dst->src[3];
+    a.d = a.q->ne[0];
+    a.dv = a.v->ne[0];
+    a.lq = a.q->ne[1];
+    a.lk = a.k->ne[1];
+    a.heads = a.q->ne[2];
+    a.batch = a.q->ne[3];
+    std::memcpy(&a.scale, (const float *) dst->op_params + 0, sizeof(float));
+    // Blocks of NR queries, head by head; each thread a run of them.
+    const int64_t per_head = (a.lq + NR - 1) / NR;
+    const int64_t blocks = per_head * a.heads * a.batch;
+    const int64_t b0 = blocks * params->ith / params->nth, b1 = blocks * (params->ith + 1) / params->nth;
+    Scratch & s = t_scratch;
+    s.head = -1;  // a new op: whatever the buffers hold is another op's
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t hn = b / per_head, h = hn % a.heads, n = hn / a.heads;
+        if (h != s.head || n != s.batch) {
+            widen_head(a, h, n, s);
+            s.head = h;
+            s.batch = n;
+        }
+        block(a, h, n, (b % per_head) * NR, s);
+    }
+}
+
+}  // namespace
+
+#endif  // SFUMATO_GEMM_TILE
+
+extern "C" void ggml_compute_forward_flash_attn_ext(const struct ggml_compute_params * params,
+                                                    struct ggml_tensor * dst) {
+#if SFUMATO_GEMM_TILE
+    if (!params->use_ref && sfumato_kernels_enabled() && takes(dst)) {
+        flash_attn(params, dst);
+        return;
+    }
+#endif
+    ggml_compute_forward_flash_attn_ext_ggml(params, dst);
+}
