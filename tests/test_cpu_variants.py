@@ -21,6 +21,7 @@ import pytest
 
 import sfumato
 from sfumato import errors
+from sfumato.engine.cpu_variants import STEP_WEIGHTS
 from sfumato.engine.library import load_engine
 from sfumato.images import decode_png
 
@@ -86,10 +87,21 @@ def test_the_probe_chooses_the_fastest_runnable_variant_once_per_cpu_and_build(t
         return
     assert choice["how"] == "probe", choice
     timed = {t["variant"]: t for t in choice["timings"]}
-    # Every variant this CPU runs was timed, on both graphs; none failed.
+    # Every variant this CPU runs was timed, every part of the slice at both image sizes; none failed.
     assert sorted(timed) == sorted(runnable), timed
-    assert all(t["error"] is None and t["attention_s"] > 0 and t["conv_s"] > 0 for t in timed.values()), timed
-    fastest = min(timed, key=lambda v: timed[v]["attention_s"] + timed[v]["conv_s"])
+    parts = {"attention_s", "conv_s", "linear_s"}
+    for t in timed.values():
+        assert t["error"] is None and sorted(t["sizes"]) == ["256", "512"], t
+        assert all(set(p) == parts and min(p.values()) > 0 for p in t["sizes"].values()), t
+    # The choice: the variant least behind the fastest at its worse size, each slice's
+    # parts weighted as a step weighs them.
+    step = {
+        v: {s: sum(STEP_WEIGHTS[k] * x for k, x in p.items()) for s, p in t["sizes"].items()} for v, t in timed.items()
+    }
+    best = {s: min(step[v][s] for v in step) for s in ("256", "512")}
+    behind = {v: max(step[v][s] / best[s] for s in best) for v in step}
+    print(f"behind the fastest at the worse size: {behind}")
+    fastest = min(behind, key=behind.__getitem__)
     assert choice["variant"] == fastest, choice
     assert _loaded_cpu(first) == [f"cpu-{fastest}"], first["modules"]
     # What the loaded CPU backend reports it was compiled with is that variant's.

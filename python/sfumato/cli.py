@@ -18,6 +18,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.cpu_variants import VariantTiming
 from sfumato.engine.kernels import PRECISIONS
 from sfumato.engine.requests import PREVIEW_MODES
 from sfumato.errors import JobCancelledError, SfumatoError
@@ -588,11 +589,13 @@ def _info(args: argparse.Namespace) -> int:
             if t["error"] is not None:
                 print(f"  {t['variant']:<14} {t['error']}")
             else:
-                total = t["attention_s"] + t["conv_s"]
-                print(
-                    f"  {t['variant']:<14} {total * 1000:8.1f} ms (attention {t['attention_s'] * 1000:.1f} ms, "
-                    f"3x3 conv {t['conv_s'] * 1000:.1f} ms)"
+                timing = VariantTiming(**t)
+                sizes = "; ".join(
+                    f"at {size}: {timing.step_s(size) * 1000:.1f} ms (attention {p['attention_s'] * 1000:.1f}, "
+                    f"3x3 conv {p['conv_s'] * 1000:.1f}, linear {p['linear_s'] * 1000:.1f})"
+                    for size, p in t["sizes"].items()
                 )
+                print(f"  {t['variant']:<14} {sizes}")
     print("devices:")
     for d in info["devices"]:
         memory = f"{d['memory_free'] / 2**30:.1f} of {d['memory_total'] / 2**30:.1f} GiB free"

@@ -1,9 +1,15 @@
 """The CPU variants' probe, one variant per process (:mod:`sfumato.engine.cpu_variants`
 runs it): ``python -m sfumato.engine.cpu_probe MODULE THREADS`` loads one CPU module
-through ggml's own library (no engine), times an attention with heads of 40 over a
-32x32 latent's tokens and a 3x3 convolution of 320 channels over a 64x64 latent (direct,
-through sfumato's kernel, where the engine will run it so) on ggml's graph API, and
-prints the fastest of a few runs of each as JSON.
+through ggml's own library (no engine) and times, on ggml's graph API, a slice of an SD
+sampling step at the latents of a 256 and a 512 image (32x32 and 64x64): the work that
+dominates a step there, each as the engine will run it:
+
+- an attention of 8 heads of 40 over the latent's tokens: flash attention with f16 keys
+  and values where sfumato's kernel takes it, else a matrix product, softmax and product;
+- a 3x3 convolution of 320 channels (direct, where sfumato's kernel takes it);
+- a linear layer of f16 weights (320 to 1280) over the tokens.
+
+It prints the fastest of a few runs of each slice, per size, as JSON.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from sfumato.engine import _cdefs
-from sfumato.engine.kernels import CONV_2D, kernels_choice, module_kernels
+from sfumato.engine.kernels import CONV_2D, FLASH_ATTN_EXT, kernels_choice, module_kernels
 
 # Repeats of each timed graph stop after this long, or after _REPEATS runs.
 _REPEAT_BUDGET_S = 1.0
 _REPEATS = 5
 _GGML_LIBRARY = {"linux": "libggml.so", "darwin": "libggml.dylib", "win32": "ggml.dll"}
 _F32, _F16 = 0, 1
+_PREC_F32 = 10  # enum ggml_prec
+# The latent sides of a 256 and a 512 image, by image size.
+SIZES = {256: 32, 512: 64}
 
 
 def _time_graph(ffi: Any, lib: Any, backend: Any, build: Any) -> float:
@@ -74,30 +83,55 @@ def _run_probe(module: Path, threads: int) -> dict[str, Any]:
     set_threads = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
     if set_threads != ffi.NULL:
         ffi.cast("ggml_backend_set_n_threads_t", set_threads)(backend, threads)
-    tokens, head, heads = 32 * 32, 40, 8
+    head, heads, channels = 40, 8, 320
+    # The operations as the engine will run them: sfumato's kernels where they take them.
+    ours = module_kernels(module) if kernels_choice() == "sfumato" else {}
+    conv_2d = lib.ggml_conv_2d_direct if CONV_2D in ours else lib.ggml_conv_2d
 
-    def attention(ctx: Any) -> tuple[list[tuple[Any, Any]], Any]:
-        q = lib.ggml_new_tensor_4d(ctx, _F32, head, tokens, heads, 1)
-        k = lib.ggml_new_tensor_4d(ctx, _F32, head, tokens, heads, 1)
-        v = lib.ggml_new_tensor_4d(ctx, _F32, tokens, head, heads, 1)  # transposed, as the engine feeds it
-        weights = lib.ggml_soft_max_ext(ctx, lib.ggml_mul_mat(ctx, k, q), ffi.NULL, 1 / math.sqrt(head), 0.0)
-        return [(q, np.float32), (k, np.float32), (v, np.float32)], lib.ggml_mul_mat(ctx, v, weights)
+    def attention(side: int) -> Any:
+        tokens = side * side
 
-    # The convolution as the engine will run it: direct when sfumato's kernel takes it.
-    direct = kernels_choice() == "sfumato" and CONV_2D in module_kernels(module)
-    conv_2d = lib.ggml_conv_2d_direct if direct else lib.ggml_conv_2d
+        def build(ctx: Any) -> tuple[list[tuple[Any, Any]], Any]:
+            q = lib.ggml_new_tensor_4d(ctx, _F32, head, tokens, heads, 1)
+            if FLASH_ATTN_EXT in ours:
+                k = lib.ggml_new_tensor_4d(ctx, _F16, head, tokens, heads, 1)
+                v = lib.ggml_new_tensor_4d(ctx, _F16, head, tokens, heads, 1)
+                out = lib.ggml_flash_attn_ext(ctx, q, k, v, ffi.NULL, 1 / math.sqrt(head), 0.0, 0.0)
+                lib.ggml_flash_attn_ext_set_prec(out, _PREC_F32)
+                return [(q, np.float32), (k, np.float16), (v, np.float16)], out
+            k = lib.ggml_new_tensor_4d(ctx, _F32, head, tokens, heads, 1)
+            v = lib.ggml_new_tensor_4d(ctx, _F32, tokens, head, heads, 1)  # transposed, as the engine feeds it
+            weights = lib.ggml_soft_max_ext(ctx, lib.ggml_mul_mat(ctx, k, q), ffi.NULL, 1 / math.sqrt(head), 0.0)
+            return [(q, np.float32), (k, np.float32), (v, np.float32)], lib.ggml_mul_mat(ctx, v, weights)
 
-    def conv(ctx: Any) -> tuple[list[tuple[Any, Any]], Any]:
-        kernel = lib.ggml_new_tensor_4d(ctx, _F16, 3, 3, 320, 320)
-        latent = lib.ggml_new_tensor_4d(ctx, _F32, 64, 64, 320, 1)
-        return [(kernel, np.float16), (latent, np.float32)], conv_2d(ctx, kernel, latent, 1, 1, 1, 1, 1, 1)
+        return build
+
+    def conv(side: int) -> Any:
+        def build(ctx: Any) -> tuple[list[tuple[Any, Any]], Any]:
+            kernel = lib.ggml_new_tensor_4d(ctx, _F16, 3, 3, channels, channels)
+            latent = lib.ggml_new_tensor_4d(ctx, _F32, side, side, channels, 1)
+            return [(kernel, np.float16), (latent, np.float32)], conv_2d(ctx, kernel, latent, 1, 1, 1, 1, 1, 1)
+
+        return build
+
+    def linear(side: int) -> Any:
+        def build(ctx: Any) -> tuple[list[tuple[Any, Any]], Any]:
+            weights = lib.ggml_new_tensor_4d(ctx, _F16, channels, 4 * channels, 1, 1)
+            tokens = lib.ggml_new_tensor_4d(ctx, _F32, channels, side * side, 1, 1)
+            return [(weights, np.float16), (tokens, np.float32)], lib.ggml_mul_mat(ctx, weights, tokens)
+
+        return build
 
     try:
-        return {
-            "attention_s": _time_graph(ffi, lib, backend, attention),
-            "conv_s": _time_graph(ffi, lib, backend, conv),
-            "threads": threads,
+        timed = {
+            str(size): {
+                "attention_s": _time_graph(ffi, lib, backend, attention(side)),
+                "conv_s": _time_graph(ffi, lib, backend, conv(side)),
+                "linear_s": _time_graph(ffi, lib, backend, linear(side)),
+            }
+            for size, side in SIZES.items()
         }
+        return {"sizes": timed, "threads": threads}
     finally:
         lib.ggml_backend_free(backend)
 

@@ -12,12 +12,14 @@ its variant by measurement:
 - else the choice remembered in sfumato's cache for this CPU (its model name and
   flags) and these modules (their sha256);
 - else a short probe: each variant, in a process of its own with a time limit,
-  times SD-shaped work (an attention with heads of 40 over a 32x32 latent's
-  tokens, a 3x3 convolution of 320 channels over a 64x64 latent, run as the engine
-  runs it: direct, through sfumato's kernel, unless ``SFUMATO_KERNELS=ggml``) on
-  ggml's own graph API; the fastest is chosen and remembered. A variant this CPU cannot run
-  (ggml's own check, the module's ``ggml_backend_score``) is left out. One process probes at a time
-  (a file lock); the others wait for its answer.
+  times a slice of an SD step at the latents of a 256 and of a 512 image (an
+  attention with heads of 40, a 3x3 convolution of 320 channels and a linear layer,
+  each run as the engine runs it: through sfumato's kernels, unless
+  ``SFUMATO_KERNELS=ggml``; :mod:`sfumato.engine.cpu_probe`) on ggml's own graph API.
+  The variant chosen is the one least behind the fastest at its worse size (the
+  fastest at both, where one is), and it is remembered. A variant this CPU cannot
+  run (ggml's own check, the module's ``ggml_backend_score``) is left out. One
+  process probes at a time (a file lock); the others wait for its answer.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,9 @@ ENV_CPU_VARIANT = "SFUMATO_CPU_VARIANT"
 CACHE_FILE = "cpu-variants.json"
 # The CPU flags (as /proc/cpuinfo names them) of which the bf16 mode needs one.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# How many of each probed part a step's slice counts: roughly an SD 1.x step's
+# proportions at 512 (most of it convolutions, then linear layers, then attention).
+STEP_WEIGHTS = {"attention_s": 1.0, "conv_s": 8.0, "linear_s": 4.0}
 # Each variant's probe process gets this long (a start, a warm-up and the repeats).
 PROBE_TIMEOUT_S = 60.0
 
@@ -58,23 +63,34 @@ class VariantTiming:
     ----------
     variant:
         The variant's name (``"haswell"``).
-    attention_s, conv_s:
-        The fastest of its timed runs of each graph, in seconds; ``None`` when it did not run.
+    sizes:
+        Per image size probed (``"256"``, ``"512"``): the fastest of its timed runs of
+        each part of a step's slice (``attention_s``, ``conv_s``, ``linear_s``), in
+        seconds; empty when it did not run.
     error:
         Why it did not run (ggml refused it on this CPU, the time limit), else ``None``.
     """
 
     variant: str
-    attention_s: float | None = None
-    conv_s: float | None = None
+    sizes: dict[str, dict[str, float]] = field(default_factory=dict)
     error: str | None = None
 
-    @property
-    def total_s(self) -> float:
-        """Both graphs' time; infinite when the variant did not run."""
-        if self.attention_s is None or self.conv_s is None:
-            return math.inf
-        return self.attention_s + self.conv_s
+    def step_s(self, size: str) -> float:
+        """The slice's time at ``size``, its parts weighted as a step weighs them
+        (:data:`STEP_WEIGHTS`); infinite when the variant did not run there."""
+        parts = self.sizes.get(size)
+        return sum(STEP_WEIGHTS.get(name, 1.0) * s for name, s in parts.items()) if parts else math.inf
+
+
+def fastest_at_every_size(timings: tuple[VariantTiming, ...]) -> VariantTiming | None:
+    """The variant whose slowest size, against the fastest variant at that size, is the
+    least behind: the fastest at every size when one is; ``None`` when none ran."""
+    ran = [t for t in timings if t.error is None and t.sizes]
+    if not ran:
+        return None
+    sizes = sorted({size for t in ran for size in t.sizes})
+    best = {size: min(t.step_s(size) for t in ran) for size in sizes}
+    return min(ran, key=lambda t: max(t.step_s(size) / best[size] for size in sizes))
 
 
 @dataclass(frozen=True)
@@ -217,8 +233,8 @@ def probe(variants: dict[str, Path]) -> CpuChoice:
     When none ran, the first (the build's floor, in ggml's order) is chosen.
     """
     timings = tuple(probe_variant(name, path) for name, path in variants.items())
-    fastest = min(timings, key=lambda t: t.total_s)
-    return CpuChoice(fastest.variant if math.isfinite(fastest.total_s) else next(iter(variants)), "probe", timings)
+    fastest = fastest_at_every_size(timings)
+    return CpuChoice(fastest.variant if fastest is not None else next(iter(variants)), "probe", timings)
 
 
 def probe_variant(name: str, module: Path, timeout_s: float = PROBE_TIMEOUT_S) -> VariantTiming:
@@ -233,7 +249,7 @@ def probe_variant(name: str, module: Path, timeout_s: float = PROBE_TIMEOUT_S) -
         tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         return VariantTiming(name, error=f"the probe failed: {tail}")
     result: dict[str, Any] = json.loads(lines[-1])
-    return VariantTiming(name, result.get("attention_s"), result.get("conv_s"), result.get("error"))
+    return VariantTiming(name, result.get("sizes", {}), result.get("error"))
 
 
 def cache_key(variants: dict[str, Path]) -> str:
