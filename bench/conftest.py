@@ -45,6 +45,8 @@ CASE_ORDER = (
     "devices",
     "cpu_variants",
     "cpu_kernels",
+    "bf16_error",
+    "cpu_ops",
     "cancel",
 )
 

@@ -14,11 +14,15 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
 - ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
   fp32, or its UNet and VAE in bf16 with ``dtype: "bf16"``) on a diffusers folder, with
   ``attention_slicing`` / ``channels_last``.
+- Both of those save their first image as a ``.npy`` of uint8 pixels at ``image``, if given.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
 - ``cancel``: a cancel mid-step through the SDK at ``size`` (``mode`` ``soft``: the
   worker stops the job and keeps the model; ``kill``: the fallback that ends the worker),
   then the next job: the cancel's latency, and the time to the next job's start and to
   its first step (medians of ``repeats``).
+- ``ops_sfumato`` / ``ops_torch``: single operations of an SD step at 512 (:data:`OPS`),
+  as the engine runs them on one CPU ``module`` (sfumato's kernels) or in PyTorch, fp32
+  or ``bf16``: the best of 3 runs of each, in seconds.
 - ``queue``: the job store's claims, no engine: ``jobs`` queued jobs on ``store``
   (a ``postgresql://`` URL, or ``None`` for SQLite in ``folder``) claimed and ended
   by ``connections`` threads, each a worker with a connection of its own.
@@ -76,6 +80,8 @@ def engine(config: dict[str, Any]) -> dict[str, Any]:
         measured = time.perf_counter()
         out = context.generate(request)
         done = time.perf_counter()
+    if config.get("image"):  # the first image, for comparisons between runs
+        np.save(config["image"], out.images[0])
     choice = load_engine().cpu_choice  # this process's CPU variant
     return {
         "device": context.device,  # the engine's own report
@@ -134,8 +140,11 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
             output_type="latent",
         ).images
         t2 = time.perf_counter()
-        ref.vae.decode((latents / ref.vae.config.scaling_factor).to(dtype))
+        decoded = ref.vae.decode((latents / ref.vae.config.scaling_factor).to(dtype)).sample
         t3 = time.perf_counter()
+    if config.get("image"):  # as diffusers' image processor makes uint8 pixels of it
+        pixels = ((decoded[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        np.save(config["image"], pixels.numpy())
     return {
         "step_s": (t2 - t1) / steps,
         "vae_s": t3 - t2,
@@ -238,7 +247,122 @@ def cancel(config: dict[str, Any]) -> dict[str, float]:
     return {name: float(np.median(values)) for name, values in figures.items()}
 
 
-KINDS = {"engine": engine, "diffusers": diffusers, "upscale": upscale, "queue": queue, "cancel": cancel}
+# The single operations ``ops`` times: name -> (kind, shape). conv: batch, channels in,
+# side, channels out (3x3, padding 1); linear: tokens, in, out; attention: heads,
+# tokens, head size (self-attention).
+OPS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "conv 3x3 320->320 at 64x64, batch 2 (UNet, 512)": ("conv", (2, 320, 64, 320)),
+    "conv 3x3 640->640 at 32x32, batch 2 (UNet, 512)": ("conv", (2, 640, 32, 640)),
+    "conv 3x3 512->512 at 128x128 (VAE, 512)": ("conv", (1, 512, 128, 512)),
+    "conv 3x3 128->128 at 512x512 (VAE, 512)": ("conv", (1, 128, 512, 128)),
+    "linear 320->320, 8192 tokens": ("linear", (8192, 320, 320)),
+    "linear 320->2560 (GEGLU), 8192 tokens": ("linear", (8192, 320, 2560)),
+    "linear 1280->320, 8192 tokens": ("linear", (8192, 1280, 320)),
+    "attention 16 heads x 4096 tokens x 40": ("attention", (16, 4096, 40)),
+}
+
+
+def op_flops(kind: str, shape: tuple[int, ...]) -> float:
+    """Multiply-adds times two of one operation of :data:`OPS`."""
+    if kind == "conv":
+        n, ic, side, oc = shape
+        return 2.0 * n * oc * ic * 9 * side * side
+    if kind == "linear":
+        tokens, c_in, c_out = shape
+        return 2.0 * tokens * c_in * c_out
+    heads, tokens, head = shape
+    return 2.0 * 2 * heads * tokens * tokens * head
+
+
+def _best_of(run: Any, repeats: int = 3) -> float:
+    run()  # warm-up: threads, caches, packed weights
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def ops_sfumato(config: dict[str, Any]) -> dict[str, Any]:
+    """Each of :data:`OPS` as the engine runs it on one CPU module (``module``), graph
+    compute only: direct CONV_2D, MUL_MAT and FLASH_ATTN_EXT with f16 keys and values;
+    ``bf16``: the bf16 mode, with bf16 weights."""
+    from tests.support.kernels import _BF16, _F16, _F32, _PREC_F32, Module
+
+    module = Module(Path(config["module"]), config["threads"])
+    ffi, lib = module.ffi, module.lib
+    module.kernels.sfumato_bf16_set_enabled(1 if config.get("bf16") else 0)
+    weight_type, weight_dtype = (_BF16, np.uint16) if config.get("bf16") else (_F16, np.float16)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for name, (kind, shape) in OPS.items():
+        params = ffi.new("struct ggml_init_params *")
+        params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
+        params.no_alloc = True
+        ctx = lib.ggml_init(params[0])
+        if kind == "conv":
+            n, ic, side, oc = shape
+            w = lib.ggml_new_tensor_4d(ctx, weight_type, 3, 3, ic, oc)
+            x = lib.ggml_new_tensor_4d(ctx, _F32, side, side, ic, n)
+            inputs, result = [(w, weight_dtype), (x, np.float32)], lib.ggml_conv_2d_direct(ctx, w, x, 1, 1, 1, 1, 1, 1)
+        elif kind == "linear":
+            tokens, c_in, c_out = shape
+            w = lib.ggml_new_tensor_4d(ctx, weight_type, c_in, c_out, 1, 1)
+            x = lib.ggml_new_tensor_4d(ctx, _F32, c_in, tokens, 1, 1)
+            inputs, result = [(w, weight_dtype), (x, np.float32)], lib.ggml_mul_mat(ctx, w, x)
+        else:
+            heads, tokens, head = shape
+            q = lib.ggml_new_tensor_4d(ctx, _F32, head, tokens, heads, 1)
+            k = lib.ggml_new_tensor_4d(ctx, _F16, head, tokens, heads, 1)
+            v = lib.ggml_new_tensor_4d(ctx, _F16, head, tokens, heads, 1)
+            result = lib.ggml_flash_attn_ext(ctx, q, k, v, ffi.NULL, head**-0.5, 0.0, 0.0)
+            lib.ggml_flash_attn_ext_set_prec(result, _PREC_F32)
+            inputs = [(q, np.float32), (k, np.float16), (v, np.float16)]
+        graph = lib.ggml_new_graph(ctx)
+        lib.ggml_build_forward_expand(graph, result)
+        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, module.backend)
+        for tensor, dtype in inputs:
+            size = int(lib.ggml_nbytes(tensor))
+            values = rng.standard_normal(size // np.dtype(dtype).itemsize).astype(np.float32) * 0.05
+            data = (values.view(np.uint32) >> 16).astype(np.uint16) if dtype == np.uint16 else values.astype(dtype)
+            lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(data), 0, size)
+        out[name] = _best_of(lambda: lib.ggml_backend_graph_compute(module.backend, graph))  # noqa: B023 - run at once
+        lib.ggml_backend_buffer_free(buffer)
+        lib.ggml_free(ctx)
+    return {"seconds": out}
+
+
+def ops_torch(config: dict[str, Any]) -> dict[str, Any]:
+    """Each of :data:`OPS` in PyTorch (oneDNN's convolutions, its matmul, its fused
+    scaled-dot-product attention), fp32 or with ``bf16`` tensors."""
+    import torch
+
+    torch.set_num_threads(config["threads"])
+    dtype = torch.bfloat16 if config.get("bf16") else torch.float32
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, (kind, shape) in OPS.items():
+            if kind == "conv":
+                n, ic, side, oc = shape
+                x, w = torch.randn(n, ic, side, side, dtype=dtype), torch.randn(oc, ic, 3, 3, dtype=dtype)
+                out[name] = _best_of(lambda: torch.nn.functional.conv2d(x, w, padding=1))  # noqa: B023
+            elif kind == "linear":
+                tokens, c_in, c_out = shape
+                x, w = torch.randn(tokens, c_in, dtype=dtype), torch.randn(c_out, c_in, dtype=dtype)
+                out[name] = _best_of(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
+            else:
+                heads, tokens, head = shape
+                q = torch.randn(1, heads, tokens, head, dtype=dtype)
+                sdpa = torch.nn.functional.scaled_dot_product_attention
+                out[name] = _best_of(lambda: sdpa(q, q, q))  # noqa: B023
+    return {"seconds": out}
+
+
+KINDS = {
+    "engine": engine, "diffusers": diffusers, "upscale": upscale, "queue": queue, "cancel": cancel,
+    "ops_sfumato": ops_sfumato, "ops_torch": ops_torch,
+}  # fmt: skip
 
 
 def main() -> None:

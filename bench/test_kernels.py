@@ -3,11 +3,12 @@ weights: seconds per sampling step (CFG, batch 2 through the UNet), seconds per 
 decode and peak RSS at 256 and 512, each configuration in its own process, in one run.
 
 Rows: sfumato with its kernels on the variant its probe chooses and on each variant this
-CPU runs (``SFUMATO_CPU_VARIANT``), sfumato with ggml's own kernels
-(``SFUMATO_KERNELS=ggml``: what the engine ran before), diffusers fp32 and diffusers with
-its UNet and VAE in bf16. sfumato loads the fp32 folder as f16 weights (what a user's f16
-checkpoint gives); its kernels compute in f32. Ratios are diffusers fp32 / the row: above
-1, the row is faster.
+CPU runs (``SFUMATO_CPU_VARIANT``), sfumato in its bf16 mode (``precision="bf16"``: on a
+CPU with AVX512-BF16 or AMX-BF16, weights converted to bf16 at load), sfumato with ggml's
+own kernels (``SFUMATO_KERNELS=ggml``: what the engine ran before), diffusers fp32 and
+diffusers with its UNet and VAE in bf16. sfumato loads the fp32 folder as f16 weights
+(what a user's f16 checkpoint gives); its exact mode computes in f32. Ratios are
+diffusers fp32 (or bf16) / the row: above 1, the row is faster.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from sfumato.engine.cpu_variants import runs_here, variant_modules
+from sfumato.engine.cpu_variants import BF16_FLAGS, cpu_identity, runs_here, variant_modules
 from sfumato.engine.library import load_engine
 
 from . import engines
@@ -31,6 +32,8 @@ def test_sfumato_kernels_against_diffusers(benchmark: BenchmarkFixture, probe: P
     variants = [name for name, path in modules.items() if runs_here(path)]
     configs: dict[str, dict[str, Any]] = {"sfumato (probe's variant)": {}}
     configs.update({f"sfumato {v}": {"env": {"SFUMATO_CPU_VARIANT": v}} for v in variants})
+    if set(BF16_FLAGS) & set(cpu_identity()[1].split()):
+        configs["sfumato bf16 mode"] = {"env": {"SFUMATO_PRECISION": "bf16"}, "wtype": "bf16"}
     configs["ggml's own kernels"] = {"env": {"SFUMATO_KERNELS": "ggml"}}
     references: dict[str, dict[str, Any]] = {"diffusers fp32": {}, "diffusers bf16": {"dtype": "bf16"}}
     figures: dict[tuple[str, int], dict[str, Any]] = {}
@@ -46,10 +49,11 @@ def test_sfumato_kernels_against_diffusers(benchmark: BenchmarkFixture, probe: P
     benchmark.pedantic(measure_all, rounds=1, iterations=1)
     rows: list[dict[str, object]] = []
     for size in SIZES:
-        base = figures["diffusers fp32", size]
+        base, bf16 = figures["diffusers fp32", size], figures["diffusers bf16", size]
         for name in [*configs, *references]:
             f = figures[name, size]
-            variant = f" ({f['cpu_variant']})" if name.endswith("variant)") or name.startswith("ggml") else ""
+            shown = name.endswith(("variant)", "mode")) or name.startswith("ggml")
+            variant = f" ({f['cpu_variant']})" if shown else ""
             rows.append({
                 "size": size,
                 "implementation": name + variant,
@@ -58,6 +62,7 @@ def test_sfumato_kernels_against_diffusers(benchmark: BenchmarkFixture, probe: P
                 "peak RSS MB": round(f["peak_rss_mb"]),
                 "step: fp32 / row": fmt(base["step_s"] / f["step_s"]),
                 "VAE: fp32 / row": fmt(base["vae_s"] / f["vae_s"]),
+                "step: bf16 / row": fmt(bf16["step_s"] / f["step_s"]),
             })  # fmt: skip
     benchmark.extra_info["figures"] = {f"{n} @ {s}": v for (n, s), v in figures.items()}
     write_result(

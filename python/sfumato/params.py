@@ -371,8 +371,10 @@ class ModelConfig:
     threads:
         CPU threads; ``None`` uses the engine's count of physical cores.
     flash_attn:
-        Flash attention. Off by default on every backend: on the CPU it made sampling
-        slower here; on GPUs it was never measured, and off is the engine's default.
+        Flash attention in every model of the context (text encoders, diffusion model,
+        VAE). Off by default: on GPUs it was never measured, and off is the engine's
+        default. On the CPU, where sfumato's FLASH_ATTN_EXT kernel runs, the diffusion
+        model's attention is flash attention whatever this says (faster there).
     offload_to_cpu:
         Keep the weights in RAM and copy each part to the device when it runs (the
         engine's ``offload_params_to_cpu``): less VRAM, slower steps.

@@ -259,13 +259,28 @@ def _operand(x: np.ndarray, rounded: bool) -> np.ndarray:
     return (bf16_round(x) if rounded else x).astype(np.float64)
 
 
-def check_conv(module: Module, case: ConvCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
-    """``ggml_conv_2d_direct`` with both kernels (or sfumato's bf16 mode) against float64."""
+def conv_inputs(case: ConvCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A case's random input ``[n, ic, h, w]``, its kernel as the tensor's data, and the
+    kernel's exact values (f32)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((case.n, case.ic, case.h, case.w)).astype(np.float32)
     k, k_values = _weights(
         rng.standard_normal((case.oc, case.ic, case.kh, case.kw)) / np.sqrt(case.ic * case.kh * case.kw), case.weights
     )
+    return x, k, k_values
+
+
+def mat_inputs(case: MatCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A case's weights as the tensor's data, their exact values, and its activations."""
+    rng = np.random.default_rng(seed)
+    a, a_values = _weights(rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k), case.weights)
+    b = rng.standard_normal((case.batch, case.n, case.k)).astype(np.float32)
+    return a, a_values, b
+
+
+def check_conv(module: Module, case: ConvCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
+    """``ggml_conv_2d_direct`` with both kernels (or sfumato's bf16 mode) against float64."""
+    x, k, k_values = conv_inputs(case, seed)
 
     def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
         kernel = lib.ggml_new_tensor_4d(ctx, _TYPES[case.weights], case.kw, case.kh, case.ic, case.oc)
@@ -282,9 +297,7 @@ def check_conv(module: Module, case: ConvCase, seed: int = 0, bf16: bool = False
 
 def check_mul_mat(module: Module, case: MatCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
     """``ggml_mul_mat`` with both kernels (or sfumato's bf16 mode) against float64."""
-    rng = np.random.default_rng(seed)
-    a, a_values = _weights(rng.standard_normal((case.batch_a, case.m, case.k)) / np.sqrt(case.k), case.weights)
-    b = rng.standard_normal((case.batch, case.n, case.k)).astype(np.float32)
+    a, a_values, b = mat_inputs(case, seed)
 
     def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
         ta = lib.ggml_new_tensor_4d(ctx, _TYPES[case.weights], case.k, case.m, case.batch_a, 1)
