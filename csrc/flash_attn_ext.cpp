@@ -144,9 +144,30 @@ void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
 }
 
 // The NR queries from q0 of (head h, batch n) into their output rows.
+// The mask's row for query q of (head h, batch n).
+const ggml_fp16_t * mask_row(const Attention & a, int64_t h, int64_t n, int64_t q) {
+    return (const ggml_fp16_t *) ((const char *) a.mask->data + q * a.mask->nb[1] + (h % a.mask->ne[2]) * a.mask->nb[2] +
+                                  (n % a.mask->ne[3]) * a.mask->nb[3]);
+}
+
+// The NR queries from q0 of (head h, batch n) into their output rows.
 void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     const int64_t nq = std::min<int64_t>(NR, a.lq - q0);
     const int64_t ldv = a.lk + ROW_PAD;
+    // The keys any of these queries may see: the engine pads keys to a multiple of 256
+    // and masks the padding out with -inf (f16 0xFC00), which is skipped here.
+    int64_t lk = a.lk;
+    if (a.mask != nullptr) {
+        lk = 0;
+        for (int64_t j = 0; j < nq; ++j) {
+            const ggml_fp16_t * m = mask_row(a, h, n, q0 + j);
+            int64_t last = a.lk;
+            while (last > lk && m[last - 1] == 0xFC00) {
+                --last;
+            }
+            lk = std::max(lk, last);
+        }
+    }
     // Q^T, scaled: [d][NR], zeros past the last query.
     s.qt.assign(a.d * NR, 0.0f);
     for (int64_t j = 0; j < nq; ++j) {
@@ -158,16 +179,14 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     }
     // S^T = K Q^T: [lk][NR].
     s.st.resize(a.lk * NR);
-    for (int64_t j0 = 0; j0 < a.lk; j0 += MR) {
-        const int rows = (int) std::min<int64_t>(MR, a.lk - j0);
+    for (int64_t j0 = 0; j0 < lk; j0 += MR) {
+        const int rows = (int) std::min<int64_t>(MR, lk - j0);
         micro_kernel(a.d, s.k.data() + j0 * a.d, a.d, s.qt.data(), s.st.data() + j0 * NR, NR, false, rows, NR);
     }
     if (a.mask != nullptr) {
         for (int64_t j = 0; j < nq; ++j) {
-            const ggml_fp16_t * m = (const ggml_fp16_t *) ((const char *) a.mask->data + (q0 + j) * a.mask->nb[1] +
-                                                           (h % a.mask->ne[2]) * a.mask->nb[2] +
-                                                           (n % a.mask->ne[3]) * a.mask->nb[3]);
-            for (int64_t key = 0; key < a.lk; ++key) {
+            const ggml_fp16_t * m = mask_row(a, h, n, q0 + j);
+            for (int64_t key = 0; key < lk; ++key) {
                 s.st[key * NR + j] += _cvtsh_ss(m[key]);
             }
         }
@@ -178,7 +197,7 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
         hi[v] = vset1(-INFINITY);
         sum[v] = vzero();
     }
-    for (int64_t key = 0; key < a.lk; ++key) {
+    for (int64_t key = 0; key < lk; ++key) {
         for (int v = 0; v < NV; ++v) {
             hi[v] = vmax(hi[v], vload(s.st.data() + key * NR + v * VL));
         }
@@ -191,7 +210,7 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
         }
         hi[v] = vload(lanes);
     }
-    for (int64_t key = 0; key < a.lk; ++key) {
+    for (int64_t key = 0; key < lk; ++key) {
         for (int v = 0; v < NV; ++v) {
             float * p = s.st.data() + key * NR + v * VL;
             const vf e = vexp(vsub(vload(p), hi[v]));
@@ -203,7 +222,7 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     s.ot.resize(a.dv * NR);
     for (int64_t c0 = 0; c0 < a.dv; c0 += MR) {
         const int rows = (int) std::min<int64_t>(MR, a.dv - c0);
-        micro_kernel(a.lk, s.vt.data() + c0 * ldv, ldv, s.st.data(), s.ot.data() + c0 * NR, NR, false, rows, NR);
+        micro_kernel(lk, s.vt.data() + c0 * ldv, ldv, s.st.data(), s.ot.data() + c0 * NR, NR, false, rows, NR);
     }
     alignas(64) float total[NR];
     for (int v = 0; v < NV; ++v) {

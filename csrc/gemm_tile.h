@@ -96,6 +96,50 @@ inline void widen(ggml_type type, const void * src, float * dst, int64_t n) {
     }
 }
 
+// dst[c * ldd + r] = src[r * lds + c] for a VL x VL block: a transpose in registers
+// (4x4 blocks within 128-bit lanes, then the lanes themselves).
+inline void transpose_block(const float * src, int64_t lds, float * dst, int64_t ldd) {
+#if defined(__AVX512F__)
+    __m512 u[4][4];
+    for (int g = 0; g < 4; ++g) {
+        const float * s = src + 4 * g * lds;
+        const __m512 r0 = _mm512_loadu_ps(s), r1 = _mm512_loadu_ps(s + lds);
+        const __m512 r2 = _mm512_loadu_ps(s + 2 * lds), r3 = _mm512_loadu_ps(s + 3 * lds);
+        const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r0, r1)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r0, r1));
+        const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r2, r3)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r2, r3));
+        u[g][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));  // lane j: column 4j of rows 4g..4g+3
+        u[g][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        u[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        u[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512 a = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0x44), b = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0xEE);
+        const __m512 x = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0x44), y = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0xEE);
+        _mm512_storeu_ps(dst + c * ldd, _mm512_shuffle_f32x4(a, x, 0x88));
+        _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(a, x, 0xDD));
+        _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(b, y, 0x88));
+        _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(b, y, 0xDD));
+    }
+#else
+    __m256 u[2][4];
+    for (int g = 0; g < 2; ++g) {
+        const float * s = src + 4 * g * lds;
+        const __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds);
+        const __m256 r2 = _mm256_loadu_ps(s + 2 * lds), r3 = _mm256_loadu_ps(s + 3 * lds);
+        const __m256d t0 = _mm256_castps_pd(_mm256_unpacklo_ps(r0, r1)), t1 = _mm256_castps_pd(_mm256_unpackhi_ps(r0, r1));
+        const __m256d t2 = _mm256_castps_pd(_mm256_unpacklo_ps(r2, r3)), t3 = _mm256_castps_pd(_mm256_unpackhi_ps(r2, r3));
+        u[g][0] = _mm256_castpd_ps(_mm256_unpacklo_pd(t0, t2));
+        u[g][1] = _mm256_castpd_ps(_mm256_unpackhi_pd(t0, t2));
+        u[g][2] = _mm256_castpd_ps(_mm256_unpacklo_pd(t1, t3));
+        u[g][3] = _mm256_castpd_ps(_mm256_unpackhi_pd(t1, t3));
+    }
+    for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(u[0][c], u[1][c], 0x20));
+        _mm256_storeu_ps(dst + (4 + c) * ldd, _mm256_permute2f128_ps(u[0][c], u[1][c], 0x31));
+    }
+#endif
+}
+
 // The first `rows` x `cols` of an MR x NR tile of sums s into C (rows ldc apart): C = s,
 // or C += s when acc.
 inline void store_tile(vf (&s)[MR][NV], float * c, int64_t ldc, bool acc, int rows, int cols) {

@@ -49,26 +49,30 @@ struct Gemm {
     float * c;
 };
 
-// Weight rows [i0, i0 + tiles*NR) x [k0, k0 + kc) into panels [tile][kc][NR], zeros past m.
-void pack_weights(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t kc, float * out, float * row) {
+// Weight rows [i0, i0 + tiles*NR) x [k0, k0 + kc) into panels [tile][kc][NR], zeros past
+// m: each tile's NR rows widened to f32 into `rows` (NR rows of kc), then transposed a
+// VL x VL block at a time.
+void pack_weights(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t kc, float * out, float * rows) {
+    const size_t esize = ggml_type_size(g.a_type);
     for (int64_t t = 0; t < tiles; ++t) {
         float * panel = out + t * kc * NR;
         for (int r = 0; r < NR; ++r) {
             const int64_t i = i0 + t * NR + r;
             if (i >= g.m) {
-                for (int64_t l = 0; l < kc; ++l) {
-                    panel[l * NR + r] = 0.0f;
-                }
-                continue;
-            }
-            const float * src = row;
-            if (g.a_type == GGML_TYPE_F32) {
-                src = (const float *) g.a + i * g.lda + k0;
+                std::memset(rows + r * kc, 0, sizeof(float) * kc);
             } else {
-                widen(g.a_type, (const char *) g.a + (i * g.lda + k0) * ggml_type_size(g.a_type), row, kc);
+                widen(g.a_type, (const char *) g.a + (i * g.lda + k0) * esize, rows + r * kc, kc);
             }
-            for (int64_t l = 0; l < kc; ++l) {
-                panel[l * NR + r] = src[l];
+        }
+        const int64_t whole = kc - kc % VL;
+        for (int r0 = 0; r0 < NR; r0 += VL) {
+            for (int64_t l0 = 0; l0 < whole; l0 += VL) {
+                transpose_block(rows + r0 * kc + l0, kc, panel + l0 * NR + r0, NR);
+            }
+            for (int64_t l = whole; l < kc; ++l) {
+                for (int r = r0; r < r0 + VL; ++r) {
+                    panel[l * NR + r] = rows[r * kc + l];
+                }
             }
         }
     }
@@ -101,8 +105,26 @@ struct Scratch {
 thread_local Scratch t_scratch;
 
 #if SFUMATO_BF16_TILE
-// The bf16 mode's products for activation panels [p0, p1) and the chunk's nt weight tiles
-// from tb, packed as f32 in s.weights: both rounded to bf16 and paired along k.
+// The bf16 mode: activation rows [p0*MR, p1*MR) x [k0, k0 + kc) rounded to bf16 once per
+// block of k, as panels of MR rows (kc rounded up to pairs, then ROW_PAD), zeros past n.
+void bf16_activations(const Gemm & g, int64_t p0, int64_t p1, int64_t k0, int64_t kc, Scratch & s) {
+    const int64_t kce = (kc + 1) & ~(int64_t) 1, lda = kce + ROW_PAD;
+    s.activations_bf16.resize((p1 - p0) * MR * lda);
+    for (int64_t j = p0 * MR; j < p1 * MR; ++j) {
+        uint16_t * out = s.activations_bf16.data() + (j - p0 * MR) * lda;
+        if (j < g.n) {
+            f32_to_bf16(g.b + j * g.ldb + k0, out, kc);
+            if (kc < kce) {
+                out[kc] = 0;
+            }
+        } else {
+            std::memset(out, 0, sizeof(uint16_t) * kce);
+        }
+    }
+}
+
+// The bf16 mode's products of those panels with the chunk's nt weight tiles from tb
+// (packed as f32 in s.weights; paired along k and rounded to bf16 here).
 void bf16_panels(const Gemm & g, int64_t p0, int64_t p1, int64_t tb, int64_t nt, int64_t k0, int64_t kc, Scratch & s) {
     const int64_t kce = (kc + 1) & ~(int64_t) 1, lda = kce + ROW_PAD;
     for (int64_t t = 0; t < nt; ++t) {
@@ -110,22 +132,12 @@ void bf16_panels(const Gemm & g, int64_t p0, int64_t p1, int64_t tb, int64_t nt,
     }
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t j0 = p * MR;
-        for (int r = 0; r < MR; ++r) {
-            uint16_t * out = s.activations_bf16.data() + r * lda;
-            if (j0 + r < g.n) {
-                f32_to_bf16(g.b + (j0 + r) * g.ldb + k0, out, kc);
-                if (kc < kce) {
-                    out[kc] = 0;
-                }
-            } else {
-                std::memset(out, 0, sizeof(uint16_t) * kce);
-            }
-        }
+        const uint16_t * panel = s.activations_bf16.data() + (p - p0) * MR * lda;
         for (int64_t t = 0; t < nt; ++t) {
             const int64_t i0 = (tb + t) * NR;
             const int rows = (int) std::min<int64_t>(MR, g.n - j0), cols = (int) std::min<int64_t>(NR, g.m - i0);
-            micro_kernel_bf16(kce, s.activations_bf16.data(), lda, s.weights_bf16.data() + t * kce * NR,
-                              g.c + j0 * g.ldc + i0, g.ldc, k0 > 0, rows, cols);
+            micro_kernel_bf16(kce, panel, lda, s.weights_bf16.data() + t * kce * NR, g.c + j0 * g.ldc + i0, g.ldc,
+                              k0 > 0, rows, cols);
         }
     }
 }
@@ -153,19 +165,23 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     Scratch & s = t_scratch;
     s.weights.resize(chunk_tiles * kc_max * NR);
     s.activations.resize((kc_max + ROW_PAD) * MR);
-    s.row.resize(kc_max);
+    s.row.resize(NR * kc_max);
 #if SFUMATO_BF16_TILE
     const bool bf16 = sfumato_bf16_enabled() != 0;
     const int64_t kce_max = (kc_max + 1) & ~(int64_t) 1;  // k rounded up to pairs
     if (bf16) {
         s.weights_bf16.resize(chunk_tiles * kce_max * NR);
-        s.activations_bf16.resize((kce_max + ROW_PAD) * MR);
     }
 #else
     const bool bf16 = false;
 #endif
     for (int64_t k0 = 0; k0 < g.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, g.k - k0);
+#if SFUMATO_BF16_TILE
+        if (bf16) {
+            bf16_activations(g, p0, p1, k0, kc, s);
+        }
+#endif
         for (int64_t tb = t0; tb < t1; tb += chunk_tiles) {
             const int64_t nt = std::min(chunk_tiles, t1 - tb);
             pack_weights(g, tb * NR, nt, k0, kc, s.weights.data(), s.row.data());
