@@ -47,49 +47,33 @@ constexpr int64_t ROW_PAD = 16;  // floats after each V^T row (rows a power of t
 #if defined(__AVX512F__)
 inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-inline float vreduce_max(vf a) { return _mm512_reduce_max_ps(a); }
-// e^x for x <= 0 (scores minus their maximum); 0 far below.
-inline vf vexp(vf x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    vf p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
+constexpr float EXP_FLOOR = -104.0f;  // e^x is 0 in f32 below this (scalef flushes it)
+inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT); }
+inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
 #else
 inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
 inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-inline float vreduce_max(vf a) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-inline vf vexp(vf x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // 2^n stays a normal float
-    const vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    vf p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+constexpr float EXP_FLOOR = -87.0f;  // 2^n stays a normal float
+inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vscale2(vf p, vf n) {  // p * 2^n, n a whole number in [-126, 127]
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 #endif
+
+// e^x for x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2/2 (ln2 in
+// two parts), e^r by its Taylor polynomial of degree 6, times 2^n.
+inline vf vexp(vf x) {
+    x = vmax(x, vset1(EXP_FLOOR));
+    const vf n = vround(vmul(x, vset1(1.44269504f)));
+    vf r = vfma(n, vset1(-0.693145751953125f), x);
+    r = vfma(n, vset1(-1.428606765330187e-06f), r);
+    vf p = vset1(1.0f / 720);
+    for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
+        p = vfma(p, r, vset1(c));
+    }
+    return vscale2(p, n);
+}
 
 struct Attention {
     ggml_tensor * dst;

@@ -37,6 +37,7 @@ inline vf vload(const float * p) { return _mm512_loadu_ps(p); }
 inline void vstore(float * p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 // The first n (< VL) lanes.
 inline vf vload_first(const float * p, int n) { return _mm512_maskz_loadu_ps((__mmask16) ((1u << n) - 1), p); }
 inline void vstore_first(float * p, vf v, int n) { _mm512_mask_storeu_ps(p, (__mmask16) ((1u << n) - 1), v); }
@@ -60,6 +61,7 @@ inline vf vload(const float * p) { return _mm256_loadu_ps(p); }
 inline void vstore(float * p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline __m256i first_lanes(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 // The first n (< VL) lanes.
 inline vf vload_first(const float * p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }

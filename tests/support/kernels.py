@@ -306,7 +306,7 @@ def check_mul_mat(module: Module, case: MatCase, seed: int = 0, bf16: bool = Fal
 
     def compute(rounded: bool) -> np.ndarray:
         weights = np.repeat(_operand(a_values, rounded), case.batch // case.batch_a, axis=0)
-        return np.einsum("bmk,bnk->bnm", weights, _operand(b, rounded))
+        return np.asarray(np.einsum("bmk,bnk->bnm", weights, _operand(b, rounded)), dtype=np.float64)
 
     return {"case": case.name, **_errors(module, build, compute, bf16)}
 
@@ -343,7 +343,7 @@ def check_attention(module: Module, case: AttnCase, seed: int = 0) -> dict[str, 
         scores = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), keys64) * scale + mask.astype(np.float64)
         weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
         weights /= weights.sum(axis=-1, keepdims=True)
-        out = np.einsum("bhqk,bhkd->bhqd", weights, values64)
+        out = np.asarray(np.einsum("bhqk,bhkd->bhqd", weights, values64), dtype=np.float64)
         return out.transpose(0, 2, 1, 3)  # ggml's output: [batch, query, head, d]
 
     return {"case": case.name, **_errors(module, build, compute, bf16=False)}

@@ -37,32 +37,30 @@ PRECISIONS = ("exact", "bf16")
 BF16 = "+bf16"  # the mark of an operation's bf16 mode in a module's list
 
 
-def kernels_choice() -> str:
-    """``SFUMATO_KERNELS``: ``"sfumato"`` (also when unset) or ``"ggml"``.
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable ``name``, one of ``choices`` (the first when unset).
 
     Raises
     ------
     InvalidParameterError
         When it names anything else.
     """
-    value = os.environ.get(ENV_KERNELS, "").strip() or "sfumato"
-    if value not in KERNEL_CHOICES:
-        raise InvalidParameterError(ENV_KERNELS, f"must be one of {list(KERNEL_CHOICES)}, got {value!r}")
+    value = os.environ.get(name, "") or choices[0]
+    if value not in choices:
+        raise InvalidParameterError(name, f"must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def kernels_choice() -> str:
+    """``SFUMATO_KERNELS``: ``"sfumato"`` (also when unset) or ``"ggml"``; anything else
+    is an :class:`InvalidParameterError`."""
+    return _env_choice(ENV_KERNELS, KERNEL_CHOICES)
 
 
 def precision_choice() -> str:
-    """``SFUMATO_PRECISION``: ``"exact"`` (also when unset) or ``"bf16"``.
-
-    Raises
-    ------
-    InvalidParameterError
-        When it names anything else.
-    """
-    value = os.environ.get(ENV_PRECISION, "").strip() or "exact"
-    if value not in PRECISIONS:
-        raise InvalidParameterError(ENV_PRECISION, f"must be one of {list(PRECISIONS)}, got {value!r}")
-    return value
+    """``SFUMATO_PRECISION``: ``"exact"`` (also when unset) or ``"bf16"``; anything else
+    is an :class:`InvalidParameterError`."""
+    return _env_choice(ENV_PRECISION, PRECISIONS)
 
 
 def carries_bf16(module: Path) -> bool:
