@@ -191,8 +191,6 @@ bool takes(const ggml_tensor * dst) {
            dst->ne[3] == src->ne[3];
 }
 
-// Whether the shape runs here, and the rows of k per block that fit a thread's share of
-// the work buffer (0: it does not fit; ggml's own function runs then).
 // The buffers of a thread: its packed weights, then its packed input.
 struct Buffers {
     size_t weights, input;
@@ -203,6 +201,8 @@ Buffers buffer_bytes(int64_t oc_panels, int64_t kc, bool bf16) {
     return {aligned(esize * oc_panels * MR * row_len(kc, bf16)), aligned(esize * NR_BLOCK * NR * input_rows)};
 }
 
+// Whether the shape runs here, and the rows of k per block that fit a thread's share of
+// the work buffer (0: it does not fit; ggml's own function runs then).
 int64_t block_rows(const ggml_compute_params * params, int64_t oc_panels, int64_t k, bool bf16) {
     const size_t share = (params->wsize / params->nth) & ~(size_t) 63;
     for (int64_t kc = std::min(KC_MAX, k); kc >= std::min(KC_MIN, k); kc /= 2) {

@@ -127,7 +127,6 @@ void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
     }
 }
 
-// The NR queries from q0 of (head h, batch n) into their output rows.
 // The mask's row for query q of (head h, batch n).
 const ggml_fp16_t * mask_row(const Attention & a, int64_t h, int64_t n, int64_t q) {
     return (const ggml_fp16_t *) ((const char *) a.mask->data + q * a.mask->nb[1] + (h % a.mask->ne[2]) * a.mask->nb[2] +
