@@ -27,7 +27,7 @@ from PIL import Image
 
 from sfumato import images as imaging
 from sfumato.chain import RefinerPlan, run_with_refiner
-from sfumato.engine.cpu_variants import ENV_CPU_VARIANT, bf16_variants, check_variant, variant_modules
+from sfumato.engine.cpu_variants import ENV_CPU_VARIANT, bf16_variants, check_variant
 from sfumato.engine.devices import Device, check_device, device_env
 from sfumato.engine.kernels import ENV_PRECISION
 from sfumato.engine.library import load_engine
@@ -270,7 +270,7 @@ def load_model(
         raise InvalidParameterError("model_type", f"must be 'diffusion', got {model_type!r}")
     config = parse_model_config(model_config)
     device = check_device(config.device)
-    variants = variant_modules({m.name: m.path for m in load_engine().modules})
+    variants = load_engine().cpu_variants
     cpu_variant = check_variant(config.cpu_variant, variants, "model_config.cpu_variant")
     weight_type = config.weight_type
     check_precision(config.precision, device, variants, cpu_variant)

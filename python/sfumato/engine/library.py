@@ -48,7 +48,7 @@ import cffi
 
 from sfumato.engine import _cdefs
 from sfumato.engine.build import EngineBuild, read_build
-from sfumato.engine.cpu_variants import CACHE_FILE, CpuChoice, choose_variant
+from sfumato.engine.cpu_variants import CACHE_FILE, CpuChoice, choose_variant, variant_modules
 from sfumato.engine.kernels import CONV_2D, FLASH_ATTN_EXT, kernels_choice, module_kernels, precision_choice
 from sfumato.errors import EngineABIError, EngineNotFoundError
 from sfumato.registry import cache_dir
@@ -339,6 +339,11 @@ class Engine:
         if kernels_choice() == "ggml" or not self.modules or not _is_cpu(self.modules[0].name):
             return {}
         return dict(self.modules[0].kernels)
+
+    @property
+    def cpu_variants(self) -> dict[str, Path]:
+        """The build's CPU variant modules (``libggml-cpu-<variant>``), by variant name."""
+        return variant_modules({m.name: m.path for m in self.modules})
 
     @property
     def gpu_devices(self) -> int:

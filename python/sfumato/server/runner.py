@@ -28,9 +28,8 @@ from prometheus_client import Histogram
 
 import sfumato
 from sfumato.api import check_precision
-from sfumato.engine.cpu_variants import variant_modules
 from sfumato.engine.devices import check_device
-from sfumato.engine.library import backend_modules, locate_library
+from sfumato.engine.library import load_engine
 from sfumato.errors import InvalidParameterError, JobCancelledError, SfumatoError
 from sfumato.families.embeddings import TEXT_WIDTHS
 from sfumato.results import DiffusionResult
@@ -112,7 +111,7 @@ def check_runner(settings: ServerSettings) -> None:
         except InvalidParameterError as exc:
             raise SfumatoError(f"--device: {exc.message}") from None
         try:
-            check_precision(settings.precision, device, variant_modules(backend_modules(locate_library())), None)
+            check_precision(settings.precision, device, load_engine().cpu_variants, None)
         except InvalidParameterError as exc:
             raise SfumatoError(f"--precision: {exc.message}") from None
 
