@@ -171,7 +171,8 @@ def upscale(config: dict[str, Any]) -> dict[str, float]:
 def queue(config: dict[str, Any]) -> dict[str, float]:
     import threading
 
-    from sfumato.server.store import DONE, open_store
+    from sfumato.server.jobs import open_store
+    from sfumato.server.jobs.store import DONE
 
     def opened() -> Any:
         return open_store(config["store"], Path(config["folder"]) / "jobs.sqlite3", config["jobs"] + 1)

@@ -142,7 +142,8 @@ def test_every_listing_route(client: TestClient, settings: ServerSettings) -> No
     )
     memory = get("memory").json()
     assert memory["ram"]["total"] == psutil.virtual_memory().total
-    assert memory["ram"]["free"] + memory["ram"]["used"] == memory["ram"]["total"] and "error" in memory["cuda"]
+    assert memory["ram"]["free"] + memory["ram"]["used"] == memory["ram"]["total"]
+    assert "CPU" in memory["cuda"]["error"]  # no CUDA device here: the error names the engine's devices
     flags = get("cmd-flags").json()
     assert flags["ckpt_dir"] == str(settings.models_dir) and flags["lora_dir"] == str(settings.loras_dir)
     assert client.get("/internal/ping").json() == {}

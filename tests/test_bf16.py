@@ -18,12 +18,12 @@ import pytest
 
 import sfumato
 from sfumato import errors
-from sfumato.api import check_precision
 from sfumato.engine.cpu_variants import BF16_FLAGS, variant_modules
 from sfumato.engine.devices import Device
 from sfumato.engine.kernels import carries_bf16
 from sfumato.engine.library import load_engine
 from sfumato.images import decode_png
+from sfumato.loading import check_precision
 
 from .helpers import assert_far, difference, sdk_script
 

@@ -15,6 +15,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from sfumato.cli.flags import DEFAULT_PROMPT, parse_args
+
 from .helpers import SIZE, sfumato_cli
 
 
@@ -39,7 +41,7 @@ def test_info_reports_engine_library_and_devices() -> None:
 
 def test_generate_writes_pngs_and_prints_stats(sd1_tiny_gguf: Path, esrgan_1b: Path, tmp_path: Path) -> None:
     done = sfumato_cli(
-        "generate", "--model", str(sd1_tiny_gguf), "--prompt", "a boat", "--width", str(SIZE), "--height", str(SIZE),
+        "generate", "a boat", "--model", str(sd1_tiny_gguf), "--width", str(SIZE), "--height", str(SIZE),
         "--steps", "2", "--seed", "11", "--batch-count", "2", "--threads", "2",
         "--upscaler", str(esrgan_1b), "--upscale", "--output", str(tmp_path),
     )  # fmt: skip
@@ -147,6 +149,16 @@ def test_upscale_command(esrgan_1b: Path, gradient_image: np.ndarray, tmp_path: 
     assert done.returncode == 0, done.stderr
     with Image.open(tmp_path / "small-upscaled.png") as image:
         assert image.size == (256, 256)
+
+
+def test_the_prompt_is_a_positional_argument_or_a_flag_but_not_both() -> None:
+    assert parse_args(["generate", "a cat", "-m", "m.gguf"]).prompt == "a cat"
+    assert parse_args(["generate", "-m", "m.gguf", "a cat"]).prompt == "a cat"
+    assert parse_args(["generate", "--prompt", "a dog"]).prompt == "a dog"
+    assert parse_args(["generate"]).prompt == DEFAULT_PROMPT  # the demo prompt of a bare `sfumato generate`
+    twice = sfumato_cli("generate", "a cat", "--prompt", "a dog")
+    assert twice.returncode == 2
+    assert "the prompt is given twice, as PROMPT and as --prompt" in twice.stderr
 
 
 def test_errors_exit_2_with_the_message(tmp_path: Path) -> None:

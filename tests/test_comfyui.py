@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 
 import sfumato
 from sfumato.params import SAMPLING_METHODS, SCHEDULER_NAMES
-from sfumato.server.comfy_graph import compile_prompt
+from sfumato.server.apis.comfy.compile import compile_prompt
 from sfumato.server.settings import ServerSettings
 
 from .helpers import CKPT, SIZE, default_graph, job_body, png_bytes, run, serving, wait_history, wait_job
@@ -383,7 +383,7 @@ def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
 
 
 def test_comfy_names_map_to_engine_names() -> None:
-    from sfumato.server.names import COMFY_SAMPLERS, COMFY_SCHEDULERS
+    from sfumato.server.models.names import COMFY_SAMPLERS, COMFY_SCHEDULERS
 
     assert set(COMFY_SAMPLERS.values()) <= set(SAMPLING_METHODS)
     assert set(COMFY_SCHEDULERS.values()) <= set(SCHEDULER_NAMES)

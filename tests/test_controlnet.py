@@ -139,7 +139,7 @@ def test_a1111_alwayson_controlnet(settings: ServerSettings, sd1_gguf: Path, sd1
 
 
 def test_a_control_plan_survives_its_json_round_trip() -> None:
-    from sfumato.server.jobplan import Generation, JobPlan
+    from sfumato.server.jobs.plan import Generation, JobPlan
 
     work = Generation(
         prompt="p", negative_prompt="", width=SIZE, height=SIZE, steps=2, cfg_scale=7.0, sampling_method=None,

@@ -1,4 +1,4 @@
-"""FLUX.2 [klein], the split layout of seed 001: detection and companion
+"""FLUX.2 [klein], the split layout of the QVAC image-generation guide: detection and companion
 checks before any engine call, the mapping onto the engine's context, and
 real engine runs (txt2img, and image-to-image by in-context conditioning with
 one or several references) from the SDK and the CLI, on self-made random

@@ -1,4 +1,4 @@
-"""Hires fix on the real engine: SDK, CLI and the HTTP APIs (seed 002, A1111)."""
+"""Hires fix on the real engine: SDK, CLI and the HTTP APIs (the job-queue API, A1111)."""
 
 from __future__ import annotations
 

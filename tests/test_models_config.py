@@ -22,11 +22,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sfumato.cli import main
+from sfumato.server.apis.comfy.compile import compile_prompt
+from sfumato.server.apis.openai import QUALITY_STEPS
 from sfumato.server.app import announcement, create_app
-from sfumato.server.comfy_graph import compile_prompt
-from sfumato.server.jobplan import JobPlan
-from sfumato.server.models_config import ModelsConfigError, read_models_config
-from sfumato.server.openai import QUALITY_STEPS
+from sfumato.server.jobs.plan import JobPlan
+from sfumato.server.models.config import ModelsConfigError, read_models_config
 from sfumato.server.settings import ServerSettings
 
 from .helpers import SIZE, pixels, wait_history, wait_job
@@ -336,7 +336,7 @@ def _comfy_graph(
 def _served_alike(tmp_path: Path, model: str, files: dict[str, Path], table: str, graph: dict[str, Any]) -> None:
     """Serve ``files`` (linked under their keys' names) as the configured ``model``
     (``table``: its keys after ``file``, companions and defaults), then make the same
-    generation through seed 002's job API and A1111 (each leaving the steps, sampler,
+    generation through the job-queue API and A1111 (each leaving the steps, sampler,
     scheduler, CFG and size to the model's defaults) and the ComfyUI ``graph``: one
     picture, three times."""
     _link(tmp_path / "models", **files)

@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from pydantic import BaseModel
 
 import sfumato
-from sfumato.cli import build_parser
+from sfumato.cli.flags import build_parser
 from sfumato.params import DiffusionParams, HiresConfig, ModelConfig, UpscalerConfig
 
 
@@ -67,24 +67,24 @@ def test_reference_names_are_all_accepted() -> None:
 
 
 # Each HTTP API family's own defaults, as the documents that specify it give them
-# (seed 002's field comments, seed 003's parameter table, seed 004's JSON schema,
+# (the job-queue API's field comments, the parameter-schema API's parameter table, Workers AI's JSON schema,
 # AUTOMATIC1111's API, OpenAI's images API), checked against the schemas' fields.
 SPECIFIED_DEFAULTS: dict[str, dict[str, object]] = {
-    "sfumato.server.job_queue.Txt2ImgRequest": {
+    "sfumato.server.apis.job_queue.Txt2ImgRequest": {
         "steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "jpeg_quality": 85, "refiner_switch_at": 0.8,
         "seed": -1, "fileType": "jpg", "sampler_name": "DPM++ 2M Karras", "scheduler_type": "karras",
     },
-    "sfumato.server.job_queue.HiresFields": {
+    "sfumato.server.apis.job_queue.HiresFields": {
         "scale": 2.0, "upscaler": "Latent", "steps": 20, "denoising_strength": 0.4,
     },
-    "sfumato.server.param_schema.DiffusionBody": {
+    "sfumato.server.apis.param_schema.DiffusionBody": {
         "steps": 20, "guidance": 7.5, "width": 320, "height": 320, "seed": 1, "strength": 0.75, "cimg": 1,
     },
-    "sfumato.server.workers_ai.RunBody": {"num_steps": 20, "guidance": 7.5, "strength": 1},
-    "sfumato.server.a1111.Txt2ImgBody": {
+    "sfumato.server.apis.workers_ai.RunBody": {"num_steps": 20, "guidance": 7.5, "strength": 1},
+    "sfumato.server.apis.a1111.schemas.Txt2ImgBody": {
         "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "batch_size": 1, "n_iter": 1,
     },
-    "sfumato.server.openai.GenerationsBody": {"n": 1, "size": "auto", "output_format": "png"},
+    "sfumato.server.apis.openai.GenerationsBody": {"n": 1, "size": "auto", "output_format": "png"},
 }  # fmt: skip
 
 
@@ -103,23 +103,23 @@ def test_every_http_schema_has_its_specified_defaults() -> None:
 
 
 # A minimal request of each API family, and what its defaults mean in the SDK's
-# names (the sampler names resolved to the engine's, as sfumato.server.names maps them).
+# names (the sampler names resolved to the engine's, as sfumato.server.models.names maps them).
 MINIMAL_REQUESTS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
-    "sfumato.server.job_queue.Txt2ImgRequest": (
+    "sfumato.server.apis.job_queue.Txt2ImgRequest": (
         {"prompt": "p"},
         {"steps": 30, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "batch_count": 1,
          "sampling_method": "dpm++2m", "scheduler": "karras", "hires": None, "init_image": None},
     ),
-    "sfumato.server.param_schema.DiffusionBody": (
+    "sfumato.server.apis.param_schema.DiffusionBody": (
         {"word": "p"},
         {"steps": 20, "cfg_scale": 7.5, "width": 320, "height": 320, "seed": 1, "batch_count": 1,
          "sampling_method": None, "scheduler": None, "init_image": None},
     ),
-    "sfumato.server.workers_ai.RunBody": (
+    "sfumato.server.apis.workers_ai.RunBody": (
         {"prompt": "p"},
         {"steps": 20, "cfg_scale": 7.5, "width": 512, "height": 512, "seed": -1, "batch_count": 1, "init_image": None},
     ),
-    "sfumato.server.a1111.Txt2ImgBody": (
+    "sfumato.server.apis.a1111.schemas.Txt2ImgBody": (
         {},
         {"prompt": "", "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "seed": -1, "batch_count": 1,
          "sampling_method": "euler", "scheduler": None, "hires": None, "loras": []},
@@ -132,7 +132,7 @@ def test_each_schema_turns_its_defaults_into_the_sdk_params() -> None:
         params = _schema(path).model_validate(body).to_params()  # type: ignore[attr-defined]
         assert isinstance(params, DiffusionParams)
         assert {key: getattr(params, key) for key in expected} == expected, path
-    openai = _schema("sfumato.server.openai.GenerationsBody").model_validate({"prompt": "p"})
+    openai = _schema("sfumato.server.apis.openai.GenerationsBody").model_validate({"prompt": "p"})
     params = openai.to_params((512, 512))  # type: ignore[attr-defined]
     assert (params.steps, params.batch_count, params.strength) == (20, 1, DiffusionParams.strength)  # quality auto
     assert openai.to_params((512, 512), b"image", b"mask").strength == 1.0  # type: ignore[attr-defined]
@@ -162,8 +162,10 @@ def test_the_cli_model_flags_have_the_model_config_defaults() -> None:
 
 
 def test_the_sdk_cli_and_http_share_the_refiner_switch_and_the_seed_range() -> None:
-    from sfumato.params import MAX_SEED, RefinerConfig
-    from sfumato.server import a1111, job_queue, openai
+    from sfumato.limits import MAX_SEED
+    from sfumato.params import RefinerConfig
+    from sfumato.server.apis import job_queue, openai
+    from sfumato.server.apis.a1111 import schemas as a1111
 
     switch = {f.name: f.default for f in fields(RefinerConfig)}["switch_at"]
     generate = {a.dest: a for a in _subparser("generate")._actions}  # type: ignore[attr-defined]
@@ -176,7 +178,61 @@ def test_the_sdk_cli_and_http_share_the_refiner_switch_and_the_seed_range() -> N
 
 
 def test_the_cli_passes_every_model_config_flag() -> None:
-    from sfumato.cli import _model_config
+    from sfumato.cli.flags import model_config_of
 
-    config = _model_config(build_parser().parse_args(["generate"]), "diffusion")
+    config = model_config_of(build_parser().parse_args(["generate"]), "diffusion")
     assert set(config) == {f.name for f in fields(ModelConfig)} - {"upscaler"}  # upscaler: only with --upscaler
+
+
+# The request schemas of each HTTP API, and the table key prefix of nested ones.
+API_SCHEMAS: dict[str, list[str]] = {
+    "job_queue": ["Txt2ImgRequest", "Img2ImgRequest", "HiresFields", "LoRA"],
+    "a1111": ["schemas.Txt2ImgBody", "schemas.Img2ImgBody", "schemas.ControlUnit", "schemas.HonouredOptions",
+              "schemas.PreviewOptions", "schemas.ExtraSingleImageBody", "schemas.ExtraBatchImagesBody"],
+    "param_schema": ["DiffusionBody"],
+    "workers_ai": ["RunBody"],
+    "openai": ["GenerationsBody"],
+}  # fmt: skip
+NESTED = {"HiresFields": "hires.", "LoRA": "loras."}
+
+
+def test_every_schema_takes_its_defaults_and_bounds_from_the_limits_table() -> None:
+    from sfumato import limits
+
+    checked = 0
+    for api, names in API_SCHEMAS.items():
+        for name in names:
+            schema = _schema(f"sfumato.server.apis.{api}.{name}")
+            for field_name, info in schema.model_fields.items():
+                key = NESTED.get(schema.__name__, "") + field_name
+                bounds = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in info.metadata
+                          if type(m).__name__ in ("Ge", "Le", "Gt", "Lt")}  # fmt: skip
+                where = f"{api}: {schema.__name__}.{field_name}"
+                row = limits.APIS[api].get(key) or limits.SDK.get(key)
+                if row is None:
+                    assert not bounds, f"{where} has bounds {bounds} that the limits table does not declare"
+                    continue
+                assert info.default == row.default, where
+                declared = {k: v for k, v in (("ge", row.ge), ("le", row.le), ("gt", row.gt)) if v is not None}
+                assert bounds == declared, where
+                checked += 1
+    assert checked >= 40  # every API's numeric fields, not a vacuous pass
+
+
+def test_the_sdk_refuses_each_value_past_its_row_of_the_limits_table() -> None:
+    from sfumato import limits
+    from sfumato.errors import InvalidParameterError
+    from sfumato.params import validate_diffusion
+
+    for name in ("steps", "cfg_scale", "guidance", "seed", "batch_count", "strength", "clip_skip", "eta",
+                 "img_cfg_scale", "control_strength", "preview_interval"):  # fmt: skip
+        row = limits.SDK[name]
+        assert row.ge is not None and row.le is not None
+        validate_diffusion(DiffusionParams(prompt="p", **{name: row.le}))  # the bound itself is allowed
+        past = row.le + 1
+        try:
+            validate_diffusion(DiffusionParams(prompt="p", **{name: past}))
+        except InvalidParameterError as exc:
+            assert exc.field == name, (name, exc.field)
+        else:
+            raise AssertionError(f"{name}={past} passed the SDK's check")

@@ -1,4 +1,4 @@
-"""The parameter-schema API (seed 003): its config document, the POST with
+"""The parameter-schema API: its config document, the POST with
 ``url_upload`` and a samples count, on the real engine."""
 
 from __future__ import annotations

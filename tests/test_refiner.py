@@ -1,4 +1,4 @@
-"""The refiner: a second pass on another loaded model, as seed 002's
+"""The refiner: a second pass on another loaded model, as the job-queue API's
 ``refiner_checkpoint`` / ``refiner_switch_at``. The engine runs both passes;
 the mechanism is the same for every family, so the fast SD layouts stand in
 for SDXL base and refiner (an SD 2.x file refines an SD 1.x one here)."""

@@ -14,7 +14,7 @@ import pytest
 
 import sfumato
 from sfumato import errors
-from sfumato.cli import parse_args
+from sfumato.cli.flags import parse_args
 from sfumato.families.detect import FAMILY_SDXL, detect, read_tensor_table
 from sfumato.images import decode_png
 

@@ -1,4 +1,4 @@
-"""``sfumato serve``: the job-queue API (seed 002) on the real engine, durable jobs,
+"""``sfumato serve``: the job-queue API on the real engine, durable jobs,
 auth, limits and the error shape."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_limits_are_the_schemas_narrowed_by_the_servers(settings: ServerSettings
     with TestClient(create_app(replace(settings, max_steps=40, max_pixels=256 * 256))) as client:
         limits = client.get("/limits").json()
     assert (limits["max_steps"], limits["max_pixels"], limits["side_multiple"]) == (40, 256 * 256, 64)
-    # The request schema's bounds (seed 002's ranges), the steps narrowed to the server's;
+    # The request schema's bounds (the job-queue API's ranges), the steps narrowed to the server's;
     # a side may reach the pixels over the smallest other side, to a multiple of 64.
     assert limits["minimum"] == {"steps": 1, "cfg_scale": 0, "width": 64, "height": 64, "seed": -1, "strength": 0}
     assert limits["maximum"]["steps"] == 40 and limits["maximum"]["cfg_scale"] == 30
@@ -326,7 +326,7 @@ def test_jobs_a_store_held_before_plans_had_a_version_run_after_the_upgrade(sett
 def test_a_store_of_a_later_schema_is_refused_by_name(settings: ServerSettings) -> None:
     import sqlite3
 
-    from sfumato.server.store import StoreVersionError
+    from sfumato.server.jobs.schema import StoreVersionError
 
     _write_old_store(settings.db_path, {})
     with sqlite3.connect(str(settings.db_path)) as db:
@@ -338,7 +338,7 @@ def test_a_store_of_a_later_schema_is_refused_by_name(settings: ServerSettings) 
 
 
 def test_a_plan_survives_its_json_round_trip(client: TestClient, settings: ServerSettings) -> None:
-    from sfumato.server.jobplan import JobPlan
+    from sfumato.server.jobs.plan import JobPlan
 
     body = job_body(init_image=base64.b64encode(png_bytes(np.zeros((SIZE, SIZE, 3), np.uint8))).decode())
     accepted = client.post("/img2img", json={**body, "hires": {"enabled": True, "scale": 2.0, "steps": 1}})

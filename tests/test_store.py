@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 
 from sfumato.cli import main
 from sfumato.server.app import create_app
-from sfumato.server.settings import ServerSettings
-from sfumato.server.store import (
-    _SCHEMA,
+from sfumato.server.jobs import open_store
+from sfumato.server.jobs.schema import SCHEMA, SCHEMA_VERSION, StoreVersionError
+from sfumato.server.jobs.store import (
     CANCELLED,
     CLAIM_DELAY_S,
     DONE,
@@ -30,15 +30,13 @@ from sfumato.server.store import (
     MAX_ATTEMPTS,
     PROCESSING,
     QUEUED,
-    SCHEMA_VERSION,
     JobStore,
     QueueFullError,
-    SqliteJobStore,
-    StoreVersionError,
     WorkerInfo,
-    open_store,
 )
-from sfumato.server.store_pg import StoreSpecError
+from sfumato.server.jobs.store_pg import StoreSpecError
+from sfumato.server.jobs.store_sqlite import SqliteJobStore
+from sfumato.server.settings import ServerSettings
 from tests.support.postgres import PostgresServer
 
 from .helpers import MODEL, SIZE, job_body, pixels, wait_job
@@ -249,13 +247,13 @@ def test_an_older_store_is_migrated_with_its_jobs(
     if url is None:
         path = tmp_path / "old.sqlite3"
         with sqlite3.connect(path) as conn:
-            conn.executescript(_SCHEMA.format(real="REAL"))
+            conn.executescript(SCHEMA.format(real="REAL"))
             conn.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             conn.execute("PRAGMA user_version = 2")
         old = open_store(None, path, 64)
     else:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
+            conn.execute(SCHEMA.format(real="DOUBLE PRECISION"))
             conn.execute("CREATE TABLE sfumato_schema (version INTEGER NOT NULL)")
             conn.execute("INSERT INTO sfumato_schema VALUES (2)")
             conn.execute("INSERT INTO jobs VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", row)

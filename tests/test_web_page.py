@@ -67,7 +67,7 @@ def test_generate_and_cancel_in_the_browser(browser: Browser, settings: ServerSe
     with serving(settings, "--max-steps", "90", "--max-pixels", str(512 * 256)) as url:
         page, requested = _open(browser, url)
         expect(page.locator("#model option")).to_have_count(1)
-        # The form offers the server's limits and seed 002's defaults.
+        # The form offers the server's limits and the job-queue API's defaults.
         expect(page.locator("#sampler")).to_have_value("DPM++ 2M Karras")
         expect(page.locator("#scheduler")).to_have_value("karras")
         expect(page.locator("#steps")).to_have_attribute("max", "90")

@@ -1,4 +1,4 @@
-"""The Workers-AI-style synchronous route (seed 004): one request answered with
+"""The Workers-AI-style synchronous route: one request answered with
 the PNG bytes, on the real engine."""
 
 from __future__ import annotations

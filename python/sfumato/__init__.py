@@ -12,7 +12,6 @@ Three tiers, each usable alone:
 
 from sfumato import presets
 from sfumato.api import (
-    LoadProgress,
     ModelStatus,
     cancel,
     diffusion,
@@ -42,6 +41,7 @@ from sfumato.errors import (
     UnknownModelIdError,
     UnsupportedModelError,
 )
+from sfumato.loading import LoadProgress
 from sfumato.params import (
     CACHE_PRESETS,
     SAMPLING_METHODS,

@@ -105,9 +105,16 @@ class _Run:
             strength = 1.0 - plan.switch_at
             for i, png in enumerate(base_pngs):
                 request = dataclasses.replace(
-                    plan.request, init_image=decode_png(png), mask_image=None, strength=strength,
-                    seed=plan.request.seed + i, batch_count=1, hires=None, loras=[], ref_images=(),
-                )  # fmt: skip
+                    plan.request,
+                    init_image=decode_png(png),
+                    mask_image=None,
+                    strength=strength,
+                    seed=plan.request.seed + i,
+                    batch_count=1,
+                    hires=None,
+                    loras=[],
+                    ref_images=(),
+                )
                 pngs, stats = self.stage(RunJob(request=request), plan.refiner, PHASE_REFINER)
                 refined.append(stats)
                 if plan.upscale_repeats:

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
-from sfumato.engine.requests import ImageArray
 from sfumato.errors import InvalidParameterError
+
+ImageArray = npt.NDArray[np.uint8]
+"""An image as the engine takes and gives it: ``(height, width, channels)`` uint8."""
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", Image.Image, np.ndarray]
 """An image as users give it: PNG/JPEG bytes, a file path, a PIL image, or a

@@ -15,12 +15,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from sfumato.engine.abi import SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
 from sfumato.engine.kernels import PRECISIONS
-from sfumato.engine.library import SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
 from sfumato.engine.requests import PREVIEW_MODES, RNG_TYPES
 from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import FAMILY_FLUX1, FAMILY_FLUX2, FAMILY_SD1, FAMILY_SD2, FAMILY_SD3, FAMILY_SDXL, Family
 from sfumato.images import ImageInput
+from sfumato.limits import SDK, bounds, int_bounds
 
 SAMPLING_METHODS: tuple[str, ...] = SAMPLE_METHOD_ENUM
 """Every sampler name the engine knows: the 14 of the QVAC reference plus ``er_sde``."""
@@ -42,13 +43,12 @@ RNG_NAMES: tuple[str, ...] = tuple(RNG_TYPES)
 
 WEIGHT_TYPE_NAMES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k")
 
-MAX_SEED = 2**63 - 1
-REFINER_SWITCH_AT = 0.8
+REFINER_SWITCH_AT: float = SDK["refiner_switch_at"].default
 """The fraction of the denoising the base model does before a refiner takes over."""
-MAX_BATCH = 16
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-MAX_REPEATS = 4
+MAX_BATCH = int_bounds("batch_count")[1]
+MAX_STEPS = int_bounds("steps")[1]
+MAX_SIDE = int_bounds("width")[1]
+MAX_REPEATS = int_bounds("upscale.repeats")[1]
 
 
 @dataclass(frozen=True)
@@ -76,35 +76,35 @@ class DiffusionParams:
 
     prompt: str
     negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int = 20
-    cfg_scale: float | None = None
-    guidance: float = 3.5
+    width: int | None = SDK["width"].default
+    height: int | None = SDK["height"].default
+    steps: int = SDK["steps"].default
+    cfg_scale: float | None = SDK["cfg_scale"].default
+    guidance: float = SDK["guidance"].default
     sampling_method: str | None = None
     scheduler: str | None = None
-    seed: int = -1
-    batch_count: int = 1
+    seed: int = SDK["seed"].default
+    batch_count: int = SDK["batch_count"].default
     vae_tiling: bool = False
     cache_preset: str | None = None
     init_image: ImageInput | None = None
     mask: ImageInput | None = None
-    strength: float = 0.75
+    strength: float = SDK["strength"].default
     upscale: bool | Mapping[str, Any] | None = None
     hires: bool | Mapping[str, Any] | None = None
     loras: Sequence[Any] = ()
-    clip_skip: int = -1
-    eta: float | None = None
-    img_cfg_scale: float | None = None
+    clip_skip: int = SDK["clip_skip"].default
+    eta: float | None = SDK["eta"].default
+    img_cfg_scale: float | None = SDK["img_cfg_scale"].default
     init_images: Sequence[Any] = ()
     control_image: ImageInput | None = None
-    control_strength: float = 0.9
+    control_strength: float = SDK["control_strength"].default
     preview: str | None = None
-    preview_interval: int = 1
+    preview_interval: int = SDK["preview_interval"].default
 
 
 DEFAULT_CFG_SCALE = 7.0
-MAX_CONTROL_STRENGTH = 2.0
+MAX_CONTROL_STRENGTH = bounds("control_strength")[1]
 FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_FLUX2: 1.0}
 """``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`."""
 FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
@@ -114,7 +114,7 @@ FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
 the transformers patchify 2x2 latents of an 8x VAE."""
 ANY_FAMILY_SIDE_MULTIPLE = max(FAMILY_SIZE_MULTIPLE.values())
 """A multiple every family takes: the server checks sides against it before it knows the model's family."""
-MAX_CLIP_SKIP = 12
+MAX_CLIP_SKIP = int_bounds("clip_skip")[1]
 MAX_REFERENCES = 8
 
 
@@ -182,7 +182,7 @@ def check_upscale_repeats(name: str, value: object) -> int:
         unknown = set(value) - {"repeats"}
         if unknown:
             raise InvalidParameterError(name, f"unknown key(s) {sorted(unknown)}; the only key is 'repeats'")
-        return check_int(f"{name}.repeats", value.get("repeats", 1), 1, MAX_REPEATS)
+        return check_int(f"{name}.repeats", value.get("repeats", 1), *int_bounds("upscale.repeats"))
     raise InvalidParameterError(name, f"must be true, false or {{'repeats': N}}, got {value!r}")
 
 
@@ -190,7 +190,7 @@ HIRES_UPSCALERS = (
     "Latent", "Latent (nearest)", "Latent (nearest-exact)", "Latent (antialiased)", "Latent (bicubic)",
     "Latent (bicubic antialiased)", "Lanczos", "Nearest",
 )  # fmt: skip
-MAX_HIRES_SCALE = 4.0
+MAX_HIRES_SCALE = bounds("hires.scale")[1]
 
 
 @dataclass(frozen=True)
@@ -202,15 +202,15 @@ class HiresConfig:
     request's ``steps``; as in A1111, ``denoising_strength`` of them are run.
     """
 
-    scale: float = 2.0
+    scale: float = SDK["hires.scale"].default
     upscaler: Any = "Latent"
-    steps: int = 0
-    denoising_strength: float = 0.7
+    steps: int = SDK["hires.steps"].default
+    denoising_strength: float = SDK["hires.denoising_strength"].default
     tile_size: int = 128
 
 
 def check_hires(name: str, value: object) -> HiresConfig | None:
-    """``hires`` (``True``, or a mapping of :class:`HiresConfig` fields, seed 002's
+    """``hires`` (``True``, or a mapping of :class:`HiresConfig` fields, the job-queue API's
     ``enabled`` too) as a :class:`HiresConfig`; ``None`` when off."""
     if value is None or value is False:
         return None
@@ -225,11 +225,11 @@ def check_hires(name: str, value: object) -> HiresConfig | None:
     if not check_bool(f"{name}.enabled", value.get("enabled", True)):
         return None
     config = HiresConfig(**{k: v for k, v in value.items() if k != "enabled"})
-    scale = check_number(f"{name}.scale", config.scale, 1.0, MAX_HIRES_SCALE)
+    scale = check_number(f"{name}.scale", config.scale, *bounds("hires.scale"))
     if scale <= 1.0:
         raise InvalidParameterError(f"{name}.scale", f"must be over 1 (up to {MAX_HIRES_SCALE}), got {scale}")
-    check_int(f"{name}.steps", config.steps, 0, MAX_STEPS)
-    check_number(f"{name}.denoising_strength", config.denoising_strength, 0.0, 1.0)
+    check_int(f"{name}.steps", config.steps, *int_bounds("hires.steps"))
+    check_number(f"{name}.denoising_strength", config.denoising_strength, *bounds("hires.denoising_strength"))
     check_int(f"{name}.tile_size", config.tile_size, 32, 2048)
     if isinstance(config.upscaler, str) and config.upscaler.startswith("Latent"):  # a mode, not a file
         check_choice(f"{name}.upscaler", config.upscaler, HIRES_UPSCALERS)
@@ -241,7 +241,7 @@ class RefinerConfig:
     """``refiner``: a second pass on another loaded model (the SDXL refiner).
 
     ``model_id`` is a loaded diffusion model; ``switch_at`` is the fraction of
-    the denoising the base model stands for (seed 002's ``refiner_switch_at``).
+    the denoising the base model stands for (the job-queue API's ``refiner_switch_at``).
     """
 
     model_id: str
@@ -262,7 +262,9 @@ def check_refiner(name: str, value: object) -> RefinerConfig | None:
     model_id = value.get("model_id")
     if not isinstance(model_id, str):
         raise InvalidParameterError(f"{name}.model_id", f"must be the id of a loaded model, got {model_id!r}")
-    switch_at = check_number(f"{name}.switch_at", value.get("switch_at", RefinerConfig.switch_at), 0.0, 1.0)
+    switch_at = check_number(
+        f"{name}.switch_at", value.get("switch_at", RefinerConfig.switch_at), *bounds("refiner_switch_at")
+    )
     return RefinerConfig(model_id, switch_at)
 
 
@@ -290,7 +292,7 @@ def check_loras(name: str, value: object) -> list[tuple[Any, float]]:
             item = item.get("name", item.get("path"))
         if not isinstance(item, (str, os.PathLike)) or not str(item):
             raise InvalidParameterError(field, f"must be a LoRA name or path, got {item!r}")
-        out.append((item, check_number(f"{field}.scale", scale, -10.0, 10.0)))
+        out.append((item, check_number(f"{field}.scale", scale, *bounds("loras.scale"))))
     return out
 
 
@@ -309,15 +311,15 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
         value = getattr(params, name)
         if value is not None:
             check_side(name, value, 8)
-    check_int("steps", params.steps, 1, MAX_STEPS)
+    check_int("steps", params.steps, *int_bounds("steps"))
     if params.cfg_scale is not None:
-        check_number("cfg_scale", params.cfg_scale, 0.0, 50.0)
-    check_number("guidance", params.guidance, 0.0, 50.0)
-    check_int("clip_skip", params.clip_skip, -1, MAX_CLIP_SKIP)
+        check_number("cfg_scale", params.cfg_scale, *bounds("cfg_scale"))
+    check_number("guidance", params.guidance, *bounds("guidance"))
+    check_int("clip_skip", params.clip_skip, *int_bounds("clip_skip"))
     if params.eta is not None:
-        check_number("eta", params.eta, 0.0, 10.0)
+        check_number("eta", params.eta, *bounds("eta"))
     if params.img_cfg_scale is not None:
-        check_number("img_cfg_scale", params.img_cfg_scale, 0.0, 50.0)
+        check_number("img_cfg_scale", params.img_cfg_scale, *bounds("img_cfg_scale"))
     if isinstance(params.init_images, (str, bytes)) or not isinstance(params.init_images, Sequence):
         raise InvalidParameterError("init_images", f"must be a list of images, got {type(params.init_images).__name__}")
     if len(params.init_images) > MAX_REFERENCES:
@@ -326,18 +328,18 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
         check_choice("sampling_method", params.sampling_method, SAMPLING_METHODS)
     if params.scheduler is not None:
         check_choice("scheduler", params.scheduler, SCHEDULER_NAMES)
-    check_int("seed", params.seed, -1, MAX_SEED)
-    check_int("batch_count", params.batch_count, 1, MAX_BATCH)
+    check_int("seed", params.seed, *int_bounds("seed"))
+    check_int("batch_count", params.batch_count, *int_bounds("batch_count"))
     check_bool("vae_tiling", params.vae_tiling)
     if params.cache_preset is not None:
         check_choice("cache_preset", params.cache_preset, CACHE_PRESETS)
-    check_number("strength", params.strength, 0.0, 1.0)
+    check_number("strength", params.strength, *bounds("strength"))
     if params.mask is not None and params.init_image is None:
         raise InvalidParameterError("mask", "inpainting needs init_image: the mask marks which of its pixels change")
-    check_number("control_strength", params.control_strength, 0.0, MAX_CONTROL_STRENGTH)
+    check_number("control_strength", params.control_strength, *bounds("control_strength"))
     if params.preview is not None:
         check_choice("preview", params.preview, PREVIEW_MODES)
-    check_int("preview_interval", params.preview_interval, 1, MAX_STEPS)
+    check_int("preview_interval", params.preview_interval, *int_bounds("preview_interval"))
     check_upscale_repeats("upscale", params.upscale)
     check_hires("hires", params.hires)
     check_loras("loras", params.loras)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sfumato.engine.library import Engine
-from sfumato.engine.requests import ImageArray
+from sfumato.images import ImageArray
 
 logger = logging.getLogger("sfumato.engine")
 

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import numpy as np
 
 from sfumato.engine import callbacks
+from sfumato.engine.abi import PREDICTION_ENUM, SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
 from sfumato.engine.handle import NativeHandle
-from sfumato.engine.library import PREDICTION_ENUM, SAMPLE_METHOD_ENUM, SCHEDULER_ENUM, Engine, load_engine
+from sfumato.engine.library import Engine, load_engine
 from sfumato.engine.phases import PhaseTracker
 from sfumato.engine.requests import (
     LORA_APPLY_MODES,
@@ -30,11 +31,11 @@ from sfumato.engine.requests import (
     WEIGHT_TYPES,
     ContextParams,
     GenerationOutput,
-    ImageArray,
     ImageRequest,
     TickCallback,
 )
 from sfumato.errors import EngineError, InvalidParameterError
+from sfumato.images import ImageArray
 
 
 def _enum(lib: Any, table: dict[str, str], value: str, field_name: str) -> int:
@@ -124,9 +125,16 @@ class DiffusionContext(NativeHandle):
         c = ffi.new("sd_ctx_params_t*")
         lib.sd_ctx_params_init(c)
         for name in (
-            "model_path", "diffusion_model_path", "clip_l_path", "clip_g_path",
-            "t5xxl_path", "llm_path", "vae_path", "taesd_path", "control_net_path",
-        ):  # fmt: skip
+            "model_path",
+            "diffusion_model_path",
+            "clip_l_path",
+            "clip_g_path",
+            "t5xxl_path",
+            "llm_path",
+            "vae_path",
+            "taesd_path",
+            "control_net_path",
+        ):
             value = getattr(params, name)
             if value is not None:
                 keep.append(ffi.new("char[]", value.encode()))
@@ -185,12 +193,6 @@ class DiffusionContext(NativeHandle):
         handle = self._require_open()
         return SAMPLE_METHOD_ENUM[int(self.engine.lib.sd_get_default_sample_method(handle))]
 
-    def default_scheduler(self, sample_method: str) -> str:
-        """The scheduler the engine picks for this model and sampler."""
-        handle = self._require_open()
-        index = _index(SAMPLE_METHOD_ENUM, sample_method, "sampling_method")
-        return SCHEDULER_ENUM[int(self.engine.lib.sd_get_default_scheduler(handle, index))]
-
     def generate(self, request: ImageRequest, on_tick: TickCallback | None = None) -> GenerationOutput:
         """Run one generation and return its images, copied into Python memory.
 
@@ -206,79 +208,9 @@ class DiffusionContext(NativeHandle):
         handle = self._require_open()
         if request.seed < 0:
             raise InvalidParameterError("seed", "the engine layer needs a seed >= 0")
-        ffi, lib = self.engine.ffi, self.engine.lib
-        keep: list[Any] = []
-
-        def cstr(text: str) -> Any:
-            keep.append(ffi.new("char[]", text.encode()))
-            return keep[-1]
-
-        def image(array: ImageArray, channels: int, field_name: str) -> Any:
-            data = _as_image(array, channels, field_name)
-            keep.append(data)
-            return (data.shape[1], data.shape[0], channels, ffi.from_buffer("uint8_t[]", data))
-
-        p = ffi.new("sd_img_gen_params_t*")
-        lib.sd_img_gen_params_init(p)
-        p.prompt = cstr(request.prompt)
-        p.negative_prompt = cstr(request.negative_prompt)
-        p.clip_skip = request.clip_skip
-        p.width, p.height = request.width, request.height
-        p.strength = request.strength
-        p.seed = request.seed
-        p.batch_count = request.batch_count
-        sample = p.sample_params
-        sample.sample_steps = request.steps
-        sample.guidance.txt_cfg = request.cfg_scale
-        sample.guidance.distilled_guidance = request.guidance
-        if request.img_cfg_scale is not None:
-            sample.guidance.img_cfg = request.img_cfg_scale
-        if request.sample_method is not None:
-            sample.sample_method = _index(SAMPLE_METHOD_ENUM, request.sample_method, "sampling_method")
-        if request.scheduler is not None:
-            sample.scheduler = _index(SCHEDULER_ENUM, request.scheduler, "scheduler")
-        if request.eta is not None:
-            sample.eta = request.eta
-        if request.init_image is not None:
-            p.init_image = image(request.init_image, 3, "init_image")
-        if request.mask_image is not None:
-            p.mask_image = image(request.mask_image, 1, "mask")
-        if request.control_image is not None:
-            p.control_image = image(request.control_image, 3, "control_image")
-            p.control_strength = request.control_strength
-        if request.ref_images:
-            refs = ffi.new("sd_image_t[]", len(request.ref_images))
-            for i, ref in enumerate(request.ref_images):
-                refs[i] = image(ref, 3, f"init_images[{i}]")
-            keep.append(refs)
-            p.ref_images, p.ref_images_count = refs, len(request.ref_images)
-        p.vae_tiling_params.enabled = request.vae_tiling
-        if request.cache_threshold is not None:
-            p.cache.mode = lib.SD_CACHE_EASYCACHE
-            p.cache.reuse_threshold = request.cache_threshold
-        if request.loras:
-            loras = ffi.new("sd_lora_t[]", len(request.loras))
-            for i, (path, multiplier) in enumerate(request.loras):
-                loras[i].path, loras[i].multiplier = cstr(path), multiplier
-            keep.append(loras)
-            p.loras, p.lora_count = loras, len(request.loras)
-        if request.hires is not None:
-            hires = request.hires
-            names = {bytes(ffi.string(lib.sd_hires_upscaler_name(i))).decode(): i
-                     for i in range(lib.SD_HIRES_UPSCALER_COUNT)}  # fmt: skip
-            if hires.upscaler not in names:
-                raise InvalidParameterError("hires.upscaler", f"{hires.upscaler!r} is not one of {sorted(names)}")
-            p.hires.enabled = True
-            p.hires.upscaler = names[hires.upscaler]
-            if hires.model_path is not None:
-                p.hires.model_path = cstr(hires.model_path)
-            p.hires.scale = hires.scale
-            p.hires.target_width = round(request.width * hires.scale)
-            p.hires.target_height = round(request.height * hires.scale)
-            p.hires.steps = hires.steps
-            p.hires.denoising_strength = hires.denoising_strength
-            p.hires.upscale_tile_size = hires.tile_size
-
+        lib = self.engine.lib
+        native = _Native(self.engine)
+        p = _gen_params(native, request)
         started = time.perf_counter()
         tracker = PhaseTracker(on_tick, request.batch_count, started, request.preview_interval)
         with self._lock:
@@ -402,3 +334,99 @@ class UpscalerContext(NativeHandle):
             return _copy_image(ffi, result)
         finally:
             lib.free(result.data)
+
+
+class _Native:
+    """The engine's ffi and lib, and the C memory a call's parameters point to (kept alive with it)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.ffi, self.lib = engine.ffi, engine.lib
+        self.keep: list[Any] = []
+
+    def cstr(self, text: str) -> Any:
+        self.keep.append(self.ffi.new("char[]", text.encode()))
+        return self.keep[-1]
+
+    def image(self, array: ImageArray, channels: int, field_name: str) -> Any:
+        data = _as_image(array, channels, field_name)
+        self.keep.append(data)
+        return (data.shape[1], data.shape[0], channels, self.ffi.from_buffer("uint8_t[]", data))
+
+    def array(self, ctype: str, count: int) -> Any:
+        self.keep.append(self.ffi.new(f"{ctype}[]", count))
+        return self.keep[-1]
+
+
+def _gen_params(native: _Native, request: ImageRequest) -> Any:
+    """The engine's ``sd_img_gen_params_t`` of ``request``."""
+    lib = native.lib
+    p = native.ffi.new("sd_img_gen_params_t*")
+    lib.sd_img_gen_params_init(p)
+    p.prompt = native.cstr(request.prompt)
+    p.negative_prompt = native.cstr(request.negative_prompt)
+    p.clip_skip = request.clip_skip
+    p.width, p.height = request.width, request.height
+    p.strength = request.strength
+    p.seed = request.seed
+    p.batch_count = request.batch_count
+    sample = p.sample_params
+    sample.sample_steps = request.steps
+    sample.guidance.txt_cfg = request.cfg_scale
+    sample.guidance.distilled_guidance = request.guidance
+    if request.img_cfg_scale is not None:
+        sample.guidance.img_cfg = request.img_cfg_scale
+    if request.sample_method is not None:
+        sample.sample_method = _index(SAMPLE_METHOD_ENUM, request.sample_method, "sampling_method")
+    if request.scheduler is not None:
+        sample.scheduler = _index(SCHEDULER_ENUM, request.scheduler, "scheduler")
+    if request.eta is not None:
+        sample.eta = request.eta
+    _set_images(native, p, request)
+    p.vae_tiling_params.enabled = request.vae_tiling
+    if request.cache_threshold is not None:
+        p.cache.mode = lib.SD_CACHE_EASYCACHE
+        p.cache.reuse_threshold = request.cache_threshold
+    if request.loras:
+        loras = native.array("sd_lora_t", len(request.loras))
+        for i, (path, multiplier) in enumerate(request.loras):
+            loras[i].path, loras[i].multiplier = native.cstr(path), multiplier
+        p.loras, p.lora_count = loras, len(request.loras)
+    if request.hires is not None:
+        _set_hires(native, p, request)
+    return p
+
+
+def _set_images(native: _Native, p: Any, request: ImageRequest) -> None:
+    """The request's source, mask, control and reference images into ``p``."""
+    if request.init_image is not None:
+        p.init_image = native.image(request.init_image, 3, "init_image")
+    if request.mask_image is not None:
+        p.mask_image = native.image(request.mask_image, 1, "mask")
+    if request.control_image is not None:
+        p.control_image = native.image(request.control_image, 3, "control_image")
+        p.control_strength = request.control_strength
+    if request.ref_images:
+        refs = native.array("sd_image_t", len(request.ref_images))
+        for i, ref in enumerate(request.ref_images):
+            refs[i] = native.image(ref, 3, f"init_images[{i}]")
+        p.ref_images, p.ref_images_count = refs, len(request.ref_images)
+
+
+def _set_hires(native: _Native, p: Any, request: ImageRequest) -> None:
+    """The request's hires pass into ``p``."""
+    ffi, lib = native.ffi, native.lib
+    hires = request.hires
+    assert hires is not None
+    names = {bytes(ffi.string(lib.sd_hires_upscaler_name(i))).decode(): i for i in range(lib.SD_HIRES_UPSCALER_COUNT)}
+    if hires.upscaler not in names:
+        raise InvalidParameterError("hires.upscaler", f"{hires.upscaler!r} is not one of {sorted(names)}")
+    p.hires.enabled = True
+    p.hires.upscaler = names[hires.upscaler]
+    if hires.model_path is not None:
+        p.hires.model_path = native.cstr(hires.model_path)
+    p.hires.scale = hires.scale
+    p.hires.target_width = round(request.width * hires.scale)
+    p.hires.target_height = round(request.height * hires.scale)
+    p.hires.steps = hires.steps
+    p.hires.denoising_strength = hires.denoising_strength
+    p.hires.upscale_tile_size = hires.tile_size

@@ -10,11 +10,11 @@ from sfumato.engine.requests import (
     PHASE_HIRES,
     PHASE_SAMPLING,
     PHASE_VAE,
-    ImageArray,
     Phase,
     ProgressTick,
     TickCallback,
 )
+from sfumato.images import ImageArray, encode_png
 
 _DECODED = re.compile(r"^latent (\d+) decoded")
 
@@ -77,8 +77,6 @@ class PhaseTracker:
         preview, self._preview = self._preview, None
         png = None
         if preview is not None and (step % self._preview_interval == 0 or step == steps):
-            from sfumato.images import encode_png  # sfumato.images imports the engine package
-
             png = encode_png(preview)
         self._tick(self._images_sampled * steps + step, self._batch * steps, self._phase, png)
 

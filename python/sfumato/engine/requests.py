@@ -7,10 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-import numpy.typing as npt
-
-ImageArray = npt.NDArray[np.uint8]
+from sfumato.images import ImageArray
 
 # Weight types offered for ``wtype``: the engine's own names.
 WEIGHT_TYPES: dict[str, str] = {

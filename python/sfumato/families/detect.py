@@ -258,9 +258,13 @@ def _classify_sd3(path: Path, table: TensorTable) -> ModelInfo | None:
     if prefix is None:
         return None
     return ModelInfo(
-        path, FAMILY_SD3, table.format, has_vae=table.has_prefix("first_stage_model."),
-        split=not _other_parts(table, prefix), carries=_carried(table),
-    )  # fmt: skip
+        path,
+        FAMILY_SD3,
+        table.format,
+        has_vae=table.has_prefix("first_stage_model."),
+        split=not _other_parts(table, prefix),
+        carries=_carried(table),
+    )
 
 
 def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
@@ -279,11 +283,15 @@ def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
             "this version of sfumato runs FLUX.1 [dev] and [schnell] (64)"
         )
     return ModelInfo(
-        path, FAMILY_FLUX1, table.format, "dev" if table.has_prefix(f"{prefix}guidance_in.") else "schnell",
+        path,
+        FAMILY_FLUX1,
+        table.format,
+        "dev" if table.has_prefix(f"{prefix}guidance_in.") else "schnell",
         has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
-        split=not _other_parts(table, prefix), carries=_carried(table),
+        split=not _other_parts(table, prefix),
+        carries=_carried(table),
         text_width=table.input_width(f"{prefix}txt_in.weight"),
-    )  # fmt: skip
+    )
 
 
 def _classify_flux2(path: Path, table: TensorTable) -> ModelInfo | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sfumato.engine.requests import ContextParams, ImageArray, ImageRequest, ProgressTick
+from sfumato.engine.requests import ContextParams, ImageRequest, ProgressTick
+from sfumato.images import ImageArray
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ import psutil
 from sfumato import images as imaging
 from sfumato.engine.context import DiffusionContext, UpscalerContext
 from sfumato.engine.library import Engine, load_engine
-from sfumato.engine.requests import PHASE_HIRES, PHASE_SAMPLING, PHASE_UPSCALE, PHASE_VAE, ImageArray, ProgressTick
+from sfumato.engine.requests import PHASE_HIRES, PHASE_SAMPLING, PHASE_UPSCALE, PHASE_VAE, ProgressTick
 from sfumato.errors import EngineError, SfumatoError
+from sfumato.images import ImageArray
 from sfumato.runtime.protocol import (
     Accepted,
     CancelJob,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
@@ -24,15 +24,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfumato.errors import SfumatoError
 from sfumato.families.detect import FAMILY_NAMES
-from sfumato.server import a1111, comfyui, errors, job_queue, metrics, openai, param_schema, workers_ai
-from sfumato.server.catalog import Catalog
+from sfumato.server import errors
+from sfumato.server.apis import a1111, job_queue, metrics, openai, param_schema, workers_ai
+from sfumato.server.apis.comfy import routes as comfyui
+from sfumato.server.apis.metrics import claim_latency
 from sfumato.server.errors import error_response
-from sfumato.server.metrics import claim_latency
-from sfumato.server.runner import JobRunner, check_runner
+from sfumato.server.jobs import open_store
+from sfumato.server.jobs.runner import JobRunner, check_runner
+from sfumato.server.jobs.store import StoreUnavailableError, WorkerInfo
+from sfumato.server.jobs.store_pg import describe
+from sfumato.server.models.catalog import Catalog
 from sfumato.server.settings import ServerSettings
-from sfumato.server.state import ServerState, require_key
-from sfumato.server.store import StoreUnavailableError, WorkerInfo, open_store
-from sfumato.server.store_pg import describe
+from sfumato.server.state import ServerState, StateDep, require_key
 
 logger = logging.getLogger("sfumato.server")
 PURGE_EVERY_S = 10.0
@@ -96,26 +99,64 @@ class WorkersResponse(BaseModel):
     workers: list[WorkerInfo]
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    """A server for ``settings`` (the embedded defaults when ``None``).
+health = APIRouter(tags=["health"])
+"""The routes that never need the API key: health probes and the page."""
+operations = APIRouter(tags=["operations"])
+"""The routes about the farm itself."""
 
-    Raises
-    ------
-    ModelsConfigError
-        When the models config cannot be served (naming its file, model and key).
-    """
-    settings = settings or ServerSettings()
+
+@health.get("/hello", response_model=Hello, responses=errors.responses())
+def hello() -> Hello:
+    """Health check; never needs the API key."""
+    return Hello(ok=True)
+
+
+@health.get("/internal/ping", responses=errors.responses())
+def ping() -> dict[str, Any]:
+    """A1111's health probe; never needs the API key."""
+    return {}
+
+
+@health.get("/queue/status", responses=errors.responses())
+def queue_status(state: StateDep) -> dict[str, Any]:
+    """Gradio's queue probe, which A1111 front ends call to test a connection; never
+    needs the API key. (A fixed path: job ids are UUIDs, never ``status``.)"""
+    return {
+        "msg": "estimation",
+        "rank": None,
+        "queue_size": state.store.active_count(),
+        "rank_eta": None,
+        "avg_event_process_time": None,
+        "avg_event_concurrent_process_time": None,
+    }
+
+
+@health.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page() -> HTMLResponse:
+    """The web page: a static shell that needs no key; its data comes from the API."""
+    return HTMLResponse(PAGE)
+
+
+@operations.get("/workers", response_model=WorkersResponse, responses=errors.responses())
+def workers(state: StateDep) -> WorkersResponse:
+    """The live workers (this server's own, and ``sfumato worker`` processes on the
+    same store): their models, those loaded, and their load."""
+    return WorkersResponse(workers=state.store.workers(state.settings.lease_s))
+
+
+def _check_settings(settings: ServerSettings) -> None:
+    """Refuse a combination of settings that cannot serve."""
     if settings.workers not in (0, 1):
         raise SfumatoError(f"--workers: {settings.workers} is not allowed: 1 (run jobs here) or 0 (a front end)")
     if settings.workers == 0 and not settings.store:
         raise SfumatoError("--workers 0: a front end needs a store that workers share: --store postgresql://...")
     check_runner(settings)
-    catalog = Catalog(settings)
-    catalog.configured()  # a broken models config stops the server before it starts
-    store = open_store(settings.store, settings.db_path, settings.queue_size)
-    registry = CollectorRegistry()
-    runner = JobRunner(store, catalog, settings, claim_latency(registry), settings.lease_s, settings.jobs_per_device)
-    state = ServerState(settings, store, catalog, runner)
+
+
+def _lifespan(state: ServerState) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """What the server does as it starts and stops: recover and purge jobs, read the
+    folders, start the runner (or the hashing of a front end) and the retention loop."""
+    settings, store, catalog = state.settings, state.store, state.catalog
     stop = threading.Event()
 
     def purge_loop() -> None:
@@ -150,43 +191,30 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             state.runner.stop()
         store.close()
 
-    app = FastAPI(
-        title="sfumato",
-        summary="Local image generation on stable-diffusion.cpp",
-        lifespan=lifespan,
-    )
+    return lifespan
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """A server for ``settings`` (the embedded defaults when ``None``).
+
+    Raises
+    ------
+    ModelsConfigError
+        When the models config cannot be served (naming its file, model and key).
+    """
+    settings = settings or ServerSettings()
+    _check_settings(settings)
+    catalog = Catalog(settings)
+    catalog.configured()  # a broken models config stops the server before it starts
+    store = open_store(settings.store, settings.db_path, settings.queue_size)
+    registry = CollectorRegistry()
+    runner = JobRunner(store, catalog, settings, claim_latency(registry), settings.lease_s, settings.jobs_per_device)
+    state = ServerState(settings, store, catalog, runner)
+    app = FastAPI(title="sfumato", summary="Local image generation on stable-diffusion.cpp", lifespan=_lifespan(state))
     app.state.sfumato = state
     errors.install(app)
-
-    @app.get("/hello", response_model=Hello, tags=["health"], responses=errors.responses())
-    def hello() -> Hello:
-        """Health check; never needs the API key."""
-        return Hello(ok=True)
-
-    @app.get("/internal/ping", tags=["health"], responses=errors.responses())
-    def ping() -> dict[str, Any]:
-        """A1111's health probe; never needs the API key."""
-        return {}
-
-    @app.get("/queue/status", tags=["health"], responses=errors.responses())
-    def queue_status() -> dict[str, Any]:
-        """Gradio's queue probe, which A1111 front ends call to test a connection; never
-        needs the API key. (A fixed path: job ids are UUIDs, never ``status``.)"""
-        return {"msg": "estimation", "rank": None, "queue_size": store.active_count(), "rank_eta": None,
-                "avg_event_process_time": None, "avg_event_concurrent_process_time": None}  # fmt: skip
-
-    @app.get("/workers", response_model=WorkersResponse, tags=["operations"], responses=errors.responses(),
-             dependencies=[Depends(require_key(settings))])  # fmt: skip
-    def workers() -> WorkersResponse:
-        """The live workers (this server's own, and ``sfumato worker`` processes on the
-        same store): their models, those loaded, and their load."""
-        return WorkersResponse(workers=store.workers(settings.lease_s))
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> HTMLResponse:
-        """The web page: a static shell that needs no key; its data comes from the API."""
-        return HTMLResponse(PAGE)
-
+    app.include_router(health)
+    app.include_router(operations, dependencies=[Depends(require_key(settings))])
     app.include_router(job_queue.router(state))
     app.include_router(a1111.router(state))
     app.include_router(openai.router(state))

@@ -1,6 +1,6 @@
 """One error shape for every route: ``{"status": "error", "error": ..., "code": ..., "field": ...}``.
 
-``error`` is the message (seed 002's field), ``code`` a stable name for
+``error`` is the message (the job-queue API's field), ``code`` a stable name for
 programs, ``field`` the request field at fault when there is one.
 """
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sfumato.errors import InvalidModelError, InvalidParameterError, SfumatoError
-from sfumato.server.store import StoreUnavailableError
+from sfumato.server.jobs.store import StoreUnavailableError
 
 
 class ErrorBody(BaseModel):
@@ -43,10 +43,16 @@ def error_response(status_code: int, code: str, message: str, field: str | None 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI ``responses`` entry listing a route's error codes."""
     text = {
-        400: "Bad request", 401: "Missing or wrong API key", 404: "Not found", 409: "The queue is full",
-        413: "Request body too large", 422: "Invalid field", 429: "Too many requests", 500: "Internal error",
+        400: "Bad request",
+        401: "Missing or wrong API key",
+        404: "Not found",
+        409: "The queue is full",
+        413: "Request body too large",
+        422: "Invalid field",
+        429: "Too many requests",
+        500: "Internal error",
         503: "The job store's database cannot be reached",
-    }  # fmt: skip
+    }
     return {c: {"model": ErrorBody, "description": text.get(c, "Error")} for c in (401, 413, 422, 500, 503, *codes)}
 
 

@@ -1,4 +1,4 @@
-"""Fetching an image from a URL a client names (seed 003's ``url_upload``).
+"""Fetching an image from a URL a client names (the parameter-schema API's ``url_upload``).
 
 Only http(s) is fetched. Every address the host name resolves to is checked,
 at each redirect too: loopback, private, link-local, multicast, reserved and

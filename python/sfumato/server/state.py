@@ -11,16 +11,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
-from sfumato.server.catalog import Catalog
 from sfumato.server.errors import ApiError
-from sfumato.server.jobplan import JobPlan
-from sfumato.server.runner import SAMPLING_PHASES, JobRunner, route_of
+from sfumato.server.jobs.plan import JobPlan
+from sfumato.server.jobs.runner import SAMPLING_PHASES, JobRunner, route_of
+from sfumato.server.jobs.store import CANCELLED, ERROR, FINAL, Job, JobStore, Preview, QueueFullError
+from sfumato.server.models.catalog import Catalog
 from sfumato.server.settings import ServerSettings
-from sfumato.server.store import CANCELLED, ERROR, FINAL, Job, JobStore, Preview, QueueFullError
 
 POLL_S = 0.1
 
@@ -195,3 +196,14 @@ def require_key(settings: ServerSettings) -> Callable[[Request], Awaitable[None]
             raise ApiError(401, "unauthorized", AUTH_HINT)
 
     return check
+
+
+def server_state(connection: HTTPConnection) -> ServerState:
+    """The running server's state: a FastAPI dependency of the routes (``create_app``
+    keeps it as ``app.state.sfumato``)."""
+    state: ServerState = connection.app.state.sfumato
+    return state
+
+
+StateDep = Annotated[ServerState, Depends(server_state)]
+"""A route parameter that receives the server's state."""

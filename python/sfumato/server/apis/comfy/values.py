@@ -1,0 +1,149 @@
+"""What ComfyUI nodes evaluate to: symbolic values (a checkpoint, a prompt, a latent to
+sample, a decoded image) that the walk passes from node to node."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sfumato.params import DiffusionParams
+
+# --- what nodes evaluate to ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    name: str  # the catalog name
+    scale: float
+    node: str
+
+
+@dataclass(frozen=True)
+class Model:
+    checkpoint: str  # the catalog name
+    node: str
+    loras: tuple[LoraUse, ...] = ()
+    input: str = "ckpt_name"  # the loader's input naming it
+
+
+@dataclass(frozen=True)
+class Clip:
+    checkpoint: str | None  # None: the separate text encoders of a CLIP loader
+    node: str
+    loras: tuple[LoraUse, ...] = ()
+    clip_skip: int = DiffusionParams.clip_skip
+    clip_skip_node: str | None = None
+    encoders: frozenset[str] = frozenset()  # those encoders' file names
+
+
+@dataclass(frozen=True)
+class Vae:
+    checkpoint: str | None  # the checkpoint's own VAE, or (None) a VAELoader's file
+    node: str
+    file: str | None = None  # a file of the VAEs folder: its catalog name
+    companion: str | None = None  # or a VAE the models config names: its file name
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    text: str
+    clip: Clip
+    node: str
+    guidance: float | None = None
+    guidance_node: str | None = None
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A loaded image (its file's bytes)."""
+
+    data: bytes
+    width: int
+    height: int
+    node: str
+
+
+@dataclass(frozen=True)
+class Mask:
+    png: bytes  # white: made anew
+    node: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a sampler node asks: the fields of one generation, and where each came from."""
+
+    node: str
+    model: Model
+    positive: Conditioning
+    negative: Conditioning | None
+    cfg: float
+    steps: int
+    seed: int
+    sampler: str
+    scheduler: str
+    denoise: float
+    origin: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Latent:
+    width: int
+    height: int
+    batch: int
+    node: str  # where its size came from
+    size_input: str  # that node's input naming the size ("width" or "image")
+    init: Picture | None = None
+    mask: Mask | None = None
+    vae: Vae | None = None
+    sampled: Sampling | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    latent: Latent
+    vae: Vae
+    node: str
+
+
+@dataclass(frozen=True)
+class UpscaleModel:
+    name: str  # the catalog name
+    node: str
+
+
+@dataclass(frozen=True)
+class Upscaled:
+    image: Picture | Decoded  # a loaded image, or the prompt's generation
+    upscaler: UpscaleModel
+    node: str
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    name: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Sigmas:
+    scheduler: str
+    steps: int
+    denoise: float
+    node: str
+
+
+@dataclass(frozen=True)
+class Noise:
+    seed: int
+    node: str
+
+
+@dataclass(frozen=True)
+class Guider:
+    model: Model
+    positive: Conditioning
+    negative: Conditioning | None
+    cfg: float
+    node: str

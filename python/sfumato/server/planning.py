@@ -1,0 +1,342 @@
+"""Requests of every API family become one :class:`JobPlan`: what the runner executes.
+
+A plan is checked completely when the request arrives, so a bad field is a 4xx
+with its name at once, never a failed job later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from sfumato import images as imaging
+from sfumato.errors import InvalidParameterError
+from sfumato.families.companions import check_companion
+from sfumato.families.detect import check_lora_file
+from sfumato.families.embeddings import TEXT_WIDTHS, refuse_skipped, sort_out
+from sfumato.images import ImageInput
+from sfumato.params import (
+    ANY_FAMILY_SIDE_MULTIPLE,
+    DEFAULT_SIZE,
+    HIRES_UPSCALERS,
+    REFINER_SWITCH_AT,
+    DiffusionParams,
+    check_hires,
+    check_loras,
+    check_number,
+    check_side,
+    check_upscale_repeats,
+    validate_diffusion,
+)
+from sfumato.server.jobs.plan import FileType, Generation, Hires, JobPlan, Lora, Refiner
+from sfumato.server.models import names
+from sfumato.server.models.catalog import Entry
+from sfumato.server.models.config import DEFAULTED_FIELDS
+from sfumato.server.settings import ServerSettings
+from sfumato.server.state import ServerState
+
+
+def decode_image(data: str, field: str) -> bytes:
+    """Base64 (optionally a ``data:`` URL) to image bytes, checked readable and within the pixel limit."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameterError(field, "is not valid base64") from None
+    return check_image(raw, field)
+
+
+def check_image(raw: bytes, field: str) -> bytes:
+    """``raw``, once it is known to be a readable image within the pixel limit."""
+    imaging.to_array(raw, field)
+    return raw
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's ``<lora:name:scale>`` tags: the prompt without them, and the LoRAs (``name``, ``scale``)."""
+    found = []
+    for name, scale in LORA_TAG.findall(prompt):
+        try:
+            found.append({"name": name.strip(), "scale": float(scale) if scale else 1.0})
+        except ValueError:
+            raise InvalidParameterError("prompt", f"<lora:{name}:{scale}> has a scale that is not a number") from None
+    return LORA_TAG.sub("", prompt).strip(), found
+
+
+def _lora_paths(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple[Lora, ...]:
+    """LoRA names looked up in the LoRA folder's listing (never joined onto a path)."""
+    found = {e.name: e.path for e in state.catalog.loras()}
+    out = []
+    for i, (name, scale) in enumerate(loras):
+        if name not in found:
+            have = ", ".join(found) or f"none (the LoRA folder {state.settings.loras_dir} is empty)"
+            raise InvalidParameterError(f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
+        check_lora_file(found[name], f"loras[{i}]")
+        out.append(Lora(str(found[name].resolve()), scale))
+    return tuple(out)
+
+
+def _hires(state: ServerState, hires: object) -> Hires | None:
+    """The request's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
+    config = check_hires("hires", hires)
+    if config is None:
+        return None
+    upscaler = config.upscaler
+    if upscaler not in HIRES_UPSCALERS:
+        found = {e.name: e.path for e in state.catalog.upscalers()}
+        if upscaler not in found:
+            have = ", ".join([*HIRES_UPSCALERS, *found])
+            raise InvalidParameterError("hires.upscaler", f"no upscaler named {upscaler!r}; available: {have}")
+        upscaler = str(found[upscaler])
+    return Hires(
+        scale=config.scale, upscaler=upscaler, steps=config.steps, denoising_strength=config.denoising_strength
+    )
+
+
+def _control_net(state: ServerState, requested: str | None, model: Entry) -> str:
+    """The catalog name of the ControlNet a control image needs, checked against the model's family."""
+    found = {e.name: e.path for e in state.catalog.controlnets()}
+    if requested is None:
+        raise InvalidParameterError("control_image", "needs a ControlNet: name one of the ControlNet folder")
+    name = requested.rsplit(" [", 1)[0]  # A1111 lists "name [hash]"
+    if name not in found:
+        have = ", ".join(found) or f"none (the ControlNet folder {state.settings.controlnets_dir} is empty)"
+        raise InvalidParameterError("control_net", f"no ControlNet named {requested!r}; available: {have}")
+    if model.info is not None:
+        try:
+            check_companion(found[name], "control_net", model.info)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("control_net", exc.message) from None
+    return name
+
+
+def _vae(state: ServerState, requested: str, model: Entry) -> str:
+    """The catalog name of a VAE of the VAEs folder, checked against the model's latents."""
+    found = state.catalog.vae(requested)
+    if found is None:
+        have = (
+            ", ".join(e.path.name for e in state.catalog.vaes())
+            or f"none (the VAE folder {state.settings.vaes_dir} is empty)"
+        )
+        raise InvalidParameterError("vae", f"no VAE named {requested!r}; available: {have}")
+    if model.info is not None:
+        try:
+            check_companion(found.path, "vae", model.info)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError("vae", exc.message) from None
+    return found.name
+
+
+def _file_bytes(image: ImageInput | None) -> bytes | None:
+    """An image of a request's params: the file bytes each schema decoded and checked."""
+    if image is None or isinstance(image, bytes):
+        return image
+    raise TypeError(f"a server plan takes an image file's bytes, not {type(image).__name__}")
+
+
+def pick_model(state: ServerState, requested: str | None, field: str = "model") -> str:
+    """The catalog name to run: the requested one, else the server's default, else the first listed."""
+    return pick_entry(state, requested, field).name
+
+
+def pick_entry(state: ServerState, requested: str | None, field: str = "model") -> Entry:
+    """The catalog entry of :func:`pick_model`'s choice, from one listing of the folder."""
+    available = {e.name: e for e in state.catalog.models()}
+    name = requested or state.runner.default_model or next(iter(available), None)
+    if name is not None and name not in available:
+        stem = name.rsplit(" [", 1)[0].rsplit(".", 1)[0]  # A1111 titles: "name.safetensors [hash]"
+        name = stem if stem in available else name
+    if name is None:
+        raise InvalidParameterError(
+            field,
+            f"no model was named, and the models folder {state.settings.models_dir} holds none to default to: put "
+            "a checkpoint there (.gguf, .safetensors) or start the server with --models DIR",
+        )
+    if name not in available:
+        have = ", ".join(available) or f"none (the models folder {state.settings.models_dir} is empty)"
+        raise InvalidParameterError(field, f"no model named {name!r}; available: {have}")
+    return available[name]
+
+
+def left_unset(sent: Collection[str], sent_as: Mapping[str, str], sampler: str | None = None) -> frozenset[str]:
+    """The fields a model's configured defaults may fill: those of
+    :data:`DEFAULTED_FIELDS` whose request field (``sent_as`` renames the SDK's
+    names) is not among the fields the client ``sent``. A ``sampler`` the client
+    sent whose title names a scheduler ("DPM++ 2M Karras") sets the scheduler too."""
+    unset = {f for f in DEFAULTED_FIELDS if sent_as.get(f, f) not in sent}
+    if sampler is not None and "sampling_method" not in unset and names.sampler(sampler, "sampler")[1] is not None:
+        unset.discard("scheduler")
+    return frozenset(unset)
+
+
+def with_defaults(params: DiffusionParams, entry: Entry, unset: Collection[str]) -> DiffusionParams:
+    """``params`` with the configured defaults of the model of ``entry`` in the fields
+    the client left ``unset``. When the model sets a sampler or a scheduler and the
+    request chose neither, the scheduler is the model's (or the engine's for its family)."""
+    defaults = entry.config.defaults if entry.config is not None else {}
+    filled = {f: value for f, value in defaults.items() if f in unset}
+    if {"sampling_method", "scheduler"} <= set(unset) and {"sampling_method", "scheduler"} & set(defaults):
+        filled["scheduler"] = defaults.get("scheduler")
+    return replace(params, **filled) if filled else params
+
+
+@contextmanager
+def _named_as_sent(sent_as: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise an :class:`InvalidParameterError` under the request's name for its field."""
+    try:
+        yield
+    except InvalidParameterError as exc:
+        if exc.field not in sent_as:
+            raise
+        raise InvalidParameterError(sent_as[exc.field], exc.message) from None
+
+
+def _check_prompts(settings: ServerSettings, params: DiffusionParams) -> None:
+    """Refuse prompts longer than the server allows."""
+    limit = settings.max_prompt_chars
+    for key, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
+        if len(text) > limit:
+            raise InvalidParameterError(key, f"is {len(text)} characters long; the limit is {limit}")
+
+
+def _check_limits(
+    settings: ServerSettings, params: DiffusionParams, width: int, height: int, hires: Hires | None
+) -> None:
+    """Refuse what passes the server's limits: pixels (the hires pass's output
+    included), steps and images."""
+    if hires is not None:  # the limit applies to the final size
+        step = ANY_FAMILY_SIDE_MULTIPLE
+        width_out, height_out = (-(-round(side * hires.scale) // step) * step for side in (width, height))
+        if width_out * height_out > settings.max_pixels:
+            raise InvalidParameterError(
+                "hires.scale",
+                f"makes {width_out}x{height_out} images; this server allows up to {settings.max_pixels} pixels",
+            )
+        if hires.steps > settings.max_steps:
+            raise InvalidParameterError(
+                "hires.steps", f"is {hires.steps}; this server allows up to {settings.max_steps}"
+            )
+    if width * height > settings.max_pixels:
+        raise InvalidParameterError(
+            "width", f"{width}x{height} is {width * height} pixels; this server allows up to {settings.max_pixels}"
+        )
+    if params.steps > settings.max_steps:
+        raise InvalidParameterError("steps", f"is {params.steps}; this server allows up to {settings.max_steps}")
+    if params.batch_count > settings.max_images:
+        raise InvalidParameterError(
+            "batch_count", f"asks for {params.batch_count} images; this server allows up to {settings.max_images}"
+        )
+
+
+def _generation(
+    state: ServerState, params: DiffusionParams, width: int, height: int, hires: Hires | None
+) -> Generation:
+    """The stored generation of checked ``params``: files as bytes, LoRAs as paths of the folder."""
+    return Generation(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=width,
+        height=height,
+        steps=params.steps,
+        cfg_scale=params.cfg_scale,
+        sampling_method=params.sampling_method,
+        scheduler=params.scheduler,
+        seed=params.seed,
+        batch_count=params.batch_count,
+        strength=params.strength,
+        init_image=_file_bytes(params.init_image),
+        mask=_file_bytes(params.mask),
+        hires=hires,
+        loras=_lora_paths(state, check_loras("loras", params.loras)),
+        control_image=_file_bytes(params.control_image),
+        control_strength=params.control_strength,
+        preview=params.preview,
+        preview_interval=params.preview_interval,
+        clip_skip=params.clip_skip,
+        guidance=params.guidance,
+        upscale=check_upscale_repeats("upscale", params.upscale),
+    )
+
+
+def job_plan(
+    state: ServerState,
+    params: DiffusionParams,
+    *,
+    model: str | None,
+    sent_as: Mapping[str, str] | None = None,
+    refiner: str | None = None,
+    refiner_switch_at: float = REFINER_SWITCH_AT,
+    control_net: str | None = None,
+    vae: str | None = None,
+    esrgan: str | None = None,
+    file_type: FileType = "png",
+    jpeg_quality: int = 85,
+    unset: Collection[str] = (),
+) -> JobPlan:
+    """A checked plan for the params a request's schema made (its ``to_params()``).
+
+    ``params.loras`` and a hires ``upscaler`` are names in the server's LoRA and
+    upscaler folders; ``model`` and ``refiner`` (the job-queue API's ``refiner_checkpoint``,
+    which refines from ``refiner_switch_at`` on) are catalog names, ``None``
+    taking the server's default model; ``control_net`` names a ControlNet of the
+    ControlNet folder for ``params.control_image``, ``vae`` a VAE of the VAEs
+    folder that replaces the model's own, and ``esrgan`` the upscaler of the
+    upscalers folder that runs ``params.upscale``'s passes. The server's limits apply here.
+    ``sent_as`` maps the SDK's names of fields to the request's (``{"steps":
+    "num_steps"}``), so that an error names the field the client sent.
+    ``unset`` names the fields the client left out (:func:`left_unset`): a
+    model of the models config fills them with its defaults.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the request's field.
+    """
+    with _named_as_sent(sent_as or {}):
+        settings = state.settings
+        entry = pick_entry(state, model)
+        params = with_defaults(params, entry, unset)
+        _check_prompts(settings, params)
+        width = DEFAULT_SIZE if params.width is None else params.width
+        height = DEFAULT_SIZE if params.height is None else params.height
+        hires = _hires(state, params.hires)
+        _check_limits(settings, params, width, height, hires)
+        name = entry.name
+        if entry.info is not None and entry.info.family in TEXT_WIDTHS:
+            skipped = sort_out(*state.catalog.embeddings(), entry.info.family)[1]
+            refuse_skipped({"prompt": params.prompt, "negative_prompt": params.negative_prompt}, skipped, repr(name))
+        validate_diffusion(params)
+        check_side("width", width, ANY_FAMILY_SIDE_MULTIPLE)
+        check_side("height", height, ANY_FAMILY_SIDE_MULTIPLE)
+        work = _generation(state, params, width, height, hires)
+        if work.upscale and esrgan not in {e.name for e in state.catalog.upscalers()}:
+            have = ", ".join(e.name for e in state.catalog.upscalers()) or "none"
+            raise InvalidParameterError(
+                "upscale", f"needs an upscaler of the upscalers folder, not {esrgan!r}; available: {have}"
+            )
+        refined = None
+        if refiner:
+            refined = Refiner(
+                model=pick_model(state, refiner, field="refiner_checkpoint"),
+                switch_at=check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
+            )
+        control = _control_net(state, control_net, entry) if params.control_image is not None else None
+        return JobPlan(
+            model=name,
+            work=work,
+            refiner=refined,
+            control_net=control,
+            vae=_vae(state, vae, entry) if vae else None,
+            esrgan=esrgan if work.upscale else None,
+            file_type=file_type,
+            jpeg_quality=jpeg_quality,
+        )
