@@ -268,7 +268,8 @@ def test_an_esrgan_upscales_the_generation(
     graph["15"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["14", 0]}}
     graph["9"]["inputs"]["images"] = ["15", 0]
     compiled = compile_prompt(client.app.state.sfumato, graph)  # type: ignore[attr-defined]
-    assert (compiled.plan.generation.upscale, compiled.plan.esrgan, compiled.upscaler) == (2, "esrgan-x4", "15")
+    plan = compiled.plan
+    assert (plan.generation.upscale, plan.esrgan, compiled.upscaler) == ({"repeats": 2}, "esrgan-x4", "15")
     (settings.upscalers_dir / "other-x4.pth").symlink_to(esrgan_1b)
     graph["16"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "other-x4.pth"}}
     graph["15"]["inputs"]["upscale_model"] = ["16", 0]

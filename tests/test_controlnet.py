@@ -139,11 +139,12 @@ def test_a1111_alwayson_controlnet(settings: ServerSettings, sd1_gguf: Path, sd1
 
 
 def test_a_control_plan_survives_its_json_round_trip() -> None:
-    from sfumato.server.jobs.plan import Generation, JobPlan
+    from sfumato.params import DiffusionParams
+    from sfumato.server.jobs.plan import JobPlan
 
-    work = Generation(
-        prompt="p", negative_prompt="", width=SIZE, height=SIZE, steps=2, cfg_scale=7.0, sampling_method=None,
-        scheduler=None, seed=1, batch_count=1, strength=0.75, control_image=b"\x89PNG", control_strength=1.3,
+    work = DiffusionParams(
+        prompt="p", width=SIZE, height=SIZE, steps=2, cfg_scale=7.0, seed=1, control_image=b"\x89PNG",
+        control_strength=1.3,
     )  # fmt: skip
     plan = JobPlan(model="full", work=work, control_net="control_v11p_sd15_canny")
     stored = plan.to_json()

@@ -350,6 +350,24 @@ def test_a_plan_survives_its_json_round_trip(client: TestClient, settings: Serve
     assert plan.generation.init_image is not None and plan.generation.hires is not None
 
 
+def test_a_version_2_plan_is_read_into_the_sdk_params() -> None:
+    from sfumato.params import DiffusionParams, HiresConfig
+    from sfumato.server.jobs.plan import JobPlan
+
+    # As the version before stored a generation: its own field list, hires without tile_size.
+    params = {**_old_plan("a harbour")["params"], "control_image": None, "control_strength": 0.9, "preview": None,
+              "preview_interval": 1, "clip_skip": -1, "guidance": 3.5, "upscale": {"repeats": 1},
+              "init_image": base64.b64encode(b"\x89PNG").decode(),
+              "hires": {"scale": 2.0, "upscaler": "Latent", "steps": 3, "denoising_strength": 0.5},
+              "loras": [{"path": "/loras/ink.safetensors", "scale": 0.8}]}  # fmt: skip
+    plan = JobPlan.from_json({"version": 2, "model": MODEL, "params": params, "file_type": "png", "jpeg_quality": 85})
+    work = plan.generation
+    assert isinstance(work, DiffusionParams) and work.prompt == "a harbour" and work.init_image == b"\x89PNG"
+    assert work.hires == HiresConfig(scale=2.0, upscaler="Latent", steps=3, denoising_strength=0.5)
+    assert work.loras == ({"path": "/loras/ink.safetensors", "scale": 0.8},) and work.upscale == {"repeats": 1}
+    assert JobPlan.from_json(plan.to_json()) == plan and plan.to_json()["version"] == JobPlan.VERSION
+
+
 def test_metrics_count_the_queue_in_prometheus_format(client: TestClient) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

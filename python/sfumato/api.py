@@ -28,6 +28,7 @@ from sfumato.loading import LoadProgress, ModelSource, prepare
 from sfumato.params import (
     MAX_REPEATS,
     DiffusionParams,
+    HiresConfig,
     ModelConfig,
     check_int,
     check_refiner,
@@ -245,7 +246,7 @@ def diffusion(
     mask: imaging.ImageInput | None = _D.mask,
     strength: float = _D.strength,
     upscale: bool | Mapping[str, Any] | None = _D.upscale,
-    hires: bool | Mapping[str, Any] | None = _D.hires,
+    hires: bool | Mapping[str, Any] | HiresConfig | None = _D.hires,
     loras: Sequence[Any] = _D.loras,
     clip_skip: int = _D.clip_skip,
     eta: float | None = _D.eta,
@@ -287,6 +288,20 @@ def diffusion(
         control_strength=control_strength, preview=preview, preview_interval=preview_interval,
     )  # fmt: skip
     return _generate(model_id, validate_diffusion(fields), refiner, called, timeout)
+
+
+def diffusion_checked(
+    model_id: str, params: DiffusionParams, *, refiner: Mapping[str, Any] | None = None, timeout: float | None = None
+) -> DiffusionResult:
+    """:func:`diffusion` of ``params`` that :func:`~sfumato.params.validate_diffusion` has
+    already checked (the server checks a request once, when it plans the job): only what
+    depends on the loaded model is checked here, as the engine request is built.
+
+    Raises
+    ------
+    InvalidParameterError, UnknownModelIdError, NoUpscalerError
+    """
+    return _generate(model_id, params, refiner, time.perf_counter(), timeout)
 
 
 def _generate(

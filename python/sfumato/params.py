@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class DiffusionParams:
     mask: ImageInput | None = None
     strength: float = SDK["strength"].default
     upscale: bool | Mapping[str, Any] | None = None
-    hires: bool | Mapping[str, Any] | None = None
+    hires: bool | Mapping[str, Any] | HiresConfig | None = None
     loras: Sequence[Any] = ()
     clip_skip: int = SDK["clip_skip"].default
     eta: float | None = SDK["eta"].default
@@ -210,10 +210,12 @@ class HiresConfig:
 
 
 def check_hires(name: str, value: object) -> HiresConfig | None:
-    """``hires`` (``True``, or a mapping of :class:`HiresConfig` fields, the job-queue API's
-    ``enabled`` too) as a :class:`HiresConfig`; ``None`` when off."""
+    """``hires`` (``True``, a :class:`HiresConfig`, or a mapping of its fields, the job-queue
+    API's ``enabled`` too) as a :class:`HiresConfig`; ``None`` when off."""
     if value is None or value is False:
         return None
+    if isinstance(value, HiresConfig):
+        value = asdict(value)
     if value is True:
         return HiresConfig()
     if not isinstance(value, Mapping):

@@ -14,10 +14,13 @@ import threading
 from collections.abc import Sequence
 
 from sfumato.cli.flags import parse_args
-from sfumato.cli.generate import generate, upscale
-from sfumato.cli.info import info, models
-from sfumato.cli.serve import serve, worker
+from sfumato.cli.generate import generate
+from sfumato.cli.info import info
+from sfumato.cli.models import models
+from sfumato.cli.serve import serve
 from sfumato.cli.terminal import on_ctrl_c
+from sfumato.cli.upscale import upscale
+from sfumato.cli.worker import worker
 from sfumato.errors import SfumatoError
 
 

@@ -1,4 +1,4 @@
-"""``sfumato generate`` and ``sfumato upscale``: one job on a model this process loads."""
+"""``sfumato generate``: one generation on a model this process loads."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from sfumato.cli.flags import lora_arg, model_config_of
 from sfumato.cli.terminal import run_job, write_pngs
 from sfumato.errors import JobCancelledError
 from sfumato.families.companions import ROLES
-from sfumato.params import (
-    DiffusionParams,
-)
+from sfumato.params import DiffusionParams
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -55,21 +53,5 @@ def generate(args: argparse.Namespace) -> int:
         if refiner_id is not None:
             sfumato.unload_model(refiner_id)
     write_pngs(args.output, f"sfumato_{stats.seed}", outputs)
-    print(json.dumps(asdict(stats), indent=2))
-    return 0
-
-
-def upscale(args: argparse.Namespace) -> int:
-    import sfumato
-
-    model_id = sfumato.load_model(args.model, model_config=model_config_of(args, "upscale"))
-    try:
-        result = sfumato.upscale(model_id, image=args.image, repeats=args.repeats, timeout=args.timeout)
-        outputs, stats = run_job(result, args.quiet)
-    finally:
-        sfumato.unload_model(model_id)
-    target = args.output or args.image.with_name(f"{args.image.stem}-upscaled.png")
-    target.write_bytes(outputs[0])
-    print(target)
     print(json.dumps(asdict(stats), indent=2))
     return 0

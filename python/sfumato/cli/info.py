@@ -1,4 +1,4 @@
-"""``sfumato info`` (the engine, its CPU modules and devices) and ``sfumato models``."""
+"""``sfumato info``: the engine, its CPU modules and kernels, and its devices."""
 
 from __future__ import annotations
 
@@ -93,14 +93,4 @@ def info(args: argparse.Namespace) -> int:
         memory = f"{d['memory_free'] / 2**30:.1f} of {d['memory_total'] / 2**30:.1f} GiB free"
         kind = d["type"] + (", software: used only by name" if d["software"] else "")
         print(f"  {d['name']:<10} {d['description']} ({kind}; {memory})")
-    return 0
-
-
-def models(_args: argparse.Namespace) -> int:
-    from sfumato.registry import REGISTRY, cached_path
-
-    for name, model in REGISTRY.items():
-        path = cached_path(model)
-        state = f"cached at {path}" if path.is_file() else f"not cached ({model.source_url})"
-        print(f"{name:<28} {model.family:<7} {state}")
     return 0

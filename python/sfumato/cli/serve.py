@@ -1,9 +1,8 @@
-"""``sfumato serve`` (the HTTP server) and ``sfumato worker`` (a farm's worker)."""
+"""``sfumato serve``: the HTTP server, and the settings its flags make (``worker`` shares them)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 from sfumato.errors import SfumatoError
@@ -56,12 +55,4 @@ def serve(args: argparse.Namespace) -> int:
         preview_method=args.preview_method,
     )
     serve(settings, log_level="info" if args.verbose else "warning")
-    return 0
-
-
-def worker(args: argparse.Namespace) -> int:
-    from sfumato.server.jobs.farm_worker import work
-
-    logging.getLogger("sfumato").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    work(server_settings(args))
     return 0

@@ -26,6 +26,7 @@ from sfumato.params import (
     HIRES_UPSCALERS,
     REFINER_SWITCH_AT,
     DiffusionParams,
+    HiresConfig,
     check_hires,
     check_loras,
     check_number,
@@ -33,7 +34,7 @@ from sfumato.params import (
     check_upscale_repeats,
     validate_diffusion,
 )
-from sfumato.server.jobs.plan import FileType, Generation, Hires, JobPlan, Lora, Refiner
+from sfumato.server.jobs.plan import FileType, JobPlan, Refiner
 from sfumato.server.models import names
 from sfumato.server.models.catalog import Entry
 from sfumato.server.models.config import DEFAULTED_FIELDS
@@ -72,8 +73,9 @@ def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
     return LORA_TAG.sub("", prompt).strip(), found
 
 
-def _lora_paths(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple[Lora, ...]:
-    """LoRA names looked up in the LoRA folder's listing (never joined onto a path)."""
+def _lora_paths(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple[dict[str, Any], ...]:
+    """LoRA names looked up in the LoRA folder's listing (never joined onto a path), as the
+    SDK's ``{"path", "scale"}`` items."""
     found = {e.name: e.path for e in state.catalog.loras()}
     out = []
     for i, (name, scale) in enumerate(loras):
@@ -81,11 +83,11 @@ def _lora_paths(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple
             have = ", ".join(found) or f"none (the LoRA folder {state.settings.loras_dir} is empty)"
             raise InvalidParameterError(f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
         check_lora_file(found[name], f"loras[{i}]")
-        out.append(Lora(str(found[name].resolve()), scale))
+        out.append({"path": str(found[name].resolve()), "scale": scale})
     return tuple(out)
 
 
-def _hires(state: ServerState, hires: object) -> Hires | None:
+def _hires(state: ServerState, hires: object) -> HiresConfig | None:
     """The request's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
     config = check_hires("hires", hires)
     if config is None:
@@ -97,9 +99,7 @@ def _hires(state: ServerState, hires: object) -> Hires | None:
             have = ", ".join([*HIRES_UPSCALERS, *found])
             raise InvalidParameterError("hires.upscaler", f"no upscaler named {upscaler!r}; available: {have}")
         upscaler = str(found[upscaler])
-    return Hires(
-        scale=config.scale, upscaler=upscaler, steps=config.steps, denoising_strength=config.denoising_strength
-    )
+    return replace(config, upscaler=upscaler)
 
 
 def _control_net(state: ServerState, requested: str | None, model: Entry) -> str:
@@ -209,7 +209,7 @@ def _check_prompts(settings: ServerSettings, params: DiffusionParams) -> None:
 
 
 def _check_limits(
-    settings: ServerSettings, params: DiffusionParams, width: int, height: int, hires: Hires | None
+    settings: ServerSettings, params: DiffusionParams, width: int, height: int, hires: HiresConfig | None
 ) -> None:
     """Refuse what passes the server's limits: pixels (the hires pass's output
     included), steps and images."""
@@ -238,32 +238,22 @@ def _check_limits(
 
 
 def _generation(
-    state: ServerState, params: DiffusionParams, width: int, height: int, hires: Hires | None
-) -> Generation:
-    """The stored generation of checked ``params``: files as bytes, LoRAs as paths of the folder."""
-    return Generation(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
+    state: ServerState, params: DiffusionParams, width: int, height: int, hires: HiresConfig | None
+) -> DiffusionParams:
+    """The stored generation of checked ``params``: the size resolved, files as bytes, LoRAs
+    and a hires ESRGAN as paths in their folders."""
+    repeats = check_upscale_repeats("upscale", params.upscale)
+    return replace(
+        params,
         width=width,
         height=height,
-        steps=params.steps,
-        cfg_scale=params.cfg_scale,
-        sampling_method=params.sampling_method,
-        scheduler=params.scheduler,
-        seed=params.seed,
-        batch_count=params.batch_count,
-        strength=params.strength,
         init_image=_file_bytes(params.init_image),
         mask=_file_bytes(params.mask),
+        control_image=_file_bytes(params.control_image),
+        init_images=tuple(image for image in map(_file_bytes, params.init_images) if image is not None),
         hires=hires,
         loras=_lora_paths(state, check_loras("loras", params.loras)),
-        control_image=_file_bytes(params.control_image),
-        control_strength=params.control_strength,
-        preview=params.preview,
-        preview_interval=params.preview_interval,
-        clip_skip=params.clip_skip,
-        guidance=params.guidance,
-        upscale=check_upscale_repeats("upscale", params.upscale),
+        upscale={"repeats": repeats} if repeats else None,
     )
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
 
-from sfumato.params import DiffusionParams
+from sfumato.params import DiffusionParams, HiresConfig
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -28,102 +28,34 @@ FileType = Literal["png", "jpg", "webp"]
 """How the outputs folder keeps images (webp for the OpenAI API's ``output_format``)."""
 
 
-@dataclass(frozen=True)
-class Lora:
-    """A LoRA resolved in the LoRA folder: its file and strength."""
-
-    path: str
-    scale: float
+_IMAGES = ("init_image", "mask", "control_image")
+"""The fields of a generation that hold an image file's bytes (base64 in the JSON form)."""
 
 
-@dataclass(frozen=True)
-class Hires:
-    """Hires fix as checked: ``upscaler`` is ``"Latent"`` (or another latent mode) or an ESRGAN file's path."""
-
-    scale: float
-    upscaler: str
-    steps: int
-    denoising_strength: float
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The SDK's ``diffusion`` fields of a generation job, checked."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    cfg_scale: float | None
-    sampling_method: str | None
-    scheduler: str | None
-    seed: int
-    batch_count: int
-    strength: float
-    init_image: bytes | None = None
-    mask: bytes | None = None
-    hires: Hires | None = None
-    loras: tuple[Lora, ...] = ()
-    control_image: bytes | None = None
-    control_strength: float = 0.9
-    preview: str | None = None
-    preview_interval: int = 1
-    clip_skip: int = DiffusionParams.clip_skip
-    guidance: float = DiffusionParams.guidance
-    upscale: int = 0
-    """ESRGAN passes over the decoded images (the plan's ``esrgan``)."""
-
-    def _fields(self, image: Callable[[bytes | None], Any]) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in _GENERATION_SCALARS}
-        out.update(init_image=image(self.init_image), mask=image(self.mask))
-        out.update(control_image=image(self.control_image), control_strength=self.control_strength)
-        out.update(preview=self.preview, preview_interval=self.preview_interval)
-        out.update(clip_skip=self.clip_skip, guidance=self.guidance)
-        out["upscale"] = {"repeats": self.upscale} if self.upscale else None
-        out.update(loras=[asdict(lora) for lora in self.loras], hires=asdict(self.hires) if self.hires else None)
-        return out
-
-    def sdk_arguments(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`sfumato.diffusion`."""
-        return self._fields(lambda data: data)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON form: images in base64."""
-        return self._fields(_b64)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Generation:
-        hires = data.get("hires")
-        return cls(
-            **{k: data[k] for k in _GENERATION_SCALARS},
-            init_image=_unb64(data.get("init_image")),
-            mask=_unb64(data.get("mask")),
-            hires=Hires(**hires) if hires is not None else None,
-            loras=tuple(Lora(**lora) for lora in data.get("loras", ())),
-            control_image=_unb64(data.get("control_image")),
-            control_strength=data.get("control_strength", cls.control_strength),
-            preview=data.get("preview"),
-            preview_interval=data.get("preview_interval", cls.preview_interval),
-            clip_skip=data.get("clip_skip", cls.clip_skip),
-            guidance=data.get("guidance", cls.guidance),
-            upscale=(data.get("upscale") or {}).get("repeats", 0),
-        )
+def params_to_json(params: DiffusionParams) -> dict[str, Any]:
+    """The JSON form of a planned generation: its fields by their SDK names, images in
+    base64, ``hires`` as its fields."""
+    out = {f.name: getattr(params, f.name) for f in fields(DiffusionParams)}
+    for name in _IMAGES:
+        out[name] = _b64(out[name])
+    out["init_images"] = [_b64(image) for image in params.init_images]
+    out["loras"] = [dict(lora) for lora in params.loras]
+    out["hires"] = asdict(params.hires) if isinstance(params.hires, HiresConfig) else None
+    return out
 
 
-_GENERATION_SCALARS = (
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "cfg_scale",
-    "sampling_method",
-    "scheduler",
-    "seed",
-    "batch_count",
-    "strength",
-)
+def params_from_json(data: Mapping[str, Any]) -> DiffusionParams:
+    """A planned generation as :func:`params_to_json` wrote it (or version 2's form, the
+    same keys less some; what is missing takes its default)."""
+    known = {f.name for f in fields(DiffusionParams)}
+    values = {k: v for k, v in data.items() if k in known}
+    for name in _IMAGES:
+        values[name] = _unb64(values.get(name))
+    values["init_images"] = tuple(base64.b64decode(image) for image in values.get("init_images", ()))
+    values["loras"] = tuple(dict(lora) for lora in values.get("loras", ()))
+    hires = values.get("hires")
+    values["hires"] = HiresConfig(**hires) if hires is not None else None
+    return DiffusionParams(**values)
 
 
 @dataclass(frozen=True)
@@ -132,10 +64,6 @@ class Upscale:
 
     image: bytes
     repeats: int = 1
-
-    def sdk_arguments(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`sfumato.upscale`."""
-        return {"image": self.image, "repeats": self.repeats}
 
     def to_json(self) -> dict[str, Any]:
         return {"image": _b64(self.image), "repeats": self.repeats}
@@ -167,7 +95,9 @@ class JobPlan:
         The catalog name of the model to run: a diffusion model, or for an
         :class:`Upscale` job an upscaler.
     work:
-        The generation or the upscale.
+        The generation, as the SDK's parameters checked once when the plan was made
+        (the size resolved, LoRAs and a hires ESRGAN as paths in their folders, images as
+        file bytes), or the upscale.
     refiner:
         A second model that refines the generation's images.
     control_net:
@@ -183,11 +113,12 @@ class JobPlan:
         How the outputs folder keeps the images.
     """
 
-    VERSION: ClassVar[int] = 2
-    """Version 1 was the untyped dict of the same keys, without ``version``."""
+    VERSION: ClassVar[int] = 3
+    """Version 1 was the untyped dict of the same keys, without ``version``; version 2
+    kept fewer of the generation's fields (and hires without ``tile_size``)."""
 
     model: str
-    work: Generation | Upscale
+    work: DiffusionParams | Upscale
     refiner: Refiner | None = None
     control_net: str | None = None
     vae: str | None = None
@@ -196,7 +127,7 @@ class JobPlan:
     jpeg_quality: int = 85
 
     @property
-    def generation(self) -> Generation:
+    def generation(self) -> DiffusionParams:
         """The generation of a generation job.
 
         Raises
@@ -204,7 +135,7 @@ class JobPlan:
         TypeError
             For an upscale job.
         """
-        if not isinstance(self.work, Generation):
+        if not isinstance(self.work, DiffusionParams):
             raise TypeError(f"the plan of model {self.model!r} is an upscale, not a generation")
         return self.work
 
@@ -219,7 +150,7 @@ class JobPlan:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "version": self.VERSION,
-            "params": self.work.to_json(),
+            "params": self.work.to_json() if isinstance(self.work, Upscale) else params_to_json(self.work),
             "file_type": self.file_type,
             "jpeg_quality": self.jpeg_quality,
         }
@@ -250,11 +181,11 @@ class JobPlan:
             )
         try:
             refiner = data.get("refiner")
-            work: Generation | Upscale
+            work: DiffusionParams | Upscale
             if "upscaler" in data:
                 model, work = data["upscaler"], Upscale.from_json(data["params"])
             else:
-                model, work = data["model"], Generation.from_json(data["params"])
+                model, work = data["model"], params_from_json(data["params"])
             return cls(
                 model=model,
                 work=work,

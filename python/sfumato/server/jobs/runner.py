@@ -27,13 +27,15 @@ from PIL import Image
 from prometheus_client import Histogram
 
 import sfumato
+from sfumato.api import diffusion_checked
 from sfumato.engine.devices import check_device
 from sfumato.engine.library import load_engine
 from sfumato.errors import InvalidParameterError, JobCancelledError, SfumatoError
 from sfumato.loading import check_precision
+from sfumato.params import DiffusionParams
 from sfumato.results import DiffusionResult
 from sfumato.server.jobs.loads import LoadKey, load_arguments
-from sfumato.server.jobs.plan import Generation, JobPlan, PlanVersionError, Upscale
+from sfumato.server.jobs.plan import JobPlan, PlanVersionError, Upscale
 from sfumato.server.jobs.store import (
     CANCEL_CHANNEL,
     CANCELLED,
@@ -440,24 +442,30 @@ class JobRunner:
             key = LoadKey(plan.model, upscale_only, plan.control_net, plan.vae, plan.esrgan)
             model_id = self.load(key, job=slot)
             before = self._memory_mb(model_id)
-            params = work.sdk_arguments()
             refining: bool | None = None
+            refiner = None
             if plan.refiner is not None:
                 self.store.progress(job.id, 0.0, "loading refiner", claim)
                 refiner_id = self.load(LoadKey(plan.refiner.model), job=slot)
-                params["refiner"] = {"model_id": refiner_id, "switch_at": plan.refiner.switch_at}
+                refiner = {"model_id": refiner_id, "switch_at": plan.refiner.switch_at}
                 refining = False
             started = time.perf_counter()
-            if upscale_only:
-                result = sfumato.upscale(model_id, **params)
-            else:
-                result = sfumato.diffusion(model_id, **params)
+            if isinstance(work, Upscale):
+                result = sfumato.upscale(model_id, image=work.image, repeats=work.repeats)
+            else:  # checked when the plan was made: the engine request is built without a second check
+                result = diffusion_checked(model_id, work, refiner=refiner)
             with self._lock:
                 slot.result = result
             if self._stopping or not self.store.progress(job.id, 0.0, "starting", claim):
                 result.cancel()  # stopping, or cancelled while its model loaded
             self._follow(
-                job.id, claim, slot, result, started, isinstance(work, Generation) and work.hires is not None, refining
+                job.id,
+                claim,
+                slot,
+                result,
+                started,
+                isinstance(work, DiffusionParams) and work.hires is not None,
+                refining,
             )
             pngs = result.outputs.result()
             stats = result.stats.result()

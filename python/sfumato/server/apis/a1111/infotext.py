@@ -12,11 +12,10 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 import sfumato
-from sfumato.params import HIRES_UPSCALERS
-from sfumato.server.jobs.plan import Generation
+from sfumato.params import HIRES_UPSCALERS, DiffusionParams, HiresConfig
 
 
-def infotext(params: Generation, seed: int, sampler: str, scheduler: str, model: str, img2img: bool) -> str:
+def infotext(params: DiffusionParams, seed: int, sampler: str, scheduler: str, model: str, img2img: bool) -> str:
     """A1111's generation-parameters text of one image: the prompt, ``Negative prompt:``,
     then ``Key: value, ...`` (a value with a comma or colon quoted), as its PNGs carry it."""
     fields: dict[str, Any] = {
@@ -32,14 +31,15 @@ def infotext(params: Generation, seed: int, sampler: str, scheduler: str, model:
         fields["Clip skip"] = params.clip_skip
     if img2img:
         fields["Denoising strength"] = params.strength
-    if params.hires is not None:
-        upscaler = params.hires.upscaler
+    hires = params.hires
+    if isinstance(hires, HiresConfig):  # a planned generation's hires is checked, typed
+        upscaler = hires.upscaler
         fields.update(
             {
-                "Hires upscale": params.hires.scale,
-                "Hires steps": params.hires.steps,
+                "Hires upscale": hires.scale,
+                "Hires steps": hires.steps,
                 "Hires upscaler": upscaler if upscaler in HIRES_UPSCALERS else Path(upscaler).stem,
-                "Denoising strength": params.hires.denoising_strength,
+                "Denoising strength": hires.denoising_strength,
             }
         )
     fields["Version"] = f"sfumato {sfumato.__version__}"

@@ -32,6 +32,13 @@ def node_error(kind: str, message: str, details: str, input_name: str | None, re
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
+def _bad_link(name: str, given: Any) -> dict[str, Any]:
+    """ComfyUI's error for an input that is neither a value nor a ``[node_id, slot]`` link."""
+    return node_error(
+        "bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]", name, name, given
+    )
+
+
 # --- the walk ------------------------------------------------------------------------------------
 
 Run = Callable[["Walk", str, dict[str, Any]], tuple[Any, ...]]
@@ -116,16 +123,7 @@ class Walk:
         linked = isinstance(given, list)
         if linked:
             if len(given) != 2 or not isinstance(given[1], int) or isinstance(given[1], bool):
-                raise self.fail(
-                    node_id,
-                    node_error(
-                        "bad_linked_input",
-                        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                        name,
-                        name,
-                        given,
-                    ),
-                )
+                raise self.fail(node_id, _bad_link(name, given))
             source = str(given[0])
             if source not in self.graph:
                 raise self.fail(
@@ -151,16 +149,7 @@ class Walk:
                 raise self.refuse(node_id, name, f"takes a value, not the output of node {source!r}", given)
             return outputs[slot]
         if wanted.type not in PRIMITIVES:
-            raise self.fail(
-                node_id,
-                node_error(
-                    "bad_linked_input",
-                    "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                    name,
-                    name,
-                    given,
-                ),
-            )
+            raise self.fail(node_id, _bad_link(name, given))
         return self.primitive(node_id, name, wanted, given)
 
     def primitive(self, node_id: str, name: str, wanted: Input, given: Any) -> Any:
