@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import weakref
 from pathlib import Path
+from typing import Any
 
+import cffi
 import numpy as np
 import pytest
 
@@ -58,9 +60,16 @@ def test_locator_without_engine_says_what_to_install(monkeypatch: pytest.MonkeyP
     assert f"{ENGINE_DISTRIBUTION} 0.4.7" in str(caught.value)
 
 
+def _opened(ffi: cffi.FFI) -> Any:
+    """The engine library opened through ``ffi``, after :func:`load_engine` has put
+    the CPU module's symbols in the process's global scope (the engine library needs them)."""
+    load_engine()
+    return ffi.dlopen(str(locate_library()))
+
+
 def test_abi_check_passes_on_the_real_declarations() -> None:
     ffi = make_ffi()
-    check_abi(ffi, ffi.dlopen(str(locate_library())))
+    check_abi(ffi, _opened(ffi))
 
 
 @pytest.mark.parametrize(
@@ -88,7 +97,7 @@ def test_abi_check_catches_a_wrong_struct(old: str, new: str) -> None:
     assert old in _cdefs.ALL
     ffi = make_ffi(_cdefs.ALL.replace(old, new, 1))
     with pytest.raises(EngineABIError, match="does not match"):
-        check_abi(ffi, ffi.dlopen(str(locate_library())))
+        check_abi(ffi, _opened(ffi))
 
 
 @pytest.fixture(scope="module")

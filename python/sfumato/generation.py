@@ -149,6 +149,13 @@ def _sources(params: DiffusionParams, model: LoadedModel) -> tuple[ImageArray | 
     return source, references
 
 
+_AS_GIVEN = (
+    *("prompt", "negative_prompt", "steps", "guidance", "clip_skip", "eta", "img_cfg_scale", "scheduler"),
+    *("batch_count", "strength", "vae_tiling", "control_strength", "preview_interval"),
+)
+"""The params the engine's request takes as they are, under the same names."""
+
+
 def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedModel | None = None) -> ImageRequest:
     """The engine's request for validated ``params`` on a loaded ``model``: the
     FLUX.2 reference rules, the size (given, else the source image's, else the
@@ -186,34 +193,22 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
             )
         control = imaging.resize(imaging.to_array(params.control_image, "control_image"), w, h)
     return ImageRequest(
-        control_image=control,
-        control_strength=params.control_strength,
-        preview=cast("PreviewMode | None", params.preview),
-        preview_interval=params.preview_interval,
-        hires=engine_hires(params.hires),
-        loras=lora_files(params.loras, model.config.lora_dir),
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
+        **{name: getattr(params, name) for name in _AS_GIVEN},
         width=w,
         height=h,
-        steps=params.steps,
         cfg_scale=FAMILY_CFG_SCALE.get(model.info.family, DEFAULT_CFG_SCALE)
         if params.cfg_scale is None
         else params.cfg_scale,
-        guidance=params.guidance,
-        clip_skip=params.clip_skip,
-        eta=params.eta,
-        img_cfg_scale=params.img_cfg_scale,
-        ref_images=references,
         sample_method=params.sampling_method,
-        scheduler=params.scheduler,
-        batch_count=params.batch_count,
-        strength=params.strength,
+        seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
         init_image=source,
         mask_image=mask_array,
-        vae_tiling=params.vae_tiling,
+        control_image=control,
+        ref_images=references,
+        preview=cast("PreviewMode | None", params.preview),
+        hires=engine_hires(params.hires),
+        loras=lora_files(params.loras, model.config.lora_dir),
         cache_threshold=CACHE_PRESETS[params.cache_preset] if params.cache_preset else None,
-        seed=params.seed if params.seed >= 0 else secrets.randbelow(2**31),
     )
 
 
@@ -251,11 +246,4 @@ def engine_hires(value: object) -> HiresParams | None:
         hint = f"hires.upscaler takes one of {', '.join(HIRES_UPSCALERS)} or an ESRGAN model"
         detect_family(path, "hires.upscaler", (FAMILY_ESRGAN,), hint)
         upscaler, model_path = "Model", str(path)
-    return HiresParams(
-        upscaler=upscaler,
-        model_path=model_path,
-        scale=config.scale,
-        steps=config.steps,
-        denoising_strength=config.denoising_strength,
-        tile_size=config.tile_size,
-    )
+    return HiresParams(**(dataclasses.asdict(config) | {"upscaler": upscaler, "model_path": model_path}))

@@ -224,6 +224,17 @@ def diffusion_parts(config: ModelConfig, path: Path) -> Parts:
     return Parts(info, companions, upscaler, embeddings, skipped)
 
 
+_CONTEXT_FIELDS = {
+    "flash_attn": ("flash_attn", "diffusion_flash_attn"),
+    "conv_direct": ("diffusion_conv_direct", "vae_conv_direct"),
+    "offload_to_cpu": ("offload_params_to_cpu",),
+    "keep_clip_on_cpu": ("keep_clip_on_cpu",),
+    "keep_vae_on_cpu": ("keep_vae_on_cpu",),
+    "rng": ("rng",),
+}
+"""The ``model_config`` keys the engine's context takes as they are, and the fields they set."""
+
+
 def context_params(
     config: ModelConfig, path: Path, parts: Parts, registered: RegistryModel | None, weight_type: str | None
 ) -> ContextParams:
@@ -231,35 +242,22 @@ def context_params(
     prediction = PREDICTION_NAMES[config.prediction]
     if prediction is None and registered is not None:
         prediction = registered.prediction
-    named = {role: str(file) for role, file in parts.companions.items()}
+    paths: dict[str, Any] = {f"{role}_path": str(file) for role, file in parts.companions.items()}
     info = parts.info
     model_path = None if info.split else str(path)
     if info.split and info.family == FAMILY_SDXL:
         model_path = str(split_unet_hint(cache_dir() / "hints"))
     return ContextParams(
+        **paths,
         model_path=model_path,
         diffusion_model_path=str(path) if info.split else None,
-        clip_l_path=named.get("clip_l"),
-        clip_g_path=named.get("clip_g"),
-        t5xxl_path=named.get("t5xxl"),
-        llm_path=named.get("llm"),
-        vae_path=named.get("vae"),
-        taesd_path=named.get("taesd"),
         tae_preview_only=config.taesd_preview_only,
-        control_net_path=named.get("control_net"),
         embeddings=tuple((e.name, str(e.path)) for e in parts.embeddings.values()),
+        **{field: getattr(config, key) for key, fields in _CONTEXT_FIELDS.items() for field in fields},
         n_threads=config.threads or -1,
         wtype=weight_type,
         prediction=prediction,
-        flash_attn=config.flash_attn,
-        diffusion_flash_attn=config.flash_attn,
-        offload_params_to_cpu=config.offload_to_cpu,
-        keep_clip_on_cpu=config.keep_clip_on_cpu,
-        keep_vae_on_cpu=config.keep_vae_on_cpu,
         max_vram=float(config.max_vram),
-        diffusion_conv_direct=config.conv_direct,
-        vae_conv_direct=config.conv_direct,
-        rng=config.rng,
     )
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from sfumato.engine.kernels import PRECISIONS
 from sfumato.engine.requests import PREVIEW_MODES
-from sfumato.families.companions import ROLES
+from sfumato.families.companions import FAMILY_TEXT_ENCODERS, ROLES
+from sfumato.families.detect import FAMILY_NAMES
 from sfumato.params import (
     CACHE_PRESETS,
     PREDICTION_NAMES,
@@ -49,6 +50,23 @@ _H = HiresConfig()
 _U = UpscalerConfig()
 
 
+_SWITCHES = {
+    "flash_attn": "flash attention (slower on CPU)",
+    "conv_direct": "direct convolutions in the UNet and VAE",
+    "offload_to_cpu": "keep the weights in RAM, each part copied to the device when it runs",
+    "keep_clip_on_cpu": "text encoders on the CPU",
+    "keep_vae_on_cpu": "the VAE on the CPU",
+}
+"""The ``model_config`` switches every command that loads a model takes, as ``--flash-attn`` and so on."""
+
+_SETTINGS = ("device", "cpu_variant", "threads", "rng", "weight_type", "precision", "prediction", "max_vram")
+"""The other ``model_config`` keys those commands pass as their flags give them."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model_config")
     group.add_argument(
@@ -60,22 +78,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="the engine build's CPU variant (haswell, skylakex, zen4) or auto: the fastest by a probe (default)",
     )
     group.add_argument("--threads", type=int, default=_M.threads, help="CPU threads (default: physical cores)")
-    group.add_argument(
-        "--flash-attn", action="store_true", default=_M.flash_attn, help="flash attention (slower on CPU)"
-    )
-    group.add_argument(
-        "--conv-direct", action="store_true", default=_M.conv_direct, help="direct convolutions in the UNet and VAE"
-    )
-    group.add_argument(
-        "--offload-to-cpu",
-        action="store_true",
-        default=_M.offload_to_cpu,
-        help="keep the weights in RAM, each part copied to the device when it runs",
-    )
-    group.add_argument(
-        "--keep-clip-on-cpu", action="store_true", default=_M.keep_clip_on_cpu, help="text encoders on the CPU"
-    )
-    group.add_argument("--keep-vae-on-cpu", action="store_true", default=_M.keep_vae_on_cpu, help="the VAE on the CPU")
+    for name, text in _SWITCHES.items():
+        group.add_argument(_flag(name), action="store_true", default=getattr(_M, name), help=text)
     group.add_argument(
         "--max-vram",
         type=float,
@@ -94,27 +98,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="CPU arithmetic: exact (f32) or bf16 (CPUs with AVX512-BF16 or AMX; weights converted to bf16)",
     )
     group.add_argument("--prediction", choices=list(PREDICTION_NAMES), default=_M.prediction)
-    group.add_argument("--vae", dest="vae_model_src", default=_M.vae_model_src, help="a separate VAE file")
-    group.add_argument(
-        "--clip-l", dest="clip_l_model_src", default=_M.clip_l_model_src, help="CLIP-L text encoder (SDXL, SD3, FLUX.1)"
-    )
-    group.add_argument(
-        "--clip-g", dest="clip_g_model_src", default=_M.clip_g_model_src, help="CLIP-G text encoder (SDXL, SD3)"
-    )
-    group.add_argument(
-        "--t5xxl", dest="t5xxl_model_src", default=_M.t5xxl_model_src, help="T5-XXL text encoder (SD3, FLUX.1)"
-    )
-    group.add_argument(
-        "--llm", dest="llm_model_src", default=_M.llm_model_src, help="Qwen3 text encoder (FLUX.2 [klein])"
-    )
+    for role in ROLES.values():
+        users = [FAMILY_NAMES[f] for f, roles in FAMILY_TEXT_ENCODERS.items() if role.name in roles]
+        text = f"the {role.label} file" + (f" ({', '.join(users)})" if users else "")
+        group.add_argument(_flag(role.name), dest=role.key, default=getattr(_M, role.key), metavar="FILE", help=text)
     group.add_argument(
         "--embedding-dir", default=_M.embedding_dir, help="a folder of textual-inversion embeddings (.pt, .safetensors)"
-    )
-    group.add_argument(
-        "--control-net", dest="control_net_src", default=_M.control_net_src, help="a ControlNet for --control-image"
-    )
-    group.add_argument(
-        "--taesd", dest="taesd_src", default=_M.taesd_src, help="a tiny autoencoder that decodes in the VAE's place"
     )
     group.add_argument(
         "--taesd-preview-only",
@@ -274,10 +263,10 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
         default=defaults.preview_method,
         help="live previews of ComfyUI API prompts, as ComfyUI's flag (default: none)",
     )
+    srv.add_argument("--max-steps", type=int, default=defaults.max_steps, help="most sampling steps per image")
     srv.add_argument(
         "--max-pixels", type=int, default=defaults.max_pixels, help="largest width x height one image may have"
     )
-    srv.add_argument("--max-steps", type=int, default=defaults.max_steps, help="most sampling steps per image")
     srv.add_argument("--max-images", type=int, default=defaults.max_images, help="most images per request")
     srv.add_argument(
         "--allow-private-urls", action="store_true", help="let url_upload fetch loopback and private addresses"
@@ -291,29 +280,33 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     return parser
 
 
+_FOLDERS = {
+    "models_dir": "the models folder",
+    "loras_dir": "LoRAs",
+    "upscalers_dir": "ESRGAN upscalers",
+    "controlnets_dir": "ControlNets",
+    "vaes_dir": "separate VAE files models may decode with",
+    "embeddings_dir": "textual-inversion embeddings",
+    "data_dir": "the job store and its outputs/ folder",
+}
+"""The folders ``serve`` and ``worker`` read, each a flag named as its setting (``--models``)."""
+
+
 def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) -> None:
     """The flags ``serve`` and ``worker`` share: the folders, the store, the lease, threads."""
-    command.add_argument("--models", type=Path, default=defaults.models_dir, help="models folder (default: ./models)")
-    command.add_argument("--loras", type=Path, default=defaults.loras_dir, help="LoRA folder (default: ./loras)")
-    command.add_argument("--upscalers", type=Path, default=defaults.upscalers_dir, help="default: ./upscalers")
-    command.add_argument(
-        "--controlnets", type=Path, default=defaults.controlnets_dir, help="ControlNet folder (./controlnets)"
-    )
+    for name, text in _FOLDERS.items():
+        default = getattr(defaults, name)
+        flag = "--" + name.removesuffix("_dir")
+        command.add_argument(
+            flag, dest=name, type=Path, default=default, metavar="DIR", help=f"{text} (default: ./{default})"
+        )
     command.add_argument(
         "--config",
+        dest="models_config",
         type=Path,
         default=None,
         metavar="TOML",
         help="models config: models made of several files, per-model defaults (default: models.toml in --models)",
-    )
-    command.add_argument(
-        "--vaes", type=Path, default=defaults.vaes_dir, help="separate VAE files models may decode with (./vaes)"
-    )
-    command.add_argument(
-        "--embeddings", type=Path, default=defaults.embeddings_dir, help="textual-inversion embeddings (./embeddings)"
-    )
-    command.add_argument(
-        "--data", type=Path, default=defaults.data_dir, help="job store and outputs/ folder (default: ./sfumato-data)"
     )
     command.add_argument(
         "--store",
@@ -323,6 +316,7 @@ def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) ->
     )
     command.add_argument(
         "--lease",
+        dest="lease_s",
         type=float,
         default=defaults.lease_s,
         metavar="SECONDS",
@@ -352,22 +346,7 @@ def _folder_flags(command: argparse.ArgumentParser, defaults: ServerSettings) ->
 
 
 def model_config_of(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "mode": mode,
-        "device": args.device,
-        "cpu_variant": args.cpu_variant,
-        "threads": args.threads,
-        "flash_attn": args.flash_attn,
-        "conv_direct": args.conv_direct,
-        "rng": args.rng,
-        "weight_type": args.weight_type,
-        "precision": args.precision,
-        "prediction": args.prediction,
-        "offload_to_cpu": args.offload_to_cpu,
-        "keep_clip_on_cpu": args.keep_clip_on_cpu,
-        "keep_vae_on_cpu": args.keep_vae_on_cpu,
-        "max_vram": args.max_vram,
-    }
+    config: dict[str, Any] = {"mode": mode} | {name: getattr(args, name) for name in (*_SETTINGS, *_SWITCHES)}
     if mode == "upscale":
         config["upscaler"] = {"tile_size": args.tile_size}
     else:

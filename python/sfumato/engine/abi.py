@@ -5,6 +5,7 @@ through sfumato's view."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import cffi
@@ -118,126 +119,105 @@ class _Printer:
 def _check_print_back(ffi: cffi.FFI, lib: Any, problems: list[str]) -> None:
     """Phase two: values written through our view must be printed back by the engine."""
     printer = _Printer(ffi, lib)
-    _check_ctx_print_back(ffi, lib, printer, problems)
-    _check_gen_print_back(ffi, lib, printer, problems)
-
-
-def _check_ctx_print_back(ffi: cffi.FFI, lib: Any, printer: _Printer, problems: list[str]) -> None:
-    """Phase two for the context parameters."""
-    keep, cstr, printed = printer.keep, printer.cstr, printer.printed
-    ctx = _oversized(ffi, "sd_ctx_params_t", keep)
-    lib.sd_ctx_params_init(ctx)
-    ctx.model_path = cstr("abi-model")
-    ctx.vae_path = cstr("abi-vae")
-    ctx.llm_vision_path = cstr("abi-llm-vision")
-    ctx.tensor_type_rules = cstr("abi-rules")
-    ctx.photo_maker_path = cstr("abi-pm")
-    ctx.n_threads = 37
-    ctx.wtype = lib.SD_TYPE_Q8_0
-    ctx.sampler_rng_type = lib.CPU_RNG
-    ctx.prediction = lib.FLUX2_FLOW_PRED
-    ctx.flash_attn = True
-    ctx.circular_y = True
-    ctx.chroma_use_t5_mask = True
-    ctx.chroma_t5_mask_pad = 29
-    ctx.max_vram = 2.25
-    text = printed(lib.sd_ctx_params_to_str(ctx))
-    for fragment in (
-        "model_path: abi-model\n",
-        "vae_path: abi-vae\n",
-        "llm_vision_path: abi-llm-vision\n",
-        "photo_maker_path: abi-pm\n",
-        "tensor_type_rules: abi-rules\n",
-        "vae_decode_only: true\n",
-        "free_params_immediately: true\n",
-        "n_threads: 37\n",
-        "wtype: q8_0\n",
-        "rng_type: cuda\n",
-        "sampler_rng_type: cpu\n",
-        "prediction: flux2_flow\n",
-        "max_vram: 2.250\n",
-        "flash_attn: true\n",
-        "circular_x: false\n",
-        "circular_y: true\n",
-        "chroma_use_dit_mask: true\n",
-        "chroma_use_t5_mask: true\n",
-        "chroma_t5_mask_pad: 29\n",
+    for struct, written, fragments in (
+        ("sd_ctx_params_t", _ctx_written(lib), _CTX_PRINTED),
+        ("sd_img_gen_params_t", _gen_written(lib), _GEN_PRINTED),
     ):
-        _expect(problems, text, fragment, "sd_ctx_params_t")
+        value = _oversized(ffi, struct, printer.keep)
+        getattr(lib, struct.removesuffix("_t") + "_init")(value)
+        for path, item in written.items():
+            *parents, name = path.split(".")
+            target = functools.reduce(getattr, parents, value)
+            setattr(target, name, printer.cstr(item) if isinstance(item, str) else item)
+        text = printer.printed(getattr(lib, struct.removesuffix("_t") + "_to_str")(value))
+        for fragment in fragments:
+            _expect(problems, text, fragment, struct)
 
 
-def _check_gen_print_back(ffi: cffi.FFI, lib: Any, printer: _Printer, problems: list[str]) -> None:
-    """Phase two for the image generation parameters."""
-    keep, cstr, printed = printer.keep, printer.cstr, printer.printed
-    gen = _oversized(ffi, "sd_img_gen_params_t", keep)
-    lib.sd_img_gen_params_init(gen)
-    gen.prompt = cstr("abi-prompt")
-    gen.negative_prompt = cstr("abi-negative")
-    gen.clip_skip = 3
-    gen.width = 328
-    gen.height = 456
-    sample = gen.sample_params
-    sample.guidance.txt_cfg = 4.5
-    sample.guidance.img_cfg = 1.25
-    sample.guidance.distilled_guidance = 2.75
-    sample.guidance.slg.layer_start = 0.125
-    sample.scheduler = lib.BONG_TANGENT_SCHEDULER
-    sample.sample_method = lib.RES_2S_SAMPLE_METHOD
-    sample.sample_steps = 17
-    sample.eta = 0.5
-    sample.shifted_timestep = 11
-    sample.flow_shift = 3.25
-    gen.strength = 0.375
-    gen.seed = 1234567890123
-    gen.batch_count = 5
-    gen.increase_ref_index = True
-    gen.control_strength = 0.625
-    gen.pm_params.style_strength = 21.5
-    gen.vae_tiling_params.enabled = True
-    gen.hires.enabled = True
-    gen.hires.upscaler = lib.SD_HIRES_UPSCALER_LANCZOS
-    gen.hires.model_path = cstr("abi-hires")
-    gen.hires.scale = 1.5
-    gen.hires.target_width = 640
-    gen.hires.target_height = 768
-    gen.hires.steps = 9
-    gen.hires.denoising_strength = 0.45
-    gen.cache.mode = lib.SD_CACHE_EASYCACHE
-    gen.cache.reuse_threshold = 0.375
-    gen.cache.start_percent = 0.25
-    gen.cache.end_percent = 0.875
-    text = printed(lib.sd_img_gen_params_to_str(gen))
-    for fragment in (
-        "prompt: abi-prompt\n",
-        "negative_prompt: abi-negative\n",
-        "clip_skip: 3\n",
-        "width: 328\n",
-        "height: 456\n",
-        "txt_cfg: 4.50,",
-        "img_cfg: 1.25,",
-        "distilled_guidance: 2.75,",
-        "slg.layer_count: 0,",
-        "slg.layer_start: 0.12,",
-        "scheduler: bong_tangent,",
-        "sample_method: res_2s,",
-        "sample_steps: 17,",
-        "eta: 0.50,",
-        "shifted_timestep: 11,",
-        "flow_shift: 3.25)",
-        "strength: 0.38\n",
-        "seed: 1234567890123\n",
-        "batch_count: 5\n",
-        "ref_images_count: 0\n",
-        "auto_resize_ref_image: false\n",
-        "increase_ref_index: true\n",
-        "control_strength: 0.62\n",
-        "style_strength = 21.50, id_images_count = 0",
-        "VAE tiling: true\n",
-        "hires: {enabled=true, upscaler=Lanczos, model_path=abi-hires, scale=1.50, "
-        "target=640x768, steps=9, denoising_strength=0.45}",
-        "cache: easycache (threshold=0.375, start=0.25, end=0.88)",
-    ):
-        _expect(problems, text, fragment, "sd_img_gen_params_t")
+def _ctx_written(lib: Any) -> dict[str, Any]:
+    """What phase two writes into the context parameters, by field."""
+    return {
+        "model_path": "abi-model",
+        "vae_path": "abi-vae",
+        "llm_vision_path": "abi-llm-vision",
+        "tensor_type_rules": "abi-rules",
+        "photo_maker_path": "abi-pm",
+        "n_threads": 37,
+        "wtype": lib.SD_TYPE_Q8_0,
+        "sampler_rng_type": lib.CPU_RNG,
+        "prediction": lib.FLUX2_FLOW_PRED,
+        "flash_attn": True,
+        "circular_y": True,
+        "chroma_use_t5_mask": True,
+        "chroma_t5_mask_pad": 29,
+        "max_vram": 2.25,
+    }
+
+
+_CTX_PRINTED = (
+    *("model_path: abi-model\n", "vae_path: abi-vae\n", "llm_vision_path: abi-llm-vision\n"),
+    *("photo_maker_path: abi-pm\n", "tensor_type_rules: abi-rules\n", "vae_decode_only: true\n"),
+    *("free_params_immediately: true\n", "n_threads: 37\n", "wtype: q8_0\n", "rng_type: cuda\n"),
+    *("sampler_rng_type: cpu\n", "prediction: flux2_flow\n", "max_vram: 2.250\n", "flash_attn: true\n"),
+    *("circular_x: false\n", "circular_y: true\n", "chroma_use_dit_mask: true\n"),
+    *("chroma_use_t5_mask: true\n", "chroma_t5_mask_pad: 29\n"),
+)
+"""What the engine must print back of them (and of the defaults around them)."""
+
+
+def _gen_written(lib: Any) -> dict[str, Any]:
+    """What phase two writes into the image generation parameters, by field path."""
+    return {
+        "prompt": "abi-prompt",
+        "negative_prompt": "abi-negative",
+        "clip_skip": 3,
+        "width": 328,
+        "height": 456,
+        "sample_params.guidance.txt_cfg": 4.5,
+        "sample_params.guidance.img_cfg": 1.25,
+        "sample_params.guidance.distilled_guidance": 2.75,
+        "sample_params.guidance.slg.layer_start": 0.125,
+        "sample_params.scheduler": lib.BONG_TANGENT_SCHEDULER,
+        "sample_params.sample_method": lib.RES_2S_SAMPLE_METHOD,
+        "sample_params.sample_steps": 17,
+        "sample_params.eta": 0.5,
+        "sample_params.shifted_timestep": 11,
+        "sample_params.flow_shift": 3.25,
+        "strength": 0.375,
+        "seed": 1234567890123,
+        "batch_count": 5,
+        "increase_ref_index": True,
+        "control_strength": 0.625,
+        "pm_params.style_strength": 21.5,
+        "vae_tiling_params.enabled": True,
+        "hires.enabled": True,
+        "hires.upscaler": lib.SD_HIRES_UPSCALER_LANCZOS,
+        "hires.model_path": "abi-hires",
+        "hires.scale": 1.5,
+        "hires.target_width": 640,
+        "hires.target_height": 768,
+        "hires.steps": 9,
+        "hires.denoising_strength": 0.45,
+        "cache.mode": lib.SD_CACHE_EASYCACHE,
+        "cache.reuse_threshold": 0.375,
+        "cache.start_percent": 0.25,
+        "cache.end_percent": 0.875,
+    }
+
+
+_GEN_PRINTED = (
+    *("prompt: abi-prompt\n", "negative_prompt: abi-negative\n", "clip_skip: 3\n", "width: 328\n"),
+    *("height: 456\n", "txt_cfg: 4.50,", "img_cfg: 1.25,", "distilled_guidance: 2.75,", "slg.layer_count: 0,"),
+    *("slg.layer_start: 0.12,", "scheduler: bong_tangent,", "sample_method: res_2s,", "sample_steps: 17,"),
+    *("eta: 0.50,", "shifted_timestep: 11,", "flow_shift: 3.25)", "strength: 0.38\n"),
+    *("seed: 1234567890123\n", "batch_count: 5\n", "ref_images_count: 0\n", "auto_resize_ref_image: false\n"),
+    *("increase_ref_index: true\n", "control_strength: 0.62\n", "style_strength = 21.50, id_images_count = 0"),
+    "VAE tiling: true\n",
+    "hires: {enabled=true, upscaler=Lanczos, model_path=abi-hires, scale=1.50, "
+    "target=640x768, steps=9, denoising_strength=0.45}",
+    "cache: easycache (threshold=0.375, start=0.25, end=0.88)",
+)
+"""What the engine must print back of them."""
 
 
 def check_abi(ffi: cffi.FFI, lib: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -165,6 +165,13 @@ def pick_entry(state: ServerState, requested: str | None, field: str = "model") 
         have = ", ".join(available) or f"none (the models folder {state.settings.models_dir} is empty)"
         raise InvalidParameterError(field, f"no model named {name!r}; available: {have}")
     return available[name]
+
+
+def carried(request: object, names: Iterable[str], sent_as: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The SDK's fields ``names`` as ``request`` carries them: each from the request's
+    field that ``sent_as`` names for it, else from the field of the same name."""
+    renamed = sent_as or {}
+    return {name: getattr(request, renamed.get(name, name)) for name in names}
 
 
 def left_unset(sent: Collection[str], sent_as: Mapping[str, str], sampler: str | None = None) -> frozenset[str]:

@@ -23,7 +23,7 @@ from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobs.plan import JobPlan
 from sfumato.server.jobs.store import DONE, FINAL, Job, JobStore
 from sfumato.server.models import names
-from sfumato.server.planning import decode_image, job_plan, left_unset
+from sfumato.server.planning import carried, decode_image, job_plan, left_unset
 from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState, StateDep, require_key, stored_images
 
@@ -77,20 +77,14 @@ class Txt2ImgRequest(BaseModel):
         if "scheduler_type" in self.model_fields_set or scheduler is None:
             scheduler = names.scheduler(self.scheduler_type, "scheduler_type")
         loras = [{"name": lora} if isinstance(lora, str) else lora.model_dump() for lora in self.loras]
+        same = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "preview_interval")
         return DiffusionParams(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            width=self.width,
-            height=self.height,
-            steps=self.steps,
-            cfg_scale=self.cfg_scale,
+            **carried(self, same),
             sampling_method=sampling_method,
             scheduler=scheduler,
-            seed=self.seed,
             hires=self.hires.model_dump() if self.hires else None,
             loras=loras,
             preview="proj" if self.preview else None,
-            preview_interval=self.preview_interval,
         )
 
 

@@ -25,7 +25,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -269,28 +269,36 @@ async def generations(state: StateDep, body: GenerationsBody, request: Request) 
     return await answer(state, "generations", body, plan_for(state, body, size), request)
 
 
+@dataclass
+class EditForm:
+    """The ``images.edit`` form's fields besides its files: those of
+    :class:`GenerationsBody`, sent as multipart form fields."""
+
+    prompt: Annotated[str, Form(min_length=1)]
+    model: Annotated[str | None, Form()] = None
+    n: Annotated[int, _form("n")] = limit("openai", "n").default
+    size: Annotated[str, Form(description="'auto' (the image's size, to multiples of 64) or WxH")] = "auto"
+    quality: Annotated[Quality, Form()] = "auto"
+    response_format: Annotated[Literal["b64_json"], Form()] = "b64_json"
+    output_format: Annotated[OutputFormat, Form()] = "png"
+    output_compression: Annotated[int | None, _form("output_compression")] = None
+    background: Annotated[Literal["auto", "opaque"], Form()] = "auto"
+    stream: Annotated[bool, Form()] = False
+    partial_images: Annotated[int, _form("partial_images")] = limit("openai", "partial_images").default
+    negative_prompt: Annotated[str, Form()] = ""
+    steps: Annotated[int | None, _form("steps")] = None
+    seed: Annotated[int, _form("seed")] = limit("openai", "seed").default
+    user: Annotated[str | None, Form()] = None
+
+
 @api.post("/edits", response_model=ImagesResponse, responses=answers, response_model_exclude_none=True)
 async def edits(
     state: StateDep,
     request: Request,
-    prompt: Annotated[str, Form(min_length=1)],
+    form: Annotated[EditForm, Depends()],
     image: Annotated[list[UploadFile] | None, File(description="the image to edit (PNG/JPEG)")] = None,
     images: Annotated[list[UploadFile] | None, File(alias="image[]", description="the same, as a list")] = None,
     mask: Annotated[UploadFile | None, File(description="PNG; transparent pixels are edited")] = None,
-    model: Annotated[str | None, Form()] = None,
-    n: Annotated[int, _form("n")] = limit("openai", "n").default,
-    size: Annotated[str, Form(description="'auto' (the image's size, to multiples of 64) or WxH")] = "auto",
-    quality: Annotated[Quality, Form()] = "auto",
-    response_format: Annotated[Literal["b64_json"], Form()] = "b64_json",
-    output_format: Annotated[OutputFormat, Form()] = "png",
-    output_compression: Annotated[int | None, _form("output_compression")] = None,
-    background: Annotated[Literal["auto", "opaque"], Form()] = "auto",
-    stream: Annotated[bool, Form()] = False,
-    partial_images: Annotated[int, _form("partial_images")] = limit("openai", "partial_images").default,
-    negative_prompt: Annotated[str, Form()] = "",
-    steps: Annotated[int | None, _form("steps")] = None,
-    seed: Annotated[int, _form("seed")] = limit("openai", "seed").default,
-    user: Annotated[str | None, Form()] = None,
 ) -> Any:
     uploads = [*(image or []), *(images or [])]
     if len(uploads) != 1:
@@ -300,26 +308,9 @@ async def edits(
     with Image.open(io.BytesIO(source)) as opened:
         source_size = opened.size
     step = ANY_FAMILY_SIDE_MULTIPLE
-    wanted = _size(size) or tuple(max(step, round(side / step) * step) for side in source_size)
-    body = GenerationsBody(
-        prompt=prompt,
-        model=model,
-        n=n,
-        size=f"{wanted[0]}x{wanted[1]}",
-        quality=quality,
-        response_format=response_format,
-        output_format=output_format,
-        output_compression=output_compression,
-        background=background,
-        stream=stream,
-        negative_prompt=negative_prompt,
-        steps=steps,
-        seed=seed,
-        user=user,
-        partial_images=partial_images,
-        cfg_scale=7.0,
-        sampler=None,
-    )
+    wanted = _size(form.size) or tuple(max(step, round(side / step) * step) for side in source_size)
+    sent = asdict(form) | {"size": f"{wanted[0]}x{wanted[1]}", "cfg_scale": 7.0, "sampler": None}
+    body = GenerationsBody(**sent)
     edit_mask = None
     if mask is not None:
         edit_mask = _edit_mask(await _read_image(mask, "mask", limit), source_size)

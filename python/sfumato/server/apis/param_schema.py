@@ -23,7 +23,7 @@ from sfumato.limits import field
 from sfumato.params import DiffusionParams
 from sfumato.server.errors import responses
 from sfumato.server.fetch import fetch_image
-from sfumato.server.planning import job_plan, left_unset
+from sfumato.server.planning import carried, job_plan, left_unset
 from sfumato.server.state import ServerState, require_key
 
 SIDES = (320, 384, 448, 512, 640, 768)
@@ -84,16 +84,8 @@ class DiffusionBody(BaseModel):
 
     def to_params(self, init_image: bytes | None = None) -> DiffusionParams:
         """The SDK's params of this request; ``init_image`` is the image fetched from ``url_upload``."""
-        params = DiffusionParams(
-            prompt=self.word,
-            width=self.width,
-            height=self.height,
-            steps=self.steps,
-            cfg_scale=self.guidance,
-            seed=self.seed,
-            batch_count=self.cimg,
-            init_image=init_image,
-        )
+        sent = ("prompt", "width", "height", "steps", "cfg_scale", "seed", "batch_count")
+        params = DiffusionParams(**carried(self, sent, self.SENT_AS), init_image=init_image)
         return params if init_image is None else replace(params, strength=self.strength)
 
 

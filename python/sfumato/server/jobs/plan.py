@@ -157,13 +157,8 @@ class JobPlan:
         out["upscaler" if isinstance(self.work, Upscale) else "model"] = self.model
         if self.refiner is not None:
             out["refiner"] = asdict(self.refiner)
-        if self.control_net is not None:
-            out["control_net"] = self.control_net
-        if self.vae is not None:
-            out["vae"] = self.vae
-        if self.esrgan is not None:
-            out["esrgan"] = self.esrgan
-        return out
+        files = {"control_net": self.control_net, "vae": self.vae, "esrgan": self.esrgan}
+        return out | {key: name for key, name in files.items() if name is not None}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> JobPlan:

@@ -111,13 +111,8 @@ class ConfiguredModel:
         """Its ``model_config`` keys for :func:`sfumato.load_model`."""
         out: dict[str, Any] = {ROLES[role].key: path for role, path in self.companions.items()}
         out["prediction"] = self.prediction
-        if self.device is not None:
-            out["device"] = self.device
-        if self.cpu_variant is not None:
-            out["cpu_variant"] = self.cpu_variant
-        if self.precision is not None:
-            out["precision"] = self.precision
-        return out
+        placement = {"device": self.device, "cpu_variant": self.cpu_variant, "precision": self.precision}
+        return out | {key: value for key, value in placement.items() if value is not None}
 
     def encoder_files(self) -> frozenset[str]:
         """The file names of its separate text encoders."""

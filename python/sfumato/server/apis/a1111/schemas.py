@@ -13,7 +13,7 @@ from sfumato.limits import field
 from sfumato.params import DiffusionParams
 from sfumato.server.jobs.plan import FileType
 from sfumato.server.models import names
-from sfumato.server.planning import decode_image, prompt_loras
+from sfumato.server.planning import carried, decode_image, prompt_loras
 
 CONTROL_UNIT = "alwayson_scripts.controlnet.args[0]"
 Model = TypeVar("Model", bound=BaseModel)
@@ -146,15 +146,10 @@ class Txt2ImgBody(BaseModel):
             }
         prompt, loras = prompt_loras(self.prompt)
         params = DiffusionParams(
+            **carried(self, ("negative_prompt", "width", "height", "steps", "cfg_scale", "seed")),
             prompt=prompt,
-            negative_prompt=self.negative_prompt,
-            width=self.width,
-            height=self.height,
-            steps=self.steps,
-            cfg_scale=self.cfg_scale,
             sampling_method=sampling_method,
             scheduler=scheduler,
-            seed=self.seed,
             batch_count=self.batch_size * self.n_iter,
             hires=hires,
             loras=loras,

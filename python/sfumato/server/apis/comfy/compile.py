@@ -136,11 +136,12 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
     s = latent.sampled
     assert s is not None
     clip = s.positive.clip
+    size_node, size_input = latent.size_from
     origin: dict[str, tuple[str, str]] = {
         "prompt": (s.positive.node, "text"),
-        "width": (latent.node, latent.size_input),
-        "height": (latent.node, "height" if latent.size_input == "width" else latent.size_input),
-        "batch_count": (latent.node, "batch_size"),
+        "width": latent.size_from,
+        "height": (size_node, "height" if size_input == "width" else size_input),
+        "batch_count": (size_node, "batch_size"),
         "model": (s.model.node, s.model.input),
         **s.origin,
     }

@@ -138,7 +138,7 @@ def _empty(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     for side in ("width", "height"):
         if v[side] % ANY_FAMILY_SIDE_MULTIPLE:
             raise w.refuse(node, side, f"must be a multiple of {ANY_FAMILY_SIDE_MULTIPLE}, got {v[side]}", v[side])
-    return (Latent(v["width"], v["height"], v["batch_size"], node, "width"),)
+    return (Latent(v["width"], v["height"], v["batch_size"], (node, "width")),)
 
 
 @runs("LoadImage")
@@ -177,7 +177,7 @@ def _encoded(w: Walk, node: str, picture: Picture, vae: Vae, mask: Mask | None) 
             f"the image is {picture.width}x{picture.height}; sfumato needs at least "
             f"{ANY_FAMILY_SIDE_MULTIPLE} pixels a side",
         )
-    return Latent(width, height, 1, picture.node, "image", init=picture, mask=mask, vae=vae)
+    return Latent(width, height, 1, (picture.node, "image"), init=picture, mask=mask, vae=vae)
 
 
 @runs("VAEEncode")
@@ -230,32 +230,24 @@ def _sampled(w: Walk, node: str, latent: Latent, sampling: Sampling) -> Latent:
     return replace(latent, sampled=sampling)
 
 
-def _sampler_origin(node: str, seed: str) -> dict[str, tuple[str, str]]:
-    return {
+def _ksampling(node: str, v: dict[str, Any], seed: str, denoise: float, strength_input: str) -> Sampling:
+    """What a KSampler-shaped node asks: its inputs ``v`` under KSampler's names, the seed
+    under ``seed``; ``denoise`` came from the input ``strength_input``."""
+    origin = {
         "steps": (node, "steps"),
         "cfg_scale": (node, "cfg"),
         "seed": (node, seed),
         "sampling_method": (node, "sampler_name"),
         "scheduler": (node, "scheduler"),
-        "strength": (node, "denoise"),
+        "strength": (node, strength_input),
     }
+    conditioning = (v["model"], v["positive"], v["negative"], v["cfg"])
+    return Sampling(node, *conditioning, v["steps"], v[seed], v["sampler_name"], v["scheduler"], denoise, origin)
 
 
 @runs("KSampler")
 def _ksampler(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    sampling = Sampling(
-        node,
-        v["model"],
-        v["positive"],
-        v["negative"],
-        v["cfg"],
-        v["steps"],
-        v["seed"],
-        v["sampler_name"],
-        v["scheduler"],
-        v["denoise"],
-        _sampler_origin(node, "seed"),
-    )
+    sampling = _ksampling(node, v, "seed", v["denoise"], "denoise")
     return (_sampled(w, node, v["latent_image"], sampling),)
 
 
@@ -271,20 +263,7 @@ def _ksampler_advanced(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]
     latent: Latent = v["latent_image"]
     if start and latent.init is None:
         raise w.refuse(node, "start_at_step", "an empty latent is sampled from its first step", start)
-    origin = {**_sampler_origin(node, "noise_seed"), "strength": (node, "start_at_step")}
-    sampling = Sampling(
-        node,
-        v["model"],
-        v["positive"],
-        v["negative"],
-        v["cfg"],
-        steps,
-        v["noise_seed"],
-        v["sampler_name"],
-        v["scheduler"],
-        1.0 - start / steps,
-        origin,
-    )
+    sampling = _ksampling(node, v, "noise_seed", 1.0 - start / steps, "start_at_step")
     return (_sampled(w, node, latent, sampling),)
 
 

@@ -88,15 +88,29 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Latent:
+    """A latent image as the graph passes it: its size, and what it was made from."""
+
     width: int
     height: int
     batch: int
-    node: str  # where its size came from
-    size_input: str  # that node's input naming the size ("width" or "image")
+    size_from: tuple[str, str]
+    """The node its size came from, and that node's input naming it (``width`` or ``image``)."""
     init: Picture | None = None
+    """The image it encodes (img2img), if any."""
     mask: Mask | None = None
+    """The inpainting mask (``VAEEncodeForInpaint``, ``SetLatentNoiseMask``), if any."""
     vae: Vae | None = None
+    """The VAE that encoded ``init``."""
     sampled: Sampling | None = None
+    """The sampling that made it, once a sampler has run."""
+
+
+@dataclass(frozen=True)
+class Upscaled:
+    image: Picture | Decoded  # a loaded image, or the prompt's generation
+    upscaler: UpscaleModel
+    node: str
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,14 +124,6 @@ class Decoded:
 class UpscaleModel:
     name: str  # the catalog name
     node: str
-
-
-@dataclass(frozen=True)
-class Upscaled:
-    image: Picture | Decoded  # a loaded image, or the prompt's generation
-    upscaler: UpscaleModel
-    node: str
-    repeats: int = 1
 
 
 @dataclass(frozen=True)
