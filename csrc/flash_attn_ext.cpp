@@ -18,7 +18,10 @@
  *   O^T = V^T P^T          (S^T is already laid out as the tile's packed operand)
  * and each output row is O^T's column divided by its query's sum. The whole row of
  * scores is at hand, so the softmax needs no running rescale. Products and sums are f32;
- * exp is a degree-6 polynomial after range reduction (relative error about 2e-7). */
+ * exp is a degree-6 polynomial after range reduction (relative error about 2e-7). In the
+ * bf16 mode (a module with AVX512-BF16, SFUMATO_PRECISION=bf16) both GEMMs run on the bf16
+ * tile: K, V, the scaled queries and P rounded to bf16 (P before it is summed, so each
+ * query's weights still sum to one), products exact and sums f32. */
 #include "kernels.h"
 
 #include "ggml.h"
@@ -103,9 +106,14 @@ bool takes(const ggml_tensor * dst) {
 // One thread's buffers, kept for the next op (ggml's threads live as long as its pool).
 struct Scratch {
     std::vector<float> k, vt, qt, st, ot, row;
-    int64_t head = -1, batch = -1;  // whose K and V^T the buffers hold
+    std::vector<uint16_t> k16, vt16, qt16, st16;  // the bf16 mode's operands
+    int64_t head = -1, batch = -1;                // whose K and V^T the buffers hold
+    bool bf16 = false;
 };
 thread_local Scratch t_scratch;
+
+// k rounded up to pairs (the bf16 tile multiplies pairs along k).
+inline int64_t even(int64_t k) { return (k + 1) & ~(int64_t) 1; }
 
 // K of (head h, batch n) as f32 rows [lk][d], and V as f32 columns [dv][lk + ROW_PAD].
 void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
@@ -125,6 +133,22 @@ void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
             s.vt[c * ldv + j] = s.row[c];
         }
     }
+#if SFUMATO_BF16_TILE
+    if (!s.bf16) {
+        return;
+    }
+    // The bf16 mode: the same rows rounded to bf16, each a whole number of pairs (a zero
+    // appended where it is odd), MR rows more of zeros.
+    const int64_t ldk = even(a.d), ldv16 = even(a.lk) + ROW_PAD;
+    s.k16.assign((a.lk + MR) * ldk, 0);
+    s.vt16.assign((a.dv + MR) * ldv16, 0);
+    for (int64_t j = 0; j < a.lk; ++j) {
+        f32_to_bf16(s.k.data() + j * a.d, s.k16.data() + j * ldk, a.d);
+    }
+    for (int64_t c = 0; c < a.dv; ++c) {
+        f32_to_bf16(s.vt.data() + c * ldv, s.vt16.data() + c * ldv16, a.lk);
+    }
+#endif
 }
 
 // The mask's row for query q of (head h, batch n).
@@ -162,10 +186,24 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     }
     // S^T = K Q^T: [lk][NR].
     s.st.resize(a.lk * NR);
-    for (int64_t j0 = 0; j0 < lk; j0 += MR) {
-        const int rows = (int) std::min<int64_t>(MR, lk - j0);
-        micro_kernel(a.d, s.k.data() + j0 * a.d, a.d, s.qt.data(), s.st.data() + j0 * NR, NR, false, rows, NR);
+    if (!s.bf16) {
+        for (int64_t j0 = 0; j0 < lk; j0 += MR) {
+            const int rows = (int) std::min<int64_t>(MR, lk - j0);
+            micro_kernel(a.d, s.k.data() + j0 * a.d, a.d, s.qt.data(), s.st.data() + j0 * NR, NR, false, rows, NR);
+        }
     }
+#if SFUMATO_BF16_TILE
+    if (s.bf16) {
+        const int64_t ldk = even(a.d);
+        s.qt16.resize(ldk * NR);
+        pair_rows_bf16(s.qt.data(), a.d, s.qt16.data());
+        for (int64_t j0 = 0; j0 < lk; j0 += MR) {
+            const int rows = (int) std::min<int64_t>(MR, lk - j0);
+            micro_kernel_bf16(ldk, s.k16.data() + j0 * ldk, ldk, s.qt16.data(), s.st.data() + j0 * NR, NR, false, rows,
+                              NR);
+        }
+    }
+#endif
     if (a.mask != nullptr) {
         for (int64_t j = 0; j < nq; ++j) {
             const ggml_fp16_t * m = mask_row(a, h, n, q0 + j);
@@ -196,17 +234,36 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     for (int64_t key = 0; key < lk; ++key) {
         for (int v = 0; v < NV; ++v) {
             float * p = s.st.data() + key * NR + v * VL;
-            const vf e = vexp(vsub(vload(p), hi[v]));
+            vf e = vexp(vsub(vload(p), hi[v]));
+#if SFUMATO_BF16_TILE
+            if (s.bf16) {  // summed as the product below sees it: rounded to bf16
+                e = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(e));
+            }
+#endif
             vstore(p, e);
             sum[v] = vadd(sum[v], e);
         }
     }
     // O^T = V^T P^T: [dv][NR], then each query's column over its sum into its output row.
     s.ot.resize(a.dv * NR);
-    for (int64_t c0 = 0; c0 < a.dv; c0 += MR) {
-        const int rows = (int) std::min<int64_t>(MR, a.dv - c0);
-        micro_kernel(lk, s.vt.data() + c0 * ldv, ldv, s.st.data(), s.ot.data() + c0 * NR, NR, false, rows, NR);
+    if (!s.bf16) {
+        for (int64_t c0 = 0; c0 < a.dv; c0 += MR) {
+            const int rows = (int) std::min<int64_t>(MR, a.dv - c0);
+            micro_kernel(lk, s.vt.data() + c0 * ldv, ldv, s.st.data(), s.ot.data() + c0 * NR, NR, false, rows, NR);
+        }
     }
+#if SFUMATO_BF16_TILE
+    if (s.bf16) {
+        const int64_t ldv16 = even(a.lk) + ROW_PAD;
+        s.st16.resize(even(lk) * NR);
+        pair_rows_bf16(s.st.data(), lk, s.st16.data());
+        for (int64_t c0 = 0; c0 < a.dv; c0 += MR) {
+            const int rows = (int) std::min<int64_t>(MR, a.dv - c0);
+            micro_kernel_bf16(even(lk), s.vt16.data() + c0 * ldv16, ldv16, s.st16.data(), s.ot.data() + c0 * NR, NR,
+                              false, rows, NR);
+        }
+    }
+#endif
     alignas(64) float total[NR];
     for (int v = 0; v < NV; ++v) {
         vstore(total + v * VL, sum[v]);
@@ -240,6 +297,9 @@ void flash_attn(const ggml_compute_params * params, ggml_tensor * dst) {
     const int64_t b0 = blocks * params->ith / params->nth, b1 = blocks * (params->ith + 1) / params->nth;
     Scratch & s = t_scratch;
     s.head = -1;  // a new op: whatever the buffers hold is another op's
+#if SFUMATO_BF16_TILE
+    s.bf16 = sfumato_bf16_enabled() != 0;
+#endif
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t hn = b / per_head, h = hn % a.heads, n = hn / a.heads;
         if (h != s.head || n != s.batch) {

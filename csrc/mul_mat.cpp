@@ -37,7 +37,7 @@ namespace {
 
 using namespace sfumato;
 
-constexpr int64_t KC = 256;           // k per packed block
+constexpr int64_t KC = 256;           // k per packed block (twice as many in the bf16 mode: the same bytes)
 constexpr int64_t IC = 16 * NR;       // weight rows per packed chunk
 constexpr int64_t SPLIT_ROWS = 4;     // activation panels per thread, at least, to share them
 
@@ -160,20 +160,22 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     if (p0 >= p1 || t0 >= t1) {
         return;
     }
-    const int64_t kc_max = std::min(KC, g.k);
+#if SFUMATO_BF16_TILE
+    const bool bf16 = sfumato_bf16_enabled() != 0;
+#else
+    const bool bf16 = false;
+#endif
+    const int64_t kc_max = std::min(bf16 ? 2 * KC : KC, g.k);
     const int64_t chunk_tiles = IC / NR;
     Scratch & s = t_scratch;
     s.weights.resize(chunk_tiles * kc_max * NR);
     s.activations.resize((kc_max + ROW_PAD) * MR);
     s.row.resize(NR * kc_max);
 #if SFUMATO_BF16_TILE
-    const bool bf16 = sfumato_bf16_enabled() != 0;
     const int64_t kce_max = (kc_max + 1) & ~(int64_t) 1;  // k rounded up to pairs
     if (bf16) {
         s.weights_bf16.resize(chunk_tiles * kce_max * NR);
     }
-#else
-    const bool bf16 = false;
 #endif
     for (int64_t k0 = 0; k0 < g.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, g.k - k0);

@@ -374,6 +374,11 @@ def test_listing_routes(client: TestClient, settings: ServerSettings) -> None:
     assert client.get("/object_info/NoSuchNode").json() == {}
     stats = client.get("/system_stats").json()
     assert stats["system"]["ram_total"] > 0 and stats["devices"][0]["type"] == "cpu"
+    # Then each GPU the engine has (lavapipe's Vulkan0 where the Vulkan module and Mesa are installed).
+    gpus = [d for d in sfumato.list_devices() if d.type != "cpu"]
+    listed = stats["devices"][1:]
+    assert [d["name"].split(" : ")[0] for d in listed] == [d.name for d in gpus]
+    assert [d["vram_total"] for d in listed] == [d.memory_total for d in gpus]
     assert client.get("/api/queue").json() == {"queue_running": [], "queue_pending": []}
     folders = ["checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "upscale_models"]
     assert client.get("/api/models").json() == folders

@@ -14,8 +14,9 @@ smaller there.
 
 The bf16 mode (the variants with AVX512-BF16): its products are exact and its sums f32,
 so it must land within 1e-5 of float64 over the operands rounded to bf16 (to nearest,
-ties to even, as numpy computes it here), and its distance from the unrounded float64
-must be what rounding 8-bit mantissas gives: 1e-4 to 1e-2 of the output's magnitude.
+ties to even, as numpy computes it here; the attention within ATTN_BF16_FLIPS, as it
+rounds a value it computed), and its distance from the unrounded float64 must be what
+rounding 8-bit mantissas gives: 1e-4 to 1e-2 of the output's magnitude.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ from .helpers import ROOT
 EXACT = 1e-5
 BF16_ROUNDING = (1e-4, 1e-2)  # bf16's 8-bit mantissas move a product's operands by up to 2^-9
 F16_INPUT_ROUNDING = 5e-5  # ggml's own CONV_2D is at least this far off: it rounds the input to f16
+# The bf16 attention rounds the softmax's numerators, which the kernel's exp computes to
+# 2e-7: where float64's lands by a rounding boundary the two round apart, one bf16 step
+# (2^-8) of that weight. Measured: at most 9.4e-4 over the cases (1.4e-7 where none flips).
+ATTN_BF16_FLIPS = 2e-3
 
 
 def _variants() -> dict[str, Path]:
@@ -72,7 +77,7 @@ def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
         assert module_kernels(path) == {
             "conv_2d": isa[name] + bf16[name],
             "mul_mat": isa[name] + bf16[name],
-            "flash_attn_ext": isa[name],
+            "flash_attn_ext": isa[name] + bf16[name],
         }, name
 
 
@@ -100,9 +105,9 @@ def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_r
     for name, module in carriers.items():
         command = [sys.executable, "-m", "tests.support.kernels", str(module), "2", "--bf16"]
         _, results = _check(command, timeout=300)
-        assert len(results) == len(CONV_CASES) + len(MAT_CASES), name
+        assert len(results) == len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES), name
         for r in results:
-            assert r["bf16_error"] <= EXACT, r
+            assert r["bf16_error"] <= (ATTN_BF16_FLIPS if r["op"] == "flash_attn_ext" else EXACT), r
             assert BF16_ROUNDING[0] <= r["bf16_vs_exact"] <= BF16_ROUNDING[1], r
 
 

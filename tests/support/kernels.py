@@ -1,8 +1,8 @@
 """sfumato's CPU kernels against ggml's own, in one CPU module, in a process of its own.
 
 ``python -m tests.support.kernels MODULE THREADS [--bf16] [CASE...]`` loads one CPU
-variant module through ggml's library (no engine), runs each case's graph (a CONV_2D or
-a MUL_MAT) twice, with sfumato's kernels and with ggml's own (the module's
+variant module through ggml's library (no engine), runs each case's graph (a CONV_2D, a
+MUL_MAT or a FLASH_ATTN_EXT) twice, with sfumato's kernels and with ggml's own (the module's
 ``sfumato_kernels_set_enabled``), on the same random inputs, computes the same
 operation in float64 with numpy, and prints one JSON line per case: the largest error
 of each side against float64, relative to the largest output magnitude. With
@@ -311,8 +311,10 @@ def check_mul_mat(module: Module, case: MatCase, seed: int = 0, bf16: bool = Fal
     return {"case": case.name, **_errors(module, build, compute, bf16)}
 
 
-def check_attention(module: Module, case: AttnCase, seed: int = 0) -> dict[str, Any]:
-    """``ggml_flash_attn_ext`` with both kernels against float64: softmax(scale q k^T + mask) v."""
+def check_attention(module: Module, case: AttnCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
+    """``ggml_flash_attn_ext`` with both kernels (or sfumato's bf16 mode) against float64:
+    softmax(scale q k^T + mask) v. The bf16 mode rounds the scaled queries, the keys, the
+    values and the softmax's numerators (before they are summed) to bf16."""
     rng = np.random.default_rng(seed)
     kv_heads = case.kv_heads or case.heads
     keys = case.lk + case.pad
@@ -338,15 +340,18 @@ def check_attention(module: Module, case: AttnCase, seed: int = 0) -> dict[str, 
 
     def compute(rounded: bool) -> np.ndarray:
         group = case.heads // kv_heads
-        keys64 = np.repeat(k_values.astype(np.float64), group, axis=1)
-        values64 = np.repeat(v_values.astype(np.float64), group, axis=1)
-        scores = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), keys64) * scale + mask.astype(np.float64)
+        keys64 = np.repeat(_operand(k_values, rounded), group, axis=1)
+        values64 = np.repeat(_operand(v_values, rounded), group, axis=1)
+        queries = _operand(q * np.float32(scale), rounded)  # the kernel scales in f32, then rounds
+        scores = np.einsum("bhqd,bhkd->bhqk", queries, keys64) + mask.astype(np.float64)
         weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        if rounded:
+            weights = bf16_round(weights.astype(np.float32)).astype(np.float64)
         weights /= weights.sum(axis=-1, keepdims=True)
         out = np.asarray(np.einsum("bhqk,bhkd->bhqd", weights, values64), dtype=np.float64)
         return out.transpose(0, 2, 1, 3)  # ggml's output: [batch, query, head, d]
 
-    return {"case": case.name, **_errors(module, build, compute, bf16=False)}
+    return {"case": case.name, **_errors(module, build, compute, bf16)}
 
 
 def main(argv: list[str]) -> int:
@@ -363,9 +368,9 @@ def main(argv: list[str]) -> int:
         if not wanted or mat.name in wanted:
             result = check_mul_mat(module, mat, bf16=bf16)
             print(json.dumps({**result, "op": "mul_mat", "shape": asdict(mat)}), flush=True)
-    for attn in () if bf16 else ATTN_CASES:  # attention has no bf16 mode: f32 in both
+    for attn in ATTN_CASES:
         if not wanted or attn.name in wanted:
-            result = check_attention(module, attn)
+            result = check_attention(module, attn, bf16=bf16)
             print(json.dumps({**result, "op": "flash_attn_ext", "shape": asdict(attn)}), flush=True)
     return 0
 

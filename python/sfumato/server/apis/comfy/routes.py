@@ -276,7 +276,10 @@ async def interrupt(state: StateDep, request: Request) -> dict[str, Any]:
 
 
 def system_stats() -> dict[str, Any]:
+    """This machine, as ComfyUI describes its own: the CPU (with the machine's memory)
+    first, then each GPU of the engine's device registry with the memory it reports."""
     memory = psutil.virtual_memory()
+    gpus = [d for d in sfumato.list_devices() if d.type != "cpu"]
     return {
         "system": {
             "os": sys.platform,
@@ -297,7 +300,19 @@ def system_stats() -> dict[str, Any]:
                 "vram_free": memory.available,
                 "torch_vram_total": 0,
                 "torch_vram_free": 0,
-            }
+            },
+            *(
+                {
+                    "name": f"{device.name} : {device.description}",
+                    "type": device.name.rstrip("0123456789").lower(),
+                    "index": index,
+                    "vram_total": device.memory_total,
+                    "vram_free": device.memory_free,
+                    "torch_vram_total": 0,
+                    "torch_vram_free": 0,
+                }
+                for index, device in enumerate(gpus)
+            ),
         ],
     }
 
