@@ -15,6 +15,9 @@
  * AVX512-BF16, SFUMATO_PRECISION=bf16) both operands are packed as bf16 instead, and the
  * bf16 tile sums their products in f32.
  *
+ * A folded bias and skip (csrc/fusion.h) are added to each tile after its last block of
+ * k, while it is in cache, in the order the graph's ADDs would add them.
+ *
  * Threads (ggml's ith/nth) take disjoint parts of the output: runs of pixel tiles, or
  * runs of output-channel panels when there are too few pixels to share; each packs its
  * own operands, so no barrier is needed. */
@@ -24,6 +27,7 @@
 #include "ggml-cpu-impl.h"
 #include "ops.h"
 
+#include "fusion.h"
 #include "gemm_tile.h"
 
 #include <algorithm>
@@ -95,7 +99,7 @@ void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, 
                 const int64_t lo = std::max<int64_t>(0, -first);
                 const int64_t hi = std::min<int64_t>(run.len, s.iw - first);
                 if (hi > lo) {
-                    std::memcpy(out + lo, row + first + lo, sizeof(float) * (hi - lo));
+                    copy_floats(out + lo, row + first + lo, hi - lo);
                 }
             } else {
                 for (int t = 0; t < run.len; ++t) {
@@ -159,15 +163,51 @@ void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int6
     }
 }
 
+// The epilogue's adds for `rows` x `cols` values of C (rows ld apart) from output
+// channel oc on: C += bias[oc + r], then C += R at C's own index (R rows ld apart too).
+void add_epilogue(const ConvEpilogue & fold, float * c, const float * res, int64_t ld, int64_t oc, int rows, int cols) {
+    for (int r = 0; r < rows; ++r) {
+        float * row = c + r * ld;
+        const vf bias = vset1(fold.bias != nullptr ? fold.bias[oc + r] : 0.0f);
+        for (int j = 0; j < cols; j += VL) {
+            const int lanes = std::min(VL, cols - j);
+            vf v = lanes == VL ? vload(row + j) : vload_first(row + j, lanes);
+            if (fold.bias != nullptr) {
+                v = vadd(v, bias);
+            }
+            if (res != nullptr) {
+                const float * rr = res + r * ld + j;
+                v = vadd(v, lanes == VL ? vload(rr) : vload_first(rr, lanes));
+            }
+            if (lanes == VL) {
+                vstore(row + j, v);
+            } else {
+                vstore_first(row + j, v, lanes);
+            }
+        }
+    }
+}
+
 // The output tile (panel of MR channels from oc, NR pixels from p0): C += or = A*B, where
-// run(c, ldc, acc, rows, cols) computes the tile of A*B into c.
+// run(c, ldc, acc, rows, cols) computes the tile of A*B into c; then, after the last
+// block of k (`last`), the folded epilogue.
 template <typename Tile>
-void output_tile(const Shape & s, const Tile & run, float * dst, int64_t oc, int64_t oc_end, int64_t p0, bool acc) {
+void output_tile(const Shape & s, const Tile & run, float * dst, int64_t oc, int64_t oc_end, int64_t p0, bool acc,
+                 const ConvEpilogue & fold, bool last) {
     const int64_t n = p0 / s.ohw, q = p0 % s.ohw;
     const int64_t cols = std::min<int64_t>(NR, s.p - p0);
+    const bool epilogue = last && fold.any();
     if (q + cols <= s.ohw) {  // in one image: straight into the output
         const int rows = (int) std::min<int64_t>(MR, oc_end - oc);
-        run(dst + (n * s.oc + oc) * s.ohw + q, s.ohw, acc, rows, (int) cols);
+        const int64_t at = (n * s.oc + oc) * s.ohw + q;
+        const float * res = epilogue && fold.residual != nullptr ? fold.residual + at : nullptr;
+        if (res != nullptr) {
+            prefetch_tile(res, s.ohw, rows, (int) cols);
+        }
+        run(dst + at, s.ohw, acc, rows, (int) cols);
+        if (epilogue) {
+            add_epilogue(fold, dst + at, res, s.ohw, oc, rows, (int) cols);
+        }
         return;
     }
     alignas(64) float tile[MR * NR];
@@ -175,8 +215,15 @@ void output_tile(const Shape & s, const Tile & run, float * dst, int64_t oc, int
     for (int r = 0; r < MR && oc + r < oc_end; ++r) {
         for (int j = 0; j < NR && p0 + j < s.p; ++j) {
             const int64_t p = p0 + j;
-            float * out = dst + ((p / s.ohw) * s.oc + oc + r) * s.ohw + p % s.ohw;
-            *out = acc ? *out + tile[r * NR + j] : tile[r * NR + j];
+            const int64_t at = ((p / s.ohw) * s.oc + oc + r) * s.ohw + p % s.ohw;
+            float value = acc ? dst[at] + tile[r * NR + j] : tile[r * NR + j];
+            if (epilogue && fold.bias != nullptr) {
+                value += fold.bias[oc + r];
+            }
+            if (epilogue && fold.residual != nullptr) {
+                value += fold.residual[at];
+            }
+            dst[at] = value;
         }
     }
 }
@@ -277,11 +324,13 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
 
     const char * src_data = (const char *) src->data;
     float * out = (float *) dst->data;
+    const ConvEpilogue fold = conv_epilogue(dst);
     Run runs[NR_BLOCK][NR];
     int nruns[NR_BLOCK];
     for (int64_t k0 = 0; k0 < s.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, s.k - k0);
         const int64_t lda = row_len(kc, bf16);
+        const bool last = k0 + kc == s.k;
         pack_weights(s, kernel, oc0, oc_end, n_panels, k0, kc, bf16, a);
         for (int64_t tb = t0; tb < t1; tb += NR_BLOCK) {
             const int nt = (int) std::min<int64_t>(NR_BLOCK, t1 - tb);
@@ -305,7 +354,7 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
                         const float * pb = (const float *) b + t * kc * NR;
                         output_tile(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
                             micro_kernel(kc, pa, lda, pb, c, ldc, acc, rows, cols);
-                        }, out, oc, oc_end, p0, k0 > 0);
+                        }, out, oc, oc_end, p0, k0 > 0, fold, last);
                         continue;
                     }
 #if SFUMATO_BF16_TILE
@@ -314,7 +363,7 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
                     const uint16_t * pb = (const uint16_t *) b + t * kce * NR;
                     output_tile(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
                         micro_kernel_bf16(kce, pa, lda, pb, c, ldc, acc, rows, cols);
-                    }, out, oc, oc_end, p0, k0 > 0);
+                    }, out, oc, oc_end, p0, k0 > 0, fold, last);
 #endif
                 }
             }
@@ -327,6 +376,27 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
 
 #endif  // SFUMATO_GEMM_TILE
 
+namespace {
+
+// The folded epilogue over the whole output, after ggml's own convolution ran: the
+// threads take rows (image, channel) in turn.
+void epilogue_after(const ggml_compute_params * params, ggml_tensor * dst, const sfumato::ConvEpilogue & fold) {
+    const int64_t plane = dst->ne[0] * dst->ne[1], channels = dst->ne[2];
+    float * out = (float *) dst->data;
+    for (int64_t row = params->ith; row < channels * dst->ne[3]; row += params->nth) {
+        for (int64_t i = row * plane; i < (row + 1) * plane; ++i) {
+            if (fold.bias != nullptr) {
+                out[i] += fold.bias[row % channels];
+            }
+            if (fold.residual != nullptr) {
+                out[i] += fold.residual[i];
+            }
+        }
+    }
+}
+
+}  // namespace
+
 extern "C" void ggml_compute_forward_conv_2d(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
 #if SFUMATO_GEMM_TILE
     if (!params->use_ref && sfumato_kernels_enabled() && takes(dst) && conv_2d(params, dst)) {
@@ -334,4 +404,9 @@ extern "C" void ggml_compute_forward_conv_2d(const struct ggml_compute_params * 
     }
 #endif
     ggml_compute_forward_conv_2d_ggml(params, dst);
+    const sfumato::ConvEpilogue fold = sfumato::conv_epilogue(dst);
+    if (fold.any()) {
+        ggml_barrier(params->threadpool);  // every thread's part of the convolution is written
+        epilogue_after(params, dst, fold);
+    }
 }

@@ -37,6 +37,7 @@ inline vf vload(const float * p) { return _mm512_loadu_ps(p); }
 inline void vstore(float * p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 // The first n (< VL) lanes.
 inline vf vload_first(const float * p, int n) { return _mm512_maskz_loadu_ps((__mmask16) ((1u << n) - 1), p); }
@@ -61,6 +62,7 @@ inline vf vload(const float * p) { return _mm256_loadu_ps(p); }
 inline void vstore(float * p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline __m256i first_lanes(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 // The first n (< VL) lanes.
@@ -95,6 +97,17 @@ inline void widen(ggml_type type, const void * src, float * dst, int64_t n) {
         bf16_to_f32((const ggml_bf16_t *) src, dst, n);
     } else {
         std::memcpy(dst, src, sizeof(float) * n);
+    }
+}
+
+// n floats from src to dst, in vectors (a short copy: no call, no setup).
+inline void copy_floats(float * dst, const float * src, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        vstore(dst + i, vload(src + i));
+    }
+    if (i < n) {
+        vstore_first(dst + i, vload_first(src + i, (int) (n - i)), (int) (n - i));
     }
 }
 
@@ -158,6 +171,17 @@ inline void store_tile(vf (&s)[MR][NV], float * c, int64_t ldc, bool acc, int ro
     }
 }
 
+// Asks for the rows of C a tile will add into while its k loop runs, so that the adds at
+// its end find them in cache (C's rows are often a power of two apart: a stream the
+// hardware's prefetchers do not follow).
+inline void prefetch_tile(const float * c, int64_t ldc, int rows, int cols) {
+    for (int r = 0; r < rows; ++r) {
+        for (int j = 0; j < cols; j += 16) {
+            _mm_prefetch((const char *) (c + r * ldc + j), _MM_HINT_T0);
+        }
+    }
+}
+
 // acc ? C += A*B : C = A*B for the first `rows` x `cols` of one MR x NR tile of C (rows
 // ldc apart; the rest is computed and dropped): A is MR rows of k (lda apart; each value
 // broadcast), B is packed [kc][NR] (vector loads); f32 products and sums, in k order.
@@ -166,6 +190,9 @@ inline void micro_kernel(int64_t kc, const float * a, int64_t lda, const float *
     const float * row[MR];
     for (int r = 0; r < MR; ++r) {
         row[r] = a + r * lda;
+    }
+    if (acc) {
+        prefetch_tile(c, ldc, rows, cols);
     }
     vf s[MR][NV];
     for (int r = 0; r < MR; ++r) {
@@ -204,6 +231,9 @@ inline void micro_kernel_bf16(int64_t kc, const uint16_t * a, int64_t lda, const
     const uint16_t * row[MR];
     for (int r = 0; r < MR; ++r) {
         row[r] = a + r * lda;
+    }
+    if (acc) {
+        prefetch_tile(c, ldc, rows, cols);
     }
     vf s[MR][NV];
     for (int r = 0; r < MR; ++r) {

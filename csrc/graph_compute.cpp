@@ -5,13 +5,16 @@
  * running graph within one operation; the engine then fails the generation (sampling,
  * decoding) and returns, its model still loaded. A model runs in a process of its own,
  * so one flag per process serves. The request stays set until it is cleared: every graph
- * started meanwhile stops at its first operation. */
+ * started meanwhile stops at its first operation. It also sets up the graph's folds
+ * (csrc/fusion.h) while the graph runs. */
+#include "fusion.h"
 #include "kernels.h"
 
 #include "ggml.h"
 #include "ggml-cpu.h"
 
 #include <atomic>
+#include <optional>
 
 extern "C" enum ggml_status ggml_graph_compute_ggml(struct ggml_cgraph * cgraph, struct ggml_cplan * cplan);
 
@@ -38,6 +41,10 @@ bool cancel_requested(void * data) {
 extern "C" void sfumato_cancel_set(int requested) { g_cancel.store(requested ? 1 : 0, std::memory_order_relaxed); }
 
 extern "C" enum ggml_status ggml_graph_compute(struct ggml_cgraph * cgraph, struct ggml_cplan * cplan) {
+    std::optional<sfumato::Folds> folds;
+    if (!cplan->use_ref) {
+        folds.emplace(cgraph);
+    }
     Chained chained{cplan->abort_callback, cplan->abort_callback_data};
     cplan->abort_callback = cancel_requested;
     cplan->abort_callback_data = &chained;

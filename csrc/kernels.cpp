@@ -47,9 +47,11 @@ extern "C" void sfumato_bf16_set_enabled(int enabled) {
 
 extern "C" const char * sfumato_kernels(void) {
 #if SFUMATO_BF16_TILE
-    return "conv_2d:" SFUMATO_KERNEL_ISA "+bf16,mul_mat:" SFUMATO_KERNEL_ISA "+bf16,flash_attn_ext:" SFUMATO_KERNEL_ISA "+bf16";
+    return "conv_2d:" SFUMATO_KERNEL_ISA "+bf16,mul_mat:" SFUMATO_KERNEL_ISA "+bf16,flash_attn_ext:" SFUMATO_KERNEL_ISA
+           "+bf16,group_norm:" SFUMATO_KERNEL_ISA;
 #elif SFUMATO_GEMM_TILE
-    return "conv_2d:" SFUMATO_KERNEL_ISA ",mul_mat:" SFUMATO_KERNEL_ISA ",flash_attn_ext:" SFUMATO_KERNEL_ISA;
+    return "conv_2d:" SFUMATO_KERNEL_ISA ",mul_mat:" SFUMATO_KERNEL_ISA ",flash_attn_ext:" SFUMATO_KERNEL_ISA
+           ",group_norm:" SFUMATO_KERNEL_ISA;
 #else
     return "";
 #endif

@@ -119,7 +119,8 @@ def test_info_reports_the_build_and_what_the_library_holds() -> None:
     assert options["GGML_BACKEND_DL"] == "ON" and options["SD_VULKAN"] == "ON"
     assert build["flavour"] == "cpu+vulkan" and build["backends"] == ["cpu", "vulkan"]
     assert build["cpu_variants"] == list(CPU_VARIANTS)
-    assert build["kernels"] == ["conv_2d", "mul_mat", "flash_attn_ext"]  # sfumato's own, in every CPU module (csrc/)
+    # sfumato's own, in every CPU module (csrc/)
+    assert build["kernels"] == ["conv_2d", "mul_mat", "flash_attn_ext", "group_norm"]
     modules = info["modules"]
     assert isinstance(modules, list)
     assert {m["name"]: m["loaded"] for m in modules} == {

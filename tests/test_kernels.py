@@ -17,6 +17,11 @@ so it must land within 1e-5 of float64 over the operands rounded to bf16 (to nea
 ties to even, as numpy computes it here; the attention within ATTN_BF16_FLIPS, as it
 rounds a value it computed), and its distance from the unrounded float64 must be what
 rounding 8-bit mantissas gives: 1e-4 to 1e-2 of the output's magnitude.
+
+Folds (``csrc/fusion.h``): each fold case's chain (a convolution with its bias and skip,
+a group norm with gamma, beta and silu, built as the engine builds them) must fold the
+nodes it names (none with folds off), land within 1e-5 of float64, and, for a
+convolution, equal the unfolded run bit for bit (the same adds in the same order).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from sfumato.engine.cpu_variants import BF16_FLAGS, bf16_variants, cpu_identity,
 from sfumato.engine.kernels import module_kernels
 from sfumato.engine.library import backend_modules, locate_library
 from sfumato.errors import InvalidParameterError
-from tests.support.kernels import ATTN_CASES, CONV_CASES, MAT_CASES
+from tests.support.kernels import ATTN_CASES, CONV_CASES, FOLD_CASES, MAT_CASES
 
 from .helpers import ROOT
 
@@ -62,6 +67,11 @@ def _check(command: list[str], timeout: float) -> tuple[str, list[dict[str, Any]
 def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
     assert len(results) == cases
     for r in results:
+        if r["op"] == "fold":
+            assert r["folded"] == r["shape"]["folded"] and r["unfolded_folded"] == 0, r
+            assert r["sfumato_error"] <= EXACT, r
+            assert r["identical"] or r["shape"]["conv"] is None, r  # a convolution's adds, in the same order
+            continue
         assert r["sfumato_error"] <= EXACT, r
         if r["shape"].get("weights") == "f16":
             assert r["ggml_error"] >= F16_INPUT_ROUNDING, r  # the comparison sees two different kernels
@@ -78,6 +88,7 @@ def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
             "conv_2d": isa[name] + bf16[name],
             "mul_mat": isa[name] + bf16[name],
             "flash_attn_ext": isa[name] + bf16[name],
+            "group_norm": isa[name],
         }, name
 
 
@@ -90,7 +101,7 @@ def test_conv_2d_and_mul_mat_against_ggml_and_float64_on_every_variant_this_cpu_
     for name, module in runnable.items():
         carried, results = _check([sys.executable, "-m", "tests.support.kernels", str(module), "2"], timeout=300)
         assert carried.startswith("conv_2d:"), name
-        _assert_exact(results, len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES))
+        _assert_exact(results, len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES) + len(FOLD_CASES))
 
 
 def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_refusal() -> None:
@@ -116,6 +127,7 @@ EMULATED_CASES = [
     *(c.name for c in CONV_CASES if c.n * c.ic * c.h * c.w * c.oc * c.kh * c.kw < 3_000_000),
     *(c.name for c in MAT_CASES if c.m * c.n * c.k * c.batch < 3_000_000),
     *(c.name for c in ATTN_CASES if c.d * c.lq * (c.lk + c.pad) * c.heads * c.batch < 3_000_000),
+    *(c.name for c in FOLD_CASES),  # all small
 ]
 
 
@@ -125,7 +137,7 @@ def test_the_haswell_module_kernels_on_an_emulated_avx2_cpu() -> None:
     module = _variants()["haswell"]
     command = [qemu, "-cpu", "Haswell", sys.executable, "-m", "tests.support.kernels", str(module), "1"]
     carried, results = _check([*command, *EMULATED_CASES], timeout=600)
-    assert carried == "conv_2d:avx2,mul_mat:avx2,flash_attn_ext:avx2"
+    assert carried == "conv_2d:avx2,mul_mat:avx2,flash_attn_ext:avx2,group_norm:avx2"
     _assert_exact(results, len(EMULATED_CASES))
 
 

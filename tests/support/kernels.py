@@ -11,6 +11,11 @@ the operands rounded to bf16 as the mode rounds them, and against float64 over t
 operands as they are. A process per module: a variant the CPU
 cannot run never loads in the test's own process, and the haswell module runs under
 ``qemu-x86_64 -cpu Haswell`` this way.
+
+Folds (``csrc/fusion.h``): each chain of a fold case (a convolution with its bias and
+skip, a group norm with gamma, beta and silu, built as the engine builds them) runs
+three times: sfumato's kernels with folds, without, and ggml's own; the line says how
+many nodes the folded run passed and whether its output is the unfolded one bit for bit.
 """
 
 from __future__ import annotations
@@ -147,6 +152,40 @@ ATTN_CASES: tuple[AttnCase, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class FoldCase:
+    """A chain ``csrc/fusion.h`` folds, and how many nodes it folds (``folded``): a
+    convolution ``conv`` with its bias, then a skip of the output's shape when ``skip``; or,
+    without ``conv``, a group norm of ``shape`` ``[n, c, h, w]`` in ``groups`` groups, then
+    gamma and beta when ``affine``, then silu when ``silu``."""
+
+    name: str
+    folded: int
+    conv: ConvCase | None = None
+    skip: bool = False
+    shape: tuple[int, int, int, int] = (1, 64, 8, 8)
+    groups: int = 32
+    affine: bool = True
+    silu: bool = True
+
+
+# A ResNet block's two convolutions (with its bias; with the bias and the skip), on the
+# tile's direct path and across images, and its norms: with and without the affine part
+# and the silu, a batch of two, and channels that do not split evenly into the groups.
+FOLD_CASES: tuple[FoldCase, ...] = (
+    FoldCase("conv + bias", 1, ConvCase("", 1, 64, 12, 12, 96, 3, 3, pad=(1, 1))),
+    FoldCase("conv + bias + skip", 2, ConvCase("", 1, 64, 12, 12, 64, 3, 3, pad=(1, 1)), skip=True),
+    FoldCase("conv + bias + skip, tiles across images", 2, ConvCase("", 3, 16, 5, 7, 40, 3, 3, pad=(1, 1)), skip=True),
+    FoldCase("conv + bias, many k blocks", 1, ConvCase("", 1, 600, 6, 6, 24, 3, 3, pad=(1, 1))),
+    FoldCase("group norm + affine + silu", 3, shape=(1, 128, 16, 16)),
+    FoldCase("group norm + affine + silu, batch 2", 3, shape=(2, 64, 9, 7)),
+    FoldCase("group norm + silu", 1, shape=(1, 64, 8, 8), affine=False),
+    FoldCase("group norm + affine", 2, shape=(1, 64, 8, 8), silu=False),
+    FoldCase("group norm, 20 channels in 6 groups", 3, shape=(1, 20, 5, 3), groups=6),
+)
+GROUP_NORM_EPS = 1e-6  # the engine's
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """``x`` rounded to bf16 (to nearest, ties to even), as bf16's 16 bits."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
@@ -205,12 +244,13 @@ class Module:
     def carried(self) -> str:
         return bytes(self.kernels_ffi.string(self.kernels.sfumato_kernels())).decode()
 
-    def run(self, build: Build, sfumato: bool, bf16: bool = False) -> np.ndarray:
-        """The output of the one-op graph ``build(ctx)`` makes (its inputs set from their
-        arrays), run with sfumato's kernels (in their bf16 mode when ``bf16``) or ggml's own."""
+    def run(self, build: Build, sfumato: bool, bf16: bool = False, folds: bool = True) -> np.ndarray:
+        """The output of the graph ``build(ctx)`` makes (its inputs set from their arrays),
+        run with sfumato's kernels (in their bf16 mode when ``bf16``; without folds unless
+        ``folds``) or ggml's own. How many nodes the run folded: :attr:`folded`."""
         ffi, lib = self.ffi, self.lib
         params = ffi.new("struct ggml_init_params *")
-        params.mem_size = lib.ggml_tensor_overhead() * 8 + lib.ggml_graph_overhead()
+        params.mem_size = lib.ggml_tensor_overhead() * 16 + lib.ggml_graph_overhead()
         params.no_alloc = True
         ctx = lib.ggml_init(params[0])
         try:
@@ -223,8 +263,10 @@ class Module:
                     lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
                 self.kernels.sfumato_kernels_set_enabled(1 if sfumato else 0)
                 self.kernels.sfumato_bf16_set_enabled(1 if bf16 else 0)
+                self.kernels.sfumato_folds_set_enabled(1 if folds else 0)
                 if lib.ggml_backend_graph_compute(self.backend, graph) != 0:
                     raise RuntimeError("ggml_backend_graph_compute failed")
+                self.folded = int(self.kernels.sfumato_folds_last())
                 result = np.empty(lib.ggml_nbytes(out) // 4, dtype=np.float32)
                 lib.ggml_backend_tensor_get(out, ffi.from_buffer(result), 0, result.nbytes)
                 return result
@@ -354,6 +396,83 @@ def check_attention(module: Module, case: AttnCase, seed: int = 0, bf16: bool = 
     return {"case": case.name, **_errors(module, build, compute, bf16)}
 
 
+def _group_norm(x: np.ndarray, groups: int) -> np.ndarray:
+    """ggml's group norm in float64: groups of ceil(c / groups) channels, the last ones
+    shorter or empty; no affine part."""
+    out = np.empty(x.shape)
+    per = -(-x.shape[1] // groups)
+    for c0 in range(0, x.shape[1], per):
+        part = x[:, c0 : c0 + per].astype(np.float64)
+        mean = part.mean(axis=(1, 2, 3), keepdims=True)
+        variance = ((part - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)
+        out[:, c0 : c0 + per] = (part - mean) / np.sqrt(variance + GROUP_NORM_EPS)
+    return out
+
+
+def check_fold(module: Module, case: FoldCase, seed: int = 0) -> dict[str, Any]:
+    """A fold case's chain with sfumato's kernels folded and not, and ggml's own, against float64."""
+    rng = np.random.default_rng(seed)
+    conv = case.conv
+    if conv is not None:
+        x, k, k_values = conv_inputs(conv, seed)
+        reference = _reference(x, k_values, conv)
+        channels = conv.oc
+    else:
+        x = (rng.standard_normal(case.shape) * 2 + 0.5).astype(np.float32)
+        reference = _group_norm(x, case.groups)
+        channels = case.shape[1]
+    bias = rng.standard_normal(channels).astype(np.float32)
+    gamma = rng.standard_normal(channels).astype(np.float32)
+    skip = rng.standard_normal(reference.shape).astype(np.float32)
+
+    def per_channel(lib: Any, ctx: Any, values: np.ndarray) -> tuple[Any, Any]:
+        t = lib.ggml_new_tensor_4d(ctx, _F32, channels, 1, 1, 1)
+        return t, lib.ggml_reshape_4d(ctx, t, 1, 1, channels, 1)
+
+    def build(lib: Any, ctx: Any) -> tuple[list[tuple[Any, np.ndarray]], Any]:
+        if conv is not None:
+            kernel = lib.ggml_new_tensor_4d(ctx, _TYPES[conv.weights], conv.kw, conv.kh, conv.ic, conv.oc)
+            image = lib.ggml_new_tensor_4d(ctx, _F32, conv.w, conv.h, conv.ic, conv.n)
+            tb, b4 = per_channel(lib, ctx, bias)
+            out = lib.ggml_add_inplace(ctx, lib.ggml_conv_2d_direct(ctx, kernel, image, *conv.stride, *conv.pad,
+                                                                    *conv.dilation), b4)  # fmt: skip
+            inputs = [(kernel, k), (image, x), (tb, bias)]
+            if case.skip:
+                ts = lib.ggml_new_tensor_4d(ctx, _F32, *reversed(reference.shape))
+                out = lib.ggml_add_inplace(ctx, out, ts)
+                inputs.append((ts, skip))
+            return inputs, out
+        image = lib.ggml_new_tensor_4d(ctx, _F32, *reversed(case.shape))
+        out = lib.ggml_group_norm(ctx, image, case.groups, GROUP_NORM_EPS)
+        inputs = [(image, x)]
+        if case.affine:
+            tg, g4 = per_channel(lib, ctx, gamma)
+            tb, b4 = per_channel(lib, ctx, bias)
+            out = lib.ggml_add_inplace(ctx, lib.ggml_mul_inplace(ctx, out, g4), b4)
+            inputs += [(tg, gamma), (tb, bias)]
+        if case.silu:
+            out = lib.ggml_silu_inplace(ctx, out)
+        return inputs, out
+
+    expected = reference
+    if conv is not None:
+        expected = expected + bias[None, :, None, None] + (skip if case.skip else 0.0)
+    else:
+        if case.affine:
+            expected = expected * gamma[None, :, None, None] + bias[None, :, None, None]
+        if case.silu:
+            expected = expected / (1.0 + np.exp(-expected))
+    folded = module.run(build, sfumato=True)
+    nodes = module.folded
+    unfolded = module.run(build, sfumato=True, folds=False)
+    return {
+        "case": case.name, "folded": nodes, "unfolded_folded": module.folded,
+        "identical": bool(np.array_equal(folded, unfolded)),
+        "sfumato_error": _error(folded, expected), "unfolded_error": _error(unfolded, expected),
+        "ggml_error": _error(module.run(build, sfumato=False), expected),
+    }  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     """``python -m tests.support.kernels MODULE THREADS [--bf16] [CASE...]``: JSON lines on stdout."""
     module = Module(Path(argv[0]), int(argv[1]))
@@ -372,6 +491,10 @@ def main(argv: list[str]) -> int:
         if not wanted or attn.name in wanted:
             result = check_attention(module, attn, bf16=bf16)
             print(json.dumps({**result, "op": "flash_attn_ext", "shape": asdict(attn)}), flush=True)
+    for fold in FOLD_CASES if not bf16 else ():
+        if not wanted or fold.name in wanted:
+            result = check_fold(module, fold)
+            print(json.dumps({**result, "op": "fold", "shape": asdict(fold)}), flush=True)
     return 0
 
 

@@ -346,6 +346,12 @@ struct ggml_tensor* ggml_conv_2d(struct ggml_context* ctx, struct ggml_tensor* a
                                  int s0, int s1, int p0, int p1, int d0, int d1);
 struct ggml_tensor* ggml_conv_2d_direct(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b,
                                         int s0, int s1, int p0, int p1, int d0, int d1);
+struct ggml_tensor* ggml_group_norm(struct ggml_context* ctx, struct ggml_tensor* a, int n_groups, float eps);
+struct ggml_tensor* ggml_reshape_4d(struct ggml_context* ctx, struct ggml_tensor* a, int64_t ne0, int64_t ne1,
+                                    int64_t ne2, int64_t ne3);
+struct ggml_tensor* ggml_add_inplace(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b);
+struct ggml_tensor* ggml_mul_inplace(struct ggml_context* ctx, struct ggml_tensor* a, struct ggml_tensor* b);
+struct ggml_tensor* ggml_silu_inplace(struct ggml_context* ctx, struct ggml_tensor* a);
 struct ggml_cgraph* ggml_new_graph(struct ggml_context* ctx);
 void ggml_build_forward_expand(struct ggml_cgraph* cgraph, struct ggml_tensor* tensor);
 ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
@@ -372,6 +378,11 @@ void sfumato_bf16_set_enabled(int enabled);
 /* A process-wide request that stops every graph the module runs at its next operation,
    until it is cleared (a cancel that keeps the model loaded). */
 void sfumato_cancel_set(int requested);
+/* Folds (csrc/fusion.h): the element-wise nodes after a convolution or a group norm run
+   inside it (1, the default) or on their own (0); how many nodes the last graph folded. */
+int sfumato_folds_enabled(void);
+void sfumato_folds_set_enabled(int enabled);
+int sfumato_folds_last(void);
 """
 
 ALL = "\n".join(
