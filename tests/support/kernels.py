@@ -425,7 +425,8 @@ def check_fold(module: Module, case: FoldCase, seed: int = 0) -> dict[str, Any]:
     gamma = rng.standard_normal(channels).astype(np.float32)
     skip = rng.standard_normal(reference.shape).astype(np.float32)
 
-    def per_channel(lib: Any, ctx: Any, values: np.ndarray) -> tuple[Any, Any]:
+    def per_channel(lib: Any, ctx: Any) -> tuple[Any, Any]:
+        """A vector of one value per channel, and its view [1, 1, channels, 1] as the engine reshapes it."""
         t = lib.ggml_new_tensor_4d(ctx, _F32, channels, 1, 1, 1)
         return t, lib.ggml_reshape_4d(ctx, t, 1, 1, channels, 1)
 
@@ -433,7 +434,7 @@ def check_fold(module: Module, case: FoldCase, seed: int = 0) -> dict[str, Any]:
         if conv is not None:
             kernel = lib.ggml_new_tensor_4d(ctx, _TYPES[conv.weights], conv.kw, conv.kh, conv.ic, conv.oc)
             image = lib.ggml_new_tensor_4d(ctx, _F32, conv.w, conv.h, conv.ic, conv.n)
-            tb, b4 = per_channel(lib, ctx, bias)
+            tb, b4 = per_channel(lib, ctx)
             out = lib.ggml_add_inplace(ctx, lib.ggml_conv_2d_direct(ctx, kernel, image, *conv.stride, *conv.pad,
                                                                     *conv.dilation), b4)  # fmt: skip
             inputs = [(kernel, k), (image, x), (tb, bias)]
@@ -446,8 +447,8 @@ def check_fold(module: Module, case: FoldCase, seed: int = 0) -> dict[str, Any]:
         out = lib.ggml_group_norm(ctx, image, case.groups, GROUP_NORM_EPS)
         inputs = [(image, x)]
         if case.affine:
-            tg, g4 = per_channel(lib, ctx, gamma)
-            tb, b4 = per_channel(lib, ctx, bias)
+            tg, g4 = per_channel(lib, ctx)
+            tb, b4 = per_channel(lib, ctx)
             out = lib.ggml_add_inplace(ctx, lib.ggml_mul_inplace(ctx, out, g4), b4)
             inputs += [(tg, gamma), (tb, bias)]
         if case.silu:
