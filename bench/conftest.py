@@ -42,6 +42,7 @@ CASE_ORDER = (
     "taesd",
     "previews",
     "queue",
+    "followers",
     "devices",
     "cpu_variants",
     "cpu_kernels",

@@ -71,7 +71,7 @@ def _batch_time(farm: Farm, workers: int, jobs_per_device: int = 1) -> float:
     started = [
         farm.worker(f"w{i}", models, None, threads, "--jobs-per-device", str(jobs_per_device)) for i in range(workers)
     ]
-    _, api = farm.front_end("api", models)
+    _, api = farm.front_end("api")
     until(lambda: live_workers(api, workers), "the workers registered", *started)
     ids = [submit(api, steps=4, seed=i, model=models[i % 2]) for i in range(BATCH_JOBS)]
     for job in ids:

@@ -21,6 +21,7 @@ from sfumato.runtime.protocol import LoadSpec
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 from tests.support import models
+from tests.support.farm import Farm
 from tests.support.postgres import PostgresServer
 
 from .helpers import MODEL, ROOT, SIZE, CaptureSpec
@@ -49,6 +50,14 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture
+def farm(postgres: PostgresServer, sd1_tiny_gguf: Path, tmp_path: Path) -> Iterator[Farm]:
+    """Front ends and workers on a new database of the session's PostgreSQL, on the suite's tiny model."""
+    made = Farm(postgres.new_database(), tmp_path, sd1_tiny_gguf, [])
+    yield made
+    made.stop()
 
 
 @pytest.fixture
@@ -229,6 +238,9 @@ upscale tests that compound x16 stay fast."""
 
 
 sd1_lora = _model_file("sd1-lora.safetensors", models.write_sd1_lora)
+sd1_tiny_lora = _model_file(
+    "sd1-tiny-lora.safetensors", lambda p: models.write_sd1_lora(p, attentions=models.SD1_TINY_ATTENTIONS)
+)
 """A kohya-layout LoRA on every attention projection of the SD 1.x UNet."""
 
 

@@ -12,7 +12,6 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,6 @@ from tests.support.farm import LEASE, LONG, Farm, Process, ended, live_workers, 
 from tests.support.postgres import PostgresServer
 
 from .helpers import MODEL, SIZE, job_body, load_test, pixels, sse_events
-
-
-@pytest.fixture
-def farm(postgres: Any, sd1_tiny_gguf: Path, tmp_path: Path) -> Iterator[Farm]:
-    made = Farm(postgres.new_database(), tmp_path, sd1_tiny_gguf, [])
-    yield made
-    made.stop()
 
 
 def _running_on_one_of_two(farm: Farm, seed: int) -> tuple[list[Process], httpx.Client, str]:
@@ -118,7 +110,7 @@ def test_jobs_go_to_the_workers_that_have_their_model(farm: Farm) -> None:
     both = (MODEL, "other-sd1")
     workers = [farm.worker("w1", (MODEL,)), farm.worker("w2", ("other-sd1",)), farm.worker("empty", ()),
                farm.worker("w3", (), other_file="third-sd1")]  # fmt: skip
-    _, api = farm.front_end("api", (*both, "third-sd1"))
+    _, api = farm.front_end("api", models=(*both, "third-sd1"))  # checks against its own files
     listed = until(lambda: _hashed(live_workers(api, 4)), "four workers registered with their models' sha256", *workers)
     by_pid = {w["pid"]: w for w in listed}
     assert [by_pid[p.pid]["models"] for p in workers] == [[MODEL], ["other-sd1"], [], ["third-sd1"]]
@@ -188,7 +180,7 @@ def test_two_front_ends_under_load(farm: Farm) -> None:
     """20 clients, 200 requests (generations, polls, cancels) through two front ends onto
     two workers: no 5xx, nothing lost, every accepted job ends."""
     workers = [farm.worker("w1"), farm.worker("w2")]
-    ends = [farm.front_end(f"api-{i}", (MODEL,), "--queue-size", "12") for i in range(2)]
+    ends = [farm.front_end(f"api-{i}", "--queue-size", "12") for i in range(2)]
     until(lambda: live_workers(ends[0][1], 2), "two workers registered", *workers)
     report = load_test([str(client.base_url) for _, client in ends])
     print(report.summary())

@@ -174,11 +174,40 @@ def test_leases_attempts_and_fencing(opener: Opener) -> None:
 
 
 def _worker(
-    name: str, models: tuple[str, ...], loaded: tuple[str, ...] = (), identities: dict[str, str] | None = None
-) -> WorkerInfo:
+    name: str, models: tuple[str, ...], loaded: tuple[str, ...] = (), identities: dict[str, str] | None = None,
+    files: tuple[str, ...] = (),
+) -> WorkerInfo:  # fmt: skip
     now = time.time()
     return WorkerInfo(id=name, host="box", pid=1, started=now, last_seen=now, running=0, slots=1, models=models,
-                      loaded=loaded, identities=identities or {})  # fmt: skip
+                      loaded=loaded, identities=identities or {}, files=files)  # fmt: skip
+
+
+def test_a_job_naming_files_goes_to_a_worker_that_holds_them_all(opener: Opener) -> None:
+    store = opener(64)
+    facts = {"lora:ink": {"path": "/a/loras/ink.safetensors"}, "m1": {"info": {"family": "sd1"}}}
+    store.heartbeat(_worker("a", ("m1",), files=("lora:ink",), identities={"lora:ink": "sha-ink"}), facts=facts)
+    store.heartbeat(_worker("b", ("m1",), files=("lora:ink", "vae:big"), identities={"lora:ink": "sha-other"}))
+    store.heartbeat(_worker("c", ("m1",)))
+    inked = store.add("txt2img", {}, "m1", files={"lora:ink": None}).id
+    same_file = store.add("txt2img", {}, "m1", files={"lora:ink": "sha-ink"}).id
+    both = store.add("txt2img", {}, "m1", files={"lora:ink": None, "vae:big": None}).id
+    assert store.claim("c", ["m1"]) is None  # it holds none of the files
+    got = store.claim("b", ["m1"])
+    assert got is not None and got.id == inked
+    got = store.claim("b", ["m1"])
+    assert got is not None and got.id == both  # not same_file: b's ink is another file
+    got = store.claim("a", ["m1"])
+    assert got is not None and got.id == same_file
+    held = {(h.worker, h.key): h for h in store.holdings()}
+    assert held[("a", "lora:ink")].facts == facts["lora:ink"] and held[("a", "lora:ink")].auxiliary
+    assert held[("a", "m1")].facts == facts["m1"] and not held[("a", "m1")].auxiliary
+    assert {w.id: w.files for w in store.workers()} == {"a": ("lora:ink",), "b": ("lora:ink", "vae:big"), "c": ()}
+    # A worker that stops leaves the live workers; what it held is remembered, not live.
+    store.unregister("b")
+    assert [w.id for w in store.workers()] == ["a", "c"]
+    gone = [h for h in store.holdings() if h.worker == "b"]
+    assert {h.key for h in gone} == {"m1", "lora:ink", "vae:big"} and not any(h.live for h in gone)
+    assert all(h.live for h in store.holdings() if h.worker != "b")
 
 
 def test_jobs_go_to_the_workers_that_serve_their_model_loaded_first(opener: Opener) -> None:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,18 +61,23 @@ class Farm:
     model: Path
     processes: list[Process]
 
-    def _start(self, name: str, *args: str) -> Process:
+    def _start(self, name: str, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Process:
         log = self.root / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "sfumato", *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                [sys.executable, "-m", "sfumato", *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=cwd, env={**os.environ, **(env or {})},
+            )  # fmt: skip
         self.processes.append(Process(popen, log))
         return self.processes[-1]
 
-    def folder(self, name: str, models: tuple[str, ...] = (MODEL,), other_file: str | None = None) -> Path:
+    def folder(
+        self, name: str, models: tuple[str, ...] = (MODEL,), other_file: str | None = None,
+        files: Mapping[str, Path] | None = None,
+    ) -> Path:  # fmt: skip
         """A machine's folders: its models (links to the suite's model, by these names;
-        ``other_file``: a model of that name that is another file)."""
+        ``other_file``: a model of that name that is another file), and ``files``
+        (``loras/ink.safetensors`` -> a file of the suite) linked in its other folders."""
         home = self.root / name
         (home / "models").mkdir(parents=True, exist_ok=True)
         for model in models:
@@ -81,17 +86,24 @@ class Farm:
                 link.symlink_to(self.model)
         if other_file is not None:
             (home / "models" / f"{other_file}.gguf").write_bytes(self.model.read_bytes() + b"\0")
+        for where, target in (files or {}).items():
+            (home / where).parent.mkdir(parents=True, exist_ok=True)
+            if not (home / where).exists():
+                (home / where).symlink_to(target)
         return home
 
     def worker(
         self, name: str, models: tuple[str, ...] = (MODEL,), other_file: str | None = None, threads: int = 1,
-        *flags: str,
+        *flags: str, files: Mapping[str, Path] | None = None,
     ) -> Process:  # fmt: skip
-        """A worker (more ``flags`` for ``sfumato worker``)."""
-        home = self.folder(name, models, other_file)
+        """A worker (more ``flags`` for ``sfumato worker``), with ``files`` in its
+        ``loras/``, ``vaes/``, ``controlnets/``, ``embeddings/`` or ``upscalers/`` folders."""
+        home = self.folder(name, models, other_file, files)
         return self._start(
             name, "worker", "--store", self.url, "--models", str(home / "models"), "--data", str(home / "data"),
-            "--upscalers", str(home / "upscalers"), "--lease", str(LEASE), "--threads", str(threads), *flags,
+            "--upscalers", str(home / "upscalers"), "--loras", str(home / "loras"), "--vaes", str(home / "vaes"),
+            "--controlnets", str(home / "controlnets"), "--embeddings", str(home / "embeddings"),
+            "--lease", str(LEASE), "--threads", str(threads), *flags,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -99,14 +111,20 @@ class Farm:
         for process in self.processes:
             process.stop()
 
-    def front_end(self, name: str, models: tuple[str, ...] = (MODEL,), *flags: str) -> tuple[Process, httpx.Client]:
-        """A front end (no worker of its own; more ``flags`` for ``sfumato serve``) and a
-        client of it, once it answers."""
-        home = self.folder(name, models)
+    def front_end(
+        self, name: str, *flags: str, models: tuple[str, ...] | None = None, env: Mapping[str, str] | None = None
+    ) -> tuple[Process, httpx.Client]:
+        """A front end (no worker of its own; more ``flags`` for ``sfumato serve``; more
+        ``env``) and a client of it, once it answers. It holds no model file and has no
+        models folder (it serves what the workers register), unless ``models`` names the
+        models of a folder of its own."""
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        own = ("--models", str(self.folder(name, models) / "models")) if models is not None else ()
         port = free_port()
         process = self._start(
-            name, "serve", "--workers", "0", "--store", self.url, "--port", str(port), "--models",
-            str(home / "models"), "--data", str(home / "data"), "--lease", str(LEASE), *flags,
+            name, "serve", "--workers", "0", "--store", self.url, "--port", str(port), *own,
+            "--data", str(home / "data"), "--lease", str(LEASE), *flags, cwd=home, env=env,
         )  # fmt: skip
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
         until(lambda: _answers(client), f"front end {name} did not answer", process)
@@ -166,7 +184,6 @@ def running(client: httpx.Client, job_id: str) -> bool:
     """Whether the job is past its first sampling step."""
     now = status(client, job_id)
     return bool(now["state"] == "processing" and now["progress"] > 0)
-    return now["state"] == "processing" and now["progress"] > 0
 
 
 def ended(client: httpx.Client, job_id: str) -> dict[str, Any] | None:

@@ -288,15 +288,23 @@ _SD1_ATTENTIONS = (
     *((f"up_blocks_{b}_attentions_{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)),
 )
 _SD1_CONTEXT = 768
+SD1_TINY_ATTENTIONS = (("down_blocks_0_attentions_0", 320),)
+"""An attention block the tiny SD 1.x UNet has at the place SD 1.x's LoRA names say."""
 
 
-def write_sd1_lora(path: Path, rank: int = 4, seed: int = 0, std: float = 0.05) -> Path:
+def write_sd1_lora(
+    path: Path,
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.05,
+    attentions: tuple[tuple[str, int], ...] = _SD1_ATTENTIONS,
+) -> Path:
     """Write a LoRA for the SD 1.x UNet in the kohya layout (``lora_unet_*``
-    ``.lora_down`` / ``.lora_up`` / ``.alpha``) on every attention projection,
-    with random weights, as a ``.safetensors`` file."""
+    ``.lora_down`` / ``.lora_up`` / ``.alpha``) on every attention projection of
+    ``attentions`` (block, width), with random weights, as a ``.safetensors`` file."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, npt.NDArray[np.generic]] = {}
-    for block, width in _SD1_ATTENTIONS:
+    for block, width in attentions:
         for attn in ("attn1", "attn2"):
             for proj in ("to_q", "to_k", "to_v", "to_out_0"):
                 fan_in = _SD1_CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width

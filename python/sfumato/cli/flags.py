@@ -281,7 +281,7 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
 
 
 _FOLDERS = {
-    "models_dir": "the models folder",
+    "models_dir": "the models folder (a front end, --workers 0, without one serves what workers register)",
     "loras_dir": "LoRAs",
     "upscalers_dir": "ESRGAN upscalers",
     "controlnets_dir": "ControlNets",

@@ -139,6 +139,9 @@ def check_companion(path: Path, role: str, info: ModelInfo) -> None:
     elif role == "control_net":
         if _suffix_shape(table, "input_hint_block.0.weight") is None:
             raise InvalidParameterError(field, f"{path} is not a ControlNet (no input_hint_block)")
+        if info.family not in CONTROL_NET_WIDTHS:
+            runs = ", ".join(FAMILY_NAMES[f] for f in CONTROL_NET_WIDTHS)
+            raise InvalidParameterError(field, f"the engine runs ControlNets with {runs}; this model is {family}")
         keys = _suffix_shape(table, "attn2.to_k.weight")
         cross = keys[1] if keys is not None and len(keys) == 2 else None
         if cross is not None and cross != CONTROL_NET_WIDTHS[info.family]:

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from sfumato.server.apis.comfy import routes as comfyui
 from sfumato.server.apis.metrics import claim_latency
 from sfumato.server.errors import error_response
 from sfumato.server.jobs import open_store
+from sfumato.server.jobs.registered import RegisteredCatalog
 from sfumato.server.jobs.runner import JobRunner, check_runner
-from sfumato.server.jobs.store import StoreUnavailableError, WorkerInfo
+from sfumato.server.jobs.store import JOB_CHANNEL, WORKERS_CHANNEL, JobStore, StoreUnavailableError, WorkerInfo
 from sfumato.server.jobs.store_pg import describe
 from sfumato.server.models.catalog import Catalog
 from sfumato.server.settings import ServerSettings
@@ -90,6 +92,16 @@ def _purge(state: ServerState) -> None:
     again, lost = state.store.expire()
     if again or lost:
         logger.warning("queued again %d job(s) whose workers were lost; %d failed as lost", again, lost)
+
+
+def _heard(state: ServerState, channel: str, payload: str) -> None:
+    """A notification to a front end: a job changed (its followers look), or what the
+    workers hold did (a front end without models reads their registrations again)."""
+    if channel == WORKERS_CHANNEL:
+        if isinstance(state.catalog, RegisteredCatalog):
+            state.catalog.refresh()
+    else:
+        state.changes.heard(payload)
 
 
 class WorkersResponse(BaseModel):
@@ -174,17 +186,22 @@ def _lifespan(state: ServerState) -> Callable[[FastAPI], AbstractAsyncContextMan
                 if requeued:
                     logger.info("queued again %d job(s) whose worker stopped while running them", requeued)
             _purge(state)
+            # Read the model headers (or registrations) now, not while the first requests wait.
+            catalog.models()
+            catalog.upscalers()
         except StoreUnavailableError as exc:  # the routes answer 503 until it is back
             logger.error("%s", exc)
-        # Read the model headers now, not while the first requests wait.
-        catalog.models()
-        catalog.upscalers()
         if settings.workers:
             state.runner.start()  # on a shared store, it hashes the models in the background
         elif store.shared:  # a front end names each job's file by its hash: known before the first job
             threading.Thread(target=catalog.hash_all, name="sfumato-hash", daemon=True).start()
         purger = threading.Thread(target=purge_loop, name="sfumato-purge", daemon=True)
         purger.start()
+        listen = getattr(store, "listen", None)
+        if listen is not None:  # other machines' changes wake this front end's followers
+            channels = (JOB_CHANNEL, WORKERS_CHANNEL)
+            heard = partial(_heard, state)
+            threading.Thread(target=listen, args=(heard, stop, channels), name="sfumato-follow", daemon=True).start()
         yield
         stop.set()
         if settings.workers:
@@ -192,6 +209,14 @@ def _lifespan(state: ServerState) -> Callable[[FastAPI], AbstractAsyncContextMan
         store.close()
 
     return lifespan
+
+
+def front_catalog(settings: ServerSettings, store: JobStore) -> Catalog:
+    """What a server lists and validates requests against: its folders, or on a front end
+    (``--workers 0``) with no models folder, what the live workers registered."""
+    if settings.workers == 0 and store.shared and not settings.models_dir.is_dir():
+        return RegisteredCatalog(settings, store)
+    return Catalog(settings)
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -204,9 +229,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """
     settings = settings or ServerSettings()
     _check_settings(settings)
-    catalog = Catalog(settings)
-    catalog.configured()  # a broken models config stops the server before it starts
     store = open_store(settings.store, settings.db_path, settings.queue_size)
+    catalog = front_catalog(settings, store)
+    if not isinstance(catalog, RegisteredCatalog):  # (the workers check their own)
+        catalog.configured()  # a broken models config stops the server before it starts
     registry = CollectorRegistry()
     runner = JobRunner(store, catalog, settings, claim_latency(registry), settings.lease_s, settings.jobs_per_device)
     state = ServerState(settings, store, catalog, runner)
@@ -240,6 +266,13 @@ def announcement(state: ServerState) -> str:
     """What ``sfumato serve`` prints at start: its URL, and the models it offers (or how to add one)."""
     settings = state.settings
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    jobs = f"jobs in {describe(settings.store)}" if settings.store else f"jobs in {settings.db_path}"
+    url = f"sfumato serve: http://{host}:{settings.port}/ (the web page; the APIs under it)"
+    if isinstance(state.catalog, RegisteredCatalog):
+        return (
+            f"{url}\nno models folder ({settings.models_dir} is not one): the models are those the live workers "
+            f"register, and requests answer 503 until one does\n{jobs}"
+        )
     models = state.catalog.models()  # reads the headers now; the catalog keeps them for the first requests
     config = settings.models_config_path
     where = f"{settings.models_dir} and {config}" if config.is_file() else str(settings.models_dir)
@@ -250,5 +283,4 @@ def announcement(state: ServerState) -> str:
         found = (
             f"no model in {settings.models_dir} yet: put a checkpoint there (.gguf, .safetensors) or use --models DIR"
         )
-    jobs = f"jobs in {describe(settings.store)}" if settings.store else f"jobs in {settings.db_path}"
-    return f"sfumato serve: http://{host}:{settings.port}/ (the web page; the APIs under it)\n{found}\n{jobs}"
+    return f"{url}\n{found}\n{jobs}"

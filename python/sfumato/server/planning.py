@@ -16,8 +16,6 @@ from typing import Any
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
-from sfumato.families.companions import check_companion
-from sfumato.families.detect import check_lora_file
 from sfumato.families.embeddings import TEXT_WIDTHS, refuse_skipped, sort_out
 from sfumato.images import ImageInput
 from sfumato.params import (
@@ -34,9 +32,10 @@ from sfumato.params import (
     check_upscale_repeats,
     validate_diffusion,
 )
+from sfumato.server.errors import ApiError
 from sfumato.server.jobs.plan import FileType, JobPlan, Refiner
 from sfumato.server.models import names
-from sfumato.server.models.catalog import Entry
+from sfumato.server.models.catalog import CONTROL_NET, LORA, UPSCALER, VAE, Entry
 from sfumato.server.models.config import DEFAULTED_FIELDS
 from sfumato.server.settings import ServerSettings
 from sfumato.server.state import ServerState
@@ -73,49 +72,59 @@ def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
     return LORA_TAG.sub("", prompt).strip(), found
 
 
-def _lora_paths(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple[dict[str, Any], ...]:
-    """LoRA names looked up in the LoRA folder's listing (never joined onto a path), as the
-    SDK's ``{"path", "scale"}`` items."""
-    found = {e.name: e.path for e in state.catalog.loras()}
+def refuse_unknown(state: ServerState, key: str, field: str, message: str) -> InvalidParameterError:
+    """The error for a name no listing holds: a 503 ``no_worker`` when the catalog says a
+    worker that held it is gone (or none registered yet), else ``message`` on ``field``."""
+    gone = state.catalog.absent(key)
+    if gone is not None:
+        raise ApiError(503, "no_worker", gone, field)
+    return InvalidParameterError(field, message)
+
+
+def _loras(state: ServerState, loras: Sequence[tuple[Any, float]]) -> tuple[dict[str, Any], ...]:
+    """LoRA names looked up in the LoRA folder's listing (never joined onto a path), each
+    checked, as the SDK's ``{"name", "scale"}`` items: the worker that runs the job finds
+    the file of that name (and sha256) in its own folder."""
+    found = {e.name: e for e in state.catalog.loras()}
     out = []
     for i, (name, scale) in enumerate(loras):
         if name not in found:
             have = ", ".join(found) or f"none (the LoRA folder {state.settings.loras_dir} is empty)"
-            raise InvalidParameterError(f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
-        check_lora_file(found[name], f"loras[{i}]")
-        out.append({"path": str(found[name].resolve()), "scale": scale})
+            raise refuse_unknown(state, LORA + str(name), f"loras[{i}]", f"no LoRA named {name!r}; available: {have}")
+        state.catalog.check_lora(found[name], f"loras[{i}]")
+        out.append({"name": name, "scale": scale})
     return tuple(out)
 
 
 def _hires(state: ServerState, hires: object) -> HiresConfig | None:
-    """The request's hires fields, checked, with an upscaler name resolved in the upscalers folder."""
+    """The request's hires fields, checked; an ESRGAN upscaler named in the upscalers folder."""
     config = check_hires("hires", hires)
     if config is None:
         return None
     upscaler = config.upscaler
     if upscaler not in HIRES_UPSCALERS:
-        found = {e.name: e.path for e in state.catalog.upscalers()}
+        found = [e.name for e in state.catalog.upscalers()]
         if upscaler not in found:
             have = ", ".join([*HIRES_UPSCALERS, *found])
-            raise InvalidParameterError("hires.upscaler", f"no upscaler named {upscaler!r}; available: {have}")
-        upscaler = str(found[upscaler])
-    return replace(config, upscaler=upscaler)
+            raise refuse_unknown(
+                state, UPSCALER + str(upscaler), "hires.upscaler", f"no upscaler named {upscaler!r}; available: {have}"
+            )
+    return config
 
 
 def _control_net(state: ServerState, requested: str | None, model: Entry) -> str:
     """The catalog name of the ControlNet a control image needs, checked against the model's family."""
-    found = {e.name: e.path for e in state.catalog.controlnets()}
+    found = {e.name: e for e in state.catalog.controlnets()}
     if requested is None:
         raise InvalidParameterError("control_image", "needs a ControlNet: name one of the ControlNet folder")
     name = requested.rsplit(" [", 1)[0]  # A1111 lists "name [hash]"
     if name not in found:
         have = ", ".join(found) or f"none (the ControlNet folder {state.settings.controlnets_dir} is empty)"
-        raise InvalidParameterError("control_net", f"no ControlNet named {requested!r}; available: {have}")
+        raise refuse_unknown(
+            state, CONTROL_NET + name, "control_net", f"no ControlNet named {requested!r}; available: {have}"
+        )
     if model.info is not None:
-        try:
-            check_companion(found[name], "control_net", model.info)
-        except InvalidParameterError as exc:
-            raise InvalidParameterError("control_net", exc.message) from None
+        state.catalog.check_fits(found[name], "control_net", model.info)
     return name
 
 
@@ -127,12 +136,9 @@ def _vae(state: ServerState, requested: str, model: Entry) -> str:
             ", ".join(e.path.name for e in state.catalog.vaes())
             or f"none (the VAE folder {state.settings.vaes_dir} is empty)"
         )
-        raise InvalidParameterError("vae", f"no VAE named {requested!r}; available: {have}")
+        raise refuse_unknown(state, VAE + requested, "vae", f"no VAE named {requested!r}; available: {have}")
     if model.info is not None:
-        try:
-            check_companion(found.path, "vae", model.info)
-        except InvalidParameterError as exc:
-            raise InvalidParameterError("vae", exc.message) from None
+        state.catalog.check_fits(found, "vae", model.info)
     return found.name
 
 
@@ -156,6 +162,9 @@ def pick_entry(state: ServerState, requested: str | None, field: str = "model") 
         stem = name.rsplit(" [", 1)[0].rsplit(".", 1)[0]  # A1111 titles: "name.safetensors [hash]"
         name = stem if stem in available else name
     if name is None:
+        gone = state.catalog.absent("")
+        if gone is not None:
+            raise ApiError(503, "no_worker", gone, field)
         raise InvalidParameterError(
             field,
             f"no model was named, and the models folder {state.settings.models_dir} holds none to default to: put "
@@ -163,7 +172,7 @@ def pick_entry(state: ServerState, requested: str | None, field: str = "model") 
         )
     if name not in available:
         have = ", ".join(available) or f"none (the models folder {state.settings.models_dir} is empty)"
-        raise InvalidParameterError(field, f"no model named {name!r}; available: {have}")
+        raise refuse_unknown(state, name, field, f"no model named {name!r}; available: {have}")
     return available[name]
 
 
@@ -259,7 +268,7 @@ def _generation(
         control_image=_file_bytes(params.control_image),
         init_images=tuple(image for image in map(_file_bytes, params.init_images) if image is not None),
         hires=hires,
-        loras=_lora_paths(state, check_loras("loras", params.loras)),
+        loras=_loras(state, check_loras("loras", params.loras)),
         upscale={"repeats": repeats} if repeats else None,
     )
 
@@ -317,8 +326,11 @@ def job_plan(
         work = _generation(state, params, width, height, hires)
         if work.upscale and esrgan not in {e.name for e in state.catalog.upscalers()}:
             have = ", ".join(e.name for e in state.catalog.upscalers()) or "none"
-            raise InvalidParameterError(
-                "upscale", f"needs an upscaler of the upscalers folder, not {esrgan!r}; available: {have}"
+            raise refuse_unknown(
+                state,
+                UPSCALER + str(esrgan),
+                "upscale",
+                f"needs an upscaler of the upscalers folder, not {esrgan!r}; available: {have}",
             )
         refined = None
         if refiner:

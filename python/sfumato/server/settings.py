@@ -21,7 +21,9 @@ class ServerSettings:
     host, port:
         Where to listen (loopback by default).
     models_dir, loras_dir, upscalers_dir:
-        The folders models are chosen from, by name.
+        The folders models are chosen from, by name. A front end (``workers`` 0)
+        whose models folder does not exist lists and checks against what the live
+        workers register instead.
     embeddings_dir:
         Textual-inversion embeddings: each SD 1.x, SD 2.x and SDXL model loads
         the ones its text encoders take; a prompt uses one by saying its name.

@@ -3,13 +3,14 @@ the file and ``model_config`` the catalog gives it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sfumato.errors import SfumatoError
 from sfumato.families.embeddings import TEXT_WIDTHS
-from sfumato.server.models.catalog import UPSCALER, Catalog
+from sfumato.params import HIRES_UPSCALERS, DiffusionParams, HiresConfig
+from sfumato.server.models.catalog import LORA, UPSCALER, Catalog
 from sfumato.server.settings import ServerSettings
 
 
@@ -73,3 +74,31 @@ def load_arguments(catalog: Catalog, settings: ServerSettings, key: LoadKey) -> 
     if entry.info is not None and entry.info.family in TEXT_WIDTHS and catalog.embeddings_dir.is_dir():
         config["embedding_dir"] = catalog.embeddings_dir
     return entry.path, config
+
+
+def local_files(catalog: Catalog, work: DiffusionParams) -> DiffusionParams:
+    """A planned generation with the files it names (LoRAs, a hires ESRGAN) as this
+    machine's paths, found in its folders by name (a plan of version 3 or before names
+    them by path already).
+
+    Raises
+    ------
+    SfumatoError
+        When a file it names is no longer in its folder.
+    """
+    loras = []
+    for lora in work.loras:
+        if "name" in lora:
+            entry = catalog.entry(LORA + str(lora["name"]))
+            if entry is None:
+                raise SfumatoError(f"LoRA {lora['name']!r} is no longer in its folder")
+            lora = {"path": str(entry.path.resolve()), "scale": lora["scale"]}
+        loras.append(lora)
+    hires = work.hires
+    if isinstance(hires, HiresConfig) and hires.upscaler not in HIRES_UPSCALERS:
+        if not Path(str(hires.upscaler)).is_absolute():
+            entry = catalog.entry(UPSCALER + str(hires.upscaler))
+            if entry is None:
+                raise SfumatoError(f"upscaler {hires.upscaler!r} is no longer in its folder")
+            hires = replace(hires, upscaler=str(entry.path))
+    return replace(work, loras=tuple(loras), hires=hires)

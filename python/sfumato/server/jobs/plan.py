@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
 
-from sfumato.params import DiffusionParams, HiresConfig
+from sfumato.params import HIRES_UPSCALERS, DiffusionParams, HiresConfig
+from sfumato.server.models.catalog import CONTROL_NET, LORA, UPSCALER, VAE
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -96,8 +97,8 @@ class JobPlan:
         :class:`Upscale` job an upscaler.
     work:
         The generation, as the SDK's parameters checked once when the plan was made
-        (the size resolved, LoRAs and a hires ESRGAN as paths in their folders, images as
-        file bytes), or the upscale.
+        (the size resolved, LoRAs and a hires ESRGAN named as their folders list them,
+        images as file bytes), or the upscale.
     refiner:
         A second model that refines the generation's images.
     control_net:
@@ -113,9 +114,11 @@ class JobPlan:
         How the outputs folder keeps the images.
     """
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
     """Version 1 was the untyped dict of the same keys, without ``version``; version 2
-    kept fewer of the generation's fields (and hires without ``tile_size``)."""
+    kept fewer of the generation's fields (and hires without ``tile_size``); version 3
+    named LoRAs and a hires ESRGAN by their paths on the accepting machine, where
+    version 4 names them as their folders list them (each worker finds its own file)."""
 
     model: str
     work: DiffusionParams | Upscale
@@ -138,6 +141,20 @@ class JobPlan:
         if not isinstance(self.work, DiffusionParams):
             raise TypeError(f"the plan of model {self.model!r} is an upscale, not a generation")
         return self.work
+
+    def files(self) -> list[str]:
+        """The other files the plan names beside its model, as workers register them
+        (``lora:NAME``, ``vae:NAME``, ``control_net:NAME``, ``upscaler:NAME``, a refiner's
+        model name): a worker runs the job only if it holds each of them."""
+        keys = [] if self.refiner is None else [self.refiner.model]
+        if isinstance(self.work, DiffusionParams):
+            keys += [LORA + str(lora["name"]) for lora in self.work.loras if "name" in lora]
+            hires = self.work.hires
+            if isinstance(hires, HiresConfig) and hires.upscaler not in HIRES_UPSCALERS:
+                keys.append(UPSCALER + str(hires.upscaler))
+        named = {CONTROL_NET: self.control_net, VAE: self.vae, UPSCALER: self.esrgan}
+        keys += [prefix + name for prefix, name in named.items() if name is not None]
+        return list(dict.fromkeys(keys))
 
     @staticmethod
     def stored_prompt(data: Mapping[str, Any]) -> str:

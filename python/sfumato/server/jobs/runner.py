@@ -34,7 +34,7 @@ from sfumato.errors import InvalidParameterError, JobCancelledError, SfumatoErro
 from sfumato.loading import check_precision
 from sfumato.params import DiffusionParams
 from sfumato.results import DiffusionResult
-from sfumato.server.jobs.loads import LoadKey, load_arguments
+from sfumato.server.jobs.loads import LoadKey, load_arguments, local_files
 from sfumato.server.jobs.plan import JobPlan, PlanVersionError, Upscale
 from sfumato.server.jobs.store import (
     CANCEL_CHANNEL,
@@ -49,7 +49,7 @@ from sfumato.server.jobs.store import (
     StoreUnavailableError,
     WorkerInfo,
 )
-from sfumato.server.models.catalog import UPSCALER, Catalog
+from sfumato.server.models.catalog import AUXILIARY, UPSCALER, Catalog
 from sfumato.server.settings import ServerSettings
 
 logger = logging.getLogger("sfumato.server")
@@ -198,7 +198,7 @@ class JobRunner:
         their identities: a job that names one waits for a worker that has it, and
         hashing a large file never holds up the heartbeat."""
         while not self._beat_stop.is_set():
-            entries = [self.catalog.entry(name) for name in self.served()[0]]
+            entries = [self.catalog.entry(key) for key in self.catalog.holdings()]
             new = [e for e in entries if e is not None and self.catalog.identity(e, compute=False) is None]
             for entry in new:
                 try:
@@ -220,18 +220,20 @@ class JobRunner:
         loaded = {key.served_as for key in keys}
         return models, sorted(loaded & set(models))
 
-    def info(self) -> WorkerInfo:
-        """This worker as it registers; on a shared store, with the identities of its
-        models hashed so far."""
+    def info(self) -> tuple[WorkerInfo, dict[str, dict[str, Any]]]:
+        """This worker as it registers; on a shared store, with the other files it holds,
+        the identities of those hashed so far, and the facts a front end without the
+        files validates requests by (by key)."""
         models, loaded = self.served()
         note = None if models else f"no model in {self.settings.models_dir}: it takes no job"
+        facts = self.catalog.holdings() if self.store.shared else {}
         identities = {}
-        for name in models if self.store.shared else ():
-            entry = self.catalog.entry(name)
+        for key in facts:
+            entry = self.catalog.entry(key)
             identity = self.catalog.identity(entry, compute=False) if entry is not None else None
             if identity is not None:
-                identities[name] = identity
-        return WorkerInfo(
+                identities[key] = identity
+        worker = WorkerInfo(
             id=self.id,
             host=self.host,
             pid=os.getpid(),
@@ -243,19 +245,21 @@ class JobRunner:
             loaded=tuple(loaded),
             note=note,
             identities=identities,
+            files=tuple(key for key in facts if key.startswith(AUXILIARY)),
         )
+        return worker, facts
 
     def _beat(self) -> None:
         """Register, renew the running jobs' leases, stop those no longer ours, and send
         back to the queue the jobs of lost workers."""
-        info = self.info()
+        info, facts = self.info()
         if info.note != self._idle_note:
             if info.note:
                 logger.warning("worker %s: %s", self.id, info.note)
             self._idle_note = info.note
         with self._lock:
             before = [(slot.claim, slot.job_id) for slot in self._slots]
-        held = self.store.heartbeat(info, self.lease_s, [job_id for _, job_id in before if job_id])
+        held = self.store.heartbeat(info, self.lease_s, [job_id for _, job_id in before if job_id], facts)
         with self._lock:
             taken = [
                 (slot.job_id, slot.result)
@@ -453,7 +457,7 @@ class JobRunner:
             if isinstance(work, Upscale):
                 result = sfumato.upscale(model_id, image=work.image, repeats=work.repeats)
             else:  # checked when the plan was made: the engine request is built without a second check
-                result = diffusion_checked(model_id, work, refiner=refiner)
+                result = diffusion_checked(model_id, local_files(self.catalog, work), refiner=refiner)
             with self._lock:
                 slot.result = result
             if self._stopping or not self.store.progress(job.id, 0.0, "starting", claim):

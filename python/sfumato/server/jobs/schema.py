@@ -70,6 +70,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             png {blob} NOT NULL
         )""",
     ),
+    4: (
+        "ALTER TABLE workers ADD COLUMN left_at {real}",
+        "ALTER TABLE workers ADD COLUMN holdings TEXT",
+        "ALTER TABLE worker_models ADD COLUMN facts TEXT",
+        "ALTER TABLE worker_models ADD COLUMN auxiliary INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE IF NOT EXISTS job_files (
+            job_id TEXT NOT NULL,
+            file TEXT NOT NULL,
+            identity TEXT,
+            PRIMARY KEY (job_id, file)
+        )""",
+    ),
 }
 """What each schema version adds to the one before, applied in order to an older
 store (and to a new one, after :data:`SCHEMA`)."""
@@ -80,7 +92,10 @@ SCHEMA_VERSION = max(MIGRATIONS)
 untyped plans, which :class:`~sfumato.server.jobs.plan.JobPlan` reads as its
 version 1; 2: typed plans that carry their own version (the ``options`` table
 came later within it: it is created when missing); 3: workers, leases, attempts,
-the sampling step, and the images and latest previews in the store."""
+the sampling step, and the images and latest previews in the store; 4: what each
+worker holds beyond its models (LoRAs, VAEs, ControlNets, embeddings) with the facts a
+front end validates requests by, workers that left (remembered, not live), and the
+files each job needs."""
 
 
 def migrations(version: int, real: str, blob: str) -> list[str]:

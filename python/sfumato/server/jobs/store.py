@@ -16,6 +16,7 @@ worker presumed dead is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -49,6 +50,13 @@ WAKE_CHANNEL = "sfumato_jobs"
 """The ``NOTIFY`` channel of new (and requeued) jobs; the payload names the job's model."""
 CANCEL_CHANNEL = "sfumato_cancel"
 """The ``NOTIFY`` channel of jobs cancelled by request; the payload is the job id."""
+JOB_CHANNEL = "sfumato_job"
+"""The ``NOTIFY`` channel of changes of a job (accepted, claimed, progress, preview,
+ended, queued again); the payload is the job id. Front ends wake its followers."""
+WORKERS_CHANNEL = "sfumato_workers"
+"""The ``NOTIFY`` channel of changes in what workers hold; the payload is the worker id."""
+_LIVE = "last_seen > ? AND left_at IS NULL"
+"""The condition (and its parameter, the oldest last heartbeat) of a live worker's row."""
 _REQUEUE = "state = ?, phase = ?, progress = 0, started = NULL, worker = NULL, lease_until = NULL"
 
 
@@ -84,8 +92,10 @@ class Claim:
 @dataclass(frozen=True)
 class WorkerInfo:
     """A worker as it registered: where it runs, the models it can serve (by catalog
-    name; an upscaler as ``upscaler:NAME``) and their ``identities`` (sha256, on a
-    shared store), those it has loaded, and its load."""
+    name; an upscaler as ``upscaler:NAME``), the other ``files`` jobs may name
+    (``lora:NAME``, ``vae:NAME``, ``control_net:NAME``, ``embedding:NAME``), the
+    ``identities`` of both (sha256, on a shared store), the models it has loaded, and
+    its load."""
 
     id: str
     host: str
@@ -98,6 +108,24 @@ class WorkerInfo:
     loaded: tuple[str, ...]
     note: str | None = None
     identities: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One thing a worker registered: a model or upscaler (its catalog route) or, when
+    ``auxiliary``, a file a job names beside its model (``lora:NAME``, ``vae:NAME``, ...),
+    with its sha256 and the ``facts`` a front end without the file validates requests by.
+    ``live``: whether its worker is live now (else it left or stopped answering, and is
+    remembered until :data:`FORGET_AFTER_S`)."""
+
+    worker: str
+    key: str
+    identity: str | None
+    facts: Mapping[str, Any]
+    auxiliary: bool
+    live: bool
+    last_seen: float
 
 
 @dataclass
@@ -217,9 +245,24 @@ class JobStore(ABC):
     """Whether processes on several machines share the store; its database then tells
     them of new jobs and cancels (PostgreSQL's ``NOTIFY``)."""
 
+    changed: Callable[[str], None] | None = None
+    """Called with a job's id after each change of it this process writes (the front
+    end of the same process wakes its followers; other processes hear :data:`JOB_CHANNEL`)."""
+
     def _notify(self, run: Callable[[str, Sequence[Any]], list[Row]], channel: str, payload: str) -> None:
         if self.shared:  # delivered when the transaction commits
             run("SELECT pg_notify(?, ?)", (channel, payload))
+
+    def _changed(self, *job_ids: str) -> None:
+        """Say that jobs changed: to this process, and (a shared store) to every front end."""
+        for job_id in job_ids:
+            if self.shared:
+                try:
+                    self._rows("SELECT pg_notify(?, ?)", (JOB_CHANNEL, job_id))
+                except StoreUnavailableError:
+                    pass  # the write before it counted; followers see it at their next look
+            if self.changed is not None:
+                self.changed(job_id)
 
     @abstractmethod
     def _claim(self, where: str, params: Sequence[Any], assign: str, values: Sequence[Any]) -> Row | None:
@@ -236,7 +279,9 @@ class JobStore(ABC):
         (each job is claimed once). ``models``: the models it serves (``None``: any);
         a job for one of them it has not ``loaded`` waits :data:`CLAIM_DELAY_S` when
         another live worker has that model loaded, which then gets it first. A job that
-        names its model's identity goes only to a worker that registered that identity."""
+        names its model's identity goes only to a worker that registered that identity, and
+        a job that names other files (a LoRA, a VAE, ...) only to a worker that registered
+        each of them (the same file, when the job names its sha256)."""
         now = time.time()
         where, params = "state = ?", list[Any]([QUEUED])
         if models is not None:
@@ -247,7 +292,7 @@ class JobStore(ABC):
         where += (
             f" AND (model IS NULL{f' OR model IN ({held})' if loaded else ''} OR created < ? OR NOT EXISTS ("
             "SELECT 1 FROM worker_models m JOIN workers w ON w.id = m.worker"
-            " WHERE m.model = jobs.model AND m.loaded = 1 AND w.id <> ? AND w.last_seen > ?))"
+            " WHERE m.model = jobs.model AND m.loaded = 1 AND w.id <> ? AND w.last_seen > ? AND w.left_at IS NULL))"
         )
         params += [*loaded, now - CLAIM_DELAY_S, worker, now - lease_s]
         where += (  # the same file as the front end's that accepted it, not only the same name
@@ -255,30 +300,60 @@ class JobStore(ABC):
             " WHERE i.worker = ? AND i.model = jobs.model AND i.identity = jobs.identity))"
         )
         params.append(worker)
+        where += (  # every other file the job names, held by this worker (the same file, when hashed)
+            " AND NOT EXISTS (SELECT 1 FROM job_files f WHERE f.job_id = jobs.id AND NOT EXISTS (SELECT 1 FROM"
+            " worker_models h WHERE h.worker = ? AND h.model = f.file AND (f.identity IS NULL OR h.identity ="
+            " f.identity)))"
+        )
+        params.append(worker)
         assign = "state = ?, phase = ?, started = ?, worker = ?, attempts = attempts + 1, lease_until = ?"
         row = self._claim(where, params, assign, (PROCESSING, "starting", now, worker, now + lease_s))
-        return _job(row) if row is not None else None
+        if row is None:
+            return None
+        self._changed(row["id"])
+        return _job(row)
 
-    def heartbeat(self, worker: WorkerInfo, lease_s: float = LEASE_S, holding: Collection[str] = ()) -> set[str]:
-        """Register ``worker`` (or renew its registration) and the leases of the jobs it is
-        ``holding`` (running now); returns those it still holds (a job cancelled or taken
-        from it is no longer among them). A job it claimed but no longer runs (it lost
-        the store meanwhile) is left to its lease's end."""
+    def heartbeat(
+        self,
+        worker: WorkerInfo,
+        lease_s: float = LEASE_S,
+        holding: Collection[str] = (),
+        facts: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> set[str]:
+        """Register ``worker`` (or renew its registration), with the ``facts`` of what it
+        holds by key, and the leases of the jobs it is ``holding`` (running now); returns
+        those it still holds (a job cancelled or taken from it is no longer among them).
+        A job it claimed but no longer runs (it lost the store meanwhile) is left to its
+        lease's end. What it holds is written again only when it changed."""
         now = time.time()
         mine = ", ".join("?" * len(holding)) or "NULL"
+        known = facts or {}
+        keys = [(key, False) for key in worker.models] + [(key, True) for key in worker.files]
+        entries = [
+            (key, worker.identities.get(key), json.dumps(known.get(key, {}), sort_keys=True), aux, key in worker.loaded)
+            for key, aux in keys
+        ]
+        digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
         with self._transaction() as run:
+            before = run("SELECT holdings FROM workers WHERE id = ?", (worker.id,))
             run("DELETE FROM workers WHERE id = ?", (worker.id,))
             run(
-                "INSERT INTO workers (id, host, pid, started, last_seen, running, slots, note) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?)",
-                (worker.id, worker.host, worker.pid, worker.started, now, worker.running, worker.slots, worker.note),
-            )
-            run("DELETE FROM worker_models WHERE worker = ?", (worker.id,))
-            for model in worker.models:
-                run(
-                    "INSERT INTO worker_models (worker, model, identity, loaded) VALUES (?, ?, ?, ?)",
-                    (worker.id, model, worker.identities.get(model), int(model in worker.loaded)),
-                )
+                "INSERT INTO workers (id, host, pid, started, last_seen, running, slots, note, holdings) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    worker.id, worker.host, worker.pid, worker.started, now, worker.running, worker.slots, worker.note,
+                    digest,
+                ),
+            )  # fmt: skip
+            if not before or before[0]["holdings"] != digest:
+                run("DELETE FROM worker_models WHERE worker = ?", (worker.id,))
+                for key, identity, text, aux, loaded in entries:
+                    run(
+                        "INSERT INTO worker_models (worker, model, identity, loaded, facts, auxiliary) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (worker.id, key, identity, int(loaded), text, int(aux)),
+                    )
+                self._notify(run, WORKERS_CHANNEL, worker.id)
             held = f"worker = ? AND state = ? AND id IN ({mine})"
             run(f"UPDATE jobs SET lease_until = ? WHERE {held}", (now + lease_s, worker.id, PROCESSING, *holding))
             rows = run(f"SELECT id FROM jobs WHERE {held}", (worker.id, PROCESSING, *holding))
@@ -286,24 +361,28 @@ class JobStore(ABC):
 
     def unregister(self, worker: str) -> int:
         """A worker that stops: its running jobs go back to the queue (not counted as
-        lost attempts) and it leaves the registry. Returns how many jobs it gave back."""
+        lost attempts) and it leaves the live workers; what it held is remembered (a
+        front end then says which worker had a file no live worker holds) until
+        :data:`FORGET_AFTER_S`. Returns how many jobs it gave back."""
         with self._transaction() as run:
             rows = run("SELECT id FROM jobs WHERE worker = ? AND state = ?", (worker, PROCESSING))
             run(
                 f"UPDATE jobs SET {_REQUEUE}, attempts = attempts - 1 WHERE worker = ? AND state = ?",
                 (QUEUED, QUEUED, worker, PROCESSING),
             )
-            run("DELETE FROM worker_models WHERE worker = ?", (worker,))
-            run("DELETE FROM workers WHERE id = ?", (worker,))
+            run("UPDATE worker_models SET loaded = 0 WHERE worker = ?", (worker,))
+            run("UPDATE workers SET left_at = ?, running = 0 WHERE id = ?", (time.time(), worker))
+            self._notify(run, WORKERS_CHANNEL, worker)
             if rows:
                 self._notify(run, WAKE_CHANNEL, "")
+        self._changed(*(row["id"] for row in rows))
         return len(rows)
 
     def workers(self, lease_s: float = LEASE_S) -> list[WorkerInfo]:
         """The live workers (seen within a lease), oldest first, with their models."""
-        rows = self._rows("SELECT * FROM workers WHERE last_seen > ? ORDER BY started, id", (time.time() - lease_s,))[0]
+        rows = self._rows(f"SELECT * FROM workers WHERE {_LIVE} ORDER BY started, id", (time.time() - lease_s,))[0]
         models: dict[str, list[Row]] = {}
-        for row in self._rows("SELECT * FROM worker_models ORDER BY model")[0]:
+        for row in self._rows("SELECT worker, model, identity, loaded, auxiliary FROM worker_models ORDER BY model")[0]:
             models.setdefault(row["worker"], []).append(row)
         return [
             WorkerInfo(
@@ -315,12 +394,35 @@ class JobStore(ABC):
                 running=row["running"],
                 slots=row["slots"],
                 note=row["note"],
-                models=tuple(m["model"] for m in models.get(row["id"], [])),
+                models=tuple(m["model"] for m in models.get(row["id"], []) if not m["auxiliary"]),
+                files=tuple(m["model"] for m in models.get(row["id"], []) if m["auxiliary"]),
                 loaded=tuple(m["model"] for m in models.get(row["id"], []) if m["loaded"]),
                 identities={m["model"]: m["identity"] for m in models.get(row["id"], []) if m["identity"]},
             )
             for row in rows
         ]
+
+    def holdings(self, lease_s: float = LEASE_S) -> list[Holding]:
+        """Everything the registered workers hold, live or remembered: the live workers'
+        first, each worker's in the order it started."""
+        now = time.time()
+        rows = self._rows(
+            "SELECT m.worker, m.model, m.identity, m.facts, m.auxiliary, w.last_seen, w.left_at FROM worker_models m"
+            " JOIN workers w ON w.id = m.worker ORDER BY w.started, w.id, m.model"
+        )[0]
+        found = [
+            Holding(
+                worker=row["worker"],
+                key=row["model"],
+                identity=row["identity"],
+                facts=json.loads(row["facts"]) if row["facts"] else {},
+                auxiliary=bool(row["auxiliary"]),
+                live=row["left_at"] is None and row["last_seen"] > now - lease_s,
+                last_seen=row["left_at"] if row["left_at"] is not None else row["last_seen"],
+            )
+            for row in rows
+        ]
+        return sorted(found, key=lambda h: not h.live)
 
     def expire(self, everything: bool = False) -> tuple[int, int]:
         """Jobs whose lease ran out (``everything``: every running job) go back to the
@@ -351,6 +453,7 @@ class JobStore(ABC):
             run("DELETE FROM workers WHERE last_seen < ?", (now - FORGET_AFTER_S,))
             if again:
                 self._notify(run, WAKE_CHANNEL, "")
+        self._changed(*(row["id"] for row in [*again, *lost]))
         return len(again), len(lost)
 
     def recover(self) -> int:
@@ -365,9 +468,12 @@ class JobStore(ABC):
         model: str | None = None,
         owner: str | None = None,
         identity: str | None = None,
+        files: Mapping[str, str | None] | None = None,
     ) -> Job:
         """Accept a job for ``model`` (the workers that serve it run it; ``None``: any),
-        that file of it when ``identity`` names it (its sha256), sent by ``owner``.
+        that file of it when ``identity`` names it (its sha256), sent by ``owner``;
+        ``files``: the other files it names (``lora:NAME`` -> sha256 or ``None``), which
+        its worker must hold too.
 
         Raises
         ------
@@ -394,7 +500,10 @@ class JobStore(ABC):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, kind, json.dumps(request), QUEUED, QUEUED, job.created, model, owner, identity),
             )
+            for file, sha in (files or {}).items():
+                run("INSERT INTO job_files (job_id, file, identity) VALUES (?, ?, ?)", (job.id, file, sha))
             self._notify(run, WAKE_CHANNEL, model or "")
+        self._changed(job.id)
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -454,13 +563,16 @@ class JobStore(ABC):
         it counted (``claim``: only while that claim owns the job, so ``False`` tells its
         worker to stop)."""
         fence, owner = _fence(claim)
-        return (
+        counted = (
             self._rows(
                 f"UPDATE jobs SET progress = ?, phase = ?, step = ?, steps = ? WHERE id = ? AND state = ?{fence}",
                 (progress, phase, step, steps, job_id, PROCESSING, *owner),
             )[1]
             == 1
         )
+        if counted:
+            self._changed(job_id)
+        return counted
 
     def put_preview(self, preview: Preview) -> None:
         """Keep a running job's latest preview, for the front ends of other machines."""
@@ -469,6 +581,7 @@ class JobStore(ABC):
             "UPDATE SET serial = excluded.serial, step = excluded.step, steps = excluded.steps, png = excluded.png",
             (preview.job_id, preview.serial, preview.step, preview.total_steps, preview.png),
         )
+        self._changed(preview.job_id)
 
     def preview(self, job_id: str) -> Preview | None:
         """A job's latest preview (kept until retention removes the job)."""
@@ -510,6 +623,8 @@ class JobStore(ABC):
                     run("INSERT INTO images (job_id, idx, data) VALUES (?, ?, ?)", (job_id, i, data))
                 if claim is None and state == CANCELLED:
                     self._notify(run, CANCEL_CHANNEL, job_id)
+        if ended:
+            self._changed(job_id)
         return bool(ended)
 
     def images(self, job_id: str) -> list[bytes]:
@@ -523,7 +638,7 @@ class JobStore(ABC):
         old = "state IN (?, ?, ?) AND finished < ?"
         with self._transaction() as run:
             rows = run(f"SELECT * FROM jobs WHERE {old}", (*FINAL, cutoff))
-            for table in ("images", "previews"):
+            for table in ("images", "previews", "job_files"):
                 run(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE {old})", (*FINAL, cutoff))
             run(f"DELETE FROM jobs WHERE {old}", (*FINAL, cutoff))
         return [_job(r) for r in rows]

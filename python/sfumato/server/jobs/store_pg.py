@@ -180,21 +180,30 @@ class PostgresJobStore(JobStore):
             row: Row | None = conn.execute(claim, (*values, *params)).fetchone()
         return row
 
-    def listen(self, heard: Callable[[str, str], None], stop: threading.Event) -> None:
-        """Call ``heard(channel, payload)`` for each new job (:data:`WAKE_CHANNEL`) and each
-        job cancelled by request (:data:`CANCEL_CHANNEL`) until ``stop`` is set; on its own
-        connection, connected again (with a log line) when the database is lost. Blocks."""
+    def listen(
+        self,
+        heard: Callable[[str, str], None],
+        stop: threading.Event,
+        channels: Sequence[str] = (WAKE_CHANNEL, CANCEL_CHANNEL),
+    ) -> None:
+        """Call ``heard(channel, payload)`` for each notification of ``channels`` (by
+        default: new jobs, :data:`WAKE_CHANNEL`, and jobs cancelled by request,
+        :data:`CANCEL_CHANNEL`) until ``stop`` is set; on its own connection, connected
+        again (with a log line) when the database is lost. Each (re)connection first
+        calls ``heard(channel, "")`` for each channel: whatever was said while not
+        listening. Blocks."""
         driver = self._psycopg
         down = False
         while not stop.is_set():
             try:
                 with driver.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-                    conn.execute(f"LISTEN {WAKE_CHANNEL}")
-                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    for channel in channels:
+                        conn.execute(f"LISTEN {channel}")
                     if down:
                         logger.warning("listening to %s again", self.where)
                         down = False
-                    heard(WAKE_CHANNEL, "")  # whatever was announced while not listening
+                    for channel in channels:  # whatever was announced while not listening
+                        heard(channel, "")
                     while not stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             heard(note.channel, note.payload)

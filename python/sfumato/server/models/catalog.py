@@ -11,13 +11,15 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from sfumato.errors import InvalidModelError
-from sfumato.families.companions import family_files
-from sfumato.families.detect import FAMILY_ESRGAN, ModelInfo, detect
+from sfumato.errors import InvalidModelError, InvalidParameterError
+from sfumato.families.companions import check_companion, family_files
+from sfumato.families.detect import DIFFUSION_FAMILIES, FAMILY_ESRGAN, ModelInfo, check_lora_file, detect
 from sfumato.families.embeddings import Embedding, NotAnEmbeddingError, read_embedding
 from sfumato.families.embeddings import scan as scan_embeddings
 from sfumato.registry import cache_dir
@@ -30,6 +32,9 @@ MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth")
 TAESD_SIDECAR = ".taesd.safetensors"
 UPSCALER = "upscaler:"
 """How a worker registers an upscaler, and how an upscale job names its model to route it."""
+LORA, VAE, CONTROL_NET, EMBEDDING = "lora:", "vae:", "control_net:", "embedding:"
+"""How a worker registers the other files a job may name, and how a job names them to route it."""
+AUXILIARY = (LORA, VAE, CONTROL_NET, EMBEDDING)
 HASHES = "sha256.json"
 """The file of known hashes in the model cache folder, by file path, size and mtime."""
 
@@ -91,6 +96,11 @@ class Entry:
     path: Path
     info: ModelInfo | None = None
     config: ConfiguredModel | None = None
+    tiny: Path | None = None
+    sha256: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    """Set on a front end without model files: the tiny autoencoder, identity and facts
+    the worker that holds the file registered."""
 
     @property
     def file_name(self) -> str:
@@ -101,6 +111,8 @@ class Entry:
     @property
     def taesd(self) -> Path | None:
         """The tiny autoencoder a model decodes with: the config's, else its sidecar file."""
+        if self.tiny is not None:
+            return self.tiny
         if self.config is not None and "taesd" in self.config.companions:
             return self.config.companions["taesd"]
         tiny = taesd_sidecar(self.path)
@@ -122,6 +134,7 @@ class Catalog:
         self._config: tuple[float, dict[str, ConfiguredModel]] | None = None
         self._embeddings: dict[tuple[Path, float], Embedding | NotAnEmbeddingError] = {}
         self._seen: dict[tuple[Path, float], ModelInfo | None] = {}
+        self._facts_seen: dict[tuple[str, Path, float], dict[str, Any]] = {}
         self._lock = threading.Lock()  # concurrent first requests read each header once
 
     def _detect(self, path: Path) -> ModelInfo | None:
@@ -246,11 +259,20 @@ class Catalog:
     def model(self, name: str) -> Entry | None:
         return next((e for e in self.models() if e.name == name), None)
 
-    def entry(self, route: str) -> Entry | None:
-        """The model or (``upscaler:NAME``) upscaler a job's route names."""
-        if route.startswith(UPSCALER):
-            return next((e for e in self.upscalers() if e.name == route.removeprefix(UPSCALER)), None)
-        return self.model(route)
+    def entry(self, key: str) -> Entry | None:
+        """The model, or other file, a registration key names (``upscaler:NAME``,
+        ``lora:NAME``, ``vae:NAME``, ``control_net:NAME``, ``embedding:NAME``)."""
+        listings: dict[str, Callable[[], list[Entry]]] = {
+            UPSCALER: self.upscalers,
+            LORA: self.loras,
+            VAE: self.vaes,
+            CONTROL_NET: self.controlnets,
+            EMBEDDING: lambda: [Entry(e.name, e.path) for e in self.embeddings()[0]],
+        }
+        for prefix, listing in listings.items():
+            if key.startswith(prefix):
+                return next((e for e in listing() if e.name == key.removeprefix(prefix)), None)
+        return self.model(key)
 
     def hash_all(self) -> None:
         """Compute (or find in the cache) every model's and upscaler's identity."""
@@ -274,3 +296,105 @@ class Catalog:
         if any(part is None for part in parts):
             return None
         return hashlib.sha256("\n".join(f"{p}" for p in parts).encode()).hexdigest()
+
+    def check_lora(self, entry: Entry, field: str) -> None:
+        """Refuse a LoRA of the LoRA folder whose file holds no LoRA.
+
+        Raises
+        ------
+        InvalidParameterError
+            Naming ``field``.
+        """
+        check_lora_file(entry.path, field)
+
+    def check_fits(self, entry: Entry, role: str, info: ModelInfo) -> None:
+        """Refuse a VAE or ControlNet (``role``) of its folder that a model of ``info``'s
+        family cannot take.
+
+        Raises
+        ------
+        InvalidParameterError
+            Naming the role.
+        """
+        try:
+            check_companion(entry.path, role, info)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(role, exc.message) from None
+
+    def absent(self, key: str) -> str | None:
+        """Why a name no listing holds is not a bad name but a missing worker (a 503), or
+        ``None``: a catalog of local folders lists everything it has."""
+        return None
+
+    def holdings(self) -> dict[str, dict[str, Any]]:
+        """What a worker registers: everything its folders hold, by key (a model's
+        name, ``upscaler:NAME``, ``lora:NAME``, ...), with the facts a front end without
+        the files validates requests by, found by the same checks (each file's once per
+        version of it)."""
+        out: dict[str, dict[str, Any]] = {}
+        for entry in self.models():
+            out[entry.name] = _model_facts(entry)  # read from the entry: the catalog keeps its header's
+        for entry in self.upscalers():
+            out[UPSCALER + entry.name] = {"path": str(entry.path)}
+        for entry in self.loras():
+            out[LORA + entry.name] = self._facts(LORA + entry.name, entry, self._lora_facts)
+        for entry in self.vaes():
+            out[VAE + entry.name] = self._facts(VAE + entry.name, entry, partial(self._fit_facts, role="vae"))
+        for entry in self.controlnets():
+            key = CONTROL_NET + entry.name
+            out[key] = self._facts(key, entry, partial(self._fit_facts, role="control_net"))
+        found, unreadable = self.embeddings()
+        for embedding in found:
+            out[EMBEDDING + embedding.name] = {"path": str(embedding.path), "shapes": list(embedding.shapes)}
+        for name, why in unreadable.items():
+            out[EMBEDDING + name] = {"unreadable": why}
+        return out
+
+    def _facts(self, key: str, entry: Entry, find: Callable[[Entry], dict[str, Any]]) -> dict[str, Any]:
+        stamp = (key, entry.path, entry.path.stat().st_mtime if entry.path.exists() else 0.0)
+        with self._lock:
+            known = self._facts_seen.get(stamp)
+        if known is None:
+            known = find(entry)
+            with self._lock:
+                self._facts_seen[stamp] = known
+        return known
+
+    def _lora_facts(self, entry: Entry) -> dict[str, Any]:
+        try:
+            self.check_lora(entry, "lora")
+        except InvalidParameterError as exc:
+            return {"path": str(entry.path), "refused": exc.message}
+        return {"path": str(entry.path)}
+
+    def _fit_facts(self, entry: Entry, role: str) -> dict[str, Any]:
+        refused = {}
+        for family in DIFFUSION_FAMILIES:
+            try:
+                self.check_fits(entry, role, ModelInfo(entry.path, family, "gguf"))
+            except InvalidParameterError as exc:
+                refused[family] = exc.message
+        return {"path": str(entry.path), "refused": refused}
+
+
+def _model_facts(entry: Entry) -> dict[str, Any]:
+    """What a front end reads of a model: its file name, family (its detection), the
+    models config's defaults and companions, and its tiny autoencoder."""
+    info = asdict(entry.info) if entry.info is not None else None
+    if info is not None:
+        info["path"], info["carries"] = str(info["path"]), sorted(info["carries"])
+    config = None
+    if entry.config is not None:
+        config = {
+            "file": str(entry.config.path),
+            "companions": {role: str(path) for role, path in entry.config.companions.items()},
+            "prediction": entry.config.prediction,
+            "defaults": dict(entry.config.defaults),
+        }
+    tiny = entry.taesd
+    return {
+        "path": str(entry.path),
+        "info": info,
+        "config": config,
+        "taesd": str(tiny) if tiny is not None else None,
+    }

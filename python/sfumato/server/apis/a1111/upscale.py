@@ -13,6 +13,8 @@ from sfumato.errors import InvalidParameterError
 from sfumato.server.errors import ApiError
 from sfumato.server.jobs.plan import JobPlan, Upscale
 from sfumato.server.jobs.store import DONE
+from sfumato.server.models.catalog import UPSCALER
+from sfumato.server.planning import refuse_unknown
 from sfumato.server.state import ServerState
 
 # Pixel upscalers by A1111's names (no model): the resampling filter each is.
@@ -50,7 +52,8 @@ async def upscaled(state: ServerState, raw: bytes, resize: float, upscaler: str,
         found = [e.name for e in state.catalog.upscalers()]
         if upscaler not in found:
             have = ", ".join([*PIXEL_UPSCALERS, *found])
-            raise InvalidParameterError(field, f"no upscaler named {upscaler!r}; available: {have}")
+            message = f"no upscaler named {upscaler!r}; available: {have}"
+            raise refuse_unknown(state, UPSCALER + upscaler, field, message)
         plan = JobPlan(model=upscaler, work=Upscale(image=raw, repeats=repeats))
         payload = {"upscaling_resize": resize, "upscaler_1": upscaler}
         job = await state.wait_final(state.enqueue("extra-single-image", payload, plan, owner))

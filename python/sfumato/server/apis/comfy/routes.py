@@ -36,10 +36,17 @@ from sfumato.server.apis.comfy.walk import GraphError
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobs.store import ACTIVE, CANCELLED, DONE, FINAL, PROCESSING, QUEUED, Job
 from sfumato.server.planning import check_image
-from sfumato.server.state import AUTH_HINT, ServerState, StateDep, authorized, require_key, stored_images
+from sfumato.server.state import (
+    ANY_JOB,
+    AUTH_HINT,
+    ServerState,
+    StateDep,
+    authorized,
+    require_key,
+    stored_images,
+)
 
 KIND = "comfyui"
-POLL_S = 0.1
 PREVIEW_IMAGE, PNG = 1, 2  # ComfyUI's binary event type and image type
 
 
@@ -368,10 +375,11 @@ def websocket_router(state: ServerState) -> APIRouter:
         follower = _Follower(state, websocket, client_id)
         listener = asyncio.create_task(_drain(websocket))
         try:
-            await follower.status()
-            while not listener.done():
-                await follower.step()
-                await asyncio.sleep(POLL_S)
+            with state.changes.watching(ANY_JOB) as changed:
+                await follower.status()
+                while not listener.done():
+                    await follower.step()
+                    await changed.next()
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client went away
         finally:
