@@ -17,7 +17,7 @@ from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 from tests.support.farm import Farm, Process, ended, live_workers, submit, until
 
-from .helpers import CKPT, MODEL, SIZE, default_graph, job_body, pixels
+from .helpers import CKPT, MODEL, SIZE, default_graph, gradient, job_body, pixels, png_bytes
 
 
 def _registered(client: httpx.Client, count: int, *keys: str) -> list[dict[str, Any]]:
@@ -100,6 +100,31 @@ def test_models_leave_the_listings_with_their_worker_and_come_back_with_another(
     assert _ran_on(farm, job_id, again)
     first[0].signal(9)  # SIGKILL: its models leave the listings when its registration expires
     until(lambda: _models(api) == ["other-sd1"], "the killed worker's model left the listings")
+
+
+def test_an_image_uploaded_through_one_front_end_runs_through_another(farm: Farm) -> None:
+    """ComfyUI's uploads live in the job store: behind a load balancer, the upload and the
+    prompt that loads it may reach different front ends."""
+    worker = farm.worker("w1", (MODEL,))
+    (_, first), (_, second) = farm.front_end("api-a"), farm.front_end("api-b")
+    until(lambda: _registered(second, 1), "the worker registered", worker)
+    picture = png_bytes(gradient(SIZE))
+    sent = first.post("/upload/image", files={"image": ("source.png", picture, "image/png")}, data={"subfolder": "in"})
+    assert sent.json() == {"name": "source.png", "subfolder": "in", "type": "input"}, sent.text
+    listed = second.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
+    assert listed == ["in/source.png"]
+    shown = second.get("/view", params={"filename": "source.png", "subfolder": "in", "type": "input"})
+    assert shown.content == picture
+    graph = default_graph(**{"3.denoise": 0.6, "3.latent_image": ["11", 0], "3.steps": 2})
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "in/source.png"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    queued = second.post("/prompt", json={"prompt": graph})
+    assert queued.status_code == 200, queued.text
+    prompt_id = queued.json()["prompt_id"]
+    history = until(lambda: first.get(f"/history/{prompt_id}").json(), "the img2img prompt ended")
+    assert history[prompt_id]["status"]["status_str"] == "success"
+    assert not any((farm.root / "api-a" / "data").rglob("*"))  # the front ends kept no file
+    assert not any((farm.root / "api-b" / "data").rglob("*"))
 
 
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [

@@ -81,6 +81,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             identity TEXT,
             PRIMARY KEY (job_id, file)
         )""",
+        """CREATE TABLE IF NOT EXISTS uploads (
+            name TEXT PRIMARY KEY,
+            data {blob} NOT NULL,
+            created {real} NOT NULL
+        )""",
     ),
 }
 """What each schema version adds to the one before, applied in order to an older
@@ -94,8 +99,8 @@ version 1; 2: typed plans that carry their own version (the ``options`` table
 came later within it: it is created when missing); 3: workers, leases, attempts,
 the sampling step, and the images and latest previews in the store; 4: what each
 worker holds beyond its models (LoRAs, VAEs, ControlNets, embeddings) with the facts a
-front end validates requests by, workers that left (remembered, not live), and the
-files each job needs."""
+front end validates requests by, workers that left (remembered, not live), the
+files each job needs, and the images clients upload (ComfyUI's ``/upload/image``)."""
 
 
 def migrations(version: int, real: str, blob: str) -> list[str]:

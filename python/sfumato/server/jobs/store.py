@@ -627,6 +627,23 @@ class JobStore(ABC):
             self._changed(job_id)
         return bool(ended)
 
+    def put_upload(self, name: str, data: bytes) -> None:
+        """Keep an uploaded image under ``name`` (``sub/name.png``), replacing one of that name."""
+        self._rows(
+            "INSERT INTO uploads (name, data, created) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "data = excluded.data, created = excluded.created",
+            (name, data, time.time()),
+        )
+
+    def upload(self, name: str) -> bytes | None:
+        """An uploaded image by its name (any front end's upload)."""
+        rows = self._rows("SELECT data FROM uploads WHERE name = ?", (name,))[0]
+        return bytes(rows[0]["data"]) if rows else None
+
+    def uploads(self) -> list[str]:
+        """The names of the uploaded images, sorted."""
+        return [row["name"] for row in self._rows("SELECT name FROM uploads ORDER BY name")[0]]
+
     def images(self, job_id: str) -> list[bytes]:
         """The images a job stored, in order."""
         rows = self._rows("SELECT data FROM images WHERE job_id = ? ORDER BY idx", (job_id,))[0]

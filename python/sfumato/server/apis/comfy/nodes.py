@@ -4,7 +4,6 @@ bounds) and outputs, and ``object_info``, which lists them with the server's cho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sfumato.limits import MAX_SEED
@@ -243,7 +242,7 @@ def choices(state: ServerState, key: str) -> list[str]:
     if key in MODEL_FOLDERS:
         return list(dict.fromkeys(e.file_name for e in folder_entries(state.catalog, key)))
     if key == "input_images":
-        return input_images(state.settings.inputs_dir)
+        return input_images(state)
     if key == "samplers":
         return list(names.COMFY_SAMPLERS)
     if key == "schedulers":
@@ -261,12 +260,27 @@ def choices(state: ServerState, key: str) -> list[str]:
     return []
 
 
-def input_images(folder: Path) -> list[str]:
-    """The uploaded images, as ``LoadImage`` names them (``sub/name.png`` in a subfolder)."""
-    if not folder.is_dir():
-        return []
-    found = (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(p.relative_to(folder).as_posix() for p in found)
+def input_images(state: ServerState) -> list[str]:
+    """The uploaded images, as ``LoadImage`` names them (``sub/name.png`` in a subfolder):
+    those in the job store (uploaded through any front end), and those an earlier
+    sfumato kept in the inputs folder."""
+    found = set(state.store.uploads())
+    folder = state.settings.inputs_dir
+    if folder.is_dir():
+        kept = (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found.update(p.relative_to(folder).as_posix() for p in kept)
+    return sorted(found)
+
+
+def input_image(state: ServerState, name: str) -> bytes | None:
+    """An uploaded image by its ``LoadImage`` name (``None``: there is none): from the job
+    store, else from the inputs folder of an earlier sfumato (never outside it)."""
+    data = state.store.upload(name)
+    if data is not None:
+        return data
+    folder = state.settings.inputs_dir.resolve()
+    path = (folder / name).resolve()
+    return path.read_bytes() if folder in path.parents and path.is_file() else None
 
 
 def object_info(state: ServerState, only: str | None = None) -> dict[str, Any]:

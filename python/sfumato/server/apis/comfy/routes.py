@@ -26,12 +26,12 @@ from typing import Any
 
 import psutil
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 import sfumato
 from sfumato.errors import InvalidParameterError
 from sfumato.server.apis.comfy.compile import compile_prompt
-from sfumato.server.apis.comfy.nodes import MODEL_FOLDERS, choices, object_info
+from sfumato.server.apis.comfy.nodes import MODEL_FOLDERS, choices, input_image, object_info
 from sfumato.server.apis.comfy.walk import GraphError
 from sfumato.server.errors import ApiError, responses
 from sfumato.server.jobs.store import ACTIVE, CANCELLED, DONE, FINAL, PROCESSING, QUEUED, Job
@@ -207,10 +207,10 @@ def view(state: StateDep, filename: str, type: str = "output", subfolder: str = 
         if image is None:
             raise missing
         return Response(image, media_type=media)
-    path = _inside(state.settings.inputs_dir, subfolder, filename, "filename")
-    if not path.is_file():
+    data = input_image(state, _inside(Path(), subfolder, filename, "filename").as_posix())
+    if data is None:
         raise missing
-    return FileResponse(path, media_type=media)
+    return Response(data, media_type=media)
 
 
 async def upload_image(
@@ -220,19 +220,21 @@ async def upload_image(
     subfolder: str = Form(""),
     overwrite: str = Form("false"),
 ) -> dict[str, str]:
-    """Keep an image for ``LoadImage`` (in the server's inputs folder)."""
+    """Keep an image for ``LoadImage``, in the job store (so that every front end has it);
+    a different image of the same name is kept as ``name (1).png`` unless ``overwrite``."""
     if type not in ("input", "temp"):
         raise InvalidParameterError("type", f"is {type!r}; sfumato keeps uploads as input images")
     data = check_image(await image.read(), "image")
-    path = _inside(state.settings.inputs_dir, subfolder, Path(image.filename or "").name, "image")
-    if path.is_file() and overwrite.lower() not in ("true", "1") and path.read_bytes() != data:
+    path = _inside(Path(), subfolder, Path(image.filename or "").name, "image")
+    before = input_image(state, path.as_posix())
+    if before is not None and overwrite.lower() not in ("true", "1") and before != data:
         for i in itertools.count(1):
             candidate = path.with_name(f"{path.stem} ({i}){path.suffix}")
-            if not candidate.exists() or candidate.read_bytes() == data:
+            kept = input_image(state, candidate.as_posix())
+            if kept is None or kept == data:
                 path = candidate
                 break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    state.store.put_upload(path.as_posix(), data)
     return {"name": path.name, "subfolder": subfolder, "type": "input"}
 
 

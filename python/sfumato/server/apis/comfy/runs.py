@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from sfumato.errors import InvalidParameterError
 from sfumato.params import ANY_FAMILY_SIDE_MULTIPLE, DiffusionParams
+from sfumato.server.apis.comfy.nodes import input_image
 from sfumato.server.apis.comfy.values import (
     Clip,
     Conditioning,
@@ -143,9 +144,11 @@ def _empty(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
 
 @runs("LoadImage")
 def _load(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
-    path = w.state.settings.inputs_dir / v["image"]
     try:
-        data = check_image(path.read_bytes(), "image")
+        found = input_image(w.state, v["image"])
+        if found is None:
+            raise InvalidParameterError("image", f"no uploaded image is named {v['image']!r}")
+        data = check_image(found, "image")
         with Image.open(io.BytesIO(data)) as image:
             size = image.size
             alpha = image.getchannel("A") if "A" in image.getbands() else None
