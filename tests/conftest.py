@@ -138,6 +138,7 @@ the engine runs, on the slowest machines (an emulated CPU)."""
 sd1_safetensors = _sd_model("sd1", ".safetensors")
 sd1_diffusers = _sd_model("sd1", "diffusers")
 sd1_inpaint_gguf = _sd_model("sd1-inpaint", ".gguf")
+sd1_pix2pix_gguf = _sd_model("sd1-pix2pix", ".gguf")
 sd2_gguf = _sd_model("sd2", ".gguf")
 sd2_safetensors = _sd_model("sd2", ".safetensors")
 sd2_diffusers = _sd_model("sd2", "diffusers")

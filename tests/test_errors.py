@@ -219,6 +219,24 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         (["double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"], "Chroma"),
         (["model.diffusion_model.img_in.weight", "model.diffusion_model.double_blocks.0.x.weight"], "taking 2 input"),
         (["some.other.network.weight"], "no model family"),
+        # Each other version of the engine, named by the tensor only it has.
+        (
+            ["model.diffusion_model.nerf_final_layer_conv.weight", "model.diffusion_model.double_blocks.0.x.weight"],
+            "Chroma1-Radiance",
+        ),
+        (["transformer_blocks.0.img_mod.1.weight"], "Qwen-Image or Qwen-Image-Edit"),
+        (["model.diffusion_model.llm_adapter.blocks.0.cross_attn.q_proj.weight"], "Anima"),
+        (["double_blocks.0.img_mlp.gate_proj.weight", "double_blocks.0.img_attn.qkv.weight"], "Ovis-Image"),
+        (["model.diffusion_model.cap_embedder.0.weight"], "Z-Image"),
+        (["layers.0.adaLN_sa_ln.weight"], "ERNIE-Image"),
+        (["model.diffusion_model.blocks.0.cross_attn.norm_k.weight"], "Wan 2.x video model; sfumato makes images"),
+        (
+            [
+                "model.diffusion_model.input_blocks.8.0.time_mixer.mix_factor",
+                "model.diffusion_model.input_blocks.0.0.w",
+            ],
+            "Stable Video Diffusion video model",
+        ),
     ],
 )
 def test_unsupported_families_are_refused_before_the_engine(tmp_path: Path, names: list[str], family: str) -> None:

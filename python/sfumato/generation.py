@@ -126,7 +126,9 @@ def submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -
 
 def _sources(params: DiffusionParams, model: LoadedModel) -> tuple[ImageArray | None, list[ImageArray]]:
     """The img2img source and the reference images: on FLUX.2 (with ``flux2_flow``) every
-    given image is a reference; elsewhere only ``init_image``, a source."""
+    given image is a reference; an instruct-pix2pix model edits its one reference image
+    (``init_images[0]``, else ``init_image``, which is then also the img2img source);
+    elsewhere only ``init_image``, a source."""
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")
@@ -142,6 +144,15 @@ def _sources(params: DiffusionParams, model: LoadedModel) -> tuple[ImageArray | 
             raise InvalidParameterError("mask", "FLUX.2 [klein] has no inpainting path; use an SD-family model")
         references = ([source] if source is not None else []) + references
         source = None
+    elif model.info.variant == "pix2pix":
+        if len(references) > 1:
+            raise InvalidParameterError("init_images", "an instruct-pix2pix model edits one image: give one")
+        if not references:
+            if source is None:
+                raise InvalidParameterError(
+                    "init_images", "an instruct-pix2pix model edits an image: give init_images=[image] (or init_image)"
+                )
+            references = [source]  # it edits the img2img source (A1111's img2img on such a model)
     elif references:
         raise InvalidParameterError(
             "init_images", "several reference images need FLUX.2 (in-context conditioning); img2img takes init_image"

@@ -93,6 +93,7 @@ APIS: Mapping[str, Mapping[str, Limit]] = {
         "hr_second_pass_steps": Limit(0, 0, 150, _A1111),
         "inpainting_mask_invert": Limit(0, 0, 1, _A1111),
         "denoising_strength": Limit(0.75, 0.0, 1.0, _A1111),
+        "image_cfg_scale": Limit(None, 0.0, 50.0, _A1111),
         "weight": Limit(1.0, 0.0, 2.0, "A1111's ControlNet extension"),
         "CLIP_stop_at_last_layers": Limit(1, 1, 12, _A1111),
         "jpeg_quality": Limit(80, 1, 100, _A1111),

@@ -45,7 +45,7 @@ from tests.support.layouts import (
     vae_layout,
 )
 
-SD_VERSIONS = ("sd1", "sd1-tiny", "sd1-inpaint", "sd2", "sdxl")
+SD_VERSIONS = ("sd1", "sd1-tiny", "sd1-inpaint", "sd1-pix2pix", "sd2", "sdxl")
 
 FLUX2_KLEIN_TEST = dataclasses.replace(FLUX2_KLEIN_4B, double_blocks=1, single_blocks=1)
 """FLUX.2 [klein] 4B at its real widths with one block of each kind."""
@@ -62,6 +62,8 @@ def sd_layout(version: str) -> list[TensorSpec]:
         return unet_layout(SD1_TINY_UNET) + vae_layout() + clip_text_layout()
     if version == "sd1-inpaint":  # the UNet also takes the masked image's latent and the mask: 4 + 4 + 1 channels
         return unet_layout(dataclasses.replace(SD1_UNET, in_channels=9)) + vae_layout() + clip_text_layout()
+    if version == "sd1-pix2pix":  # instruct-pix2pix: the UNet also takes the edited image's latent: 4 + 4 channels
+        return unet_layout(dataclasses.replace(SD1_UNET, in_channels=8)) + vae_layout() + clip_text_layout()
     if version == "sd2":
         return unet_layout(SD2_UNET) + vae_layout() + open_clip_text_layout()
     if version == "sdxl":

@@ -93,7 +93,9 @@ class ModelInfo:
     format:
         ``"gguf"``, ``"safetensors"``, ``"torch"`` or ``"diffusers"``.
     variant:
-        ``"inpaint"`` for 9-channel UNets, else ``None``.
+        ``"inpaint"`` for 9-channel UNets, ``"pix2pix"`` for instruct-pix2pix's 8-channel
+        ones (they edit the SDK's ``init_images[0]``, guided by ``img_cfg_scale``), else
+        ``None``.
     has_vae:
         Whether the file carries its own VAE.
     split:
@@ -209,10 +211,41 @@ def read_tensor_table(path: Path) -> TensorTable:
     raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
 
 
+RUNS = "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 [dev] and [schnell], and FLUX.2 [klein]"
+"""What this version of sfumato runs, as refusals say it."""
+
+ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
+    ("nerf_final_layer_conv.", "Chroma1-Radiance (Chroma in pixel space; T5-XXL text encoder)", False),
+    ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
+    ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
+    ("double_blocks.0.img_mlp.gate_proj.weight", "Ovis-Image", False),
+    ("cap_embedder.0.weight", "Z-Image (Qwen3 text encoder)", False),
+    ("layers.0.adaLN_sa_ln.weight", "ERNIE-Image", False),
+    ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x", True),
+    ("input_blocks.8.0.time_mixer.mix_factor", "Stable Video Diffusion", True),
+)
+"""The engine's other versions, by a tensor only each has (under the diffusion model's
+prefix, where it has one), what each is, and whether it makes video: each is named
+when refused, before any engine call."""
+
+
+def _refuse_engine_only(path: Path, table: TensorTable) -> None:
+    """Refuse, by name, a model of a version the engine runs and this sfumato does not."""
+    for marker, name, video in ENGINE_ONLY:
+        if _diffusion_prefix(table, marker) is None:
+            continue
+        if video:
+            raise UnsupportedModelError(f"{path}: a {name} video model; sfumato makes images, not video")
+        raise UnsupportedModelError(
+            f"{path}: a {name} model; the engine runs it, but this version of sfumato does not yet (it runs {RUNS})"
+        )
+
+
 def _classify(path: Path, table: TensorTable) -> ModelInfo:
     has = table.has_prefix
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
+    _refuse_engine_only(path, table)
     for classify in (_classify_sd3, _classify_flux2, _classify_flux1):
         found = classify(path, table)
         if found is not None:
@@ -232,6 +265,8 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
         if family is None:
             raise UnsupportedModelError(f"{path}: an SD UNet with a {width}-wide text encoder is not SD 1.x or 2.x")
         variant = _unet_variant(table, "model.diffusion_model.")
+        if family == FAMILY_SD2 and variant == "pix2pix":
+            raise UnsupportedModelError(f"{path}: an SD 2.x instruct-pix2pix UNet; the engine runs SD 1.x's and SDXL's")
         return ModelInfo(path, family, table.format, variant, has_vae=has("first_stage_model."))
     if has("input_blocks.") and has("middle_block."):
         raise _invalid(path, "an SD 1.x / 2.x UNet without its text encoder; use an all-in-one file")
@@ -308,9 +343,15 @@ def _classify_flux2(path: Path, table: TensorTable) -> ModelInfo | None:
     return ModelInfo(path, FAMILY_FLUX2, table.format, has_vae=False, split=True, text_width=width)
 
 
+UNET_VARIANTS = {9: "inpaint", 8: "pix2pix"}
+"""UNets by the channels their first convolution takes: an inpainting UNet also takes the
+masked image's latent and the mask (4 + 4 + 1), an instruct-pix2pix UNet the latent of
+the image it edits (4 + 4)."""
+
+
 def _unet_variant(table: TensorTable, prefix: str) -> str | None:
     conv_in = table.find(f"{prefix}input_blocks.0.0.weight")
-    return "inpaint" if conv_in is not None and len(conv_in) > 1 and conv_in[1] == 9 else None
+    return UNET_VARIANTS.get(conv_in[1]) if conv_in is not None and len(conv_in) > 1 else None
 
 
 def _classify_sdxl(path: Path, table: TensorTable) -> ModelInfo | None:
@@ -369,7 +410,7 @@ def _detect_diffusers(path: Path) -> ModelInfo:
     if family is None:
         raise UnsupportedModelError(f"{path}: a {token[-1]}-wide text encoder is not SD 1.x or 2.x")
     conv_in = unet.find("conv_in.weight")
-    variant = "inpaint" if conv_in is not None and conv_in[1] == 9 else None
+    variant = UNET_VARIANTS.get(conv_in[1]) if conv_in is not None and len(conv_in) > 1 else None
     return ModelInfo(path, family, "diffusers", variant)
 
 

@@ -164,9 +164,13 @@ class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(min_length=1, max_length=1)
     mask: str | None = None
     inpainting_mask_invert: int = field("a1111", "inpainting_mask_invert")
+    image_cfg_scale: float | None = field(
+        "a1111", "image_cfg_scale", description="an instruct-pix2pix model's image guidance (None: cfg_scale)"
+    )
 
     def to_params(self) -> DiffusionParams:
-        """:meth:`Txt2ImgBody.to_params` from ``init_images[0]``, with ``denoising_strength``; no hires pass."""
+        """:meth:`Txt2ImgBody.to_params` from ``init_images[0]``, with ``denoising_strength``
+        and ``image_cfg_scale``; no hires pass."""
         mask = None
         if self.mask:
             grey = imaging.to_array(decode_image(self.mask, "mask"), "mask", mode="L")
@@ -177,6 +181,7 @@ class Img2ImgBody(Txt2ImgBody):
             init_image=decode_image(self.init_images[0], "init_images"),
             mask=mask,
             strength=self.denoising_strength,
+            img_cfg_scale=self.image_cfg_scale,
         )
 
 
