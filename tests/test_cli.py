@@ -13,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
+from sfumato.cli import main
 from sfumato.cli.flags import DEFAULT_PROMPT, parse_args
+from sfumato.families.detect import RUNS
 
 from .helpers import SIZE, sfumato_cli
 
@@ -171,3 +175,24 @@ def test_errors_exit_2_with_the_message(tmp_path: Path) -> None:
     )  # fmt: skip
     assert offline.returncode == 2
     assert "SD_V2_1_1B_Q8_0 is not in the model cache" in offline.stderr
+
+
+def test_models_lists_a_folder_with_each_file_s_family(
+    sd1_tiny_gguf: Path, sdxl_parts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tiny.gguf").symlink_to(sd1_tiny_gguf)
+    (tmp_path / "xl-unet.gguf").symlink_to(sdxl_parts["unet"])
+    (tmp_path / "notes.safetensors").write_bytes(b"not a model")
+    save_file({"model.diffusion_model.cap_embedder.0.weight": np.zeros((2, 2), np.float16)}, tmp_path / "z.safetensors")
+    (tmp_path / "readme.txt").write_text("not listed")
+    assert main(["models", str(tmp_path)]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines == {
+        "notes.safetensors": "not loadable: not a model file (expected GGUF, safetensors or a PyTorch checkpoint)",
+        "tiny.gguf": "SD 1.x",
+        "xl-unet.gguf": "SDXL; needs clip_l_model_src, clip_g_model_src, vae_model_src",
+        "z.safetensors": "not loadable: a Z-Image (Qwen3 text encoder) model; the engine runs it, but this version of "
+        f"sfumato does not yet (it runs {RUNS})",
+    }
+    assert main(["models", str(tmp_path / "readme.txt")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

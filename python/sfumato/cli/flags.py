@@ -276,7 +276,12 @@ def build_parser(preset: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
         gen.set_defaults(**preset)
     info = sub.add_parser("info", help="engine version, library path, system info and devices")
     info.add_argument("--json", action="store_true")
-    sub.add_parser("models", help="list the registry constants and whether they are cached")
+    listing = sub.add_parser(
+        "models", help="list the registry constants and whether they are cached, or what a folder of models holds"
+    )
+    listing.add_argument(
+        "folder", nargs="?", type=Path, default=None, help="a folder: each model file in it with its family"
+    )
     return parser
 
 
