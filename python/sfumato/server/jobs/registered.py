@@ -73,19 +73,14 @@ class RegisteredCatalog(Catalog):
         return found
 
     def _entries(self, prefix: str) -> list[Entry]:
-        return [
-            Entry(name, Path(held.facts.get("path", name)), sha256=held.identity, facts=held.facts)
-            for name, held in sorted(self._live(prefix).items())
-        ]
+        return [_file(name, held) for name, held in sorted(self._live(prefix).items())]
 
     def entry(self, key: str) -> Entry | None:
         kind, name = kind_of(key)
         if kind in ("model", "upscaler"):
             return super().entry(key)
         held = next((h for h in self._holdings() if h.live and h.key == key), None)
-        if held is None:
-            return None
-        return Entry(name, Path(held.facts.get("path", name)), sha256=held.identity, facts=held.facts)
+        return _file(name, held) if held is not None else None
 
     def configured(self) -> dict[str, ConfiguredModel]:
         return {e.name: e.config for e in self.models() if e.config is not None}
@@ -163,6 +158,11 @@ class RegisteredCatalog(Catalog):
             f"no live worker holds {kind} {name!r}: worker {gone.worker} held it and left {ago:.0f} s ago "
             f"(start a sfumato worker that holds it)"
         )
+
+
+def _file(name: str, held: Holding) -> Entry:
+    """A registered file other than a model, as an entry: its path on the worker, its sha256 and facts."""
+    return Entry(name, Path(held.facts.get("path", name)), sha256=held.identity, facts=held.facts)
 
 
 def _model(name: str, held: Holding) -> Entry:
