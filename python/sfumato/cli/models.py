@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODEL_SUFFIXES = (".gguf", ".safetensors", ".ckpt", ".pth", ".pt")
-
 
 def models(args: argparse.Namespace) -> int:
     folder: Path | None = getattr(args, "folder", None)
@@ -40,17 +38,14 @@ def describe(path: Path) -> str:
 
 def _folder(folder: Path) -> int:
     from sfumato.errors import SfumatoError
+    from sfumato.server.models.catalog import MODEL_SUFFIXES, candidates
 
     if not folder.is_dir():
         raise SfumatoError(f"folder: {folder} is not a folder")
-    found = sorted(
-        p
-        for p in folder.iterdir()
-        if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (p.is_dir() and (p / "unet").is_dir())
-    )
+    found = candidates(folder)
     width = max((len(p.name) for p in found), default=0)
     for path in found:
         print(f"{path.name:<{width}}  {describe(path)}")
     if not found:
-        print(f"no model file in {folder} (.gguf, .safetensors, .ckpt, .pth, .pt, or a diffusers folder)")
+        print(f"no model file in {folder} ({', '.join(MODEL_SUFFIXES)}, or a diffusers folder)")
     return 0

@@ -79,6 +79,17 @@ def file_sha256(path: Path, compute: bool = True) -> str | None:
     return value
 
 
+def candidates(folder: Path) -> list[Path]:
+    """The files of ``folder`` that may be models (by suffix) and its diffusers folders, sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (p.is_dir() and (p / "unet").is_dir())
+    )
+
+
 def taesd_sidecar(model: Path) -> Path:
     """Where a model's own tiny autoencoder lies: ``NAME.taesd.safetensors`` beside
     ``NAME.gguf`` (or the diffusers folder ``NAME``). When it is there, the model
@@ -147,16 +158,6 @@ class Catalog:
                     self._seen[key] = None  # not a model sfumato can load: not offered
             return self._seen[key]
 
-    @staticmethod
-    def _candidates(folder: Path) -> list[Path]:
-        if not folder.is_dir():
-            return []
-        return sorted(
-            p
-            for p in folder.iterdir()
-            if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (p.is_dir() and (p / "unet").is_dir())
-        )
-
     def configured(self) -> dict[str, ConfiguredModel]:
         """The models of the models config, read again when the file changes. An
         edit that breaks it is logged, and the models read before stay served.
@@ -194,7 +195,7 @@ class Catalog:
         the place of a file of its name."""
         configured = self.configured()
         out = []
-        for path in self._candidates(self.models_dir):
+        for path in candidates(self.models_dir):
             name = path.stem if path.is_file() else path.name
             if path.name.endswith(TAESD_SIDECAR) or name in configured:
                 continue
@@ -206,7 +207,7 @@ class Catalog:
     def upscalers(self) -> list[Entry]:
         """The ESRGAN models of ``upscalers_dir``."""
         out = []
-        for path in self._candidates(self.upscalers_dir):
+        for path in candidates(self.upscalers_dir):
             info = self._detect(path)
             if info is not None and info.family == FAMILY_ESRGAN:
                 out.append(Entry(path.stem, path, info))
@@ -232,11 +233,11 @@ class Catalog:
 
     def controlnets(self) -> list[Entry]:
         """The ControlNet files of ``controlnets_dir`` (checked against a model when a request pairs them)."""
-        return [Entry(p.stem, p) for p in self._candidates(self.controlnets_dir) if p.is_file()]
+        return [Entry(p.stem, p) for p in candidates(self.controlnets_dir) if p.is_file()]
 
     def vaes(self) -> list[Entry]:
         """The VAE files of ``vaes_dir`` (checked against a model when a request pairs them)."""
-        return [Entry(p.stem, p) for p in self._candidates(self.vaes_dir) if p.is_file()]
+        return [Entry(p.stem, p) for p in candidates(self.vaes_dir) if p.is_file()]
 
     def vae(self, name: str) -> Entry | None:
         """A VAE by its name or its file name."""
@@ -254,7 +255,7 @@ class Catalog:
 
     def loras(self) -> list[Entry]:
         """The LoRA files of ``loras_dir``."""
-        return [Entry(p.stem, p) for p in self._candidates(self.loras_dir) if p.is_file()]
+        return [Entry(p.stem, p) for p in candidates(self.loras_dir) if p.is_file()]
 
     def model(self, name: str) -> Entry | None:
         return next((e for e in self.models() if e.name == name), None)
