@@ -221,6 +221,18 @@ def flux1_parts(model_dir: Path) -> dict[str, Path]:
     }
 
 
+chroma_gguf = _model_file("chroma-q4_0.gguf", lambda p: models.write_flux1_part(p, "chroma"))
+"""Chroma1-HD's transformer at its real widths (one block of each kind and the full modulation network, q4_0)."""
+
+
+flux1_fill_gguf = _model_file("flux1-fill-q4_0.gguf", lambda p: models.write_flux1_part(p, "fill"))
+"""FLUX.1 Fill [dev]'s transformer (384 input channels) at its real widths, one block of each kind, q4_0."""
+
+
+flux1_depth_gguf = _model_file("flux1-depth-q4_0.gguf", lambda p: models.write_flux1_part(p, "depth"))
+"""FLUX.1 Depth [dev]'s transformer (128 input channels; Canny's layout too), one block of each kind, q4_0."""
+
+
 taesd = _model_file("taesd.safetensors", models.write_taesd)
 """TAESD, the tiny autoencoder of SD 1.x / 2.x latents (4.7 MB)."""
 

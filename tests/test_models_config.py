@@ -29,7 +29,7 @@ from sfumato.server.jobs.plan import JobPlan
 from sfumato.server.models.config import ModelsConfigError, read_models_config
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, pixels, wait_history, wait_job
+from .helpers import SIZE, pixels, png_bytes, wait_history, wait_job
 
 LIMITS = {"max_steps": 150, "max_pixels": 2048 * 2048}
 
@@ -413,3 +413,51 @@ def test_flux1_is_served_by_every_api(
     loaders = _split_loaders("flux1-dev", clip, "ae.safetensors")
     graph = _comfy_graph(loaders, ["10", 0], ["11", 0], ["12", 0], seed=41, **ONE_STEP)
     _served_alike(tmp_path, "flux1-dev", files, table + SAMPLED_ONCE, graph)
+
+
+@pytest.mark.heavy
+def test_chroma_is_served_by_every_api(
+    tmp_path: Path, chroma_gguf: Path, flux1_parts: dict[str, Path], t5xxl_gguf: Path
+) -> None:
+    files = {"chroma__gguf": chroma_gguf, "t5xxl__gguf": t5xxl_gguf, "ae__safetensors": flux1_parts["vae"]}
+    table = 'file = "chroma.gguf"\nt5xxl = "t5xxl.gguf"\nvae = "ae.safetensors"\n'
+    clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl.gguf", "type": "chroma"}}
+    loaders = _split_loaders("chroma", clip, "ae.safetensors")
+    graph = _comfy_graph(loaders, ["10", 0], ["11", 0], ["12", 0], seed=43, **ONE_STEP)
+    _served_alike(tmp_path, "chroma", files, table + SAMPLED_ONCE, graph)
+
+
+def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
+    tmp_path: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, sd1_tiny_gguf: Path
+) -> None:
+    files = {"flux1-dev__gguf": flux1_parts["diffusion"], "clip_l__safetensors": sdxl_parts["clip_l"],
+             "t5xxl__safetensors": t5_header, "ae__safetensors": flux1_parts["vae"],
+             "sd1__gguf": sd1_tiny_gguf}  # fmt: skip
+    _link(tmp_path / "models", **files)
+    (tmp_path / "models" / "models.toml").write_text(
+        '[models.kontext]\nfile = "flux1-dev.gguf"\nclip_l = "clip_l.safetensors"\nt5xxl = "t5xxl.safetensors"\n'
+        'vae = "ae.safetensors"\n'
+    )
+    names = {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl.safetensors", "type": "flux"}
+    clip = {"class_type": "DualCLIPLoader", "inputs": names}
+    graph = _comfy_graph(_split_loaders("kontext", clip, "ae.safetensors"), ["10", 0], ["11", 0], ["12", 0],
+                         seed=5, **ONE_STEP)  # fmt: skip
+    graph["13"] = {"class_type": "LoadImage", "inputs": {"image": "source.png"}}
+    graph["14"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["13", 0], "vae": ["12", 0]}}
+    graph["15"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["6", 0], "latent": ["14", 0]}}
+    graph["3"]["inputs"]["positive"] = ["15", 0]
+    picture = png_bytes(np.full((SIZE, SIZE, 3), 128, np.uint8))
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        uploaded = client.post("/upload/image", files={"image": ("source.png", picture, "image/png")})
+        assert uploaded.status_code == 200, uploaded.text
+        compiled = compile_prompt(client.app.state.sfumato, graph)  # type: ignore[attr-defined]
+        assert compiled.plan is not None and len(compiled.plan.generation.init_images) == 1
+        assert compiled.plan.generation.init_image is None  # a reference, not an img2img source
+        graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.gguf"}}
+        for node in ("6", "7", "8", "14"):
+            key = "clip" if node in ("6", "7") else "vae"
+            graph[node]["inputs"][key] = ["10", 1 if key == "clip" else 2]
+        refused = client.post("/prompt", json={"prompt": graph})
+    assert refused.status_code == 400, refused.text
+    [error] = refused.json()["node_errors"]["15"]["errors"]
+    assert error["extra_info"]["input_name"] == "latent" and "FLUX.1 Kontext" in error["details"]

@@ -158,8 +158,8 @@ def test_flux1_maps_onto_the_context(
 
 
 @pytest.mark.heavy
-def test_flux1_generates_with_distilled_guidance(
-    flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5xxl_gguf: Path
+def test_flux1_generates_with_distilled_guidance_and_kontext_references(
+    flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5xxl_gguf: Path, gradient_image: np.ndarray
 ) -> None:
     model_id = sfumato.load_model(
         flux1_parts["diffusion"], model_config=_flux1_config(sdxl_parts, t5xxl_gguf, flux1_parts)
@@ -168,12 +168,15 @@ def test_flux1_generates_with_distilled_guidance(
         default, _, _ = run(model_id, width=SIZE, height=SIZE, steps=1, seed=41)
         explicit, _, _ = run(model_id, width=SIZE, height=SIZE, steps=1, seed=41, cfg_scale=1.0, guidance=3.5)
         strong, _, _ = run(model_id, width=SIZE, height=SIZE, steps=1, seed=41, guidance=8.0)
+        # Kontext's layout is [dev]'s: init_images are reference images, as Kontext edits them.
+        edited, _, _ = run(model_id, width=SIZE, height=SIZE, steps=1, seed=41, init_images=[gradient_image])
     finally:
         sfumato.unload_model(model_id)
     picture = decode_png(default[0])
     assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
     assert np.array_equal(picture, decode_png(explicit[0]))  # cfg_scale defaults to 1 for FLUX.1
     assert not np.array_equal(picture, decode_png(strong[0]))  # [dev]'s guidance embedder takes `guidance`
+    assert not np.array_equal(picture, decode_png(edited[0]))  # the reference joins the transformer's tokens
 
 
 @pytest.mark.heavy

@@ -51,6 +51,14 @@ from sfumato.params import (
     UpscalerConfig,
 )
 from sfumato.registry import (
+    CHROMA1_HD,
+    CLIP_L,
+    FLUX_1_AE,
+    FLUX_1_CANNY_DEV,
+    FLUX_1_DEPTH_DEV,
+    FLUX_1_DEV_Q4_0,
+    FLUX_1_FILL_DEV_Q4_0,
+    FLUX_1_KONTEXT_DEV_Q4_0,
     FLUX_2_KLEIN_4B_Q4_0,
     FLUX_2_KLEIN_4B_Q4_K_M,
     FLUX_2_KLEIN_4B_Q6_K,
@@ -64,6 +72,7 @@ from sfumato.registry import (
     SD_V2_1_1B_Q8_0,
     SDXL_BASE_1_0_3B_Q4_0,
     SDXL_BASE_1_0_3B_Q8_0,
+    T5_XXL_FP16,
     RegistryModel,
 )
 from sfumato.results import DiffusionResult, DiffusionStats, Pending, ProgressStream
@@ -71,7 +80,9 @@ from sfumato.results import DiffusionResult, DiffusionStats, Pending, ProgressSt
 __version__ = "0.1.0"
 
 __all__ = [
-    "CACHE_PRESETS", "FLUX_2_KLEIN_4B_Q4_0", "FLUX_2_KLEIN_4B_Q4_K_M", "FLUX_2_KLEIN_4B_Q6_K",
+    "CACHE_PRESETS", "CHROMA1_HD", "CLIP_L", "FLUX_1_AE", "FLUX_1_CANNY_DEV", "FLUX_1_DEPTH_DEV",
+    "FLUX_1_DEV_Q4_0", "FLUX_1_FILL_DEV_Q4_0", "FLUX_1_KONTEXT_DEV_Q4_0", "T5_XXL_FP16", "FLUX_2_KLEIN_4B_Q4_0",
+    "FLUX_2_KLEIN_4B_Q4_K_M", "FLUX_2_KLEIN_4B_Q6_K",
     "FLUX_2_KLEIN_4B_Q8_0", "FLUX_2_KLEIN_4B_VAE", "QWEN3_4B_Q4_K_M", "REALESRGAN_X4PLUS",
     "REALESRGAN_X4PLUS_ANIME_6B", "REGISTRY", "SAMPLING_METHODS", "SCHEDULER_NAMES",
     "SDXL_BASE_1_0_3B_Q4_0", "SDXL_BASE_1_0_3B_Q8_0", "SD_V2_1_1B_Q4_0", "SD_V2_1_1B_Q8_0",

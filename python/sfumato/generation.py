@@ -37,6 +37,7 @@ from sfumato.params import (
     LORA_SUFFIXES,
     DiffusionParams,
     check_hires,
+    check_images,
     check_loras,
     check_side,
 )
@@ -125,38 +126,17 @@ def submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -
 
 
 def _sources(params: DiffusionParams, model: LoadedModel) -> tuple[ImageArray | None, list[ImageArray]]:
-    """The img2img source and the reference images: on FLUX.2 (with ``flux2_flow``) every
-    given image is a reference; an instruct-pix2pix model edits its one reference image
-    (``init_images[0]``, else ``init_image``, which is then also the img2img source);
-    elsewhere only ``init_image``, a source."""
+    """The img2img source and the reference images, by :func:`check_images`' rules."""
+    check_images(params, model.info, model.config.prediction, model.config.control_net_src is not None)
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")
     references = [imaging.to_array(image, f"init_images[{i}]") for i, image in enumerate(params.init_images)]
     if model.info.family == FAMILY_FLUX2:
-        if (source is not None or references) and model.config.prediction != "flux2_flow":
-            raise InvalidParameterError(
-                "init_image" if source is not None else "init_images",
-                "FLUX.2 transforms images by in-context conditioning, which needs "
-                "model_config.prediction='flux2_flow' at load_model time",
-            )
-        if params.mask is not None:
-            raise InvalidParameterError("mask", "FLUX.2 [klein] has no inpainting path; use an SD-family model")
         references = ([source] if source is not None else []) + references
         source = None
-    elif model.info.variant == "pix2pix":
-        if len(references) > 1:
-            raise InvalidParameterError("init_images", "an instruct-pix2pix model edits one image: give one")
-        if not references:
-            if source is None:
-                raise InvalidParameterError(
-                    "init_images", "an instruct-pix2pix model edits an image: give init_images=[image] (or init_image)"
-                )
-            references = [source]  # it edits the img2img source (A1111's img2img on such a model)
-    elif references:
-        raise InvalidParameterError(
-            "init_images", "several reference images need FLUX.2 (in-context conditioning); img2img takes init_image"
-        )
+    elif model.info.variant == "pix2pix" and not references:
+        references = [source] if source is not None else []  # it edits the img2img source (A1111's img2img)
     return source, references
 
 
@@ -198,10 +178,6 @@ def image_request(params: DiffusionParams, model: LoadedModel, refiner: LoadedMo
         mask_array = imaging.resize(grey, w, h, Image.Resampling.BILINEAR)
     control = None
     if params.control_image is not None:
-        if model.config.control_net_src is None:
-            raise InvalidParameterError(
-                "control_image", "needs a ControlNet: load the model with model_config.control_net_src"
-            )
         control = imaging.resize(imaging.to_array(params.control_image, "control_image"), w, h)
     return ImageRequest(
         **{name: getattr(params, name) for name in _AS_GIVEN},

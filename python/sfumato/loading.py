@@ -21,7 +21,15 @@ from sfumato.engine.library import load_engine
 from sfumato.engine.requests import ContextParams
 from sfumato.errors import InvalidModelError, InvalidParameterError, ModelNotFoundError
 from sfumato.families.companions import ROLES, check_companion, family_files, split_unet_hint
-from sfumato.families.detect import DIFFUSION_FAMILIES, FAMILY_ESRGAN, FAMILY_NAMES, FAMILY_SDXL, ModelInfo, detect
+from sfumato.families.detect import (
+    DIFFUSION_FAMILIES,
+    FAMILY_CHROMA,
+    FAMILY_ESRGAN,
+    FAMILY_NAMES,
+    FAMILY_SDXL,
+    ModelInfo,
+    detect,
+)
 from sfumato.families.embeddings import TEXT_WIDTHS, Embedding, sort_out
 from sfumato.families.embeddings import scan as scan_embeddings
 from sfumato.params import FAMILY_SIZE_MULTIPLE, PREDICTION_NAMES, ModelConfig, UpscalerConfig, parse_model_config
@@ -258,6 +266,10 @@ def context_params(
         wtype=weight_type,
         prediction=prediction,
         max_vram=float(config.max_vram),
+        # Chroma masks its attention, which the engine's flash attention breaks: no fused
+        # kernel unless asked, and flash attention asked for runs without the mask.
+        fused_attention=info.family != FAMILY_CHROMA,
+        chroma_use_dit_mask=not (info.family == FAMILY_CHROMA and config.flash_attn),
     )
 
 

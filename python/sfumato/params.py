@@ -19,7 +19,18 @@ from sfumato.engine.abi import SAMPLE_METHOD_ENUM, SCHEDULER_ENUM
 from sfumato.engine.kernels import PRECISIONS
 from sfumato.engine.requests import PREVIEW_MODES, RNG_TYPES
 from sfumato.errors import InvalidParameterError
-from sfumato.families.detect import FAMILY_FLUX1, FAMILY_FLUX2, FAMILY_SD1, FAMILY_SD2, FAMILY_SD3, FAMILY_SDXL, Family
+from sfumato.families.detect import (
+    CONTROLLED_VARIANTS,
+    FAMILY_CHROMA,
+    FAMILY_FLUX1,
+    FAMILY_FLUX2,
+    FAMILY_SD1,
+    FAMILY_SD2,
+    FAMILY_SD3,
+    FAMILY_SDXL,
+    Family,
+    ModelInfo,
+)
 from sfumato.images import ImageInput
 from sfumato.limits import SDK, bounds, int_bounds
 
@@ -105,10 +116,13 @@ class DiffusionParams:
 
 DEFAULT_CFG_SCALE = 7.0
 MAX_CONTROL_STRENGTH = bounds("control_strength")[1]
-FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_FLUX2: 1.0}
-"""``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`."""
+FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_CHROMA: 4.0, FAMILY_FLUX2: 1.0}
+"""``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`:
+FLUX.1 and FLUX.2 [klein] are guidance-distilled (FLUX.1 [dev] takes ``guidance``), Chroma
+is not and guides by classifier-free guidance at a lower scale."""
 FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
-    FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 16,
+    FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16,
+    FAMILY_FLUX2: 16,
 }  # fmt: skip
 """Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
 the transformers patchify 2x2 latents of an 8x VAE."""
@@ -520,3 +534,53 @@ def _folder(name: str, value: object) -> Path | None:
     if not isinstance(value, (str, os.PathLike)) or not Path(value).expanduser().is_dir():
         raise InvalidParameterError(name, f"must be an existing folder, got {value!r}")
     return Path(value).expanduser().resolve()
+
+
+def check_images(params: DiffusionParams, info: ModelInfo, prediction: str | None, control_net: bool) -> None:
+    """The image inputs the model of ``info`` takes (loaded with ``prediction`` and, or
+    not, a ControlNet): on FLUX.2 (with ``flux2_flow``) every given image is a reference;
+    an instruct-pix2pix model edits one image (``init_images[0]``, else ``init_image``);
+    FLUX.1 takes ``init_images`` as references (Kontext edits them; the file's header
+    does not tell Kontext from [dev]) beside an ``init_image`` source; FLUX.1 Fill needs
+    a source and its mask, Depth/Canny a control image and no ControlNet; elsewhere only
+    ``init_image``, a source. The SDK and the server's planning both check by it.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming the field at fault.
+    """
+    source, references = params.init_image is not None, len(params.init_images)
+    if info.family == FAMILY_FLUX2:
+        if (source or references) and prediction != "flux2_flow":
+            raise InvalidParameterError(
+                "init_image" if source else "init_images",
+                "FLUX.2 transforms images by in-context conditioning, which needs "
+                "model_config.prediction='flux2_flow' at load_model time",
+            )
+        if params.mask is not None:
+            raise InvalidParameterError("mask", "FLUX.2 [klein] has no inpainting path; use an SD-family model")
+    elif info.variant == "pix2pix":
+        if references > 1:
+            raise InvalidParameterError("init_images", "an instruct-pix2pix model edits one image: give one")
+        if not references and not source:
+            raise InvalidParameterError(
+                "init_images", "an instruct-pix2pix model edits an image: give init_images=[image] (or init_image)"
+            )
+    elif references and info.family != FAMILY_FLUX1:
+        raise InvalidParameterError(
+            "init_images",
+            "reference images need FLUX.2 or FLUX.1 Kontext (in-context conditioning); img2img takes init_image",
+        )
+    if info.variant == "fill" and (not source or params.mask is None):
+        raise InvalidParameterError(
+            "mask" if source else "init_image", "FLUX.1 Fill paints inside a mask: give init_image and mask"
+        )
+    if params.control_image is not None and not control_net and info.variant not in CONTROLLED_VARIANTS:
+        raise InvalidParameterError(
+            "control_image", "needs a ControlNet: load the model with model_config.control_net_src"
+        )
+    if params.control_image is None and info.variant == "controls":
+        raise InvalidParameterError(
+            "control_image", "FLUX.1 Depth/Canny is steered by a control image (a depth map or Canny edges): give one"
+        )

@@ -41,7 +41,7 @@ class RegistryModel:
         A direct HTTPS URL, for files that are not on the Hub.
     family:
         The family detection should find in the file, or the companion role
-        the file plays (``"vae"``, ``"llm"``).
+        the file plays (``"vae"``, ``"llm"``, ``"t5xxl"``, ``"clip_l"``).
     prediction:
         The prediction type the model was trained for, when detection cannot
         tell it from the header (SD 2.1 768 is v-prediction).
@@ -123,12 +123,36 @@ FLUX_2_KLEIN_4B_VAE = RegistryModel(
 )  # fmt: skip
 QWEN3_4B_Q4_K_M = RegistryModel("QWEN3_4B_Q4_K_M", "Qwen3-4B-Q4_K_M.gguf", "llm", hf_repo="unsloth/Qwen3-4B-GGUF")
 
+# The FLUX.1 architecture: each transformer loads with FLUX_1_AE, T5_XXL_FP16 and (but for
+# Chroma) CLIP_L as its companions.
+FLUX_1_DEV_Q4_0 = RegistryModel("FLUX_1_DEV_Q4_0", "flux1-dev-q4_0.gguf", "flux1", hf_repo="leejet/FLUX.1-dev-gguf")
+FLUX_1_KONTEXT_DEV_Q4_0 = RegistryModel(
+    "FLUX_1_KONTEXT_DEV_Q4_0", "flux1-kontext-dev-Q4_0.gguf", "flux1", hf_repo="QuantStack/FLUX.1-Kontext-dev-GGUF"
+)
+FLUX_1_FILL_DEV_Q4_0 = RegistryModel(
+    "FLUX_1_FILL_DEV_Q4_0", "flux1-fill-dev-Q4_0.gguf", "flux1", hf_repo="YarvixPA/FLUX.1-Fill-dev-gguf"
+)
+FLUX_1_DEPTH_DEV = RegistryModel(
+    "FLUX_1_DEPTH_DEV", "flux1-depth-dev.safetensors", "flux1", hf_repo="black-forest-labs/FLUX.1-Depth-dev"
+)
+FLUX_1_CANNY_DEV = RegistryModel(
+    "FLUX_1_CANNY_DEV", "flux1-canny-dev.safetensors", "flux1", hf_repo="black-forest-labs/FLUX.1-Canny-dev"
+)
+CHROMA1_HD = RegistryModel("CHROMA1_HD", "Chroma1-HD.safetensors", "chroma", hf_repo="lodestones/Chroma1-HD")
+FLUX_1_AE = RegistryModel("FLUX_1_AE", "ae.safetensors", "vae", hf_repo="black-forest-labs/FLUX.1-schnell")
+T5_XXL_FP16 = RegistryModel(
+    "T5_XXL_FP16", "t5xxl_fp16.safetensors", "t5xxl", hf_repo="comfyanonymous/flux_text_encoders"
+)
+CLIP_L = RegistryModel("CLIP_L", "clip_l.safetensors", "clip_l", hf_repo="comfyanonymous/flux_text_encoders")
+
 REGISTRY: dict[str, RegistryModel] = {
     model.name: model
     for model in (
         SD_V2_1_1B_Q8_0, SD_V2_1_1B_Q4_0, SDXL_BASE_1_0_3B_Q4_0, SDXL_BASE_1_0_3B_Q8_0,
         FLUX_2_KLEIN_4B_Q4_0, FLUX_2_KLEIN_4B_Q4_K_M, FLUX_2_KLEIN_4B_Q6_K, FLUX_2_KLEIN_4B_Q8_0,
         FLUX_2_KLEIN_4B_VAE, QWEN3_4B_Q4_K_M, REALESRGAN_X4PLUS, REALESRGAN_X4PLUS_ANIME_6B,
+        FLUX_1_DEV_Q4_0, FLUX_1_KONTEXT_DEV_Q4_0, FLUX_1_FILL_DEV_Q4_0, FLUX_1_DEPTH_DEV, FLUX_1_CANNY_DEV,
+        CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L,
     )
 }  # fmt: skip
 

@@ -387,10 +387,21 @@ class FluxConfig:
     guidance: bool = True
     flux2: bool = False
     """FLUX.2: no biases, modulations shared by all blocks, SiLU-gated MLPs."""
+    out_channels: int = 0
+    """0: as many as ``in_channels`` (FLUX.1 Fill and Depth/Canny take more than they give)."""
+    chroma: bool = False
+    """Chroma: no per-block modulations and no time, vector or guidance embedders; one
+    distilled network computes every modulation."""
 
 
 FLUX1_DEV = FluxConfig()
 FLUX1_SCHNELL = FluxConfig(guidance=False)
+FLUX1_FILL = FluxConfig(in_channels=384, out_channels=64)
+FLUX1_DEPTH = FluxConfig(in_channels=128, out_channels=64)
+CHROMA = FluxConfig(guidance=False, vec_in_dim=0, chroma=True)
+"""Chroma1-HD: FLUX.1 [schnell]'s transformer (19 double, 38 single blocks), pruned."""
+CHROMA_APPROXIMATOR = (5120, 5)
+"""The width and depth of Chroma's modulation network (the engine fixes both)."""
 FLUX2_KLEIN_4B = FluxConfig(
     double_blocks=5, single_blocks=20, context_dim=3 * 2560, in_channels=128, vec_in_dim=0, mlp_ratio=3,
     guidance=False, flux2=True,
@@ -409,13 +420,22 @@ def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
     lay.linear(f"{p}txt_in", None, h, cfg.context_dim, bias=bias)
     embedders = {"time_in": 256, "vector_in": cfg.vec_in_dim, "guidance_in": 256 if cfg.guidance else 0}
     for embedder, width in embedders.items():
-        if width:
+        if width and not cfg.chroma:
             lay.linear(f"{p}{embedder}.in_layer", None, h, width, bias=bias)
             lay.linear(f"{p}{embedder}.out_layer", None, h, h, bias=bias)
+    if cfg.chroma:
+        inner, depth = CHROMA_APPROXIMATOR
+        lay.linear(f"{p}distilled_guidance_layer.in_proj", None, inner, 64)
+        for i in range(depth):
+            lay.add(f"{p}distilled_guidance_layer.norms.{i}.scale", None, inner)
+            lay.linear(f"{p}distilled_guidance_layer.layers.{i}.in_layer", None, inner, inner)
+            lay.linear(f"{p}distilled_guidance_layer.layers.{i}.out_layer", None, inner, inner)
+        lay.linear(f"{p}distilled_guidance_layer.out_proj", None, h, inner)
+    modulated = not cfg.flux2 and not cfg.chroma
     for i in range(cfg.double_blocks):
         for stream in ("img", "txt"):
             block = f"{p}double_blocks.{i}.{stream}"
-            if not cfg.flux2:
+            if modulated:
                 lay.linear(f"{block}_mod.lin", None, 6 * h, h)
             lay.linear(f"{block}_attn.qkv", None, 3 * h, h, bias=bias)
             lay.add(f"{block}_attn.norm.query_norm.scale", None, cfg.head_dim)
@@ -429,14 +449,15 @@ def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
         lay.linear(f"{block}.linear2", None, h, h + mlp, bias=bias)
         lay.add(f"{block}.norm.query_norm.scale", None, cfg.head_dim)
         lay.add(f"{block}.norm.key_norm.scale", None, cfg.head_dim)
-        if not cfg.flux2:
+        if modulated:
             lay.linear(f"{block}.modulation.lin", None, 3 * h, h)
     if cfg.flux2:
         lay.linear(f"{p}double_stream_modulation_img.lin", None, 6 * h, h, bias=False)
         lay.linear(f"{p}double_stream_modulation_txt.lin", None, 6 * h, h, bias=False)
         lay.linear(f"{p}single_stream_modulation.lin", None, 3 * h, h, bias=False)
-    lay.linear(f"{p}final_layer.linear", None, cfg.in_channels, h, bias=bias)
-    lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h, bias=bias)
+    lay.linear(f"{p}final_layer.linear", None, cfg.out_channels or cfg.in_channels, h, bias=bias)
+    if not cfg.chroma:
+        lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h, bias=bias)
     return lay.specs
 
 

@@ -24,7 +24,10 @@ import numpy as np
 import numpy.typing as npt
 
 from tests.support.layouts import (
+    CHROMA,
+    FLUX1_DEPTH,
     FLUX1_DEV,
+    FLUX1_FILL,
     FLUX2_KLEIN_4B,
     SD1_TINY_UNET,
     SD1_UNET,
@@ -234,10 +237,6 @@ def _write_by_suffix(
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
 
 
-FLUX1_TEST = dataclasses.replace(FLUX1_DEV, double_blocks=1, single_blocks=1)
-"""FLUX.1 [dev] at its real widths with one block of each kind."""
-
-
 def write_t5xxl(path: Path, seed: int = 0) -> Path:
     """T5-XXL's encoder (all 24 layers: the engine builds no fewer) as a q4_0 GGUF
     in ``T5EncoderModel``'s names, the text encoder of SD3 and FLUX.1."""
@@ -251,14 +250,18 @@ def write_sd3_checkpoint(path: Path, seed: int = 0) -> Path:
     return write_gguf(Path(path), random_q4_0_tensors(specs, seed), arch="sd3")
 
 
-FLUX1_PARTS = ("diffusion", "vae")
+FLUX1_TRANSFORMERS = {"diffusion": FLUX1_DEV, "fill": FLUX1_FILL, "depth": FLUX1_DEPTH, "chroma": CHROMA}
+"""The FLUX.1-architecture transformers the suite writes: [dev] (also Kontext's layout), Fill,
+Depth/Canny and Chroma, each at its real widths with one block of each kind."""
+FLUX1_PARTS = (*FLUX1_TRANSFORMERS, "vae")
 
 
 def write_flux1_part(path: Path, part: str, seed: int = 0) -> Path:
-    """One file of FLUX.1 [dev]: the transformer (GGUF, q4_0, original names
-    without a prefix) or the 16-channel VAE (``ae.safetensors``)."""
-    if part == "diffusion":
-        return write_gguf(Path(path), random_q4_0_tensors(flux_layout(FLUX1_TEST), seed), arch="flux")
+    """One file of the FLUX.1 family: a transformer of :data:`FLUX1_TRANSFORMERS` (GGUF,
+    q4_0, original names without a prefix) or the 16-channel VAE (``ae.safetensors``)."""
+    if part in FLUX1_TRANSFORMERS:
+        config = dataclasses.replace(FLUX1_TRANSFORMERS[part], double_blocks=1, single_blocks=1)
+        return write_gguf(Path(path), random_q4_0_tensors(flux_layout(config), seed), arch="flux")
     if part == "vae":
         return write_safetensors(
             Path(path), random_tensors(vae_layout(prefix="", z_channels=16, quant_convs=False), seed)

@@ -158,7 +158,9 @@ class DiffusionContext(NativeHandle):
         # Keep weights resident so the context serves many generations.
         c.free_params_immediately = False
         c.flash_attn = params.flash_attn
-        c.diffusion_flash_attn = params.diffusion_flash_attn or self._engine.fused_attention
+        fused = params.fused_attention and self._engine.fused_attention
+        c.diffusion_flash_attn = params.diffusion_flash_attn or fused
+        c.chroma_use_dit_mask = params.chroma_use_dit_mask
         direct = self._engine.direct_convolutions
         c.diffusion_conv_direct = params.diffusion_conv_direct or direct
         c.vae_conv_direct = params.vae_conv_direct or direct

@@ -95,6 +95,12 @@ class ContextParams:
     vae_decode_only: bool = False
     flash_attn: bool = False
     diffusion_flash_attn: bool = False
+    fused_attention: bool = True
+    """Whether sfumato's fused attention kernel may run the diffusion model's attention
+    (as flash attention) when the CPU build has it."""
+    chroma_use_dit_mask: bool = True
+    """Chroma's attention mask over the prompt's padding. The engine's flash attention
+    breaks it (the pictures saturate), so a Chroma model asked for flash attention drops it."""
     diffusion_conv_direct: bool = False
     vae_conv_direct: bool = False
     offload_params_to_cpu: bool = False

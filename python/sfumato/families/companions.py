@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.families.detect import (
+    FAMILY_CHROMA,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
@@ -52,7 +53,9 @@ ROLES = {
 CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 """Hidden width of each CLIP text encoder."""
 
-VAE_LATENT_CHANNELS = {FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_FLUX2: 32}
+VAE_LATENT_CHANNELS = {
+    FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16, FAMILY_FLUX2: 32,
+}  # fmt: skip
 """Latent channels of the VAE each family decodes with."""
 
 CONTROL_NET_WIDTHS = {FAMILY_SD1: 768, FAMILY_SD2: 1024, FAMILY_SDXL: 2048}
@@ -74,6 +77,7 @@ FAMILY_TEXT_ENCODERS = {
     FAMILY_SDXL: ("clip_l", "clip_g"),
     FAMILY_SD3: ("clip_l", "clip_g", "t5xxl"),
     FAMILY_FLUX1: ("clip_l", "t5xxl"),
+    FAMILY_CHROMA: ("t5xxl",),
     FAMILY_FLUX2: ("llm",),
 }
 """The text encoders each family conditions on (SD 1.x / 2.x files always carry theirs)."""

@@ -25,20 +25,21 @@ from sfumato.errors import (
     UnsupportedModelError,
 )
 
-Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "flux2", "esrgan"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "flux2", "esrgan"]
 """The model families sfumato detects; :data:`FAMILY_NAMES` gives their display names."""
 FAMILY_SD1: Family = "sd1"
 FAMILY_SD2: Family = "sd2"
 FAMILY_SDXL: Family = "sdxl"
 FAMILY_SD3: Family = "sd3"
 FAMILY_FLUX1: Family = "flux1"
+FAMILY_CHROMA: Family = "chroma"
 FAMILY_FLUX2: Family = "flux2"
 FAMILY_ESRGAN: Family = "esrgan"
-DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_FLUX2)
+DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_FLUX2)
 SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
 FAMILY_NAMES: dict[Family, str] = {
     FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
-    FAMILY_FLUX1: "FLUX.1", FAMILY_FLUX2: "FLUX.2 [klein]", FAMILY_ESRGAN: "ESRGAN",
+    FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_FLUX2: "FLUX.2 [klein]", FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
 
 TEXT_ENCODER_PREFIXES = {
@@ -94,7 +95,8 @@ class ModelInfo:
         ``"gguf"``, ``"safetensors"``, ``"torch"`` or ``"diffusers"``.
     variant:
         ``"inpaint"`` for 9-channel UNets, ``"pix2pix"`` for instruct-pix2pix's 8-channel
-        ones (they edit the SDK's ``init_images[0]``, guided by ``img_cfg_scale``), else
+        ones (they edit the SDK's ``init_images[0]``, guided by ``img_cfg_scale``); for
+        FLUX.1 one of :data:`FLUX1_VARIANTS`' values, ``"dev"`` or ``"schnell"``; else
         ``None``.
     has_vae:
         Whether the file carries its own VAE.
@@ -211,7 +213,7 @@ def read_tensor_table(path: Path) -> TensorTable:
     raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
 
 
-RUNS = "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 [dev] and [schnell], and FLUX.2 [klein]"
+RUNS = "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma, and FLUX.2 [klein]"
 """What this version of sfumato runs, as refusals say it."""
 
 ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
@@ -302,31 +304,37 @@ def _classify_sd3(path: Path, table: TensorTable) -> ModelInfo | None:
     )
 
 
+FLUX1_VARIANTS = {384: "fill", 128: "controls", 196: "flex2"}
+"""FLUX.1 transformers by the channels ``img_in`` takes besides the 64 of the 2x2-patchified
+latent: Fill also takes the masked image's latent and the 8x8 mask (64 + 64 + 256),
+Depth/Canny the control image's latent (64 + 64), Flex.2 the masked latent, the mask and
+the control latent (4 x (16 + 16 + 1 + 16))."""
+
+CONTROLLED_VARIANTS = ("controls", "flex2")
+"""The variants that take a control image themselves (no ControlNet): it is VAE-encoded into
+the transformer's input."""
+
+
 def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
-    """A FLUX.1 transformer ([dev] with its guidance embedder, [schnell] without)."""
+    """A FLUX.1 transformer: [dev] (with its guidance embedder) or [schnell], a variant of
+    :data:`FLUX1_VARIANTS`, or Chroma (FLUX.1 with a distilled modulation network and
+    T5-XXL alone); ``None`` when it is none."""
     prefix = _diffusion_prefix(table, "double_blocks.")
     if prefix is None:
         return None
+    has_vae = table.has_prefix("first_stage_model.") or table.has_prefix("vae.")
+    split = not _other_parts(table, prefix)
+    text_width = table.input_width(f"{prefix}txt_in.weight")
     if table.has_prefix(f"{prefix}distilled_guidance_layer."):
-        raise UnsupportedModelError(
-            f"{path}: a Chroma transformer; this version of sfumato runs FLUX.1 [dev] and [schnell]"
-        )
+        return ModelInfo(path, FAMILY_CHROMA, table.format, None, has_vae, split, text_width, _carried(table))
     img_in = table.input_width(f"{prefix}img_in.weight")
-    if img_in is not None and img_in != 64:
+    if img_in is not None and img_in != 64 and img_in not in FLUX1_VARIANTS:
         raise UnsupportedModelError(
-            f"{path}: a FLUX.1 transformer taking {img_in} input channels (Fill, Depth/Canny or Flex); "
-            "this version of sfumato runs FLUX.1 [dev] and [schnell] (64)"
+            f"{path}: a FLUX.1 transformer taking {img_in} input channels; the engine's FLUX.1 takes 64 "
+            f"([dev], [schnell], Kontext) or {', '.join(f'{n} ({v})' for n, v in FLUX1_VARIANTS.items())}"
         )
-    return ModelInfo(
-        path,
-        FAMILY_FLUX1,
-        table.format,
-        "dev" if table.has_prefix(f"{prefix}guidance_in.") else "schnell",
-        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
-        split=not _other_parts(table, prefix),
-        carries=_carried(table),
-        text_width=table.input_width(f"{prefix}txt_in.weight"),
-    )
+    variant = FLUX1_VARIANTS.get(img_in or 64) or ("dev" if table.has_prefix(f"{prefix}guidance_in.") else "schnell")
+    return ModelInfo(path, FAMILY_FLUX1, table.format, variant, has_vae, split, text_width, _carried(table))
 
 
 def _classify_flux2(path: Path, table: TensorTable) -> ModelInfo | None:

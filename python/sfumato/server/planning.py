@@ -26,6 +26,7 @@ from sfumato.params import (
     DiffusionParams,
     HiresConfig,
     check_hires,
+    check_images,
     check_loras,
     check_number,
     check_side,
@@ -338,6 +339,9 @@ def job_plan(
                 model=pick_model(state, refiner, field="refiner_checkpoint"),
                 switch_at=check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
             )
+        if entry.info is not None:
+            prediction = entry.config.prediction if entry.config is not None else None
+            check_images(params, entry.info, prediction, control_net is not None)
         control = _control_net(state, control_net, entry) if params.control_image is not None else None
         return JobPlan(
             model=name,

@@ -157,6 +157,8 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
         origin["init_image"] = (latent.init.node, "image")
     if latent.mask is not None:
         origin["mask"] = (latent.mask.node, "image")
+    if s.positive.reference_node is not None:
+        origin["init_images"] = (s.positive.reference_node, "latent")
     params = DiffusionParams(
         prompt=s.positive.text,
         negative_prompt=s.negative.text if s.negative else "",
@@ -171,6 +173,7 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
         batch_count=latent.batch,
         init_image=latent.init.data if latent.init else None,
         mask=latent.mask.png if latent.mask else None,
+        init_images=[picture.data for picture in s.positive.references],
         strength=s.denoise if latent.init is not None else DiffusionParams.strength,
         loras=[{"name": lora.name, "scale": lora.scale} for lora in s.model.loras],
         clip_skip=clip.clip_skip,

@@ -137,6 +137,12 @@ NODES: dict[str, Node] = {
         {"image": Input("COMBO", choices="input_images", upload=True)}, ("IMAGE", "MASK"), ("IMAGE", "MASK"),
         "image", "Load Image", "An uploaded image; its mask is where it is transparent.",
     ),
+    "ReferenceLatent": Node(
+        {"conditioning": _LINK("CONDITIONING"), "latent": _LINK("LATENT")},
+        ("CONDITIONING",), ("CONDITIONING",), "advanced/conditioning/edit_models", "ReferenceLatent",
+        "An encoded image (VAEEncode of a LoadImage) as a reference the model edits: FLUX.1 Kontext, and "
+        "FLUX.2 loaded with prediction flux2_flow.",
+    ),
     "VAEEncode": Node(
         {"pixels": _LINK("IMAGE"), "vae": _LINK("VAE")}, ("LATENT",), ("LATENT",), "latent", "VAE Encode",
         "Image to image: the loaded image, its sides cut to a multiple of 64.",
@@ -254,7 +260,7 @@ def choices(state: ServerState, key: str) -> list[str]:
     if key == "dtypes":
         return ["default"]
     if key == "clip_types":
-        return ["stable_diffusion", "sd3", "flux2"]
+        return ["stable_diffusion", "sd3", "chroma", "flux2"]
     if key == "dual_clip_types":
         return ["sdxl", "sd3", "flux"]
     return []

@@ -127,6 +127,15 @@ def _guidance(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     return (replace(v["conditioning"], guidance=v["guidance"], guidance_node=node),)
 
 
+@runs("ReferenceLatent")
+def _reference(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    latent: Latent = v["latent"]
+    if latent.init is None or latent.sampled is not None or latent.mask is not None:
+        raise w.refuse(node, "latent", "a reference is an encoded image (VAEEncode of a LoadImage)")
+    conditioning: Conditioning = v["conditioning"]
+    return (replace(conditioning, references=(*conditioning.references, latent.init), reference_node=node),)
+
+
 @runs("EmptyLatentImage", "EmptySD3LatentImage")
 def _empty(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     if v["batch_size"] > w.state.settings.max_images:

@@ -51,6 +51,9 @@ class Conditioning:
     node: str
     guidance: float | None = None
     guidance_node: str | None = None
+    references: tuple[Picture, ...] = ()
+    """The images ``ReferenceLatent`` nodes gave it, for in-context editing."""
+    reference_node: str | None = None
 
 
 @dataclass(frozen=True)

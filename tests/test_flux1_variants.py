@@ -1,0 +1,168 @@
+"""The FLUX.1 architecture beyond [dev] and [schnell]: Chroma (its own family: T5-XXL
+alone, a distilled modulation network, classifier-free guidance), FLUX.1 Fill (inpainting
+inside a mask), Depth/Canny (a control image in the transformer's input) and Flex.2,
+each detected from its header and run on the real engine from self-made files at their
+real widths with one block of each kind. Kontext has [dev]'s layout: its reference-image
+run is in ``test_sd3_flux1.py``, on the [dev] file.
+
+The engine runs encode a prompt with T5-XXL (24 layers whatever the file says), so they
+are ``heavy``; the checks before the engine run by default on a T5 header."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import sfumato
+from sfumato import errors
+from sfumato.families.detect import FAMILY_CHROMA, FAMILY_FLUX1, detect
+from sfumato.images import decode_png
+
+from .helpers import SIZE, CaptureSpec, run
+
+
+def _config(t5: Path, vae: Path, clip_l: Path | None = None, **overrides: object) -> dict[str, object]:
+    config: dict[str, object] = {"t5xxl_model_src": t5, "vae_model_src": vae, "threads": 2}
+    if clip_l is not None:
+        config["clip_l_model_src"] = clip_l
+    config.update(overrides)
+    return config
+
+
+def _flux1_header(path: Path, img_in: int) -> Path:
+    """A FLUX.1 transformer as far as detection reads it: the names and the input widths."""
+    save_file(
+        {
+            "img_in.weight": np.zeros((3072, img_in), np.float16),
+            "txt_in.weight": np.zeros((3072, 4096), np.float16),
+            "guidance_in.in_layer.weight": np.zeros((3072, 256), np.float16),
+            "double_blocks.0.img_attn.proj.weight": np.zeros((8, 8), np.float16),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_each_flux1_architecture_is_detected_from_its_header(
+    chroma_gguf: Path, flux1_fill_gguf: Path, flux1_depth_gguf: Path, tmp_path: Path
+) -> None:
+    found = {path.name: detect(path) for path in (chroma_gguf, flux1_fill_gguf, flux1_depth_gguf)}
+    assert {name: (i.family, i.variant, i.split, i.text_width) for name, i in found.items()} == {
+        chroma_gguf.name: (FAMILY_CHROMA, None, True, 4096),
+        flux1_fill_gguf.name: (FAMILY_FLUX1, "fill", True, 4096),
+        flux1_depth_gguf.name: (FAMILY_FLUX1, "controls", True, 4096),
+    }
+    flex2 = detect(_flux1_header(tmp_path / "flex2.safetensors", 196))
+    assert (flex2.family, flex2.variant) == (FAMILY_FLUX1, "flex2")
+    with pytest.raises(errors.UnsupportedModelError, match=r"taking 100 input channels.*384 \(fill\)"):
+        detect(_flux1_header(tmp_path / "odd.safetensors", 100))
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+@pytest.mark.parametrize(("key", "label"), [("t5xxl_model_src", "T5-XXL"), ("vae_model_src", "VAE")])
+def test_chroma_names_each_missing_companion(
+    chroma_gguf: Path, flux1_parts: dict[str, Path], t5_header: Path, key: str, label: str
+) -> None:
+    config = _config(t5_header, flux1_parts["vae"])
+    del config[key]
+    with pytest.raises(errors.InvalidParameterError, match=f"pass its {label}") as caught:
+        sfumato.load_model(chroma_gguf, model_config=config)
+    assert caught.value.field == f"model_config.{key}"
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_chroma_refuses_a_clip_l_an_sdxl_vae_and_a_controlnet(
+    chroma_gguf: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path
+) -> None:
+    refusals = {
+        "clip_l_model_src": (sdxl_parts["clip_l"], r"not used: Chroma takes"),
+        "vae_model_src": (sdxl_parts["vae"], r"4 latent channels; Chroma decodes 16"),
+        "control_net_src": (sdxl_parts["clip_l"], r"not used: Chroma takes"),
+    }
+    for key, (file, message) in refusals.items():
+        config = _config(t5_header, flux1_parts["vae"], **{key: file})
+        with pytest.raises(errors.InvalidParameterError, match=message) as caught:
+            sfumato.load_model(chroma_gguf, model_config=config)
+        assert caught.value.field == f"model_config.{key}"
+
+
+def test_chroma_maps_onto_the_context_without_flash_attention_over_its_mask(
+    chroma_gguf: Path, flux1_parts: dict[str, Path], t5_header: Path, load_spec: CaptureSpec
+) -> None:
+    context = load_spec(chroma_gguf, _config(t5_header, flux1_parts["vae"])).context
+    assert context is not None
+    assert (context.diffusion_model_path, context.t5xxl_path, context.vae_path, context.clip_l_path) == (
+        str(chroma_gguf.resolve()), str(t5_header.resolve()), str(flux1_parts["vae"].resolve()), None,
+    )  # fmt: skip
+    # The engine's flash attention saturates Chroma's pictures while the mask is on.
+    assert (context.fused_attention, context.diffusion_flash_attn, context.chroma_use_dit_mask) == (False, False, True)
+    asked = load_spec(chroma_gguf, _config(t5_header, flux1_parts["vae"], flash_attn=True)).context
+    assert asked is not None
+    assert (asked.diffusion_flash_attn, asked.chroma_use_dit_mask) == (True, False)
+
+
+@pytest.fixture(scope="module")
+def chroma_model(chroma_gguf: Path, flux1_parts: dict[str, Path], t5xxl_gguf: Path) -> Iterator[str]:
+    model_id = sfumato.load_model(chroma_gguf, model_config=_config(t5xxl_gguf, flux1_parts["vae"]))
+    yield model_id
+    sfumato.unload_model(model_id)
+
+
+@pytest.mark.heavy
+def test_chroma_generates_from_the_sdk(chroma_model: str) -> None:
+    outputs, stats, _ = run(chroma_model, steps=1, seed=7)  # its default cfg_scale: negative prompt encoded too
+    picture = decode_png(outputs[0])
+    assert picture.shape == (SIZE, SIZE, 3) and stats.total_steps == 1
+    assert picture.std() > 5  # flash attention over its mask gave one flat colour
+    with pytest.raises(errors.InvalidParameterError, match=r"FLUX\.1 Kontext") as caught:
+        sfumato.diffusion(chroma_model, prompt="x", init_images=[picture])
+    assert caught.value.field == "init_images"
+
+
+@pytest.mark.heavy
+def test_flux1_fill_paints_inside_its_mask(
+    flux1_fill_gguf: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5xxl_gguf: Path,
+    gradient_image: np.ndarray,
+) -> None:  # fmt: skip
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 16:48] = 255
+    model_id = sfumato.load_model(
+        flux1_fill_gguf, model_config=_config(t5xxl_gguf, flux1_parts["vae"], sdxl_parts["clip_l"])
+    )
+    try:
+        for given, field in (({}, "init_image"), ({"init_image": gradient_image}, "mask")):
+            with pytest.raises(errors.InvalidParameterError, match="Fill paints inside a mask") as caught:
+                sfumato.diffusion(model_id, prompt="x", width=SIZE, height=SIZE, **given)  # type: ignore[arg-type]
+            assert caught.value.field == field
+        painted, _, _ = run(model_id, steps=1, init_image=gradient_image, mask=mask)
+        other, _, _ = run(model_id, steps=1, init_image=255 - gradient_image, mask=mask)
+    finally:
+        sfumato.unload_model(model_id)
+    picture = decode_png(painted[0])
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+    assert not np.array_equal(picture, decode_png(other[0]))  # the masked image reaches the transformer
+
+
+@pytest.mark.heavy
+def test_flux1_depth_takes_its_control_image_without_a_controlnet(
+    flux1_depth_gguf: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5xxl_gguf: Path,
+    gradient_image: np.ndarray,
+) -> None:  # fmt: skip
+    model_id = sfumato.load_model(
+        flux1_depth_gguf, model_config=_config(t5xxl_gguf, flux1_parts["vae"], sdxl_parts["clip_l"])
+    )
+    try:
+        with pytest.raises(errors.InvalidParameterError, match="steered by a control image") as caught:
+            sfumato.diffusion(model_id, prompt="x", width=SIZE, height=SIZE)
+        assert caught.value.field == "control_image"
+        steered, _, _ = run(model_id, steps=1, control_image=gradient_image)
+        other, _, _ = run(model_id, steps=1, control_image=255 - gradient_image)
+    finally:
+        sfumato.unload_model(model_id)
+    picture = decode_png(steered[0])
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+    assert not np.array_equal(picture, decode_png(other[0]))  # the control image reaches the transformer
