@@ -49,6 +49,7 @@ CASE_ORDER = (
     "bf16_error",
     "cpu_ops",
     "cancel",
+    "families",
 )
 
 

@@ -15,6 +15,8 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
   fp32, or its UNet and VAE in bf16 with ``dtype: "bf16"``) on a diffusers folder, with
   ``attention_slicing`` / ``channels_last``.
 - Both of those save their first image as a ``.npy`` of uint8 pixels at ``image``, if given.
+- ``family``: a model of any family with its ``model_config`` (companion files), loaded
+  through sfumato's own detection and mapping, one txt2img run of ``steps`` at ``size``.
 - ``upscale``: an ESRGAN on a ``size`` x ``size`` image with ``tile_size``.
 - ``cancel``: a cancel mid-step through the SDK at ``size`` (``mode`` ``soft``: the
   worker stops the job and keeps the model; ``kill``: the fallback that ends the worker),
@@ -91,6 +93,33 @@ def engine(config: dict[str, Any]) -> dict[str, Any]:
         "conditioning_s": out.phase_ms.get("conditioning", 0.0) / 1000.0,
         "load_s": loaded - started,
         "generate_s": done - measured,
+    }
+
+
+def family(config: dict[str, Any]) -> dict[str, Any]:
+    """A model of any family through sfumato's own loading path (detection, companion
+    checks, the context it maps to), run in this process at ``size`` with the family's
+    default ``cfg_scale``: load seconds, seconds per step and per phase."""
+    from sfumato.engine import DiffusionContext, ImageRequest
+    from sfumato.loading import context_params, diffusion_parts
+    from sfumato.params import DEFAULT_CFG_SCALE, FAMILY_CFG_SCALE, parse_model_config
+
+    started = time.perf_counter()
+    model_config = parse_model_config(config["model_config"])
+    path = Path(config["model"])
+    parts = diffusion_parts(model_config, path)
+    with DiffusionContext(context_params(model_config, path, parts, None, None)) as context:
+        loaded = time.perf_counter()
+        cfg = FAMILY_CFG_SCALE.get(parts.info.family, DEFAULT_CFG_SCALE)
+        size = config["size"]
+        out = context.generate(
+            ImageRequest(prompt=PROMPT, width=size, height=size, steps=config["steps"], seed=SEED, cfg_scale=cfg)
+        )
+    return {
+        "load_s": loaded - started,
+        "step_s": out.phase_ms["sampling"] / 1000.0 / out.sampling_steps,
+        "conditioning_s": out.phase_ms.get("conditioning", 0.0) / 1000.0,
+        "vae_s": out.phase_ms["vae"] / 1000.0,
     }
 
 
@@ -362,7 +391,7 @@ def ops_torch(config: dict[str, Any]) -> dict[str, Any]:
 
 KINDS = {
     "engine": engine, "diffusers": diffusers, "upscale": upscale, "queue": queue, "cancel": cancel,
-    "ops_sfumato": ops_sfumato, "ops_torch": ops_torch,
+    "ops_sfumato": ops_sfumato, "ops_torch": ops_torch, "family": family,
 }  # fmt: skip
 
 

@@ -165,6 +165,17 @@ def sdxl_parts(model_dir: Path) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def sdxl_distilled_unets(model_dir: Path) -> dict[str, Path]:
+    """SSD-1B's and Segmind Vega's UNets alone (q4_0), which take SDXL's split companions."""
+
+    def make(path: Path, part: str) -> Path:
+        return models.write_sdxl_part(path, part, quant="q4_0")
+
+    return {part: _cached(model_dir, f"sdxl-{part}-q4_0.gguf", lambda p, part=part: make(p, part))
+            for part in ("ssd-1b-unet", "vega-unet")}  # fmt: skip
+
+
 FLUX2_PART_FILES = {"diffusion": "flux2-klein-q4_0.gguf", "llm": "flux2-qwen3-q4_0.gguf",
                     "vae": "flux2-vae.safetensors"}  # fmt: skip
 

@@ -22,11 +22,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sfumato.cli import main
+from sfumato.params import DiffusionParams
 from sfumato.server.apis.comfy.compile import compile_prompt
 from sfumato.server.apis.openai import QUALITY_STEPS
 from sfumato.server.app import announcement, create_app
 from sfumato.server.jobs.plan import JobPlan
 from sfumato.server.models.config import ModelsConfigError, read_models_config
+from sfumato.server.planning import job_plan
 from sfumato.server.settings import ServerSettings
 
 from .helpers import SIZE, pixels, png_bytes, wait_history, wait_job
@@ -416,7 +418,7 @@ def test_flux1_is_served_by_every_api(
 
 
 @pytest.mark.heavy
-def test_chroma_is_served_by_every_api(
+def test_chroma_is_listed_with_its_family_and_served_to_comfyui(
     tmp_path: Path, chroma_gguf: Path, flux1_parts: dict[str, Path], t5xxl_gguf: Path
 ) -> None:
     files = {"chroma__gguf": chroma_gguf, "t5xxl__gguf": t5xxl_gguf, "ae__safetensors": flux1_parts["vae"]}
@@ -424,7 +426,18 @@ def test_chroma_is_served_by_every_api(
     clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl.gguf", "type": "chroma"}}
     loaders = _split_loaders("chroma", clip, "ae.safetensors")
     graph = _comfy_graph(loaders, ["10", 0], ["11", 0], ["12", 0], seed=43, **ONE_STEP)
-    _served_alike(tmp_path, "chroma", files, table + SAMPLED_ONCE, graph)
+    # One API here (its T5-XXL encoding costs half a minute a request): ComfyUI's split loaders.
+    _link(tmp_path / "models", **files)
+    (tmp_path / "models" / "models.toml").write_text(f"[models.chroma]\n{table}")
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        listed = client.get("/models").json()["models"]
+        assert {m["name"]: m["family"] for m in listed}["chroma"] == "Chroma"
+        accepted = client.post("/prompt", json={"prompt": graph})
+        assert accepted.status_code == 200, accepted.text
+        entry = wait_history(client, accepted.json()["prompt_id"])
+        assert entry["status"]["status_str"] == "success", entry
+        picture = pixels(client.get("/view", params=entry["outputs"]["9"]["images"][0]).content)
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 5
 
 
 def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
@@ -434,10 +447,10 @@ def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
              "t5xxl__safetensors": t5_header, "ae__safetensors": flux1_parts["vae"],
              "sd1__gguf": sd1_tiny_gguf}  # fmt: skip
     _link(tmp_path / "models", **files)
-    (tmp_path / "models" / "models.toml").write_text(
-        '[models.kontext]\nfile = "flux1-dev.gguf"\nclip_l = "clip_l.safetensors"\nt5xxl = "t5xxl.safetensors"\n'
-        'vae = "ae.safetensors"\n'
-    )
+    table = 'file = "flux1-dev.gguf"\nclip_l = "clip_l.safetensors"\nt5xxl = "t5xxl.safetensors"\n'
+    table += 'vae = "ae.safetensors"\n'
+    config = f"[models.kontext]\n{table}\n[models.edits]\n{table}edits = true\n"
+    (tmp_path / "models" / "models.toml").write_text(config)
     names = {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl.safetensors", "type": "flux"}
     clip = {"class_type": "DualCLIPLoader", "inputs": names}
     graph = _comfy_graph(_split_loaders("kontext", clip, "ae.safetensors"), ["10", 0], ["11", 0], ["12", 0],
@@ -450,9 +463,14 @@ def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
     with TestClient(create_app(_settings(tmp_path))) as client:
         uploaded = client.post("/upload/image", files={"image": ("source.png", picture, "image/png")})
         assert uploaded.status_code == 200, uploaded.text
-        compiled = compile_prompt(client.app.state.sfumato, graph)  # type: ignore[attr-defined]
+        state = client.app.state.sfumato  # type: ignore[attr-defined]
+        compiled = compile_prompt(state, graph)
         assert compiled.plan is not None and len(compiled.plan.generation.init_images) == 1
         assert compiled.plan.generation.init_image is None  # a reference, not an img2img source
+        # A model that `edits` (Kontext) takes an img2img request's image (A1111, OpenAI) as its reference.
+        for model, sources, references in (("kontext", 1, 0), ("edits", 0, 1)):
+            work = job_plan(state, DiffusionParams(prompt="x", init_image=picture), model=model).generation
+            assert (work.init_image is not None, len(work.init_images)) == (sources == 1, references)
         graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.gguf"}}
         for node in ("6", "7", "8", "14"):
             key = "clip" if node in ("6", "7") else "vae"
@@ -461,3 +479,11 @@ def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
     assert refused.status_code == 400, refused.text
     [error] = refused.json()["node_errors"]["15"]["errors"]
     assert error["extra_info"]["input_name"] == "latent" and "FLUX.1 Kontext" in error["details"]
+
+
+def test_edits_is_refused_on_a_file_that_is_not_flux1_dev_layout(tmp_path: Path, sd1_tiny_gguf: Path) -> None:
+    _link(tmp_path, sd1__gguf=sd1_tiny_gguf)
+    (tmp_path / "models.toml").write_text('[models.sd]\nfile = "sd1.gguf"\nedits = true\n')
+    with pytest.raises(ModelsConfigError, match=r"models\.sd\.edits: is for FLUX\.1 Kontext.*SD 1\.x") as caught:
+        read_models_config(tmp_path / "models.toml", max_steps=150, max_pixels=2**22)
+    assert caught.value.key == "edits"

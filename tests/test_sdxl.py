@@ -175,6 +175,24 @@ def test_all_in_one_generates_from_the_sdk(sdxl_gguf: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unet", ["ssd-1b-unet", "vega-unet"])
+def test_the_distilled_unets_run_with_sdxl_s_companions(
+    sdxl_parts: dict[str, Path], sdxl_distilled_unets: dict[str, Path], unet: str
+) -> None:
+    # The engine builds SSD-1B's and Vega's shallower UNets from the blocks the file lacks;
+    # were it to build SDXL's, the load would fail on the missing middle block.
+    info = detect(sdxl_distilled_unets[unet])
+    assert (info.family, info.split, info.variant) == (FAMILY_SDXL, True, None)
+    model_id = sfumato.load_model(sdxl_distilled_unets[unet], model_config=_split_config(sdxl_parts))
+    try:
+        outputs, stats, _ = run(model_id, steps=1, cfg_scale=1.0)
+    finally:
+        sfumato.unload_model(model_id)
+    picture = decode_png(outputs[0])
+    assert picture.shape == (64, 64, 3) and picture.std() > 0 and stats.total_steps == 1
+
+
+@pytest.mark.slow
 def test_split_layout_generates_from_the_cli(sdxl_parts: dict[str, Path], tmp_path: Path) -> None:
     done = sfumato_cli(
         "generate", "--model", str(sdxl_parts["unet"]), "--clip-l", str(sdxl_parts["clip_l"]),

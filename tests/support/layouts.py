@@ -9,6 +9,7 @@ the weights themselves are made up by :mod:`tests.support.models`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -52,6 +53,22 @@ class UNetConfig:
     tiny: bool = False
     """BK-SDM-Tiny's distilled UNet: one res block per level, no middle block, and the
     original checkpoint's block numbering with the removed blocks' indices left empty."""
+    distilled: str | None = None
+    """``"ssd-1b"`` or ``"vega"``: SDXL with the middle block's attention and second res
+    block removed and fewer transformer blocks (:func:`_transformer_depth`)."""
+
+
+def _transformer_depth(cfg: UNetConfig, side: str, level: int, j: int) -> int:
+    """Transformer blocks of the attention at ``level``, res block ``j``, on the ``input`` or
+    ``output`` side: the config's, but for SSD-1B's, which keeps 4 of 10 in the input
+    blocks and the first two output blocks of the deepest level, and 1 of 2 in the last
+    two output blocks of the middle level."""
+    if cfg.distilled == "ssd-1b":
+        if level == 2 and (side == "input" or j in (0, 1)):
+            return 4
+        if side == "output" and level == 1 and j in (1, 2):
+            return 1
+    return cfg.transformer_depth[level]
 
 
 SD1_UNET = UNetConfig(context_dim=768, linear_proj=False)
@@ -61,6 +78,8 @@ SDXL_UNET = UNetConfig(
     context_dim=2048, linear_proj=True, channel_mult=(1, 2, 4), attention_levels=(1, 2),
     transformer_depth=(1, 2, 10), adm_in_channels=2816,
 )  # fmt: skip
+SSD_1B_UNET = dataclasses.replace(SDXL_UNET, distilled="ssd-1b")
+VEGA_UNET = dataclasses.replace(SDXL_UNET, transformer_depth=(1, 1, 2), distilled="vega")
 
 
 class _Layout:
@@ -140,7 +159,12 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
             ch = out
             if level in cfg.attention_levels:
                 _unet_transformer(
-                    lay, f"{p}input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}", ch, cfg, depth[level]
+                    lay,
+                    f"{p}input_blocks.{block}.1",
+                    f"down_blocks.{level}.attentions.{j}",
+                    ch,
+                    cfg,
+                    _transformer_depth(cfg, "input", level, j),
                 )
             skips.append(ch)
             block += 2 if cfg.tiny else 1
@@ -150,6 +174,7 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
             block += 1
     if not cfg.tiny:
         _unet_resblock(lay, f"{p}middle_block.0", "mid_block.resnets.0", ch, ch, emb)
+    if not cfg.tiny and cfg.distilled is None:
         last = depth[len(cfg.channel_mult) - 1]
         _unet_transformer(lay, f"{p}middle_block.1", "mid_block.attentions.0", ch, cfg, last)
         _unet_resblock(lay, f"{p}middle_block.2", "mid_block.resnets.1", ch, ch, emb)
@@ -164,7 +189,8 @@ def unet_layout(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> list
             ch = out
             index = 1
             if level in cfg.attention_levels:
-                _unet_transformer(lay, f"{name}.1", f"up_blocks.{up}.attentions.{j}", ch, cfg, depth[level])
+                td = _transformer_depth(cfg, "output", level, j)
+                _unet_transformer(lay, f"{name}.1", f"up_blocks.{up}.attentions.{j}", ch, cfg, td)
                 index = 2
             if level != 0 and j == cfg.num_res_blocks:
                 if cfg.tiny:  # the upsampler sits in a block of its own, at index 1 in the first one

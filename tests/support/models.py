@@ -33,6 +33,8 @@ from tests.support.layouts import (
     SD1_UNET,
     SD2_UNET,
     SDXL_UNET,
+    SSD_1B_UNET,
+    VEGA_UNET,
     Qwen3Config,
     TensorSpec,
     clip_text_layout,
@@ -82,13 +84,17 @@ def sd_layout(version: str) -> list[TensorSpec]:
 SDXL_PARTS = ("unet", "clip_l", "clip_g", "vae")
 
 
+SDXL_UNETS = {"unet": SDXL_UNET, "ssd-1b-unet": SSD_1B_UNET, "vega-unet": VEGA_UNET}
+"""SDXL's UNet and its distilled versions the engine runs (SSD-1B, Segmind Vega), each alone."""
+
+
 def sdxl_part_layout(part: str) -> list[TensorSpec]:
     """One file of SDXL's split layout, each under its own names without a
     checkpoint prefix: the UNet (as UNet-only GGUF releases store it), CLIP-L
     and CLIP-G (``CLIPTextModel`` / ``CLIPTextModelWithProjection``, as the
     ``clip_l`` / ``clip_g`` files of ComfyUI-style releases) and the VAE."""
-    if part == "unet":
-        return unet_layout(SDXL_UNET, prefix="")
+    if part in SDXL_UNETS:
+        return unet_layout(SDXL_UNETS[part], prefix="")
     if part == "clip_l":
         return clip_text_layout(prefix="")
     if part == "clip_g":

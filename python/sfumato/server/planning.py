@@ -198,11 +198,14 @@ def left_unset(sent: Collection[str], sent_as: Mapping[str, str], sampler: str |
 def with_defaults(params: DiffusionParams, entry: Entry, unset: Collection[str]) -> DiffusionParams:
     """``params`` with the configured defaults of the model of ``entry`` in the fields
     the client left ``unset``. When the model sets a sampler or a scheduler and the
-    request chose neither, the scheduler is the model's (or the engine's for its family)."""
+    request chose neither, the scheduler is the model's (or the engine's for its family).
+    A model that ``edits`` (FLUX.1 Kontext) takes an img2img request's image as its reference."""
     defaults = entry.config.defaults if entry.config is not None else {}
-    filled = {f: value for f, value in defaults.items() if f in unset}
+    filled: dict[str, Any] = {f: value for f, value in defaults.items() if f in unset}
     if {"sampling_method", "scheduler"} <= set(unset) and {"sampling_method", "scheduler"} & set(defaults):
         filled["scheduler"] = defaults.get("scheduler")
+    if entry.config is not None and entry.config.edits and params.init_image is not None:
+        filled.update(init_image=None, init_images=[params.init_image, *params.init_images])
     return replace(params, **filled) if filled else params
 
 

@@ -179,6 +179,7 @@ def _model(name: str, held: Holding) -> Entry:
             companions={role: Path(path) for role, path in table["companions"].items()},
             prediction=table["prediction"],
             defaults=table["defaults"],
+            edits=table.get("edits", False),
         )
     tiny = Path(facts["taesd"]) if facts.get("taesd") else None
     return Entry(name, Path(facts.get("path", name)), info, config, tiny=tiny, sha256=held.identity, facts=facts)

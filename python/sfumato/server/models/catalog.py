@@ -391,6 +391,7 @@ def _model_facts(entry: Entry) -> dict[str, Any]:
             "companions": {role: str(path) for role, path in entry.config.companions.items()},
             "prediction": entry.config.prediction,
             "defaults": dict(entry.config.defaults),
+            "edits": entry.config.edits,
         }
     tiny = entry.taesd
     return {

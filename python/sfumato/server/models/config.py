@@ -31,13 +31,14 @@ from sfumato import presets
 from sfumato.engine.kernels import PRECISIONS
 from sfumato.errors import InvalidModelError, InvalidParameterError, SfumatoError
 from sfumato.families.companions import ROLES
-from sfumato.families.detect import DIFFUSION_FAMILIES, FAMILY_NAMES, ModelInfo, detect
+from sfumato.families.detect import DIFFUSION_FAMILIES, FAMILY_FLUX1, FAMILY_NAMES, ModelInfo, detect
 from sfumato.limits import bounds
 from sfumato.loading import companion_files
 from sfumato.params import (
     ANY_FAMILY_SIDE_MULTIPLE,
     PREDICTION_NAMES,
     ModelConfig,
+    check_bool,
     check_choice,
     check_int,
     check_number,
@@ -56,7 +57,7 @@ COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
-MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "device", "cpu_variant", "precision", *DEFAULT_KEYS)
+MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "edits", "device", "cpu_variant", "precision", *DEFAULT_KEYS)
 
 DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
 """The :class:`~sfumato.params.DiffusionParams` fields a model's defaults fill."""
@@ -95,6 +96,10 @@ class ConfiguredModel:
         ``model_config.precision`` for this model (``None``: the server's ``--precision``).
     defaults:
         :data:`DEFAULTED_FIELDS` -> the value a request that leaves the field out takes.
+    edits:
+        A FLUX.1 Kontext model: an image-to-image request's image (A1111 img2img, OpenAI
+        ``images.edit``, the job queue's ``init_image``) is the reference it edits, not
+        an img2img source. Its header does not tell Kontext from [dev], so the table says it.
     """
 
     name: str
@@ -106,6 +111,7 @@ class ConfiguredModel:
     device: str | None = None
     cpu_variant: str | None = None
     precision: str | None = None
+    edits: bool = False
 
     def load_config(self) -> dict[str, Any]:
         """Its ``model_config`` keys for :func:`sfumato.load_model`."""
@@ -187,9 +193,17 @@ def _model(config: Path, name: str, table: dict[str, Any], max_steps: int, max_p
         precision = table.get("precision")
         if precision is not None:
             check_choice("precision", precision, PRECISIONS)
+        edits = table.get("edits", False)
+        check_bool("edits", edits)
+        if edits and (info.family != FAMILY_FLUX1 or info.variant not in ("dev", "schnell")):
+            raise InvalidParameterError(
+                "edits",
+                f"is for FLUX.1 Kontext (a [dev]-layout transformer); this file is {FAMILY_NAMES[info.family]}"
+                f"{f' {info.variant}' if info.variant else ''} (FLUX.2 edits with prediction = 'flux2_flow')",
+            )
     except InvalidParameterError as exc:
         raise ModelsConfigError(config, name, exc.field, exc.message) from None
-    return ConfiguredModel(name, path, info, files, prediction, defaults, device, cpu_variant, precision)
+    return ConfiguredModel(name, path, info, files, prediction, defaults, device, cpu_variant, precision, edits)
 
 
 def _defaults(table: Mapping[str, Any], max_steps: int, max_pixels: int) -> dict[str, Any]:
