@@ -5,9 +5,9 @@ encoding and the VAE decode, and peak RSS, each family in its own process
 
 The files are the test suite's (random weights in the real layout, from the same cache
 folder): the SD 1.x / 2.x and SDXL UNets at full size, SD3 Medium's full MMDiT, and the
-transformers of FLUX.1, Chroma and FLUX.2 [klein] at their real widths with one block of
-each kind (a released file has 19 + 38 or 5 + 20: its step costs about that many times
-more). T5-XXL and Qwen3 are their full encoders (Qwen3 to the layer FLUX.2 reads).
+transformers of FLUX.1, Chroma, Ovis-Image and FLUX.2 [klein] at their real widths with one
+block of each kind (a released file has 19 + 38 or 5 + 20: its step costs about that many
+times more). T5-XXL and the Qwen3s are their full encoders (FLUX.2's to the layer it reads).
 Companions are q4_0 where the suite writes them so; the UNets are f16."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def _families() -> dict[str, dict[str, Any]]:
                                ("clip_g", "sdxl-clip_g.safetensors"), ("vae", "sdxl-vae.safetensors"))}  # fmt: skip
     t5 = _file("t5xxl-q4_0.gguf", models.write_t5xxl)
     flux_vae = _file("flux1-ae.safetensors", lambda p: models.write_flux1_part(p, "vae"))
+    ovis_llm = _file("ovis-qwen3-q4_0.gguf", models.write_ovis_llm)
     flux2 = {part: _file(name, lambda p, part=part: models.write_flux2_part(p, part))
              for part, name in (("diffusion", "flux2-klein-q4_0.gguf"), ("llm", "flux2-qwen3-q4_0.gguf"),
                                 ("vae", "flux2-vae.safetensors"))}  # fmt: skip
@@ -52,6 +53,8 @@ def _families() -> dict[str, dict[str, Any]]:
                                                       "vae_model_src": flux_vae}},
         "Chroma": {"model": _file("chroma-q4_0.gguf", lambda p: models.write_flux1_part(p, "chroma")), "size": 16,
                    "model_config": {"t5xxl_model_src": t5, "vae_model_src": flux_vae}},
+        "Ovis-Image": {"model": _file("ovis-image-q4_0.gguf", lambda p: models.write_flux1_part(p, "ovis")),
+                       "size": 16, "model_config": {"llm_model_src": ovis_llm, "vae_model_src": flux_vae}},
         "FLUX.2 [klein]": {"model": flux2["diffusion"], "size": 16,
                            "model_config": {"llm_model_src": flux2["llm"], "vae_model_src": flux2["vae"]}},
     }  # fmt: skip
@@ -87,5 +90,5 @@ def test_each_family_at_its_smallest_size(benchmark: BenchmarkFixture, probe: Pr
         "families",
         rows,
         f"Each family at its smallest size, {STEPS} steps at its default cfg_scale, 2 threads, each in its own "
-        "process (the test suite's random-weight files; FLUX.1, Chroma and FLUX.2 with one block of each kind).",
+        "process (the test suite's random-weight files; the transformers with one block of each kind).",
     )

@@ -236,6 +236,14 @@ chroma_gguf = _model_file("chroma-q4_0.gguf", lambda p: models.write_flux1_part(
 """Chroma1-HD's transformer at its real widths (one block of each kind and the full modulation network, q4_0)."""
 
 
+ovis_gguf = _model_file("ovis-image-q4_0.gguf", lambda p: models.write_flux1_part(p, "ovis"))
+"""Ovis-Image's MMDiT at FLUX.1's widths (one block of each kind, q4_0)."""
+
+
+ovis_llm = _model_file("ovis-qwen3-q4_0.gguf", models.write_ovis_llm)
+"""Ovis 2.5's Qwen3 (2B, all 28 layers: the engine sets its heads by that depth), q4_0."""
+
+
 flux1_fill_gguf = _model_file("flux1-fill-q4_0.gguf", lambda p: models.write_flux1_part(p, "fill"))
 """FLUX.1 Fill [dev]'s transformer (384 input channels) at its real widths, one block of each kind, q4_0."""
 

@@ -1,5 +1,6 @@
 """The FLUX.1 architecture beyond [dev] and [schnell]: Chroma (its own family: T5-XXL
-alone, a distilled modulation network, classifier-free guidance), FLUX.1 Fill (inpainting
+alone, a distilled modulation network, classifier-free guidance), Ovis-Image (its own
+family: gated MLPs, Ovis 2.5's Qwen3 as text encoder), FLUX.1 Fill (inpainting
 inside a mask), Depth/Canny (a control image in the transformer's input) and Flex.2,
 each detected from its header and run on the real engine from self-made files at their
 real widths with one block of each kind. Kontext has [dev]'s layout: its reference-image
@@ -19,7 +20,7 @@ from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
-from sfumato.families.detect import FAMILY_CHROMA, FAMILY_FLUX1, detect
+from sfumato.families.detect import FAMILY_CHROMA, FAMILY_FLUX1, FAMILY_OVIS, detect
 from sfumato.images import decode_png
 
 from .helpers import SIZE, CaptureSpec, run
@@ -48,11 +49,12 @@ def _flux1_header(path: Path, img_in: int) -> Path:
 
 
 def test_each_flux1_architecture_is_detected_from_its_header(
-    chroma_gguf: Path, flux1_fill_gguf: Path, flux1_depth_gguf: Path, tmp_path: Path
+    chroma_gguf: Path, ovis_gguf: Path, flux1_fill_gguf: Path, flux1_depth_gguf: Path, tmp_path: Path
 ) -> None:
-    found = {path.name: detect(path) for path in (chroma_gguf, flux1_fill_gguf, flux1_depth_gguf)}
+    found = {path.name: detect(path) for path in (chroma_gguf, ovis_gguf, flux1_fill_gguf, flux1_depth_gguf)}
     assert {name: (i.family, i.variant, i.split, i.text_width) for name, i in found.items()} == {
         chroma_gguf.name: (FAMILY_CHROMA, None, True, 4096),
+        ovis_gguf.name: (FAMILY_OVIS, None, True, 2048),
         flux1_fill_gguf.name: (FAMILY_FLUX1, "fill", True, 4096),
         flux1_depth_gguf.name: (FAMILY_FLUX1, "controls", True, 4096),
     }
@@ -103,6 +105,34 @@ def test_chroma_maps_onto_the_context_without_flash_attention_over_its_mask(
     asked = load_spec(chroma_gguf, _config(t5_header, flux1_parts["vae"], flash_attn=True)).context
     assert asked is not None
     assert (asked.diffusion_flash_attn, asked.chroma_use_dit_mask) == (True, False)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_ovis_needs_ovis_2_5_s_qwen3(ovis_gguf: Path, flux1_parts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(errors.InvalidParameterError, match="pass its Qwen3 text encoder") as caught:
+        sfumato.load_model(ovis_gguf, model_config={"vae_model_src": flux1_parts["vae"]})
+    assert caught.value.field == "model_config.llm_model_src"
+    klein_s = tmp_path / "qwen3-4b.safetensors"  # FLUX.2 [klein]'s Qwen3 as far as the header goes
+    save_file({"model.embed_tokens.weight": np.zeros((8, 2560), np.float16),
+               "model.layers.26.mlp.gate_proj.weight": np.zeros((8, 8), np.float16)}, str(klein_s))  # fmt: skip
+    config = {"llm_model_src": klein_s, "vae_model_src": flux1_parts["vae"]}
+    with pytest.raises(errors.InvalidParameterError, match=r"27-layer .* 2560 wide; Ovis-Image reads") as caught:
+        sfumato.load_model(ovis_gguf, model_config=config)
+    assert caught.value.field == "model_config.llm_model_src"
+
+
+@pytest.mark.heavy
+def test_ovis_generates_from_the_sdk(ovis_gguf: Path, ovis_llm: Path, flux1_parts: dict[str, Path]) -> None:
+    config = {"llm_model_src": ovis_llm, "vae_model_src": flux1_parts["vae"], "threads": 2}
+    model_id = sfumato.load_model(ovis_gguf, model_config=config)
+    try:
+        default, stats, _ = run(model_id, steps=1, seed=5)  # cfg_scale 5, the family's: two passes a step
+        explicit, _, _ = run(model_id, steps=1, seed=5, cfg_scale=5.0)
+    finally:
+        sfumato.unload_model(model_id)
+    picture = decode_png(default[0])
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0 and stats.total_steps == 1
+    assert np.array_equal(picture, decode_png(explicit[0]))
 
 
 @pytest.fixture(scope="module")

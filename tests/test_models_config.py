@@ -440,6 +440,27 @@ def test_chroma_is_listed_with_its_family_and_served_to_comfyui(
     assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 5
 
 
+@pytest.mark.heavy
+def test_ovis_is_listed_with_its_family_and_served_to_a1111(
+    tmp_path: Path, ovis_gguf: Path, ovis_llm: Path, flux1_parts: dict[str, Path]
+) -> None:
+    _link(tmp_path / "models", ovis__gguf=ovis_gguf, qwen3__gguf=ovis_llm, ae__safetensors=flux1_parts["vae"])
+    (tmp_path / "models" / "models.toml").write_text(
+        f'[models.ovis]\nfile = "ovis.gguf"\nllm = "qwen3.gguf"\nvae = "ae.safetensors"\n{SAMPLED_ONCE}'
+    )
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        titles = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
+        assert "ovis" in titles
+        listed = client.get("/models").json()["models"]
+        assert {m["name"]: m["family"] for m in listed}["ovis"] == "Ovis-Image"
+        done = client.post("/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "seed": 3, "width": SIZE,
+                                                      "height": SIZE, "override_settings": {
+                                                          "sd_model_checkpoint": "ovis"}})  # fmt: skip
+    assert done.status_code == 200, done.text
+    picture = pixels(base64.b64decode(done.json()["images"][0]))
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+
+
 def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
     tmp_path: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, sd1_tiny_gguf: Path
 ) -> None:

@@ -24,6 +24,7 @@ from sfumato.families.detect import (
     FAMILY_CHROMA,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
+    FAMILY_OVIS,
     FAMILY_SD1,
     FAMILY_SD2,
     FAMILY_SD3,
@@ -116,13 +117,13 @@ class DiffusionParams:
 
 DEFAULT_CFG_SCALE = 7.0
 MAX_CONTROL_STRENGTH = bounds("control_strength")[1]
-FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_CHROMA: 4.0, FAMILY_FLUX2: 1.0}
+FAMILY_CFG_SCALE: dict[Family, float] = {FAMILY_FLUX1: 1.0, FAMILY_CHROMA: 4.0, FAMILY_OVIS: 5.0, FAMILY_FLUX2: 1.0}
 """``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`:
 FLUX.1 and FLUX.2 [klein] are guidance-distilled (FLUX.1 [dev] takes ``guidance``), Chroma
-is not and guides by classifier-free guidance at a lower scale."""
+and Ovis-Image are not and guide by classifier-free guidance at a lower scale."""
 FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
     FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16,
-    FAMILY_FLUX2: 16,
+    FAMILY_OVIS: 16, FAMILY_FLUX2: 16,
 }  # fmt: skip
 """Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
 the transformers patchify 2x2 latents of an 8x VAE."""

@@ -418,6 +418,8 @@ class FluxConfig:
     chroma: bool = False
     """Chroma: no per-block modulations and no time, vector or guidance embedders; one
     distilled network computes every modulation."""
+    ovis: bool = False
+    """Ovis-Image: gated (gate, up, down) MLPs in the double blocks, an RMS norm over the text."""
 
 
 FLUX1_DEV = FluxConfig()
@@ -426,6 +428,8 @@ FLUX1_FILL = FluxConfig(in_channels=384, out_channels=64)
 FLUX1_DEPTH = FluxConfig(in_channels=128, out_channels=64)
 CHROMA = FluxConfig(guidance=False, vec_in_dim=0, chroma=True)
 """Chroma1-HD: FLUX.1 [schnell]'s transformer (19 double, 38 single blocks), pruned."""
+OVIS_IMAGE = FluxConfig(context_dim=2048, vec_in_dim=0, guidance=False, ovis=True)
+"""Ovis-Image's MMDiT as the engine builds it: FLUX.1's widths, text from Ovis 2.5's Qwen3 (2048)."""
 CHROMA_APPROXIMATOR = (5120, 5)
 """The width and depth of Chroma's modulation network (the engine fixes both)."""
 FLUX2_KLEIN_4B = FluxConfig(
@@ -441,9 +445,11 @@ def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
     lay = _Layout()
     p, h, bias = prefix, cfg.hidden, not cfg.flux2
     mlp = h * cfg.mlp_ratio
-    gate = 2 if cfg.flux2 else 1
+    gate = 2 if cfg.flux2 or cfg.ovis else 1  # the single blocks' gated MLPs take two halves
     lay.linear(f"{p}img_in", None, h, cfg.in_channels, bias=bias)
     lay.linear(f"{p}txt_in", None, h, cfg.context_dim, bias=bias)
+    if cfg.ovis:
+        lay.add(f"{p}txt_norm.scale", None, cfg.context_dim)
     embedders = {"time_in": 256, "vector_in": cfg.vec_in_dim, "guidance_in": 256 if cfg.guidance else 0}
     for embedder, width in embedders.items():
         if width and not cfg.chroma:
@@ -467,8 +473,13 @@ def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
             lay.add(f"{block}_attn.norm.query_norm.scale", None, cfg.head_dim)
             lay.add(f"{block}_attn.norm.key_norm.scale", None, cfg.head_dim)
             lay.linear(f"{block}_attn.proj", None, h, h, bias=bias)
-            lay.linear(f"{block}_mlp.0", None, gate * mlp, h, bias=bias)
-            lay.linear(f"{block}_mlp.2", None, h, mlp, bias=bias)
+            if cfg.ovis:
+                lay.linear(f"{block}_mlp.gate_proj", None, mlp, h, bias=bias)
+                lay.linear(f"{block}_mlp.up_proj", None, mlp, h, bias=bias)
+                lay.linear(f"{block}_mlp.down_proj", None, h, mlp, bias=bias)
+            else:
+                lay.linear(f"{block}_mlp.0", None, gate * mlp, h, bias=bias)
+                lay.linear(f"{block}_mlp.2", None, h, mlp, bias=bias)
     for i in range(cfg.single_blocks):
         block = f"{p}single_blocks.{i}"
         lay.linear(f"{block}.linear1", None, 3 * h + gate * mlp, h, bias=bias)

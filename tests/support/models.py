@@ -29,6 +29,7 @@ from tests.support.layouts import (
     FLUX1_DEV,
     FLUX1_FILL,
     FLUX2_KLEIN_4B,
+    OVIS_IMAGE,
     SD1_TINY_UNET,
     SD1_UNET,
     SD2_UNET,
@@ -256,9 +257,20 @@ def write_sd3_checkpoint(path: Path, seed: int = 0) -> Path:
     return write_gguf(Path(path), random_q4_0_tensors(specs, seed), arch="sd3")
 
 
-FLUX1_TRANSFORMERS = {"diffusion": FLUX1_DEV, "fill": FLUX1_FILL, "depth": FLUX1_DEPTH, "chroma": CHROMA}
+FLUX1_TRANSFORMERS = {
+    "diffusion": FLUX1_DEV, "fill": FLUX1_FILL, "depth": FLUX1_DEPTH, "chroma": CHROMA, "ovis": OVIS_IMAGE,
+}  # fmt: skip
 """The FLUX.1-architecture transformers the suite writes: [dev] (also Kontext's layout), Fill,
-Depth/Canny and Chroma, each at its real widths with one block of each kind."""
+Depth/Canny, Chroma and Ovis-Image, each at its real widths with one block of each kind."""
+OVIS_QWEN3 = Qwen3Config(layers=28, hidden=2048, heads=16, kv_heads=8, ffn=6144)
+"""Ovis 2.5's Qwen3 (2B): Ovis-Image's text encoder, whole."""
+
+
+def write_ovis_llm(path: Path, seed: int = 0) -> Path:
+    """Ovis-Image's text encoder (:data:`OVIS_QWEN3`) as a q4_0 GGUF in llama.cpp's names."""
+    return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(OVIS_QWEN3), seed), arch="qwen3")
+
+
 FLUX1_PARTS = (*FLUX1_TRANSFORMERS, "vae")
 
 

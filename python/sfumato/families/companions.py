@@ -16,6 +16,7 @@ from sfumato.families.detect import (
     FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
+    FAMILY_OVIS,
     FAMILY_SD1,
     FAMILY_SD2,
     FAMILY_SD3,
@@ -54,7 +55,8 @@ CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 """Hidden width of each CLIP text encoder."""
 
 VAE_LATENT_CHANNELS = {
-    FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16, FAMILY_FLUX2: 32,
+    FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16, FAMILY_OVIS: 16,
+    FAMILY_FLUX2: 32,
 }  # fmt: skip
 """Latent channels of the VAE each family decodes with."""
 
@@ -63,6 +65,9 @@ CONTROL_NET_WIDTHS = {FAMILY_SD1: 768, FAMILY_SD2: 1024, FAMILY_SDXL: 2048}
 
 FLUX2_TEXT_LAYERS = (9, 18, 27)
 """The LLM layers whose outputs FLUX.2 [klein] stacks into its text features."""
+OVIS_TEXT_LAYERS = 28
+"""Ovis-Image reads the last layer of Ovis 2.5's Qwen3 (the 2B's 28 layers, 2048 wide): the
+engine gives a Qwen3 its 16 heads only at that depth."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ FAMILY_TEXT_ENCODERS = {
     FAMILY_SD3: ("clip_l", "clip_g", "t5xxl"),
     FAMILY_FLUX1: ("clip_l", "t5xxl"),
     FAMILY_CHROMA: ("t5xxl",),
+    FAMILY_OVIS: ("llm",),
     FAMILY_FLUX2: ("llm",),
 }
 """The text encoders each family conditions on (SD 1.x / 2.x files always carry theirs)."""
@@ -204,6 +210,15 @@ def _check_llm(path: Path, table: TensorTable, field: str, info: ModelInfo) -> N
         raise InvalidParameterError(field, f"{path} is not a language model (no token embedding)")
     indexes = (re.search(r"(?:^|\.)(?:blk|layers)\.(\d+)\.", name) for name in table.shapes)
     layers = 1 + max((int(m.group(1)) for m in indexes if m), default=-1)
+    if info.family == FAMILY_OVIS:
+        width = embed[1] if len(embed) == 2 else None
+        if layers != OVIS_TEXT_LAYERS or (width is not None and info.text_width not in (None, width)):
+            raise InvalidParameterError(
+                field,
+                f"{path} is a {layers}-layer language model{f', {width} wide' if width else ''}; "
+                f"Ovis-Image reads Ovis 2.5's Qwen3 ({OVIS_TEXT_LAYERS} layers, {info.text_width or 2048} wide)",
+            )
+        return
     deepest = FLUX2_TEXT_LAYERS[-1]
     if layers < deepest:
         raise InvalidParameterError(

@@ -25,7 +25,7 @@ from sfumato.errors import (
     UnsupportedModelError,
 )
 
-Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "flux2", "esrgan"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "ovis", "flux2", "esrgan"]
 """The model families sfumato detects; :data:`FAMILY_NAMES` gives their display names."""
 FAMILY_SD1: Family = "sd1"
 FAMILY_SD2: Family = "sd2"
@@ -33,13 +33,17 @@ FAMILY_SDXL: Family = "sdxl"
 FAMILY_SD3: Family = "sd3"
 FAMILY_FLUX1: Family = "flux1"
 FAMILY_CHROMA: Family = "chroma"
+FAMILY_OVIS: Family = "ovis"
 FAMILY_FLUX2: Family = "flux2"
 FAMILY_ESRGAN: Family = "esrgan"
-DIFFUSION_FAMILIES = (FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_FLUX2)
+DIFFUSION_FAMILIES = (
+    FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_FLUX2,
+)  # fmt: skip
 SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
 FAMILY_NAMES: dict[Family, str] = {
     FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
-    FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_FLUX2: "FLUX.2 [klein]", FAMILY_ESRGAN: "ESRGAN",
+    FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_OVIS: "Ovis-Image", FAMILY_FLUX2: "FLUX.2 [klein]",
+    FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
 
 TEXT_ENCODER_PREFIXES = {
@@ -213,14 +217,16 @@ def read_tensor_table(path: Path) -> TensorTable:
     raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
 
 
-RUNS = "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma, and FLUX.2 [klein]"
+RUNS = (
+    "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma, Ovis-Image "
+    "and FLUX.2 [klein]"
+)
 """What this version of sfumato runs, as refusals say it."""
 
 ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
     ("nerf_final_layer_conv.", "Chroma1-Radiance (Chroma in pixel space; T5-XXL text encoder)", False),
     ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
     ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
-    ("double_blocks.0.img_mlp.gate_proj.weight", "Ovis-Image", False),
     ("cap_embedder.0.weight", "Z-Image (Qwen3 text encoder)", False),
     ("layers.0.adaLN_sa_ln.weight", "ERNIE-Image", False),
     ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x", True),
@@ -317,8 +323,8 @@ the transformer's input."""
 
 def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
     """A FLUX.1 transformer: [dev] (with its guidance embedder) or [schnell], a variant of
-    :data:`FLUX1_VARIANTS`, or Chroma (FLUX.1 with a distilled modulation network and
-    T5-XXL alone); ``None`` when it is none."""
+    :data:`FLUX1_VARIANTS`, Chroma (FLUX.1 with a distilled modulation network and
+    T5-XXL alone) or Ovis-Image (gated MLPs, a Qwen3 text encoder); ``None`` when it is none."""
     prefix = _diffusion_prefix(table, "double_blocks.")
     if prefix is None:
         return None
@@ -327,6 +333,8 @@ def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
     text_width = table.input_width(f"{prefix}txt_in.weight")
     if table.has_prefix(f"{prefix}distilled_guidance_layer."):
         return ModelInfo(path, FAMILY_CHROMA, table.format, None, has_vae, split, text_width, _carried(table))
+    if table.has_prefix(f"{prefix}double_blocks.0.img_mlp.gate_proj."):
+        return ModelInfo(path, FAMILY_OVIS, table.format, None, has_vae, split, text_width, _carried(table))
     img_in = table.input_width(f"{prefix}img_in.weight")
     if img_in is not None and img_in != 64 and img_in not in FLUX1_VARIANTS:
         raise UnsupportedModelError(
