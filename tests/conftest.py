@@ -244,6 +244,14 @@ ovis_llm = _model_file("ovis-qwen3-q4_0.gguf", models.write_ovis_llm)
 """Ovis 2.5's Qwen3 (2B, all 28 layers: the engine sets its heads by that depth), q4_0."""
 
 
+z_image_gguf = _model_file("z-image-q4_0.gguf", models.write_z_image)
+"""Z-Image's transformer, whole (6.6B parameters, q4_0, 3.7 GB)."""
+
+
+qwen3_4b_gguf = _model_file("qwen3-4b-q4_0.gguf", models.write_qwen3_4b)
+"""Qwen3-4B, whole (36 layers), q4_0: Z-Image's text encoder."""
+
+
 flux1_fill_gguf = _model_file("flux1-fill-q4_0.gguf", lambda p: models.write_flux1_part(p, "fill"))
 """FLUX.1 Fill [dev]'s transformer (384 input channels) at its real widths, one block of each kind, q4_0."""
 

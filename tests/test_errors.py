@@ -225,7 +225,6 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         ),
         (["transformer_blocks.0.img_mod.1.weight"], "Qwen-Image or Qwen-Image-Edit"),
         (["model.diffusion_model.llm_adapter.blocks.0.cross_attn.q_proj.weight"], "Anima"),
-        (["model.diffusion_model.cap_embedder.0.weight"], "Z-Image"),
         (["layers.0.adaLN_sa_ln.weight"], "ERNIE-Image"),
         (["model.diffusion_model.blocks.0.cross_attn.norm_k.weight"], "Wan 2.x video model; sfumato makes images"),
         (

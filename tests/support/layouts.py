@@ -30,7 +30,10 @@ class TensorSpec:
         dotted = f".{self.name}"
         return (
             len(self.shape) == 1
-            and any(key in dotted for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0."))
+            and any(
+                key in dotted
+                for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0.", ".cap_embedder.0.")
+            )
             and self.name.endswith(("weight", "scale"))
         )
 
@@ -584,4 +587,41 @@ def qwen3_layout(cfg: Qwen3Config) -> list[TensorSpec]:
         lay.linear(f"{b}.ffn_up", None, cfg.ffn, h, bias=False)
         lay.linear(f"{b}.ffn_down", None, h, cfg.ffn, bias=False)
     lay.add("output_norm.weight", None, h)
+    return lay.specs
+
+
+Z_IMAGE_WIDTHS = {"hidden": 3840, "heads": 30, "head_dim": 128, "ffn": 10240, "caption": 2560, "t_embed": 1024}
+"""Z-Image's transformer (6B), as the engine builds it whatever the file holds: 30 layers and
+2 + 2 refiner layers, 3840 wide; the caption embedder takes Qwen3-4B's features."""
+
+
+def z_image_layout(prefix: str = "") -> list[TensorSpec]:
+    """The Z-Image transformer in its released names (no biases in the blocks)."""
+    w = Z_IMAGE_WIDTHS
+    lay = _Layout()
+    p, h = prefix, w["hidden"]
+    lay.add(f"{p}cap_pad_token", None, h)
+    lay.add(f"{p}x_pad_token", None, h)
+    lay.linear(f"{p}x_embedder", None, h, 64)  # 2x2 patches of 16 latent channels
+    lay.linear(f"{p}t_embedder.mlp.0", None, w["t_embed"], 256)
+    lay.linear(f"{p}t_embedder.mlp.2", None, 256, w["t_embed"])
+    lay.add(f"{p}cap_embedder.0.weight", None, w["caption"])
+    lay.linear(f"{p}cap_embedder.1", None, h, w["caption"])
+    blocks = [(f"noise_refiner.{i}", True) for i in range(2)] + [(f"context_refiner.{i}", False) for i in range(2)]
+    blocks += [(f"layers.{i}", True) for i in range(30)]
+    for name, modulated in blocks:
+        b = f"{p}{name}"
+        lay.linear(f"{b}.attention.qkv", None, 3 * w["heads"] * w["head_dim"], h, bias=False)
+        lay.linear(f"{b}.attention.out", None, h, w["heads"] * w["head_dim"], bias=False)
+        lay.add(f"{b}.attention.q_norm.weight", None, w["head_dim"])
+        lay.add(f"{b}.attention.k_norm.weight", None, w["head_dim"])
+        lay.linear(f"{b}.feed_forward.w1", None, w["ffn"], h, bias=False)
+        lay.linear(f"{b}.feed_forward.w2", None, h, w["ffn"], bias=False)
+        lay.linear(f"{b}.feed_forward.w3", None, w["ffn"], h, bias=False)
+        for norm in ("attention_norm1", "ffn_norm1", "attention_norm2", "ffn_norm2"):
+            lay.add(f"{b}.{norm}.weight", None, h)
+        if modulated:
+            lay.linear(f"{b}.adaLN_modulation.0", None, 4 * h, 256)
+    lay.linear(f"{p}final_layer.linear", None, 64, h)
+    lay.linear(f"{p}final_layer.adaLN_modulation.1", None, h, 256)
     return lay.specs

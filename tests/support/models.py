@@ -49,6 +49,7 @@ from tests.support.layouts import (
     taesd_layout,
     unet_layout,
     vae_layout,
+    z_image_layout,
 )
 
 SD_VERSIONS = ("sd1", "sd1-tiny", "sd1-inpaint", "sd1-pix2pix", "sd2", "sdxl")
@@ -264,6 +265,17 @@ FLUX1_TRANSFORMERS = {
 Depth/Canny, Chroma and Ovis-Image, each at its real widths with one block of each kind."""
 OVIS_QWEN3 = Qwen3Config(layers=28, hidden=2048, heads=16, kv_heads=8, ffn=6144)
 """Ovis 2.5's Qwen3 (2B): Ovis-Image's text encoder, whole."""
+
+
+def write_z_image(path: Path, seed: int = 0) -> Path:
+    """Z-Image's whole transformer (6.6B parameters, the engine builds no fewer) as a q4_0
+    GGUF, 3.7 GB."""
+    return write_gguf(Path(path), random_q4_0_tensors(z_image_layout(), seed), arch="lumina2")
+
+
+def write_qwen3_4b(path: Path, seed: int = 0) -> Path:
+    """Qwen3-4B whole (36 layers: Z-Image reads the 35th) as a q4_0 GGUF in llama.cpp's names."""
+    return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(Qwen3Config()), seed), arch="qwen3")
 
 
 def write_ovis_llm(path: Path, seed: int = 0) -> Path:

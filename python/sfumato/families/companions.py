@@ -21,6 +21,7 @@ from sfumato.families.detect import (
     FAMILY_SD2,
     FAMILY_SD3,
     FAMILY_SDXL,
+    FAMILY_Z_IMAGE,
     ModelInfo,
     TensorTable,
     read_tensor_table,
@@ -56,7 +57,7 @@ CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 
 VAE_LATENT_CHANNELS = {
     FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16, FAMILY_OVIS: 16,
-    FAMILY_FLUX2: 32,
+    FAMILY_Z_IMAGE: 16, FAMILY_FLUX2: 32,
 }  # fmt: skip
 """Latent channels of the VAE each family decodes with."""
 
@@ -65,9 +66,10 @@ CONTROL_NET_WIDTHS = {FAMILY_SD1: 768, FAMILY_SD2: 1024, FAMILY_SDXL: 2048}
 
 FLUX2_TEXT_LAYERS = (9, 18, 27)
 """The LLM layers whose outputs FLUX.2 [klein] stacks into its text features."""
-OVIS_TEXT_LAYERS = 28
-"""Ovis-Image reads the last layer of Ovis 2.5's Qwen3 (the 2B's 28 layers, 2048 wide): the
-engine gives a Qwen3 its 16 heads only at that depth."""
+LLM_DEPTHS = {FAMILY_OVIS: (28, True, "Ovis 2.5's Qwen3 (2B)"), FAMILY_Z_IMAGE: (36, False, "Qwen3-4B")}
+"""The language model each family reads besides FLUX.2 [klein], as ``(layers, exactly, what)``:
+Ovis-Image its last layer of Ovis 2.5's Qwen3 (the engine gives a Qwen3 its 16 heads only
+at 28 layers), Z-Image the outputs of layer 35 (Qwen3-4B's next to last)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ FAMILY_TEXT_ENCODERS = {
     FAMILY_FLUX1: ("clip_l", "t5xxl"),
     FAMILY_CHROMA: ("t5xxl",),
     FAMILY_OVIS: ("llm",),
+    FAMILY_Z_IMAGE: ("llm",),
     FAMILY_FLUX2: ("llm",),
 }
 """The text encoders each family conditions on (SD 1.x / 2.x files always carry theirs)."""
@@ -210,13 +213,14 @@ def _check_llm(path: Path, table: TensorTable, field: str, info: ModelInfo) -> N
         raise InvalidParameterError(field, f"{path} is not a language model (no token embedding)")
     indexes = (re.search(r"(?:^|\.)(?:blk|layers)\.(\d+)\.", name) for name in table.shapes)
     layers = 1 + max((int(m.group(1)) for m in indexes if m), default=-1)
-    if info.family == FAMILY_OVIS:
+    if info.family in LLM_DEPTHS:
+        depth, exactly, what = LLM_DEPTHS[info.family]
         width = embed[1] if len(embed) == 2 else None
-        if layers != OVIS_TEXT_LAYERS or (width is not None and info.text_width not in (None, width)):
+        if (layers != depth if exactly else layers < depth) or (width and info.text_width not in (None, width)):
             raise InvalidParameterError(
                 field,
                 f"{path} is a {layers}-layer language model{f', {width} wide' if width else ''}; "
-                f"Ovis-Image reads Ovis 2.5's Qwen3 ({OVIS_TEXT_LAYERS} layers, {info.text_width or 2048} wide)",
+                f"{FAMILY_NAMES[info.family]} reads {what} ({depth} layers, {info.text_width} wide)",
             )
         return
     deepest = FLUX2_TEXT_LAYERS[-1]

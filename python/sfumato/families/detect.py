@@ -25,7 +25,7 @@ from sfumato.errors import (
     UnsupportedModelError,
 )
 
-Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "ovis", "flux2", "esrgan"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "ovis", "z_image", "flux2", "esrgan"]
 """The model families sfumato detects; :data:`FAMILY_NAMES` gives their display names."""
 FAMILY_SD1: Family = "sd1"
 FAMILY_SD2: Family = "sd2"
@@ -34,15 +34,18 @@ FAMILY_SD3: Family = "sd3"
 FAMILY_FLUX1: Family = "flux1"
 FAMILY_CHROMA: Family = "chroma"
 FAMILY_OVIS: Family = "ovis"
+FAMILY_Z_IMAGE: Family = "z_image"
 FAMILY_FLUX2: Family = "flux2"
 FAMILY_ESRGAN: Family = "esrgan"
 DIFFUSION_FAMILIES = (
-    FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_FLUX2,
+    FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE,
+    FAMILY_FLUX2,
 )  # fmt: skip
 SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
 FAMILY_NAMES: dict[Family, str] = {
     FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
-    FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_OVIS: "Ovis-Image", FAMILY_FLUX2: "FLUX.2 [klein]",
+    FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_OVIS: "Ovis-Image", FAMILY_Z_IMAGE: "Z-Image",
+    FAMILY_FLUX2: "FLUX.2 [klein]",
     FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
 
@@ -218,8 +221,8 @@ def read_tensor_table(path: Path) -> TensorTable:
 
 
 RUNS = (
-    "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma, Ovis-Image "
-    "and FLUX.2 [klein]"
+    "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma, Ovis-Image, "
+    "Z-Image and FLUX.2 [klein]"
 )
 """What this version of sfumato runs, as refusals say it."""
 
@@ -227,7 +230,6 @@ ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
     ("nerf_final_layer_conv.", "Chroma1-Radiance (Chroma in pixel space; T5-XXL text encoder)", False),
     ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
     ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
-    ("cap_embedder.0.weight", "Z-Image (Qwen3 text encoder)", False),
     ("layers.0.adaLN_sa_ln.weight", "ERNIE-Image", False),
     ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x", True),
     ("input_blocks.8.0.time_mixer.mix_factor", "Stable Video Diffusion", True),
@@ -254,7 +256,7 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
     _refuse_engine_only(path, table)
-    for classify in (_classify_sd3, _classify_flux2, _classify_flux1):
+    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_z_image):
         found = classify(path, table)
         if found is not None:
             return found
@@ -306,6 +308,22 @@ def _classify_sd3(path: Path, table: TensorTable) -> ModelInfo | None:
         table.format,
         has_vae=table.has_prefix("first_stage_model."),
         split=not _other_parts(table, prefix),
+        carries=_carried(table),
+    )
+
+
+def _classify_z_image(path: Path, table: TensorTable) -> ModelInfo | None:
+    """A Z-Image transformer (its caption embedder takes a Qwen3's features); ``None`` when it is none."""
+    prefix = _diffusion_prefix(table, "cap_embedder.0.")
+    if prefix is None:
+        return None
+    return ModelInfo(
+        path,
+        FAMILY_Z_IMAGE,
+        table.format,
+        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
+        split=not _other_parts(table, prefix),
+        text_width=table.input_width(f"{prefix}cap_embedder.1.weight"),
         carries=_carried(table),
     )
 

@@ -21,6 +21,8 @@ from sfumato.images import ImageInput
 from sfumato.params import (
     ANY_FAMILY_SIDE_MULTIPLE,
     DEFAULT_SIZE,
+    FAMILY_CFG_SCALE,
+    FLOW_FAMILIES,
     HIRES_UPSCALERS,
     REFINER_SWITCH_AT,
     DiffusionParams,
@@ -199,11 +201,20 @@ def with_defaults(params: DiffusionParams, entry: Entry, unset: Collection[str])
     """``params`` with the configured defaults of the model of ``entry`` in the fields
     the client left ``unset``. When the model sets a sampler or a scheduler and the
     request chose neither, the scheduler is the model's (or the engine's for its family).
-    A model that ``edits`` (FLUX.1 Kontext) takes an img2img request's image as its reference."""
+    A ``cfg_scale`` neither the client nor the model sets is the family's where it has its
+    own (:data:`~sfumato.params.FAMILY_CFG_SCALE`: 1 for the distilled transformers), as in
+    the SDK; so is the sampler and schedule of a flow-matching family
+    (:data:`~sfumato.params.FLOW_FAMILIES`). A model that ``edits`` (FLUX.1 Kontext) takes an
+    img2img request's image as its reference."""
     defaults = entry.config.defaults if entry.config is not None else {}
     filled: dict[str, Any] = {f: value for f, value in defaults.items() if f in unset}
+    family = entry.info.family if entry.info is not None else None
+    if "cfg_scale" in unset and "cfg_scale" not in filled and family in FAMILY_CFG_SCALE:
+        filled["cfg_scale"] = FAMILY_CFG_SCALE[family]
     if {"sampling_method", "scheduler"} <= set(unset) and {"sampling_method", "scheduler"} & set(defaults):
         filled["scheduler"] = defaults.get("scheduler")
+    elif {"sampling_method", "scheduler"} <= set(unset) and family in FLOW_FAMILIES:
+        filled.update(sampling_method=None, scheduler=None)  # the engine's own for the family
     if entry.config is not None and entry.config.edits and params.init_image is not None:
         filled.update(init_image=None, init_images=[params.init_image, *params.init_images])
     return replace(params, **filled) if filled else params

@@ -260,7 +260,7 @@ def choices(state: ServerState, key: str) -> list[str]:
     if key == "dtypes":
         return ["default"]
     if key == "clip_types":
-        return ["stable_diffusion", "sd3", "chroma", "ovis", "flux2"]
+        return ["stable_diffusion", "sd3", "chroma", "ovis", "lumina2", "flux2"]
     if key == "dual_clip_types":
         return ["sdxl", "sd3", "flux"]
     return []
