@@ -4,7 +4,8 @@ encoding and the VAE decode, and peak RSS, each family in its own process
 (``bench.probe`` kind ``family``, through sfumato's own loading path).
 
 The files are the test suite's (random weights in the real layout, from the same cache
-folder): the SD 1.x / 2.x and SDXL UNets at full size, SD3 Medium's full MMDiT, and the
+folder): the SD 1.x / 2.x and SDXL UNets at full size, SD3 Medium's and Z-Image's whole
+transformers, and the
 transformers of FLUX.1, Chroma, Ovis-Image and FLUX.2 [klein] at their real widths with one
 block of each kind (a released file has 19 + 38 or 5 + 20: its step costs about that many
 times more). T5-XXL and the Qwen3s are their full encoders (FLUX.2's to the layer it reads).
@@ -55,6 +56,9 @@ def _families() -> dict[str, dict[str, Any]]:
                    "model_config": {"t5xxl_model_src": t5, "vae_model_src": flux_vae}},
         "Ovis-Image": {"model": _file("ovis-image-q4_0.gguf", lambda p: models.write_flux1_part(p, "ovis")),
                        "size": 16, "model_config": {"llm_model_src": ovis_llm, "vae_model_src": flux_vae}},
+        "Z-Image": {"model": _file("z-image-q4_0.gguf", models.write_z_image), "size": 16,
+                    "model_config": {"llm_model_src": _file("qwen3-4b-q4_0.gguf", models.write_qwen3_4b),
+                                     "vae_model_src": flux_vae}},
         "FLUX.2 [klein]": {"model": flux2["diffusion"], "size": 16,
                            "model_config": {"llm_model_src": flux2["llm"], "vae_model_src": flux2["vae"]}},
     }  # fmt: skip
@@ -90,5 +94,6 @@ def test_each_family_at_its_smallest_size(benchmark: BenchmarkFixture, probe: Pr
         "families",
         rows,
         f"Each family at its smallest size, {STEPS} steps at its default cfg_scale, 2 threads, each in its own "
-        "process (the test suite's random-weight files; the transformers with one block of each kind).",
+        "process (the test suite's random-weight files: FLUX.1, Chroma, Ovis-Image and FLUX.2 with one block of "
+        "each kind, SD3 Medium and Z-Image whole).",
     )

@@ -461,7 +461,7 @@ def test_ovis_is_listed_with_its_family_and_served_to_a1111(
     assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
 
 
-def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
+def test_reference_latents_edits_and_family_defaults_reach_a_flux1_plan(
     tmp_path: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, sd1_tiny_gguf: Path
 ) -> None:
     files = {"flux1-dev__gguf": flux1_parts["diffusion"], "clip_l__safetensors": sdxl_parts["clip_l"],
@@ -492,6 +492,14 @@ def test_comfyui_reference_latents_reach_a_flux1_plan_and_are_refused_elsewhere(
         for model, sources, references in (("kontext", 1, 0), ("edits", 0, 1)):
             work = job_plan(state, DiffusionParams(prompt="x", init_image=picture), model=model).generation
             assert (work.init_image is not None, len(work.init_images)) == (sources == 1, references)
+        # What an HTTP request leaves out: FLUX.1 takes its family's cfg_scale and the engine's
+        # sampler for a flow model; SD 1.x the API's defaults.
+        asked = DiffusionParams(prompt="x", cfg_scale=7.0, sampling_method="dpm++2m", scheduler="karras")
+        unset = ("cfg_scale", "sampling_method", "scheduler")
+        chosen = {model: job_plan(state, asked, model=model, unset=unset).generation for model in ("kontext", "sd1")}
+        assert {m: (w.cfg_scale, w.sampling_method, w.scheduler) for m, w in chosen.items()} == {
+            "kontext": (1.0, None, None), "sd1": (7.0, "dpm++2m", "karras"),
+        }  # fmt: skip
         graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.gguf"}}
         for node in ("6", "7", "8", "14"):
             key = "clip" if node in ("6", "7") else "vae"

@@ -64,6 +64,7 @@ from sfumato.registry import (
     FLUX_2_KLEIN_4B_Q6_K,
     FLUX_2_KLEIN_4B_Q8_0,
     FLUX_2_KLEIN_4B_VAE,
+    QWEN3_4B,
     QWEN3_4B_Q4_K_M,
     REALESRGAN_X4PLUS,
     REALESRGAN_X4PLUS_ANIME_6B,
@@ -73,6 +74,7 @@ from sfumato.registry import (
     SDXL_BASE_1_0_3B_Q4_0,
     SDXL_BASE_1_0_3B_Q8_0,
     T5_XXL_FP16,
+    Z_IMAGE_TURBO_BF16,
     RegistryModel,
 )
 from sfumato.results import DiffusionResult, DiffusionStats, Pending, ProgressStream
@@ -81,7 +83,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CACHE_PRESETS", "CHROMA1_HD", "CLIP_L", "FLUX_1_AE", "FLUX_1_CANNY_DEV", "FLUX_1_DEPTH_DEV",
-    "FLUX_1_DEV_Q4_0", "FLUX_1_FILL_DEV_Q4_0", "FLUX_1_KONTEXT_DEV_Q4_0", "T5_XXL_FP16", "FLUX_2_KLEIN_4B_Q4_0",
+    "FLUX_1_DEV_Q4_0", "FLUX_1_FILL_DEV_Q4_0", "FLUX_1_KONTEXT_DEV_Q4_0", "T5_XXL_FP16", "QWEN3_4B",
+    "Z_IMAGE_TURBO_BF16", "FLUX_2_KLEIN_4B_Q4_0",
     "FLUX_2_KLEIN_4B_Q4_K_M", "FLUX_2_KLEIN_4B_Q6_K",
     "FLUX_2_KLEIN_4B_Q8_0", "FLUX_2_KLEIN_4B_VAE", "QWEN3_4B_Q4_K_M", "REALESRGAN_X4PLUS",
     "REALESRGAN_X4PLUS_ANIME_6B", "REGISTRY", "SAMPLING_METHODS", "SCHEDULER_NAMES",

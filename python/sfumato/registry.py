@@ -145,6 +145,16 @@ T5_XXL_FP16 = RegistryModel(
 )
 CLIP_L = RegistryModel("CLIP_L", "clip_l.safetensors", "clip_l", hf_repo="comfyanonymous/flux_text_encoders")
 
+# Z-Image Turbo, with FLUX_1_AE and a whole Qwen3-4B (this or QWEN3_4B_Q4_K_M).
+Z_IMAGE_TURBO_BF16 = RegistryModel(
+    "Z_IMAGE_TURBO_BF16", "z_image_turbo_bf16.safetensors", "z_image", hf_repo="Comfy-Org/z_image_turbo",
+    hf_path="split_files/diffusion_models/z_image_turbo_bf16.safetensors",
+)  # fmt: skip
+QWEN3_4B = RegistryModel(
+    "QWEN3_4B", "qwen_3_4b.safetensors", "llm", hf_repo="Comfy-Org/z_image_turbo",
+    hf_path="split_files/text_encoders/qwen_3_4b.safetensors",
+)  # fmt: skip
+
 REGISTRY: dict[str, RegistryModel] = {
     model.name: model
     for model in (
@@ -152,7 +162,7 @@ REGISTRY: dict[str, RegistryModel] = {
         FLUX_2_KLEIN_4B_Q4_0, FLUX_2_KLEIN_4B_Q4_K_M, FLUX_2_KLEIN_4B_Q6_K, FLUX_2_KLEIN_4B_Q8_0,
         FLUX_2_KLEIN_4B_VAE, QWEN3_4B_Q4_K_M, REALESRGAN_X4PLUS, REALESRGAN_X4PLUS_ANIME_6B,
         FLUX_1_DEV_Q4_0, FLUX_1_KONTEXT_DEV_Q4_0, FLUX_1_FILL_DEV_Q4_0, FLUX_1_DEPTH_DEV, FLUX_1_CANNY_DEV,
-        CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L,
+        CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L, Z_IMAGE_TURBO_BF16, QWEN3_4B,
     )
 }  # fmt: skip
 
