@@ -22,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sfumato.cli import main
+from sfumato.errors import InvalidParameterError
 from sfumato.params import DiffusionParams
 from sfumato.server.apis.comfy.compile import compile_prompt
 from sfumato.server.apis.openai import QUALITY_STEPS
@@ -462,15 +463,17 @@ def test_ovis_is_listed_with_its_family_and_served_to_a1111(
 
 
 def test_reference_latents_edits_and_family_defaults_reach_a_flux1_plan(
-    tmp_path: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, sd1_tiny_gguf: Path
-) -> None:
+    tmp_path: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5_header: Path, sd1_tiny_gguf: Path,
+    flux1_depth_gguf: Path,
+) -> None:  # fmt: skip
     files = {"flux1-dev__gguf": flux1_parts["diffusion"], "clip_l__safetensors": sdxl_parts["clip_l"],
              "t5xxl__safetensors": t5_header, "ae__safetensors": flux1_parts["vae"],
-             "sd1__gguf": sd1_tiny_gguf}  # fmt: skip
+             "sd1__gguf": sd1_tiny_gguf, "flux1-depth__gguf": flux1_depth_gguf}  # fmt: skip
     _link(tmp_path / "models", **files)
-    table = 'file = "flux1-dev.gguf"\nclip_l = "clip_l.safetensors"\nt5xxl = "t5xxl.safetensors"\n'
-    table += 'vae = "ae.safetensors"\n'
-    config = f"[models.kontext]\n{table}\n[models.edits]\n{table}edits = true\n"
+    table = 'clip_l = "clip_l.safetensors"\nt5xxl = "t5xxl.safetensors"\nvae = "ae.safetensors"\n'
+    dev = f'file = "flux1-dev.gguf"\n{table}'
+    config = f"[models.kontext]\n{dev}\n[models.edits]\n{dev}edits = true\n"
+    config += f'[models.depth]\nfile = "flux1-depth.gguf"\n{table}'
     (tmp_path / "models" / "models.toml").write_text(config)
     names = {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl.safetensors", "type": "flux"}
     clip = {"class_type": "DualCLIPLoader", "inputs": names}
@@ -500,6 +503,14 @@ def test_reference_latents_edits_and_family_defaults_reach_a_flux1_plan(
         assert {m: (w.cfg_scale, w.sampling_method, w.scheduler) for m, w in chosen.items()} == {
             "kontext": (1.0, None, None), "sd1": (7.0, "dpm++2m", "karras"),
         }  # fmt: skip
+        # FLUX.1 Depth takes its control image without a ControlNet; [dev] needs one named.
+        steered = job_plan(state, DiffusionParams(prompt="x", control_image=picture), model="depth")
+        assert steered.control_net is None and steered.generation.control_image is not None
+        with pytest.raises(InvalidParameterError, match="name one of the ControlNet folder") as caught:
+            job_plan(state, DiffusionParams(prompt="x", control_image=picture), model="kontext")
+        assert caught.value.field == "control_image"
+        with pytest.raises(InvalidParameterError, match="steered by a control image") as caught:
+            job_plan(state, DiffusionParams(prompt="x"), model="depth")
         graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.gguf"}}
         for node in ("6", "7", "8", "14"):
             key = "clip" if node in ("6", "7") else "vae"

@@ -16,6 +16,7 @@ from typing import Any
 
 from sfumato import images as imaging
 from sfumato.errors import InvalidParameterError
+from sfumato.families.detect import CONTROLLED_VARIANTS
 from sfumato.families.embeddings import TEXT_WIDTHS, refuse_skipped, sort_out
 from sfumato.images import ImageInput
 from sfumato.params import (
@@ -353,10 +354,13 @@ def job_plan(
                 model=pick_model(state, refiner, field="refiner_checkpoint"),
                 switch_at=check_number("refiner_switch_at", refiner_switch_at, 0.0, 1.0),
             )
-        if entry.info is not None:
+        controlled = entry.info is not None and entry.info.variant in CONTROLLED_VARIANTS
+        if entry.info is not None:  # a ControlNet is named, and checked, by the request: below
             prediction = entry.config.prediction if entry.config is not None else None
-            check_images(params, entry.info, prediction, control_net is not None)
-        control = _control_net(state, control_net, entry) if params.control_image is not None else None
+            check_images(params, entry.info, prediction, control_net=True)
+        control = None
+        if params.control_image is not None and not (controlled and control_net is None):
+            control = _control_net(state, control_net, entry)
         return JobPlan(
             model=name,
             work=work,
