@@ -206,7 +206,7 @@ def with_defaults(params: DiffusionParams, entry: Entry, unset: Collection[str])
     own (:data:`~sfumato.params.FAMILY_CFG_SCALE`: 1 for the distilled transformers), as in
     the SDK; so is the sampler and schedule of a flow-matching family
     (:data:`~sfumato.params.FLOW_FAMILIES`). A model that ``edits`` (FLUX.1 Kontext) takes an
-    img2img request's image as its reference."""
+    img2img request's image as its reference (with a mask, the request stays inpainting)."""
     defaults = entry.config.defaults if entry.config is not None else {}
     filled: dict[str, Any] = {f: value for f, value in defaults.items() if f in unset}
     family = entry.info.family if entry.info is not None else None
@@ -216,7 +216,7 @@ def with_defaults(params: DiffusionParams, entry: Entry, unset: Collection[str])
         filled["scheduler"] = defaults.get("scheduler")
     elif {"sampling_method", "scheduler"} <= set(unset) and family in FLOW_FAMILIES:
         filled.update(sampling_method=None, scheduler=None)  # the engine's own for the family
-    if entry.config is not None and entry.config.edits and params.init_image is not None:
+    if entry.config is not None and entry.config.edits and params.init_image is not None and params.mask is None:
         filled.update(init_image=None, init_images=[params.init_image, *params.init_images])
     return replace(params, **filled) if filled else params
 

@@ -99,7 +99,8 @@ class ConfiguredModel:
     edits:
         A FLUX.1 Kontext model: an image-to-image request's image (A1111 img2img, OpenAI
         ``images.edit``, the job queue's ``init_image``) is the reference it edits, not
-        an img2img source. Its header does not tell Kontext from [dev], so the table says it.
+        an img2img source (unless a mask makes it inpainting). Its header does not tell
+        Kontext from [dev], so the table says it.
     """
 
     name: str
