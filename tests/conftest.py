@@ -236,6 +236,10 @@ chroma_gguf = _model_file("chroma-q4_0.gguf", lambda p: models.write_flux1_part(
 """Chroma1-HD's transformer at its real widths (one block of each kind and the full modulation network, q4_0)."""
 
 
+chroma_radiance_gguf = _model_file("chroma-radiance-q4_0.gguf", lambda p: models.write_flux1_part(p, "chroma-radiance"))
+"""Chroma1-Radiance's transformer (pixel space) at its real widths, one block of each kind, q4_0."""
+
+
 ovis_gguf = _model_file("ovis-image-q4_0.gguf", lambda p: models.write_flux1_part(p, "ovis"))
 """Ovis-Image's MMDiT at FLUX.1's widths (one block of each kind, q4_0)."""
 
@@ -258,6 +262,10 @@ flux1_fill_gguf = _model_file("flux1-fill-q4_0.gguf", lambda p: models.write_flu
 
 flux1_depth_gguf = _model_file("flux1-depth-q4_0.gguf", lambda p: models.write_flux1_part(p, "depth"))
 """FLUX.1 Depth [dev]'s transformer (128 input channels; Canny's layout too), one block of each kind, q4_0."""
+
+
+flex2_gguf = _model_file("flex2-q4_0.gguf", lambda p: models.write_flux1_part(p, "flex2"))
+"""Flex.2's transformer (196 input channels), one block of each kind, q4_0."""
 
 
 taesd = _model_file("taesd.safetensors", models.write_taesd)

@@ -49,11 +49,14 @@ def _flux1_header(path: Path, img_in: int) -> Path:
 
 
 def test_each_flux1_architecture_is_detected_from_its_header(
-    chroma_gguf: Path, ovis_gguf: Path, flux1_fill_gguf: Path, flux1_depth_gguf: Path, tmp_path: Path
-) -> None:
-    found = {path.name: detect(path) for path in (chroma_gguf, ovis_gguf, flux1_fill_gguf, flux1_depth_gguf)}
+    chroma_gguf: Path, chroma_radiance_gguf: Path, ovis_gguf: Path, flux1_fill_gguf: Path, flux1_depth_gguf: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    files = (chroma_gguf, chroma_radiance_gguf, ovis_gguf, flux1_fill_gguf, flux1_depth_gguf)
+    found = {path.name: detect(path) for path in files}
     assert {name: (i.family, i.variant, i.split, i.text_width) for name, i in found.items()} == {
         chroma_gguf.name: (FAMILY_CHROMA, None, True, 4096),
+        chroma_radiance_gguf.name: (FAMILY_CHROMA, "radiance", True, 4096),
         ovis_gguf.name: (FAMILY_OVIS, None, True, 2048),
         flux1_fill_gguf.name: (FAMILY_FLUX1, "fill", True, 4096),
         flux1_depth_gguf.name: (FAMILY_FLUX1, "controls", True, 4096),
@@ -105,6 +108,31 @@ def test_chroma_maps_onto_the_context_without_flash_attention_over_its_mask(
     asked = load_spec(chroma_gguf, _config(t5_header, flux1_parts["vae"], flash_attn=True)).context
     assert asked is not None
     assert (asked.diffusion_flash_attn, asked.chroma_use_dit_mask) == (True, False)
+
+
+@pytest.mark.usefixtures("no_engine_calls")
+def test_chroma_radiance_takes_t5_alone(
+    chroma_radiance_gguf: Path, flux1_parts: dict[str, Path], t5_header: Path
+) -> None:
+    with pytest.raises(errors.InvalidParameterError, match="pass its T5-XXL") as caught:
+        sfumato.load_model(chroma_radiance_gguf, model_config={})
+    assert caught.value.field == "model_config.t5xxl_model_src"
+    for key, file in (("vae_model_src", flux1_parts["vae"]), ("taesd_src", flux1_parts["vae"])):
+        config = {"t5xxl_model_src": t5_header, key: file}
+        with pytest.raises(errors.InvalidParameterError, match=r"not used: .* denoises pixels, not latents") as caught:
+            sfumato.load_model(chroma_radiance_gguf, model_config=config)
+        assert caught.value.field == f"model_config.{key}"
+
+
+@pytest.mark.heavy
+def test_chroma_radiance_generates_pixels_from_the_sdk(chroma_radiance_gguf: Path, t5xxl_gguf: Path) -> None:
+    model_id = sfumato.load_model(chroma_radiance_gguf, model_config={"t5xxl_model_src": t5xxl_gguf, "threads": 2})
+    try:
+        outputs, stats, _ = run(model_id, steps=1, seed=9, cfg_scale=1.0)  # one prompt to encode, not two
+    finally:
+        sfumato.unload_model(model_id)
+    picture = decode_png(outputs[0])
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0 and stats.total_steps == 1
 
 
 @pytest.mark.usefixtures("no_engine_calls")
@@ -175,6 +203,26 @@ def test_flux1_fill_paints_inside_its_mask(
     picture = decode_png(painted[0])
     assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
     assert not np.array_equal(picture, decode_png(other[0]))  # the masked image reaches the transformer
+
+
+@pytest.mark.heavy
+def test_flex2_inpaints_and_takes_a_control_image(
+    flex2_gguf: Path, flux1_parts: dict[str, Path], sdxl_parts: dict[str, Path], t5xxl_gguf: Path,
+    gradient_image: np.ndarray,
+) -> None:  # fmt: skip
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2 :] = 255
+    model_id = sfumato.load_model(
+        flex2_gguf, model_config=_config(t5xxl_gguf, flux1_parts["vae"], sdxl_parts["clip_l"])
+    )
+    try:
+        painted, _, _ = run(model_id, steps=1, init_image=gradient_image, mask=mask)
+        steered, _, _ = run(model_id, steps=1, init_image=gradient_image, mask=mask, control_image=255 - gradient_image)
+    finally:
+        sfumato.unload_model(model_id)
+    picture = decode_png(painted[0])
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
+    assert not np.array_equal(picture, decode_png(steered[0]))  # the control latent joins its input
 
 
 @pytest.mark.heavy

@@ -27,6 +27,7 @@ from sfumato.families.detect import (
     FAMILY_ESRGAN,
     FAMILY_NAMES,
     FAMILY_SDXL,
+    PIXEL_SPACE_VARIANTS,
     ModelInfo,
     detect,
 )
@@ -115,6 +116,8 @@ def companion_files(
             why = (
                 f"{info.path} carries its own {role.label}" if role.name in info.carries else f"{family} takes {takes}"
             )
+            if info.variant in PIXEL_SPACE_VARIANTS:
+                why = f"{info.path} denoises pixels, not latents: it takes no {role.label} ({family} takes {takes})"
             raise InvalidParameterError(key(role.name), f"not used: {why}")
         path, _ = resolve_source(source, key(role.name))
         try:

@@ -423,16 +423,25 @@ class FluxConfig:
     distilled network computes every modulation."""
     ovis: bool = False
     """Ovis-Image: gated (gate, up, down) MLPs in the double blocks, an RMS norm over the text."""
+    radiance: bool = False
+    """Chroma1-Radiance (with ``chroma``): pixels in 16x16 patches by a convolution, and out
+    through a small per-pixel network (:data:`RADIANCE_NERF`) instead of the final layer."""
 
 
 FLUX1_DEV = FluxConfig()
 FLUX1_SCHNELL = FluxConfig(guidance=False)
 FLUX1_FILL = FluxConfig(in_channels=384, out_channels=64)
 FLUX1_DEPTH = FluxConfig(in_channels=128, out_channels=64)
+FLEX_2 = FluxConfig(in_channels=196, out_channels=64, double_blocks=8)
+"""Flex.2: FLUX.1 [dev]'s widths and guidance embedder, 8 double blocks, and the inpainting and
+control latents in its input (4 x (16 + 16 + 1 + 16))."""
 CHROMA = FluxConfig(guidance=False, vec_in_dim=0, chroma=True)
 """Chroma1-HD: FLUX.1 [schnell]'s transformer (19 double, 38 single blocks), pruned."""
 OVIS_IMAGE = FluxConfig(context_dim=2048, vec_in_dim=0, guidance=False, ovis=True)
 """Ovis-Image's MMDiT as the engine builds it: FLUX.1's widths, text from Ovis 2.5's Qwen3 (2048)."""
+CHROMA_RADIANCE = dataclasses.replace(CHROMA, in_channels=3, radiance=True)
+RADIANCE_NERF = {"hidden": 64, "mlp_ratio": 4, "depth": 4, "max_freqs": 8, "patch": 16}
+"""Chroma1-Radiance's per-pixel network and patch as the engine builds them."""
 CHROMA_APPROXIMATOR = (5120, 5)
 """The width and depth of Chroma's modulation network (the engine fixes both)."""
 FLUX2_KLEIN_4B = FluxConfig(
@@ -449,7 +458,12 @@ def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
     p, h, bias = prefix, cfg.hidden, not cfg.flux2
     mlp = h * cfg.mlp_ratio
     gate = 2 if cfg.flux2 or cfg.ovis else 1  # the single blocks' gated MLPs take two halves
-    lay.linear(f"{p}img_in", None, h, cfg.in_channels, bias=bias)
+    if cfg.radiance:
+        patch = RADIANCE_NERF["patch"]
+        lay.add(f"{p}img_in_patch.weight", None, h, cfg.in_channels, patch, patch)
+        lay.add(f"{p}img_in_patch.bias", None, h)
+    else:
+        lay.linear(f"{p}img_in", None, h, cfg.in_channels, bias=bias)
     lay.linear(f"{p}txt_in", None, h, cfg.context_dim, bias=bias)
     if cfg.ovis:
         lay.add(f"{p}txt_norm.scale", None, cfg.context_dim)
@@ -495,6 +509,16 @@ def flux_layout(cfg: FluxConfig, prefix: str = "") -> list[TensorSpec]:
         lay.linear(f"{p}double_stream_modulation_img.lin", None, 6 * h, h, bias=False)
         lay.linear(f"{p}double_stream_modulation_txt.lin", None, 6 * h, h, bias=False)
         lay.linear(f"{p}single_stream_modulation.lin", None, 3 * h, h, bias=False)
+    if cfg.radiance:
+        nerf = RADIANCE_NERF
+        x = nerf["hidden"]
+        lay.linear(f"{p}nerf_image_embedder.embedder.0", None, x, cfg.in_channels + nerf["max_freqs"] ** 2)
+        for i in range(nerf["depth"]):
+            lay.linear(f"{p}nerf_blocks.{i}.param_generator", None, 3 * x * x * nerf["mlp_ratio"], h)
+            lay.add(f"{p}nerf_blocks.{i}.norm.scale", None, x)
+        lay.add(f"{p}nerf_final_layer_conv.norm.scale", None, x)
+        lay.conv(f"{p}nerf_final_layer_conv.conv", None, cfg.in_channels, x)
+        return lay.specs
     lay.linear(f"{p}final_layer.linear", None, cfg.out_channels or cfg.in_channels, h, bias=bias)
     if not cfg.chroma:
         lay.linear(f"{p}final_layer.adaLN_modulation.1", None, 2 * h, h, bias=bias)

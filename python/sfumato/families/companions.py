@@ -22,6 +22,7 @@ from sfumato.families.detect import (
     FAMILY_SD3,
     FAMILY_SDXL,
     FAMILY_Z_IMAGE,
+    PIXEL_SPACE_VARIANTS,
     ModelInfo,
     TensorTable,
     read_tensor_table,
@@ -100,6 +101,8 @@ def family_files(info: ModelInfo) -> FamilyFiles:
     one; a VAE may always replace the file's own, and a tiny autoencoder may
     decode (and encode) in its place."""
     missing = tuple(role for role in FAMILY_TEXT_ENCODERS.get(info.family, ()) if role not in info.carries)
+    if info.variant in PIXEL_SPACE_VARIANTS:  # no latents: nothing for a VAE to decode
+        return FamilyFiles(required=missing, accepted=missing)
     required = missing if info.has_vae else (*missing, "vae")
     control = ("control_net",) if info.family in CONTROL_NET_WIDTHS else ()
     return FamilyFiles(required=required, accepted=(*missing, "vae", "taesd", *control))

@@ -103,8 +103,8 @@ class ModelInfo:
     variant:
         ``"inpaint"`` for 9-channel UNets, ``"pix2pix"`` for instruct-pix2pix's 8-channel
         ones (they edit the SDK's ``init_images[0]``, guided by ``img_cfg_scale``); for
-        FLUX.1 one of :data:`FLUX1_VARIANTS`' values, ``"dev"`` or ``"schnell"``; else
-        ``None``.
+        FLUX.1 one of :data:`FLUX1_VARIANTS`' values, ``"dev"`` or ``"schnell"``;
+        ``"radiance"`` for Chroma1-Radiance (pixel space); else ``None``.
     has_vae:
         Whether the file carries its own VAE.
     split:
@@ -221,13 +221,12 @@ def read_tensor_table(path: Path) -> TensorTable:
 
 
 RUNS = (
-    "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma, Ovis-Image, "
-    "Z-Image and FLUX.2 [klein]"
+    "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma (and Radiance), "
+    "Ovis-Image, Z-Image and FLUX.2 [klein]"
 )
 """What this version of sfumato runs, as refusals say it."""
 
 ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
-    ("nerf_final_layer_conv.", "Chroma1-Radiance (Chroma in pixel space; T5-XXL text encoder)", False),
     ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
     ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
     ("layers.0.adaLN_sa_ln.weight", "ERNIE-Image", False),
@@ -334,6 +333,9 @@ latent: Fill also takes the masked image's latent and the 8x8 mask (64 + 64 + 25
 Depth/Canny the control image's latent (64 + 64), Flex.2 the masked latent, the mask and
 the control latent (4 x (16 + 16 + 1 + 16))."""
 
+PIXEL_SPACE_VARIANTS = ("radiance",)
+"""The variants that denoise pixels, not latents (Chroma1-Radiance): they take no VAE."""
+
 CONTROLLED_VARIANTS = ("controls", "flex2")
 """The variants that take a control image themselves (no ControlNet): it is VAE-encoded into
 the transformer's input."""
@@ -342,13 +344,16 @@ the transformer's input."""
 def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
     """A FLUX.1 transformer: [dev] (with its guidance embedder) or [schnell], a variant of
     :data:`FLUX1_VARIANTS`, Chroma (FLUX.1 with a distilled modulation network and
-    T5-XXL alone) or Ovis-Image (gated MLPs, a Qwen3 text encoder); ``None`` when it is none."""
+    T5-XXL alone; Chroma1-Radiance, variant ``"radiance"``, in pixel space) or Ovis-Image
+    (gated MLPs, a Qwen3 text encoder); ``None`` when it is none."""
     prefix = _diffusion_prefix(table, "double_blocks.")
     if prefix is None:
         return None
     has_vae = table.has_prefix("first_stage_model.") or table.has_prefix("vae.")
     split = not _other_parts(table, prefix)
     text_width = table.input_width(f"{prefix}txt_in.weight")
+    if table.has_prefix(f"{prefix}nerf_final_layer_conv."):  # pixels in and out: no VAE
+        return ModelInfo(path, FAMILY_CHROMA, table.format, "radiance", True, split, text_width, _carried(table))
     if table.has_prefix(f"{prefix}distilled_guidance_layer."):
         return ModelInfo(path, FAMILY_CHROMA, table.format, None, has_vae, split, text_width, _carried(table))
     if table.has_prefix(f"{prefix}double_blocks.0.img_mlp.gate_proj."):
