@@ -219,10 +219,6 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         (["model.diffusion_model.img_in.weight", "model.diffusion_model.double_blocks.0.x.weight"], "taking 2 input"),
         (["some.other.network.weight"], "no model family"),
         # Each other version of the engine, named by the tensor only it has.
-        (
-            ["model.diffusion_model.nerf_final_layer_conv.weight", "model.diffusion_model.double_blocks.0.x.weight"],
-            "Chroma1-Radiance",
-        ),
         (["transformer_blocks.0.img_mod.1.weight"], "Qwen-Image or Qwen-Image-Edit"),
         (["model.diffusion_model.llm_adapter.blocks.0.cross_attn.q_proj.weight"], "Anima"),
         (["layers.0.adaLN_sa_ln.weight"], "ERNIE-Image"),
