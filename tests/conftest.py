@@ -256,6 +256,14 @@ qwen3_4b_gguf = _model_file("qwen3-4b-q4_0.gguf", models.write_qwen3_4b)
 """Qwen3-4B, whole (36 layers), q4_0: Z-Image's text encoder."""
 
 
+ernie_image_gguf = _model_file("ernie-image-q4_0.gguf", models.write_ernie_image)
+"""ERNIE-Image's transformer at its real widths with one layer, q4_0."""
+
+
+ministral_3b_gguf = _model_file("ministral-3b-q4_0.gguf", models.write_ministral_3b)
+"""Ministral 3B, whole (26 layers), q4_0: ERNIE-Image's text encoder."""
+
+
 flux1_fill_gguf = _model_file("flux1-fill-q4_0.gguf", lambda p: models.write_flux1_part(p, "fill"))
 """FLUX.1 Fill [dev]'s transformer (384 input channels) at its real widths, one block of each kind, q4_0."""
 

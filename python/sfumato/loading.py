@@ -20,7 +20,7 @@ from sfumato.engine.kernels import ENV_PRECISION
 from sfumato.engine.library import load_engine
 from sfumato.engine.requests import ContextParams
 from sfumato.errors import InvalidModelError, InvalidParameterError, ModelNotFoundError
-from sfumato.families.companions import ROLES, check_companion, family_files, split_unet_hint
+from sfumato.families.companions import ROLES, check_companion, family_files, label, split_unet_hint
 from sfumato.families.detect import (
     DIFFUSION_FAMILIES,
     FAMILY_CHROMA,
@@ -106,13 +106,12 @@ def companion_files(
         source = sources.get(role.name)
         if source is None:
             if role.name in files.required:
-                what = "a diffusion model alone" if info.split else f"a {family} checkpoint without its {role.label}"
-                raise InvalidParameterError(
-                    key(role.name), f"required: {info.path} is {what}; pass its {role.label} here"
-                )
+                named = label(role.name, info)
+                what = "a diffusion model alone" if info.split else f"a {family} checkpoint without its {named}"
+                raise InvalidParameterError(key(role.name), f"required: {info.path} is {what}; pass its {named} here")
             continue
         if role.name not in files.accepted:
-            takes = ", ".join(f"{key(r)} ({ROLES[r].label})" for r in files.accepted)
+            takes = ", ".join(f"{key(r)} ({label(r, info)})" for r in files.accepted)
             why = (
                 f"{info.path} carries its own {role.label}" if role.name in info.carries else f"{family} takes {takes}"
             )

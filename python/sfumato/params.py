@@ -22,6 +22,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import (
     CONTROLLED_VARIANTS,
     FAMILY_CHROMA,
+    FAMILY_ERNIE_IMAGE,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_OVIS,
@@ -124,13 +125,15 @@ FAMILY_CFG_SCALE: dict[Family, float] = {
 """``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`:
 FLUX.1, FLUX.2 [klein] and Z-Image Turbo are distilled (FLUX.1 [dev] takes ``guidance``), Chroma
 and Ovis-Image are not and guide by classifier-free guidance at a lower scale."""
-FLOW_FAMILIES: tuple[Family, ...] = (FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE, FAMILY_FLUX2)
+FLOW_FAMILIES: tuple[Family, ...] = (
+    FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE, FAMILY_ERNIE_IMAGE, FAMILY_FLUX2,
+)  # fmt: skip
 """The flow-matching families: the engine picks their sampler and schedule (euler on the
 family's shifted flow sigmas) when a request names none; an HTTP API's default sampler,
 chosen for the SD UNets (the job queue's "DPM++ 2M Karras"), gives way to it."""
 FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
     FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16,
-    FAMILY_OVIS: 16, FAMILY_Z_IMAGE: 16, FAMILY_FLUX2: 16,
+    FAMILY_OVIS: 16, FAMILY_Z_IMAGE: 16, FAMILY_ERNIE_IMAGE: 16, FAMILY_FLUX2: 16,
 }  # fmt: skip
 """Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
 the transformers patchify 2x2 latents of an 8x VAE."""

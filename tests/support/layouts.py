@@ -32,7 +32,16 @@ class TensorSpec:
             len(self.shape) == 1
             and any(
                 key in dotted
-                for key in ("norm", "ln_", "in_layers.0", "out_layers.0", "layer_norm", ".out.0.", ".cap_embedder.0.")
+                for key in (
+                    "norm",
+                    "ln_",
+                    "in_layers.0",
+                    "out_layers.0",
+                    "layer_norm",
+                    ".out.0.",
+                    ".cap_embedder.0.",
+                    "_ln.",
+                )
             )
             and self.name.endswith(("weight", "scale"))
         )
@@ -589,6 +598,8 @@ class Qwen3Config:
     head_dim: int = 128
     ffn: int = 9728
     vocab: int = 151936
+    qk_norm: bool = True
+    """Qwen3 normalises each head's queries and keys; Mistral's models (Ministral) do not."""
 
 
 def qwen3_layout(cfg: Qwen3Config) -> list[TensorSpec]:
@@ -603,8 +614,9 @@ def qwen3_layout(cfg: Qwen3Config) -> list[TensorSpec]:
         lay.linear(f"{b}.attn_q", None, q, h, bias=False)
         lay.linear(f"{b}.attn_k", None, kv, h, bias=False)
         lay.linear(f"{b}.attn_v", None, kv, h, bias=False)
-        lay.add(f"{b}.attn_q_norm.weight", None, cfg.head_dim)
-        lay.add(f"{b}.attn_k_norm.weight", None, cfg.head_dim)
+        if cfg.qk_norm:
+            lay.add(f"{b}.attn_q_norm.weight", None, cfg.head_dim)
+            lay.add(f"{b}.attn_k_norm.weight", None, cfg.head_dim)
         lay.linear(f"{b}.attn_output", None, h, q, bias=False)
         lay.add(f"{b}.ffn_norm.weight", None, h)
         lay.linear(f"{b}.ffn_gate", None, cfg.ffn, h, bias=False)
@@ -648,4 +660,40 @@ def z_image_layout(prefix: str = "") -> list[TensorSpec]:
             lay.linear(f"{b}.adaLN_modulation.0", None, 4 * h, 256)
     lay.linear(f"{p}final_layer.linear", None, 64, h)
     lay.linear(f"{p}final_layer.adaLN_modulation.1", None, h, 256)
+    return lay.specs
+
+
+MINISTRAL_3B = Qwen3Config(layers=26, hidden=3072, heads=32, kv_heads=8, ffn=9216, vocab=131072, qk_norm=False)
+"""Ministral 3B in llama.cpp's names: ERNIE-Image's text encoder (it reads layer 25 of 26)."""
+
+ERNIE_IMAGE_WIDTHS = {"hidden": 4096, "head_dim": 128, "ffn": 12288, "latent": 128, "text": 3072}
+"""ERNIE-Image's transformer: 4096 wide (the engine reads widths and depth from the file),
+on FLUX.2's 32-channel latents patchified 2x2 (128)."""
+
+
+def ernie_image_layout(layers: int = 36, prefix: str = "") -> list[TensorSpec]:
+    """The ERNIE-Image transformer in its released names."""
+    w = ERNIE_IMAGE_WIDTHS
+    lay = _Layout()
+    p, h = prefix, w["hidden"]
+    lay.add(f"{p}x_embedder.proj.weight", None, h, w["latent"], 1, 1)
+    lay.add(f"{p}x_embedder.proj.bias", None, h)
+    lay.linear(f"{p}text_proj", None, h, w["text"], bias=False)
+    lay.linear(f"{p}time_embedding.linear_1", None, h, h)
+    lay.linear(f"{p}time_embedding.linear_2", None, h, h)
+    lay.linear(f"{p}adaLN_modulation.1", None, 6 * h, h)
+    for i in range(layers):
+        b = f"{p}layers.{i}"
+        lay.add(f"{b}.adaLN_sa_ln.weight", None, h)
+        for proj in ("to_q", "to_k", "to_v"):
+            lay.linear(f"{b}.self_attention.{proj}", None, h, h, bias=False)
+        lay.add(f"{b}.self_attention.norm_q.weight", None, w["head_dim"])
+        lay.add(f"{b}.self_attention.norm_k.weight", None, w["head_dim"])
+        lay.linear(f"{b}.self_attention.to_out.0", None, h, h, bias=False)
+        lay.add(f"{b}.adaLN_mlp_ln.weight", None, h)
+        lay.linear(f"{b}.mlp.gate_proj", None, w["ffn"], h, bias=False)
+        lay.linear(f"{b}.mlp.up_proj", None, w["ffn"], h, bias=False)
+        lay.linear(f"{b}.mlp.linear_fc2", None, h, w["ffn"], bias=False)
+    lay.linear(f"{p}final_norm.linear", None, 2 * h, h)
+    lay.linear(f"{p}final_linear", None, w["latent"], h)
     return lay.specs

@@ -31,6 +31,7 @@ from tests.support.layouts import (
     FLUX1_DEV,
     FLUX1_FILL,
     FLUX2_KLEIN_4B,
+    MINISTRAL_3B,
     OVIS_IMAGE,
     SD1_TINY_UNET,
     SD1_UNET,
@@ -42,6 +43,7 @@ from tests.support.layouts import (
     TensorSpec,
     clip_text_layout,
     controlnet_layout,
+    ernie_image_layout,
     esrgan_layout,
     flux_layout,
     mmdit_layout,
@@ -280,6 +282,16 @@ def write_z_image(path: Path, seed: int = 0) -> Path:
 def write_qwen3_4b(path: Path, seed: int = 0) -> Path:
     """Qwen3-4B whole (36 layers: Z-Image reads the 35th) as a q4_0 GGUF in llama.cpp's names."""
     return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(Qwen3Config()), seed), arch="qwen3")
+
+
+def write_ernie_image(path: Path, seed: int = 0) -> Path:
+    """ERNIE-Image's transformer at its real widths with one layer, q4_0."""
+    return write_gguf(Path(path), random_q4_0_tensors(ernie_image_layout(layers=1), seed), arch="ernie")
+
+
+def write_ministral_3b(path: Path, seed: int = 0) -> Path:
+    """Ministral 3B whole (26 layers: ERNIE-Image reads the 25th) as a q4_0 GGUF in llama.cpp's names."""
+    return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(MINISTRAL_3B), seed), arch="llama")
 
 
 def write_ovis_llm(path: Path, seed: int = 0) -> Path:

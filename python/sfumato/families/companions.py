@@ -13,6 +13,7 @@ from pathlib import Path
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.families.detect import (
     FAMILY_CHROMA,
+    FAMILY_ERNIE_IMAGE,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
@@ -58,7 +59,7 @@ CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 
 VAE_LATENT_CHANNELS = {
     FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16, FAMILY_OVIS: 16,
-    FAMILY_Z_IMAGE: 16, FAMILY_FLUX2: 32,
+    FAMILY_Z_IMAGE: 16, FAMILY_ERNIE_IMAGE: 32, FAMILY_FLUX2: 32,
 }  # fmt: skip
 """Latent channels of the VAE each family decodes with."""
 
@@ -67,10 +68,23 @@ CONTROL_NET_WIDTHS = {FAMILY_SD1: 768, FAMILY_SD2: 1024, FAMILY_SDXL: 2048}
 
 FLUX2_TEXT_LAYERS = (9, 18, 27)
 """The LLM layers whose outputs FLUX.2 [klein] stacks into its text features."""
-LLM_DEPTHS = {FAMILY_OVIS: (28, True, "Ovis 2.5's Qwen3 (2B)"), FAMILY_Z_IMAGE: (36, False, "Qwen3-4B")}
+LLM_DEPTHS = {
+    FAMILY_OVIS: (28, True, "Ovis 2.5's Qwen3 (2B)"), FAMILY_Z_IMAGE: (36, False, "Qwen3-4B"),
+    FAMILY_ERNIE_IMAGE: (26, False, "Ministral 3B"),
+}  # fmt: skip
 """The language model each family reads besides FLUX.2 [klein], as ``(layers, exactly, what)``:
 Ovis-Image its last layer of Ovis 2.5's Qwen3 (the engine gives a Qwen3 its 16 heads only
-at 28 layers), Z-Image the outputs of layer 35 (Qwen3-4B's next to last)."""
+at 28 layers), Z-Image the outputs of layer 35 (Qwen3-4B's next to last), ERNIE-Image those
+of layer 25 (Ministral 3B's next to last)."""
+
+
+LLM_LABELS = {FAMILY_ERNIE_IMAGE: "Ministral 3B text encoder"}
+"""How messages name the language model of a family that reads another than Qwen3."""
+
+
+def label(role: str, info: ModelInfo) -> str:
+    """How messages name the companion ``role`` of the model ``info`` describes."""
+    return LLM_LABELS.get(info.family, ROLES[role].label) if role == "llm" else ROLES[role].label
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ FAMILY_TEXT_ENCODERS = {
     FAMILY_CHROMA: ("t5xxl",),
     FAMILY_OVIS: ("llm",),
     FAMILY_Z_IMAGE: ("llm",),
+    FAMILY_ERNIE_IMAGE: ("llm",),
     FAMILY_FLUX2: ("llm",),
 }
 """The text encoders each family conditions on (SD 1.x / 2.x files always carry theirs)."""

@@ -25,7 +25,7 @@ from sfumato.errors import (
     UnsupportedModelError,
 )
 
-Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "ovis", "z_image", "flux2", "esrgan"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "ovis", "z_image", "ernie_image", "flux2", "esrgan"]
 """The model families sfumato detects; :data:`FAMILY_NAMES` gives their display names."""
 FAMILY_SD1: Family = "sd1"
 FAMILY_SD2: Family = "sd2"
@@ -35,17 +35,18 @@ FAMILY_FLUX1: Family = "flux1"
 FAMILY_CHROMA: Family = "chroma"
 FAMILY_OVIS: Family = "ovis"
 FAMILY_Z_IMAGE: Family = "z_image"
+FAMILY_ERNIE_IMAGE: Family = "ernie_image"
 FAMILY_FLUX2: Family = "flux2"
 FAMILY_ESRGAN: Family = "esrgan"
 DIFFUSION_FAMILIES = (
     FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE,
-    FAMILY_FLUX2,
+    FAMILY_ERNIE_IMAGE, FAMILY_FLUX2,
 )  # fmt: skip
 SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
 FAMILY_NAMES: dict[Family, str] = {
     FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
     FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_OVIS: "Ovis-Image", FAMILY_Z_IMAGE: "Z-Image",
-    FAMILY_FLUX2: "FLUX.2 [klein]",
+    FAMILY_ERNIE_IMAGE: "ERNIE-Image", FAMILY_FLUX2: "FLUX.2 [klein]",
     FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
 
@@ -222,14 +223,13 @@ def read_tensor_table(path: Path) -> TensorTable:
 
 RUNS = (
     "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma (and Radiance), "
-    "Ovis-Image, Z-Image and FLUX.2 [klein]"
+    "Ovis-Image, Z-Image, ERNIE-Image and FLUX.2 [klein]"
 )
 """What this version of sfumato runs, as refusals say it."""
 
 ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
     ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
     ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
-    ("layers.0.adaLN_sa_ln.weight", "ERNIE-Image", False),
     ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x", True),
     ("input_blocks.8.0.time_mixer.mix_factor", "Stable Video Diffusion", True),
 )
@@ -255,7 +255,7 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
     _refuse_engine_only(path, table)
-    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_z_image):
+    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_z_image, _classify_ernie_image):
         found = classify(path, table)
         if found is not None:
             return found
@@ -323,6 +323,22 @@ def _classify_z_image(path: Path, table: TensorTable) -> ModelInfo | None:
         has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
         split=not _other_parts(table, prefix),
         text_width=table.input_width(f"{prefix}cap_embedder.1.weight"),
+        carries=_carried(table),
+    )
+
+
+def _classify_ernie_image(path: Path, table: TensorTable) -> ModelInfo | None:
+    """An ERNIE-Image transformer (its layers share one adaptive norm); ``None`` when it is none."""
+    prefix = _diffusion_prefix(table, "layers.0.adaLN_sa_ln.")
+    if prefix is None:
+        return None
+    return ModelInfo(
+        path,
+        FAMILY_ERNIE_IMAGE,
+        table.format,
+        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
+        split=not _other_parts(table, prefix),
+        text_width=table.input_width(f"{prefix}text_proj.weight"),
         carries=_carried(table),
     )
 
