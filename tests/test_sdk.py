@@ -265,6 +265,9 @@ def test_clip_skip_eta_and_img_cfg_scale_have_the_engines_semantics(sd1_model: s
     assert not np.array_equal(image(eta=0.0), plain)
     # img_cfg_scale: the image guidance of instruct-pix2pix models; a plain txt2img model has none to scale.
     assert np.array_equal(image(img_cfg_scale=1.5), plain)
-    with pytest.raises(sfumato.InvalidParameterError, match=r"reference images need FLUX\.2 or FLUX\.1 Kontext") as caught:
+    with pytest.raises(
+        sfumato.InvalidParameterError,
+        match=r"reference images need FLUX\.2 or FLUX\.1 Kontext",
+    ) as caught:
         sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, init_images=[plain])
     assert caught.value.field == "init_images"
