@@ -272,10 +272,6 @@ flux1_depth_gguf = _model_file("flux1-depth-q4_0.gguf", lambda p: models.write_f
 """FLUX.1 Depth [dev]'s transformer (128 input channels; Canny's layout too), one block of each kind, q4_0."""
 
 
-flex2_gguf = _model_file("flex2-q4_0.gguf", lambda p: models.write_flux1_part(p, "flex2"))
-"""Flex.2's transformer (196 input channels), one block of each kind, q4_0."""
-
-
 taesd = _model_file("taesd.safetensors", models.write_taesd)
 """TAESD, the tiny autoencoder of SD 1.x / 2.x latents (4.7 MB)."""
 

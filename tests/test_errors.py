@@ -221,7 +221,6 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         # Each other version of the engine, named by the tensor only it has.
         (["transformer_blocks.0.img_mod.1.weight"], "Qwen-Image or Qwen-Image-Edit"),
         (["model.diffusion_model.llm_adapter.blocks.0.cross_attn.q_proj.weight"], "Anima"),
-        (["layers.0.adaLN_sa_ln.weight"], "ERNIE-Image"),
         (["model.diffusion_model.blocks.0.cross_attn.norm_k.weight"], "Wan 2.x video model; sfumato makes images"),
         (
             [

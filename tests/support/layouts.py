@@ -441,9 +441,6 @@ FLUX1_DEV = FluxConfig()
 FLUX1_SCHNELL = FluxConfig(guidance=False)
 FLUX1_FILL = FluxConfig(in_channels=384, out_channels=64)
 FLUX1_DEPTH = FluxConfig(in_channels=128, out_channels=64)
-FLEX_2 = FluxConfig(in_channels=196, out_channels=64, double_blocks=8)
-"""Flex.2: FLUX.1 [dev]'s widths and guidance embedder, 8 double blocks, and the inpainting and
-control latents in its input (4 x (16 + 16 + 1 + 16))."""
 CHROMA = FluxConfig(guidance=False, vec_in_dim=0, chroma=True)
 """Chroma1-HD: FLUX.1 [schnell]'s transformer (19 double, 38 single blocks), pruned."""
 OVIS_IMAGE = FluxConfig(context_dim=2048, vec_in_dim=0, guidance=False, ovis=True)

@@ -26,7 +26,6 @@ import numpy.typing as npt
 from tests.support.layouts import (
     CHROMA,
     CHROMA_RADIANCE,
-    FLEX_2,
     FLUX1_DEPTH,
     FLUX1_DEV,
     FLUX1_FILL,
@@ -263,12 +262,12 @@ def write_sd3_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 FLUX1_TRANSFORMERS = {
-    "diffusion": FLUX1_DEV, "fill": FLUX1_FILL, "depth": FLUX1_DEPTH, "flex2": FLEX_2, "chroma": CHROMA,
+    "diffusion": FLUX1_DEV, "fill": FLUX1_FILL, "depth": FLUX1_DEPTH, "chroma": CHROMA,
     "chroma-radiance": CHROMA_RADIANCE, "ovis": OVIS_IMAGE,
 }  # fmt: skip
 """The FLUX.1-architecture transformers the suite writes: [dev] (also Kontext's layout), Fill,
-Depth/Canny, Flex.2, Chroma, Chroma1-Radiance and Ovis-Image, each at its real widths with one
-block of each kind."""
+Depth/Canny, Chroma, Chroma1-Radiance and Ovis-Image, each at its real widths with one block
+of each kind."""
 OVIS_QWEN3 = Qwen3Config(layers=28, hidden=2048, heads=16, kv_heads=8, ffn=6144)
 """Ovis 2.5's Qwen3 (2B): Ovis-Image's text encoder, whole."""
 
