@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
 from sfumato.families.detect import FAMILY_CHROMA, FAMILY_FLUX1, FAMILY_OVIS, detect
 from sfumato.images import decode_png
 
-from .helpers import SIZE, CaptureSpec, run
+from .helpers import SIZE, CaptureSpec, header_file, run
 
 
 def _config(t5: Path, vae: Path, clip_l: Path | None = None, **overrides: object) -> dict[str, object]:
@@ -37,16 +36,10 @@ def _config(t5: Path, vae: Path, clip_l: Path | None = None, **overrides: object
 
 def _flux1_header(path: Path, img_in: int) -> Path:
     """A FLUX.1 transformer as far as detection reads it: the names and the input widths."""
-    save_file(
-        {
-            "img_in.weight": np.zeros((3072, img_in), np.float16),
-            "txt_in.weight": np.zeros((3072, 4096), np.float16),
-            "guidance_in.in_layer.weight": np.zeros((3072, 256), np.float16),
-            "double_blocks.0.img_attn.proj.weight": np.zeros((8, 8), np.float16),
-        },
-        str(path),
-    )
-    return path
+    return header_file(path, {
+        "img_in.weight": (3072, img_in), "txt_in.weight": (3072, 4096), "guidance_in.in_layer.weight": (3072, 256),
+        "double_blocks.0.img_attn.proj.weight": (8, 8),
+    })  # fmt: skip
 
 
 def test_each_flux1_architecture_is_detected_from_its_header(
@@ -141,9 +134,9 @@ def test_ovis_needs_ovis_2_5_s_qwen3(ovis_gguf: Path, flux1_parts: dict[str, Pat
     with pytest.raises(errors.InvalidParameterError, match="pass its Qwen3 text encoder") as caught:
         sfumato.load_model(ovis_gguf, model_config={"vae_model_src": flux1_parts["vae"]})
     assert caught.value.field == "model_config.llm_model_src"
-    klein_s = tmp_path / "qwen3-4b.safetensors"  # FLUX.2 [klein]'s Qwen3 as far as the header goes
-    save_file({"model.embed_tokens.weight": np.zeros((8, 2560), np.float16),
-               "model.layers.26.mlp.gate_proj.weight": np.zeros((8, 8), np.float16)}, str(klein_s))  # fmt: skip
+    klein_s = header_file(tmp_path / "qwen3-4b.safetensors", {  # FLUX.2 [klein]'s Qwen3, as far as headers go
+        "model.embed_tokens.weight": (8, 2560), "model.layers.26.mlp.gate_proj.weight": (8, 8),
+    })  # fmt: skip
     config = {"llm_model_src": klein_s, "vae_model_src": flux1_parts["vae"]}
     with pytest.raises(errors.InvalidParameterError, match=r"27-layer .* 2560 wide; Ovis-Image reads") as caught:
         sfumato.load_model(ovis_gguf, model_config=config)

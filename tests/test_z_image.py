@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
@@ -21,24 +20,19 @@ from sfumato.images import decode_png
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, pixels, run, wait_job
-
-
-def _header(path: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
-    save_file({name: np.zeros(shape, np.float16) for name, shape in tensors.items()}, str(path))
-    return path
+from .helpers import SIZE, header_file, pixels, run, wait_job
 
 
 @pytest.fixture
-def z_image_header(tmp_path: Path) -> Path:
+def z_imageheader_file(tmp_path: Path) -> Path:
     """A Z-Image transformer as far as detection reads it (ComfyUI's checkpoint prefix)."""
-    return _header(tmp_path / "z_image_turbo.safetensors", {
+    return header_file(tmp_path / "z_image_turbo.safetensors", {
         "model.diffusion_model.cap_embedder.0.weight": (2560,),
         "model.diffusion_model.cap_embedder.1.weight": (8, 2560),
     })  # fmt: skip
 
 
-def test_z_image_is_detected_from_its_header(z_image_header: Path) -> None:
+def test_z_image_is_detected_from_itsheader_file(z_image_header: Path) -> None:
     info = detect(z_image_header)
     assert (info.family, info.split, info.has_vae, info.text_width) == (FAMILY_Z_IMAGE, True, False, 2560)
 
@@ -51,13 +45,13 @@ def test_z_image_needs_the_whole_qwen3_4b_and_a_16_channel_vae(
         sfumato.load_model(z_image_header, model_config={"vae_model_src": flux1_parts["vae"]})
     assert caught.value.field == "model_config.llm_model_src"
     # FLUX.2 [klein]'s Qwen3-4B file stops at layer 27; Z-Image reads layer 35.
-    klein_s = _header(tmp_path / "qwen3-4b-27.safetensors", {
+    klein_s = header_file(tmp_path / "qwen3-4b-27.safetensors", {
         "model.embed_tokens.weight": (8, 2560), "model.layers.26.mlp.gate_proj.weight": (8, 8),
     })  # fmt: skip
     config = {"llm_model_src": klein_s, "vae_model_src": flux1_parts["vae"]}
     with pytest.raises(errors.InvalidParameterError, match=r"27-layer .*; Z-Image reads Qwen3-4B \(36 layers"):
         sfumato.load_model(z_image_header, model_config=config)
-    whole = _header(tmp_path / "qwen3-4b.safetensors", {
+    whole = header_file(tmp_path / "qwen3-4b.safetensors", {
         "model.embed_tokens.weight": (8, 2560), "model.layers.35.mlp.gate_proj.weight": (8, 8),
     })  # fmt: skip
     config = {"llm_model_src": whole, "vae_model_src": sdxl_parts["vae"]}

@@ -227,6 +227,13 @@ RUNS = (
 )
 """What this version of sfumato runs, as refusals say it."""
 
+SINGLE_STREAM: tuple[tuple[str, Family, str], ...] = (
+    ("cap_embedder.0.", FAMILY_Z_IMAGE, "cap_embedder.1.weight"),
+    ("layers.0.adaLN_sa_ln.", FAMILY_ERNIE_IMAGE, "text_proj.weight"),
+)
+"""The single-stream transformers, each by a tensor only it has (under the diffusion model's
+prefix, where it has one), its family, and the matrix that takes its text features."""
+
 ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
     ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
     ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
@@ -255,7 +262,7 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
     _refuse_engine_only(path, table)
-    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_z_image, _classify_ernie_image):
+    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_single_stream):
         found = classify(path, table)
         if found is not None:
             return found
@@ -311,36 +318,22 @@ def _classify_sd3(path: Path, table: TensorTable) -> ModelInfo | None:
     )
 
 
-def _classify_z_image(path: Path, table: TensorTable) -> ModelInfo | None:
-    """A Z-Image transformer (its caption embedder takes a Qwen3's features); ``None`` when it is none."""
-    prefix = _diffusion_prefix(table, "cap_embedder.0.")
-    if prefix is None:
-        return None
-    return ModelInfo(
-        path,
-        FAMILY_Z_IMAGE,
-        table.format,
-        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
-        split=not _other_parts(table, prefix),
-        text_width=table.input_width(f"{prefix}cap_embedder.1.weight"),
-        carries=_carried(table),
-    )
-
-
-def _classify_ernie_image(path: Path, table: TensorTable) -> ModelInfo | None:
-    """An ERNIE-Image transformer (its layers share one adaptive norm); ``None`` when it is none."""
-    prefix = _diffusion_prefix(table, "layers.0.adaLN_sa_ln.")
-    if prefix is None:
-        return None
-    return ModelInfo(
-        path,
-        FAMILY_ERNIE_IMAGE,
-        table.format,
-        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
-        split=not _other_parts(table, prefix),
-        text_width=table.input_width(f"{prefix}text_proj.weight"),
-        carries=_carried(table),
-    )
+def _classify_single_stream(path: Path, table: TensorTable) -> ModelInfo | None:
+    """Z-Image (its caption embedder takes a Qwen3's features) or ERNIE-Image (its layers
+    share one adaptive norm), by :data:`SINGLE_STREAM`; ``None`` when it is neither."""
+    for marker, family, text_input in SINGLE_STREAM:
+        prefix = _diffusion_prefix(table, marker)
+        if prefix is not None:
+            return ModelInfo(
+                path,
+                family,
+                table.format,
+                has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
+                split=not _other_parts(table, prefix),
+                text_width=table.input_width(f"{prefix}{text_input}"),
+                carries=_carried(table),
+            )
+    return None
 
 
 FLUX1_VARIANTS = {384: "fill", 128: "controls", 196: "flex2"}
