@@ -24,7 +24,7 @@ from .helpers import SIZE, header_file, pixels, run, wait_job
 
 
 @pytest.fixture
-def z_imageheader_file(tmp_path: Path) -> Path:
+def z_image_header(tmp_path: Path) -> Path:
     """A Z-Image transformer as far as detection reads it (ComfyUI's checkpoint prefix)."""
     return header_file(tmp_path / "z_image_turbo.safetensors", {
         "model.diffusion_model.cap_embedder.0.weight": (2560,),
@@ -32,7 +32,7 @@ def z_imageheader_file(tmp_path: Path) -> Path:
     })  # fmt: skip
 
 
-def test_z_image_is_detected_from_itsheader_file(z_image_header: Path) -> None:
+def test_z_image_is_detected_from_its_header(z_image_header: Path) -> None:
     info = detect(z_image_header)
     assert (info.family, info.split, info.has_vae, info.text_width) == (FAMILY_Z_IMAGE, True, False, 2560)
 
