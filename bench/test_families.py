@@ -6,9 +6,10 @@ encoding and the VAE decode, and peak RSS, each family in its own process
 The files are the test suite's (random weights in the real layout, from the same cache
 folder): the SD 1.x / 2.x and SDXL UNets at full size, SD3 Medium's and Z-Image's whole
 transformers, and the
-transformers of FLUX.1, Chroma, Ovis-Image, ERNIE-Image and FLUX.2 [klein] at their real
+transformers of FLUX.1, Chroma, Ovis-Image, ERNIE-Image, Qwen-Image, Anima and FLUX.2 [klein] at their real
 widths with one block of each kind (a released file has 19 + 38 or 5 + 20: its step costs about that many
-times more). T5-XXL and the Qwen3s are their full encoders (FLUX.2's to the layer it reads).
+times more). T5-XXL and the Qwen3s are their full encoders (FLUX.2's to the layer it reads); Qwen-Image's
+Qwen2.5-VL has one layer (the engine reads its last, however deep).
 Companions are q4_0 where the suite writes them so; the UNets are f16."""
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def _families() -> dict[str, dict[str, Any]]:
         "ERNIE-Image": {"model": _file("ernie-image-q4_0.gguf", models.write_ernie_image), "size": 16,
                         "model_config": {"llm_model_src": _file("ministral-3b-q4_0.gguf", models.write_ministral_3b),
                                          "vae_model_src": flux2["vae"]}},
+        "Qwen-Image": {"model": _file("qwen-image-q4_0.gguf", models.write_qwen_image), "size": 16,
+                       "model_config": {"llm_model_src": _file("qwen2.5-vl-7b-1-layer-q4_0.gguf",
+                                                               models.write_qwen25_vl),
+                                        "vae_model_src": _file("wan2.1-vae.safetensors", models.write_wan_vae)}},
+        "Anima": {"model": _file("anima-q4_0.gguf", models.write_anima), "size": 16,
+                  "model_config": {"llm_model_src": _file("qwen3-0.6b-q4_0.gguf", models.write_qwen3_0_6b),
+                                   "vae_model_src": _file("wan2.1-vae.safetensors", models.write_wan_vae)}},
         "FLUX.2 [klein]": {"model": flux2["diffusion"], "size": 16,
                            "model_config": {"llm_model_src": flux2["llm"], "vae_model_src": flux2["vae"]}},
     }  # fmt: skip
@@ -97,6 +105,6 @@ def test_each_family_at_its_smallest_size(benchmark: BenchmarkFixture, probe: Pr
         "families",
         rows,
         f"Each family at its smallest size, {STEPS} steps at its default cfg_scale, 2 threads, each in its own "
-        "process (the test suite's random-weight files: FLUX.1, Chroma, Ovis-Image, ERNIE-Image and FLUX.2 with one "
-        "block of each kind, SD3 Medium and Z-Image whole).",
+        "process (the test suite's random-weight files: FLUX.1, Chroma, Ovis-Image, ERNIE-Image, Qwen-Image, Anima "
+        "and FLUX.2 with one block of each kind, SD3 Medium and Z-Image whole).",
     )

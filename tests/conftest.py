@@ -264,6 +264,26 @@ ministral_3b_gguf = _model_file("ministral-3b-q4_0.gguf", models.write_ministral
 """Ministral 3B, whole (26 layers), q4_0: ERNIE-Image's text encoder."""
 
 
+qwen_image_gguf = _model_file("qwen-image-q4_0.gguf", models.write_qwen_image)
+"""Qwen-Image's transformer at its real widths with one block, q4_0."""
+
+
+qwen25_vl_gguf = _model_file("qwen2.5-vl-7b-1-layer-q4_0.gguf", models.write_qwen25_vl)
+"""Qwen2.5-VL 7B's language model at its real widths with one layer, q4_0: Qwen-Image's text encoder."""
+
+
+wan_vae = _model_file("wan2.1-vae.safetensors", models.write_wan_vae)
+"""The Wan 2.1 VAE, whole: Qwen-Image's."""
+
+
+anima_gguf = _model_file("anima-q4_0.gguf", models.write_anima)
+"""Anima's DiT at its real widths with one block (its LLM adapter whole), q4_0."""
+
+
+qwen3_0_6b_gguf = _model_file("qwen3-0.6b-q4_0.gguf", models.write_qwen3_0_6b)
+"""Qwen3-0.6B whole (28 layers), q4_0: Anima's text encoder."""
+
+
 flux1_fill_gguf = _model_file("flux1-fill-q4_0.gguf", lambda p: models.write_flux1_part(p, "fill"))
 """FLUX.1 Fill [dev]'s transformer (384 input channels) at its real widths, one block of each kind, q4_0."""
 

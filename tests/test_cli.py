@@ -19,7 +19,6 @@ from safetensors.numpy import save_file
 
 from sfumato.cli import main
 from sfumato.cli.flags import DEFAULT_PROMPT, parse_args
-from sfumato.families.detect import RUNS
 
 from .helpers import SIZE, sfumato_cli
 
@@ -185,6 +184,7 @@ def test_models_lists_a_folder_with_each_file_s_family(
     (tmp_path / "notes.safetensors").write_bytes(b"not a model")
     save_file({"model.diffusion_model.cap_embedder.0.weight": np.zeros((2, 2), np.float16)}, tmp_path / "z.safetensors")
     save_file({"transformer_blocks.0.img_mod.1.weight": np.zeros((2, 2), np.float16)}, tmp_path / "qwen.safetensors")
+    save_file({"blocks.0.cross_attn.norm_k.weight": np.zeros((2, 2), np.float16)}, tmp_path / "wan.safetensors")
     (tmp_path / "readme.txt").write_text("not listed")
     assert main(["models", str(tmp_path)]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
@@ -193,8 +193,8 @@ def test_models_lists_a_folder_with_each_file_s_family(
         "tiny.gguf": "SD 1.x",
         "xl-unet.gguf": "SDXL; needs clip_l_model_src, clip_g_model_src, vae_model_src",
         "z.safetensors": "Z-Image; needs llm_model_src, vae_model_src",
-        "qwen.safetensors": "not loadable: a Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder) model; the "
-        f"engine runs it, but this version of sfumato does not yet (it runs {RUNS})",
+        "qwen.safetensors": "Qwen-Image; needs llm_model_src, vae_model_src",
+        "wan.safetensors": "not loadable: a Wan 2.x video model; sfumato makes images, not video",
     }
     assert main(["models", str(tmp_path / "readme.txt")]) == 2
     assert "is not a folder" in capsys.readouterr().err

@@ -218,9 +218,7 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
         (["double_stream_modulation_img.lin.weight", "single_blocks.47.linear1.weight"], r"FLUX.2 \[dev\]"),
         (["model.diffusion_model.img_in.weight", "model.diffusion_model.double_blocks.0.x.weight"], "taking 2 input"),
         (["some.other.network.weight"], "no model family"),
-        # Each other version of the engine, named by the tensor only it has.
-        (["transformer_blocks.0.img_mod.1.weight"], "Qwen-Image or Qwen-Image-Edit"),
-        (["model.diffusion_model.llm_adapter.blocks.0.cross_attn.q_proj.weight"], "Anima"),
+        # Each video version of the engine, named by the tensor only it has.
         (["model.diffusion_model.blocks.0.cross_attn.norm_k.weight"], "Wan 2.x video model; sfumato makes images"),
         (
             [
@@ -264,6 +262,17 @@ def test_missing_paths_and_registry_constants(tmp_path: Path) -> None:
         name = str(constant)
         with pytest.raises(errors.ModelNotFoundError, match=f"^{name} is not in the model cache.*download https://"):
             sfumato.load_model(constant)  # type: ignore[arg-type]
+    # A file inside a hub repository's folders is fetched from that path.
+    for model in (sfumato.OVIS_IMAGE_BF16, sfumato.ERNIE_IMAGE_TURBO):
+        with pytest.raises(errors.ModelNotFoundError, match=f"^{model.name} is not in the model cache") as caught:
+            sfumato.load_model(model.name)
+        assert f"https://huggingface.co/{model.hf_repo}/resolve/main/{model.hf_path}" in str(caught.value)
+    # Each constant says what its file is: a family detection names, or the companion role it plays.
+    from sfumato.families.companions import ROLES
+    from sfumato.families.detect import FAMILY_NAMES
+
+    known = {*FAMILY_NAMES, *ROLES, "esrgan"}
+    assert {m.name: m.family for m in sfumato.REGISTRY.values() if m.family not in known} == {}
 
 
 def test_an_unreachable_download_host_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,11 +21,13 @@ from sfumato.engine.requests import PREVIEW_MODES, RNG_TYPES
 from sfumato.errors import InvalidParameterError
 from sfumato.families.detect import (
     CONTROLLED_VARIANTS,
+    FAMILY_ANIMA,
     FAMILY_CHROMA,
     FAMILY_ERNIE_IMAGE,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_OVIS,
+    FAMILY_QWEN_IMAGE,
     FAMILY_SD1,
     FAMILY_SD2,
     FAMILY_SD3,
@@ -120,20 +122,23 @@ class DiffusionParams:
 DEFAULT_CFG_SCALE = 7.0
 MAX_CONTROL_STRENGTH = bounds("control_strength")[1]
 FAMILY_CFG_SCALE: dict[Family, float] = {
-    FAMILY_FLUX1: 1.0, FAMILY_CHROMA: 4.0, FAMILY_OVIS: 5.0, FAMILY_Z_IMAGE: 1.0, FAMILY_FLUX2: 1.0,
+    FAMILY_FLUX1: 1.0, FAMILY_CHROMA: 4.0, FAMILY_OVIS: 5.0, FAMILY_Z_IMAGE: 1.0, FAMILY_QWEN_IMAGE: 4.0,
+    FAMILY_FLUX2: 1.0,
 }  # fmt: skip
 """``cfg_scale`` when the caller gives none, where a family needs another than :data:`DEFAULT_CFG_SCALE`:
-FLUX.1, FLUX.2 [klein] and Z-Image Turbo are distilled (FLUX.1 [dev] takes ``guidance``), Chroma
-and Ovis-Image are not and guide by classifier-free guidance at a lower scale."""
+FLUX.1, FLUX.2 [klein] and Z-Image Turbo are distilled (FLUX.1 [dev] takes ``guidance``), Chroma,
+Ovis-Image and Qwen-Image are not and guide by classifier-free guidance at a lower scale."""
 FLOW_FAMILIES: tuple[Family, ...] = (
-    FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE, FAMILY_ERNIE_IMAGE, FAMILY_FLUX2,
+    FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE, FAMILY_ERNIE_IMAGE, FAMILY_QWEN_IMAGE,
+    FAMILY_ANIMA, FAMILY_FLUX2,
 )  # fmt: skip
 """The flow-matching families: the engine picks their sampler and schedule (euler on the
 family's shifted flow sigmas) when a request names none; an HTTP API's default sampler,
 chosen for the SD UNets (the job queue's "DPM++ 2M Karras"), gives way to it."""
 FAMILY_SIZE_MULTIPLE: dict[Family, int] = {
     FAMILY_SD1: 64, FAMILY_SD2: 64, FAMILY_SDXL: 64, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16,
-    FAMILY_OVIS: 16, FAMILY_Z_IMAGE: 16, FAMILY_ERNIE_IMAGE: 16, FAMILY_FLUX2: 16,
+    FAMILY_OVIS: 16, FAMILY_Z_IMAGE: 16, FAMILY_ERNIE_IMAGE: 16, FAMILY_QWEN_IMAGE: 16, FAMILY_ANIMA: 16,
+    FAMILY_FLUX2: 16,
 }  # fmt: skip
 """Image sides must be multiples of these: the engine rounds a UNet's up to 64, and
 the transformers patchify 2x2 latents of an 8x VAE."""
@@ -578,10 +583,11 @@ def check_images(params: DiffusionParams, info: ModelInfo, prediction: str | Non
             raise InvalidParameterError(
                 "init_images", "an instruct-pix2pix model edits an image: give init_images=[image] (or init_image)"
             )
-    elif references and info.family != FAMILY_FLUX1:
+    elif references and info.family not in (FAMILY_FLUX1, FAMILY_QWEN_IMAGE):
         raise InvalidParameterError(
             "init_images",
-            "reference images need FLUX.2 or FLUX.1 Kontext (in-context conditioning); img2img takes init_image",
+            "reference images need FLUX.2, FLUX.1 Kontext or Qwen-Image-Edit (in-context conditioning); "
+            "img2img takes init_image",
         )
     if info.variant == "fill" and (not source or params.mask is None):
         raise InvalidParameterError(

@@ -155,6 +155,44 @@ QWEN3_4B = RegistryModel(
     hf_path="split_files/text_encoders/qwen_3_4b.safetensors",
 )  # fmt: skip
 
+# Ovis-Image, with FLUX_1_AE and Ovis 2.5's Qwen3 (28 layers).
+OVIS_IMAGE_BF16 = RegistryModel(
+    "OVIS_IMAGE_BF16", "ovis_image_bf16.safetensors", "ovis", hf_repo="Comfy-Org/Ovis-Image",
+    hf_path="split_files/diffusion_models/ovis_image_bf16.safetensors",
+)  # fmt: skip
+OVIS_2_5 = RegistryModel(
+    "OVIS_2_5", "ovis_2.5.safetensors", "llm", hf_repo="Comfy-Org/Ovis-Image",
+    hf_path="split_files/text_encoders/ovis_2.5.safetensors",
+)  # fmt: skip
+
+# ERNIE-Image and its Turbo, with Ministral 3B and FLUX.2's VAE (ERNIE_IMAGE_VAE, FLUX_2_KLEIN_4B_VAE).
+ERNIE_IMAGE = RegistryModel(
+    "ERNIE_IMAGE", "ernie-image.safetensors", "ernie_image", hf_repo="Comfy-Org/ERNIE-Image",
+    hf_path="diffusion_models/ernie-image.safetensors",
+)  # fmt: skip
+ERNIE_IMAGE_TURBO = RegistryModel(
+    "ERNIE_IMAGE_TURBO", "ernie-image-turbo.safetensors", "ernie_image", hf_repo="Comfy-Org/ERNIE-Image",
+    hf_path="diffusion_models/ernie-image-turbo.safetensors",
+)  # fmt: skip
+MINISTRAL_3_3B = RegistryModel(
+    "MINISTRAL_3_3B", "ministral-3-3b.safetensors", "llm", hf_repo="Comfy-Org/ERNIE-Image",
+    hf_path="text_encoders/ministral-3-3b.safetensors",
+)  # fmt: skip
+ERNIE_IMAGE_VAE = RegistryModel(
+    "ERNIE_IMAGE_VAE", "flux2-vae.safetensors", "vae", hf_repo="Comfy-Org/ERNIE-Image",
+    hf_path="vae/flux2-vae.safetensors",
+)  # fmt: skip
+
+# Qwen-Image (its Edit loads alike), with the Wan 2.1 VAE and a Qwen2.5-VL 7B GGUF (llama.cpp's).
+QWEN_IMAGE_Q3_K_M = RegistryModel(
+    "QWEN_IMAGE_Q3_K_M", "qwen-image-Q3_K_M.gguf", "qwen_image", hf_repo="city96/Qwen-Image-gguf",
+    size=9679567392, sha256="ff96f80b90f8234e498c803965857d7850f89011dde805f83f1e80aa741bcdfb",
+)  # fmt: skip
+QWEN_IMAGE_VAE = RegistryModel(
+    "QWEN_IMAGE_VAE", "qwen_image_vae.safetensors", "vae", hf_repo="Comfy-Org/Qwen-Image_ComfyUI",
+    hf_path="split_files/vae/qwen_image_vae.safetensors",
+)  # fmt: skip
+
 REGISTRY: dict[str, RegistryModel] = {
     model.name: model
     for model in (
@@ -162,7 +200,8 @@ REGISTRY: dict[str, RegistryModel] = {
         FLUX_2_KLEIN_4B_Q4_0, FLUX_2_KLEIN_4B_Q4_K_M, FLUX_2_KLEIN_4B_Q6_K, FLUX_2_KLEIN_4B_Q8_0,
         FLUX_2_KLEIN_4B_VAE, QWEN3_4B_Q4_K_M, REALESRGAN_X4PLUS, REALESRGAN_X4PLUS_ANIME_6B,
         FLUX_1_DEV_Q4_0, FLUX_1_KONTEXT_DEV_Q4_0, FLUX_1_FILL_DEV_Q4_0, FLUX_1_DEPTH_DEV, FLUX_1_CANNY_DEV,
-        CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L, Z_IMAGE_TURBO_BF16, QWEN3_4B,
+        CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L, Z_IMAGE_TURBO_BF16, QWEN3_4B, OVIS_IMAGE_BF16, OVIS_2_5,
+        ERNIE_IMAGE, ERNIE_IMAGE_TURBO, MINISTRAL_3_3B, ERNIE_IMAGE_VAE, QWEN_IMAGE_Q3_K_M, QWEN_IMAGE_VAE,
     )
 }  # fmt: skip
 

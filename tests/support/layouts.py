@@ -10,6 +10,7 @@ the weights themselves are made up by :mod:`tests.support.models`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 
@@ -597,6 +598,8 @@ class Qwen3Config:
     vocab: int = 151936
     qk_norm: bool = True
     """Qwen3 normalises each head's queries and keys; Mistral's models (Ministral) do not."""
+    qkv_bias: bool = False
+    """Qwen2.5's query, key and value projections have biases; Qwen3's do not."""
 
 
 def qwen3_layout(cfg: Qwen3Config) -> list[TensorSpec]:
@@ -608,9 +611,9 @@ def qwen3_layout(cfg: Qwen3Config) -> list[TensorSpec]:
     for i in range(cfg.layers):
         b = f"blk.{i}"
         lay.add(f"{b}.attn_norm.weight", None, h)
-        lay.linear(f"{b}.attn_q", None, q, h, bias=False)
-        lay.linear(f"{b}.attn_k", None, kv, h, bias=False)
-        lay.linear(f"{b}.attn_v", None, kv, h, bias=False)
+        lay.linear(f"{b}.attn_q", None, q, h, bias=cfg.qkv_bias)
+        lay.linear(f"{b}.attn_k", None, kv, h, bias=cfg.qkv_bias)
+        lay.linear(f"{b}.attn_v", None, kv, h, bias=cfg.qkv_bias)
         if cfg.qk_norm:
             lay.add(f"{b}.attn_q_norm.weight", None, cfg.head_dim)
             lay.add(f"{b}.attn_k_norm.weight", None, cfg.head_dim)
@@ -693,4 +696,173 @@ def ernie_image_layout(layers: int = 36, prefix: str = "") -> list[TensorSpec]:
         lay.linear(f"{b}.mlp.linear_fc2", None, h, w["ffn"], bias=False)
     lay.linear(f"{p}final_norm.linear", None, 2 * h, h)
     lay.linear(f"{p}final_linear", None, w["latent"], h)
+    return lay.specs
+
+
+QWEN_IMAGE_WIDTHS = {"hidden": 3072, "head_dim": 128, "ffn": 12288, "text": 3584, "latent": 64}
+"""Qwen-Image's MMDiT (20B at its 60 blocks; the engine reads the depth from the file): 3072
+wide, 24 heads of 128, on 16-channel latents patchified 2x2, prompted by Qwen2.5-VL 7B (3584)."""
+
+
+def qwen_image_layout(blocks: int = 60, prefix: str = "") -> list[TensorSpec]:
+    """The Qwen-Image transformer in its released (diffusers) names."""
+    w = QWEN_IMAGE_WIDTHS
+    lay = _Layout()
+    p, h = prefix, w["hidden"]
+    lay.linear(f"{p}time_text_embed.timestep_embedder.linear_1", None, h, 256)
+    lay.linear(f"{p}time_text_embed.timestep_embedder.linear_2", None, h, h)
+    lay.add(f"{p}txt_norm.weight", None, w["text"])
+    lay.linear(f"{p}img_in", None, h, w["latent"])
+    lay.linear(f"{p}txt_in", None, h, w["text"])
+    for i in range(blocks):
+        b = f"{p}transformer_blocks.{i}"
+        for stream in ("img", "txt"):
+            lay.linear(f"{b}.{stream}_mod.1", None, 6 * h, h)
+            lay.linear(f"{b}.{stream}_mlp.net.0.proj", None, w["ffn"], h)
+            lay.linear(f"{b}.{stream}_mlp.net.2", None, h, w["ffn"])
+        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+            lay.linear(f"{b}.attn.{proj}", None, h, h)
+        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            lay.add(f"{b}.attn.{norm}.weight", None, w["head_dim"])
+    lay.linear(f"{p}norm_out.linear", None, 2 * h, h)
+    lay.linear(f"{p}proj_out", None, w["latent"], h)
+    return lay.specs
+
+
+QWEN25_VL_7B = Qwen3Config(
+    layers=28, hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064, qk_norm=False, qkv_bias=True
+)
+"""Qwen2.5-VL 7B's language model in llama.cpp's names: Qwen-Image's text encoder (it reads the
+last layer; the engine reads the depth from the file)."""
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    """The Wan 2.1 VAE (Qwen-Image's): a causal 3-D autoencoder of 16 latent channels."""
+
+    dim: int = 96
+    z: int = 16
+    mult: tuple[int, ...] = (1, 2, 4, 4)
+    res_blocks: int = 2
+    down_in_time: tuple[bool, ...] = (False, True, True)
+
+
+def _wan_conv3d(lay: _Layout, name: str, out: int, inp: int, k: tuple[int, int, int] = (3, 3, 3)) -> None:
+    lay.add(f"{name}.weight", None, out, inp, *k)
+    lay.add(f"{name}.bias", None, out)
+
+
+def _wan_resblock(lay: _Layout, name: str, inp: int, out: int) -> None:
+    lay.add(f"{name}.residual.0.gamma", None, inp, 1, 1, 1)
+    _wan_conv3d(lay, f"{name}.residual.2", out, inp)
+    lay.add(f"{name}.residual.3.gamma", None, out, 1, 1, 1)
+    _wan_conv3d(lay, f"{name}.residual.6", out, out)
+    if inp != out:
+        _wan_conv3d(lay, f"{name}.shortcut", out, inp, (1, 1, 1))
+
+
+def _wan_middle(lay: _Layout, name: str, ch: int) -> None:
+    _wan_resblock(lay, f"{name}.middle.0", ch, ch)
+    lay.add(f"{name}.middle.1.norm.gamma", None, ch, 1, 1)
+    lay.conv(f"{name}.middle.1.to_qkv", None, 3 * ch, ch, 1)
+    lay.conv(f"{name}.middle.1.proj", None, ch, ch, 1)
+    _wan_resblock(lay, f"{name}.middle.2", ch, ch)
+
+
+def wan_vae_layout() -> list[TensorSpec]:
+    """The Wan 2.1 VAE in its released names (``encoder.downsamples.N``, ``decoder.upsamples.N``:
+    residual blocks and resamplers numbered in one sequence)."""
+    v = WanVAEConfig()
+    lay = _Layout()
+    dim, z, mult = v.dim, v.z, v.mult
+    dims = [dim] + [dim * m for m in mult]
+    _wan_conv3d(lay, "encoder.conv1", dims[0], 3)
+    index = 0
+    for i, (inp, out) in enumerate(itertools.pairwise(dims)):
+        for _ in range(v.res_blocks):
+            _wan_resblock(lay, f"encoder.downsamples.{index}", inp, out)
+            inp, index = out, index + 1
+        if i != len(mult) - 1:
+            lay.conv(f"encoder.downsamples.{index}.resample.1", None, out, out)
+            if v.down_in_time[i]:
+                _wan_conv3d(lay, f"encoder.downsamples.{index}.time_conv", out, out, (3, 1, 1))
+            index += 1
+    _wan_middle(lay, "encoder", dims[-1])
+    lay.add("encoder.head.0.gamma", None, dims[-1], 1, 1, 1)
+    _wan_conv3d(lay, "encoder.head.2", 2 * z, dims[-1])
+    _wan_conv3d(lay, "conv1", 2 * z, 2 * z, (1, 1, 1))
+    _wan_conv3d(lay, "conv2", z, z, (1, 1, 1))
+    dims = [dim * mult[-1]] + [dim * m for m in reversed(mult)]
+    _wan_conv3d(lay, "decoder.conv1", dims[0], z)
+    _wan_middle(lay, "decoder", dims[0])
+    up_in_time = tuple(reversed(v.down_in_time))
+    index = 0
+    for i, (inp, out) in enumerate(itertools.pairwise(dims)):
+        if i in (1, 2, 3):
+            inp //= 2  # the resampler before halved the channels
+        for _ in range(v.res_blocks + 1):
+            _wan_resblock(lay, f"decoder.upsamples.{index}", inp, out)
+            inp, index = out, index + 1
+        if i != len(mult) - 1:
+            lay.conv(f"decoder.upsamples.{index}.resample.1", None, out // 2, out)
+            if up_in_time[i]:
+                _wan_conv3d(lay, f"decoder.upsamples.{index}.time_conv", 2 * out, out, (3, 1, 1))
+            index += 1
+    lay.add("decoder.head.0.gamma", None, dims[-1], 1, 1, 1)
+    _wan_conv3d(lay, "decoder.head.2", 3, dims[-1])
+    return lay.specs
+
+
+ANIMA_WIDTHS = {"hidden": 2048, "heads": 16, "head_dim": 128, "text": 1024, "adaln": 256, "latent": 16}
+"""Anima's DiT (Cosmos-Predict2's, 28 blocks in the release; the engine reads the depth from the
+file), 2048 wide, on the Wan VAE's 16 latent channels (plus a padding mask) patchified 2x2,
+with its LLM adapter: 6 blocks of 1024 over Qwen3-0.6B's features and T5's token ids."""
+
+QWEN3_0_6B = Qwen3Config(layers=28, hidden=1024, heads=16, kv_heads=8, ffn=3072)
+"""Qwen3-0.6B in llama.cpp's names: Anima's text encoder (the engine gives a Qwen3 16 heads
+only at 28 layers)."""
+
+
+def _anima_attention(lay: _Layout, name: str, dim: int, context: int, head_dim: int, out: str) -> None:
+    lay.linear(f"{name}.q_proj", None, dim, dim, bias=False)
+    lay.linear(f"{name}.k_proj", None, dim, context, bias=False)
+    lay.linear(f"{name}.v_proj", None, dim, context, bias=False)
+    lay.add(f"{name}.q_norm.weight", None, head_dim)
+    lay.add(f"{name}.k_norm.weight", None, head_dim)
+    lay.linear(f"{name}.{out}", None, dim, dim, bias=False)
+
+
+def anima_layout(blocks: int = 28, prefix: str = "net.") -> list[TensorSpec]:
+    """Anima's DiT in its released names (under ``net.``)."""
+    w = ANIMA_WIDTHS
+    lay = _Layout()
+    p, h, a = prefix, w["hidden"], w["adaln"]
+    lay.linear(f"{p}x_embedder.proj.1", None, h, (w["latent"] + 1) * 4, bias=False)
+    lay.linear(f"{p}t_embedder.1.linear_1", None, h, h, bias=False)
+    lay.linear(f"{p}t_embedder.1.linear_2", None, 3 * h, h, bias=False)
+    lay.add(f"{p}t_embedding_norm.weight", None, h)
+    for i in range(blocks):
+        b = f"{p}blocks.{i}"
+        for part in ("self_attn", "cross_attn", "mlp"):
+            lay.linear(f"{b}.adaln_modulation_{part}.1", None, a, h, bias=False)
+            lay.linear(f"{b}.adaln_modulation_{part}.2", None, 3 * h, a, bias=False)
+        _anima_attention(lay, f"{b}.self_attn", h, h, w["head_dim"], "output_proj")
+        _anima_attention(lay, f"{b}.cross_attn", h, w["text"], w["head_dim"], "output_proj")
+        lay.linear(f"{b}.mlp.layer1", None, 4 * h, h, bias=False)
+        lay.linear(f"{b}.mlp.layer2", None, h, 4 * h, bias=False)
+    lay.linear(f"{p}final_layer.adaln_modulation.1", None, a, h, bias=False)
+    lay.linear(f"{p}final_layer.adaln_modulation.2", None, 2 * h, a, bias=False)
+    lay.linear(f"{p}final_layer.linear", None, 4 * w["latent"], h, bias=False)
+    t = w["text"]  # the adapter: T5's vocabulary, 6 blocks of 16 heads of 64
+    lay.add(f"{p}llm_adapter.embed.weight", None, 32128, t)
+    for i in range(6):
+        b = f"{p}llm_adapter.blocks.{i}"
+        for norm in ("norm_self_attn", "norm_cross_attn", "norm_mlp"):
+            lay.add(f"{b}.{norm}.weight", None, t)
+        _anima_attention(lay, f"{b}.self_attn", t, t, 64, "o_proj")
+        _anima_attention(lay, f"{b}.cross_attn", t, t, 64, "o_proj")
+        lay.linear(f"{b}.mlp.0", None, 4 * t, t)
+        lay.linear(f"{b}.mlp.2", None, t, 4 * t)
+    lay.linear(f"{p}llm_adapter.out_proj", None, t, t)
+    lay.add(f"{p}llm_adapter.norm.weight", None, t)
     return lay.specs

@@ -32,6 +32,8 @@ from tests.support.layouts import (
     FLUX2_KLEIN_4B,
     MINISTRAL_3B,
     OVIS_IMAGE,
+    QWEN3_0_6B,
+    QWEN25_VL_7B,
     SD1_TINY_UNET,
     SD1_UNET,
     SD2_UNET,
@@ -40,6 +42,7 @@ from tests.support.layouts import (
     VEGA_UNET,
     Qwen3Config,
     TensorSpec,
+    anima_layout,
     clip_text_layout,
     controlnet_layout,
     ernie_image_layout,
@@ -48,10 +51,12 @@ from tests.support.layouts import (
     mmdit_layout,
     open_clip_text_layout,
     qwen3_layout,
+    qwen_image_layout,
     t5xxl_layout,
     taesd_layout,
     unet_layout,
     vae_layout,
+    wan_vae_layout,
     z_image_layout,
 )
 
@@ -116,7 +121,7 @@ def write_sdxl_part(path: Path, part: str, seed: int = 0, dtype: str = "f16", qu
 
 
 def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
-    if spec.is_norm_weight:
+    if spec.is_norm_weight or spec.name.endswith(".gamma"):  # (the Wan VAE's RMS norms: gamma)
         return np.ones(shape, dtype=np.float32)
     if len(shape) == 1 or spec.name.endswith("bias"):
         return np.zeros(shape, dtype=np.float32)
@@ -296,6 +301,33 @@ def write_ministral_3b(path: Path, seed: int = 0) -> Path:
 def write_ovis_llm(path: Path, seed: int = 0) -> Path:
     """Ovis-Image's text encoder (:data:`OVIS_QWEN3`) as a q4_0 GGUF in llama.cpp's names."""
     return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(OVIS_QWEN3), seed), arch="qwen3")
+
+
+def write_qwen_image(path: Path, seed: int = 0) -> Path:
+    """Qwen-Image's transformer at its real widths with one block, q4_0."""
+    return write_gguf(Path(path), random_q4_0_tensors(qwen_image_layout(blocks=1), seed), arch="qwen_image")
+
+
+def write_qwen25_vl(path: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL 7B's language model at its real widths with one layer (Qwen-Image reads the
+    last, and the engine the depth from the file), q4_0, in llama.cpp's names."""
+    config = dataclasses.replace(QWEN25_VL_7B, layers=1)
+    return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(config), seed), arch="qwen2vl")
+
+
+def write_wan_vae(path: Path, seed: int = 0) -> Path:
+    """The Wan 2.1 VAE whole (Qwen-Image's), f16 safetensors."""
+    return write_safetensors(Path(path), random_tensors(wan_vae_layout(), seed))
+
+
+def write_anima(path: Path, seed: int = 0) -> Path:
+    """Anima's DiT at its real widths with one block (its LLM adapter whole), q4_0."""
+    return write_gguf(Path(path), random_q4_0_tensors(anima_layout(blocks=1), seed), arch="anima")
+
+
+def write_qwen3_0_6b(path: Path, seed: int = 0) -> Path:
+    """Qwen3-0.6B whole (28 layers), q4_0, in llama.cpp's names: Anima's text encoder."""
+    return write_gguf(Path(path), random_q4_0_tensors(qwen3_layout(QWEN3_0_6B), seed), arch="qwen3")
 
 
 FLUX1_PARTS = (*FLUX1_TRANSFORMERS, "vae")

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.families.detect import (
+    FAMILY_ANIMA,
     FAMILY_CHROMA,
     FAMILY_ERNIE_IMAGE,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
     FAMILY_NAMES,
     FAMILY_OVIS,
+    FAMILY_QWEN_IMAGE,
     FAMILY_SD1,
     FAMILY_SD2,
     FAMILY_SD3,
@@ -59,9 +61,14 @@ CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 
 VAE_LATENT_CHANNELS = {
     FAMILY_SD1: 4, FAMILY_SD2: 4, FAMILY_SDXL: 4, FAMILY_SD3: 16, FAMILY_FLUX1: 16, FAMILY_CHROMA: 16, FAMILY_OVIS: 16,
-    FAMILY_Z_IMAGE: 16, FAMILY_ERNIE_IMAGE: 32, FAMILY_FLUX2: 32,
+    FAMILY_Z_IMAGE: 16, FAMILY_ERNIE_IMAGE: 32, FAMILY_QWEN_IMAGE: 16, FAMILY_ANIMA: 16,
+    FAMILY_FLUX2: 32,
 }  # fmt: skip
 """Latent channels of the VAE each family decodes with."""
+
+WAN_VAE_FAMILIES = (FAMILY_QWEN_IMAGE, FAMILY_ANIMA)
+"""The families that decode with the Wan 2.1 VAE (a causal 3-D autoencoder, ``decoder.conv1``);
+the others with a 2-D KL autoencoder (``decoder.conv_in``)."""
 
 CONTROL_NET_WIDTHS = {FAMILY_SD1: 768, FAMILY_SD2: 1024, FAMILY_SDXL: 2048}
 """The families the engine runs ControlNets for (UNets), by the text width their cross-attention takes."""
@@ -70,15 +77,19 @@ FLUX2_TEXT_LAYERS = (9, 18, 27)
 """The LLM layers whose outputs FLUX.2 [klein] stacks into its text features."""
 LLM_DEPTHS = {
     FAMILY_OVIS: (28, True, "Ovis 2.5's Qwen3 (2B)"), FAMILY_Z_IMAGE: (36, False, "Qwen3-4B"),
-    FAMILY_ERNIE_IMAGE: (26, False, "Ministral 3B"),
+    FAMILY_ERNIE_IMAGE: (26, False, "Ministral 3B"), FAMILY_QWEN_IMAGE: (1, False, "Qwen2.5-VL 7B"),
+    FAMILY_ANIMA: (28, True, "Qwen3-0.6B"),
 }  # fmt: skip
 """The language model each family reads besides FLUX.2 [klein], as ``(layers, exactly, what)``:
 Ovis-Image its last layer of Ovis 2.5's Qwen3 (the engine gives a Qwen3 its 16 heads only
 at 28 layers), Z-Image the outputs of layer 35 (Qwen3-4B's next to last), ERNIE-Image those
-of layer 25 (Ministral 3B's next to last)."""
+of layer 25 (Ministral 3B's next to last), Qwen-Image the last layer of Qwen2.5-VL 7B's
+language model, however deep (the engine reads the depth from the file), Anima the last layer
+of Qwen3-0.6B (28 layers: as for Ovis-Image, the depth at which the engine gives a Qwen3 16
+heads)."""
 
 
-LLM_LABELS = {FAMILY_ERNIE_IMAGE: "Ministral 3B text encoder"}
+LLM_LABELS = {FAMILY_ERNIE_IMAGE: "Ministral 3B text encoder", FAMILY_QWEN_IMAGE: "Qwen2.5-VL text encoder"}
 """How messages name the language model of a family that reads another than Qwen3."""
 
 
@@ -103,6 +114,8 @@ FAMILY_TEXT_ENCODERS = {
     FAMILY_OVIS: ("llm",),
     FAMILY_Z_IMAGE: ("llm",),
     FAMILY_ERNIE_IMAGE: ("llm",),
+    FAMILY_QWEN_IMAGE: ("llm",),
+    FAMILY_ANIMA: ("llm",),
     FAMILY_FLUX2: ("llm",),
 }
 """The text encoders each family conditions on (SD 1.x / 2.x files always carry theirs)."""
@@ -179,16 +192,29 @@ def check_companion(path: Path, role: str, info: ModelInfo) -> None:
             other = next((FAMILY_NAMES[f] for f, w in CONTROL_NET_WIDTHS.items() if w == cross), f"{cross}-wide text")
             raise InvalidParameterError(field, f"{path} is a ControlNet for {other}; this model is {family}")
     elif role in ("vae", "taesd"):
-        first = "decoder.conv_in.weight" if role == "vae" else "decoder.layers.0.weight"
-        conv_in = _suffix_shape(table, first)
-        if conv_in is None:
-            raise InvalidParameterError(field, f"{path} holds no {spec.label} decoder ({first})")
-        wanted = VAE_LATENT_CHANNELS.get(info.family)
-        if wanted is not None and len(conv_in) == 4 and conv_in[1] != wanted:
-            raise InvalidParameterError(
-                field,
-                f"{path} is a {spec.label} of {conv_in[1]} latent channels; {family} decodes {wanted}-channel latents",
-            )
+        _check_decoder(path, table, field, role, info)
+
+
+DECODER_INPUTS = {"kl": "decoder.conv_in.weight", "wan": "decoder.conv1.weight", "taesd": "decoder.layers.0.weight"}
+"""The first decoder layer of each kind of autoencoder: a 2-D KL VAE, the Wan 2.1 VAE, TAESD."""
+
+
+def _check_decoder(path: Path, table: TensorTable, field: str, role: str, info: ModelInfo) -> None:
+    """A VAE (or TAESD) of the kind the family of ``info`` decodes with, for latents of its channels."""
+    label, family = ROLES[role].label, FAMILY_NAMES[info.family]
+    kind = "taesd" if role == "taesd" else "wan" if info.family in WAN_VAE_FAMILIES else "kl"
+    conv_in = _suffix_shape(table, DECODER_INPUTS[kind])
+    if conv_in is None:
+        other = "kl" if kind == "wan" else "wan"
+        if kind != "taesd" and _suffix_shape(table, DECODER_INPUTS[other]) is not None:
+            names = {"kl": "a 2-D VAE", "wan": "the Wan 2.1 VAE (3-D)"}
+            raise InvalidParameterError(field, f"{path} is {names[other]}; {family} decodes with {names[kind]}")
+        raise InvalidParameterError(field, f"{path} holds no {label} decoder ({DECODER_INPUTS[kind]})")
+    wanted = VAE_LATENT_CHANNELS.get(info.family)
+    if wanted is not None and len(conv_in) >= 4 and conv_in[1] != wanted:
+        raise InvalidParameterError(
+            field, f"{path} is a {label} of {conv_in[1]} latent channels; {family} decodes {wanted}-channel latents"
+        )
 
 
 HINT_TENSOR = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
@@ -235,10 +261,11 @@ def _check_llm(path: Path, table: TensorTable, field: str, info: ModelInfo) -> N
         depth, exactly, what = LLM_DEPTHS[info.family]
         width = embed[1] if len(embed) == 2 else None
         if (layers != depth if exactly else layers < depth) or (width and info.text_width not in (None, width)):
+            needs = f"{depth} layers, " if depth > 1 else ""
             raise InvalidParameterError(
                 field,
                 f"{path} is a {layers}-layer language model{f', {width} wide' if width else ''}; "
-                f"{FAMILY_NAMES[info.family]} reads {what} ({depth} layers, {info.text_width} wide)",
+                f"{FAMILY_NAMES[info.family]} reads {what} ({needs}{info.text_width} wide)",
             )
         return
     deepest = FLUX2_TEXT_LAYERS[-1]

@@ -25,7 +25,21 @@ from sfumato.errors import (
     UnsupportedModelError,
 )
 
-Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux1", "chroma", "ovis", "z_image", "ernie_image", "flux2", "esrgan"]
+Family = Literal[
+    "sd1",
+    "sd2",
+    "sdxl",
+    "sd3",
+    "flux1",
+    "chroma",
+    "ovis",
+    "z_image",
+    "ernie_image",
+    "qwen_image",
+    "anima",
+    "flux2",
+    "esrgan",
+]
 """The model families sfumato detects; :data:`FAMILY_NAMES` gives their display names."""
 FAMILY_SD1: Family = "sd1"
 FAMILY_SD2: Family = "sd2"
@@ -36,17 +50,20 @@ FAMILY_CHROMA: Family = "chroma"
 FAMILY_OVIS: Family = "ovis"
 FAMILY_Z_IMAGE: Family = "z_image"
 FAMILY_ERNIE_IMAGE: Family = "ernie_image"
+FAMILY_QWEN_IMAGE: Family = "qwen_image"
+FAMILY_ANIMA: Family = "anima"
 FAMILY_FLUX2: Family = "flux2"
 FAMILY_ESRGAN: Family = "esrgan"
 DIFFUSION_FAMILIES = (
     FAMILY_SD1, FAMILY_SD2, FAMILY_SDXL, FAMILY_SD3, FAMILY_FLUX1, FAMILY_CHROMA, FAMILY_OVIS, FAMILY_Z_IMAGE,
-    FAMILY_ERNIE_IMAGE, FAMILY_FLUX2,
+    FAMILY_ERNIE_IMAGE, FAMILY_QWEN_IMAGE, FAMILY_ANIMA, FAMILY_FLUX2,
 )  # fmt: skip
 SUPPORTED_FAMILIES = (*DIFFUSION_FAMILIES, FAMILY_ESRGAN)
 FAMILY_NAMES: dict[Family, str] = {
     FAMILY_SD1: "SD 1.x", FAMILY_SD2: "SD 2.x", FAMILY_SDXL: "SDXL", FAMILY_SD3: "SD3",
     FAMILY_FLUX1: "FLUX.1", FAMILY_CHROMA: "Chroma", FAMILY_OVIS: "Ovis-Image", FAMILY_Z_IMAGE: "Z-Image",
-    FAMILY_ERNIE_IMAGE: "ERNIE-Image", FAMILY_FLUX2: "FLUX.2 [klein]",
+    FAMILY_ERNIE_IMAGE: "ERNIE-Image", FAMILY_QWEN_IMAGE: "Qwen-Image", FAMILY_ANIMA: "Anima",
+    FAMILY_FLUX2: "FLUX.2 [klein]",
     FAMILY_ESRGAN: "ESRGAN",
 }  # fmt: skip
 
@@ -221,12 +238,6 @@ def read_tensor_table(path: Path) -> TensorTable:
     raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
 
 
-RUNS = (
-    "SD 1.x, SD 2.x, SDXL, SD3, FLUX.1 (with Kontext, Fill, Depth/Canny and Flex.2), Chroma (and Radiance), "
-    "Ovis-Image, Z-Image, ERNIE-Image and FLUX.2 [klein]"
-)
-"""What this version of sfumato runs, as refusals say it."""
-
 SINGLE_STREAM: tuple[tuple[str, Family, str], ...] = (
     ("cap_embedder.0.", FAMILY_Z_IMAGE, "cap_embedder.1.weight"),
     ("layers.0.adaLN_sa_ln.", FAMILY_ERNIE_IMAGE, "text_proj.weight"),
@@ -234,35 +245,29 @@ SINGLE_STREAM: tuple[tuple[str, Family, str], ...] = (
 """The single-stream transformers, each by a tensor only it has (under the diffusion model's
 prefix, where it has one), its family, and the matrix that takes its text features."""
 
-ENGINE_ONLY: tuple[tuple[str, str, bool], ...] = (
-    ("transformer_blocks.0.img_mod.1.weight", "Qwen-Image or Qwen-Image-Edit (Qwen2.5-VL text encoder)", False),
-    ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "Anima", False),
-    ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x", True),
-    ("input_blocks.8.0.time_mixer.mix_factor", "Stable Video Diffusion", True),
+VIDEO_VERSIONS: tuple[tuple[str, str], ...] = (
+    ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x"),
+    ("input_blocks.8.0.time_mixer.mix_factor", "Stable Video Diffusion"),
 )
-"""The engine's other versions, by a tensor only each has (under the diffusion model's
-prefix, where it has one), what each is, and whether it makes video: each is named
-when refused, before any engine call."""
+"""The engine's video versions, by a tensor only each has (under the diffusion model's
+prefix, where it has one), and what each is: each is named when refused, before any
+engine call."""
 
 
-def _refuse_engine_only(path: Path, table: TensorTable) -> None:
-    """Refuse, by name, a model of a version the engine runs and this sfumato does not."""
-    for marker, name, video in ENGINE_ONLY:
-        if _diffusion_prefix(table, marker) is None:
-            continue
-        if video:
+def _refuse_video(path: Path, table: TensorTable) -> None:
+    """Refuse, by name, a model of a version the engine runs for video."""
+    for marker, name in VIDEO_VERSIONS:
+        if _diffusion_prefix(table, marker) is not None:
             raise UnsupportedModelError(f"{path}: a {name} video model; sfumato makes images, not video")
-        raise UnsupportedModelError(
-            f"{path}: a {name} model; the engine runs it, but this version of sfumato does not yet (it runs {RUNS})"
-        )
 
 
 def _classify(path: Path, table: TensorTable) -> ModelInfo:
     has = table.has_prefix
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
-    _refuse_engine_only(path, table)
-    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_single_stream):
+    _refuse_video(path, table)
+    classifiers = (_classify_sd3, _classify_flux2, _classify_flux1, _classify_single_stream, _classify_qwen_image)
+    for classify in (*classifiers, _classify_anima):
         found = classify(path, table)
         if found is not None:
             return found
@@ -334,6 +339,39 @@ def _classify_single_stream(path: Path, table: TensorTable) -> ModelInfo | None:
                 carries=_carried(table),
             )
     return None
+
+
+def _classify_qwen_image(path: Path, table: TensorTable) -> ModelInfo | None:
+    """Qwen-Image's MMDiT, or Qwen-Image-Edit's (the same layout: its header does not tell
+    them apart); ``None`` when it is neither."""
+    prefix = _diffusion_prefix(table, "transformer_blocks.0.img_mod.1.")
+    if prefix is None:
+        return None
+    return ModelInfo(
+        path,
+        FAMILY_QWEN_IMAGE,
+        table.format,
+        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
+        split=not _other_parts(table, prefix),
+        text_width=table.input_width(f"{prefix}txt_in.weight"),
+        carries=_carried(table),
+    )
+
+
+def _classify_anima(path: Path, table: TensorTable) -> ModelInfo | None:
+    """Anima's DiT (Cosmos-Predict2's, under ``net.``, with an LLM adapter); ``None`` when it is none."""
+    prefix = next((p for p in ("model.diffusion_model.net.", "net.") if table.has_prefix(f"{p}llm_adapter.")), None)
+    if prefix is None:
+        return None
+    return ModelInfo(
+        path,
+        FAMILY_ANIMA,
+        table.format,
+        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
+        split=not _other_parts(table, prefix),
+        text_width=table.input_width(f"{prefix}llm_adapter.blocks.0.cross_attn.k_proj.weight"),
+        carries=_carried(table),
+    )
 
 
 FLUX1_VARIANTS = {384: "fill", 128: "controls", 196: "flex2"}

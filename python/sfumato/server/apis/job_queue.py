@@ -94,6 +94,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_image: str = Field(min_length=1, description="base64 PNG or JPEG")
     strength: float = field("job_queue", "strength")
     mask: str | None = Field(None, description="base64 mask image for inpainting: white is painted anew")
+    img_cfg_scale: float | None = field(
+        "job_queue", "img_cfg_scale", description="an instruct-pix2pix model's image guidance (None: cfg_scale)"
+    )
 
     def to_params(self) -> DiffusionParams:
         return replace(
@@ -101,6 +104,7 @@ class Img2ImgRequest(Txt2ImgRequest):
             init_image=decode_image(self.init_image, "init_image"),
             mask=decode_image(self.mask, "mask") if self.mask else None,
             strength=self.strength,
+            img_cfg_scale=self.img_cfg_scale,
         )
 
 

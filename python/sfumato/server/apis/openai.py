@@ -13,8 +13,9 @@ per image, or one ``error`` event.
 OpenAI's own model names (``dall-e-*``, ``gpt-image-*``) run the server's
 default model, so that clients work unchanged. ``quality`` picks the number
 of sampling steps unless the sfumato field ``steps`` is given; ``steps``,
-``negative_prompt``, ``cfg_scale``, ``seed``, ``sampler`` and ``scheduler``
-are accepted as extra fields.
+``negative_prompt``, ``cfg_scale``, ``img_cfg_scale`` (an instruct-pix2pix
+model's image guidance), ``seed``, ``sampler`` and ``scheduler`` are accepted as
+extra fields (form fields of an edit).
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class GenerationsBody(BaseModel):
     negative_prompt: str = ""
     steps: int | None = field("openai", "steps")
     cfg_scale: float = field("openai", "cfg_scale")
+    img_cfg_scale: float | None = field(
+        "openai", "img_cfg_scale", description="an instruct-pix2pix model's image guidance (None: cfg_scale)"
+    )
     seed: int = field("openai", "seed")
     sampler: str | None = Field(None, description="an A1111 or engine sampler name")
     scheduler: str | None = None
@@ -118,6 +122,7 @@ class GenerationsBody(BaseModel):
             height=size[1],
             steps=steps,
             cfg_scale=self.cfg_scale,
+            img_cfg_scale=self.img_cfg_scale,
             sampling_method=sampling_method,
             scheduler=scheduler,
             seed=self.seed,
@@ -272,13 +277,14 @@ async def generations(state: StateDep, body: GenerationsBody, request: Request) 
 @dataclass
 class EditForm:
     """The ``images.edit`` form's fields besides its files: those of
-    :class:`GenerationsBody`, sent as multipart form fields."""
+    :class:`GenerationsBody`, sent as multipart form fields (one left out, or ``None``,
+    is not sent: the model's and the family's defaults fill it as for a body)."""
 
     prompt: Annotated[str, Form(min_length=1)]
     model: Annotated[str | None, Form()] = None
     n: Annotated[int, _form("n")] = limit("openai", "n").default
     size: Annotated[str, Form(description="'auto' (the image's size, to multiples of 64) or WxH")] = "auto"
-    quality: Annotated[Quality, Form()] = "auto"
+    quality: Annotated[Quality | None, Form(description="left out: the model's steps, else auto's")] = None
     response_format: Annotated[Literal["b64_json"], Form()] = "b64_json"
     output_format: Annotated[OutputFormat, Form()] = "png"
     output_compression: Annotated[int | None, _form("output_compression")] = None
@@ -287,7 +293,11 @@ class EditForm:
     partial_images: Annotated[int, _form("partial_images")] = limit("openai", "partial_images").default
     negative_prompt: Annotated[str, Form()] = ""
     steps: Annotated[int | None, _form("steps")] = None
+    cfg_scale: Annotated[float | None, _form("cfg_scale")] = None
+    img_cfg_scale: Annotated[float | None, _form("img_cfg_scale")] = None
     seed: Annotated[int, _form("seed")] = limit("openai", "seed").default
+    sampler: Annotated[str | None, Form()] = None
+    scheduler: Annotated[str | None, Form()] = None
     user: Annotated[str | None, Form()] = None
 
 
@@ -309,8 +319,8 @@ async def edits(
         source_size = opened.size
     step = ANY_FAMILY_SIDE_MULTIPLE
     wanted = _size(form.size) or tuple(max(step, round(side / step) * step) for side in source_size)
-    sent = asdict(form) | {"size": f"{wanted[0]}x{wanted[1]}", "cfg_scale": 7.0, "sampler": None}
-    body = GenerationsBody(**sent)
+    sent = {name: value for name, value in asdict(form).items() if value is not None}
+    body = GenerationsBody(**sent | {"size": f"{wanted[0]}x{wanted[1]}"})
     edit_mask = None
     if mask is not None:
         edit_mask = _edit_mask(await _read_image(mask, "mask", limit), source_size)

@@ -31,7 +31,14 @@ from sfumato import presets
 from sfumato.engine.kernels import PRECISIONS
 from sfumato.errors import InvalidModelError, InvalidParameterError, SfumatoError
 from sfumato.families.companions import ROLES
-from sfumato.families.detect import DIFFUSION_FAMILIES, FAMILY_FLUX1, FAMILY_NAMES, ModelInfo, detect
+from sfumato.families.detect import (
+    DIFFUSION_FAMILIES,
+    FAMILY_FLUX1,
+    FAMILY_NAMES,
+    FAMILY_QWEN_IMAGE,
+    ModelInfo,
+    detect,
+)
 from sfumato.limits import bounds
 from sfumato.loading import companion_files
 from sfumato.params import (
@@ -54,12 +61,13 @@ else:  # pragma: no cover - Python 3.10
 COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 """The companion roles a model's table may name, each a file."""
 
-DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
+DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "width", "height")
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
 MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "edits", "device", "cpu_variant", "precision", *DEFAULT_KEYS)
 
-DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "guidance", "width", "height")
+DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "width",
+                    "height")  # fmt: skip
 """The :class:`~sfumato.params.DiffusionParams` fields a model's defaults fill."""
 
 
@@ -196,10 +204,12 @@ def _model(config: Path, name: str, table: dict[str, Any], max_steps: int, max_p
             check_choice("precision", precision, PRECISIONS)
         edits = table.get("edits", False)
         check_bool("edits", edits)
-        if edits and (info.family != FAMILY_FLUX1 or info.variant not in ("dev", "schnell")):
+        kontext = info.family == FAMILY_FLUX1 and info.variant in ("dev", "schnell")
+        if edits and not (kontext or info.family == FAMILY_QWEN_IMAGE):
             raise InvalidParameterError(
                 "edits",
-                f"is for FLUX.1 Kontext (a [dev]-layout transformer); this file is {FAMILY_NAMES[info.family]}"
+                "is for FLUX.1 Kontext (a [dev]-layout transformer) and Qwen-Image-Edit; this file is "
+                f"{FAMILY_NAMES[info.family]}"
                 f"{f' {info.variant}' if info.variant else ''} (FLUX.2 edits with prediction = 'flux2_flow')",
             )
     except InvalidParameterError as exc:
@@ -226,10 +236,9 @@ def _defaults(table: Mapping[str, Any], max_steps: int, max_pixels: int) -> dict
         out["scheduler"] = names.scheduler(scheduler, "scheduler")
     if "steps" in table:
         out["steps"] = check_int("steps", table["steps"], 1, max_steps)
-    if "cfg_scale" in table:
-        out["cfg_scale"] = check_number("cfg_scale", table["cfg_scale"], *bounds("cfg_scale"))
-    if "guidance" in table:
-        out["guidance"] = check_number("guidance", table["guidance"], *bounds("guidance"))
+    for key in ("cfg_scale", "img_cfg_scale", "guidance"):
+        if key in table:
+            out[key] = check_number(key, table[key], *bounds(key))
     for side in ("width", "height"):
         if side in table:
             out[side] = check_side(side, table[side], ANY_FAMILY_SIDE_MULTIPLE)

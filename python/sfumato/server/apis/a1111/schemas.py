@@ -168,6 +168,8 @@ class Img2ImgBody(Txt2ImgBody):
         "a1111", "image_cfg_scale", description="an instruct-pix2pix model's image guidance (None: cfg_scale)"
     )
 
+    SENT_AS: ClassVar[dict[str, str]] = {**Txt2ImgBody.SENT_AS, "img_cfg_scale": "image_cfg_scale"}
+
     def to_params(self) -> DiffusionParams:
         """:meth:`Txt2ImgBody.to_params` from ``init_images[0]``, with ``denoising_strength``
         and ``image_cfg_scale``; no hires pass."""

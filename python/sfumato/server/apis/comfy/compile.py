@@ -138,7 +138,7 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
     clip = s.positive.clip
     size_node, size_input = latent.size_from
     origin: dict[str, tuple[str, str]] = {
-        "prompt": (s.positive.node, "text"),
+        "prompt": (s.positive.node, s.positive.text_input),
         "width": latent.size_from,
         "height": (size_node, "height" if size_input == "width" else size_input),
         "batch_count": (size_node, "batch_size"),
@@ -146,7 +146,7 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
         **s.origin,
     }
     if s.negative is not None:
-        origin["negative_prompt"] = (s.negative.node, "text")
+        origin["negative_prompt"] = (s.negative.node, s.negative.text_input)
     if clip.clip_skip_node is not None:
         origin["clip_skip"] = (clip.clip_skip_node, "stop_at_clip_layer")
     if s.positive.guidance_node is not None:
@@ -158,7 +158,10 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
     if latent.mask is not None:
         origin["mask"] = (latent.mask.node, "image")
     if s.positive.reference_node is not None:
-        origin["init_images"] = (s.positive.reference_node, "latent")
+        origin["init_images"] = (s.positive.reference_node, s.positive.reference_input)
+    edit = s.positive.edit
+    if s.positive.edit_node is not None:
+        origin["init_images"] = (s.positive.edit_node, "pixels")
     params = DiffusionParams(
         prompt=s.positive.text,
         negative_prompt=s.negative.text if s.negative else "",
@@ -173,7 +176,8 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
         batch_count=latent.batch,
         init_image=latent.init.data if latent.init else None,
         mask=latent.mask.png if latent.mask else None,
-        init_images=[picture.data for picture in s.positive.references],
+        init_images=[picture.data for picture in (*s.positive.references, *((edit,) if edit else ()))],
+        img_cfg_scale=s.img_cfg,
         strength=s.denoise if latent.init is not None else DiffusionParams.strength,
         loras=[{"name": lora.name, "scale": lora.scale} for lora in s.model.loras],
         clip_skip=clip.clip_skip,

@@ -140,8 +140,27 @@ NODES: dict[str, Node] = {
     "ReferenceLatent": Node(
         {"conditioning": _LINK("CONDITIONING"), "latent": _LINK("LATENT")},
         ("CONDITIONING",), ("CONDITIONING",), "advanced/conditioning/edit_models", "ReferenceLatent",
-        "An encoded image (VAEEncode of a LoadImage) as a reference the model edits: FLUX.1 Kontext, and "
-        "FLUX.2 loaded with prediction flux2_flow.",
+        "An encoded image (VAEEncode of a LoadImage) as a reference the model edits: FLUX.1 Kontext, "
+        "Qwen-Image-Edit, and FLUX.2 loaded with prediction flux2_flow.",
+    ),
+    "TextEncodeQwenImageEdit": Node(
+        {"clip": _LINK("CLIP"), "prompt": Input("STRING", multiline=True),
+         "vae": Input("VAE", optional=True), "image": Input("IMAGE", optional=True)},
+        ("CONDITIONING",), ("CONDITIONING",), "advanced/conditioning", "TextEncodeQwenImageEdit",
+        "A prompt with the loaded image Qwen-Image-Edit edits (a reference).",
+    ),
+    "TextEncodeQwenImageEditPlus": Node(
+        {"clip": _LINK("CLIP"), "prompt": Input("STRING", multiline=True), "vae": Input("VAE", optional=True),
+         **{f"image{i}": Input("IMAGE", optional=True) for i in (1, 2, 3)}},
+        ("CONDITIONING",), ("CONDITIONING",), "advanced/conditioning", "TextEncodeQwenImageEditPlus",
+        "A prompt with up to three loaded images Qwen-Image-Edit edits (references).",
+    ),
+    "InstructPixToPixConditioning": Node(
+        {"positive": _LINK("CONDITIONING"), "negative": _LINK("CONDITIONING"), "vae": _LINK("VAE"),
+         "pixels": _LINK("IMAGE")},
+        ("CONDITIONING", "CONDITIONING", "LATENT"), ("positive", "negative", "latent"),
+        "conditioning/instructpix2pix", "InstructPixToPixConditioning",
+        "The loaded image an instruct-pix2pix model edits, on both prompts; an empty latent of its size.",
     ),
     "VAEEncode": Node(
         {"pixels": _LINK("IMAGE"), "vae": _LINK("VAE")}, ("LATENT",), ("LATENT",), "latent", "VAE Encode",
@@ -190,6 +209,15 @@ NODES: dict[str, Node] = {
         {"model": _LINK("MODEL"), "positive": _LINK("CONDITIONING"), "negative": _LINK("CONDITIONING"),
          "cfg": _CFG},
         ("GUIDER",), ("GUIDER",), "sampling/custom_sampling/guiders", "CFGGuider", "Classifier-free guidance.",
+    ),
+    "DualCFGGuider": Node(
+        {"model": _LINK("MODEL"), "cond1": _LINK("CONDITIONING"), "cond2": _LINK("CONDITIONING"),
+         "negative": _LINK("CONDITIONING"), "cfg_conds": _CFG, "cfg_cond2_negative": _CFG,
+         "style": Input("COMBO", "regular", choices="dual_cfg_styles", optional=True)},
+        ("GUIDER",), ("GUIDER",), "sampling/custom_sampling/guiders", "DualCFGGuider",
+        "instruct-pix2pix's two guidances: cond1 and cond2 from InstructPixToPixConditioning, negative the "
+        "prompt without the image; cfg_conds guides by the prompt (cfg_scale), cfg_cond2_negative by the "
+        "image (img_cfg_scale).",
     ),
     "SamplerCustomAdvanced": Node(
         {"noise": _LINK("NOISE"), "guider": _LINK("GUIDER"), "sampler": _LINK("SAMPLER"),
@@ -260,7 +288,9 @@ def choices(state: ServerState, key: str) -> list[str]:
     if key == "dtypes":
         return ["default"]
     if key == "clip_types":
-        return ["stable_diffusion", "sd3", "chroma", "ovis", "lumina2", "flux2"]
+        return ["stable_diffusion", "sd3", "chroma", "ovis", "lumina2", "qwen_image", "flux2"]
+    if key == "dual_cfg_styles":
+        return ["regular"]
     if key == "dual_clip_types":
         return ["sdxl", "sd3", "flux"]
     return []
@@ -296,15 +326,15 @@ def object_info(state: ServerState, only: str | None = None) -> dict[str, Any]:
     for class_type, node in NODES.items():
         if only is not None and class_type != only:
             continue
-        required: dict[str, Any] = {}
+        inputs: dict[str, dict[str, Any]] = {"required": {}, "optional": {}}
         for name, spec in node.inputs.items():
             values = None
             if spec.choices is not None:
                 values = cache.setdefault(spec.choices, choices(state, spec.choices))
-            required[name] = spec.info(values)
+            inputs["optional" if spec.optional else "required"][name] = spec.info(values)
         out[class_type] = {
-            "input": {"required": required, "optional": {}},
-            "input_order": {"required": list(node.inputs)},
+            "input": inputs,
+            "input_order": {kind: list(listed) for kind, listed in inputs.items() if listed},
             "output": list(node.outputs),
             "output_is_list": [False] * len(node.outputs),
             "output_name": list(node.output_names),

@@ -136,6 +136,14 @@ def _reference(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     return (replace(conditioning, references=(*conditioning.references, latent.init), reference_node=node),)
 
 
+@runs("TextEncodeQwenImageEdit", "TextEncodeQwenImageEditPlus")
+def _qwen_edit_text(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    given = [name for name in ("image", "image1", "image2", "image3") if v.get(name) is not None]
+    pictures = tuple(_loaded(w, node, name, v[name]) for name in given)
+    conditioning = Conditioning(v["prompt"], v["clip"], node, text_input="prompt", references=pictures)
+    return (replace(conditioning, reference_node=node, reference_input=given[0]) if given else conditioning,)
+
+
 @runs("EmptyLatentImage", "EmptySD3LatentImage")
 def _empty(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     if v["batch_size"] > w.state.settings.max_images:
@@ -192,6 +200,14 @@ def _encoded(w: Walk, node: str, picture: Picture, vae: Vae, mask: Mask | None) 
     return Latent(width, height, 1, (picture.node, "image"), init=picture, mask=mask, vae=vae)
 
 
+@runs("InstructPixToPixConditioning")
+def _pix2pix(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    picture = _loaded(w, node, "pixels", v["pixels"])
+    size = _encoded(w, node, picture, v["vae"], None)  # the edited image's latent size
+    positive, negative = (replace(v[side], edit=picture, edit_node=node) for side in ("positive", "negative"))
+    return positive, negative, replace(size, init=None)
+
+
 @runs("VAEEncode")
 def _encode(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     return (_encoded(w, node, _loaded(w, node, "pixels", v["pixels"]), v["vae"], None),)
@@ -244,7 +260,11 @@ def _sampled(w: Walk, node: str, latent: Latent, sampling: Sampling) -> Latent:
 
 def _ksampling(node: str, v: dict[str, Any], seed: str, denoise: float, strength_input: str) -> Sampling:
     """What a KSampler-shaped node asks: its inputs ``v`` under KSampler's names, the seed
-    under ``seed``; ``denoise`` came from the input ``strength_input``."""
+    under ``seed``; ``denoise`` came from the input ``strength_input``.
+
+    With an instruct-pix2pix image on both prompts (``InstructPixToPixConditioning``'s
+    two outputs) the image guides at 1, as ComfyUI's single cfg between them does; with
+    the image on the positive prompt alone, at ``cfg`` like the prompt."""
     origin = {
         "steps": (node, "steps"),
         "cfg_scale": (node, "cfg"),
@@ -254,7 +274,10 @@ def _ksampling(node: str, v: dict[str, Any], seed: str, denoise: float, strength
         "strength": (node, strength_input),
     }
     conditioning = (v["model"], v["positive"], v["negative"], v["cfg"])
-    return Sampling(node, *conditioning, v["steps"], v[seed], v["sampler_name"], v["scheduler"], denoise, origin)
+    img_cfg = 1.0 if v["positive"].edit is not None and v["negative"].edit is not None else None
+    return Sampling(
+        node, *conditioning, v["steps"], v[seed], v["sampler_name"], v["scheduler"], denoise, origin, img_cfg
+    )
 
 
 @runs("KSampler")
@@ -304,6 +327,29 @@ def _cfg_guider(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     return (Guider(v["model"], v["positive"], v["negative"], v["cfg"], node),)
 
 
+@runs("DualCFGGuider")
+def _dual_cfg_guider(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    # ComfyUI's regular style: negative + cfg_cond2_negative (cond2 - negative) + cfg_conds (cond1 - cond2),
+    # which is the engine's instruct-pix2pix guidance when cond2 is the negative prompt with the image.
+    cond1, cond2, negative = v["cond1"], v["cond2"], v["negative"]
+    if cond1.edit is None or cond2.edit is not cond1.edit:
+        raise w.refuse(
+            node,
+            "cond1" if cond1.edit is None else "cond2",
+            "sfumato runs DualCFGGuider for instruct-pix2pix: cond1 and cond2 are the positive and negative "
+            "outputs of one InstructPixToPixConditioning",
+        )
+    if negative.edit is not None:
+        raise w.refuse(node, "negative", "is the prompt without the image: InstructPixToPixConditioning's input")
+    if negative.text != cond2.text:
+        raise w.refuse(
+            node,
+            "cond2",
+            "the engine guides by the image with the negative prompt: give cond2 the same text as negative",
+        )
+    return (Guider(v["model"], cond1, negative, v["cfg_conds"], node, v["cfg_cond2_negative"]),)
+
+
 @runs("SamplerCustomAdvanced")
 def _custom(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     guider: Guider = v["guider"]
@@ -329,7 +375,8 @@ def _custom(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
         sampler.name,
         sigmas.scheduler,
         sigmas.denoise,
-        origin,
+        origin | ({"img_cfg_scale": (guider.node, "cfg_cond2_negative")} if guider.img_cfg is not None else {}),
+        guider.img_cfg,
     )
     latent = _sampled(w, node, v["latent_image"], sampling)
     return latent, latent

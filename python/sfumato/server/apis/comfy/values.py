@@ -51,9 +51,16 @@ class Conditioning:
     node: str
     guidance: float | None = None
     guidance_node: str | None = None
+    text_input: str = "text"
+    """The input of ``node`` that gave ``text``."""
     references: tuple[Picture, ...] = ()
     """The images ``ReferenceLatent`` nodes gave it, for in-context editing."""
     reference_node: str | None = None
+    reference_input: str = "latent"
+    """The input of ``reference_node`` that gave the first reference."""
+    edit: Picture | None = None
+    """The image an instruct-pix2pix model edits (``InstructPixToPixConditioning``), if any."""
+    edit_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class Sampling:
     scheduler: str
     denoise: float
     origin: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    img_cfg: float | None = None
+    """instruct-pix2pix's image guidance (``None``: ``cfg``)."""
 
 
 @dataclass(frozen=True)
@@ -156,3 +165,5 @@ class Guider:
     negative: Conditioning | None
     cfg: float
     node: str
+    img_cfg: float | None = None
+    """A ``DualCFGGuider``'s image guidance (``cfg_cond2_negative``)."""
