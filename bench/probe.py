@@ -11,7 +11,7 @@ seconds, and the process's peak RSS (``VmHWM``). Kinds:
   ``preview_interval``); on the
   engine library ``engine_lib`` if given, else the installed one; ``env`` sets
   environment variables before the library opens (the backend modules and device).
-- ``diffusers``: the reference pipeline (:class:`tests.support.reference.SD1Reference`,
+- ``diffusers``: the reference pipeline (:class:`tests.support.reference.SDReference`,
   fp32, or its UNet and VAE in bf16 with ``dtype: "bf16"``) on a diffusers folder, with
   ``attention_slicing`` / ``channels_last``.
 - Both of those save their first image as a ``.npy`` of uint8 pixels at ``image``, if given.
@@ -125,10 +125,10 @@ def family(config: dict[str, Any]) -> dict[str, Any]:
 
 def diffusers(config: dict[str, Any]) -> dict[str, float]:
     import torch
-    from tests.support.reference import SD1Reference, sd1_token_ids, torch_noise
+    from tests.support.reference import SDReference, sd_token_ids, torch_noise
 
     started = time.perf_counter()
-    ref = SD1Reference(Path(config["model"]), threads=config["threads"])
+    ref = SDReference(Path(config["model"]), threads=config["threads"])
     dtype = torch.bfloat16 if config.get("dtype") == "bf16" else torch.float32
     ref.unet.to(dtype)  # the text encoder stays fp32: its output is cast below
     ref.vae.to(dtype)
@@ -140,7 +140,7 @@ def diffusers(config: dict[str, Any]) -> dict[str, float]:
     pipe = ref.pipeline(ref.scheduler())
     if config.get("attention_slicing"):
         pipe.enable_attention_slicing()
-    ids = sd1_token_ids("")
+    ids = sd_token_ids("")
     # bf16: the UNet's and VAE's weights converted once (above), and autocast for the f32
     # tensors the pipeline's scheduler makes between steps.
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)

@@ -54,19 +54,26 @@ def test_anima_generates_from_the_sdk_and_the_job_queue(
     try:
         cat, stats, _ = run(model_id, prompt="a cat", steps=1, seed=3)
         dog, _, _ = run(model_id, prompt="a dog", steps=1, seed=3)
+        # flow_shift: the engine's own for Anima is 3; another moves the sigmas of 2 steps.
+        own, _, _ = run(model_id, prompt="a cat", steps=2, seed=3)
+        three, _, _ = run(model_id, prompt="a cat", steps=2, seed=3, flow_shift=3.0)
+        six, _, _ = run(model_id, prompt="a cat", steps=2, seed=3, flow_shift=6.0)
     finally:
         sfumato.unload_model(model_id)
     picture = decode_png(cat[0])
     assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0 and stats.total_steps == 1
     assert not np.array_equal(picture, decode_png(dog[0]))  # the prompt reaches the DiT
+    shifted = decode_png(six[0])
+    assert np.array_equal(decode_png(own[0]), decode_png(three[0])) and not np.array_equal(shifted, decode_png(own[0]))
 
     models = tmp_path / "models"
     models.mkdir()
     for name, target in (("anima.gguf", anima_gguf), ("qwen3-0.6b.gguf", qwen3_0_6b_gguf),
                          ("wan-vae.safetensors", wan_vae)):  # fmt: skip
         (models / name).symlink_to(target)
+    files = 'file = "anima.gguf"\nllm = "qwen3-0.6b.gguf"\nvae = "wan-vae.safetensors"\n'
     (models / "models.toml").write_text(
-        '[models.anima]\nfile = "anima.gguf"\nllm = "qwen3-0.6b.gguf"\nvae = "wan-vae.safetensors"\nsteps = 1\n'
+        f"[models.anima]\n{files}steps = 1\n[models.anima-shifted]\n{files}steps = 2\nflow_shift = 6.0\n"
     )
     settings = ServerSettings(models_dir=models, loras_dir=tmp_path / "loras", upscalers_dir=tmp_path / "upscalers",
                               data_dir=tmp_path / "data", threads=2)  # fmt: skip
@@ -74,6 +81,11 @@ def test_anima_generates_from_the_sdk_and_the_job_queue(
         assert {m["name"]: m["family"] for m in client.get("/models").json()["models"]}["anima"] == "Anima"
         # The sampler, schedule and CFG left out: the engine's and the family's, as in the SDK.
         body = {"prompt": "a cat", "model": "anima", "seed": 3, "width": SIZE, "height": SIZE, "fileType": "png"}
-        done = wait_job(client, client.post("/txt2img", json=body).json()["job_id"])
-    assert done["state"] == "done", done
-    assert np.array_equal(pixels(base64.b64decode(done["image"])), picture)
+        jobs = [client.post("/txt2img", json=body).json()["job_id"]]
+        # flow_shift: sent, or the models config's default.
+        jobs.append(client.post("/txt2img", json={**body, "steps": 2, "flow_shift": 6.0}).json()["job_id"])
+        jobs.append(client.post("/txt2img", json={**body, "model": "anima-shifted"}).json()["job_id"])
+        done = [wait_job(client, job_id) for job_id in jobs]
+    assert [d["state"] for d in done] == ["done"] * 3, done
+    made = [pixels(base64.b64decode(d["image"])) for d in done]
+    assert np.array_equal(made[0], picture) and np.array_equal(made[1], shifted) and np.array_equal(made[2], shifted)

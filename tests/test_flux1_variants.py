@@ -3,8 +3,8 @@ alone, a distilled modulation network, classifier-free guidance), Ovis-Image (it
 family: gated MLPs, Ovis 2.5's Qwen3 as text encoder), FLUX.1 Fill (inpainting
 inside a mask) and Depth/Canny (a control image in the transformer's input), each
 detected from its header and run on the real engine from self-made files at their real
-widths with one block of each kind; Flex.2 is detected (the engine aborts building its
-graph on the suite's file, so it has no engine run here). Kontext has [dev]'s layout: its reference-image
+widths with one block of each kind; Flex.2 is refused by name (the pinned engine aborts
+on it). Kontext has [dev]'s layout: its reference-image
 run is in ``test_sd3_flux1.py``, on the [dev] file.
 
 The engine runs encode a prompt with T5-XXL (24 layers whatever the file says), so they
@@ -55,8 +55,8 @@ def test_each_flux1_architecture_is_detected_from_its_header(
         flux1_fill_gguf.name: (FAMILY_FLUX1, "fill", True, 4096),
         flux1_depth_gguf.name: (FAMILY_FLUX1, "controls", True, 4096),
     }
-    flex2 = detect(_flux1_header(tmp_path / "flex2.safetensors", 196))
-    assert (flex2.family, flex2.variant) == (FAMILY_FLUX1, "flex2")
+    with pytest.raises(errors.UnsupportedModelError, match=r"a Flex\.2 transformer .* the pinned engine cannot run"):
+        detect(_flux1_header(tmp_path / "flex2.safetensors", 196))
     with pytest.raises(errors.UnsupportedModelError, match=r"taking 100 input channels.*384 \(fill\)"):
         detect(_flux1_header(tmp_path / "odd.safetensors", 100))
 

@@ -211,6 +211,7 @@ def test_a_models_device_cpu_variant_and_precision_are_its_model_config_keys(fam
         ('file = "tiny-sd1.gguf"\npreset = "fast"', "preset", "sdxl-turbo"),
         ('file = "tiny-sd1.gguf"\nwidth = 100', "width", "multiple of 64"),
         ('file = "tiny-sd1.gguf"\ncfg = 5', "cfg", "unknown key"),
+        ('file = "tiny-sd1.gguf"\nflow_shift = 3.0', "flow_shift", "SD 1.x is not one"),
         ('file = "tiny-sd1.gguf"\nprediction = "x0"', "prediction", "must be one of"),
         ('file = "tiny-sd1.gguf"\ndevice = 3', "device", "must be 'auto', 'cpu', 'gpu' or a device name"),
         ('file = "tiny-sd1.gguf"\ncpu_variant = ""', "cpu_variant", "must be 'auto' or a CPU variant's name"),

@@ -2,7 +2,7 @@
 diffusers (PyTorch, CPU, fp32) computes from the same random SD 1.x weights.
 
 Both sides load one diffusers folder written in fp32
-(:func:`tests.support.reference.write_sd1_reference_folder`); the engine runs
+(:func:`tests.support.reference.write_sd_reference_folder`); the engine runs
 it with ``model_config={"rng": "cpu"}``.
 
 Thresholds, on the 0..255 image: at most 2 levels anywhere and a PSNR of at
@@ -40,7 +40,7 @@ import pytest
 import sfumato
 from sfumato.images import decode_png
 from tests.helpers import assert_close, assert_far
-from tests.support.reference import SD1Reference, cached_reference_folder, sd1_token_ids, torch_noise
+from tests.support.reference import SDReference, cached_reference_folder, sd_token_ids, torch_noise
 
 THREADS = 2
 PROMPT = "a photo of a cat"
@@ -62,8 +62,8 @@ def zero_eps_weights(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(weights: Path) -> SD1Reference:
-    return SD1Reference(weights, threads=THREADS)
+def reference(weights: Path) -> SDReference:
+    return SDReference(weights, threads=THREADS)
 
 
 def _loaded(path: Path, **config: Any) -> Iterator[str]:
@@ -93,15 +93,15 @@ def sdk_image(model_id: str, **params: Any) -> npt.NDArray[np.uint8]:
     return decode_png(png)
 
 
-def reference_image(reference: SD1Reference, **params: Any) -> npt.NDArray[np.uint8]:
+def reference_image(reference: SDReference, **params: Any) -> npt.NDArray[np.uint8]:
     settings = {**RUN, **params}
     prompt = settings.pop("prompt", PROMPT)
-    return reference.txt2img(sd1_token_ids(prompt), sd1_token_ids(""), **settings)
+    return reference.txt2img(sd_token_ids(prompt), sd_token_ids(""), **settings)
 
 
 @pytest.mark.parametrize(("width", "height", "seed"), [(64, 64, 42), (64, 64, 0), (128, 64, 1234567)])
 def test_cpu_rng_and_vae_decode_match_torch(
-    zero_eps_model: str, reference: SD1Reference, width: int, height: int, seed: int
+    zero_eps_model: str, reference: SDReference, width: int, height: int, seed: int
 ) -> None:
     """The engine's ``cpu`` noise for a latent of this shape is torch's, and the
     VAE decodes that latent as diffusers' ``AutoencoderKL`` does."""
@@ -117,7 +117,7 @@ def test_cpu_rng_and_vae_decode_match_torch(
 
 
 @pytest.mark.parametrize("prompt", ["", PROMPT])
-def test_text_encoder_through_a_whole_run(eps_model: str, reference: SD1Reference, prompt: str) -> None:
+def test_text_encoder_through_a_whole_run(eps_model: str, reference: SDReference, prompt: str) -> None:
     """The same run with the empty and a non-empty prompt: the conditioning is the only difference."""
     ours = sdk_image(eps_model, prompt=prompt)
     assert_close(ours, reference_image(reference, prompt=prompt))
@@ -134,13 +134,13 @@ MATCHED: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("case", list(MATCHED))
-def test_txt2img_matches_diffusers(eps_model: str, reference: SD1Reference, case: str) -> None:
+def test_txt2img_matches_diffusers(eps_model: str, reference: SDReference, case: str) -> None:
     """A whole euler txt2img run from the same initial noise."""
     params = MATCHED[case]
     assert_close(sdk_image(eps_model, **params), reference_image(reference, **params))
 
 
-def test_v_prediction_matches_diffusers(v_model: str, reference: SD1Reference) -> None:
+def test_v_prediction_matches_diffusers(v_model: str, reference: SDReference) -> None:
     assert_close(sdk_image(v_model), reference_image(reference, prediction="v"))
 
 
@@ -153,16 +153,16 @@ BROKEN: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 @pytest.mark.parametrize("mapping", list(BROKEN))
-def test_a_broken_mapping_fails_parity(eps_model: str, reference: SD1Reference, mapping: str) -> None:
+def test_a_broken_mapping_fails_parity(eps_model: str, reference: SDReference, mapping: str) -> None:
     ours, theirs = BROKEN[mapping]
     assert_far(sdk_image(eps_model, **ours), reference_image(reference, **theirs))
 
 
-def test_a_broken_prediction_mapping_fails_parity(v_model: str, reference: SD1Reference) -> None:
+def test_a_broken_prediction_mapping_fails_parity(v_model: str, reference: SDReference) -> None:
     assert_far(sdk_image(v_model), reference_image(reference, prediction="eps"))
 
 
-def test_cli_rng_flag_gives_torch_noise(zero_eps_weights: Path, reference: SD1Reference, tmp_path: Path) -> None:
+def test_cli_rng_flag_gives_torch_noise(zero_eps_weights: Path, reference: SDReference, tmp_path: Path) -> None:
     """``sfumato generate --rng cpu`` reaches the engine: the picture decodes torch's noise for the seed."""
     done = subprocess.run(
         [sys.executable, "-m", "sfumato", "generate", "-m", str(zero_eps_weights), "-p", "", "--width", "64",

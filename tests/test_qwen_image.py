@@ -63,6 +63,7 @@ def test_qwen_image_generates_and_edits_from_the_sdk_and_comfyui(
         cat, stats, _ = run(model_id, prompt="a cat", **same)
         dog, _, _ = run(model_id, prompt="a dog", **same)
         edited, _, _ = run(model_id, prompt="a cat", init_images=[picture], **same)  # Qwen-Image-Edit's way
+        shifted, _, _ = run(model_id, prompt="a cat", init_images=[picture], **{**same, "steps": 2}, flow_shift=3.1)
         other, _, _ = run(model_id, prompt="a cat", init_images=[png_bytes(gradient(SIZE)[::-1].copy())], **same)
     finally:
         sfumato.unload_model(model_id)
@@ -90,18 +91,22 @@ def test_qwen_image_generates_and_edits_from_the_sdk_and_comfyui(
         )
         upload = client.post("/upload/image", files={"image": ("source.png", picture, "image/png")})
         assert upload.status_code == 200, upload.text
-        accepted = client.post("/prompt", json={"prompt": _edit_graph("source.png")})
-        assert accepted.status_code == 200, accepted.text
-        entry = wait_history(client, accepted.json()["prompt_id"])
-        assert entry["status"]["status_str"] == "success", entry
-        comfy = pixels(client.get("/view", params=entry["outputs"]["9"]["images"][0]).content)
-    assert np.array_equal(comfy, decode_png(edited[0]))
+        comfy = []
+        for graph in (_edit_graph("source.png"), _edit_graph("source.png", shift=3.1)):
+            accepted = client.post("/prompt", json={"prompt": graph})
+            assert accepted.status_code == 200, accepted.text
+            entry = wait_history(client, accepted.json()["prompt_id"])
+            assert entry["status"]["status_str"] == "success", entry
+            comfy.append(pixels(client.get("/view", params=entry["outputs"]["9"]["images"][0]).content))
+    assert np.array_equal(comfy[0], decode_png(edited[0]))
+    assert np.array_equal(comfy[1], decode_png(shifted[0]))  # ModelSamplingAuraFlow's shift is flow_shift
 
 
-def _edit_graph(image: str) -> dict[str, Any]:
+def _edit_graph(image: str, shift: float | None = None) -> dict[str, Any]:
     """ComfyUI's Qwen-Image-Edit graph: UNETLoader, CLIPLoader (qwen_image), VAELoader,
-    TextEncodeQwenImageEdit with a loaded image, a KSampler, VAEDecode."""
-    return {
+    TextEncodeQwenImageEdit with a loaded image, a KSampler, VAEDecode; with ``shift``,
+    ModelSamplingAuraFlow before the KSampler, which then samples 2 steps."""
+    graph: dict[str, Any] = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "qwen", "weight_dtype": "default"}},
         "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen2.5-vl.gguf", "type": "qwen_image"}},
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": "wan-vae.safetensors"}},
@@ -116,3 +121,7 @@ def _edit_graph(image: str) -> dict[str, Any]:
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "qwen"}},
     }  # fmt: skip
+    if shift is not None:
+        graph["11"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": shift}}
+        graph["8"]["inputs"].update(model=["11", 0], steps=2)
+    return graph

@@ -267,7 +267,13 @@ def test_clip_skip_eta_and_img_cfg_scale_have_the_engines_semantics(sd1_model: s
     assert np.array_equal(image(img_cfg_scale=1.5), plain)
     with pytest.raises(
         sfumato.InvalidParameterError,
-        match=r"reference images need FLUX\.2 or FLUX\.1 Kontext",
+        match=r"reference images need FLUX\.2, FLUX\.1 Kontext or Qwen-Image-Edit",
     ) as caught:
         sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, init_images=[plain])
     assert caught.value.field == "init_images"
+    # flow_shift: a flow-matching model's; SD 1.x predicts noise.
+    with pytest.raises(
+        sfumato.InvalidParameterError, match=r"flow-matching model's sigmas .*; SD 1\.x is not one"
+    ) as e:
+        sfumato.diffusion(sd1_model, prompt="x", width=SIZE, height=SIZE, flow_shift=3.0)
+    assert e.value.field == "flow_shift"

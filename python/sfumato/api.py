@@ -251,6 +251,7 @@ def diffusion(
     clip_skip: int = _D.clip_skip,
     eta: float | None = _D.eta,
     img_cfg_scale: float | None = _D.img_cfg_scale,
+    flow_shift: float | None = _D.flow_shift,
     init_images: Sequence[imaging.ImageInput] = _D.init_images,
     control_image: imaging.ImageInput | None = _D.control_image,
     control_strength: float = _D.control_strength,
@@ -284,7 +285,7 @@ def diffusion(
         cfg_scale=cfg_scale, guidance=guidance, sampling_method=sampling_method, scheduler=scheduler, seed=seed,
         batch_count=batch_count, vae_tiling=vae_tiling, cache_preset=cache_preset, init_image=init_image,
         mask=mask, strength=strength, upscale=upscale, hires=hires, loras=loras, clip_skip=clip_skip, eta=eta,
-        img_cfg_scale=img_cfg_scale, init_images=init_images, control_image=control_image,
+        img_cfg_scale=img_cfg_scale, flow_shift=flow_shift, init_images=init_images, control_image=control_image,
         control_strength=control_strength, preview=preview, preview_interval=preview_interval,
     )  # fmt: skip
     return _generate(model_id, validate_diffusion(fields), refiner, called, timeout)

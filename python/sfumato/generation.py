@@ -36,6 +36,7 @@ from sfumato.params import (
     HIRES_UPSCALERS,
     LORA_SUFFIXES,
     DiffusionParams,
+    check_flow_shift,
     check_hires,
     check_images,
     check_loras,
@@ -128,6 +129,7 @@ def submit(host: ModelHost, run: RunJob, called: float, timeout: float | None) -
 def _sources(params: DiffusionParams, model: LoadedModel) -> tuple[ImageArray | None, list[ImageArray]]:
     """The img2img source and the reference images, by :func:`check_images`' rules."""
     check_images(params, model.info, model.config.prediction, model.config.control_net_src is not None)
+    check_flow_shift(params, model.info, model.config.prediction)
     source = None
     if params.init_image is not None:
         source = imaging.to_array(params.init_image, "init_image")
@@ -141,7 +143,8 @@ def _sources(params: DiffusionParams, model: LoadedModel) -> tuple[ImageArray | 
 
 
 _AS_GIVEN = (
-    *("prompt", "negative_prompt", "steps", "guidance", "clip_skip", "eta", "img_cfg_scale", "scheduler"),
+    *("prompt", "negative_prompt", "steps", "guidance", "clip_skip", "eta", "img_cfg_scale", "flow_shift"),
+    *("scheduler",),
     *("batch_count", "strength", "vae_tiling", "control_strength", "preview_interval"),
 )
 """The params the engine's request takes as they are, under the same names."""

@@ -49,6 +49,7 @@ SDK: Mapping[str, Limit] = {
     "clip_skip": Limit(-1, -1, 12, "the engine's default (-1: the family's own)"),
     "eta": Limit(None, 0.0, 10.0),
     "img_cfg_scale": Limit(None, 0.0, 50.0),
+    "flow_shift": Limit(None, 0.01, 100.0),
     "control_strength": Limit(0.9, 0.0, 2.0, "the engine's default"),
     "preview_interval": Limit(1, 1, 1000),
     "refiner_switch_at": Limit(0.8, 0.0, 1.0, "A1111's refiner_switch_at"),

@@ -26,6 +26,7 @@ from sfumato.families.detect import (
     FAMILY_ERNIE_IMAGE,
     FAMILY_FLUX1,
     FAMILY_FLUX2,
+    FAMILY_NAMES,
     FAMILY_OVIS,
     FAMILY_QWEN_IMAGE,
     FAMILY_SD1,
@@ -80,7 +81,10 @@ class DiffusionParams:
     layer), ``eta`` (the noise of ``euler_a``, ``ddim_trailing``, ``tcd``;
     ``None``: the engine's) and ``img_cfg_scale`` (the image guidance of
     instruct-pix2pix models; ``None``: ``cfg_scale``) have the engine's
-    semantics. ``init_images`` are FLUX.2's extra reference images.
+    semantics. ``flow_shift`` shifts a flow-matching family's sigmas toward noise
+    (``None``: the engine's for the family, 3 for SD3, Qwen-Image, Z-Image and Anima,
+    4 for ERNIE-Image; ComfyUI's ``ModelSamplingSD3`` shift). ``init_images`` are
+    FLUX.2's extra reference images.
     ``control_image`` guides the model's ControlNet (``model_config.control_net_src``),
     resized to the output size, with ``control_strength`` (0..2, the engine's 0.9).
     ``preview`` (``"proj"``: the latent projected to RGB, cheap, an eighth of the
@@ -112,6 +116,7 @@ class DiffusionParams:
     clip_skip: int = SDK["clip_skip"].default
     eta: float | None = SDK["eta"].default
     img_cfg_scale: float | None = SDK["img_cfg_scale"].default
+    flow_shift: float | None = SDK["flow_shift"].default
     init_images: Sequence[Any] = ()
     control_image: ImageInput | None = None
     control_strength: float = SDK["control_strength"].default
@@ -352,6 +357,8 @@ def validate_diffusion(params: DiffusionParams) -> DiffusionParams:
         check_number("eta", params.eta, *bounds("eta"))
     if params.img_cfg_scale is not None:
         check_number("img_cfg_scale", params.img_cfg_scale, *bounds("img_cfg_scale"))
+    if params.flow_shift is not None:
+        check_number("flow_shift", params.flow_shift, *bounds("flow_shift"))
     if isinstance(params.init_images, (str, bytes)) or not isinstance(params.init_images, Sequence):
         raise InvalidParameterError("init_images", f"must be a list of images, got {type(params.init_images).__name__}")
     if len(params.init_images) > MAX_REFERENCES:
@@ -550,6 +557,26 @@ def _folder(name: str, value: object) -> Path | None:
     if not isinstance(value, (str, os.PathLike)) or not Path(value).expanduser().is_dir():
         raise InvalidParameterError(name, f"must be an existing folder, got {value!r}")
     return Path(value).expanduser().resolve()
+
+
+FLOW_PREDICTIONS = ("flow", "flux_flow", "flux2_flow")
+"""The ``model_config.prediction`` values that make any model flow matching."""
+
+
+def check_flow_shift(params: DiffusionParams, info: ModelInfo, prediction: str | None) -> None:
+    """``flow_shift`` only where the model samples by flow matching (:data:`FLOW_FAMILIES`,
+    or a model loaded with a flow prediction); elsewhere the engine would ignore it.
+
+    Raises
+    ------
+    InvalidParameterError
+        Naming ``flow_shift``.
+    """
+    if params.flow_shift is not None and info.family not in FLOW_FAMILIES and prediction not in FLOW_PREDICTIONS:
+        flows = ", ".join(FAMILY_NAMES[f] for f in FLOW_FAMILIES)
+        raise InvalidParameterError(
+            "flow_shift", f"shifts a flow-matching model's sigmas ({flows}); {FAMILY_NAMES[info.family]} is not one"
+        )
 
 
 def check_images(params: DiffusionParams, info: ModelInfo, prediction: str | None, control_net: bool) -> None:

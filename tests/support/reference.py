@@ -1,10 +1,10 @@
 """The reference implementation sfumato is compared with: diffusers and
 transformers (PyTorch, CPU, fp32), built on the very weights the engine loads.
 
-:func:`write_sd1_reference_folder` writes an SD 1.x diffusers folder (random
-weights from :mod:`tests.support.models`, plus the ``config.json`` files
+:func:`write_sd_reference_folder` writes an SD 1.x or 2.x diffusers folder
+(random weights from :mod:`tests.support.models`, plus the ``config.json`` files
 diffusers needs to build the modules offline). The engine loads that folder as
-it is; :class:`SD1Reference` loads the same files into diffusers' modules and
+it is; :class:`SDReference` loads the same files into diffusers' modules and
 runs them. Used by the parity tests and by the benchmarks.
 
 Needs ``torch``, ``diffusers``, ``transformers`` and, for prompts,
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tests.support.layouts import SD1_UNET, clip_text_layout, unet_layout, vae_layout
+from tests.support.layouts import SD1_UNET, SD2_UNET, clip_text_layout, unet_layout, vae_layout
 from tests.support.models import cached, random_tensors, write_safetensors
 
 # The published SD 1.x configurations (facts of the architecture).
@@ -67,7 +67,25 @@ SD1_TEXT_CONFIG: dict[str, Any] = {
     "eos_token_id": 49407,
     "pad_token_id": 1,
 }
-# SD 1.x's noise schedule (scaled_linear betas over 1000 training steps).
+# SD 2.x (512, epsilon): a 1024-wide cross-attention with linear projections, heads of 64
+# channels; OpenCLIP-H's text tower as diffusers keeps it (23 of its 24 layers: SD 2.x
+# reads the next to last).
+SD2_UNET_CONFIG: dict[str, Any] = {
+    **SD1_UNET_CONFIG,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+}
+SD2_TEXT_CONFIG: dict[str, Any] = {
+    **SD1_TEXT_CONFIG,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+# SD 1.x's and 2.x's noise schedule (scaled_linear betas over 1000 training steps).
 SD1_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -76,12 +94,13 @@ SD1_SCHEDULE: dict[str, Any] = {
     "steps_offset": 1,  # as SD 1.x ships it; unused by the "linspace" spacing used here
 }
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
+SD2_PAD = 0  # OpenCLIP pads with token 0 ("!"), CLIP (SD 1.x) with its end token
 
 _UNET_OUT = "conv_out.weight"
 
 
-def write_sd1_reference_folder(path: Path, seed: int = 0, zero_eps: bool = False) -> Path:
-    """Write an SD 1.x diffusers folder in fp32 with diffusers' config files.
+def write_sd_reference_folder(path: Path, version: str = "sd1", seed: int = 0, zero_eps: bool = False) -> Path:
+    """Write an SD 1.x (``version="sd2"``: 2.x) diffusers folder in fp32 with diffusers' config files.
 
     ``zero_eps`` zeroes the UNet's last convolution, so that the model predicts
     zero noise at every step: a sampler then leaves its initial noise latent
@@ -89,11 +108,14 @@ def write_sd1_reference_folder(path: Path, seed: int = 0, zero_eps: bool = False
     UNet is stored in fp16: its output is exactly zero either way.)
     """
     path = Path(path)
+    sd2 = version == "sd2"
+    unet, unet_config = (SD2_UNET, SD2_UNET_CONFIG) if sd2 else (SD1_UNET, SD1_UNET_CONFIG)
+    text = clip_text_layout(prefix="", hidden=1024, layers=23) if sd2 else clip_text_layout(prefix="")
     parts: list[tuple[str, Any, str, str, dict[str, Any]]] = [
-        ("unet", unet_layout(SD1_UNET, prefix=""), "diffusion_pytorch_model.safetensors", "f16" if zero_eps else "f32",
-         SD1_UNET_CONFIG),
+        ("unet", unet_layout(unet, prefix=""), "diffusion_pytorch_model.safetensors", "f16" if zero_eps else "f32",
+         unet_config),
         ("vae", vae_layout(prefix=""), "diffusion_pytorch_model.safetensors", "f32", SD1_VAE_CONFIG),
-        ("text_encoder", clip_text_layout(prefix=""), "model.safetensors", "f32", SD1_TEXT_CONFIG),
+        ("text_encoder", text, "model.safetensors", "f32", SD2_TEXT_CONFIG if sd2 else SD1_TEXT_CONFIG),
     ]  # fmt: skip
     for folder, specs, file_name, dtype, config in parts:
         (path / folder).mkdir(parents=True, exist_ok=True)
@@ -108,20 +130,20 @@ def write_sd1_reference_folder(path: Path, seed: int = 0, zero_eps: bool = False
     return path
 
 
-def cached_reference_folder(folder: Path, zero_eps: bool = False) -> Path:
-    """The reference folder in the model cache ``folder``, written the first time."""
-    name = "parity-sd1-zero-eps" if zero_eps else "parity-sd1-f32"
-    return cached(folder, name, lambda p: write_sd1_reference_folder(p, zero_eps=zero_eps))
+def cached_reference_folder(folder: Path, zero_eps: bool = False, version: str = "sd1") -> Path:
+    """The reference folder of ``version`` in the model cache ``folder``, written the first time."""
+    name = f"parity-{version}-zero-eps" if zero_eps else f"parity-{version}-f32"
+    return cached(folder, name, lambda p: write_sd_reference_folder(p, version, zero_eps=zero_eps))
 
 
-def sd1_token_ids(prompt: str) -> list[int]:
-    """CLIP token ids of ``prompt`` as SD 1.x feeds them to its text encoder:
-    start token, at most 75 BPE tokens, end token, padded with the end token to 77."""
+def sd_token_ids(prompt: str, pad: int = EOS) -> list[int]:
+    """CLIP token ids of ``prompt`` as SD feeds them to its text encoder: start token,
+    at most 75 BPE tokens, end token, padded to 77 with ``pad`` (SD 2.x: :data:`SD2_PAD`)."""
     from instant_clip_tokenizer import Tokenizer
 
     body = list(Tokenizer().encode(prompt))[: CONTEXT_LENGTH - 2]
     ids = [BOS, *body, EOS]
-    return ids + [EOS] * (CONTEXT_LENGTH - len(ids))
+    return ids + [pad] * (CONTEXT_LENGTH - len(ids))
 
 
 def torch_noise(seed: int, shape: tuple[int, ...]) -> Any:
@@ -138,9 +160,9 @@ def to_uint8(images: Any) -> npt.NDArray[np.uint8]:
     return (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-class SD1Reference:
-    """diffusers' SD 1.x modules (fp32, CPU) on the weights of one folder written
-    by :func:`write_sd1_reference_folder`."""
+class SDReference:
+    """diffusers' SD 1.x or 2.x modules (fp32, CPU) on the weights of one folder written
+    by :func:`write_sd_reference_folder`."""
 
     def __init__(self, folder: Path, threads: int | None = None) -> None:
         import torch
@@ -155,7 +177,7 @@ class SD1Reference:
         self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
 
     def encode_ids(self, ids: list[int]) -> Any:
-        """The text encoder's last hidden state (after the final layer norm), ``1 x 77 x 768``."""
+        """The text encoder's last hidden state (after the final layer norm), ``1 x 77 x width``."""
         import torch
 
         with torch.no_grad():

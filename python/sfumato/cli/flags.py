@@ -134,6 +134,9 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
         "--eta", type=float, default=_D.eta, help="noise of euler_a / ddim_trailing / tcd (default: engine's)"
     )
     g.add_argument("--img-cfg-scale", type=float, default=_D.img_cfg_scale, help="image guidance (instruct-pix2pix)")
+    g.add_argument(
+        "--flow-shift", type=float, default=_D.flow_shift, help="a flow-matching model's sigma shift (default: its own)"
+    )
     g.add_argument("--guidance", type=float, default=_D.guidance)
     g.add_argument("--sampling-method", choices=SAMPLING_METHODS, default=_D.sampling_method)
     g.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=_D.scheduler)

@@ -383,6 +383,8 @@ def _gen_params(native: _Native, request: ImageRequest) -> Any:
         sample.scheduler = _index(SCHEDULER_ENUM, request.scheduler, "scheduler")
     if request.eta is not None:
         sample.eta = request.eta
+    if request.flow_shift is not None:
+        sample.flow_shift = request.flow_shift
     _set_images(native, p, request)
     p.vae_tiling_params.enabled = request.vae_tiling
     if request.cache_threshold is not None:

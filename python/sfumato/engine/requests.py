@@ -133,7 +133,7 @@ class HiresParams:
 class ImageRequest:
     """One ``generate_image`` call, in engine terms (``sd_img_gen_params_t``).
 
-    ``sample_method`` / ``scheduler`` / ``eta`` / ``img_cfg_scale`` left ``None``
+    ``sample_method`` / ``scheduler`` / ``eta`` / ``img_cfg_scale`` / ``flow_shift`` left ``None``
     take the engine's choice for the loaded model. ``seed`` must be >= 0 here:
     choosing a random seed is the caller's job, so that it can be reported.
     """
@@ -145,6 +145,7 @@ class ImageRequest:
     steps: int = 20
     cfg_scale: float = 7.0
     img_cfg_scale: float | None = None
+    flow_shift: float | None = None
     guidance: float = 3.5
     sample_method: str | None = None
     scheduler: str | None = None

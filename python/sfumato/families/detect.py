@@ -374,16 +374,21 @@ def _classify_anima(path: Path, table: TensorTable) -> ModelInfo | None:
     )
 
 
-FLUX1_VARIANTS = {384: "fill", 128: "controls", 196: "flex2"}
+FLUX1_VARIANTS = {384: "fill", 128: "controls"}
 """FLUX.1 transformers by the channels ``img_in`` takes besides the 64 of the 2x2-patchified
 latent: Fill also takes the masked image's latent and the 8x8 mask (64 + 64 + 256),
-Depth/Canny the control image's latent (64 + 64), Flex.2 the masked latent, the mask and
-the control latent (4 x (16 + 16 + 1 + 16))."""
+Depth/Canny the control image's latent (64 + 64)."""
+
+FLEX2_CHANNELS = 196
+"""Flex.2's ``img_in``: the latent, the masked latent, the mask and the control latent,
+patchified (4 x (16 + 16 + 1 + 16)). The pinned engine cannot run it: its control path
+(which covers Flex.2) replaces that 33-channel conditioning with the 16-channel control
+latent, and the graph build then reads past it and aborts the process."""
 
 PIXEL_SPACE_VARIANTS = ("radiance",)
 """The variants that denoise pixels, not latents (Chroma1-Radiance): they take no VAE."""
 
-CONTROLLED_VARIANTS = ("controls", "flex2")
+CONTROLLED_VARIANTS = ("controls",)
 """The variants that take a control image themselves (no ControlNet): it is VAE-encoded into
 the transformer's input."""
 
@@ -406,6 +411,12 @@ def _classify_flux1(path: Path, table: TensorTable) -> ModelInfo | None:
     if table.has_prefix(f"{prefix}double_blocks.0.img_mlp.gate_proj."):
         return ModelInfo(path, FAMILY_OVIS, table.format, None, has_vae, split, text_width, _carried(table))
     img_in = table.input_width(f"{prefix}img_in.weight")
+    if img_in == FLEX2_CHANNELS:
+        raise UnsupportedModelError(
+            f"{path}: a Flex.2 transformer ({img_in} input channels), which the pinned engine cannot run: it "
+            "replaces Flex.2's inpainting and control conditioning with the control latent alone, then aborts "
+            "building the graph"
+        )
     if img_in is not None and img_in != 64 and img_in not in FLUX1_VARIANTS:
         raise UnsupportedModelError(
             f"{path}: a FLUX.1 transformer taking {img_in} input channels; the engine's FLUX.1 takes 64 "

@@ -28,6 +28,7 @@ from sfumato.params import (
     REFINER_SWITCH_AT,
     DiffusionParams,
     HiresConfig,
+    check_flow_shift,
     check_hires,
     check_images,
     check_loras,
@@ -358,6 +359,7 @@ def job_plan(
         if entry.info is not None:  # a ControlNet is named, and checked, by the request: below
             prediction = entry.config.prediction if entry.config is not None else None
             check_images(params, entry.info, prediction, control_net=True)
+            check_flow_shift(params, entry.info, prediction)
         control = None
         if params.control_image is not None and not (controlled and control_net is None):
             control = _control_net(state, control_net, entry)

@@ -62,6 +62,9 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = field("job_queue", "refiner_switch_at")
     seed: int = field("job_queue", "seed")
+    flow_shift: float | None = field(
+        "job_queue", "flow_shift", description="a flow-matching model's sigma shift (None: the model's own)"
+    )
     preview: bool = Field(False, description="live previews: 'preview' events on GET /queue/{job_id}/events")
     preview_interval: int = field(
         "job_queue", "preview_interval", description="a preview every this many sampling steps"
@@ -77,7 +80,10 @@ class Txt2ImgRequest(BaseModel):
         if "scheduler_type" in self.model_fields_set or scheduler is None:
             scheduler = names.scheduler(self.scheduler_type, "scheduler_type")
         loras = [{"name": lora} if isinstance(lora, str) else lora.model_dump() for lora in self.loras]
-        same = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "preview_interval")
+        same = (
+            *("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "preview_interval"),
+            "flow_shift",
+        )
         return DiffusionParams(
             **carried(self, same),
             sampling_method=sampling_method,

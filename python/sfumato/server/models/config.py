@@ -44,9 +44,11 @@ from sfumato.loading import companion_files
 from sfumato.params import (
     ANY_FAMILY_SIDE_MULTIPLE,
     PREDICTION_NAMES,
+    DiffusionParams,
     ModelConfig,
     check_bool,
     check_choice,
+    check_flow_shift,
     check_int,
     check_number,
     check_side,
@@ -61,13 +63,16 @@ else:  # pragma: no cover - Python 3.10
 COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 """The companion roles a model's table may name, each a file."""
 
-DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "width", "height")
+DEFAULT_KEYS = (
+    *("preset", "sampler", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "flow_shift", "width"),
+    "height",
+)
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
 MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "edits", "device", "cpu_variant", "precision", *DEFAULT_KEYS)
 
-DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "width",
-                    "height")  # fmt: skip
+DEFAULTED_FIELDS = ("sampling_method", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "flow_shift",
+                    "width", "height")  # fmt: skip
 """The :class:`~sfumato.params.DiffusionParams` fields a model's defaults fill."""
 
 
@@ -192,6 +197,8 @@ def _model(config: Path, name: str, table: dict[str, Any], max_steps: int, max_p
         companion_files(files, info, key=lambda role: role)  # the SDK's checks, as load_model makes them
         prediction = check_choice("prediction", table.get("prediction", ModelConfig.prediction), PREDICTION_NAMES)
         defaults = _defaults(table, max_steps, max_pixels)
+        if "flow_shift" in defaults:
+            check_flow_shift(DiffusionParams(prompt="", flow_shift=defaults["flow_shift"]), info, prediction)
         # Their availability is the worker's to check, at load: a front end may have no GPU,
         # and another engine build.
         device, cpu_variant = table.get("device"), table.get("cpu_variant")
@@ -236,7 +243,7 @@ def _defaults(table: Mapping[str, Any], max_steps: int, max_pixels: int) -> dict
         out["scheduler"] = names.scheduler(scheduler, "scheduler")
     if "steps" in table:
         out["steps"] = check_int("steps", table["steps"], 1, max_steps)
-    for key in ("cfg_scale", "img_cfg_scale", "guidance"):
+    for key in ("cfg_scale", "img_cfg_scale", "guidance", "flow_shift"):
         if key in table:
             out[key] = check_number(key, table[key], *bounds(key))
     for side in ("width", "height"):

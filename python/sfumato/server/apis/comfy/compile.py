@@ -151,6 +151,8 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
         origin["clip_skip"] = (clip.clip_skip_node, "stop_at_clip_layer")
     if s.positive.guidance_node is not None:
         origin["guidance"] = (s.positive.guidance_node, "guidance")
+    if s.model.flow_shift_node is not None:
+        origin["flow_shift"] = (s.model.flow_shift_node, "shift")
     for i, lora in enumerate(s.model.loras):
         origin[f"loras[{i}]"] = (lora.node, "lora_name")
     if latent.init is not None:
@@ -178,6 +180,7 @@ def _generation(state: ServerState, decoded: Decoded, walk: Walk, upscaled: Upsc
         mask=latent.mask.png if latent.mask else None,
         init_images=[picture.data for picture in (*s.positive.references, *((edit,) if edit else ()))],
         img_cfg_scale=s.img_cfg,
+        flow_shift=s.model.flow_shift,
         strength=s.denoise if latent.init is not None else DiffusionParams.strength,
         loras=[{"name": lora.name, "scale": lora.scale} for lora in s.model.loras],
         clip_skip=clip.clip_skip,

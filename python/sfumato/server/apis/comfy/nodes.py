@@ -110,6 +110,14 @@ NODES: dict[str, Node] = {
         ("MODEL", "CLIP"), ("MODEL", "CLIP"), "loaders", "Load LoRA",
         "A LoRA of the LoRA folder, applied to the model and its text encoders at one strength.",
     ),
+    "ModelSamplingSD3": Node(
+        {"model": _LINK("MODEL"), "shift": Input("FLOAT", 3.0, 0.0, 100.0, 0.01)}, ("MODEL",), ("MODEL",),
+        "advanced/model", "ModelSamplingSD3", "A flow-matching model's sigma shift (flow_shift).",
+    ),
+    "ModelSamplingAuraFlow": Node(
+        {"model": _LINK("MODEL"), "shift": Input("FLOAT", 1.73, 0.0, 100.0, 0.01)}, ("MODEL",), ("MODEL",),
+        "advanced/model", "ModelSamplingAuraFlow", "A flow-matching model's sigma shift (flow_shift).",
+    ),
     "CLIPSetLastLayer": Node(
         {"clip": _LINK("CLIP"), "stop_at_clip_layer": Input("INT", -1, -24, -1, 1)},
         ("CLIP",), ("CLIP",), "conditioning", "CLIP Set Last Layer", "Clip skip: -2 skips CLIP's last layer.",

@@ -110,6 +110,11 @@ def _lora(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     return replace(model, loras=(*model.loras, use)), replace(clip, loras=(*clip.loras, use))
 
 
+@runs("ModelSamplingSD3", "ModelSamplingAuraFlow")
+def _flow_shift(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    return (replace(v["model"], flow_shift=v["shift"], flow_shift_node=node),)
+
+
 @runs("CLIPSetLastLayer")
 def _clip_skip(w: Walk, node: str, v: dict[str, Any]) -> tuple[Any, ...]:
     # -1 keeps every layer: the family's own setting; -2 skips the last one (clip_skip 2).

@@ -24,6 +24,8 @@ class Model:
     node: str
     loras: tuple[LoraUse, ...] = ()
     input: str = "ckpt_name"  # the loader's input naming it
+    flow_shift: float | None = None
+    flow_shift_node: str | None = None
 
 
 @dataclass(frozen=True)
