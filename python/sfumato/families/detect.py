@@ -238,12 +238,21 @@ def read_tensor_table(path: Path) -> TensorTable:
     raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
 
 
-SINGLE_STREAM: tuple[tuple[str, Family, str], ...] = (
-    ("cap_embedder.0.", FAMILY_Z_IMAGE, "cap_embedder.1.weight"),
-    ("layers.0.adaLN_sa_ln.", FAMILY_ERNIE_IMAGE, "text_proj.weight"),
-)
-"""The single-stream transformers, each by a tensor only it has (under the diffusion model's
-prefix, where it has one), its family, and the matrix that takes its text features."""
+DIFFUSION_ROOTS = ("model.diffusion_model.", "")
+"""Where a diffusion model's tensors are: under the checkpoint prefix, or alone."""
+
+LLM_TRANSFORMERS: tuple[tuple[str, Family, str, tuple[str, ...]], ...] = (
+    ("cap_embedder.0.", FAMILY_Z_IMAGE, "cap_embedder.1.weight", DIFFUSION_ROOTS),
+    ("layers.0.adaLN_sa_ln.", FAMILY_ERNIE_IMAGE, "text_proj.weight", DIFFUSION_ROOTS),
+    ("transformer_blocks.0.img_mod.1.", FAMILY_QWEN_IMAGE, "txt_in.weight", DIFFUSION_ROOTS),
+    ("llm_adapter.", FAMILY_ANIMA, "llm_adapter.blocks.0.cross_attn.k_proj.weight",
+     tuple(f"{root}net." for root in DIFFUSION_ROOTS)),
+)  # fmt: skip
+"""The transformers a language model prompts: Z-Image (its caption embedder takes a Qwen3's
+features), ERNIE-Image (its layers share one adaptive norm), Qwen-Image and its Edit (the
+same layout: the header does not tell them apart) and Anima (Cosmos-Predict2's DiT under
+``net.``, with an LLM adapter). Each by a tensor only it has, its family, the matrix that
+takes its text features, and the prefixes the model is found under."""
 
 VIDEO_VERSIONS: tuple[tuple[str, str], ...] = (
     ("blocks.0.cross_attn.norm_k.weight", "Wan 2.x"),
@@ -266,8 +275,7 @@ def _classify(path: Path, table: TensorTable) -> ModelInfo:
     if (has("conv_first.") and has("body.0.rdb1.")) or (has("model.0.") and has("model.1.sub.")):
         return ModelInfo(path, FAMILY_ESRGAN, table.format)
     _refuse_video(path, table)
-    classifiers = (_classify_sd3, _classify_flux2, _classify_flux1, _classify_single_stream, _classify_qwen_image)
-    for classify in (*classifiers, _classify_anima):
+    for classify in (_classify_sd3, _classify_flux2, _classify_flux1, _classify_llm_transformer):
         found = classify(path, table)
         if found is not None:
             return found
@@ -298,9 +306,9 @@ def _carried(table: TensorTable) -> frozenset[str]:
     return frozenset(role for role, prefixes in TEXT_ENCODER_PREFIXES.items() if any(map(table.has_prefix, prefixes)))
 
 
-def _diffusion_prefix(table: TensorTable, marker: str) -> str | None:
-    """``"model.diffusion_model."`` or ``""``, whichever ``marker`` is found under; ``None``: neither."""
-    return next((p for p in ("model.diffusion_model.", "") if table.has_prefix(f"{p}{marker}")), None)
+def _diffusion_prefix(table: TensorTable, marker: str, roots: tuple[str, ...] = DIFFUSION_ROOTS) -> str | None:
+    """The one of ``roots`` that ``marker`` is found under; ``None``: none."""
+    return next((p for p in roots if table.has_prefix(f"{p}{marker}")), None)
 
 
 def _other_parts(table: TensorTable, prefix: str) -> bool:
@@ -323,11 +331,10 @@ def _classify_sd3(path: Path, table: TensorTable) -> ModelInfo | None:
     )
 
 
-def _classify_single_stream(path: Path, table: TensorTable) -> ModelInfo | None:
-    """Z-Image (its caption embedder takes a Qwen3's features) or ERNIE-Image (its layers
-    share one adaptive norm), by :data:`SINGLE_STREAM`; ``None`` when it is neither."""
-    for marker, family, text_input in SINGLE_STREAM:
-        prefix = _diffusion_prefix(table, marker)
+def _classify_llm_transformer(path: Path, table: TensorTable) -> ModelInfo | None:
+    """A transformer of :data:`LLM_TRANSFORMERS`; ``None`` when it is none."""
+    for marker, family, text_input, roots in LLM_TRANSFORMERS:
+        prefix = _diffusion_prefix(table, marker, roots)
         if prefix is not None:
             return ModelInfo(
                 path,
@@ -339,39 +346,6 @@ def _classify_single_stream(path: Path, table: TensorTable) -> ModelInfo | None:
                 carries=_carried(table),
             )
     return None
-
-
-def _classify_qwen_image(path: Path, table: TensorTable) -> ModelInfo | None:
-    """Qwen-Image's MMDiT, or Qwen-Image-Edit's (the same layout: its header does not tell
-    them apart); ``None`` when it is neither."""
-    prefix = _diffusion_prefix(table, "transformer_blocks.0.img_mod.1.")
-    if prefix is None:
-        return None
-    return ModelInfo(
-        path,
-        FAMILY_QWEN_IMAGE,
-        table.format,
-        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
-        split=not _other_parts(table, prefix),
-        text_width=table.input_width(f"{prefix}txt_in.weight"),
-        carries=_carried(table),
-    )
-
-
-def _classify_anima(path: Path, table: TensorTable) -> ModelInfo | None:
-    """Anima's DiT (Cosmos-Predict2's, under ``net.``, with an LLM adapter); ``None`` when it is none."""
-    prefix = next((p for p in ("model.diffusion_model.net.", "net.") if table.has_prefix(f"{p}llm_adapter.")), None)
-    if prefix is None:
-        return None
-    return ModelInfo(
-        path,
-        FAMILY_ANIMA,
-        table.format,
-        has_vae=table.has_prefix("first_stage_model.") or table.has_prefix("vae."),
-        split=not _other_parts(table, prefix),
-        text_width=table.input_width(f"{prefix}llm_adapter.blocks.0.cross_attn.k_proj.weight"),
-        carries=_carried(table),
-    )
 
 
 FLUX1_VARIANTS = {384: "fill", 128: "controls"}
