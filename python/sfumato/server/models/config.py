@@ -63,10 +63,8 @@ else:  # pragma: no cover - Python 3.10
 COMPANION_KEYS = ("clip_l", "clip_g", "t5xxl", "llm", "vae", "taesd")
 """The companion roles a model's table may name, each a file."""
 
-DEFAULT_KEYS = (
-    *("preset", "sampler", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "flow_shift", "width"),
-    "height",
-)
+DEFAULT_KEYS = ("preset", "sampler", "scheduler", "steps", "cfg_scale", "img_cfg_scale", "guidance", "flow_shift",
+                "width", "height")  # fmt: skip
 """The per-model defaults a table may set: what a request leaves out takes them."""
 
 MODEL_KEYS = ("file", *COMPANION_KEYS, "prediction", "edits", "device", "cpu_variant", "precision", *DEFAULT_KEYS)
