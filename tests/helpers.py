@@ -92,6 +92,13 @@ def header_file(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Path:
     return path
 
 
+def llm_header(folder: Path, width: int = 2560, layers: int = 36) -> Path:
+    """A language model's header (Qwen3-4B's by default: 36 layers, 2560 wide) in Hugging Face's names."""
+    return header_file(folder / f"llm-{layers}x{width}.safetensors", {
+        "model.embed_tokens.weight": (8, width), f"model.layers.{layers - 1}.mlp.gate_proj.weight": (8, 8),
+    })  # fmt: skip
+
+
 def sfumato_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run the ``sfumato`` command in a process of its own."""
     return subprocess.run(

@@ -19,7 +19,7 @@ from sfumato.images import decode_png
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, header_file, pixels, run, wait_job
+from .helpers import SIZE, llm_header, pixels, run, wait_job
 
 
 def test_anima_is_detected_from_its_header(anima_gguf: Path) -> None:
@@ -34,9 +34,7 @@ def test_anima_names_its_qwen3_and_its_vae(
     with pytest.raises(errors.InvalidParameterError, match="pass its Qwen3 text encoder") as caught:
         sfumato.load_model(anima_gguf, model_config={"vae_model_src": wan_vae})
     assert caught.value.field == "model_config.llm_model_src"
-    qwen3_4b = header_file(tmp_path / "qwen3-4b.safetensors", {
-        "model.embed_tokens.weight": (8, 2560), "model.layers.35.mlp.gate_proj.weight": (8, 8),
-    })  # fmt: skip
+    qwen3_4b = llm_header(tmp_path)
     with pytest.raises(errors.InvalidParameterError, match=r"36-layer .*Anima reads Qwen3-0\.6B \(28 layers, 1024"):
         sfumato.load_model(anima_gguf, model_config={"llm_model_src": qwen3_4b, "vae_model_src": wan_vae})
     config = {"llm_model_src": qwen3_0_6b_gguf, "vae_model_src": flux1_parts["vae"]}

@@ -19,7 +19,7 @@ from sfumato.images import decode_png
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, header_file, pixels, run, wait_job
+from .helpers import SIZE, llm_header, pixels, run, wait_job
 
 
 def test_ernie_image_is_detected_from_its_header(ernie_image_gguf: Path) -> None:
@@ -34,9 +34,7 @@ def test_ernie_image_names_its_ministral_and_its_vae(
     with pytest.raises(errors.InvalidParameterError, match="pass its Ministral 3B text encoder") as caught:
         sfumato.load_model(ernie_image_gguf, model_config={"vae_model_src": flux2_parts["vae"]})
     assert caught.value.field == "model_config.llm_model_src"
-    qwen3 = header_file(tmp_path / "qwen3-4b.safetensors", {  # deep enough, but 2560 wide
-        "model.embed_tokens.weight": (8, 2560), "model.layers.35.mlp.gate_proj.weight": (8, 8),
-    })  # fmt: skip
+    qwen3 = llm_header(tmp_path)
     config = {"llm_model_src": qwen3, "vae_model_src": flux2_parts["vae"]}
     with pytest.raises(errors.InvalidParameterError, match=r"2560 wide; ERNIE-Image reads Ministral 3B") as caught:
         sfumato.load_model(ernie_image_gguf, model_config=config)

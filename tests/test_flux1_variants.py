@@ -23,7 +23,7 @@ from sfumato import errors
 from sfumato.families.detect import FAMILY_CHROMA, FAMILY_FLUX1, FAMILY_OVIS, detect
 from sfumato.images import decode_png
 
-from .helpers import SIZE, CaptureSpec, header_file, run
+from .helpers import SIZE, CaptureSpec, header_file, llm_header, run
 
 
 def _config(t5: Path, vae: Path, clip_l: Path | None = None, **overrides: object) -> dict[str, object]:
@@ -134,9 +134,7 @@ def test_ovis_needs_ovis_2_5_s_qwen3(ovis_gguf: Path, flux1_parts: dict[str, Pat
     with pytest.raises(errors.InvalidParameterError, match="pass its Qwen3 text encoder") as caught:
         sfumato.load_model(ovis_gguf, model_config={"vae_model_src": flux1_parts["vae"]})
     assert caught.value.field == "model_config.llm_model_src"
-    klein_s = header_file(tmp_path / "qwen3-4b.safetensors", {  # FLUX.2 [klein]'s Qwen3, as far as headers go
-        "model.embed_tokens.weight": (8, 2560), "model.layers.26.mlp.gate_proj.weight": (8, 8),
-    })  # fmt: skip
+    klein_s = llm_header(tmp_path, layers=27)
     config = {"llm_model_src": klein_s, "vae_model_src": flux1_parts["vae"]}
     with pytest.raises(errors.InvalidParameterError, match=r"27-layer .* 2560 wide; Ovis-Image reads") as caught:
         sfumato.load_model(ovis_gguf, model_config=config)

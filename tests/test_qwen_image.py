@@ -21,7 +21,7 @@ from sfumato.images import decode_png
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, gradient, header_file, pixels, png_bytes, run, wait_history
+from .helpers import SIZE, gradient, llm_header, pixels, png_bytes, run, wait_history
 
 
 def test_qwen_image_is_detected_from_its_header(qwen_image_gguf: Path) -> None:
@@ -37,9 +37,7 @@ def test_qwen_image_names_its_text_encoder_and_its_wan_vae(
     with pytest.raises(errors.InvalidParameterError, match=r"pass its Qwen2\.5-VL text encoder") as caught:
         sfumato.load_model(qwen_image_gguf, model_config={"vae_model_src": wan_vae})
     assert caught.value.field == "model_config.llm_model_src"
-    qwen3 = header_file(tmp_path / "qwen3-4b.safetensors", {
-        "model.embed_tokens.weight": (8, 2560), "model.layers.35.mlp.gate_proj.weight": (8, 8),
-    })  # fmt: skip
+    qwen3 = llm_header(tmp_path)
     with pytest.raises(errors.InvalidParameterError, match=r"2560 wide; Qwen-Image reads Qwen2.5-VL 7B \(3584 wide"):
         sfumato.load_model(qwen_image_gguf, model_config={"llm_model_src": qwen3, "vae_model_src": wan_vae})
     config = {"llm_model_src": qwen25_vl_gguf, "vae_model_src": flux1_parts["vae"]}

@@ -20,7 +20,7 @@ from sfumato.images import decode_png
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, header_file, pixels, run, wait_job
+from .helpers import SIZE, header_file, llm_header, pixels, run, wait_job
 
 
 @pytest.fixture
@@ -51,9 +51,7 @@ def test_z_image_needs_the_whole_qwen3_4b_and_a_16_channel_vae(
     config = {"llm_model_src": klein_s, "vae_model_src": flux1_parts["vae"]}
     with pytest.raises(errors.InvalidParameterError, match=r"27-layer .*; Z-Image reads Qwen3-4B \(36 layers"):
         sfumato.load_model(z_image_header, model_config=config)
-    whole = header_file(tmp_path / "qwen3-4b.safetensors", {
-        "model.embed_tokens.weight": (8, 2560), "model.layers.35.mlp.gate_proj.weight": (8, 8),
-    })  # fmt: skip
+    whole = llm_header(tmp_path)
     config = {"llm_model_src": whole, "vae_model_src": sdxl_parts["vae"]}
     with pytest.raises(errors.InvalidParameterError, match="4 latent channels; Z-Image decodes 16") as caught:
         sfumato.load_model(z_image_header, model_config=config)
