@@ -45,6 +45,7 @@ using namespace sfumato;
 
 constexpr int NR_BLOCK = 8;      // micro-tiles of pixels packed together
 constexpr int64_t KC_MAX = 256;  // rows of k packed at a time
+constexpr int64_t KC_MAX_AMX = 1024;  // on AMX's tiles: fewer round trips of C through the tiles
 constexpr int64_t KC_MIN = 16;
 constexpr int64_t ROW_PAD = 16;
 
@@ -78,11 +79,15 @@ int tile_runs(const Shape & s, int64_t p0, Run * runs) {
     return count;
 }
 
-// x[k0 .. k0+kc, tile's pixels] into b, [kc][NR], zeros outside the image and past the end.
-void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, int64_t k0, int64_t kc, float * b) {
+// x[k0 .. k0+kc, tile's pixels], a row of NR values per k, zeros outside the image and past
+// the end: row k is written where row(k) points, and then done(k) is called.
+template <typename Row, typename Done>
+void pack_input_rows(const Shape & s, const char * src, const Run * runs, int nruns, int64_t k0, int64_t kc,
+                     const Row & row_of, const Done & done) {
     const int64_t khw = s.kh * s.kw;
     int64_t ic = k0 / khw, ky = (k0 % khw) / s.kw, kx = k0 % s.kw;
-    for (int64_t k = 0; k < kc; ++k, b += NR) {
+    for (int64_t k = 0; k < kc; ++k) {
+        float * b = row_of(k);
         std::memset(b, 0, sizeof(float) * NR);
         const int64_t off_x = kx * s.dx - s.px;
         for (int r = 0; r < nruns; ++r) {
@@ -110,6 +115,7 @@ void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, 
                 }
             }
         }
+        done(k);
         if (++kx == s.kw) {
             kx = 0;
             if (++ky == s.kh) {
@@ -120,17 +126,66 @@ void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, 
     }
 }
 
-// Elements of k per packed weight row: kc (even in the bf16 mode, a zero appended), then
-// ROW_PAD more (rows a power of two apart would share cache sets).
-int64_t row_len(int64_t kc, bool bf16) { return (bf16 ? (kc + 1) & ~(int64_t) 1 : kc) + ROW_PAD; }
+// x[k0 .. k0+kc, tile's pixels] into b, [kc][NR].
+void pack_input(const Shape & s, const char * src, const Run * runs, int nruns, int64_t k0, int64_t kc, float * b) {
+    pack_input_rows(s, src, runs, nruns, k0, kc, [b](int64_t k) { return b + k * NR; }, [](int64_t) {});
+}
 
-// w[oc0 .. oc0 + panels*MR, k0 .. k0+kc] into a as rows row_len(kc) apart, zeros past
-// oc_end: f32 rows (a widening copy), or bf16 rows in the bf16 mode.
-void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int64_t oc_end, int64_t panels, int64_t k0,
-                  int64_t kc, bool bf16, void * a) {
-    const int64_t len = row_len(kc, bf16);
+#if SFUMATO_BF16_TILE
+// The bf16 mode: the same rows rounded to bf16, each pair of rows (k, k+1) stored as NR
+// pairs side by side ([kp/2][NR][2], pair_rows_bf16's layout) as soon as both are packed,
+// zeros from kc to kp.
+void pack_input_bf16(const Shape & s, const char * src, const Run * runs, int nruns, int64_t k0, int64_t kc,
+                     int64_t kp, uint16_t * out) {
+    alignas(64) float two[2][NR];
+    const auto store = [&](int64_t k) {  // rows k and k + 1 of `two`
+        for (int j = 0; j < NV; ++j) {
+            store_pair_bf16(vload(two[0] + j * VL), vload(two[1] + j * VL), out + k * NR + j * 2 * VL);
+        }
+    };
+    pack_input_rows(s, src, runs, nruns, k0, kc, [&two](int64_t k) { return two[k & 1]; }, [&](int64_t k) {
+        if (k & 1) {
+            store(k - 1);
+        }
+    });
+    int64_t k = kc;
+    if (kc & 1) {
+        std::memset(two[1], 0, sizeof(two[1]));
+        store(kc - 1);
+        ++k;
+    }
+    std::memset(out + k * NR, 0, sizeof(uint16_t) * (kp - k) * NR);
+}
+#endif
+
+// The arithmetic a convolution runs: f32, or the bf16 mode on the AVX512-BF16 tile or
+// on the AMX tiles.
+struct Mode {
+    bool bf16 = false, amx = false;
+    // Rows of k a block of kc packs: kc, or in the bf16 mode kc rounded up to what the
+    // tile takes at a time (pairs, or AMX's 32), zeros appended.
+    int64_t k_rows(int64_t kc) const { return bf16 ? bf16_k(kc, amx) : kc; }
+    // Weight rows packed for `panels` panels of MR output channels (the bf16 tile reads
+    // blocks of bf16_rows; the rows past the panels are zeros).
+    int64_t weight_rows(int64_t panels) const {
+        const int64_t step = bf16 ? bf16_rows(amx) : MR;
+        return (panels * MR + step - 1) / step * step;
+    }
+    size_t esize() const { return bf16 ? sizeof(uint16_t) : sizeof(float); }
+};
+
+// Elements per packed weight row: k_rows(kc), then ROW_PAD more (rows a power of two
+// apart would share cache sets).
+int64_t row_len(int64_t kc, const Mode & mode) { return mode.k_rows(kc) + ROW_PAD; }
+
+// Rows [row0, row1) of w[oc0 .., k0 .. k0+kc] into a (row r at r * row_len(kc)), zeros
+// past oc_end: f32 rows (a widening copy), or bf16 rows in the bf16 mode.
+void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int64_t oc_end, int64_t row0, int64_t row1,
+                  int64_t k0, int64_t kc, const Mode & mode, void * a) {
+    const bool bf16 = mode.bf16;
+    const int64_t len = row_len(kc, mode);
     const size_t esize = ggml_type_size(kernel->type);
-    for (int64_t row = 0; row < panels * MR; ++row) {
+    for (int64_t row = row0; row < row1; ++row) {
         const int64_t oc = oc0 + row;
         const void * src = (const char *) kernel->data + (oc * s.k + k0) * esize;
         if (!bf16) {
@@ -156,9 +211,7 @@ void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int6
             widen(kernel->type, src, wide.data(), kc);
             f32_to_bf16(wide.data(), out, kc);
         }
-        if (kc % 2 != 0) {
-            out[kc] = 0;
-        }
+        std::memset(out + kc, 0, sizeof(uint16_t) * (len - ROW_PAD - kc));
 #endif
     }
 }
@@ -188,17 +241,17 @@ void add_epilogue(const ConvEpilogue & fold, float * c, const float * res, int64
     }
 }
 
-// The output tile (panel of MR channels from oc, NR pixels from p0): C += or = A*B, where
+// The output tile (TM channels from oc, NR pixels from p0): C += or = A*B, where
 // run(c, ldc, acc, rows, cols) computes the tile of A*B into c; then, after the last
 // block of k (`last`), the folded epilogue.
-template <typename Tile>
+template <int TM, typename Tile>
 void output_tile(const Shape & s, const Tile & run, float * dst, int64_t oc, int64_t oc_end, int64_t p0, bool acc,
                  const ConvEpilogue & fold, bool last) {
     const int64_t n = p0 / s.ohw, q = p0 % s.ohw;
     const int64_t cols = std::min<int64_t>(NR, s.p - p0);
     const bool epilogue = last && fold.any();
     if (q + cols <= s.ohw) {  // in one image: straight into the output
-        const int rows = (int) std::min<int64_t>(MR, oc_end - oc);
+        const int rows = (int) std::min<int64_t>(TM, oc_end - oc);
         const int64_t at = (n * s.oc + oc) * s.ohw + q;
         const float * res = epilogue && fold.residual != nullptr ? fold.residual + at : nullptr;
         if (res != nullptr) {
@@ -210,9 +263,9 @@ void output_tile(const Shape & s, const Tile & run, float * dst, int64_t oc, int
         }
         return;
     }
-    alignas(64) float tile[MR * NR];
-    run(tile, NR, false, MR, NR);
-    for (int r = 0; r < MR && oc + r < oc_end; ++r) {
+    alignas(64) float tile[TM * NR];
+    run(tile, NR, false, TM, NR);
+    for (int r = 0; r < TM && oc + r < oc_end; ++r) {
         for (int j = 0; j < NR && p0 + j < s.p; ++j) {
             const int64_t p = p0 + j;
             const int64_t at = ((p / s.ohw) * s.oc + oc + r) * s.ohw + p % s.ohw;
@@ -242,19 +295,22 @@ bool takes(const ggml_tensor * dst) {
 struct Buffers {
     size_t weights, input;
 };
-Buffers buffer_bytes(int64_t oc_panels, int64_t kc, bool bf16) {
-    const size_t esize = bf16 ? sizeof(uint16_t) : sizeof(float);
-    const int64_t input_rows = bf16 ? (kc + 1) & ~(int64_t) 1 : kc;
-    return {aligned(esize * oc_panels * MR * row_len(kc, bf16)), aligned(esize * NR_BLOCK * NR * input_rows)};
+Buffers buffer_bytes(int64_t oc_panels, int64_t kc, const Mode & mode) {
+    return {aligned(mode.esize() * mode.weight_rows(oc_panels) * row_len(kc, mode)),
+            aligned(mode.esize() * NR_BLOCK * NR * mode.k_rows(kc))};
 }
 
-// Whether the shape runs here, and the rows of k per block that fit a thread's share of
-// the work buffer (0: it does not fit; ggml's own function runs then).
-int64_t block_rows(const ggml_compute_params * params, int64_t oc_panels, int64_t k, bool bf16) {
+// Whether the shape runs here, and the rows of k per block that fit the work buffer (0: it
+// does not fit; ggml's own function runs then): a thread's share of it holds its weights
+// and its input, or, when the threads share one packing of the weights (`shared`), the
+// weights come first, once, and each thread's input after them.
+int64_t block_rows(const ggml_compute_params * params, int64_t oc_panels, int64_t k, const Mode & mode, bool shared) {
     const size_t share = (params->wsize / params->nth) & ~(size_t) 63;
-    for (int64_t kc = std::min(KC_MAX, k); kc >= std::min(KC_MIN, k); kc /= 2) {
-        const Buffers need = buffer_bytes(oc_panels, kc, bf16);
-        if (need.weights + need.input + 64 <= share) {
+    for (int64_t kc = std::min(mode.amx ? KC_MAX_AMX : KC_MAX, k); kc >= std::min(KC_MIN, k); kc /= 2) {
+        const Buffers need = buffer_bytes(oc_panels, kc, mode);
+        const bool fits = shared ? need.weights + (need.input + 64) * params->nth + 64 <= params->wsize
+                                 : need.weights + need.input + 64 <= share;
+        if (fits) {
             return kc;
         }
     }
@@ -301,37 +357,61 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
         panel1 = panels * (ith + 1) / nth;
     }
     const int64_t my_panels = split_pixels ? panels : (panels + nth - 1) / nth;  // the largest share: same for all
+    Mode mode;
 #if SFUMATO_BF16_TILE
-    const bool bf16 = sfumato_bf16_enabled() != 0;
-#else
-    const bool bf16 = false;
+    mode.bf16 = sfumato_bf16_enabled() != 0;
+    mode.amx = mode.bf16 && amx_ready();
 #endif
-    const int64_t kc_max = block_rows(params, my_panels, s.k, bf16);
+    const bool bf16 = mode.bf16;
+    // Threads that share the pixels need every output channel's weights: they pack them
+    // once, each a slice of the rows, between barriers, instead of each packing all.
+    const bool shared = split_pixels && nth > 1;
+    const int64_t kc_max = block_rows(params, my_panels, s.k, mode, shared);
     if (kc_max == 0) {
         return false;  // every thread decides the same from the same numbers
     }
-    if (t0 >= t1 || panel0 >= panel1) {
+    const bool idle = t0 >= t1 || panel0 >= panel1;
+    if (idle && !shared) {
         return true;
     }
     const int64_t oc0 = panel0 * MR, oc_end = std::min(s.oc, panel1 * MR);
     const int64_t n_panels = panel1 - panel0;
+    const int64_t weight_rows = mode.weight_rows(n_panels);
 
-    char * base = (char *) params->wdata + ((params->wsize / nth) & ~(size_t) 63) * ith;
-    base = (char *) (((uintptr_t) base + 63) & ~(uintptr_t) 63);
-    void * a = base;
-    char * b = base + buffer_bytes(n_panels, kc_max, bf16).weights;
-    thread_local std::vector<float> tile_input;  // the bf16 mode's one tile of f32 input
+    const Buffers bytes = buffer_bytes(n_panels, kc_max, mode);
+    char * start = (char *) (((uintptr_t) params->wdata + 63) & ~(uintptr_t) 63);
+    void * a = start;
+    char * b = start + bytes.weights + bytes.input * ith;
+    if (!shared) {
+        a = start + ((params->wsize / nth) & ~(size_t) 63) * ith;
+        b = (char *) a + bytes.weights;
+    }
 
     const char * src_data = (const char *) src->data;
     float * out = (float *) dst->data;
     const ConvEpilogue fold = conv_epilogue(dst);
     Run runs[NR_BLOCK][NR];
     int nruns[NR_BLOCK];
+    if (mode.amx) {
+        amx_configure();
+    }
     for (int64_t k0 = 0; k0 < s.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, s.k - k0);
-        const int64_t lda = row_len(kc, bf16);
+        const int64_t lda = row_len(kc, mode);
         const bool last = k0 + kc == s.k;
-        pack_weights(s, kernel, oc0, oc_end, n_panels, k0, kc, bf16, a);
+        if (!shared) {
+            pack_weights(s, kernel, oc0, oc_end, 0, weight_rows, k0, kc, mode, a);
+        } else {
+            if (k0 > 0) {
+                ggml_barrier(params->threadpool);  // every thread is done with the last block's weights
+            }
+            pack_weights(s, kernel, oc0, oc_end, weight_rows * ith / nth, weight_rows * (ith + 1) / nth, k0, kc, mode,
+                         a);
+            ggml_barrier(params->threadpool);  // and this block's are all packed
+            if (idle) {
+                continue;
+            }
+        }
         for (int64_t tb = t0; tb < t1; tb += NR_BLOCK) {
             const int nt = (int) std::min<int64_t>(NR_BLOCK, t1 - tb);
             for (int t = 0; t < nt; ++t) {
@@ -341,33 +421,39 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
                     continue;
                 }
 #if SFUMATO_BF16_TILE
-                tile_input.resize(kc * NR);
-                pack_input(s, src_data, runs[t], nruns[t], k0, kc, tile_input.data());
-                pair_rows_bf16(tile_input.data(), kc, (uint16_t *) b + t * (lda - ROW_PAD) * NR);
+                pack_input_bf16(s, src_data, runs[t], nruns[t], k0, kc, lda - ROW_PAD,
+                                (uint16_t *) b + t * (lda - ROW_PAD) * NR);
 #endif
             }
-            for (int64_t pi = 0; pi < n_panels; ++pi) {
-                for (int t = 0; t < nt; ++t) {
-                    const int64_t oc = oc0 + pi * MR, p0 = (tb + t) * NR;
-                    if (!bf16) {
+            if (!bf16) {
+                for (int64_t pi = 0; pi < n_panels; ++pi) {
+                    for (int t = 0; t < nt; ++t) {
                         const float * pa = (const float *) a + pi * MR * lda;
                         const float * pb = (const float *) b + t * kc * NR;
-                        output_tile(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
+                        output_tile<MR>(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
                             micro_kernel(kc, pa, lda, pb, c, ldc, acc, rows, cols);
-                        }, out, oc, oc_end, p0, k0 > 0, fold, last);
-                        continue;
+                        }, out, oc0 + pi * MR, oc_end, (tb + t) * NR, k0 > 0, fold, last);
                     }
+                }
+                continue;
+            }
 #if SFUMATO_BF16_TILE
-                    const int64_t kce = lda - ROW_PAD;
-                    const uint16_t * pa = (const uint16_t *) a + pi * MR * lda;
-                    const uint16_t * pb = (const uint16_t *) b + t * kce * NR;
-                    output_tile(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
-                        micro_kernel_bf16(kce, pa, lda, pb, c, ldc, acc, rows, cols);
-                    }, out, oc, oc_end, p0, k0 > 0, fold, last);
-#endif
+            const int64_t kp = lda - ROW_PAD;
+            const int bm = bf16_rows(mode.amx);
+            for (int64_t oc = oc0; oc < oc_end; oc += bm) {
+                for (int t = 0; t < nt; ++t) {
+                    const uint16_t * pa = (const uint16_t *) a + (oc - oc0) * lda;
+                    const uint16_t * pb = (const uint16_t *) b + t * kp * NR;
+                    output_tile<BF16_MR>(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
+                        bf16_block(mode.amx, kp, pa, lda, pb, c, ldc, acc, std::min(rows, bm), cols);
+                    }, out, oc, std::min(oc_end, oc + bm), (tb + t) * NR, k0 > 0, fold, last);
                 }
             }
+#endif
         }
+    }
+    if (mode.amx) {
+        amx_release();
     }
     return true;
 }

@@ -108,12 +108,9 @@ struct Scratch {
     std::vector<float> k, vt, qt, st, ot, row;
     std::vector<uint16_t> k16, vt16, qt16, st16;  // the bf16 mode's operands
     int64_t head = -1, batch = -1;                // whose K and V^T the buffers hold
-    bool bf16 = false;
+    bool bf16 = false, amx = false;               // the bf16 mode, on AMX's tiles
 };
 thread_local Scratch t_scratch;
-
-// k rounded up to pairs (the bf16 tile multiplies pairs along k).
-inline int64_t even(int64_t k) { return (k + 1) & ~(int64_t) 1; }
 
 // K of (head h, batch n) as f32 rows [lk][d], and V as f32 columns [dv][lk + ROW_PAD].
 void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
@@ -137,11 +134,11 @@ void widen_head(const Attention & a, int64_t h, int64_t n, Scratch & s) {
     if (!s.bf16) {
         return;
     }
-    // The bf16 mode: the same rows rounded to bf16, each a whole number of pairs (a zero
-    // appended where it is odd), MR rows more of zeros.
-    const int64_t ldk = even(a.d), ldv16 = even(a.lk) + ROW_PAD;
-    s.k16.assign((a.lk + MR) * ldk, 0);
-    s.vt16.assign((a.dv + MR) * ldv16, 0);
+    // The bf16 mode: the same rows rounded to bf16, each as long as the tile takes k at a
+    // time (bf16_k: pairs, or AMX's 32; zeros appended), a block of rows more of zeros.
+    const int64_t ldk = bf16_k(a.d, s.amx), ldv16 = bf16_k(a.lk, s.amx) + ROW_PAD;
+    s.k16.assign((a.lk + BF16_MR) * ldk, 0);
+    s.vt16.assign((a.dv + BF16_MR) * ldv16, 0);
     for (int64_t j = 0; j < a.lk; ++j) {
         f32_to_bf16(s.k.data() + j * a.d, s.k16.data() + j * ldk, a.d);
     }
@@ -194,13 +191,14 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     }
 #if SFUMATO_BF16_TILE
     if (s.bf16) {
-        const int64_t ldk = even(a.d);
+        const int64_t ldk = bf16_k(a.d, s.amx);
+        const int bm = bf16_rows(s.amx);
         s.qt16.resize(ldk * NR);
-        pair_rows_bf16(s.qt.data(), a.d, s.qt16.data());
-        for (int64_t j0 = 0; j0 < lk; j0 += MR) {
-            const int rows = (int) std::min<int64_t>(MR, lk - j0);
-            micro_kernel_bf16(ldk, s.k16.data() + j0 * ldk, ldk, s.qt16.data(), s.st.data() + j0 * NR, NR, false, rows,
-                              NR);
+        pair_rows_bf16(s.qt.data(), a.d, s.qt16.data(), ldk);
+        for (int64_t j0 = 0; j0 < lk; j0 += bm) {
+            const int rows = (int) std::min<int64_t>(bm, lk - j0);
+            bf16_block(s.amx, ldk, s.k16.data() + j0 * ldk, ldk, s.qt16.data(), s.st.data() + j0 * NR, NR, false, rows,
+                       NR);
         }
     }
 #endif
@@ -231,19 +229,32 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
         }
         hi[v] = vload(lanes);
     }
-    for (int64_t key = 0; key < lk; ++key) {
-        for (int v = 0; v < NV; ++v) {
-            float * p = s.st.data() + key * NR + v * VL;
-            vf e = vexp(vsub(vload(p), hi[v]));
-#if SFUMATO_BF16_TILE
-            if (s.bf16) {  // summed as the product below sees it: rounded to bf16
-                e = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(e));
+    if (!s.bf16) {
+        for (int64_t key = 0; key < lk; ++key) {
+            for (int v = 0; v < NV; ++v) {
+                float * p = s.st.data() + key * NR + v * VL;
+                const vf e = vexp(vsub(vload(p), hi[v]));
+                vstore(p, e);
+                sum[v] = vadd(sum[v], e);
             }
-#endif
-            vstore(p, e);
-            sum[v] = vadd(sum[v], e);
         }
     }
+#if SFUMATO_BF16_TILE
+    // The bf16 mode: each pair of keys' weights rounded to bf16 straight into P^T's paired
+    // layout (pair_rows_bf16's), zeros past lk, and summed as the product sees them.
+    const int64_t kp = bf16_k(lk, s.amx);
+    if (s.bf16) {
+        s.st16.resize(kp * NR);
+        for (int64_t key = 0; key < kp; key += 2) {
+            for (int v = 0; v < NV; ++v) {
+                const float * p = s.st.data() + key * NR + v * VL;
+                const vf lo = key < lk ? vexp(vsub(vload(p), hi[v])) : vzero();
+                const vf up = key + 1 < lk ? vexp(vsub(vload(p + NR), hi[v])) : vzero();
+                sum[v] = vadd(sum[v], store_pair_bf16(lo, up, s.st16.data() + key * NR + v * 2 * VL));
+            }
+        }
+    }
+#endif
     // O^T = V^T P^T: [dv][NR], then each query's column over its sum into its output row.
     s.ot.resize(a.dv * NR);
     if (!s.bf16) {
@@ -254,13 +265,12 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
     }
 #if SFUMATO_BF16_TILE
     if (s.bf16) {
-        const int64_t ldv16 = even(a.lk) + ROW_PAD;
-        s.st16.resize(even(lk) * NR);
-        pair_rows_bf16(s.st.data(), lk, s.st16.data());
-        for (int64_t c0 = 0; c0 < a.dv; c0 += MR) {
-            const int rows = (int) std::min<int64_t>(MR, a.dv - c0);
-            micro_kernel_bf16(even(lk), s.vt16.data() + c0 * ldv16, ldv16, s.st16.data(), s.ot.data() + c0 * NR, NR,
-                              false, rows, NR);
+        const int64_t ldv16 = bf16_k(a.lk, s.amx) + ROW_PAD;
+        const int bm = bf16_rows(s.amx);
+        for (int64_t c0 = 0; c0 < a.dv; c0 += bm) {
+            const int rows = (int) std::min<int64_t>(bm, a.dv - c0);
+            bf16_block(s.amx, kp, s.vt16.data() + c0 * ldv16, ldv16, s.st16.data(), s.ot.data() + c0 * NR, NR, false,
+                       rows, NR);
         }
     }
 #endif
@@ -299,7 +309,11 @@ void flash_attn(const ggml_compute_params * params, ggml_tensor * dst) {
     s.head = -1;  // a new op: whatever the buffers hold is another op's
 #if SFUMATO_BF16_TILE
     s.bf16 = sfumato_bf16_enabled() != 0;
+    s.amx = s.bf16 && amx_ready();
 #endif
+    if (s.amx) {
+        amx_configure();
+    }
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t hn = b / per_head, h = hn % a.heads, n = hn / a.heads;
         if (h != s.head || n != s.batch) {
@@ -308,6 +322,9 @@ void flash_attn(const ggml_compute_params * params, ggml_tensor * dst) {
             s.batch = n;
         }
         block(a, h, n, (b % per_head) * NR, s);
+    }
+    if (s.amx) {
+        amx_release();
     }
 }
 

@@ -8,6 +8,7 @@
 
 #include "ggml.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -20,6 +21,7 @@
 
 #if !SFUMATO_GEMM_TILE
 #define SFUMATO_BF16_TILE 0
+#define SFUMATO_AMX_TILE 0
 #endif
 
 #if SFUMATO_GEMM_TILE
@@ -155,6 +157,22 @@ inline void transpose_block(const float * src, int64_t lds, float * dst, int64_t
 #endif
 }
 
+// NR rows of `len` 32-bit values (rows len apart) into [len][NR]: VL x VL blocks in
+// registers, the rest one value at a time (the bits are moved, never computed on).
+inline void transpose_rows(const float * rows, int64_t len, float * panel) {
+    const int64_t whole = len - len % VL;
+    for (int r0 = 0; r0 < NR; r0 += VL) {
+        for (int64_t l0 = 0; l0 < whole; l0 += VL) {
+            transpose_block(rows + r0 * len + l0, len, panel + l0 * NR + r0, NR);
+        }
+        for (int64_t l = whole; l < len; ++l) {
+            for (int r = r0; r < r0 + VL; ++r) {
+                std::memcpy(panel + l * NR + r, rows + r * len + l, sizeof(float));
+            }
+        }
+    }
+}
+
 // The first `rows` x `cols` of an MR x NR tile of sums s into C (rows ldc apart): C = s,
 // or C += s when acc.
 inline void store_tile(vf (&s)[MR][NV], float * c, int64_t ldc, bool acc, int rows, int cols) {
@@ -271,22 +289,209 @@ inline void f32_to_bf16(const float * src, uint16_t * dst, int64_t n) {
     }
 }
 
-// B packed [kc][NR] f32 into [kc/2][NR][2] bf16 (kc rounded up to even: a zero row).
-inline void pair_rows_bf16(const float * b, int64_t kc, uint16_t * out) {
+// Two rows of VL values, lo (k) and hi (k + 1), rounded to bf16 and stored as VL pairs
+// (lo[i], hi[i]) at out; returns lo + hi as rounded (exactly: bf16 is the upper half of an f32).
+inline vf store_pair_bf16(vf lo, vf hi, uint16_t * out) {
     alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i idx = _mm512_load_si512(order);
-    for (int64_t k = 0; k < kc; k += 2, b += 2 * NR, out += 2 * NR) {
+    const __m512i both = (__m512i) _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 values, then hi's
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_load_si512(order), both));
+    const vf lo16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16));
+    const vf hi16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16));
+    return vadd(lo16, hi16);
+}
+
+// n values of a row of an F16, BF16 or F32 tensor rounded to bf16 (to nearest, ties to
+// even; f16 widened exactly first).
+inline void to_bf16(ggml_type type, const void * src, uint16_t * dst, int64_t n) {
+    if (type == GGML_TYPE_BF16) {
+        std::memcpy(dst, src, sizeof(uint16_t) * n);
+        return;
+    }
+    if (type == GGML_TYPE_F32) {
+        f32_to_bf16((const float *) src, dst, n);
+        return;
+    }
+    const ggml_fp16_t * half = (const ggml_fp16_t *) src;
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vf wide = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (half + i)));
+        _mm256_storeu_si256((__m256i *) (dst + i), (__m256i) _mm512_cvtneps_pbh(wide));
+    }
+    if (i < n) {
+        alignas(64) float rest[VL];
+        f16_to_f32(half + i, rest, n - i);
+        f32_to_bf16(rest, dst + i, n - i);
+    }
+}
+
+// B packed [kc][NR] f32 into [kp/2][NR][2] bf16, rows from kc to kp (at least kc rounded
+// up to even) zeros.
+inline void pair_rows_bf16(const float * b, int64_t kc, uint16_t * out, int64_t kp = 0) {
+    kp = std::max(kp, kc);
+    for (int64_t k = 0; k < kp; k += 2, b += 2 * NR, out += 2 * NR) {
         for (int j = 0; j < NV; ++j) {
-            const vf lo = vload(b + j * VL);
+            const vf lo = k < kc ? vload(b + j * VL) : vzero();
             const vf hi = k + 1 < kc ? vload(b + NR + j * VL) : vzero();
-            const __m512i both = (__m512i) _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 values, then hi's
-            _mm512_storeu_si512(out + j * 2 * VL, _mm512_permutexvar_epi16(idx, both));
+            store_pair_bf16(lo, hi, out + j * 2 * VL);
         }
     }
 }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* AMX-BF16 (the sapphirerapids module): the bf16 mode's products as tile products. A
+ * block is BF16_MR = 32 rows of C by NR = 32 columns, four 16 x 16 f32 tiles, and each
+ * TDPBF16PS adds 16 x 16 x 32 bf16 products. A is 32 rows of bf16 (lda apart), B packed
+ * [kp/2][NR][2] as for the AVX512-BF16 tile; kp is a multiple of BF16_K, both operands
+ * padded with zeros. The tiles need the kernel's permission (amx_ready) and each
+ * thread's tile configuration (amx_configure). */
+#define SFUMATO_AMX_TILE 1
+constexpr int BF16_MR = 32;
+constexpr int64_t BF16_K = 32;
+
+// Asks the kernel once for the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); false when the CPU lacks AMX-BF16 or the kernel refuses.
+bool amx_ready();
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// This thread's tiles 0-7 as 16 rows of 64 bytes.
+inline void amx_configure() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+        config.colsb[t] = 64;
+        config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+}
+
+inline void amx_release() { _tile_release(); }
+
+// The first `rows` x `cols` values of a tile pair's sums `part` (rows NR apart) into C:
+// C = part, or C += part when acc.
+inline void add_part(const float * part, float * c, int64_t ldc, bool acc, int rows, int cols) {
+    for (int r = 0; r < rows; ++r) {
+        for (int j = 0; j < cols; j += VL) {
+            const int lanes = std::min(VL, cols - j);
+            float * p = c + r * ldc + j;
+            const vf v = vload(part + r * NR + j);
+            if (lanes == VL) {
+                vstore(p, acc ? vadd(v, vload(p)) : v);
+            } else {
+                vstore_first(p, acc ? vadd(v, vload_first(p, lanes)) : v, lanes);
+            }
+        }
+    }
+}
+
+// The first `rows` (at most 16) x `cols` of a block: one row of tiles, C's tiles 0 and 1.
+inline void amx_half_kernel(int64_t kp, const uint16_t * a, int64_t lda, const uint16_t * b, float * c, int64_t ldc,
+                            bool acc, int rows, int cols) {
+    _tile_zero(0);
+    _tile_zero(1);
+    const int64_t lda_bytes = lda * (int64_t) sizeof(uint16_t), ldb_bytes = 2 * NR * (int64_t) sizeof(uint16_t);
+    for (int64_t k = 0; k < kp; k += BF16_K) {
+        _tile_loadd(4, a + k, lda_bytes);
+        _tile_loadd(6, b + k * NR, ldb_bytes);
+        _tile_loadd(7, b + k * NR + 32, ldb_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    alignas(64) float part[16 * NR];
+    constexpr int64_t part_bytes = NR * sizeof(float);
+    _tile_stored(0, part, part_bytes);
+    _tile_stored(1, part + 16, part_bytes);
+    add_part(part, c, ldc, acc, rows, cols);
+}
+
+// acc ? C += A*B : C = A*B for the first `rows` x `cols` of a BF16_MR x NR block of C.
+inline void amx_kernel(int64_t kp, const uint16_t * a, int64_t lda, const uint16_t * b, float * c, int64_t ldc,
+                       bool acc, int rows, int cols) {
+    static_assert(NR == 32, "two 16-column tiles");
+    if (rows <= 16) {  // half a block: the upper two tiles alone
+        amx_half_kernel(kp, a, lda, b, c, ldc, acc, rows, cols);
+        return;
+    }
+    const bool whole = rows == BF16_MR && cols == NR;
+    const int64_t ldc_bytes = ldc * (int64_t) sizeof(float);
+    if (whole && acc) {
+        _tile_loadd(0, c, ldc_bytes);
+        _tile_loadd(1, c + 16, ldc_bytes);
+        _tile_loadd(2, c + 16 * ldc, ldc_bytes);
+        _tile_loadd(3, c + 16 * ldc + 16, ldc_bytes);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    const int64_t lda_bytes = lda * (int64_t) sizeof(uint16_t), ldb_bytes = 2 * NR * (int64_t) sizeof(uint16_t);
+    for (int64_t k = 0; k < kp; k += BF16_K) {
+        _tile_loadd(4, a + k, lda_bytes);
+        _tile_loadd(5, a + 16 * lda + k, lda_bytes);
+        _tile_loadd(6, b + k * NR, ldb_bytes);
+        _tile_loadd(7, b + k * NR + 32, ldb_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    if (whole) {
+        _tile_stored(0, c, ldc_bytes);
+        _tile_stored(1, c + 16, ldc_bytes);
+        _tile_stored(2, c + 16 * ldc, ldc_bytes);
+        _tile_stored(3, c + 16 * ldc + 16, ldc_bytes);
+        return;
+    }
+    alignas(64) float part[BF16_MR * NR];
+    constexpr int64_t part_bytes = NR * sizeof(float);
+    _tile_stored(0, part, part_bytes);
+    _tile_stored(1, part + 16, part_bytes);
+    _tile_stored(2, part + 16 * NR, part_bytes);
+    _tile_stored(3, part + 16 * NR + 16, part_bytes);
+    add_part(part, c, ldc, acc, rows, cols);
+}
+#else
+#define SFUMATO_AMX_TILE 0
+constexpr int BF16_MR = MR;
+constexpr int64_t BF16_K = 2;
+inline bool amx_ready() { return false; }
+inline void amx_configure() {}
+inline void amx_release() {}
+#endif
+
+// The bf16 mode's block of C: BF16_MR rows by NR columns on the AMX tiles when `amx`,
+// else MR rows on the AVX512-BF16 tile; kp is a multiple of bf16_k(amx).
+inline int bf16_rows(bool amx) { return amx ? BF16_MR : MR; }
+inline int64_t bf16_k(int64_t kc, bool amx) {
+    const int64_t step = amx ? BF16_K : 2;
+    return (kc + step - 1) / step * step;
+}
+inline void bf16_block(bool amx, int64_t kp, const uint16_t * a, int64_t lda, const uint16_t * b, float * c,
+                       int64_t ldc, bool acc, int rows, int cols) {
+    (void) amx;
+#if SFUMATO_AMX_TILE
+    if (amx) {
+        amx_kernel(kp, a, lda, b, c, ldc, acc, rows, cols);
+        return;
+    }
+#endif
+    micro_kernel_bf16(kp, a, lda, b, c, ldc, acc, std::min(rows, MR), cols);
+}
 #else
 #define SFUMATO_BF16_TILE 0
+#define SFUMATO_AMX_TILE 0
+constexpr int BF16_MR = MR;
+inline bool amx_ready() { return false; }
+inline void amx_configure() {}
+inline void amx_release() {}
+inline int bf16_rows(bool) { return MR; }
+inline int64_t bf16_k(int64_t kc, bool) { return (kc + 1) & ~(int64_t) 1; }
 #endif
 
 }  // namespace sfumato

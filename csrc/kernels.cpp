@@ -8,6 +8,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#if SFUMATO_AMX_TILE
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace {
 std::atomic<int> g_enabled{-1};  // -1: SFUMATO_KERNELS not read yet
 std::atomic<int> g_bf16{-1};     // -1: SFUMATO_PRECISION not read yet
@@ -18,6 +24,28 @@ int env_is(const char * name, const char * value) {
     return set != nullptr && std::strcmp(set, value) == 0 ? 1 : 0;
 }
 }  // namespace
+
+#if SFUMATO_AMX_TILE
+bool sfumato::amx_ready() {
+    static const bool ready = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (1u << 22)) == 0 || (d & (1u << 24)) == 0) {
+            return false;  // no AMX-BF16 or no AMX-TILE
+        }
+        constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }();
+    return ready;
+}
+#endif
+
+extern "C" int sfumato_amx_ready(void) {
+#if SFUMATO_AMX_TILE
+    return sfumato::amx_ready() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
 
 extern "C" int sfumato_kernels_enabled(void) {
     int enabled = g_enabled.load(std::memory_order_relaxed);
@@ -46,7 +74,10 @@ extern "C" void sfumato_bf16_set_enabled(int enabled) {
 }
 
 extern "C" const char * sfumato_kernels(void) {
-#if SFUMATO_BF16_TILE
+#if SFUMATO_AMX_TILE
+    return "conv_2d:" SFUMATO_KERNEL_ISA "+bf16+amx,mul_mat:" SFUMATO_KERNEL_ISA "+bf16+amx,flash_attn_ext:" SFUMATO_KERNEL_ISA
+           "+bf16+amx,group_norm:" SFUMATO_KERNEL_ISA;
+#elif SFUMATO_BF16_TILE
     return "conv_2d:" SFUMATO_KERNEL_ISA "+bf16,mul_mat:" SFUMATO_KERNEL_ISA "+bf16,flash_attn_ext:" SFUMATO_KERNEL_ISA
            "+bf16,group_norm:" SFUMATO_KERNEL_ISA;
 #elif SFUMATO_GEMM_TILE

@@ -21,6 +21,11 @@ void sfumato_kernels_set_enabled(int enabled);
 int sfumato_bf16_enabled(void);
 void sfumato_bf16_set_enabled(int enabled);
 
+/* Whether this module's bf16 mode runs its products on AMX-BF16's tiles here (1): the
+ * module carries them ("+amx"), the CPU has AMX-BF16 and the kernel granted the tile
+ * state (asked on the first call). 0 elsewhere: the AVX512-BF16 tile runs then. */
+int sfumato_amx_ready(void);
+
 /* A process-wide request to stop: every graph this module runs stops at its next
  * operation while it is set (csrc/graph_compute.cpp). */
 void sfumato_cancel_set(int requested);

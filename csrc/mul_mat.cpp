@@ -64,17 +64,7 @@ void pack_weights(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t
                 widen(g.a_type, (const char *) g.a + (i * g.lda + k0) * esize, rows + r * kc, kc);
             }
         }
-        const int64_t whole = kc - kc % VL;
-        for (int r0 = 0; r0 < NR; r0 += VL) {
-            for (int64_t l0 = 0; l0 < whole; l0 += VL) {
-                transpose_block(rows + r0 * kc + l0, kc, panel + l0 * NR + r0, NR);
-            }
-            for (int64_t l = whole; l < kc; ++l) {
-                for (int r = r0; r < r0 + VL; ++r) {
-                    panel[l * NR + r] = rows[r * kc + l];
-                }
-            }
-        }
+        transpose_rows(rows, kc, panel);
     }
 }
 
@@ -100,44 +90,65 @@ void output_tile(const Gemm & g, const float * act, int64_t lda, const float * w
 // Buffers of this thread, kept for the next op (ggml's threads live as long as its pool).
 struct Scratch {
     std::vector<float> weights, activations, row;
-    std::vector<uint16_t> weights_bf16, activations_bf16;  // the bf16 mode's operands
+    std::vector<uint16_t> weights_bf16, activations_bf16, rows_bf16;  // the bf16 mode's operands
 };
 thread_local Scratch t_scratch;
 
 #if SFUMATO_BF16_TILE
-// The bf16 mode: activation rows [p0*MR, p1*MR) x [k0, k0 + kc) rounded to bf16 once per
-// block of k, as panels of MR rows (kc rounded up to pairs, then ROW_PAD), zeros past n.
-void bf16_activations(const Gemm & g, int64_t p0, int64_t p1, int64_t k0, int64_t kc, Scratch & s) {
-    const int64_t kce = (kc + 1) & ~(int64_t) 1, lda = kce + ROW_PAD;
-    s.activations_bf16.resize((p1 - p0) * MR * lda);
-    for (int64_t j = p0 * MR; j < p1 * MR; ++j) {
-        uint16_t * out = s.activations_bf16.data() + (j - p0 * MR) * lda;
-        if (j < g.n) {
-            f32_to_bf16(g.b + j * g.ldb + k0, out, kc);
-            if (kc < kce) {
-                out[kc] = 0;
+// The bf16 mode's weight rows [i0, i0 + tiles*NR) x [k0, k0 + kc) rounded to bf16 into
+// panels [tile][kp/2][NR][2] (the pairs of k of each row side by side; zeros past kc and
+// past m): each tile's NR rows as bf16 rows of kp values into `rows`, then transposed as
+// NR rows of kp/2 32-bit pairs.
+void pack_weights_bf16(const Gemm & g, int64_t i0, int64_t tiles, int64_t k0, int64_t kc, int64_t kp, uint16_t * out,
+                       uint16_t * rows) {
+    const size_t esize = ggml_type_size(g.a_type);
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int r = 0; r < NR; ++r) {
+            const int64_t i = i0 + t * NR + r;
+            uint16_t * row = rows + r * kp;
+            if (i >= g.m) {
+                std::memset(row, 0, sizeof(uint16_t) * kp);
+                continue;
             }
+            to_bf16(g.a_type, (const char *) g.a + (i * g.lda + k0) * esize, row, kc);
+            std::memset(row + kc, 0, sizeof(uint16_t) * (kp - kc));
+        }
+        transpose_rows((const float *) rows, kp / 2, (float *) (out + t * kp * NR));
+    }
+}
+
+// The bf16 mode: activation rows [p0*MR, p1*MR) x [k0, k0 + kc) rounded to bf16 once per
+// block of k, rows bf16_k(kc) + ROW_PAD apart, zeros past kc and past n, as many rows as
+// whole blocks of the tile's rows (bf16_rows) cover.
+void bf16_activations(const Gemm & g, int64_t p0, int64_t p1, int64_t k0, int64_t kc, bool amx, Scratch & s) {
+    const int64_t kp = bf16_k(kc, amx), lda = kp + ROW_PAD, bm = bf16_rows(amx);
+    const int64_t rows = ((p1 - p0) * MR + bm - 1) / bm * bm;
+    s.activations_bf16.resize(rows * lda);
+    for (int64_t j = p0 * MR; j < p0 * MR + rows; ++j) {
+        uint16_t * out = s.activations_bf16.data() + (j - p0 * MR) * lda;
+        if (j < g.n && j < p1 * MR) {
+            f32_to_bf16(g.b + j * g.ldb + k0, out, kc);
+            std::memset(out + kc, 0, sizeof(uint16_t) * (kp - kc));
         } else {
-            std::memset(out, 0, sizeof(uint16_t) * kce);
+            std::memset(out, 0, sizeof(uint16_t) * kp);
         }
     }
 }
 
-// The bf16 mode's products of those panels with the chunk's nt weight tiles from tb
-// (packed as f32 in s.weights; paired along k and rounded to bf16 here).
-void bf16_panels(const Gemm & g, int64_t p0, int64_t p1, int64_t tb, int64_t nt, int64_t k0, int64_t kc, Scratch & s) {
-    const int64_t kce = (kc + 1) & ~(int64_t) 1, lda = kce + ROW_PAD;
-    for (int64_t t = 0; t < nt; ++t) {
-        pair_rows_bf16(s.weights.data() + t * kc * NR, kc, s.weights_bf16.data() + t * kce * NR);
-    }
-    for (int64_t p = p0; p < p1; ++p) {
-        const int64_t j0 = p * MR;
-        const uint16_t * panel = s.activations_bf16.data() + (p - p0) * MR * lda;
+// The bf16 mode's products of those rows with the chunk's nt weight tiles from tb
+// (packed in s.weights_bf16).
+void bf16_panels(const Gemm & g, int64_t p0, int64_t p1, int64_t tb, int64_t nt, int64_t k0, int64_t kc, bool amx,
+                 Scratch & s) {
+    const int64_t kp = bf16_k(kc, amx), lda = kp + ROW_PAD;
+    const int bm = bf16_rows(amx);
+    const int64_t j_end = std::min(g.n, p1 * MR);
+    for (int64_t j0 = p0 * MR; j0 < j_end; j0 += bm) {
+        const uint16_t * rows = s.activations_bf16.data() + (j0 - p0 * MR) * lda;
         for (int64_t t = 0; t < nt; ++t) {
             const int64_t i0 = (tb + t) * NR;
-            const int rows = (int) std::min<int64_t>(MR, g.n - j0), cols = (int) std::min<int64_t>(NR, g.m - i0);
-            micro_kernel_bf16(kce, panel, lda, s.weights_bf16.data() + t * kce * NR, g.c + j0 * g.ldc + i0, g.ldc,
-                              k0 > 0, rows, cols);
+            const int m = (int) std::min<int64_t>(bm, j_end - j0), cols = (int) std::min<int64_t>(NR, g.m - i0);
+            bf16_block(amx, kp, rows, lda, s.weights_bf16.data() + t * kp * NR, g.c + j0 * g.ldc + i0, g.ldc, k0 > 0,
+                       m, cols);
         }
     }
 }
@@ -162,6 +173,7 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     }
 #if SFUMATO_BF16_TILE
     const bool bf16 = sfumato_bf16_enabled() != 0;
+    const bool amx = bf16 && amx_ready();
 #else
     const bool bf16 = false;
 #endif
@@ -172,27 +184,31 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
     s.activations.resize((kc_max + ROW_PAD) * MR);
     s.row.resize(NR * kc_max);
 #if SFUMATO_BF16_TILE
-    const int64_t kce_max = (kc_max + 1) & ~(int64_t) 1;  // k rounded up to pairs
     if (bf16) {
-        s.weights_bf16.resize(chunk_tiles * kce_max * NR);
+        s.weights_bf16.resize(chunk_tiles * bf16_k(kc_max, amx) * NR);
+        s.rows_bf16.resize(NR * bf16_k(kc_max, amx));
+    }
+    if (amx) {
+        amx_configure();
     }
 #endif
     for (int64_t k0 = 0; k0 < g.k; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, g.k - k0);
 #if SFUMATO_BF16_TILE
         if (bf16) {
-            bf16_activations(g, p0, p1, k0, kc, s);
+            bf16_activations(g, p0, p1, k0, kc, amx, s);
         }
 #endif
         for (int64_t tb = t0; tb < t1; tb += chunk_tiles) {
             const int64_t nt = std::min(chunk_tiles, t1 - tb);
-            pack_weights(g, tb * NR, nt, k0, kc, s.weights.data(), s.row.data());
             if (bf16) {
 #if SFUMATO_BF16_TILE
-                bf16_panels(g, p0, p1, tb, nt, k0, kc, s);
+                pack_weights_bf16(g, tb * NR, nt, k0, kc, bf16_k(kc, amx), s.weights_bf16.data(), s.rows_bf16.data());
+                bf16_panels(g, p0, p1, tb, nt, k0, kc, amx, s);
 #endif
                 continue;
             }
+            pack_weights(g, tb * NR, nt, k0, kc, s.weights.data(), s.row.data());
             for (int64_t p = p0; p < p1; ++p) {
                 pack_activations(g, p * MR, k0, kc, s.activations.data());
                 for (int64_t t = 0; t < nt; ++t) {
@@ -202,6 +218,11 @@ void gemm(const ggml_compute_params * params, const Gemm & g) {
             }
         }
     }
+#if SFUMATO_BF16_TILE
+    if (amx) {
+        amx_release();
+    }
+#endif
 }
 
 }  // namespace

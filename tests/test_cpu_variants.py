@@ -39,6 +39,7 @@ NEEDS = {
     "cooperlake": _HASWELL | {"avx512f", "avx512_vnni", "avx512_bf16"},
     "zen4": _HASWELL | {"avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16"},
     "alderlake": _HASWELL | {"avx_vnni"},
+    "sapphirerapids": _HASWELL | {"avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"},
 }
 
 

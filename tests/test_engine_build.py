@@ -39,7 +39,7 @@ WHEEL_ENV = "SFUMATO_TEST_WHEEL"
 PORTABLE_FLOOR = ("AVX", "AVX2", "FMA", "F16C", "BMI2")
 ENGINE_IN_WHEEL = "sfumato/engine/lib/libstable-diffusion.so"
 # The CPU variants the build ships (CMakeLists.txt, SFUMATO_CPU_VARIANTS), Haswell the floor.
-CPU_VARIANTS = ("haswell", "skylakex", "zen4")
+CPU_VARIANTS = ("haswell", "skylakex", "zen4", "sapphirerapids")
 # ggml as shared libraries, and the backends as modules sfumato loads by path.
 GGML_IN_WHEEL = (
     "libggml.so", "libggml-base.so", *(f"libggml-cpu-{v}.so" for v in CPU_VARIANTS), "libggml-vulkan.so"
@@ -124,7 +124,7 @@ def test_info_reports_the_build_and_what_the_library_holds() -> None:
     modules = info["modules"]
     assert isinstance(modules, list)
     assert {m["name"]: m["loaded"] for m in modules} == {
-        "cpu-haswell": True, "cpu-skylakex": False, "cpu-zen4": False, "vulkan": True
+        "cpu-haswell": True, "cpu-skylakex": False, "cpu-zen4": False, "cpu-sapphirerapids": False, "vulkan": True
     }  # fmt: skip
     # What the library itself says it was compiled with (the registry, not the record).
     cpu = _cpu_features(info)

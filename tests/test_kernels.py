@@ -12,7 +12,8 @@ largest magnitude; ggml's own round the input (the activations) to f16 first whe
 the weights are f16, which shows as errors of about 2e-4, and sfumato's must be the
 smaller there.
 
-The bf16 mode (the variants with AVX512-BF16): its products are exact and its sums f32,
+The bf16 mode (the variants with AVX512-BF16; the sapphirerapids module's products on
+AMX-BF16's tiles, which it must use on a CPU with AMX-BF16): its products are exact and its sums f32,
 so it must land within 1e-5 of float64 over the operands rounded to bf16 (to nearest,
 ties to even, as numpy computes it here; the attention within ATTN_BF16_FLIPS, as it
 rounds a value it computed), and its distance from the unrounded float64 must be what
@@ -37,7 +38,7 @@ from typing import Any
 import pytest
 
 from sfumato.engine.cpu_variants import BF16_FLAGS, bf16_variants, cpu_identity, runs_here, variant_modules
-from sfumato.engine.kernels import module_kernels
+from sfumato.engine.kernels import AMX, module_kernels
 from sfumato.engine.library import backend_modules, locate_library
 from sfumato.errors import InvalidParameterError
 from tests.support.kernels import ATTN_CASES, CONV_CASES, FOLD_CASES, MAT_CASES
@@ -57,11 +58,12 @@ def _variants() -> dict[str, Path]:
     return variant_modules(backend_modules(locate_library()))
 
 
-def _check(command: list[str], timeout: float) -> tuple[str, list[dict[str, Any]]]:
+def _check(command: list[str], timeout: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The module's own report (its kernels, whether AMX's tiles are ready) and each case's result."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return str(lines[0]["kernels"]), lines[1:]
+    return lines[0], lines[1:]
 
 
 def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
@@ -81,8 +83,9 @@ def _assert_exact(results: list[dict[str, Any]], cases: int) -> None:
 def test_every_variant_carries_the_kernels_for_its_instruction_set() -> None:
     variants = _variants()
     assert variants, "sfumato's build ships CPU variant modules"
-    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512"}
-    bf16 = {"haswell": "", "skylakex": "", "zen4": "+bf16"}  # the bf16 mode needs AVX512-BF16
+    isa = {"haswell": "avx2", "skylakex": "avx512", "zen4": "avx512", "sapphirerapids": "avx512"}
+    # The bf16 mode needs AVX512-BF16; the sapphirerapids module runs its products on AMX's tiles.
+    bf16 = {"haswell": "", "skylakex": "", "zen4": "+bf16", "sapphirerapids": "+bf16+amx"}
     for name, path in variants.items():
         assert module_kernels(path) == {
             "conv_2d": isa[name] + bf16[name],
@@ -100,7 +103,7 @@ def test_conv_2d_and_mul_mat_against_ggml_and_float64_on_every_variant_this_cpu_
     print(f"variants this CPU runs: {sorted(runnable)}; not here: {sorted(set(_variants()) - set(runnable))}")
     for name, module in runnable.items():
         carried, results = _check([sys.executable, "-m", "tests.support.kernels", str(module), "2"], timeout=300)
-        assert carried.startswith("conv_2d:"), name
+        assert carried["kernels"].startswith("conv_2d:"), name
         _assert_exact(results, len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES) + len(FOLD_CASES))
 
 
@@ -115,7 +118,12 @@ def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_r
     print(f"{model}: variants with the bf16 mode: {sorted(carriers)}")
     for name, module in carriers.items():
         command = [sys.executable, "-m", "tests.support.kernels", str(module), "2", "--bf16"]
-        _, results = _check(command, timeout=300)
+        carried, results = _check(command, timeout=300)
+        # A module with AMX's tile products runs them on a CPU with AMX-BF16 (no silent
+        # fall-back to the AVX512-BF16 tile), and the AVX512-BF16 tile elsewhere.
+        on_tiles = AMX in module_kernels(module)["mul_mat"] and "amx_bf16" in flags.split()
+        assert carried["amx"] == int(on_tiles), (name, carried)
+        print(f"{name}: {'AMX-BF16 tiles' if on_tiles else 'AVX512-BF16 tile'}")
         assert len(results) == len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES), name
         for r in results:
             assert r["bf16_error"] <= (ATTN_BF16_FLIPS if r["op"] == "flash_attn_ext" else EXACT), r
@@ -137,7 +145,7 @@ def test_the_haswell_module_kernels_on_an_emulated_avx2_cpu() -> None:
     module = _variants()["haswell"]
     command = [qemu, "-cpu", "Haswell", sys.executable, "-m", "tests.support.kernels", str(module), "1"]
     carried, results = _check([*command, *EMULATED_CASES], timeout=600)
-    assert carried == "conv_2d:avx2,mul_mat:avx2,flash_attn_ext:avx2,group_norm:avx2"
+    assert carried["kernels"] == "conv_2d:avx2,mul_mat:avx2,flash_attn_ext:avx2,group_norm:avx2"
     _assert_exact(results, len(EMULATED_CASES))
 
 

@@ -407,7 +407,7 @@ class ModelConfig:
         ``"auto"``, ``"cpu"``, ``"gpu"``, or an engine device name (``"CUDA0"``).
     cpu_variant:
         The engine build's CPU variant the model's worker runs (``"haswell"``,
-        ``"skylakex"``, ``"zen4"``), or ``"auto"`` (the default): the one a timed
+        ``"skylakex"``, ``"zen4"``, ``"sapphirerapids"``), or ``"auto"`` (the default): the one a timed
         probe found fastest on this machine (``SFUMATO_CPU_VARIANT`` otherwise).
     threads:
         CPU threads; ``None`` uses the engine's count of physical cores.

@@ -479,7 +479,7 @@ def main(argv: list[str]) -> int:
     module = Module(Path(argv[0]), int(argv[1]))
     bf16 = "--bf16" in argv[2:]
     wanted = set(argv[2:]) - {"--bf16"}
-    print(json.dumps({"kernels": module.carried()}), flush=True)
+    print(json.dumps({"kernels": module.carried(), "amx": int(module.kernels.sfumato_amx_ready())}), flush=True)
     for case in CONV_CASES:
         if not wanted or case.name in wanted:
             result = check_conv(module, case, bf16=bf16)

@@ -75,7 +75,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cpu-variant",
         default=_M.cpu_variant,
-        help="the engine build's CPU variant (haswell, skylakex, zen4) or auto: the fastest by a probe (default)",
+        help="the engine build's CPU variant (haswell, skylakex, zen4, sapphirerapids) or auto: the fastest by a probe "
+        "(default)",
     )
     group.add_argument("--threads", type=int, default=_M.threads, help="CPU threads (default: physical cores)")
     for name, text in _SWITCHES.items():

@@ -375,6 +375,9 @@ void sfumato_kernels_set_enabled(int enabled);
    start, or set at run time. */
 int sfumato_bf16_enabled(void);
 void sfumato_bf16_set_enabled(int enabled);
+/* Whether the bf16 mode's products run on AMX-BF16's tiles here ("+amx": the CPU has
+   AMX-BF16 and the kernel granted the tile state). */
+int sfumato_amx_ready(void);
 /* A process-wide request that stops every graph the module runs at its next operation,
    until it is cleared (a cancel that keeps the model loaded). */
 void sfumato_cancel_set(int requested);

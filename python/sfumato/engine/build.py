@@ -30,7 +30,8 @@ class EngineBuild:
     backends:
         Its backend modules by name (``"cpu"``, ``"vulkan"``).
     cpu_variants:
-        The CPU variants it carries (``"haswell"``, ``"skylakex"``, ``"zen4"``), each a
+        The CPU variants it carries (``"haswell"``, ``"skylakex"``, ``"zen4"``,
+        ``"sapphirerapids"``), each a
         module; none for a build with a single CPU module.
     kernels:
         The ggml operations sfumato's own kernels (``csrc/``) take over in its CPU

@@ -254,10 +254,12 @@ def probe_variant(name: str, module: Path, timeout_s: float = PROBE_TIMEOUT_S) -
 
 def cache_key(variants: dict[str, Path]) -> str:
     """What a remembered choice is valid for: this CPU's model and flags, the modules'
-    contents, and whose kernels run (``SFUMATO_KERNELS``)."""
+    contents, whose kernels run (``SFUMATO_KERNELS``) and in which arithmetic
+    (``SFUMATO_PRECISION``)."""
     model, flags = cpu_identity()
     modules = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(variants.items())}
-    text = json.dumps({"cpu": model, "flags": flags, "modules": modules, "kernels": kernels_choice()}, sort_keys=True)
+    arithmetic = {"kernels": kernels_choice(), "precision": precision_choice()}
+    text = json.dumps({"cpu": model, "flags": flags, "modules": modules, **arithmetic}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

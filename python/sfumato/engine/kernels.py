@@ -10,8 +10,9 @@ as an escape hatch.
 
 The bf16 mode (``model_config.precision="bf16"``, which sets ``SFUMATO_PRECISION`` for
 the model's worker): the kernels round both operands of each product to bf16 and sum
-in f32, with AVX512-BF16's pair products, and the weights are converted to bf16 once,
-at load. The default, ``exact``, multiplies and sums in f32.
+in f32, with AVX512-BF16's pair products (``+bf16``), or AMX-BF16's tile products in the
+sapphirerapids module (``+bf16+amx``), and the weights are converted to bf16 once, at
+load. The default, ``exact``, multiplies and sums in f32.
 
 What a kernel changes in the engine's graph: with sfumato's CONV_2D, the engine is
 asked for direct convolutions (its conv-direct option) on the CPU, in the UNet (or
@@ -35,6 +36,7 @@ FLASH_ATTN_EXT = "flash_attn_ext"
 ENV_PRECISION = "SFUMATO_PRECISION"
 PRECISIONS = ("exact", "bf16")
 BF16 = "+bf16"  # the mark of an operation's bf16 mode in a module's list
+AMX = "+amx"  # and of its products on AMX-BF16's tiles
 
 
 def _env_choice(name: str, choices: tuple[str, ...]) -> str:
@@ -65,7 +67,7 @@ def precision_choice() -> str:
 
 def carries_bf16(module: Path) -> bool:
     """Whether a CPU module's kernels have the bf16 mode."""
-    return any(isa.endswith(BF16) for isa in module_kernels(module).values())
+    return any(BF16 in isa for isa in module_kernels(module).values())
 
 
 def module_kernels(module: Path) -> dict[str, str]:

@@ -110,14 +110,18 @@ class BackendModule:
 
 def backend_modules(library: Path) -> dict[str, Path]:
     """The backend modules in the engine library's folder, by name (none for a
-    library with its backends linked in)."""
+    library with its backends linked in): the CPU variants in the build's order
+    (``build.json``: ggml's, the floor first, the most capable last), then the others
+    by name."""
     prefix, suffix = _MODULE_PATTERNS.get(sys.platform, _MODULE_PATTERNS["linux"])
     found: dict[str, Path] = {}
     for path in sorted(library.parent.glob(f"{prefix}*{suffix}")):
         name = path.name[len(prefix) : -len(suffix)]
         if name not in _NOT_MODULES:
             found[name] = path
-    return found
+    build = read_build(library)
+    order = {f"cpu-{variant}": i for i, variant in enumerate(build.cpu_variants if build is not None else ())}
+    return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
 def requested_backends() -> set[str] | None:
@@ -195,7 +199,8 @@ def load_backends(
     ffi: cffi.FFI, lib: Any, library: Path, modules: dict[str, Path], cpu: str = "cpu"
 ) -> tuple[BackendModule, ...]:
     """Load ``modules`` (:func:`backend_modules` of ``library``) by their paths, the CPU
-    module named ``cpu`` first; the other CPU variants are not loaded.
+    module named ``cpu`` first; the other CPU variants are not loaded (they are listed
+    next, in the order given), then the other backends.
 
     Raises
     ------
@@ -208,7 +213,7 @@ def load_backends(
         raise EngineNotFoundError(f"the engine at {library} has backend modules ({', '.join(modules)}) but no CPU one")
     wanted = requested_backends()
     result = []
-    for name in sorted(modules, key=lambda name: (name != cpu, not _is_cpu(name), name)):
+    for name in sorted(modules, key=lambda name: (name != cpu, not _is_cpu(name))):
         path = modules[name]
         kernels = module_kernels(path) if _is_cpu(name) else {}
         if name != cpu and _is_cpu(name):
