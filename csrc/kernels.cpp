@@ -26,8 +26,12 @@ int env_is(const char * name, const char * value) {
 }  // namespace
 
 #if SFUMATO_AMX_TILE
+namespace {
+std::atomic<int> g_amx{1};  // the tiles allowed (tests turn them off to run the other tile)
+}  // namespace
+
 bool sfumato::amx_ready() {
-    static const bool ready = [] {
+    static const bool granted = [] {
         unsigned a = 0, b = 0, c = 0, d = 0;
         if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0 || (d & (1u << 22)) == 0 || (d & (1u << 24)) == 0) {
             return false;  // no AMX-BF16 or no AMX-TILE
@@ -35,9 +39,17 @@ bool sfumato::amx_ready() {
         constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
         return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     }();
-    return ready;
+    return granted && g_amx.load(std::memory_order_relaxed) != 0;
 }
 #endif
+
+extern "C" void sfumato_amx_set_enabled(int enabled) {
+#if SFUMATO_AMX_TILE
+    g_amx.store(enabled ? 1 : 0, std::memory_order_relaxed);
+#else
+    (void) enabled;
+#endif
+}
 
 extern "C" int sfumato_amx_ready(void) {
 #if SFUMATO_AMX_TILE

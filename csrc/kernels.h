@@ -25,6 +25,8 @@ void sfumato_bf16_set_enabled(int enabled);
  * module carries them ("+amx"), the CPU has AMX-BF16 and the kernel granted the tile
  * state (asked on the first call). 0 elsewhere: the AVX512-BF16 tile runs then. */
 int sfumato_amx_ready(void);
+/* Allows the tiles (1, the default) or not (0: the AVX512-BF16 tile runs instead), for tests. */
+void sfumato_amx_set_enabled(int enabled);
 
 /* A process-wide request to stop: every graph this module runs stops at its next
  * operation while it is set (csrc/graph_compute.cpp). */

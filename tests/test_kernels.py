@@ -116,12 +116,17 @@ def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_r
         return
     carriers = bf16_variants(runnable, "model_config.precision")
     print(f"{model}: variants with the bf16 mode: {sorted(carriers)}")
-    for name, module in carriers.items():
+    runs = [(name, module, True) for name, module in carriers.items()]
+    # A module with AMX's tile products also runs the AVX512-BF16 tile, where the tiles are
+    # not granted (a kernel without AMX support): that way too, with the tiles turned off.
+    on_amx_cpu = "amx_bf16" in flags.split()
+    runs += [(name, module, False) for name, module in carriers.items() if AMX in module_kernels(module)["mul_mat"]]
+    for name, module, tiles in runs:
         command = [sys.executable, "-m", "tests.support.kernels", str(module), "2", "--bf16"]
-        carried, results = _check(command, timeout=300)
+        carried, results = _check(command if tiles else [*command, "--no-amx"], timeout=300)
         # A module with AMX's tile products runs them on a CPU with AMX-BF16 (no silent
         # fall-back to the AVX512-BF16 tile), and the AVX512-BF16 tile elsewhere.
-        on_tiles = AMX in module_kernels(module)["mul_mat"] and "amx_bf16" in flags.split()
+        on_tiles = tiles and on_amx_cpu and AMX in module_kernels(module)["mul_mat"]
         assert carried["amx"] == int(on_tiles), (name, carried)
         print(f"{name}: {'AMX-BF16 tiles' if on_tiles else 'AVX512-BF16 tile'}")
         assert len(results) == len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES), name

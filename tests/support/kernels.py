@@ -475,10 +475,13 @@ def check_fold(module: Module, case: FoldCase, seed: int = 0) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tests.support.kernels MODULE THREADS [--bf16] [CASE...]``: JSON lines on stdout."""
+    """``python -m tests.support.kernels MODULE THREADS [--bf16] [--no-amx] [CASE...]``: JSON
+    lines on stdout (``--no-amx``: the bf16 mode on the AVX512-BF16 tile in a module with AMX's)."""
     module = Module(Path(argv[0]), int(argv[1]))
     bf16 = "--bf16" in argv[2:]
-    wanted = set(argv[2:]) - {"--bf16"}
+    if "--no-amx" in argv[2:]:
+        module.kernels.sfumato_amx_set_enabled(0)
+    wanted = set(argv[2:]) - {"--bf16", "--no-amx"}
     print(json.dumps({"kernels": module.carried(), "amx": int(module.kernels.sfumato_amx_ready())}), flush=True)
     for case in CONV_CASES:
         if not wanted or case.name in wanted:

@@ -378,6 +378,7 @@ void sfumato_bf16_set_enabled(int enabled);
 /* Whether the bf16 mode's products run on AMX-BF16's tiles here ("+amx": the CPU has
    AMX-BF16 and the kernel granted the tile state). */
 int sfumato_amx_ready(void);
+void sfumato_amx_set_enabled(int enabled);
 /* A process-wide request that stops every graph the module runs at its next operation,
    until it is cleared (a cancel that keeps the model loaded). */
 void sfumato_cancel_set(int requested);
