@@ -198,19 +198,12 @@ void pack_weights(const Shape & s, const ggml_tensor * kernel, int64_t oc0, int6
             continue;
         }
 #if SFUMATO_BF16_TILE
-        thread_local std::vector<float> wide;
         uint16_t * out = (uint16_t *) a + row * len;
         if (oc >= oc_end) {
             std::memset(out, 0, sizeof(uint16_t) * (len - ROW_PAD));
             continue;
         }
-        if (kernel->type == GGML_TYPE_BF16) {
-            std::memcpy(out, src, sizeof(uint16_t) * kc);
-        } else {
-            wide.resize(kc);
-            widen(kernel->type, src, wide.data(), kc);
-            f32_to_bf16(wide.data(), out, kc);
-        }
+        to_bf16(kernel->type, src, out, kc);
         std::memset(out + kc, 0, sizeof(uint16_t) * (len - ROW_PAD - kc));
 #endif
     }

@@ -456,7 +456,12 @@ inline void amx_kernel(int64_t kp, const uint16_t * a, int64_t lda, const uint16
     _tile_stored(3, part + 16 * NR + 16, part_bytes);
     add_part(part, c, ldc, acc, rows, cols);
 }
+#endif  // AMX-BF16
 #else
+#define SFUMATO_BF16_TILE 0
+#endif  // AVX512-BF16
+
+#if !defined(SFUMATO_AMX_TILE)  // a module without AMX's tiles: the bf16 mode (if any) on its own tile
 #define SFUMATO_AMX_TILE 0
 constexpr int BF16_MR = MR;
 constexpr int64_t BF16_K = 2;
@@ -466,12 +471,15 @@ inline void amx_release() {}
 #endif
 
 // The bf16 mode's block of C: BF16_MR rows by NR columns on the AMX tiles when `amx`,
-// else MR rows on the AVX512-BF16 tile; kp is a multiple of bf16_k(amx).
+// else MR rows on the AVX512-BF16 tile; k is packed in multiples of bf16_k's step (pairs,
+// or AMX's 32), zeros appended.
 inline int bf16_rows(bool amx) { return amx ? BF16_MR : MR; }
 inline int64_t bf16_k(int64_t kc, bool amx) {
     const int64_t step = amx ? BF16_K : 2;
     return (kc + step - 1) / step * step;
 }
+
+#if SFUMATO_BF16_TILE
 inline void bf16_block(bool amx, int64_t kp, const uint16_t * a, int64_t lda, const uint16_t * b, float * c,
                        int64_t ldc, bool acc, int rows, int cols) {
     (void) amx;
@@ -483,15 +491,6 @@ inline void bf16_block(bool amx, int64_t kp, const uint16_t * a, int64_t lda, co
 #endif
     micro_kernel_bf16(kp, a, lda, b, c, ldc, acc, std::min(rows, MR), cols);
 }
-#else
-#define SFUMATO_BF16_TILE 0
-#define SFUMATO_AMX_TILE 0
-constexpr int BF16_MR = MR;
-inline bool amx_ready() { return false; }
-inline void amx_configure() {}
-inline void amx_release() {}
-inline int bf16_rows(bool) { return MR; }
-inline int64_t bf16_k(int64_t kc, bool) { return (kc + 1) & ~(int64_t) 1; }
 #endif
 
 }  // namespace sfumato
