@@ -13,14 +13,16 @@
  * over them. Products and sums are f32 throughout: ggml's own CONV_2D rounds the input to
  * the kernel's type (f16) first, this kernel does not. In the bf16 mode (a module with
  * AVX512-BF16, SFUMATO_PRECISION=bf16) both operands are packed as bf16 instead, and the
- * bf16 tile sums their products in f32.
+ * bf16 tile (AMX-BF16's tiles in the sapphirerapids module, 32 channels at a time) sums
+ * their products in f32.
  *
  * A folded bias and skip (csrc/fusion.h) are added to each tile after its last block of
  * k, while it is in cache, in the order the graph's ADDs would add them.
  *
  * Threads (ggml's ith/nth) take disjoint parts of the output: runs of pixel tiles, or
- * runs of output-channel panels when there are too few pixels to share; each packs its
- * own operands, so no barrier is needed. */
+ * runs of output-channel panels when there are too few pixels to share. Each packs its own
+ * input; threads that share the pixels pack the weights once between them, each a slice
+ * of the rows, with a barrier after each block of k is packed and before the next. */
 #include "kernels.h"
 
 #include "ggml.h"

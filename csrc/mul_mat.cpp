@@ -6,7 +6,8 @@
  * i < m, j < n. Products and sums are f32, f16 and bf16 weights widened exactly: the
  * activations are never rounded to f16 (ggml's own path converts them to the weights'
  * type first). In the bf16 mode (SFUMATO_PRECISION=bf16, a module with AVX512-BF16) both
- * operands are rounded to bf16 as they are packed, and the bf16 tile sums in f32. Everything else goes to llamafile's own, renamed llamafile_sgemm_ggml by the
+ * operands are rounded to bf16 as they are packed, and the bf16 tile (AMX-BF16's tiles in
+ * the sapphirerapids module) sums in f32. Everything else goes to llamafile's own, renamed llamafile_sgemm_ggml by the
  * build (which then declines f16 x f32, and ggml converts and calls it again).
  *
  * Each thread packs a chunk of IC weight rows at a time as f32 panels of NR into a buffer
