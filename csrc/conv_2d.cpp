@@ -22,7 +22,9 @@
  * Threads (ggml's ith/nth) take disjoint parts of the output: runs of pixel tiles, or
  * runs of output-channel panels when there are too few pixels to share. Each packs its own
  * input; threads that share the pixels pack the weights once between them, each a slice
- * of the rows, with a barrier after each block of k is packed and before the next. */
+ * of the rows, with a barrier after each block of k is packed and before the next. In the
+ * bf16 mode the model's weights are packed once, on the first call, and kept
+ * (csrc/kept_weights.h): later calls read every block of k from the kept copy. */
 #include "kernels.h"
 
 #include "ggml.h"
@@ -31,6 +33,7 @@
 
 #include "fusion.h"
 #include "gemm_tile.h"
+#include "kept_weights.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -365,8 +368,30 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
     if (kc_max == 0) {
         return false;  // every thread decides the same from the same numbers
     }
+    // The bf16 mode reads the weights' kept copy where the engine's are kept
+    // (csrc/kept_weights.h): every block of k packed as below, for all output channels
+    // (rows from 0), one block after another; made on the first call, by every thread a
+    // share of the rows.
+    Kept kept;
+    const int64_t kept_rows = mode.weight_rows(panels) + bf16_rows(mode.amx);  // whole blocks past any thread's last
+    auto kept_offset = [&](int64_t k0) { return k0 / kc_max * kept_rows * row_len(kc_max, mode); };
+    auto kept_block = [&](int64_t k0) { return (uint16_t *) kept.data + kept_offset(k0); };
+#if SFUMATO_BF16_TILE
+    if (bf16) {
+        const int64_t last = s.k - (s.k - 1) / kc_max * kc_max;
+        const size_t bytes = sizeof(uint16_t) * (size_t) (kept_offset(s.k - last) + kept_rows * row_len(last, mode));
+        kept = kept_copy(kernel, bytes, kc_max * 2 + (mode.amx ? 1 : 0), nth);
+        if (kept.fill) {
+            for (int64_t k0 = 0; k0 < s.k; k0 += kc_max) {
+                pack_weights(s, kernel, 0, s.oc, kept_rows * ith / nth, kept_rows * (ith + 1) / nth, k0,
+                             std::min(kc_max, s.k - k0), mode, kept_block(k0));
+            }
+            ggml_barrier(params->threadpool);
+        }
+    }
+#endif
     const bool idle = t0 >= t1 || panel0 >= panel1;
-    if (idle && !shared) {
+    if (idle && (!shared || kept.data != nullptr)) {
         return true;
     }
     const int64_t oc0 = panel0 * MR, oc_end = std::min(s.oc, panel1 * MR);
@@ -394,7 +419,9 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
         const int64_t kc = std::min(kc_max, s.k - k0);
         const int64_t lda = row_len(kc, mode);
         const bool last = k0 + kc == s.k;
-        if (!shared) {
+        if (kept.data != nullptr) {
+            // packed already
+        } else if (!shared) {
             pack_weights(s, kernel, oc0, oc_end, 0, weight_rows, k0, kc, mode, a);
         } else {
             if (k0 > 0) {
@@ -435,9 +462,12 @@ bool conv_2d(const ggml_compute_params * params, ggml_tensor * dst) {
 #if SFUMATO_BF16_TILE
             const int64_t kp = lda - ROW_PAD;
             const int bm = bf16_rows(mode.amx);
+            // This block's weights: kept (rows from 0), or packed just now (rows from oc0).
+            const uint16_t * wa = kept.data != nullptr ? kept_block(k0) : (const uint16_t *) a;
+            const int64_t wrow0 = kept.data != nullptr ? 0 : oc0;
             for (int64_t oc = oc0; oc < oc_end; oc += bm) {
                 for (int t = 0; t < nt; ++t) {
-                    const uint16_t * pa = (const uint16_t *) a + (oc - oc0) * lda;
+                    const uint16_t * pa = wa + (oc - wrow0) * lda;
                     const uint16_t * pb = (const uint16_t *) b + t * kp * NR;
                     output_tile<BF16_MR>(s, [&](float * c, int64_t ldc, bool acc, int rows, int cols) {
                         bf16_block(mode.amx, kp, pa, lda, pb, c, ldc, acc, std::min(rows, bm), cols);

@@ -21,7 +21,8 @@
  * exp is a degree-6 polynomial after range reduction (relative error about 2e-7). In the
  * bf16 mode (a module with AVX512-BF16, SFUMATO_PRECISION=bf16) both GEMMs run on the bf16
  * tile: K, V, the scaled queries and P rounded to bf16 (P before it is summed, so each
- * query's weights still sum to one), products exact and sums f32. */
+ * query's weights still sum to one), products exact and sums f32; P's exp is 2^x by a
+ * degree-4 polynomial there (vexp2_bf16), as its values keep 8-bit mantissas only. */
 #include "kernels.h"
 
 #include "ggml.h"
@@ -77,6 +78,26 @@ inline vf vexp(vf x) {
     }
     return vscale2(p, n);
 }
+
+constexpr int MAX_CHAINS = 4;  // independent running maxima: vmax's latency, not its rate, bounds one
+
+#if SFUMATO_BF16_TILE
+constexpr float LOG2E = 1.44269504f;
+
+// 2^t for t <= 0, as the bf16 mode's softmax needs it (its weights are rounded to 8-bit
+// mantissas next): t = n + r with |r| <= 1/2, 2^r by a degree-4 polynomial fitted to its
+// relative error on [-1/2, 1/2] (2.7e-6 at most), times 2^n. Below -160 it is 0.
+inline vf vexp2_bf16(vf t) {
+    t = vmax(t, vset1(-160.0f));
+    const vf n = vround(t);
+    const vf r = vsub(t, n);
+    vf p = vset1(0.009570101f);
+    for (const float c : {0.05591786f, 0.24024744f, 0.69312179f, 0.99999928f}) {
+        p = vfma(p, r, vset1(c));
+    }
+    return vscale2(p, n);
+}
+#endif
 
 struct Attention {
     ggml_tensor * dst;
@@ -210,15 +231,35 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
             }
         }
     }
-    // Per query: its maximum over the keys, then e^(s - max) in place, and the sum.
+    // Per query: its maximum over the keys (MAX_CHAINS keys at a time, in chains of their
+    // own), then e^(s - max) in place, and the sum.
     vf hi[NV], sum[NV];
-    for (int v = 0; v < NV; ++v) {
-        hi[v] = vset1(-INFINITY);
-        sum[v] = vzero();
-    }
-    for (int64_t key = 0; key < lk; ++key) {
+    {
+        vf chain[MAX_CHAINS][NV];
+        for (auto & c : chain) {
+            for (vf & x : c) {
+                x = vset1(-INFINITY);
+            }
+        }
+        int64_t key = 0;
+        for (; key + MAX_CHAINS <= lk; key += MAX_CHAINS) {
+            for (int u = 0; u < MAX_CHAINS; ++u) {
+                for (int v = 0; v < NV; ++v) {
+                    chain[u][v] = vmax(chain[u][v], vload(s.st.data() + (key + u) * NR + v * VL));
+                }
+            }
+        }
+        for (; key < lk; ++key) {
+            for (int v = 0; v < NV; ++v) {
+                chain[0][v] = vmax(chain[0][v], vload(s.st.data() + key * NR + v * VL));
+            }
+        }
         for (int v = 0; v < NV; ++v) {
-            hi[v] = vmax(hi[v], vload(s.st.data() + key * NR + v * VL));
+            hi[v] = chain[0][v];
+            for (int u = 1; u < MAX_CHAINS; ++u) {
+                hi[v] = vmax(hi[v], chain[u][v]);
+            }
+            sum[v] = vzero();
         }
     }
     for (int v = 0; v < NV; ++v) {  // a query every key of which is masked out: its row becomes 0
@@ -240,19 +281,34 @@ void block(const Attention & a, int64_t h, int64_t n, int64_t q0, Scratch & s) {
         }
     }
 #if SFUMATO_BF16_TILE
-    // The bf16 mode: each pair of keys' weights rounded to bf16 straight into P^T's paired
-    // layout (pair_rows_bf16's), zeros past lk, and summed as the product sees them.
+    // The bf16 mode: each pair of keys' weights, 2^((s - max) log2 e), rounded to bf16
+    // straight into P^T's paired layout (pair_rows_bf16's), zeros past lk, and summed as
+    // the product sees them.
     const int64_t kp = bf16_k(lk, s.amx);
     if (s.bf16) {
         s.st16.resize(kp * NR);
-        for (int64_t key = 0; key < kp; key += 2) {
+        vf top[NV];
+        for (int v = 0; v < NV; ++v) {
+            top[v] = vmul(hi[v], vset1(LOG2E));
+        }
+        auto weight = [&](int64_t key, int v) {
+            return vexp2_bf16(_mm512_fmsub_ps(vload(s.st.data() + key * NR + v * VL), vset1(LOG2E), top[v]));
+        };
+        int64_t key = 0;
+        for (; key + 2 <= lk; key += 2) {
             for (int v = 0; v < NV; ++v) {
-                const float * p = s.st.data() + key * NR + v * VL;
-                const vf lo = key < lk ? vexp(vsub(vload(p), hi[v])) : vzero();
-                const vf up = key + 1 < lk ? vexp(vsub(vload(p + NR), hi[v])) : vzero();
-                sum[v] = vadd(sum[v], store_pair_bf16(lo, up, s.st16.data() + key * NR + v * 2 * VL));
+                uint16_t * out = s.st16.data() + key * NR + v * 2 * VL;
+                sum[v] = add_pairs_bf16(sum[v], store_pair_bf16(weight(key, v), weight(key + 1, v), out));
             }
         }
+        if (key < lk) {  // an odd last key, paired with a zero
+            for (int v = 0; v < NV; ++v) {
+                uint16_t * out = s.st16.data() + key * NR + v * 2 * VL;
+                sum[v] = add_pairs_bf16(sum[v], store_pair_bf16(weight(key, v), vzero(), out));
+            }
+            key += 2;
+        }
+        std::memset(s.st16.data() + key * NR, 0, sizeof(uint16_t) * (kp - key) * NR);
     }
 #endif
     // O^T = V^T P^T: [dv][NR], then each query's column over its sum into its output row.

@@ -290,15 +290,20 @@ inline void f32_to_bf16(const float * src, uint16_t * dst, int64_t n) {
 }
 
 // Two rows of VL values, lo (k) and hi (k + 1), rounded to bf16 and stored as VL pairs
-// (lo[i], hi[i]) at out; returns lo + hi as rounded (exactly: bf16 is the upper half of an f32).
-inline vf store_pair_bf16(vf lo, vf hi, uint16_t * out) {
+// (lo[i], hi[i]) at out; returns the pairs stored.
+inline __m512bh store_pair_bf16(vf lo, vf hi, uint16_t * out) {
     alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i both = (__m512i) _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 values, then hi's
-    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_load_si512(order), both));
-    const vf lo16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16));
-    const vf hi16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16));
-    return vadd(lo16, hi16);
+    const __m512i pairs = _mm512_permutexvar_epi16(_mm512_load_si512(order), both);
+    _mm512_storeu_si512(out, pairs);
+    return (__m512bh) pairs;
+}
+
+// sum + lo[i] + hi[i] for each pair of `pairs`, the bf16 values exactly (a dot product
+// with ones: products exact, sums f32).
+inline vf add_pairs_bf16(vf sum, __m512bh pairs) {
+    return _mm512_dpbf16_ps(sum, pairs, (__m512bh) _mm512_set1_epi16(0x3F80));
 }
 
 // n values of a row of an F16, BF16 or F32 tensor rounded to bf16 (to nearest, ties to

@@ -6,8 +6,10 @@
  * decoding) and returns, its model still loaded. A model runs in a process of its own,
  * so one flag per process serves. The request stays set until it is cleared: every graph
  * started meanwhile stops at its first operation. It also sets up the graph's folds
- * (csrc/fusion.h) while the graph runs. */
+ * (csrc/fusion.h) while the graph runs, and drops the kept bf16 weights the graph writes
+ * to (csrc/kept_weights.h). */
 #include "fusion.h"
+#include "kept_weights.h"
 #include "kernels.h"
 
 #include "ggml.h"
@@ -45,6 +47,7 @@ extern "C" enum ggml_status ggml_graph_compute(struct ggml_cgraph * cgraph, stru
     if (!cplan->use_ref) {
         folds.emplace(cgraph);
     }
+    sfumato::forget_written(cgraph);
     Chained chained{cplan->abort_callback, cplan->abort_callback_data};
     cplan->abort_callback = cancel_requested;
     cplan->abort_callback_data = &chained;

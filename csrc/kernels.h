@@ -6,6 +6,8 @@
  * original. The switch below turns every kernel off at once (SFUMATO_KERNELS=ggml). */
 #pragma once
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -27,6 +29,9 @@ void sfumato_bf16_set_enabled(int enabled);
 int sfumato_amx_ready(void);
 /* Allows the tiles (1, the default) or not (0: the AVX512-BF16 tile runs instead), for tests. */
 void sfumato_amx_set_enabled(int enabled);
+
+/* The bytes of bf16 weights kept across calls in the bf16 mode (csrc/kept_weights.h). */
+size_t sfumato_kept_bytes(void);
 
 /* A process-wide request to stop: every graph this module runs stops at its next
  * operation while it is set (csrc/graph_compute.cpp). */

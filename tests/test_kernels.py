@@ -17,7 +17,11 @@ AMX-BF16's tiles, which it must use on a CPU with AMX-BF16): its products are ex
 so it must land within 1e-5 of float64 over the operands rounded to bf16 (to nearest,
 ties to even, as numpy computes it here; the attention within ATTN_BF16_FLIPS, as it
 rounds a value it computed), and its distance from the unrounded float64 must be what
-rounding 8-bit mantissas gives: 1e-4 to 1e-2 of the output's magnitude.
+rounding 8-bit mantissas gives: 1e-4 to 1e-2 of the output's magnitude. Its
+convolutions run again with their weights in a buffer marked as the model's weights,
+which the mode keeps rounded to bf16 across calls (``csrc/kept_weights.h``), and one
+context checks the kept copy's life: made, read, replaced when new weights are set in
+place, dropped when a graph writes into them.
 
 Folds (``csrc/fusion.h``): each fold case's chain (a convolution with its bias and skip,
 a group norm with gamma, beta and silu, built as the engine builds them) must fold the
@@ -129,10 +133,27 @@ def test_the_bf16_mode_against_float64_on_every_variant_that_carries_it_or_its_r
         on_tiles = tiles and on_amx_cpu and AMX in module_kernels(module)["mul_mat"]
         assert carried["amx"] == int(on_tiles), (name, carried)
         print(f"{name}: {'AMX-BF16 tiles' if on_tiles else 'AVX512-BF16 tile'}")
-        assert len(results) == len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES), name
-        for r in results:
+        assert len(results) == len(CONV_CASES) + len(MAT_CASES) + len(ATTN_CASES) + 1, name
+        *cases, kept = results
+        for r in cases:
             assert r["bf16_error"] <= (ATTN_BF16_FLIPS if r["op"] == "flash_attn_ext" else EXACT), r
             assert BF16_ROUNDING[0] <= r["bf16_vs_exact"] <= BF16_ROUNDING[1], r
+            if r["op"] == "conv_2d":  # and with its weights kept (a buffer marked as weights)
+                assert r["kept_error"] <= EXACT, r
+        _assert_kept(kept)
+
+
+def _assert_kept(result: dict[str, Any]) -> None:
+    """The kept weights' lifecycle: each run right for the weights it had then; a copy
+    kept after the first run, still there after new weights were set in place (the guard
+    replaced it), gone once a graph wrote into the weights, and made again."""
+    steps = result["steps"]
+    for step in ("made", "kept", "new_weights", "written"):
+        assert steps[step]["error"] <= EXACT, (step, result)
+    assert steps["made"]["kept_bytes"] > 0, result
+    assert steps["kept"]["kept_bytes"] == steps["made"]["kept_bytes"], result
+    assert steps["after_write"]["kept_bytes"] < steps["new_weights"]["kept_bytes"], result
+    assert steps["written"]["kept_bytes"] == steps["new_weights"]["kept_bytes"], result
 
 
 # Under emulation every instruction costs tens of native ones: the smaller cases only.

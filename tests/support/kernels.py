@@ -34,6 +34,7 @@ from sfumato.engine import _cdefs
 _F32, _F16, _BF16 = 0, 1, 30
 _PREC_F32 = 10  # enum ggml_prec: the op's f32 accumulators
 _TYPES = {"f32": _F32, "f16": _F16, "bf16": _BF16}
+_USAGE_WEIGHTS = 1  # enum ggml_backend_buffer_usage: the model's parameters
 _GGML = "libggml.so"
 # Makes a one-op graph in a ggml context: its inputs with their arrays, and its output.
 Build = Callable[[Any, Any], tuple[list[tuple[Any, np.ndarray]], Any]]
@@ -244,10 +245,13 @@ class Module:
     def carried(self) -> str:
         return bytes(self.kernels_ffi.string(self.kernels.sfumato_kernels())).decode()
 
-    def run(self, build: Build, sfumato: bool, bf16: bool = False, folds: bool = True) -> np.ndarray:
+    def run(
+        self, build: Build, sfumato: bool, bf16: bool = False, folds: bool = True, weights: bool = False
+    ) -> np.ndarray:
         """The output of the graph ``build(ctx)`` makes (its inputs set from their arrays),
         run with sfumato's kernels (in their bf16 mode when ``bf16``; without folds unless
-        ``folds``) or ggml's own. How many nodes the run folded: :attr:`folded`."""
+        ``folds``) or ggml's own, in a buffer marked as the model's weights when ``weights``
+        (which the bf16 mode keeps). How many nodes the run folded: :attr:`folded`."""
         ffi, lib = self.ffi, self.lib
         params = ffi.new("struct ggml_init_params *")
         params.mem_size = lib.ggml_tensor_overhead() * 16 + lib.ggml_graph_overhead()
@@ -258,6 +262,8 @@ class Module:
             graph = lib.ggml_new_graph(ctx)
             lib.ggml_build_forward_expand(graph, out)
             buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+            if weights:
+                lib.ggml_backend_buffer_set_usage(buffer, _USAGE_WEIGHTS)
             try:
                 for tensor, array in inputs:
                     lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
@@ -284,15 +290,25 @@ def _error(got: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _errors(
-    module: Module, build: Build, compute: Callable[[bool], np.ndarray], bf16: bool, ggml: bool = True
+    module: Module,
+    build: Build,
+    compute: Callable[[bool], np.ndarray],
+    bf16: bool,
+    ggml: bool = True,
+    kept: bool = False,
 ) -> dict[str, float]:
     """Exact mode: both kernels' errors against ``compute(False)``, the operation in float64
     (sfumato's alone where ggml has no kernel: ``ggml`` false). bf16 mode: sfumato's
-    against ``compute(True)``, float64 over bf16-rounded operands, and against ``compute(False)``."""
+    against ``compute(True)``, float64 over bf16-rounded operands, and against
+    ``compute(False)``; with ``kept``, also its error with the inputs in a buffer marked as
+    weights (the bf16 mode's kept weights, csrc/kept_weights.h)."""
     exact = compute(False)
     if bf16:
         got = module.run(build, sfumato=True, bf16=True)
-        return {"bf16_error": _error(got, compute(True)), "bf16_vs_exact": _error(got, exact)}
+        errors = {"bf16_error": _error(got, compute(True)), "bf16_vs_exact": _error(got, exact)}
+        if kept:
+            errors["kept_error"] = _error(module.run(build, sfumato=True, bf16=True, weights=True), compute(True))
+        return errors
     sides = ("sfumato", "ggml") if ggml else ("sfumato",)
     return {f"{side}_error": _error(module.run(build, sfumato=side == "sfumato"), exact) for side in sides}
 
@@ -334,7 +350,63 @@ def check_conv(module: Module, case: ConvCase, seed: int = 0, bf16: bool = False
         return _reference(_operand(x, rounded), _operand(k_values, rounded), case)
 
     # ggml's own CONV_2D takes f16 and f32 kernels only (it stops the process on others).
-    return {"case": case.name, **_errors(module, build, compute, bf16, ggml=case.weights != "bf16")}
+    return {"case": case.name, **_errors(module, build, compute, bf16, ggml=case.weights != "bf16", kept=True)}
+
+
+def check_kept(module: Module, seed: int = 0) -> dict[str, Any]:
+    """The bf16 mode's kept weights (csrc/kept_weights.h) in one context whose buffer is
+    marked as the model's weights: a convolution run once (its weights kept), again (read
+    from the kept copy), after new weights were set in place (the copy's guard sees them),
+    and after another graph wrote into the weights (the write drops the copy). Each run's
+    error against float64 over the operands rounded to bf16, with the weights it had
+    then, and the bytes kept after each step."""
+    case = ConvCase("kept", 2, 64, 10, 10, 96, 3, 3, pad=(1, 1))
+    x, k, k_values = conv_inputs(case, seed)
+    rng = np.random.default_rng(seed + 1)
+    new_k = (rng.standard_normal(k.shape) / np.sqrt(k[0].size)).astype(np.float16)
+    delta = (rng.standard_normal(k.shape) * 0.05).astype(np.float16)
+    written = (new_k.astype(np.float32) + delta.astype(np.float32)).astype(np.float16)  # ggml adds f16 in f32
+    ffi, lib, kernels = module.ffi, module.lib, module.kernels
+    params = ffi.new("struct ggml_init_params *")
+    params.mem_size = lib.ggml_tensor_overhead() * 16 + 2 * lib.ggml_graph_overhead()
+    params.no_alloc = True
+    ctx = lib.ggml_init(params[0])
+    try:
+        kernel = lib.ggml_new_tensor_4d(ctx, _F16, case.kw, case.kh, case.ic, case.oc)
+        image = lib.ggml_new_tensor_4d(ctx, _F32, case.w, case.h, case.ic, case.n)
+        change = lib.ggml_new_tensor_4d(ctx, _F16, case.kw, case.kh, case.ic, case.oc)
+        out = lib.ggml_conv_2d_direct(ctx, kernel, image, *case.stride, *case.pad, *case.dilation)
+        convolve, write = lib.ggml_new_graph(ctx), lib.ggml_new_graph(ctx)
+        lib.ggml_build_forward_expand(convolve, out)
+        lib.ggml_build_forward_expand(write, lib.ggml_add_inplace(ctx, kernel, change))
+        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, module.backend)
+        lib.ggml_backend_buffer_set_usage(buffer, _USAGE_WEIGHTS)
+        try:
+            for tensor, array in ((kernel, k), (image, x), (change, delta)):
+                lib.ggml_backend_tensor_set(tensor, ffi.from_buffer(array), 0, array.nbytes)
+            kernels.sfumato_kernels_set_enabled(1)
+            kernels.sfumato_bf16_set_enabled(1)
+
+            def convolved(weights: np.ndarray) -> dict[str, float]:
+                if lib.ggml_backend_graph_compute(module.backend, convolve) != 0:
+                    raise RuntimeError("ggml_backend_graph_compute failed")
+                got = np.empty(lib.ggml_nbytes(out) // 4, dtype=np.float32)
+                lib.ggml_backend_tensor_get(out, ffi.from_buffer(got), 0, got.nbytes)
+                reference = _reference(_operand(x, True), _operand(weights.astype(np.float32), True), case)
+                return {"error": _error(got, reference), "kept_bytes": int(kernels.sfumato_kept_bytes())}
+
+            steps = {"made": convolved(k_values), "kept": convolved(k_values)}
+            lib.ggml_backend_tensor_set(kernel, ffi.from_buffer(new_k), 0, new_k.nbytes)
+            steps["new_weights"] = convolved(new_k)
+            if lib.ggml_backend_graph_compute(module.backend, write) != 0:
+                raise RuntimeError("ggml_backend_graph_compute failed")
+            steps["after_write"] = {"kept_bytes": int(kernels.sfumato_kept_bytes())}
+            steps["written"] = convolved(written)
+            return {"case": "kept weights", "steps": steps}
+        finally:
+            lib.ggml_backend_buffer_free(buffer)
+    finally:
+        lib.ggml_free(ctx)
 
 
 def check_mul_mat(module: Module, case: MatCase, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
@@ -495,6 +567,8 @@ def main(argv: list[str]) -> int:
         if not wanted or attn.name in wanted:
             result = check_attention(module, attn, bf16=bf16)
             print(json.dumps({**result, "op": "flash_attn_ext", "shape": asdict(attn)}), flush=True)
+    if bf16 and (not wanted or "kept weights" in wanted):
+        print(json.dumps({**check_kept(module), "op": "kept"}), flush=True)
     for fold in FOLD_CASES if not bf16 else ():
         if not wanted or fold.name in wanted:
             result = check_fold(module, fold)

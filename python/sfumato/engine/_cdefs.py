@@ -361,6 +361,7 @@ void ggml_backend_tensor_set(struct ggml_tensor* tensor, const void* data, size_
 void ggml_backend_tensor_get(const struct ggml_tensor* tensor, void* data, size_t offset, size_t size);
 int ggml_backend_graph_compute(ggml_backend_t backend, struct ggml_cgraph* cgraph);
 void ggml_backend_buffer_free(ggml_backend_buffer_t buffer);
+void ggml_backend_buffer_set_usage(ggml_backend_buffer_t buffer, int usage);
 void ggml_backend_free(ggml_backend_t backend);
 """
 
@@ -387,6 +388,8 @@ void sfumato_cancel_set(int requested);
 int sfumato_folds_enabled(void);
 void sfumato_folds_set_enabled(int enabled);
 int sfumato_folds_last(void);
+/* The bytes of bf16 weights the bf16 mode keeps across calls (csrc/kept_weights.h). */
+size_t sfumato_kept_bytes(void);
 """
 
 ALL = "\n".join(
