@@ -5,7 +5,8 @@ fastest of ROUNDS runs taken in turn, in one session.
 
 Rows: sfumato with its kernels on the variant its probe chooses and on each variant this
 CPU runs (``SFUMATO_CPU_VARIANT``), sfumato in its bf16 mode (``precision="bf16"``: on a
-CPU with AVX512-BF16 or AMX-BF16, weights converted to bf16 at load), sfumato with ggml's
+CPU with AVX512-BF16 or AMX-BF16, weights converted to bf16 at load), with and without
+its kept convolution weights (``SFUMATO_KEEP_WEIGHTS=0``), sfumato with ggml's
 own kernels (``SFUMATO_KERNELS=ggml``: what the engine ran before), diffusers fp32 and
 diffusers with its UNet and VAE in bf16. sfumato loads the fp32 folder as f16 weights
 (what a user's f16 checkpoint gives); its exact mode computes in f32. Ratios are
@@ -49,6 +50,11 @@ def test_sfumato_kernels_against_diffusers(benchmark: BenchmarkFixture, probe: P
     configs.update({f"sfumato {v}": {"env": {"SFUMATO_CPU_VARIANT": v}} for v in variants})
     if set(BF16_FLAGS) & set(cpu_identity()[1].split()):
         configs["sfumato bf16 mode"] = {"env": {"SFUMATO_PRECISION": "bf16"}, "wtype": "bf16"}
+        # The bf16 mode packs the convolutions' weights once and keeps them (csrc/kept_weights.h): without, too.
+        configs["sfumato bf16 mode, weights not kept"] = {
+            "env": {"SFUMATO_PRECISION": "bf16", "SFUMATO_KEEP_WEIGHTS": "0"},
+            "wtype": "bf16",
+        }
     configs["ggml's own kernels"] = {"env": {"SFUMATO_KERNELS": "ggml"}}
     references: dict[str, dict[str, Any]] = {"diffusers fp32": {}, "diffusers bf16": {"dtype": "bf16"}}
     runs: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -69,7 +75,7 @@ def test_sfumato_kernels_against_diffusers(benchmark: BenchmarkFixture, probe: P
         base, bf16 = figures["diffusers fp32", size], figures["diffusers bf16", size]
         for name in [*configs, *references]:
             f = figures[name, size]
-            shown = name.endswith(("variant)", "mode")) or name.startswith("ggml")
+            shown = name.endswith(("variant)", "mode", "kept")) or name.startswith("ggml")
             variant = f" ({f['cpu_variant']})" if shown else ""
             rows.append({
                 "size": size,
