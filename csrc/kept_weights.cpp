@@ -99,7 +99,8 @@ Kept kept_copy(const ggml_tensor * w, size_t bytes, int64_t layout, int nth) {
         if (g_bytes + bytes > KEPT_MAX_BYTES) {
             return {};  // the same answer for every thread of this operation: g_bytes did not move
         }
-        // Where the mapping fails the entry stays empty: every thread, now and later, packs as before.
+        // Where the mapping fails the entry stays empty: this operation's threads pack as
+        // before, and the next call tries again (its size no longer matches).
         void * data = map_bytes(bytes);
         Entry & e = g_kept[w->data];
         e.data = data;

@@ -12,8 +12,9 @@
  *   - when the tensor no longer matches the copy's guard: its type, shape, and a sample
  *     of 64 of its 8-byte words across the whole tensor (other weights loaded where
  *     freed ones were).
- * The copies of one process stay under KEPT_MAX_BYTES; past that, a convolution packs its
- * weights on each call as before.
+ * The copies are anonymous mappings of their own (not malloc's heap), and those of one
+ * process stay under KEPT_MAX_BYTES; past that, a convolution packs its weights on each
+ * call as before. SFUMATO_KEEP_WEIGHTS=0 (read once) keeps none.
  *
  * Every thread of an operation calls kept_copy once. The first call for a tensor (or the
  * first after its copy was dropped) returns fill = true to all the operation's threads:

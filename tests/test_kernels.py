@@ -52,9 +52,10 @@ from .helpers import ROOT
 EXACT = 1e-5
 BF16_ROUNDING = (1e-4, 1e-2)  # bf16's 8-bit mantissas move a product's operands by up to 2^-9
 F16_INPUT_ROUNDING = 5e-5  # ggml's own CONV_2D is at least this far off: it rounds the input to f16
-# The bf16 attention rounds the softmax's numerators, which the kernel's exp computes to
-# 2e-7: where float64's lands by a rounding boundary the two round apart, one bf16 step
-# (2^-8) of that weight. Measured: at most 9.4e-4 over the cases (1.4e-7 where none flips).
+# The bf16 attention rounds the softmax's numerators, which the kernel's 2^x computes to
+# 2.7e-6: where float64's lands by a rounding boundary the two round apart, one bf16 step
+# (2^-8) of that weight. Measured: at most 9.3e-4 over the cases on AMX's tiles (9.4e-4
+# with the earlier degree-6 exp on the AVX512-BF16 tile).
 ATTN_BF16_FLIPS = 2e-3
 
 
