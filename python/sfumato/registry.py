@@ -193,6 +193,18 @@ QWEN_IMAGE_VAE = RegistryModel(
     hf_path="split_files/vae/qwen_image_vae.safetensors",
 )  # fmt: skip
 
+# Anima, with QWEN_IMAGE_VAE (the Wan 2.1 VAE) and Qwen3-0.6B base whole (28 layers); checksums from the hub.
+ANIMA_BASE_V1_0 = RegistryModel(
+    "ANIMA_BASE_V1_0", "anima-base-v1.0.safetensors", "anima", hf_repo="circlestone-labs/Anima",
+    hf_path="split_files/diffusion_models/anima-base-v1.0.safetensors",
+    sha256="bd43b7cffe1ed1153d9c41e7beb2f18cb1273eafbaa3af3edd6a173dc90a006e",
+)  # fmt: skip
+QWEN_3_06B_BASE = RegistryModel(
+    "QWEN_3_06B_BASE", "qwen_3_06b_base.safetensors", "llm", hf_repo="circlestone-labs/Anima",
+    hf_path="split_files/text_encoders/qwen_3_06b_base.safetensors",
+    sha256="cd2a512003e2f9f3cd3c32a9c3573f820bb28c940f73c57b1ddaa983d9223eba",
+)  # fmt: skip
+
 REGISTRY: dict[str, RegistryModel] = {
     model.name: model
     for model in (
@@ -202,6 +214,7 @@ REGISTRY: dict[str, RegistryModel] = {
         FLUX_1_DEV_Q4_0, FLUX_1_KONTEXT_DEV_Q4_0, FLUX_1_FILL_DEV_Q4_0, FLUX_1_DEPTH_DEV, FLUX_1_CANNY_DEV,
         CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L, Z_IMAGE_TURBO_BF16, QWEN3_4B, OVIS_IMAGE_BF16, OVIS_2_5,
         ERNIE_IMAGE, ERNIE_IMAGE_TURBO, MINISTRAL_3_3B, ERNIE_IMAGE_VAE, QWEN_IMAGE_Q3_K_M, QWEN_IMAGE_VAE,
+        ANIMA_BASE_V1_0, QWEN_3_06B_BASE,
     )
 }  # fmt: skip
 
