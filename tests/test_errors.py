@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
-from sfumato.families.detect import detect
+from sfumato.families.detect import detect, read_tensor_table
 
 from .helpers import SIZE, run
 
@@ -197,6 +197,16 @@ def test_truncated_files_are_refused_before_the_engine(
     bad = _truncated(source, tmp_path / f"model{suffix}", 0.6)
     with pytest.raises(errors.InvalidModelError, match=r"truncated|not a readable"):
         sfumato.load_model(bad, model_config={"mode": "upscale"} if suffix == ".pth" else None)
+
+
+def test_a_safetensors_header_of_any_length_is_read(tmp_path: Path) -> None:
+    """The header's length is a little-endian u64: one in 32 real files has a zero first byte."""
+    for name_length in range(180, 212, 4):
+        path = tmp_path / f"{name_length}.safetensors"
+        save_file({"x" * name_length: np.zeros(2, np.float32)}, path)
+        table = read_tensor_table(path)
+        assert table.find("x" * name_length) == (2,), path.read_bytes()[:8]
+    assert any(path.read_bytes()[0] == 0 for path in tmp_path.iterdir())
 
 
 @pytest.mark.usefixtures("no_engine_calls")

@@ -228,12 +228,14 @@ def read_tensor_table(path: Path) -> TensorTable:
     if path.is_dir():
         raise _invalid(path, "is a folder, not a model file")
     with path.open("rb") as f:
-        magic = f.read(8)
+        magic = f.read(9)
     if magic[:4] == GGUF_MAGIC:
         return read_gguf(path)
     if magic[:4] == ZIP_MAGIC:
         return read_torch_zip(path)
-    if len(magic) == 8 and magic[:1] != b"\x00" and struct.unpack("<Q", magic)[0] < path.stat().st_size:
+    # safetensors: the header's length (u64, little-endian; any of its bytes may be zero),
+    # then the header, a JSON object.
+    if magic[8:9] == b"{" and struct.unpack("<Q", magic[:8])[0] < path.stat().st_size:
         return read_safetensors(path)
     raise _invalid(path, "not a model file (expected GGUF, safetensors or a PyTorch checkpoint)")
 
