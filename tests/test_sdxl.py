@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 import sfumato
 from sfumato import errors
@@ -140,7 +142,30 @@ def test_each_layout_maps_onto_its_context_paths(
     )
     assert (split.t5xxl_path, split.llm_path) == (None, None)
     assert whole.model_path == str(sdxl_gguf.resolve())
-    assert (whole.diffusion_model_path, whole.clip_l_path, whole.clip_g_path, whole.vae_path) == (None,) * 4
+    assert (whole.diffusion_model_path, whole.clip_l_path, whole.vae_path) == (None,) * 3
+    # CLIP-G's pooled projection, which the checkpoint stores as OpenCLIP multiplies by it,
+    # goes to the engine transposed in a file of its own (the engine keeps the last
+    # tensor of a name): the checkpoint's q4_0 blocks, dequantized here by hand.
+    assert whole.clip_g_path is not None
+    with safe_open(whole.clip_g_path, "numpy") as hint_file:
+        assert list(hint_file.keys()) == ["text_projection.weight"]
+        given = hint_file.get_tensor("text_projection.weight")
+    [stored] = [t for t in gguf.GGUFReader(sdxl_gguf).tensors if t.name == OPEN_CLIP_PROJECTION]
+    assert stored.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    np.testing.assert_array_equal(given, _q4_0_values(np.asarray(stored.data), 1280).T)
+
+
+OPEN_CLIP_PROJECTION = "conditioner.embedders.1.model.text_projection"
+
+
+def _q4_0_values(raw: np.ndarray, cols: int) -> np.ndarray:
+    """ggml's Q4_0 rows as float32: per 32 values an f16 scale d and 16 bytes whose low
+    nibbles are values 0-15 and high nibbles 16-31, each d * (nibble - 8)."""
+    blocks = raw.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = blocks[:, 2:]
+    nibbles = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32) - 8
+    return (d * nibbles).reshape(-1, cols)
 
 
 # --- the engine -------------------------------------------------------------

@@ -20,7 +20,14 @@ from sfumato.engine.kernels import ENV_PRECISION
 from sfumato.engine.library import load_engine
 from sfumato.engine.requests import ContextParams
 from sfumato.errors import InvalidModelError, InvalidParameterError, ModelNotFoundError
-from sfumato.families.companions import ROLES, check_companion, family_files, label, split_unet_hint
+from sfumato.families.companions import (
+    ROLES,
+    check_companion,
+    family_files,
+    label,
+    sdxl_projection_hint,
+    split_unet_hint,
+)
 from sfumato.families.detect import (
     DIFFUSION_FAMILIES,
     FAMILY_CHROMA,
@@ -257,6 +264,10 @@ def context_params(
     model_path = None if info.split else str(path)
     if info.split and info.family == FAMILY_SDXL:
         model_path = str(split_unet_hint(cache_dir() / "hints"))
+    if not info.split and info.family == FAMILY_SDXL and "clip_g" not in parts.companions:
+        projection = sdxl_projection_hint(path, cache_dir() / "hints")
+        if projection is not None:
+            paths["clip_g_path"] = str(projection)
     return ContextParams(
         **paths,
         model_path=model_path,

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.families.detect import (
@@ -30,6 +31,9 @@ from sfumato.families.detect import (
     TensorTable,
     read_tensor_table,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -282,3 +286,57 @@ def _check_llm(path: Path, table: TensorTable, field: str, info: ModelInfo) -> N
                 f"{info.path.name} takes {info.text_width} (a Qwen3 {info.text_width // len(FLUX2_TEXT_LAYERS)} wide: "
                 "Qwen3-4B for klein 4B, Qwen3-8B for klein 9B)",
             )
+
+
+OPEN_CLIP_PROJECTIONS = ("conditioner.embedders.1.model.text_projection", "cond_stage_model.1.model.text_projection")
+"""Where an all-in-one SDXL checkpoint keeps CLIP-G's pooled-text projection in OpenCLIP's layout."""
+
+
+def _tensor_values(path: Path, name: str) -> np.ndarray:
+    """The values of tensor ``name`` of a safetensors or GGUF file, as float32 in PyTorch's
+    axis order (a quantized GGUF tensor dequantized)."""
+    import numpy as np
+
+    if read_tensor_table(path).format == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        [tensor] = [t for t in reader.tensors if t.name == name]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return np.asarray(values, np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape.tolist())))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as opened:
+        return np.asarray(opened.get_tensor(name), np.float32)
+
+
+def sdxl_projection_hint(checkpoint: Path, folder: Path) -> Path | None:
+    """A one-tensor file that corrects how the engine reads CLIP-G's pooled projection from
+    an all-in-one SDXL checkpoint, or ``None`` for a checkpoint that needs none.
+
+    OpenCLIP multiplies the pooled text by ``text_projection`` from the right, so the
+    original checkpoints store the transpose of the matrix a ``Linear`` layer stores. The
+    engine loads both layouts into one tensor that it uses as a ``Linear`` weight, so from
+    an all-in-one checkpoint it projects with the transpose, and the size-and-text vector
+    every step is conditioned on differs from the reference implementation's (found by the
+    SDXL parity test). Given as ``clip_g_path``, this file holds the checkpoint's projection
+    transposed, under CLIP-G's Hugging Face name: the engine keeps the last tensor of each
+    name, so it replaces the checkpoint's. Named by its content, written once into ``folder``.
+    """
+    table = read_tensor_table(checkpoint)
+    name = next((n for n in OPEN_CLIP_PROJECTIONS if n in table.shapes), None)
+    if name is None:
+        return None
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    weight = np.ascontiguousarray(_tensor_values(checkpoint, name).T)
+    path = folder / f"sdxl-projection-{hashlib.blake2b(weight.tobytes(), digest_size=12).hexdigest()}.safetensors"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{path.name}.{os.getpid()}.partial"
+        save_file({"text_projection.weight": weight}, str(partial))
+        partial.replace(path)
+    return path
