@@ -120,13 +120,21 @@ def write_sdxl_part(path: Path, part: str, seed: int = 0, dtype: str = "f16", qu
     return _write_by_suffix(Path(path), sdxl_part_layout(part), seed, dtype, "sdxl", quant)
 
 
-def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
-    if spec.is_norm_weight or spec.name.endswith(".gamma"):  # (the Wan VAE's RMS norms: gamma)
-        return np.ones(shape, dtype=np.float32)
-    if len(shape) == 1 or spec.name.endswith("bias"):
-        return np.zeros(shape, dtype=np.float32)
+OFFSET_STD = 0.1
+"""The spread of drawn biases and norm scales (about 1) where :func:`random_tensors` draws them."""
+
+
+def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...], offsets: bool = False) -> npt.NDArray[np.float32]:
     digest = hashlib.blake2b(f"{seed}:{spec.name}".encode(), digest_size=8).digest()
     rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    if spec.is_norm_weight or spec.name.endswith(".gamma"):  # (the Wan VAE's RMS norms: gamma)
+        if offsets:
+            return 1 + rng.standard_normal(shape, dtype=np.float32) * np.float32(OFFSET_STD)
+        return np.ones(shape, dtype=np.float32)
+    if len(shape) == 1 or spec.name.endswith("bias"):
+        if offsets:
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(OFFSET_STD)
+        return np.zeros(shape, dtype=np.float32)
     if "embedding" in spec.name:
         scale = 0.02
     else:
@@ -171,9 +179,11 @@ def _random_q4_0(spec: TensorSpec, seed: int) -> Q4_0Blocks:
 
 
 def random_tensors(
-    specs: Iterable[TensorSpec], seed: int = 0, dtype: str = "f16", diffusers: bool = False
+    specs: Iterable[TensorSpec], seed: int = 0, dtype: str = "f16", diffusers: bool = False, offsets: bool = False
 ) -> Iterator[tuple[str, npt.NDArray[np.generic]]]:
-    """Yield ``(name, array)`` for each spec, in the chosen naming and dtype."""
+    """Yield ``(name, array)`` for each spec, in the chosen naming and dtype. Biases are
+    zero and norm scales one, unless ``offsets`` draws them too (as the parity tests'
+    weights have them: a bias or norm mapped to the wrong place then shows)."""
     np_dtype = {"f16": np.float16, "f32": np.float32}[dtype]
     for spec in specs:
         if diffusers:
@@ -182,7 +192,7 @@ def random_tensors(
             name, shape = spec.diffusers, spec.diffusers_shape or spec.shape
         else:
             name, shape = spec.name, spec.shape
-        yield name, _values(spec, seed, shape).astype(np_dtype)
+        yield name, _values(spec, seed, shape, offsets).astype(np_dtype)
 
 
 def random_q4_0_tensors(

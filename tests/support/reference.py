@@ -15,6 +15,7 @@ them is a dependency of sfumato itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,22 @@ def to_uint8(images: Any) -> npt.NDArray[np.uint8]:
     return (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def euler_scheduler(scheduler: str = "discrete", prediction: str = "eps") -> Any:
+    """diffusers' Euler scheduler configured as the engine's ``scheduler``
+    (``discrete``: timesteps evenly spaced from 999 to 0; ``karras``: Karras
+    sigmas) and prediction (``eps`` or ``v``), on SD's and SDXL's noise schedule."""
+    from diffusers import EulerDiscreteScheduler
+
+    if scheduler not in ("discrete", "karras"):
+        raise ValueError(f"scheduler must be 'discrete' or 'karras', got {scheduler!r}")
+    return EulerDiscreteScheduler(
+        **SD1_SCHEDULE,
+        prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
+        timestep_spacing="linspace",
+        use_karras_sigmas=scheduler == "karras",
+    )
+
+
 class SDReference:
     """diffusers' SD 1.x or 2.x modules (fp32, CPU) on the weights of one folder written
     by :func:`write_sd_reference_folder`."""
@@ -192,19 +209,8 @@ class SDReference:
         return to_uint8((image / 2 + 0.5).permute(0, 2, 3, 1).numpy())
 
     def scheduler(self, scheduler: str = "discrete", prediction: str = "eps") -> Any:
-        """diffusers' Euler scheduler configured as the engine's ``scheduler``
-        (``discrete``: timesteps evenly spaced from 999 to 0; ``karras``: Karras
-        sigmas) and prediction (``eps`` or ``v``)."""
-        from diffusers import EulerDiscreteScheduler
-
-        if scheduler not in ("discrete", "karras"):
-            raise ValueError(f"scheduler must be 'discrete' or 'karras', got {scheduler!r}")
-        return EulerDiscreteScheduler(
-            **SD1_SCHEDULE,
-            prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
-            timestep_spacing="linspace",
-            use_karras_sigmas=scheduler == "karras",
-        )
+        """:func:`euler_scheduler` (a method, for the tests that read its sigmas)."""
+        return euler_scheduler(scheduler, prediction)
 
     def pipeline(self, scheduler: Any) -> Any:
         """diffusers' ``StableDiffusionPipeline`` on these modules; prompts go in
@@ -263,3 +269,286 @@ class SDReference:
             )
         image: npt.NDArray[np.uint8] = to_uint8(out.images)[0]
         return image
+
+
+# SDXL base 1.0's published configurations (facts of the architecture): a three-level UNet
+# with 1, 2 and 10 transformer blocks per attention, 2048-wide context (CLIP-L's 768 beside
+# OpenCLIP-bigG's 1280) and the size-and-pooled-text vector (1280 + 6 x 256); the SD VAE
+# with its own latent scale.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SD1_UNET_CONFIG,
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_CLIP_G_CONFIG: dict[str, Any] = {
+    **SD1_TEXT_CONFIG,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+SDXL_VAE_CONFIG: dict[str, Any] = {**SD1_VAE_CONFIG, "scaling_factor": 0.13025}
+SDXL_ROLES = ("unet", "clip_l", "clip_g", "vae")
+
+
+def cached_sdxl_parity_files(folder: Path) -> dict[str, Path]:
+    """SDXL's split layout (:func:`tests.support.models.sdxl_part_layout`: full-depth UNet,
+    CLIP-L, CLIP-G, VAE) in fp16, with drawn biases and norm scales, in the model cache
+    ``folder``: what both sides of the SDXL parity test load (written the first time)."""
+    from tests.support.models import sdxl_part_layout
+
+    def writer(role: str) -> Callable[[Path], object]:
+        return lambda path: write_safetensors(path, random_tensors(sdxl_part_layout(role), dtype="f16", offsets=True))
+
+    return {role: cached(folder, f"parity-sdxl-{role}.safetensors", writer(role)) for role in SDXL_ROLES}
+
+
+_OPEN_CLIP_NAMES = {
+    "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+}  # fmt: skip
+
+
+def _open_clip(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """A ``CLIPTextModelWithProjection`` state in OpenCLIP's text-tower layout: q, k and v
+    stacked into ``in_proj``, the projection as the matrix it multiplies from the right."""
+    out = {
+        "token_embedding.weight": tensors.pop("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": tensors.pop("text_model.embeddings.position_embedding.weight"),
+        "text_projection": np.ascontiguousarray(tensors.pop("text_projection.weight").T),
+        "ln_final.weight": tensors.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": tensors.pop("text_model.final_layer_norm.bias"),
+    }
+    layers = {int(name.split(".")[3]) for name in tensors}
+    for i in sorted(layers):
+        hf, oc = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for kind in ("weight", "bias"):
+            parts = [tensors.pop(f"{hf}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{oc}.attn.in_proj_{kind}"] = np.concatenate(parts)
+            for ours, theirs in _OPEN_CLIP_NAMES.items():
+                out[f"{oc}.{theirs}.{kind}"] = tensors.pop(f"{hf}.{ours}.{kind}")
+    if tensors:
+        raise ValueError(f"tensors left unconverted: {sorted(tensors)[:5]}")
+    return out
+
+
+def write_sdxl_checkpoint(parts: dict[str, Path], path: Path) -> Path:
+    """The all-in-one SDXL checkpoint holding the very tensors of the split files ``parts``
+    (:func:`cached_sdxl_parity_files`), named as SDXL base's own checkpoint names them: the
+    UNet under ``model.diffusion_model.``, the VAE under ``first_stage_model.``, CLIP-L under
+    ``conditioner.embedders.0.transformer.`` and CLIP-G in OpenCLIP's layout
+    (:func:`_open_clip`) under ``conditioner.embedders.1.model.``."""
+    from safetensors import safe_open
+
+    def read(role: str) -> dict[str, npt.NDArray[Any]]:
+        with safe_open(str(parts[role]), "numpy") as opened:
+            return {name: opened.get_tensor(name) for name in opened.keys()}
+
+    prefixes = {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "clip_l": "conditioner.embedders.0.transformer.",
+    }
+    tensors = {prefix + name: t for role, prefix in prefixes.items() for name, t in read(role).items()}
+    tensors.update({f"conditioner.embedders.1.model.{n}": t for n, t in _open_clip(read("clip_g")).items()})
+    return write_safetensors(path, tensors.items())
+
+
+def _diffusers_state(file: Path, specs: list[Any]) -> dict[str, Any]:
+    """The tensors of ``file`` (written in the checkpoint layout of ``specs``) under
+    diffusers' names and shapes, widened to fp32 one at a time."""
+    from safetensors import safe_open
+
+    by_name = {spec.name: spec for spec in specs if spec.diffusers is not None}
+    state: dict[str, Any] = {}
+    with safe_open(str(file), "pt") as opened:
+        for name in opened.keys():
+            spec = by_name[name]
+            tensor = opened.get_tensor(name).float()
+            state[spec.diffusers] = tensor.reshape(spec.diffusers_shape or spec.shape)
+    return state
+
+
+def _built(make: Any, state: dict[str, Any]) -> Any:
+    """The module ``make()`` builds, made on the meta device (no random initialisation of
+    billions of weights) and given ``state`` as its parameters."""
+    import torch
+
+    with torch.device("meta"):
+        module = make()
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in module.named_buffers():
+        if buffer.is_meta:  # a buffer no file stores (CLIP's position ids)
+            raise ValueError(f"{name} was left on the meta device")
+    return module.eval()
+
+
+def _clip(module: Any, state: dict[str, Any]) -> Any:
+    """``module`` (a transformers CLIP text model) given ``state``, whose names carry the
+    ``text_model.`` prefix the files keep and transformers 5 drops from its own."""
+    own = module.state_dict()
+    module.load_state_dict({k if k in own else k.removeprefix("text_model."): v for k, v in state.items()}, strict=True)
+    return module.eval()
+
+
+class SDXLReference:
+    """diffusers' ``StableDiffusionXLPipeline`` (fp32, CPU) on the four files of SDXL's split
+    layout as the suite writes them (:func:`tests.support.models.write_sdxl_part`): the UNet
+    and VAE in the checkpoint layout, renamed to diffusers' on load; CLIP-L and CLIP-G
+    (``CLIPTextModelWithProjection``) in transformers' own."""
+
+    def __init__(self, files: dict[str, Path], threads: int | None = None) -> None:
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        from tests.support.models import sdxl_part_layout
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+        def state(role: str) -> dict[str, Any]:
+            return _diffusers_state(files[role], sdxl_part_layout(role))
+
+        self.unet = _built(lambda: UNet2DConditionModel.from_config(SDXL_UNET_CONFIG), state("unet"))
+        self.vae = _built(lambda: AutoencoderKL.from_config(SDXL_VAE_CONFIG), state("vae"))
+        self.clip_l = _clip(CLIPTextModel(CLIPTextConfig(**SD1_TEXT_CONFIG)), state("clip_l"))
+        self.clip_g = _clip(CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_G_CONFIG)), state("clip_g"))
+
+    def encode(self, prompt: str, g_pad: int = SD2_PAD) -> tuple[Any, Any]:
+        """SDXL's conditioning of ``prompt``: both encoders' next-to-last hidden states side
+        by side, and CLIP-G's projected pooled output. CLIP-L's ids are padded with its end
+        token, CLIP-G's with ``g_pad`` (OpenCLIP's 0)."""
+        import torch
+
+        with torch.no_grad():
+            ids_l = torch.tensor([sd_token_ids(prompt, EOS)], dtype=torch.long)
+            ids_g = torch.tensor([sd_token_ids(prompt, g_pad)], dtype=torch.long)
+            hidden_l = self.clip_l(ids_l, output_hidden_states=True).hidden_states[-2]
+            out_g = self.clip_g(ids_g, output_hidden_states=True)
+            return torch.cat([hidden_l, out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
+
+    def conditioning(
+        self, prompt: str, negative_prompt: str, g_pad: int, zero_negative: str | None, transposed_projection: bool
+    ) -> dict[str, Any]:
+        """The pipeline's four conditioning arguments (:meth:`txt2img` says what the options do)."""
+        import torch
+
+        if zero_negative not in (None, "hidden", "both"):
+            raise ValueError(f"zero_negative must be None, 'hidden' or 'both', got {zero_negative!r}")
+        projection = self.clip_g.text_projection.weight
+        if transposed_projection:
+            projection.data = projection.data.T.contiguous()
+        try:
+            embeds, pooled = self.encode(prompt, g_pad)
+            negative, negative_pooled = self.encode(negative_prompt, g_pad)
+        finally:
+            if transposed_projection:
+                projection.data = projection.data.T.contiguous()
+        if zero_negative is not None:
+            negative = torch.zeros_like(negative)
+        if zero_negative == "both":
+            negative_pooled = torch.zeros_like(negative_pooled)
+        return {
+            "prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled,
+        }  # fmt: skip
+
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        cfg_scale: float,
+        seed: int,
+        zero_negative: str | None = None,
+        g_pad: int = SD2_PAD,
+        original_size: tuple[int, int] | None = None,
+        swap_blocks: bool = False,
+        transposed_projection: bool = False,
+    ) -> npt.NDArray[np.uint8]:
+        """One euler txt2img run (``discrete`` timesteps), from ``sigma_max * torch.randn``
+        as :meth:`SDReference.txt2img`.
+
+        ``zero_negative`` zeroes the negative prompt's conditioning: its hidden states
+        (``"hidden"``) or those and its pooled text (``"both"``, diffusers' own way with an
+        empty negative prompt). The other keyword arguments break one mapping each, for the
+        negative controls: CLIP-G's padding (``g_pad``), the size conditioning, the order of
+        the first two transformer blocks of the deepest level, and CLIP-G's pooled
+        projection (used transposed)."""
+        import torch
+        from diffusers import StableDiffusionXLPipeline
+
+        sched = euler_scheduler()
+        sched.set_timesteps(steps)
+        latents = torch_noise(seed, (1, 4, height // 8, width // 8)) * float(sched.sigmas[0]) / sched.init_noise_sigma
+        conditioning = self.conditioning(prompt, negative_prompt, g_pad, zero_negative, transposed_projection)
+        pipe = StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.clip_l, text_encoder_2=self.clip_g, tokenizer=None, tokenizer_2=None,
+            unet=self.unet, scheduler=sched, force_zeros_for_empty_prompt=False, add_watermarker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        blocks = self.unet.down_blocks[2].attentions[0].transformer_blocks
+        if swap_blocks:
+            blocks[0], blocks[1] = blocks[1], blocks[0]
+        try:
+            with torch.no_grad():
+                out = pipe(
+                    **conditioning, width=width, height=height, num_inference_steps=steps, guidance_scale=cfg_scale,
+                    latents=latents, original_size=original_size or (height, width), target_size=(height, width),
+                    output_type="np",
+                )  # fmt: skip
+        finally:
+            if swap_blocks:
+                blocks[0], blocks[1] = blocks[1], blocks[0]
+        image: npt.NDArray[np.uint8] = to_uint8(out.images)[0]
+        return image
+
+
+def sdxl_reference_images(
+    files: dict[str, Path], runs: dict[str, dict[str, Any]], out: Path, threads: int | None = None
+) -> dict[str, npt.NDArray[np.uint8]]:
+    """Run :class:`SDXLReference` ``txt2img`` once per entry of ``runs`` in a process of its
+    own (the fp32 UNet alone is 10 GB: the engine's side must not share memory with it),
+    and return the images by name (saved in ``out``, an ``.npz`` file)."""
+    import subprocess
+    import sys
+
+    spec = {"files": {role: str(path) for role, path in files.items()}, "runs": runs, "threads": threads}
+    spec_file = out.with_suffix(".json")
+    spec_file.write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "tests.support.reference", str(spec_file), str(out)], check=True)
+    with np.load(out) as images:
+        return {name: images[name] for name in runs}
+
+
+def _main(spec_file: str, out: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    reference = SDXLReference({role: Path(p) for role, p in spec["files"].items()}, threads=spec["threads"])
+    images = {}
+    for name, params in spec["runs"].items():
+        if params.get("original_size") is not None:
+            params["original_size"] = tuple(params["original_size"])
+        images[name] = reference.txt2img(**params)
+    np.savez(out, **images)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(*sys.argv[1:])
