@@ -264,7 +264,7 @@ def context_params(
     model_path = None if info.split else str(path)
     if info.split and info.family == FAMILY_SDXL:
         model_path = str(split_unet_hint(cache_dir() / "hints"))
-    if not info.split and info.family == FAMILY_SDXL and "clip_g" not in parts.companions:
+    if not info.split and info.family == FAMILY_SDXL:  # (an all-in-one file takes no text encoders)
         projection = sdxl_projection_hint(path, cache_dir() / "hints")
         if projection is not None:
             paths["clip_g_path"] = str(projection)

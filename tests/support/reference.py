@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tests.support.layouts import SD1_UNET, SD2_UNET, clip_text_layout, unet_layout, vae_layout
-from tests.support.models import cached, random_tensors, write_safetensors
+from tests.support.models import SDXL_PARTS, cached, random_tensors, sdxl_part_layout, write_safetensors
 
 # The published SD 1.x configurations (facts of the architecture).
 SD1_UNET_CONFIG: dict[str, Any] = {
@@ -300,19 +300,17 @@ SDXL_CLIP_G_CONFIG: dict[str, Any] = {
     "projection_dim": 1280,
 }
 SDXL_VAE_CONFIG: dict[str, Any] = {**SD1_VAE_CONFIG, "scaling_factor": 0.13025}
-SDXL_ROLES = ("unet", "clip_l", "clip_g", "vae")
 
 
 def cached_sdxl_parity_files(folder: Path) -> dict[str, Path]:
     """SDXL's split layout (:func:`tests.support.models.sdxl_part_layout`: full-depth UNet,
     CLIP-L, CLIP-G, VAE) in fp16, with drawn biases and norm scales, in the model cache
     ``folder``: what both sides of the SDXL parity test load (written the first time)."""
-    from tests.support.models import sdxl_part_layout
 
     def writer(role: str) -> Callable[[Path], object]:
         return lambda path: write_safetensors(path, random_tensors(sdxl_part_layout(role), dtype="f16", offsets=True))
 
-    return {role: cached(folder, f"parity-sdxl-{role}.safetensors", writer(role)) for role in SDXL_ROLES}
+    return {role: cached(folder, f"parity-sdxl-{role}.safetensors", writer(role)) for role in SDXL_PARTS}
 
 
 _OPEN_CLIP_NAMES = {
@@ -413,8 +411,6 @@ class SDXLReference:
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-        from tests.support.models import sdxl_part_layout
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -292,12 +292,12 @@ OPEN_CLIP_PROJECTIONS = ("conditioner.embedders.1.model.text_projection", "cond_
 """Where an all-in-one SDXL checkpoint keeps CLIP-G's pooled-text projection in OpenCLIP's layout."""
 
 
-def _tensor_values(path: Path, name: str) -> np.ndarray:
-    """The values of tensor ``name`` of a safetensors or GGUF file, as float32 in PyTorch's
-    axis order (a quantized GGUF tensor dequantized)."""
+def _tensor_values(path: Path, table: TensorTable, name: str) -> np.ndarray:
+    """The values of tensor ``name`` of the safetensors or GGUF file ``path`` (whose table
+    is ``table``), as float32 in PyTorch's axis order (a quantized GGUF tensor dequantized)."""
     import numpy as np
 
-    if read_tensor_table(path).format == "gguf":
+    if table.format == "gguf":
         import gguf
 
         reader = gguf.GGUFReader(str(path))
@@ -332,7 +332,7 @@ def sdxl_projection_hint(checkpoint: Path, folder: Path) -> Path | None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    weight = np.ascontiguousarray(_tensor_values(checkpoint, name).T)
+    weight = np.ascontiguousarray(_tensor_values(checkpoint, table, name).T)
     path = folder / f"sdxl-projection-{hashlib.blake2b(weight.tobytes(), digest_size=12).hexdigest()}.safetensors"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
