@@ -13,10 +13,12 @@ import gguf
 import numpy as np
 import pytest
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 import sfumato
 from sfumato import errors
 from sfumato.cli.flags import parse_args
+from sfumato.families.companions import sdxl_projection_hint
 from sfumato.families.detect import FAMILY_SDXL, detect, read_tensor_table
 from sfumato.images import decode_png
 
@@ -156,6 +158,24 @@ def test_each_layout_maps_onto_its_context_paths(
 
 
 OPEN_CLIP_PROJECTION = "conditioner.embedders.1.model.text_projection"
+
+
+def test_the_projection_hint_transposes_a_safetensors_projection_and_skips_a_pickled_one(tmp_path: Path) -> None:
+    import torch
+
+    projection = np.arange(12, dtype=np.float32).reshape(3, 4)
+    save_file({OPEN_CLIP_PROJECTION: projection.astype(np.float16)}, tmp_path / "sdxl.safetensors")
+    hint = sdxl_projection_hint(tmp_path / "sdxl.safetensors", tmp_path / "hints")
+    assert hint is not None and hint.parent == tmp_path / "hints"
+    with safe_open(str(hint), "numpy") as hint_file:
+        np.testing.assert_array_equal(hint_file.get_tensor("text_projection.weight"), projection.T)
+    # The same projection gives the same file; a checkpoint without one needs none.
+    assert sdxl_projection_hint(tmp_path / "sdxl.safetensors", tmp_path / "hints") == hint
+    save_file({"conditioner.embedders.1.transformer.text_projection.weight": projection}, tmp_path / "hf.safetensors")
+    assert sdxl_projection_hint(tmp_path / "hf.safetensors", tmp_path / "hints") is None
+    # sfumato reads no pickled tensor data: a .ckpt keeps the engine's own reading.
+    torch.save({"state_dict": {OPEN_CLIP_PROJECTION: torch.from_numpy(projection)}}, tmp_path / "sdxl.ckpt")
+    assert sdxl_projection_hint(tmp_path / "sdxl.ckpt", tmp_path / "hints") is None
 
 
 def _q4_0_values(raw: np.ndarray, cols: int) -> np.ndarray:

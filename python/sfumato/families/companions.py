@@ -322,10 +322,12 @@ def sdxl_projection_hint(checkpoint: Path, folder: Path) -> Path | None:
     SDXL parity test). Given as ``clip_g_path``, this file holds the checkpoint's projection
     transposed, under CLIP-G's Hugging Face name: the engine keeps the last tensor of each
     name, so it replaces the checkpoint's. Named by its content, written once into ``folder``.
+    A pickled checkpoint (``.ckpt``) keeps the engine's reading: sfumato reads no pickled
+    tensor data.
     """
     table = read_tensor_table(checkpoint)
     name = next((n for n in OPEN_CLIP_PROJECTIONS if n in table.shapes), None)
-    if name is None:
+    if name is None or table.format == "torch":
         return None
     import hashlib
 
