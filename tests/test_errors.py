@@ -273,7 +273,10 @@ def test_missing_paths_and_registry_constants(tmp_path: Path) -> None:
         with pytest.raises(errors.ModelNotFoundError, match=f"^{name} is not in the model cache.*download https://"):
             sfumato.load_model(constant)  # type: ignore[arg-type]
     # A file inside a hub repository's folders is fetched from that path.
-    for model in (sfumato.OVIS_IMAGE_BF16, sfumato.ERNIE_IMAGE_TURBO, sfumato.ANIMA_BASE_V1_0, sfumato.QWEN_3_06B_BASE):
+    for model in (
+        sfumato.OVIS_IMAGE_BF16, sfumato.ERNIE_IMAGE_TURBO, sfumato.QWEN_2_5_VL_7B, sfumato.ANIMA_BASE_V1_0,
+        sfumato.QWEN_3_06B_BASE,
+    ):  # fmt: skip
         with pytest.raises(errors.ModelNotFoundError, match=f"^{model.name} is not in the model cache") as caught:
             sfumato.load_model(model.name)
         assert f"https://huggingface.co/{model.hf_repo}/resolve/main/{model.hf_path}" in str(caught.value)

@@ -21,7 +21,7 @@ from sfumato.images import decode_png
 from sfumato.server.app import create_app
 from sfumato.server.settings import ServerSettings
 
-from .helpers import SIZE, gradient, llm_header, pixels, png_bytes, run, wait_history
+from .helpers import SIZE, CaptureSpec, gradient, header_file, llm_header, pixels, png_bytes, run, wait_history
 
 
 def test_qwen_image_is_detected_from_its_header(qwen_image_gguf: Path) -> None:
@@ -47,6 +47,19 @@ def test_qwen_image_names_its_text_encoder_and_its_wan_vae(
     # ... and the other way round: the Wan VAE decodes no SD latents.
     with pytest.raises(errors.InvalidParameterError, match=r"is the Wan 2\.1 VAE \(3-D\); SD 1\.x decodes with a 2-D"):
         sfumato.load_model(sd1_tiny_gguf, model_config={"vae_model_src": wan_vae})
+
+
+def test_qwen2_5_vl_in_hugging_face_s_names_passes_the_companion_check(
+    qwen_image_gguf: Path, wan_vae: Path, load_spec: CaptureSpec, tmp_path: Path
+) -> None:
+    """``QWEN_2_5_VL_7B`` (Comfy-Org's file) names its tensors as transformers does: the
+    language model's 28 layers, 3584 wide, under ``model.``, beside its vision tower."""
+    whole = header_file(tmp_path / "qwen_2.5_vl_7b.safetensors", {
+        "model.embed_tokens.weight": (8, 3584), "model.layers.27.mlp.gate_proj.weight": (8, 8),
+        "visual.blocks.31.attn.qkv.weight": (8, 8),
+    })  # fmt: skip
+    spec = load_spec(qwen_image_gguf, {"llm_model_src": whole, "vae_model_src": wan_vae})
+    assert spec.context is not None and spec.context.llm_path == str(whole.resolve())
 
 
 @pytest.mark.slow

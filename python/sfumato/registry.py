@@ -192,6 +192,11 @@ QWEN_IMAGE_VAE = RegistryModel(
     "QWEN_IMAGE_VAE", "qwen_image_vae.safetensors", "vae", hf_repo="Comfy-Org/Qwen-Image_ComfyUI",
     hf_path="split_files/vae/qwen_image_vae.safetensors",
 )  # fmt: skip
+# Qwen2.5-VL 7B whole (16-bit, 16.6 GB; its vision tower lets the Edit read its reference images).
+QWEN_2_5_VL_7B = RegistryModel(
+    "QWEN_2_5_VL_7B", "qwen_2.5_vl_7b.safetensors", "llm", hf_repo="Comfy-Org/Qwen-Image_ComfyUI",
+    hf_path="split_files/text_encoders/qwen_2.5_vl_7b.safetensors",
+)  # fmt: skip
 
 # Anima, with QWEN_IMAGE_VAE (the Wan 2.1 VAE) and Qwen3-0.6B base whole (28 layers); checksums from the hub.
 ANIMA_BASE_V1_0 = RegistryModel(
@@ -214,7 +219,7 @@ REGISTRY: dict[str, RegistryModel] = {
         FLUX_1_DEV_Q4_0, FLUX_1_KONTEXT_DEV_Q4_0, FLUX_1_FILL_DEV_Q4_0, FLUX_1_DEPTH_DEV, FLUX_1_CANNY_DEV,
         CHROMA1_HD, FLUX_1_AE, T5_XXL_FP16, CLIP_L, Z_IMAGE_TURBO_BF16, QWEN3_4B, OVIS_IMAGE_BF16, OVIS_2_5,
         ERNIE_IMAGE, ERNIE_IMAGE_TURBO, MINISTRAL_3_3B, ERNIE_IMAGE_VAE, QWEN_IMAGE_Q3_K_M, QWEN_IMAGE_VAE,
-        ANIMA_BASE_V1_0, QWEN_3_06B_BASE,
+        QWEN_2_5_VL_7B, ANIMA_BASE_V1_0, QWEN_3_06B_BASE,
     )
 }  # fmt: skip
 
