@@ -31,11 +31,11 @@ import pytest
 import sfumato
 from sfumato.engine.kernels import carries_bf16
 from sfumato.images import decode_png
-from tests.helpers import assert_close, assert_far, difference, sdk_script
+from tests.helpers import assert_close, assert_far, difference
 from tests.support.reference import SDReference, cached_reference_folder, sd_token_ids
 from tests.test_bf16 import _has_bf16, _variants
 from tests.test_cpu_variants import _runnable
-from tests.test_devices import F32_SHADERS
+from tests.test_devices import F32_SHADERS, _with_lavapipe
 
 THREADS = 2
 PROMPT = "a photo of a cat"
@@ -113,8 +113,7 @@ print(json.dumps({"device": device}))
 
 
 def test_vulkan_on_lavapipe_matches_diffusers(weights: Path, references: dict[str, Any], tmp_path: Path) -> None:
-    env = {"GGML_VK_VISIBLE_DEVICES": "0", **F32_SHADERS}
-    found, _ = sdk_script(_ON_VULKAN, tmp_path, env, model=str(weights), settings=SETTINGS)
+    found, _ = _with_lavapipe(_ON_VULKAN, tmp_path, F32_SHADERS, model=str(weights), settings=SETTINGS)
     assert found["device"] == "Vulkan0"
     image = decode_png((tmp_path / "vulkan.png").read_bytes())
     assert_close(image, references[PROMPT])
