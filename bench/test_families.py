@@ -36,7 +36,7 @@ def _families() -> dict[str, dict[str, Any]]:
                                                                           else None))
             for part, name in (("unet", "sdxl-unet-q4_0.gguf"), ("clip_l", "sdxl-clip_l.safetensors"),
                                ("clip_g", "sdxl-clip_g.safetensors"), ("vae", "sdxl-vae.safetensors"))}  # fmt: skip
-    t5 = _file("t5xxl-q4_0.gguf", models.write_t5xxl)
+    t5 = _file(models.T5XXL_FILE, models.write_t5xxl)
     flux_vae = _file("flux1-ae.safetensors", lambda p: models.write_flux1_part(p, "vae"))
     ovis_llm = _file("ovis-qwen3-q4_0.gguf", models.write_ovis_llm)
     flux2 = {part: _file(name, lambda p, part=part: models.write_flux2_part(p, part))

@@ -203,7 +203,7 @@ def flux2_headers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {"diffusion": _flux2_part(model_dir, "diffusion"), "llm": qwen, "vae": _flux2_part(model_dir, "vae")}
 
 
-t5xxl_gguf = _model_file("t5xxl-q4_0.gguf", models.write_t5xxl)
+t5xxl_gguf = _model_file(models.T5XXL_FILE, models.write_t5xxl)
 """T5-XXL's encoder, all 24 layers (the engine builds no fewer), q4_0: SD3's and FLUX.1's text encoder."""
 
 

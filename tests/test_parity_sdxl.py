@@ -10,7 +10,7 @@ norm scales so that a bias or norm in the wrong place shows
 UNet file with ``clip_l_model_src``, ``clip_g_model_src`` and ``vae_model_src``, and as the
 all-in-one checkpoint holding the very same tensors under SDXL base's own names, CLIP-G in
 OpenCLIP's layout (:func:`tests.support.reference.write_sdxl_checkpoint`). diffusers gets
-them widened to fp32 (exactly), in a process of its own (:func:`sdxl_reference_images`):
+them widened to fp32 (exactly), in a process of its own (:func:`reference_images`):
 the fp32 UNet alone takes 10 GB.
 
 Both sides: the same prompts (CLIP BPE ids from ``instant-clip-tokenizer``, CLIP-L padded
@@ -41,7 +41,7 @@ import pytest
 import sfumato
 from sfumato.images import decode_png
 from tests.helpers import assert_close, assert_far
-from tests.support.reference import EOS, cached_sdxl_parity_files, sdxl_reference_images, write_sdxl_checkpoint
+from tests.support.reference import EOS, cached_sdxl_parity_files, reference_images, write_sdxl_checkpoint
 
 THREADS = 2
 RUN: dict[str, Any] = {
@@ -81,7 +81,7 @@ def reference(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     runs.update({f"empty-negative-{k}": {**RUN, **v} for k, v in EMPTY_NEGATIVE.items()})
     runs.update({name: {**RUN, **v} for name, v in BROKEN.items()})
     out = tmp_path_factory.mktemp("sdxl-reference") / "images.npz"
-    return sdxl_reference_images(parts, runs, out, threads=THREADS)
+    return reference_images("sdxl", parts, runs, out, threads=THREADS)
 
 
 def _loaded(path: Path, **config: Any) -> Iterator[str]:

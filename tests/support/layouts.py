@@ -22,6 +22,8 @@ class TensorSpec:
     diffusers: str | None
     shape: tuple[int, ...]
     diffusers_shape: tuple[int, ...] | None = None
+    gain: float = 1.0
+    """A factor on the standard deviation its random values are drawn with."""
 
     @property
     def is_norm_weight(self) -> bool:
@@ -99,11 +101,13 @@ class _Layout:
     def __init__(self) -> None:
         self.specs: list[TensorSpec] = []
 
-    def add(self, name: str, diffusers: str | None, *shape: int) -> None:
-        self.specs.append(TensorSpec(name, diffusers, tuple(shape)))
+    def add(self, name: str, diffusers: str | None, *shape: int, gain: float = 1.0) -> None:
+        self.specs.append(TensorSpec(name, diffusers, tuple(shape), gain=gain))
 
-    def linear(self, name: str, diffusers: str | None, out: int, inp: int, bias: bool = True) -> None:
-        self.add(f"{name}.weight", diffusers and f"{diffusers}.weight", out, inp)
+    def linear(
+        self, name: str, diffusers: str | None, out: int, inp: int, bias: bool = True, gain: float = 1.0
+    ) -> None:
+        self.add(f"{name}.weight", diffusers and f"{diffusers}.weight", out, inp, gain=gain)
         if bias:
             self.add(f"{name}.bias", diffusers and f"{diffusers}.bias", out)
 
@@ -566,13 +570,19 @@ def mmdit_layout(depth: int = SD3_MEDIUM_DEPTH, prefix: str = "model.diffusion_m
 def t5xxl_layout(layers: int = 24, width: int = 4096, ff: int = 10240, heads: int = 64) -> list[TensorSpec]:
     """The T5 v1.1 XXL encoder as ``t5xxl_fp16.safetensors`` stores it
     (``T5EncoderModel``; the relative position bias lives in block 0 only).
-    The engine builds it at 24 layers whatever the file holds."""
+    The engine builds it at 24 layers whatever the file holds.
+
+    T5 scales no attention logits by the heads' width: its query projection carries that
+    factor, and is drawn that much smaller, as T5's own initialisation draws it. (Drawn
+    like the other matrices, the logits spread 8 times wider, each softmax is nearly an
+    argmax, and 24 blocks of them turn rounding noise into a different encoding.)"""
     lay = _Layout()
     lay.add("shared.weight", None, 32128, width)
     for i in range(layers):
         b = f"encoder.block.{i}.layer"
         for proj in ("q", "k", "v", "o"):
-            lay.linear(f"{b}.0.SelfAttention.{proj}", None, width, width, bias=False)
+            gain = (heads / width) ** 0.5 if proj == "q" else 1.0
+            lay.linear(f"{b}.0.SelfAttention.{proj}", None, width, width, bias=False, gain=gain)
         if i == 0:
             lay.add(f"{b}.0.SelfAttention.relative_attention_bias.weight", None, 32, heads)
         lay.add(f"{b}.0.layer_norm.weight", None, width)

@@ -140,7 +140,7 @@ def _values(spec: TensorSpec, seed: int, shape: tuple[int, ...], offsets: bool =
     else:
         fan_in = math.prod(shape[1:])
         scale = 1.0 / math.sqrt(fan_in)
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale * spec.gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,7 @@ def _random_q4_0(spec: TensorSpec, seed: int) -> Q4_0Blocks:
     rng = np.random.default_rng(
         int.from_bytes(hashlib.blake2b(f"{seed}:{spec.name}:q4_0".encode(), digest_size=8).digest(), "little")
     )
-    std = 0.02 if "embedding" in spec.name else 1.0 / math.sqrt(cols)
+    std = (0.02 if "embedding" in spec.name else 1.0 / math.sqrt(cols)) * spec.gain
     signs = rng.integers(0, 2, blocks, dtype=np.int8) * 2 - 1
     raw = np.empty((blocks, 18), np.uint8)
     raw[:, :2] = (signs * np.float32(std / Q4_0_STD)).astype(np.float16).view(np.uint8).reshape(blocks, 2)
@@ -196,7 +196,7 @@ def random_tensors(
 
 
 def random_q4_0_tensors(
-    specs: Iterable[TensorSpec], seed: int = 0, dtype: str = "f16"
+    specs: Iterable[TensorSpec], seed: int = 0, dtype: str = "f16", offsets: bool = False
 ) -> Iterator[tuple[str, npt.NDArray[np.generic] | Q4_0Blocks]]:
     """As :func:`random_tensors`, with every :func:`quantizable` matrix as
     :class:`Q4_0Blocks`, as a Q4_0 release stores it."""
@@ -204,7 +204,7 @@ def random_q4_0_tensors(
         if quantizable(spec.shape):
             yield spec.name, _random_q4_0(spec, seed)
         else:
-            yield from random_tensors([spec], seed, dtype)
+            yield from random_tensors([spec], seed, dtype, offsets=offsets)
 
 
 def write_gguf(
@@ -261,6 +261,11 @@ def _write_by_suffix(
             raise ValueError(f"quant={quant!r} needs a .gguf file; safetensors stores f16 or f32")
         return write_safetensors(path, random_tensors(specs, seed, dtype))
     raise ValueError(f"unsupported suffix {path.suffix!r}: use .gguf or .safetensors")
+
+
+T5XXL_FILE = "t5xxl-q4_0-t5-init.gguf"
+"""The cache's name of :func:`write_t5xxl`'s file (new when its query projection took T5's
+own initialisation scale: the earlier file is :data:`RETIRED`)."""
 
 
 def write_t5xxl(path: Path, seed: int = 0) -> Path:
@@ -462,10 +467,17 @@ LAYOUT_VERSION = "v2"
 """Part of every cached file's name: a change of generator bumps it, and the files are written again."""
 
 
+RETIRED = ("v2-t5xxl-q4_0.gguf",)
+"""Cached files no generator writes any more: :func:`models_dir` removes them (2.5 GB)."""
+
+
 def models_dir(default: Path) -> Path:
-    """Where the test and benchmark models are kept: ``SFUMATO_TEST_MODELS``, else ``default``."""
+    """Where the test and benchmark models are kept: ``SFUMATO_TEST_MODELS``, else ``default``
+    (without the :data:`RETIRED` files)."""
     path = Path(os.environ.get("SFUMATO_TEST_MODELS", default))
     path.mkdir(parents=True, exist_ok=True)
+    for name in RETIRED:
+        (path / name).unlink(missing_ok=True)
     return path
 
 

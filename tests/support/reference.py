@@ -15,7 +15,7 @@ them is a dependency of sfumato itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -302,15 +302,16 @@ SDXL_CLIP_G_CONFIG: dict[str, Any] = {
 SDXL_VAE_CONFIG: dict[str, Any] = {**SD1_VAE_CONFIG, "scaling_factor": 0.13025}
 
 
-def cached_sdxl_parity_files(folder: Path) -> dict[str, Path]:
+def cached_sdxl_parity_files(folder: Path, roles: tuple[str, ...] = SDXL_PARTS) -> dict[str, Path]:
     """SDXL's split layout (:func:`tests.support.models.sdxl_part_layout`: full-depth UNet,
-    CLIP-L, CLIP-G, VAE) in fp16, with drawn biases and norm scales, in the model cache
-    ``folder``: what both sides of the SDXL parity test load (written the first time)."""
+    CLIP-L, CLIP-G, VAE; or those of ``roles``) in fp16, with drawn biases and norm scales,
+    in the model cache ``folder``: what both sides of the SDXL parity test load (written the
+    first time). FLUX.1's takes its CLIP-L."""
 
     def writer(role: str) -> Callable[[Path], object]:
         return lambda path: write_safetensors(path, random_tensors(sdxl_part_layout(role), dtype="f16", offsets=True))
 
-    return {role: cached(folder, f"parity-sdxl-{role}.safetensors", writer(role)) for role in SDXL_PARTS}
+    return {role: cached(folder, f"parity-sdxl-{role}.safetensors", writer(role)) for role in roles}
 
 
 _OPEN_CLIP_NAMES = {
@@ -364,22 +365,27 @@ def write_sdxl_checkpoint(parts: dict[str, Path], path: Path) -> Path:
     return write_safetensors(path, tensors.items())
 
 
-def _diffusers_state(file: Path, specs: list[Any]) -> dict[str, Any]:
+def diffusers_state(file: Path, specs: list[Any]) -> dict[str, Any]:
     """The tensors of ``file`` (written in the checkpoint layout of ``specs``) under
     diffusers' names and shapes, widened to fp32 one at a time."""
     from safetensors import safe_open
 
+    with safe_open(str(file), "pt") as opened:
+        return diffusers_named(((name, opened.get_tensor(name)) for name in opened.keys()), specs)
+
+
+def diffusers_named(tensors: Iterable[tuple[str, Any]], specs: list[Any]) -> dict[str, Any]:
+    """``(name, tensor)`` pairs of the checkpoint layout of ``specs`` under diffusers' names
+    and shapes, in fp32."""
     by_name = {spec.name: spec for spec in specs if spec.diffusers is not None}
     state: dict[str, Any] = {}
-    with safe_open(str(file), "pt") as opened:
-        for name in opened.keys():
-            spec = by_name[name]
-            tensor = opened.get_tensor(name).float()
-            state[spec.diffusers] = tensor.reshape(spec.diffusers_shape or spec.shape)
+    for name, tensor in tensors:
+        spec = by_name[name]
+        state[spec.diffusers] = tensor.float().reshape(spec.diffusers_shape or spec.shape)
     return state
 
 
-def _built(make: Any, state: dict[str, Any]) -> Any:
+def built_module(make: Any, state: dict[str, Any]) -> Any:
     """The module ``make()`` builds, made on the meta device (no random initialisation of
     billions of weights) and given ``state`` as its parameters."""
     import torch
@@ -393,7 +399,7 @@ def _built(make: Any, state: dict[str, Any]) -> Any:
     return module.eval()
 
 
-def _clip(module: Any, state: dict[str, Any]) -> Any:
+def clip_with_state(module: Any, state: dict[str, Any]) -> Any:
     """``module`` (a transformers CLIP text model) given ``state``, whose names carry the
     ``text_model.`` prefix the files keep and transformers 5 drops from its own."""
     own = module.state_dict()
@@ -416,12 +422,14 @@ class SDXLReference:
             torch.set_num_threads(threads)
 
         def state(role: str) -> dict[str, Any]:
-            return _diffusers_state(files[role], sdxl_part_layout(role))
+            return diffusers_state(files[role], sdxl_part_layout(role))
 
-        self.unet = _built(lambda: UNet2DConditionModel.from_config(SDXL_UNET_CONFIG), state("unet"))
-        self.vae = _built(lambda: AutoencoderKL.from_config(SDXL_VAE_CONFIG), state("vae"))
-        self.clip_l = _clip(CLIPTextModel(CLIPTextConfig(**SD1_TEXT_CONFIG)), state("clip_l"))
-        self.clip_g = _clip(CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_G_CONFIG)), state("clip_g"))
+        self.unet = built_module(lambda: UNet2DConditionModel.from_config(SDXL_UNET_CONFIG), state("unet"))
+        self.vae = built_module(lambda: AutoencoderKL.from_config(SDXL_VAE_CONFIG), state("vae"))
+        self.clip_l = clip_with_state(CLIPTextModel(CLIPTextConfig(**SD1_TEXT_CONFIG)), state("clip_l"))
+        self.clip_g = clip_with_state(
+            CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_G_CONFIG)), state("clip_g")
+        )
 
     def encode(self, prompt: str, g_pad: int = SD2_PAD) -> tuple[Any, Any]:
         """SDXL's conditioning of ``prompt``: both encoders' next-to-last hidden states side
@@ -516,16 +524,20 @@ class SDXLReference:
         return image
 
 
-def sdxl_reference_images(
-    files: dict[str, Path], runs: dict[str, dict[str, Any]], out: Path, threads: int | None = None
+def reference_images(
+    family: str, files: dict[str, Path], runs: dict[str, dict[str, Any]], out: Path, threads: int | None = None
 ) -> dict[str, npt.NDArray[np.uint8]]:
-    """Run :class:`SDXLReference` ``txt2img`` once per entry of ``runs`` in a process of its
-    own (the fp32 UNet alone is 10 GB: the engine's side must not share memory with it),
-    and return the images by name (saved in ``out``, an ``.npz`` file)."""
+    """Run the reference of ``family`` (``"sdxl"``: :class:`SDXLReference`; ``"sd3"`` and
+    ``"flux1"``: :mod:`tests.support.reference_t5`'s) on ``files``, its ``txt2img`` once
+    per entry of ``runs``, in a process of its own (SDXL's fp32 UNet alone is 10 GB: the
+    engine's side must not share memory with it), and return the images by name (saved in
+    ``out``, an ``.npz`` file)."""
     import subprocess
     import sys
 
-    spec = {"files": {role: str(path) for role, path in files.items()}, "runs": runs, "threads": threads}
+    if family not in ("sdxl", "sd3", "flux1"):
+        raise ValueError(f"family must be 'sdxl', 'sd3' or 'flux1', got {family!r}")
+    spec = {"family": family, "files": {role: str(p) for role, p in files.items()}, "runs": runs, "threads": threads}
     spec_file = out.with_suffix(".json")
     spec_file.write_text(json.dumps(spec))
     subprocess.run([sys.executable, "-m", "tests.support.reference", str(spec_file), str(out)], check=True)
@@ -535,13 +547,22 @@ def sdxl_reference_images(
 
 def _main(spec_file: str, out: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
-    reference = SDXLReference({role: Path(p) for role, p in spec["files"].items()}, threads=spec["threads"])
+    files = {role: Path(p) for role, p in spec["files"].items()}
+    reference: Any
+    if spec["family"] == "sdxl":
+        reference = SDXLReference(files, threads=spec["threads"])
+    else:
+        from tests.support.reference_t5 import Flux1Reference, SD3Reference
+
+        kind = {"sd3": SD3Reference, "flux1": Flux1Reference}[spec["family"]]
+        reference = kind(files, threads=spec["threads"])
     images = {}
     for name, params in spec["runs"].items():
-        if params.get("original_size") is not None:
-            params["original_size"] = tuple(params["original_size"])
+        for key in ("original_size", "t5_swapped"):  # (pairs, which JSON keeps as lists)
+            if params.get(key) is not None:
+                params[key] = tuple(params[key])
         images[name] = reference.txt2img(**params)
-    np.savez(out, **images)  # type: ignore[arg-type]
+    np.savez(out, **images)
 
 
 if __name__ == "__main__":
