@@ -198,7 +198,7 @@ def random_tensors(
 def random_q4_0_tensors(
     specs: Iterable[TensorSpec], seed: int = 0, dtype: str = "f16", offsets: bool = False
 ) -> Iterator[tuple[str, npt.NDArray[np.generic] | Q4_0Blocks]]:
-    """As :func:`random_tensors`, with every :func:`quantizable` matrix as
+    """As :func:`random_tensors` (``offsets`` too), with every :func:`quantizable` matrix as
     :class:`Q4_0Blocks`, as a Q4_0 release stores it."""
     for spec in specs:
         if quantizable(spec.shape):

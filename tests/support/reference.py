@@ -399,10 +399,17 @@ def built_module(make: Any, state: dict[str, Any]) -> Any:
     return module.eval()
 
 
-def clip_with_state(module: Any, state: dict[str, Any]) -> Any:
-    """``module`` (a transformers CLIP text model) given ``state``, whose names carry the
-    ``text_model.`` prefix the files keep and transformers 5 drops from its own."""
+def clip_text_model(file: Path, role: str) -> Any:
+    """transformers' fp32 text model on one file of SDXL's split layout: CLIP-L (``role``
+    ``"clip_l"``, ``CLIPTextModel``) or CLIP-G (``"clip_g"``, ``CLIPTextModelWithProjection``).
+    The file's names carry the ``text_model.`` prefix that transformers 5 drops from its own."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    kinds = {"clip_l": (CLIPTextModel, SD1_TEXT_CONFIG), "clip_g": (CLIPTextModelWithProjection, SDXL_CLIP_G_CONFIG)}
+    kind, config = kinds[role]
+    module = kind(CLIPTextConfig(**config))
     own = module.state_dict()
+    state = diffusers_state(file, sdxl_part_layout(role))
     module.load_state_dict({k if k in own else k.removeprefix("text_model."): v for k, v in state.items()}, strict=True)
     return module.eval()
 
@@ -416,7 +423,6 @@ class SDXLReference:
     def __init__(self, files: dict[str, Path], threads: int | None = None) -> None:
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -426,10 +432,8 @@ class SDXLReference:
 
         self.unet = built_module(lambda: UNet2DConditionModel.from_config(SDXL_UNET_CONFIG), state("unet"))
         self.vae = built_module(lambda: AutoencoderKL.from_config(SDXL_VAE_CONFIG), state("vae"))
-        self.clip_l = clip_with_state(CLIPTextModel(CLIPTextConfig(**SD1_TEXT_CONFIG)), state("clip_l"))
-        self.clip_g = clip_with_state(
-            CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_G_CONFIG)), state("clip_g")
-        )
+        self.clip_l = clip_text_model(files["clip_l"], "clip_l")
+        self.clip_g = clip_text_model(files["clip_g"], "clip_g")
 
     def encode(self, prompt: str, g_pad: int = SD2_PAD) -> tuple[Any, Any]:
         """SDXL's conditioning of ``prompt``: both encoders' next-to-last hidden states side

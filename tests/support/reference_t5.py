@@ -1,5 +1,6 @@
 """The reference implementation for the families on T5-XXL (diffusers and transformers,
-PyTorch, CPU, fp32): SD3 Medium and FLUX.1 [dev], on the very weights the engine loads.
+PyTorch, CPU, fp32): SD3 Medium and FLUX.1 [dev] and [schnell], on the very weights the
+engine loads.
 
 T5-XXL in fp32 is 19 GB, more than the reference may hold beside everything else in 24
 GiB. :class:`StreamedT5` therefore runs transformers' own ``T5EncoderModel`` with each of
@@ -31,18 +32,15 @@ from tests.support.models import (
     cached,
     random_q4_0_tensors,
     random_tensors,
-    sdxl_part_layout,
     write_gguf,
     write_safetensors,
 )
 from tests.support.reference import (
     EOS,
-    SD1_TEXT_CONFIG,
     SD1_VAE_CONFIG,
     SD2_PAD,
-    SDXL_CLIP_G_CONFIG,
     built_module,
-    clip_with_state,
+    clip_text_model,
     diffusers_named,
     diffusers_state,
     sd_token_ids,
@@ -64,7 +62,8 @@ FLUX1_T5_LENGTH = 256  # FLUX.1's T5 sequence, padded with T5_PAD, no attention 
 SD3_T5_LENGTH = 77  # SD3's, as long as CLIP's
 
 # FLUX.1's 16-channel VAE (the SD VAE without its quant convolutions) with its latent scale
-# and shift; [dev]'s transformer at its widths with one block of each kind.
+# and shift; [dev]'s and [schnell]'s transformers at their widths with one block of each kind.
+FLUX1_VAE_SPECS = vae_layout(prefix="", z_channels=16, quant_convs=False)
 FLUX1_VAE_CONFIG: dict[str, Any] = {
     **SD1_VAE_CONFIG, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
     "scaling_factor": 0.3611, "shift_factor": 0.1159,
@@ -116,7 +115,7 @@ def cached_flux1_parity_files(folder: Path) -> dict[str, Path]:
     they both have) and its VAE (``vae``: ``ae.safetensors``), fp16 with drawn biases and norm
     scales, in the model cache ``folder`` (written the first time)."""
     specs = {variant: flux_layout(config) for variant, config in FLUX1_PARITY.items()}
-    specs["vae"] = vae_layout(prefix="", z_channels=16, quant_convs=False)
+    specs["vae"] = FLUX1_VAE_SPECS
 
     def writer(role: str) -> Callable[[Path], object]:
         return lambda path: write_safetensors(path, random_tensors(specs[role], dtype="f16", offsets=True))
@@ -202,8 +201,6 @@ class StreamedT5:
     def _enter(self, i: int, block: Any, args: Any) -> None:
         prefix = f"encoder.block.{self.sources[i]}."
         own = {name.removeprefix(prefix): self.value(name) for name in self.tensors if name.startswith(prefix)}
-        if i != self.sources[i]:  # (the relative position bias stays with block 0, which computes it)
-            own = {name: t for name, t in own.items() if "relative_attention_bias" not in name}
         block.load_state_dict(own, strict=True, assign=True)
 
     @staticmethod
@@ -212,12 +209,14 @@ class StreamedT5:
 
     def encode(self, ids: list[int], swapped: tuple[int, int] | None = None) -> Any:
         """The last hidden state of ``ids`` (``1 x len(ids) x 4096``); ``swapped`` runs two
-        blocks with each other's weights."""
+        blocks after the first (which alone holds the relative position bias) with each
+        other's weights."""
         import torch
 
-        self.sources = list(range(len(self.model.encoder.block)))
         if swapped is not None:
             a, b = swapped
+            if 0 in swapped:
+                raise ValueError(f"swapped names blocks after the first, got {swapped}")
             self.sources[a], self.sources[b] = b, a
         try:
             with torch.no_grad():
@@ -256,7 +255,6 @@ class Flux1Reference:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
         from safetensors.torch import load_file
-        from transformers import CLIPTextConfig, CLIPTextModel
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -267,11 +265,9 @@ class Flux1Reference:
             config = {**FLUX1_TRANSFORMER_CONFIG, "guidance_embeds": variant == "dev"}
             make = functools.partial(FluxTransformer2DModel.from_config, config)
             self.transformers[variant] = built_module(make, state)
-        vae_specs = vae_layout(prefix="", z_channels=16, quant_convs=False)
-        vae = diffusers_state(files["vae"], vae_specs)
+        vae = diffusers_state(files["vae"], FLUX1_VAE_SPECS)
         self.vae = built_module(lambda: AutoencoderKL.from_config(FLUX1_VAE_CONFIG), vae)
-        clip_l = diffusers_state(files["clip_l"], sdxl_part_layout("clip_l"))
-        self.clip_l = clip_with_state(CLIPTextModel(CLIPTextConfig(**SD1_TEXT_CONFIG)), clip_l)
+        self.clip_l = clip_text_model(files["clip_l"], "clip_l")
         self.t5 = StreamedT5(files["t5xxl"])
         self._encoded: dict[tuple[str, tuple[int, int] | None], Any] = {}
 
@@ -347,7 +343,6 @@ class SD3Reference:
         import torch
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -357,10 +352,8 @@ class SD3Reference:
         self.transformer = built_module(lambda: SD3Transformer2DModel.from_config(SD3_TRANSFORMER_CONFIG), state)
         vae = diffusers_named(gguf_state(files["diffusion"], "first_stage_model.").items(), SD3_VAE_SPECS)
         self.vae = built_module(lambda: AutoencoderKL.from_config(SD3_VAE_CONFIG), vae)
-        clip_l = diffusers_state(files["clip_l"], sdxl_part_layout("clip_l"))
-        self.clip_l = clip_with_state(CLIPTextModel(CLIPTextConfig(**SD1_TEXT_CONFIG)), clip_l)
-        clip_g = diffusers_state(files["clip_g"], sdxl_part_layout("clip_g"))
-        self.clip_g = clip_with_state(CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_G_CONFIG)), clip_g)
+        self.clip_l = clip_text_model(files["clip_l"], "clip_l")
+        self.clip_g = clip_text_model(files["clip_g"], "clip_g")
         self.t5 = StreamedT5(files["t5xxl"])
         self._encoded: dict[str, Any] = {}
 
