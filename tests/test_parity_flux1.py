@@ -43,7 +43,7 @@ import pytest
 
 import sfumato
 from sfumato.images import decode_png
-from tests.helpers import difference
+from tests.helpers import assert_close, assert_far
 from tests.support.reference import cached_sdxl_parity_files, reference_images
 from tests.support.reference_t5 import cached_flux1_parity_files
 
@@ -118,9 +118,7 @@ def ours(files: dict[str, Path], reference: dict[str, Any]) -> dict[str, npt.NDA
 
 @pytest.mark.parametrize("variant", list(RUNS))
 def test_flux1_matches_diffusers(ours: dict[str, Any], reference: dict[str, Any], variant: str) -> None:
-    max_abs, psnr = difference(ours[variant], reference[variant])
-    print(f"parity: max abs {max_abs}, PSNR {psnr:.2f} dB")
-    assert max_abs <= MAX_ABS and psnr >= MIN_PSNR, (max_abs, psnr)
+    assert_close(ours[variant], reference[variant], MAX_ABS, MIN_PSNR)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +127,4 @@ def test_flux1_matches_diffusers(ours: dict[str, Any], reference: dict[str, Any]
 def test_a_broken_flux1_mapping_fails_parity(
     ours: dict[str, Any], reference: dict[str, Any], variant: str, mapping: str
 ) -> None:
-    max_abs, psnr = difference(ours[variant], reference[f"{variant}-{mapping}"])
-    print(f"apart: max abs {max_abs}, PSNR {psnr:.2f} dB")
-    assert max_abs > MAX_ABS and psnr < MIN_PSNR, (max_abs, psnr)
+    assert_far(ours[variant], reference[f"{variant}-{mapping}"], MAX_ABS, MIN_PSNR)

@@ -36,7 +36,7 @@ import pytest
 
 import sfumato
 from sfumato.images import decode_png
-from tests.helpers import difference
+from tests.helpers import assert_close, assert_far
 from tests.support.reference import cached_sdxl_parity_files, reference_images
 from tests.support.reference_t5 import cached_sd3_parity_file
 from tests.test_parity_flux1 import OTHER, PROMPT
@@ -90,15 +90,11 @@ def ours(files: dict[str, Path], reference: dict[str, Any]) -> npt.NDArray[np.ui
 
 
 def test_sd3_matches_diffusers(ours: npt.NDArray[np.uint8], reference: dict[str, Any]) -> None:
-    max_abs, psnr = difference(ours, reference["matched"])
-    print(f"parity: max abs {max_abs}, PSNR {psnr:.2f} dB")
-    assert max_abs <= MAX_ABS and psnr >= MIN_PSNR, (max_abs, psnr)
+    assert_close(ours, reference["matched"], MAX_ABS, MIN_PSNR)
 
 
 @pytest.mark.parametrize("mapping", list(BROKEN))
 def test_a_broken_sd3_mapping_fails_parity(
     ours: npt.NDArray[np.uint8], reference: dict[str, Any], mapping: str
 ) -> None:
-    max_abs, psnr = difference(ours, reference[mapping])
-    print(f"apart: max abs {max_abs}, PSNR {psnr:.2f} dB")
-    assert max_abs > MAX_ABS and psnr < MIN_PSNR, (max_abs, psnr)
+    assert_far(ours, reference[mapping], MAX_ABS, MIN_PSNR)
