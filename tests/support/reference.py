@@ -414,6 +414,22 @@ def clip_text_model(file: Path, role: str) -> Any:
     return module.eval()
 
 
+def clip_pair_encoding(clip_l: Any, clip_g: Any, prompt: str, g_pad: int = SD2_PAD) -> tuple[Any, Any, Any]:
+    """What SDXL and SD3 take from CLIP-L and CLIP-G for ``prompt``: both encoders'
+    next-to-last hidden states side by side, CLIP-L's pooled output (its final norm at the
+    end token, projected where the model has a projection) and CLIP-G's projected one.
+    CLIP-L's ids are padded with its end token, CLIP-G's with ``g_pad`` (OpenCLIP's 0)."""
+    import torch
+
+    with torch.no_grad():
+        out_l = clip_l(torch.tensor([sd_token_ids(prompt, EOS)], dtype=torch.long), output_hidden_states=True)
+        out_g = clip_g(torch.tensor([sd_token_ids(prompt, g_pad)], dtype=torch.long), output_hidden_states=True)
+    pooled_l = getattr(out_l, "text_embeds", None)
+    pooled_l = out_l.pooler_output if pooled_l is None else pooled_l
+    hidden = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+    return hidden, pooled_l, out_g.text_embeds
+
+
 class SDXLReference:
     """diffusers' ``StableDiffusionXLPipeline`` (fp32, CPU) on the four files of SDXL's split
     layout as the suite writes them (:func:`tests.support.models.write_sdxl_part`): the UNet
@@ -436,17 +452,10 @@ class SDXLReference:
         self.clip_g = clip_text_model(files["clip_g"], "clip_g")
 
     def encode(self, prompt: str, g_pad: int = SD2_PAD) -> tuple[Any, Any]:
-        """SDXL's conditioning of ``prompt``: both encoders' next-to-last hidden states side
-        by side, and CLIP-G's projected pooled output. CLIP-L's ids are padded with its end
-        token, CLIP-G's with ``g_pad`` (OpenCLIP's 0)."""
-        import torch
-
-        with torch.no_grad():
-            ids_l = torch.tensor([sd_token_ids(prompt, EOS)], dtype=torch.long)
-            ids_g = torch.tensor([sd_token_ids(prompt, g_pad)], dtype=torch.long)
-            hidden_l = self.clip_l(ids_l, output_hidden_states=True).hidden_states[-2]
-            out_g = self.clip_g(ids_g, output_hidden_states=True)
-            return torch.cat([hidden_l, out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
+        """SDXL's conditioning of ``prompt`` (:func:`clip_pair_encoding`'s hidden states and
+        CLIP-G's projected pooled output)."""
+        hidden, _, pooled_g = clip_pair_encoding(self.clip_l, self.clip_g, prompt, g_pad)
+        return hidden, pooled_g
 
     def conditioning(
         self, prompt: str, negative_prompt: str, g_pad: int, zero_negative: str | None, transposed_projection: bool

@@ -38,8 +38,8 @@ from tests.support.models import (
 from tests.support.reference import (
     EOS,
     SD1_VAE_CONFIG,
-    SD2_PAD,
     built_module,
+    clip_pair_encoding,
     clip_text_model,
     diffusers_named,
     diffusers_state,
@@ -367,13 +367,10 @@ class SD3Reference:
         t5_prompt = t5_prompt or prompt
         if t5_prompt not in self._encoded:
             self._encoded[t5_prompt] = self.t5.encode(t5_token_ids(t5_prompt, SD3_T5_LENGTH))
-        with torch.no_grad():
-            out_l = self.clip_l(torch.tensor([sd_token_ids(prompt, EOS)]), output_hidden_states=True)
-            out_g = self.clip_g(torch.tensor([sd_token_ids(prompt, SD2_PAD)]), output_hidden_states=True)
-        clip = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+        clip, pooled_l, pooled_g = clip_pair_encoding(self.clip_l, self.clip_g, prompt)
         clip = torch.nn.functional.pad(clip, (0, T5_XXL_CONFIG["d_model"] - clip.shape[-1]))
         embeds = torch.cat([clip, self._encoded[t5_prompt]], dim=-2)
-        return embeds, torch.cat([out_l.pooler_output, out_g.text_embeds], dim=-1)
+        return embeds, torch.cat([pooled_l, pooled_g], dim=-1)
 
     def txt2img(
         self,
