@@ -62,6 +62,20 @@ def assert_far(ours: np.ndarray, ref: np.ndarray, max_abs: int = MAX_ABS, min_ps
     assert found > max_abs and psnr < min_psnr, f"max abs {found}, PSNR {psnr:.2f} dB: indistinguishable"
 
 
+def parity_picture(path: Path, params: Mapping[str, Any], threads: int, **config: Any) -> np.ndarray:
+    """The one picture the engine makes of ``params`` (``sfumato.diffusion``'s keywords) on
+    ``path``, loaded for this alone as the parity tests load a model: with the engine's
+    ``cpu`` RNG (which imitates torch's), ``threads`` threads and ``config`` besides."""
+    from sfumato.images import decode_png
+
+    model_id = sfumato.load_model(path, model_config={"rng": "cpu", "threads": threads, **config})
+    try:
+        [png] = sfumato.diffusion(model_id, **params).outputs.result()
+    finally:
+        sfumato.unload_model(model_id)
+    return decode_png(png)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     """The PNG file of a uint8 image array."""
     buffer = io.BytesIO()

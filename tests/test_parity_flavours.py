@@ -28,10 +28,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import sfumato
 from sfumato.engine.kernels import carries_bf16
 from sfumato.images import decode_png
-from tests.helpers import assert_close, assert_far, difference
+from tests.helpers import assert_close, assert_far, difference, parity_picture
 from tests.support.reference import SDReference, cached_reference_folder, sd_token_ids
 from tests.test_bf16 import _has_bf16, _variants
 from tests.test_cpu_variants import _runnable
@@ -65,12 +64,7 @@ SETTINGS: dict[str, Any] = {**RUN, "prompt": PROMPT, "sampling_method": "euler",
 
 
 def flavour_image(weights: Path, **config: Any) -> npt.NDArray[np.uint8]:
-    model_id = sfumato.load_model(weights, model_config={"rng": "cpu", "threads": THREADS, **config})
-    try:
-        [png] = sfumato.diffusion(model_id, **SETTINGS).outputs.result()
-    finally:
-        sfumato.unload_model(model_id)
-    return decode_png(png)
+    return parity_picture(weights, SETTINGS, THREADS, **config)
 
 
 def test_every_runnable_variant_matches_diffusers(weights: Path, references: dict[str, Any]) -> None:

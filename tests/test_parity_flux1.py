@@ -41,9 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import sfumato
-from sfumato.images import decode_png
-from tests.helpers import assert_close, assert_far
+from tests.helpers import assert_close, assert_far, parity_picture
 from tests.support.reference import cached_sdxl_parity_files, reference_images
 from tests.support.reference_t5 import cached_flux1_parity_files
 
@@ -103,17 +101,11 @@ def reference(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 def ours(files: dict[str, Path], reference: dict[str, Any]) -> dict[str, npt.NDArray[np.uint8]]:
     """The engine's pictures of :data:`RUNS`, by variant."""
     companions = {f"{role}_model_src": files[role] for role in ("clip_l", "t5xxl", "vae")}
-    images = {}
-    for variant, run in RUNS.items():
-        model_id = sfumato.load_model(files[variant], model_config={"rng": "cpu", "threads": THREADS, **companions})
-        try:
-            [png] = sfumato.diffusion(
-                model_id, **run, cfg_scale=1.0, sampling_method="euler", scheduler="discrete"
-            ).outputs.result()
-        finally:
-            sfumato.unload_model(model_id)
-        images[variant] = decode_png(png)
-    return images
+    settings = {"cfg_scale": 1.0, "sampling_method": "euler", "scheduler": "discrete"}
+    return {
+        variant: parity_picture(files[variant], {**run, **settings}, THREADS, **companions)
+        for variant, run in RUNS.items()
+    }
 
 
 @pytest.mark.parametrize("variant", list(RUNS))

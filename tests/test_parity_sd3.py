@@ -34,9 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import sfumato
-from sfumato.images import decode_png
-from tests.helpers import assert_close, assert_far
+from tests.helpers import assert_close, assert_far, parity_picture
 from tests.support.reference import cached_sdxl_parity_files, reference_images
 from tests.support.reference_t5 import cached_sd3_parity_file
 from tests.test_parity_flux1 import OTHER, PROMPT
@@ -81,12 +79,8 @@ def reference(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 def ours(files: dict[str, Path], reference: dict[str, Any]) -> npt.NDArray[np.uint8]:
     """The engine's picture of :data:`RUN`."""
     companions = {f"{role}_model_src": files[role] for role in ("clip_l", "clip_g", "t5xxl")}
-    model_id = sfumato.load_model(files["diffusion"], model_config={"rng": "cpu", "threads": THREADS, **companions})
-    try:
-        [png] = sfumato.diffusion(model_id, **RUN, sampling_method="euler", scheduler="discrete").outputs.result()
-    finally:
-        sfumato.unload_model(model_id)
-    return decode_png(png)
+    params = {**RUN, "sampling_method": "euler", "scheduler": "discrete"}
+    return parity_picture(files["diffusion"], params, THREADS, **companions)
 
 
 def test_sd3_matches_diffusers(ours: npt.NDArray[np.uint8], reference: dict[str, Any]) -> None:

@@ -537,19 +537,23 @@ class SDXLReference:
         return image
 
 
+REFERENCE_FAMILIES = ("sdxl", "sd3", "flux1", "flux2")
+
+
 def reference_images(
     family: str, files: dict[str, Path], runs: dict[str, dict[str, Any]], out: Path, threads: int | None = None
 ) -> dict[str, npt.NDArray[np.uint8]]:
     """Run the reference of ``family`` (``"sdxl"``: :class:`SDXLReference`; ``"sd3"`` and
-    ``"flux1"``: :mod:`tests.support.reference_t5`'s) on ``files``, its ``txt2img`` once
+    ``"flux1"``: :mod:`tests.support.reference_t5`'s; ``"flux2"``:
+    :class:`tests.support.reference_flux2.Flux2KleinReference`) on ``files``, its ``txt2img`` once
     per entry of ``runs``, in a process of its own (SDXL's fp32 UNet alone is 10 GB: the
     engine's side must not share memory with it), and return the images by name (saved in
     ``out``, an ``.npz`` file)."""
     import subprocess
     import sys
 
-    if family not in ("sdxl", "sd3", "flux1"):
-        raise ValueError(f"family must be 'sdxl', 'sd3' or 'flux1', got {family!r}")
+    if family not in REFERENCE_FAMILIES:
+        raise ValueError(f"family must be one of {REFERENCE_FAMILIES}, got {family!r}")
     spec = {"family": family, "files": {role: str(p) for role, p in files.items()}, "runs": runs, "threads": threads}
     spec_file = out.with_suffix(".json")
     spec_file.write_text(json.dumps(spec))
@@ -564,6 +568,10 @@ def _main(spec_file: str, out: str) -> None:
     reference: Any
     if spec["family"] == "sdxl":
         reference = SDXLReference(files, threads=spec["threads"])
+    elif spec["family"] == "flux2":
+        from tests.support.reference_flux2 import Flux2KleinReference
+
+        reference = Flux2KleinReference(files, threads=spec["threads"])
     else:
         from tests.support.reference_t5 import Flux1Reference, SD3Reference
 
@@ -571,7 +579,7 @@ def _main(spec_file: str, out: str) -> None:
         reference = kind(files, threads=spec["threads"])
     images = {}
     for name, params in spec["runs"].items():
-        for key in ("original_size", "t5_swapped"):  # (pairs, which JSON keeps as lists)
+        for key in ("original_size", "t5_swapped", "qwen_swapped", "layers"):  # (pairs, which JSON keeps as lists)
             if params.get(key) is not None:
                 params[key] = tuple(params[key])
         images[name] = reference.txt2img(**params)

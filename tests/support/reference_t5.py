@@ -170,10 +170,44 @@ def gguf_state(path: Path, prefix: str = "") -> dict[str, Any]:
     return {t.name: gguf_value(t) for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith(prefix)}
 
 
+class BlockStream:
+    """The blocks of a model built on the meta device, each given its weights just before it
+    runs and dropping them just after: ``load(i)`` returns block ``i``'s state (its own
+    names, fp32). Each block's last output is kept in :attr:`outputs`."""
+
+    def __init__(self, blocks: Any, load: Callable[[int], dict[str, Any]]) -> None:
+        self.load = load
+        self.count = len(blocks)
+        self.sources = list(range(self.count))
+        """Which block's weights each block runs with (the identity, but for a negative control)."""
+        self.outputs: dict[int, Any] = {}
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(functools.partial(self._enter, i))
+            block.register_forward_hook(functools.partial(self._leave, i))
+
+    def _enter(self, i: int, block: Any, args: Any) -> None:
+        block.load_state_dict(self.load(self.sources[i]), strict=True, assign=True)
+
+    def _leave(self, i: int, block: Any, args: Any, out: Any) -> None:
+        self.outputs[i] = out[0] if isinstance(out, tuple) else out
+        block.to_empty(device="meta")
+
+    @contextlib.contextmanager
+    def swapped(self, pair: tuple[int, int] | None) -> Iterator[None]:
+        """Run the two blocks of ``pair`` (if given) with each other's weights."""
+        if pair is not None:
+            a, b = pair
+            self.sources[a], self.sources[b] = b, a
+        try:
+            yield
+        finally:
+            self.sources = list(range(self.count))
+
+
 class StreamedT5:
     """transformers' ``T5EncoderModel`` (:data:`T5_XXL_CONFIG`) on the T5 GGUF ``path``
     (``T5EncoderModel``'s names), each block's weights read and dequantized to fp32 as the
-    block is entered and released as it is left."""
+    block is entered and released as it is left (:class:`BlockStream`)."""
 
     def __init__(self, path: Path) -> None:
         import gguf
@@ -187,25 +221,16 @@ class StreamedT5:
         model.encoder.embed_tokens = model.shared
         norm = model.encoder.final_layer_norm
         norm.weight = torch.nn.Parameter(self.value("encoder.final_layer_norm.weight"), requires_grad=False)
-        for i, block in enumerate(model.encoder.block):
-            block.register_forward_pre_hook(functools.partial(self._enter, i))
-            block.register_forward_hook(self._leave)
         self.model = model.eval()
-        self.sources = list(range(len(model.encoder.block)))
-        """Which file block each block runs with (the identity, but for a negative control)."""
+        self.stream = BlockStream(model.encoder.block, self._block)
 
     def value(self, name: str) -> Any:
         """Tensor ``name`` of the file, dequantized to fp32, in PyTorch's axis order."""
         return gguf_value(self.tensors[name])
 
-    def _enter(self, i: int, block: Any, args: Any) -> None:
-        prefix = f"encoder.block.{self.sources[i]}."
-        own = {name.removeprefix(prefix): self.value(name) for name in self.tensors if name.startswith(prefix)}
-        block.load_state_dict(own, strict=True, assign=True)
-
-    @staticmethod
-    def _leave(block: Any, args: Any, out: Any) -> None:
-        block.to_empty(device="meta")
+    def _block(self, i: int) -> dict[str, Any]:
+        prefix = f"encoder.block.{i}."
+        return {name.removeprefix(prefix): self.value(name) for name in self.tensors if name.startswith(prefix)}
 
     def encode(self, ids: list[int], swapped: tuple[int, int] | None = None) -> Any:
         """The last hidden state of ``ids`` (``1 x len(ids) x 4096``); ``swapped`` runs two
@@ -213,16 +238,10 @@ class StreamedT5:
         other's weights."""
         import torch
 
-        if swapped is not None:
-            a, b = swapped
-            if 0 in swapped:
-                raise ValueError(f"swapped names blocks after the first, got {swapped}")
-            self.sources[a], self.sources[b] = b, a
-        try:
-            with torch.no_grad():
-                return self.model(input_ids=torch.tensor([ids], dtype=torch.long)).last_hidden_state
-        finally:
-            self.sources = list(range(len(self.model.encoder.block)))
+        if swapped is not None and 0 in swapped:
+            raise ValueError(f"swapped names blocks after the first, got {swapped}")
+        with self.stream.swapped(swapped), torch.no_grad():
+            return self.model(input_ids=torch.tensor([ids], dtype=torch.long)).last_hidden_state
 
 
 @contextlib.contextmanager
