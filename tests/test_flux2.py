@@ -105,16 +105,6 @@ def test_the_split_layout_maps_onto_the_context(flux2_headers: dict[str, Path], 
 
 
 @pytest.mark.heavy
-def test_txt2img_takes_the_familys_cfg_scale(flux2_model: str) -> None:
-    default, stats, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=21)
-    explicit, _, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=21, cfg_scale=1.0)
-    picture = decode_png(default[0])
-    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 0
-    assert np.array_equal(picture, decode_png(explicit[0]))  # the default is 1, not SD's 7
-    assert stats.total_steps == 1
-
-
-@pytest.mark.heavy
 def test_img2img_is_in_context_conditioning(flux2_model: str, gradient_image: np.ndarray) -> None:
     plain, _, _ = run(flux2_model, width=SIZE, height=SIZE, steps=1, seed=22)
     low, _, _ = run(flux2_model, steps=1, seed=22, init_image=gradient_image, strength=0.2)

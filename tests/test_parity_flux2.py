@@ -11,8 +11,10 @@ a time (:class:`tests.support.reference_flux2.StreamedQwen3`), all in a process 
 Both sides: the same prompt in Qwen3's chat template (ids from transformers' Qwen2 tokenizer
 on the engine's own merges, padded to 512 under an attention mask), the outputs of Qwen3's
 layers 9, 18 and 27 side by side, the same initial noise (the engine's ``cpu`` RNG), no
-classifier-free guidance, and euler on the ``discrete`` timesteps time-shifted by the ``mu``
-both compute from the size and the number of steps; 4 steps, klein's own.
+classifier-free guidance (on the engine's side by klein's default ``cfg_scale``, which these
+pictures pin at 1: SD's 7 would mix in the empty prompt's prediction), and euler on the
+``discrete`` timesteps time-shifted by the ``mu`` both compute from the size and the number
+of steps; 4 steps, klein's own.
 
 The VAE: the engine normalises klein's latents by the released VAE's batch-norm statistics
 whatever the file holds, so the reference's VAE is given those
@@ -71,7 +73,7 @@ def reference(
 def ours(flux2_parts: dict[str, Path], reference: dict[str, Any]) -> npt.NDArray[np.uint8]:
     """The engine's picture of :data:`RUN`."""
     companions = {"llm_model_src": flux2_parts["llm"], "vae_model_src": flux2_parts["vae"]}
-    params = {**RUN, "cfg_scale": 1.0, "sampling_method": "euler", "scheduler": "discrete"}
+    params = {**RUN, "sampling_method": "euler", "scheduler": "discrete"}  # cfg_scale: the family's default
     return parity_picture(flux2_parts["diffusion"], params, THREADS, **companions)
 
 
