@@ -579,7 +579,7 @@ def _main(spec_file: str, out: str) -> None:
         reference = kind(files, threads=spec["threads"])
     images = {}
     for name, params in spec["runs"].items():
-        for key in ("original_size", "t5_swapped", "qwen_swapped", "layers"):  # (pairs, which JSON keeps as lists)
+        for key in ("original_size", "t5_swapped", "qwen_swapped", "layers"):  # (tuples, which JSON keeps as lists)
             if params.get(key) is not None:
                 params[key] = tuple(params[key])
         images[name] = reference.txt2img(**params)

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from tests.support.layouts import FLUX2_KLEIN_4B
 from tests.support.models import QWEN3_4B_TEST
 from tests.support.reference import built_module, to_uint8, torch_noise
-from tests.support.reference_t5 import BlockStream, _flow_sigmas, gguf_state, gguf_value
+from tests.support.reference_t5 import BlockStream, flow_sigmas, gguf_state, gguf_value
 
 # Qwen3-4B (facts of the architecture) as deep as the suite's file holds it.
 QWEN3_CONFIG: dict[str, Any] = {
@@ -241,7 +241,7 @@ class Flux2KleinReference:
     ) -> npt.NDArray[np.uint8]:
         """One euler txt2img run without classifier-free guidance from ``torch.randn``
         (seeded CPU generator, 128 packed channels at a sixteenth of the size) on the engine's
-        ``discrete`` sigmas (:func:`tests.support.reference_t5._flow_sigmas`) time-shifted by
+        ``discrete`` sigmas (:func:`tests.support.reference_t5.flow_sigmas`) time-shifted by
         the ``mu`` both klein's pipeline and the engine compute from the size and steps.
 
         The keyword arguments after ``seed`` break one mapping each, for the negative
@@ -260,7 +260,7 @@ class Flux2KleinReference:
         with _latent_statistics(self.vae, latent_statistics), torch.no_grad():
             out = pipe(
                 prompt_embeds=self.encode(prompt, tuple(layers), qwen_swapped), width=width, height=height,
-                num_inference_steps=steps, sigmas=_flow_sigmas(steps), guidance_scale=1.0, latents=noise,
+                num_inference_steps=steps, sigmas=flow_sigmas(steps), guidance_scale=1.0, latents=noise,
                 output_type="np",
             )  # fmt: skip
         image: npt.NDArray[np.uint8] = to_uint8(out.images)[0]

@@ -257,7 +257,7 @@ def _latent_scale(vae: Any, kept: bool) -> Iterator[None]:
         vae.register_to_config(scaling_factor=scale, shift_factor=shift)
 
 
-def _flow_sigmas(steps: int) -> list[float]:
+def flow_sigmas(steps: int) -> list[float]:
     """The engine's ``discrete`` schedule of a flow model before its time shift: timesteps
     evenly spaced from 999 to 0, each ``(t + 1) / 1000``."""
     return [float(s) for s in np.linspace(1.0, 1 / 1000, steps)]
@@ -323,7 +323,7 @@ class Flux1Reference:
     ) -> npt.NDArray[np.uint8]:
         """One euler txt2img run of ``variant`` (``"dev"`` or ``"schnell"``, which ignores
         ``guidance``) from ``torch.randn`` (seeded CPU generator, packed as the pipeline packs
-        it) on the engine's ``discrete`` sigmas (:func:`_flow_sigmas`) time-shifted by the
+        it) on the engine's ``discrete`` sigmas (:func:`flow_sigmas`) time-shifted by the
         variant's :data:`FLUX1_SHIFT`.
 
         The keyword arguments after ``seed`` break one mapping each, for the negative
@@ -346,7 +346,7 @@ class Flux1Reference:
             out = pipe(
                 prompt_embeds=self.encode_t5(t5_prompt or prompt, t5_swapped),
                 pooled_prompt_embeds=self.pooled(clip_prompt or prompt), width=width, height=height,
-                num_inference_steps=steps, sigmas=_flow_sigmas(steps),
+                num_inference_steps=steps, sigmas=flow_sigmas(steps),
                 guidance_scale=guidance, latents=latents, output_type="np",
             )  # fmt: skip
         image: npt.NDArray[np.uint8] = to_uint8(out.images)[0]
@@ -407,7 +407,7 @@ class SD3Reference:
         latent_scale: bool = True,
     ) -> npt.NDArray[np.uint8]:
         """One euler txt2img run from ``torch.randn`` (seeded CPU generator) on the engine's
-        ``discrete`` sigmas (:func:`_flow_sigmas`) shifted by :data:`SD3_SHIFT`.
+        ``discrete`` sigmas (:func:`flow_sigmas`) shifted by :data:`SD3_SHIFT`.
 
         The keyword arguments after ``seed`` break one mapping each, for the negative
         controls: T5 or both CLIPs given another prompt than the other encoders, the first
@@ -432,7 +432,7 @@ class SD3Reference:
                 out = pipe(
                     prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
                     negative_pooled_prompt_embeds=negative_pooled, width=width, height=height,
-                    num_inference_steps=steps, sigmas=_flow_sigmas(steps), guidance_scale=cfg_scale,
+                    num_inference_steps=steps, sigmas=flow_sigmas(steps), guidance_scale=cfg_scale,
                     latents=torch_noise(seed, (1, 16, height // 8, width // 8)), output_type="np",
                 )  # fmt: skip
         finally:
