@@ -42,30 +42,22 @@ import numpy.typing as npt
 import pytest
 
 from tests.helpers import assert_close, assert_far, parity_picture
-from tests.support.reference import cached_sdxl_parity_files, reference_images
+from tests.support.reference import LONG_OTHER, LONG_PROMPT, cached_sdxl_parity_files, reference_images
 from tests.support.reference_t5 import cached_flux1_parity_files
 
 THREADS = 2
 MAX_ABS, MIN_PSNR = 4, 45.0
-PROMPT = (
-    "a watercolor painting of a lighthouse on a rocky coast at dusk, waves crashing, seagulls in the sky, "
-    "warm light in the windows"
-)
-OTHER = (
-    "a watercolor painting of a lighthouse on a rocky coast at dawn, calm sea, fishing boats in the harbour, "
-    "cold light over the hills"
-)
 RUNS: dict[str, dict[str, Any]] = {
-    "dev": {"prompt": PROMPT, "width": 64, "height": 64, "steps": 2, "guidance": 3.5, "seed": 42},
+    "dev": {"prompt": LONG_PROMPT, "width": 64, "height": 64, "steps": 2, "guidance": 3.5, "seed": 42},
     # [schnell] at its own 4 steps: its time shift then moves the middle sigmas by far.
-    "schnell": {"prompt": PROMPT, "width": 64, "height": 64, "steps": 4, "guidance": 3.5, "seed": 42},
+    "schnell": {"prompt": LONG_PROMPT, "width": 64, "height": 64, "steps": 4, "guidance": 3.5, "seed": 42},
 }
 
 # What diffusers runs besides each variant's RUNS entry: one mapping broken each.
 BROKEN: dict[str, dict[str, dict[str, Any]]] = {
     "dev": {
-        "t5_prompt": {"t5_prompt": OTHER},
-        "clip_prompt": {"clip_prompt": OTHER},
+        "t5_prompt": {"t5_prompt": LONG_OTHER},
+        "clip_prompt": {"clip_prompt": LONG_OTHER},
         "t5_block_order": {"t5_swapped": (1, 2)},
         "guidance": {"guidance": 4.0},
         "latent_scale": {"latent_scale": False},

@@ -40,16 +40,15 @@ import numpy.typing as npt
 import pytest
 
 from tests.helpers import assert_close, assert_far, parity_picture
-from tests.support.reference import reference_images
-from tests.test_parity_flux1 import OTHER, PROMPT
+from tests.support.reference import LONG_OTHER, LONG_PROMPT, reference_images
 
 THREADS = 2
 MAX_ABS, MIN_PSNR = 4, 45.0
-RUN: dict[str, Any] = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 4, "seed": 42}
+RUN: dict[str, Any] = {"prompt": LONG_PROMPT, "width": 64, "height": 64, "steps": 4, "seed": 42}
 
 # What diffusers runs besides RUN: one mapping broken each.
 BROKEN: dict[str, dict[str, Any]] = {
-    "prompt": {"prompt": OTHER},
+    "prompt": {"prompt": LONG_OTHER},
     "text_layers": {"layers": (8, 17, 26)},
     "qwen_layer_order": {"qwen_swapped": (1, 2)},
     "latent_statistics": {"latent_statistics": False},

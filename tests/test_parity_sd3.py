@@ -35,21 +35,20 @@ import numpy.typing as npt
 import pytest
 
 from tests.helpers import assert_close, assert_far, parity_picture
-from tests.support.reference import cached_sdxl_parity_files, reference_images
+from tests.support.reference import LONG_OTHER, LONG_PROMPT, cached_sdxl_parity_files, reference_images
 from tests.support.reference_t5 import cached_sd3_parity_file
-from tests.test_parity_flux1 import OTHER, PROMPT
 
 THREADS = 2
 MAX_ABS, MIN_PSNR = 16, 36.0
 RUN: dict[str, Any] = {
-    "prompt": PROMPT, "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 2, "cfg_scale": 5.0,
+    "prompt": LONG_PROMPT, "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 2, "cfg_scale": 5.0,
     "seed": 42,
 }  # fmt: skip
 
 # What diffusers runs besides RUN: one mapping broken each.
 BROKEN: dict[str, dict[str, Any]] = {
-    "t5_prompt": {"t5_prompt": OTHER},
-    "clip_prompt": {"clip_prompt": OTHER},
+    "t5_prompt": {"t5_prompt": LONG_OTHER},
+    "clip_prompt": {"clip_prompt": LONG_OTHER},
     "cfg_scale": {"cfg_scale": 4.0},
     "block_order": {"swap_blocks": True},
     "latent_scale": {"latent_scale": False},

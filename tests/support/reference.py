@@ -95,6 +95,16 @@ SD1_SCHEDULE: dict[str, Any] = {
     "steps_offset": 1,  # as SD 1.x ships it; unused by the "linspace" spacing used here
 }
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
+# The long-prompt families' parity prompt and a near one (25 words each): with a short
+# prompt another prompt moves a large text encoder's picture by only a few levels.
+LONG_PROMPT = (
+    "a watercolor painting of a lighthouse on a rocky coast at dusk, waves crashing, seagulls in the sky, "
+    "warm light in the windows"
+)
+LONG_OTHER = (
+    "a watercolor painting of a lighthouse on a rocky coast at dawn, calm sea, fishing boats in the harbour, "
+    "cold light over the hills"
+)
 SD2_PAD = 0  # OpenCLIP pads with token 0 ("!"), CLIP (SD 1.x) with its end token
 
 _UNET_OUT = "conv_out.weight"
